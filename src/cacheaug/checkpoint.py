@@ -1,0 +1,141 @@
+"""Coprocessor checkpoints: a folder like a PEFT adapter, safetensors only.
+
+    ckpt/
+      coprocessor_config.json   CoprocessorConfig, cacheaug version, the base model's identity + fingerprint
+      model.safetensors         the coprocessor's trainable tensors only (never the frozen base)
+
+Files are written to a temporary name and renamed into place (config last), so a crash never leaves a
+folder that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .config import CoprocessorConfig
+
+if TYPE_CHECKING:
+    from .model import CacheAugmentedLM
+
+CONFIG_NAME = "coprocessor_config.json"
+WEIGHTS_NAME = "model.safetensors"
+_SAMPLES_PER_TENSOR = 4096
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """A short hash identifying a model's weights, independent of its dtype (fp32 or bf16) and device.
+
+    It hashes every parameter's name and shape and up to 4096 evenly spaced values rounded to bf16, so
+    it takes milliseconds even for large models, and the same weights loaded in fp32 or bf16 agree.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
+        sample = flat[idx].to(torch.bfloat16).cpu().view(torch.int16)
+        h.update(f"{name}:{tuple(p.shape)}:".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _base_identity(base: nn.Module) -> dict:
+    cfg = base.config
+    return {
+        "name_or_path": getattr(cfg, "_name_or_path", "") or getattr(base, "name_or_path", ""),
+        "model_type": cfg.model_type,
+        "architecture": type(base).__name__,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "fingerprint": fingerprint(base),
+    }
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_coprocessor(model: "CacheAugmentedLM", path: str | Path) -> Path:
+    from . import __version__
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.contiguous().cpu() for n, t in model.trainable_state_dict().items()}
+    meta = {
+        "cacheaug_version": __version__,
+        "coprocessor": model.config.to_dict(),
+        "base_model": _base_identity(model.base),
+    }
+    (path / CONFIG_NAME).unlink(missing_ok=True)  # the config marks a complete checkpoint: it goes last
+    _write_atomic(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _write_atomic(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a cacheaug coprocessor checkpoint: {CONFIG_NAME} is missing (an interrupted save, or "
+            "the wrong folder)."
+        )
+    try:
+        meta = json.loads(cfg_file.read_text())
+        meta["coprocessor"], meta["base_model"]["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{cfg_file} is corrupt or not a cacheaug config ({err}).") from err
+    return meta
+
+
+def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool, check_finite: bool):
+    path = Path(path)
+    meta = read_config(path)
+    config = CoprocessorConfig.from_dict(meta["coprocessor"])
+    want = meta["base_model"]
+    if check_base:
+        got = fingerprint(base)
+        if got != want["fingerprint"]:
+            raise ValueError(
+                f"The coprocessor in {path} was trained for base model {want.get('name_or_path')!r} "
+                f"({want.get('architecture')}, fingerprint {want['fingerprint']}), but the given base model "
+                f"{getattr(base.config, '_name_or_path', '')!r} ({type(base).__name__}) has fingerprint {got}. "
+                "Load the base model it was trained with, or pass check_base=False if you are sure."
+            )
+    model = cls(base, config, check_finite=check_finite, _calibrate=False)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: the checkpoint is incomplete.")
+    try:
+        state = load_file(str(weights), device=str(model.device))
+    except Exception as err:  # safetensors raises its own error types on truncated files
+        raise ValueError(f"{weights} is corrupt or truncated ({err}).") from err
+    params = {n: p for n, p in model.coprocessor.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match a {config.init!r} coprocessor for this base model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if state[name].shape != p.shape:
+                raise ValueError(f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
+            p.copy_(state[name])
+    return model

@@ -1,0 +1,135 @@
+"""The coprocessor: a trainable copy of the decoder's backbone that reads its kv-cache and writes latents.
+
+Input: the frozen decoder's per-layer K/V of a prefix, used directly as the coprocessor's past key/values,
+plus N_L trainable soft tokens. Output: N_L latent embeddings in one forward pass (paper section 2.1).
+Choices the paper leaves open (paper.md, "Open"):
+
+* read-out = the backbone's final hidden state (after its final norm) at the soft-token positions, times
+  one learned scalar, initialised so that the latents start with the RMS of the soft tokens, which are
+  real (scaled) input embeddings;
+* soft tokens are initialised from the input embeddings of ``n_latents`` random vocabulary entries;
+* the backbone never sees token ids, so it has no embedding matrix and no LM head (nothing duplicated).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+import torch.nn as nn
+from transformers import DynamicCache
+
+from .config import CoprocessorConfig
+from .families import Family
+
+
+def _embedding_name(decoder: nn.Module) -> str:
+    emb = decoder.get_input_embeddings()
+    for name, child in decoder.named_children():
+        if child is emb:
+            return name
+    raise ValueError(f"Cannot find the input embedding among the children of {type(decoder).__name__}.")
+
+
+def build_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module:
+    """A new backbone with the decoder's architecture, without its embedding matrix.
+
+    The decoder itself is never modified: ``copy`` deep-copies it, ``lora`` deep-copies only the module
+    tree (parameters and buffers stay the decoder's own tensors, frozen) and injects PEFT LoRA layers
+    into the copy, ``scratch`` builds a freshly initialised model from the decoder's config.
+    """
+    emb = decoder.get_input_embeddings()
+    weight = next(decoder.parameters())
+    if config.init in ("copy", "lora"):
+        memo = {id(emb): None}  # the copy gets no embedding at all
+        if config.init == "lora":  # share every tensor: one copy of the weights in memory
+            memo.update({id(t): t for t in itertools.chain(decoder.parameters(), decoder.buffers())})
+        backbone = copy.deepcopy(decoder, memo)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            backbone = type(decoder)._from_config(copy.deepcopy(decoder.config))
+        setattr(backbone, _embedding_name(decoder), None)
+        backbone.to(device=weight.device, dtype=weight.dtype)
+
+    if config.init == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha or config.lora_rank,
+            lora_dropout=0.0,
+            target_modules=targets,
+        )
+        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+            torch.manual_seed(config.init_seed)
+            backbone = inject_adapter_in_model(lora, backbone)
+        for name, p in backbone.named_parameters():
+            if "lora_" in name:  # cast only the adapters: the shared tensors belong to the decoder
+                p.data = p.data.to(device=weight.device, dtype=weight.dtype)
+            p.requires_grad_("lora_" in name)
+    else:
+        backbone.requires_grad_(True)
+    return backbone
+
+
+class Coprocessor(nn.Module):
+    """Trainable module that maps a decoder kv-cache to ``n_latents`` latent embeddings.
+
+    Args:
+        base: the frozen causal LM whose architecture (and, for ``copy``/``lora``, weights) it reuses.
+        config: the :class:`CoprocessorConfig`.
+        family: the resolved :class:`~cacheaug.families.Family` of ``base``.
+        init_scale: calibrate the read-out scale with one small forward pass (skipped when loading).
+    """
+
+    def __init__(self, base: nn.Module, config: CoprocessorConfig, family: Family, init_scale: bool = True):
+        super().__init__()
+        self.config = config
+        self.family = family
+        decoder = base.get_decoder()
+        self.backbone = build_backbone(decoder, config)
+        emb = base.get_input_embeddings()
+        g = torch.Generator().manual_seed(config.init_seed)
+        ids = torch.randint(emb.weight.shape[0], (config.n_latents,), generator=g).to(emb.weight.device)
+        with torch.no_grad():
+            soft = emb(ids)  # [N_L, D], already scaled like real inputs (Gemma multiplies by sqrt(D))
+        self.soft_tokens = nn.Parameter(soft.detach().clone())
+        self.latent_scale = nn.Parameter(torch.ones((), dtype=soft.dtype, device=soft.device))
+        if init_scale:
+            self._calibrate_scale()
+
+    @torch.no_grad()
+    def _calibrate_scale(self) -> None:
+        h = self.backbone(inputs_embeds=self.soft_tokens[None], use_cache=False).last_hidden_state[0]
+        rms = lambda x: x.float().pow(2).mean().sqrt()  # noqa: E731
+        self.latent_scale.fill_((rms(self.soft_tokens) / rms(h).clamp_min(1e-6)).item())
+
+    def forward(
+        self,
+        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        n_traces: int = 1,
+        position_ids: torch.Tensor | None = None,
+        attention_mask=None,
+    ) -> torch.Tensor:
+        """Latents ``[B, K*N_L, D]`` for ``n_traces`` blocks of soft tokens read against ``prefix_kv``.
+
+        ``prefix_kv`` holds one ``(keys, values)`` pair ``[B, H_kv, S, D_h]`` per layer. With
+        ``position_ids``/``attention_mask`` left None (one trace, inference) the backbone uses its own
+        default positions (S, S+1, ...) and causal mask, so the latents sit right after the prefix.
+        """
+        x = self.soft_tokens.repeat(n_traces, 1).expand(batch_size, -1, -1)  # [B, K*N_L, D]
+        if torch.is_autocast_enabled(x.device.type):  # fp32 master weights: compute like the decoder's K/V
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        cache = DynamicCache(ddp_cache_data=prefix_kv)  # a fresh object: the decoder's cache stays intact
+        out = self.backbone(
+            inputs_embeds=x,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **{self.family.cache_kwarg: cache},
+        )
+        return out.last_hidden_state * self.latent_scale  # [B, K*N_L, D]

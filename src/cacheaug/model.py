@@ -1,0 +1,448 @@
+"""A frozen causal LM augmented by a trainable kv-cache coprocessor (arXiv 2412.17747).
+
+Notable choices (where the paper is silent, see paper.md "Open"):
+
+* Positions: after an insertion after token p the latents sit at p+1..p+N_L and the following real tokens
+  continue at p+N_L+1.. . This is what plain HF decoding from the augmented cache does, so inference
+  needs no position tricks and ``augment(...).cache`` is an ordinary ``DynamicCache``.
+* Loss: offset o = 1..N_A is the frozen decoder's cross-entropy on token p+o; the last latent predicts
+  offset 1, ahead token p+o-1 (fed as input) predicts offset o. Only those rows go through the LM head.
+* Training runs three passes (engineering brief 0.1): the frozen decoder over the text (no grad) gives
+  the prefix K/V; the coprocessor reads it for all K traces at once; the frozen decoder reads
+  ``[latents_k ; ahead tokens_k]`` for all K traces at once against the same prefix K/V. Masks: masks.py.
+* Caches are built without a config, so sliding-window layers keep every token and the sliding window
+  is applied by the mask (exactly equal to the model's own incremental decoding).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
+
+from .config import CoprocessorConfig
+from .coprocessor import Coprocessor
+from .families import resolve_family
+from .masks import attention_masks, trace_layout
+
+LOSS_CHUNK_ROWS = 2048  # rows of [*, vocab] logits alive at once in the loss
+
+
+@dataclass
+class CacheAugmentedOutput:
+    """Result of the parallel multi-trace training pass.
+
+    Attributes:
+        loss: mean of ``token_losses`` (scalar, differentiable w.r.t. the coprocessor only).
+        token_losses: ``[B, K, N_A]`` cross-entropy of token p_k + o at offset o (float32).
+        positions: ``[B, K]`` insertion points p_k (given or sampled).
+        latents: ``[B, K, N_L, D]`` latent embeddings written for each trace.
+        base_token_losses: ``[B, K, N_A]`` the frozen decoder's own loss on the same tokens without
+            latents (only with ``return_base_losses=True``); ``token_losses - base_token_losses`` is the gain.
+    """
+
+    loss: torch.Tensor
+    token_losses: torch.Tensor
+    positions: torch.Tensor
+    latents: torch.Tensor
+    base_token_losses: torch.Tensor | None = None
+
+
+@dataclass
+class AugmentOutput:
+    """Result of :meth:`CacheAugmentedLM.augment`.
+
+    Attributes:
+        cache: a ``DynamicCache`` holding the prompt's K/V followed by the latents' K/V; the unmodified base
+            model continues from it with its default positions.
+        logits: ``[B, V]`` next-token logits after the latents (they predict the token after the prompt).
+        latents: ``[B, N_L, D]`` the latent embeddings that were inserted.
+        prompt_length: number of prompt tokens P (the cache holds P + N_L positions).
+    """
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    latents: torch.Tensor
+    prompt_length: int
+
+
+class CacheAugmentedLM(nn.Module):
+    """Wraps an unmodified Hugging Face causal LM with a trainable kv-cache coprocessor.
+
+    The base model's weights are frozen (``requires_grad=False``) and it is kept in eval mode; nothing else
+    about it changes. Generation with ``augment=False``, with ``enabled = False`` or with a failing
+    coprocessor is exactly the base model's.
+
+    Args:
+        base: a causal LM of a supported family (Gemma-2/3, Llama, Mistral, Qwen-2/3) loaded with
+            attn_implementation ``sdpa``, ``eager`` or ``flex_attention``.
+        config: the :class:`CoprocessorConfig` (defaults: N_L = N_A = K = 16, full-copy init).
+        check_finite: raise on a non-finite training loss (costs one host sync per forward).
+
+    >>> model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=16))      # doctest: +SKIP
+    >>> out = model(input_ids); out.loss.backward()                          # doctest: +SKIP
+    >>> ids = model.generate(prompt_ids, max_new_tokens=64)                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        config: CoprocessorConfig | None = None,
+        *,
+        check_finite: bool = True,
+        _calibrate: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Module) or not hasattr(base, "get_decoder"):
+            raise TypeError(f"`base` must be a Hugging Face causal LM (PreTrainedModel), got {type(base).__name__}.")
+        self.family = resolve_family(base)
+        self.config = config if config is not None else CoprocessorConfig()
+        base.requires_grad_(False)
+        base.eval()
+        self.base = base
+        self.coprocessor = Coprocessor(base, self.config, self.family, init_scale=_calibrate)
+        self.enabled = True
+        self.check_finite = check_finite
+
+    # ------------------------------------------------------------------ housekeeping
+    def train(self, mode: bool = True) -> "CacheAugmentedLM":
+        super().train(mode)
+        self.base.eval()  # the decoder is frozen: never dropout
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The coprocessor's trainable parameters (including the soft tokens and the read-out scale)."""
+        return [p for p in self.coprocessor.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.coprocessor.named_parameters() if p.requires_grad}
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    def _decoder_kwargs(self, cache: DynamicCache) -> dict:
+        return {self.family.cache_kwarg: cache, "use_cache": True}
+
+    # ------------------------------------------------------------------ input checks
+    def _check_ids(self, input_ids: torch.Tensor, what: str) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"`{what}` must be a LongTensor of token ids [batch, length], got {type(input_ids).__name__}.")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"`{what}` must be an integer tensor [batch, length], got shape {tuple(input_ids.shape)} "
+                f"and dtype {input_ids.dtype}."
+            )
+        if input_ids.device != self.device:
+            raise ValueError(
+                f"`{what}` is on {input_ids.device} but the model is on {self.device}; move it with .to({str(self.device)!r})."
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"`{what}` is empty: at least one token is needed.")
+        return input_ids.long()
+
+    def _check_context(self, last_position: int, what: str) -> None:
+        limit = self.family.max_positions
+        if limit is not None and last_position >= limit:
+            raise ValueError(
+                f"{what} needs position {last_position}, beyond the model's context of {limit} positions "
+                f"(max_position_embeddings); the {self.config.n_latents} latents take positions too. Shorten the input."
+            )
+
+    def _check_dtypes(self) -> None:
+        cop = self.coprocessor.soft_tokens
+        dec = self.base.get_input_embeddings().weight
+        if cop.device != dec.device:
+            raise ValueError(f"The coprocessor is on {cop.device} but the decoder on {dec.device}; call model.to(device).")
+        if cop.dtype != dec.dtype and not torch.is_autocast_enabled(dec.device.type):
+            raise ValueError(
+                f"The coprocessor is {cop.dtype} but the decoder {dec.dtype}. Either run under "
+                f"torch.autocast({dec.device.type!r}, dtype={dec.dtype}) (fp32 master weights), or cast the "
+                f"coprocessor with model.coprocessor.to({dec.dtype})."
+            )
+
+    def _positions(self, positions, batch: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
+        n_ahead = self.config.n_ahead
+        n_valid = length - n_ahead  # p in [0, T-1-N_A]: every trace has N_A target tokens
+        if positions is None:
+            k = self.config.n_traces
+            if n_valid < k:
+                raise ValueError(
+                    f"Sequences of {length} tokens are too short for n_traces={k} insertion points with "
+                    f"n_ahead={n_ahead} target tokens each: need at least {k + n_ahead} tokens. "
+                    "Use longer sequences, fewer traces or fewer ahead tokens."
+                )
+            scores = torch.rand(batch, n_valid, generator=generator)
+            positions = scores.argsort(dim=1)[:, :k].sort(dim=1).values  # [B, K] distinct, sorted
+            return positions.to(self.device)
+        positions = torch.as_tensor(positions, device=self.device)
+        if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise ValueError(f"`positions` must be integer insertion points, got dtype {positions.dtype}.")
+        if positions.dim() == 1:
+            positions = positions[None].expand(batch, -1)
+        if positions.dim() != 2 or positions.shape[0] != batch or positions.shape[1] == 0:
+            raise ValueError(
+                f"`positions` must have shape [K] or [batch={batch}, K] with K >= 1, got {tuple(positions.shape)}."
+            )
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi > n_valid - 1:
+            raise ValueError(
+                f"Insertion points must lie in [0, T-1-n_ahead] = [0, {n_valid - 1}] so that each trace has "
+                f"n_ahead={n_ahead} target tokens in a sequence of T={length}; got values in [{lo}, {hi}]."
+            )
+        return positions.long()
+
+    # ------------------------------------------------------------------ training pass
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | list[int] | None = None,
+        *,
+        return_base_losses: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> CacheAugmentedOutput:
+        """Parallel multi-trace training pass (paper section 2.3) over packed sequences ``[B, T]``.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (no padding).
+            positions: insertion points p, ``[K]`` (shared) or ``[B, K]``; each in [0, T-1-N_A].
+                None samples ``n_traces`` distinct points per sequence (returned in the output).
+            return_base_losses: also return the frozen decoder's own losses on the same target tokens.
+            generator: CPU generator for sampling positions.
+        """
+        ids = self._check_ids(input_ids, "input_ids")
+        self._check_dtypes()
+        B, T = ids.shape
+        N_L, N_A = self.config.n_latents, self.config.n_ahead
+        positions = self._positions(positions, B, T, generator)  # [B, K]
+        K = positions.shape[1]
+        self._check_context(T - 1 + N_L, f"A sequence of {T} tokens with {N_L} latents")
+        decoder = self.base.get_decoder()
+        embed = self.base.get_input_embeddings()
+        dtype = embed.weight.dtype
+
+        # (a) frozen decoder over the text: the shared prefix K/V of every trace
+        with torch.no_grad():
+            cache = DynamicCache()
+            h_text = decoder(input_ids=ids, **self._decoder_kwargs(cache)).last_hidden_state  # [B, T, D]
+            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [B, H_kv, T, D_h] each
+
+        # (b) coprocessor: K blocks of N_L soft tokens, each reading text <= p_k
+        cop_layout = trace_layout(positions, T, N_L)
+        latents = self.coprocessor(
+            prefix_kv, B, K, cop_layout.position_ids, attention_masks(cop_layout, self.family, dtype)
+        )  # [B, K*N_L, D]
+        D = latents.shape[-1]
+        latents = latents.view(B, K, N_L, D)
+
+        # (c) frozen decoder over [latents_k ; tokens p_k+1 .. p_k+N_A-1], gradients flow to the latents
+        L = N_L + N_A - 1
+        ahead = ids.gather(1, (positions[:, :, None] + torch.arange(1, N_A, device=ids.device)).view(B, -1))
+        x = torch.cat([latents.to(dtype), embed(ahead).view(B, K, N_A - 1, D)], dim=2)  # [B, K, L, D]
+        dec_layout = trace_layout(positions, T, L)
+        h = decoder(
+            inputs_embeds=x.view(B, K * L, D),
+            position_ids=dec_layout.position_ids,
+            attention_mask=attention_masks(dec_layout, self.family, dtype),
+            **self._decoder_kwargs(DynamicCache(ddp_cache_data=prefix_kv)),
+        ).last_hidden_state  # [B, K*L, D]
+        h = h.view(B, K, L, D)[:, :, N_L - 1 :]  # [B, K, N_A, D]: last latent, then the ahead tokens
+
+        offsets = torch.arange(1, N_A + 1, device=ids.device)
+        targets = ids.gather(1, (positions[:, :, None] + offsets).view(B, -1)).view(B, K, N_A)
+        token_losses = self._token_losses(h, targets)  # [B, K, N_A]
+        loss = token_losses.mean()
+        if self.check_finite and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite training loss ({loss.item()}). Lower the learning rate, clip gradients, or keep "
+                "fp32 master weights under bf16 autocast."
+            )
+        base_losses = None
+        if return_base_losses:
+            with torch.no_grad():
+                rows = (positions[:, :, None] + offsets - 1).view(B, -1)  # token p+o-1 predicts p+o
+                h_base = h_text.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D)
+                base_losses = self._token_losses(h_base, targets)
+        return CacheAugmentedOutput(loss, token_losses, positions, latents, base_losses)
+
+    def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (float32) of the LM head on ``hidden`` ``[..., D]`` only, in row chunks.
+
+        Each chunk is recomputed in backward (activation checkpointing), so at most LOSS_CHUNK_ROWS rows of
+        full-vocabulary logits exist at once.
+        """
+        head = self.base.get_output_embeddings()
+        cap = self.family.final_logit_softcap
+
+        def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            logits = head(h).float()
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            return F.cross_entropy(logits, t, reduction="none")
+
+        h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        grad = torch.is_grad_enabled() and h2.requires_grad
+        out = [
+            checkpoint(ce, h2[i : i + LOSS_CHUNK_ROWS], t1[i : i + LOSS_CHUNK_ROWS], use_reentrant=False)
+            if grad
+            else ce(h2[i : i + LOSS_CHUNK_ROWS], t1[i : i + LOSS_CHUNK_ROWS])
+            for i in range(0, h2.shape[0], LOSS_CHUNK_ROWS)
+        ]
+        return torch.cat(out).view(targets.shape)
+
+    # ------------------------------------------------------------------ inference
+    def _check_cache(self, cache, prompt_len: int, batch: int) -> DynamicCache:
+        cfg = self.base.config
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != cfg.num_hidden_layers:
+            raise ValueError(
+                f"`past_key_values` must be a transformers Cache with {cfg.num_hidden_layers} layers for this model, "
+                f"got {type(cache).__name__} with {None if layers is None else len(layers)} layers."
+            )
+        for i, layer in enumerate(layers):
+            k = getattr(layer, "keys", None)
+            if k is None or k.dim() != 4 or k.shape[0] != batch or k.shape[2] != prompt_len:
+                raise ValueError(
+                    f"`past_key_values` layer {i} does not hold the prompt's {prompt_len} positions for batch {batch} "
+                    f"(keys {None if k is None else tuple(k.shape)}). Pass the cache of exactly this prompt, built "
+                    "with DynamicCache() without a config so sliding-window layers keep every token."
+                )
+            expected_heads = getattr(cfg, "num_key_value_heads", None)
+            if expected_heads is not None and k.shape[1] != expected_heads:
+                raise ValueError(
+                    f"`past_key_values` layer {i} has {k.shape[1]} kv heads but this model has {expected_heads}: "
+                    "the cache belongs to another model."
+                )
+            if k.device != self.device:
+                raise ValueError(f"`past_key_values` is on {k.device}, the model on {self.device}.")
+        return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
+
+    @torch.no_grad()
+    def augment(self, prompt_ids: torch.Tensor, past_key_values=None) -> AugmentOutput:
+        """Run the coprocessor once at the end of ``prompt_ids`` ``[B, P]`` and insert its latents.
+
+        Args:
+            prompt_ids: the prompt (no padding; equal lengths across the batch).
+            past_key_values: optionally the decoder's cache of exactly this prompt (e.g. stored offline);
+                it is not modified.
+
+        Returns an :class:`AugmentOutput` whose ``cache`` (prompt + latents) the unmodified base model can
+        decode from with its default positions.
+        """
+        ids = self._check_ids(prompt_ids, "prompt_ids")
+        self._check_dtypes()
+        B, P = ids.shape
+        self._check_context(P - 1 + self.config.n_latents, f"A prompt of {P} tokens with {self.config.n_latents} latents")
+        if past_key_values is None:
+            cache = DynamicCache()
+            self.base.get_decoder()(input_ids=ids, **self._decoder_kwargs(cache))
+        else:
+            cache = self._check_cache(past_key_values, P, B)
+        prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        latents = self.coprocessor(prefix_kv, B)  # [B, N_L, D] at default positions P..P+N_L-1
+        dtype = self.base.get_input_embeddings().weight.dtype
+        out = self.base(inputs_embeds=latents.to(dtype), logits_to_keep=1, **self._decoder_kwargs(cache))
+        return AugmentOutput(cache=cache, logits=out.logits[:, -1], latents=latents, prompt_length=P)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        augment: bool = True,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode ``max_new_tokens`` after ``prompt_ids`` ``[B, P]``; returns ``[B, P + new]`` like HF ``generate``.
+
+        With ``augment=True`` the coprocessor runs once at the end of the prompt and the base model decodes
+        from the augmented cache. With ``augment=False``, ``enabled = False``, or when the coprocessor raises
+        (a warning says so), this is exactly ``base.generate``.
+        """
+        ids = self._check_ids(prompt_ids, "prompt_ids")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
+        gen = self.base.generation_config
+        eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
+        pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
+        hf_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+        if do_sample:
+            hf_kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        if eos_token_id is not None:
+            hf_kwargs["eos_token_id"] = eos_token_id
+        if pad_token_id is not None:
+            hf_kwargs["pad_token_id"] = pad_token_id
+        if not augment or not self.enabled:
+            return self.base.generate(ids, **hf_kwargs)
+        self._check_context(ids.shape[1] + self.config.n_latents + max_new_tokens - 1, "Generation")
+        try:
+            aug = self.augment(ids)
+        except Exception as err:  # the decoder must keep working when the coprocessor fails
+            warnings.warn(f"Coprocessor failed ({type(err).__name__}: {err}); decoding without augmentation.")
+            return self.base.generate(ids, **hf_kwargs)
+
+        eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=ids.device)
+        if pad is None:
+            pad = int(eos_ids[0]) if len(eos_ids) else 0
+        logits, cache = aug.logits, aug.cache
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        new = []
+        for step in range(max_new_tokens):
+            token = self._next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new.append(token)
+            finished |= torch.isin(token, eos_ids)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            out = self.base(input_ids=token[:, None], logits_to_keep=1, **self._decoder_kwargs(cache))
+            logits = out.logits[:, -1]
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+
+    @staticmethod
+    def _next_token(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / max(temperature, 1e-5)
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``coprocessor_config.json`` and ``model.safetensors`` (trainable weights only) to ``path``."""
+        from .checkpoint import save_coprocessor
+
+        return save_coprocessor(self, path)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, base: nn.Module, *, check_base: bool = True, check_finite: bool = True
+    ) -> "CacheAugmentedLM":
+        """Load a coprocessor saved by :meth:`save_pretrained` onto ``base``.
+
+        The base model must be the one it was trained with (compared by a fingerprint of its weights);
+        ``check_base=False`` skips that check.
+        """
+        from .checkpoint import load_coprocessor
+
+        return load_coprocessor(cls, path, base, check_base=check_base, check_finite=check_finite)
