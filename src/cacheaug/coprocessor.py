@@ -24,6 +24,9 @@ from .config import CoprocessorConfig
 from .families import Family
 
 
+_SCRATCH_SEED = 0x5EED  # offset so a scratch coprocessor never replays the RNG stream that built its decoder
+
+
 def _embedding_name(decoder: nn.Module) -> str:
     emb = decoder.get_input_embeddings()
     for name, child in decoder.named_children():
@@ -48,7 +51,7 @@ def build_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module:
         backbone = copy.deepcopy(decoder, memo)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.init_seed)
+            torch.manual_seed(_SCRATCH_SEED + config.init_seed)
             backbone = type(decoder)._from_config(copy.deepcopy(decoder.config))
         setattr(backbone, _embedding_name(decoder), None)
         backbone.to(device=weight.device, dtype=weight.dtype)

@@ -1,0 +1,75 @@
+"""save_pretrained / from_pretrained: safetensors + JSON, trainable weights only, base identity checked."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig, fingerprint
+from conftest import tiny_model
+from helpers import perturb_trainable
+
+
+@pytest.mark.parametrize("init", ["copy", "lora"])
+def test_round_trip_gives_identical_augmented_logits(tmp_path, init):
+    base = tiny_model("gemma3")
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=3, n_ahead=4, init=init, lora_rank=4))
+    perturb_trainable(model)
+    prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = model.augment(prompt).logits
+    model.save_pretrained(tmp_path)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coprocessor_config.json", "model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(model.trainable_state_dict())
+    assert not any("embed" in k or "lm_head" in k for k in keys)
+    meta = json.loads((tmp_path / "coprocessor_config.json").read_text())
+    assert meta["coprocessor"]["init"] == init and meta["base_model"]["fingerprint"] == fingerprint(base)
+
+    loaded = CacheAugmentedLM.from_pretrained(tmp_path, base=base)
+    assert loaded.config == model.config
+    assert torch.equal(loaded.augment(prompt).logits, expected)
+
+
+def test_fingerprint_ignores_dtype_but_not_weights():
+    base = tiny_model("llama")
+    assert fingerprint(base) == fingerprint(tiny_model("llama").to(torch.bfloat16))
+    assert fingerprint(base) != fingerprint(tiny_model("llama", seed=1))
+
+
+def test_loading_onto_another_base_is_refused(tmp_path):
+    CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="fingerprint"):
+        CacheAugmentedLM.from_pretrained(tmp_path, base=tiny_model("llama", seed=1))
+    other_family = tiny_model("gemma3")
+    with pytest.raises(ValueError, match="trained for base model"):
+        CacheAugmentedLM.from_pretrained(tmp_path, base=other_family)
+    with pytest.raises(ValueError, match="does not match"):  # forced past the check: weights still must fit
+        CacheAugmentedLM.from_pretrained(tmp_path, base=tiny_model("qwen3"), check_base=False)
+
+
+def test_incomplete_or_corrupt_checkpoints_are_refused(tmp_path):
+    base = tiny_model("llama")
+    CacheAugmentedLM(base, CoprocessorConfig(n_latents=2)).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        CacheAugmentedLM.from_pretrained(tmp_path, base=base)
+    (tmp_path / "coprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        CacheAugmentedLM.from_pretrained(tmp_path, base=base)
+    with pytest.raises(FileNotFoundError, match="coprocessor_config.json"):
+        CacheAugmentedLM.from_pretrained(tmp_path / "nowhere", base=base)
+
+
+def test_newer_config_keys_warn(tmp_path):
+    base = tiny_model("llama")
+    CacheAugmentedLM(base, CoprocessorConfig(n_latents=2)).save_pretrained(tmp_path)
+    path = tmp_path / "coprocessor_config.json"
+    meta = json.loads(path.read_text())
+    meta["coprocessor"]["future_option"] = 1
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="future_option"):
+        CacheAugmentedLM.from_pretrained(tmp_path, base=base)

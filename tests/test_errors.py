@@ -1,0 +1,114 @@
+"""Bad input gets a clear error, never a silent wrong answer."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig
+from conftest import tiny_model
+
+CFG = CoprocessorConfig(n_latents=3, n_ahead=4, n_traces=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"n_latents": 0}, "n_latents"),
+        ({"n_ahead": -1}, "n_ahead"),
+        ({"n_traces": 1.5}, "n_traces"),
+        ({"init": "clone"}, "init"),
+        ({"lora_rank": 0}, "lora_rank"),
+    ],
+)
+def test_config_out_of_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CoprocessorConfig(**kwargs)
+
+
+def test_sequence_too_short_for_traces():
+    model = CacheAugmentedLM(tiny_model("llama"), CFG)
+    with pytest.raises(ValueError, match="too short"):
+        model(torch.randint(3, 128, (1, 7)))  # needs K + N_A = 8 tokens
+
+
+@pytest.mark.parametrize("positions", [[-1, 3], [0, 28], [[1, 2]], [1.0, 2.0]])
+def test_bad_positions(positions):
+    model = CacheAugmentedLM(tiny_model("llama"), CFG)
+    with pytest.raises(ValueError, match="positions|Insertion"):
+        model(torch.randint(3, 128, (2, 32)), positions=torch.tensor(positions))
+
+
+def test_bad_ids():
+    model = CacheAugmentedLM(tiny_model("llama"), CFG)
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.randn(1, 32))
+    with pytest.raises(ValueError, match="meta"):
+        model(torch.randint(3, 128, (1, 32), device="meta"))
+    with pytest.raises(ValueError, match="empty"):
+        model.augment(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_dtype_mismatch_names_the_fix():
+    model = CacheAugmentedLM(tiny_model("llama"), CFG)
+    model.coprocessor.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="autocast"):
+        model(torch.randint(3, 128, (1, 32)))
+
+
+def test_non_finite_loss():
+    model = CacheAugmentedLM(tiny_model("llama"), CFG)
+    with torch.no_grad():
+        model.coprocessor.soft_tokens.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="Non-finite"):
+        model(torch.randint(3, 128, (1, 32)))
+
+
+def test_prompt_beyond_context():
+    model = CacheAugmentedLM(tiny_model("gemma3"), CFG)  # 256 positions
+    with pytest.raises(ValueError, match="context"):
+        model.augment(torch.randint(3, 128, (1, 254)))
+    with pytest.raises(ValueError, match="context"):
+        model(torch.randint(3, 128, (1, 255)))
+    with pytest.raises(ValueError, match="context"):
+        model.generate(torch.randint(3, 128, (1, 200)), max_new_tokens=60)
+
+
+def test_foreign_cache_is_refused():
+    model = CacheAugmentedLM(tiny_model("gemma3"), CFG)
+    prompt = torch.randint(3, 128, (1, 10))
+    other = tiny_model("llama")
+    other.config.num_hidden_layers = 2
+    cache = DynamicCache()
+    AutoModelForCausalLM.from_config(other.config)(input_ids=prompt, use_cache=True, **{model.family.cache_kwarg: cache})
+    with pytest.raises(ValueError, match="layers"):
+        model.augment(prompt, past_key_values=cache)
+    own = DynamicCache()
+    model.base(input_ids=prompt[:, :5], use_cache=True, **{model.family.cache_kwarg: own})
+    with pytest.raises(ValueError, match="does not hold the prompt"):
+        model.augment(prompt, past_key_values=own)
+
+
+def test_unsupported_architecture_is_named():
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        CacheAugmentedLM(gpt2, CFG)
+
+
+def test_backend_without_custom_masks_is_refused():
+    base = tiny_model("llama")
+    base.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        CacheAugmentedLM(base, CFG)
+
+
+def test_gemma2_softcap_is_never_silently_dropped():
+    # transformers >= 5.2x refuses sdpa for Gemma-2 itself; 5.17 accepted it and dropped the soft-cap
+    base = tiny_model("gemma2", "eager")
+    base.config._attn_implementation = "sdpa"  # e.g. transformers 5.17, which allowed sdpa for Gemma-2
+    with pytest.raises(ValueError, match="soft-capping"):
+        CacheAugmentedLM(base, CFG)
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="causal LM"):
+        CacheAugmentedLM("gemma-3-270m", CFG)
