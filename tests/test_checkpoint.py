@@ -7,8 +7,7 @@ import torch
 from safetensors import safe_open
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, fingerprint
-from conftest import tiny_model
-from helpers import perturb_trainable
+from cacheaug.testing import perturb_trainable, tiny_model
 
 
 @pytest.mark.parametrize("init", ["copy", "lora"])

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
-from conftest import tiny_model
+from cacheaug.testing import tiny_model
 
 CFG = CoprocessorConfig(n_latents=3, n_ahead=4, n_traces=4)
 

@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
-from conftest import tiny_model
-from helpers import perturb_trainable
+from cacheaug.testing import perturb_trainable, tiny_model
 
 CFG = CoprocessorConfig(n_latents=3, n_ahead=4, n_traces=4, lora_rank=4)
 
@@ -17,7 +16,7 @@ def _ids(b=2, t=32, seed=0):
     return torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("init", ["copy", "lora", "scratch"])
+@pytest.mark.parametrize("init", ["copy", "lora", "scratch", "pause"])
 def test_base_frozen_and_gradients_reach_only_the_coprocessor(init):
     base = tiny_model("gemma3")
     before = {n: p.detach().clone() for n, p in base.state_dict().items()}
@@ -159,3 +158,14 @@ def test_no_warnings_in_the_training_pass():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(_ids()).loss.backward()
+
+
+def test_pause_control_is_context_free():
+    model = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(init="pause", n_latents=3, n_ahead=4))
+    assert model.coprocessor.backbone is None
+    assert [n for n, _ in model.coprocessor.named_parameters()] == ["soft_tokens", "latent_scale"]
+    a = model.augment(_ids(b=1, t=8, seed=0)).latents
+    b = model.augment(_ids(b=1, t=13, seed=1)).latents
+    assert torch.equal(a, b)
+    copro = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=3, n_ahead=4))
+    assert not torch.equal(copro.augment(_ids(b=1, t=8, seed=0)).latents, copro.augment(_ids(b=1, t=13, seed=1)).latents)

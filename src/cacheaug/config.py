@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-INITS = ("copy", "lora", "scratch")
+INITS = ("copy", "lora", "scratch", "pause")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class CoprocessorConfig:
         n_traces: K, insertion points sampled per training sequence when none are given (paper: 128).
         init: "copy" (the decoder's weights, fully trainable: the paper's default), "lora"
             (rank-r adapters over the decoder's frozen weights, shared in memory) or "scratch"
-            (random init with the decoder's architecture).
+            (random init with the decoder's architecture). "pause" is the pause-token control: no
+            backbone, the N_L trainable soft tokens themselves are inserted (context-free), same data path.
         lora_rank: rank r of the adapters when ``init="lora"`` (paper ablations: 64, 128).
         lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_rank); None means lora_rank.
         init_seed: seed for the soft-token choice and the scratch weights, so builds are repeatable.
@@ -39,7 +40,7 @@ class CoprocessorConfig:
     n_latents: int = 16
     n_ahead: int = 16
     n_traces: int = 16
-    init: Literal["copy", "lora", "scratch"] = "copy"
+    init: Literal["copy", "lora", "scratch", "pause"] = "copy"
     lora_rank: int = 64
     lora_alpha: float | None = None
     init_seed: int = 0

@@ -93,7 +93,8 @@ class Coprocessor(nn.Module):
         self.config = config
         self.family = family
         decoder = base.get_decoder()
-        self.backbone = build_backbone(decoder, config)
+        # "pause": the control of Goyal et al. (2023): trainable context-free embeddings, no cache read
+        self.backbone = None if config.init == "pause" else build_backbone(decoder, config)
         emb = base.get_input_embeddings()
         g = torch.Generator().manual_seed(config.init_seed)
         ids = torch.randint(emb.weight.shape[0], (config.n_latents,), generator=g).to(emb.weight.device)
@@ -101,7 +102,7 @@ class Coprocessor(nn.Module):
             soft = emb(ids)  # [N_L, D], already scaled like real inputs (Gemma multiplies by sqrt(D))
         self.soft_tokens = nn.Parameter(soft.detach().clone())
         self.latent_scale = nn.Parameter(torch.ones((), dtype=soft.dtype, device=soft.device))
-        if init_scale:
+        if init_scale and self.backbone is not None:
             self._calibrate_scale()
 
     @torch.no_grad()
@@ -125,6 +126,8 @@ class Coprocessor(nn.Module):
         default positions (S, S+1, ...) and causal mask, so the latents sit right after the prefix.
         """
         x = self.soft_tokens.repeat(n_traces, 1).expand(batch_size, -1, -1)  # [B, K*N_L, D]
+        if self.backbone is None:  # pause tokens: the same embeddings whatever the context
+            return x * self.latent_scale
         if torch.is_autocast_enabled(x.device.type):  # fp32 master weights: compute like the decoder's K/V
             x = x.to(torch.get_autocast_dtype(x.device.type))
         cache = DynamicCache(ddp_cache_data=prefix_kv)  # a fresh object: the decoder's cache stays intact

@@ -237,9 +237,8 @@ class CacheAugmentedLM(nn.Module):
 
         # (b) coprocessor: K blocks of N_L soft tokens, each reading text <= p_k
         cop_layout = trace_layout(positions, T, N_L)
-        latents = self.coprocessor(
-            prefix_kv, B, K, cop_layout.position_ids, attention_masks(cop_layout, self.family, dtype)
-        )  # [B, K*N_L, D]
+        cop_masks = None if self.coprocessor.backbone is None else attention_masks(cop_layout, self.family, dtype)
+        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks)  # [B, K*N_L, D]
         D = latents.shape[-1]
         latents = latents.view(B, K, N_L, D)
 

@@ -1,0 +1,95 @@
+"""Test utilities: tiny random-init models of every supported family, and the independent slow path.
+
+The slow path is what the training pass must equal: run :meth:`CacheAugmentedLM.augment` on the prefix
+``ids[:, :p+1]``, then let the unmodified base model decode the ahead tokens from the augmented cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("gemma3", "gemma2", "llama", "mistral", "qwen2", "qwen3")
+WINDOW = 8  # small, so that traces cross the sliding window in 40-token tests
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    initializer_range=0.2,  # large enough that masks and positions visibly change the outputs
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
+)
+
+
+def tiny_config(family: str):
+    """A 3-layer config with mixed full / sliding-window (window 8) layers where the family has them."""
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    mixed = ["sliding_attention", "full_attention", "sliding_attention"]
+    if family == "gemma3":
+        return Gemma3TextConfig(**_COMMON, sliding_window=WINDOW, layer_types=mixed, query_pre_attn_scalar=16)
+    if family == "gemma2":
+        return Gemma2Config(
+            **_COMMON,
+            sliding_window=WINDOW,
+            layer_types=mixed,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=5.0,  # small caps: they bite at this init scale
+            final_logit_softcapping=3.0,
+        )
+    if family == "llama":
+        return LlamaConfig(**_COMMON)
+    if family == "mistral":
+        return MistralConfig(**_COMMON, sliding_window=WINDOW)
+    if family == "qwen2":
+        return Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    if family == "qwen3":
+        return Qwen3Config(**_COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    raise KeyError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def tiny_model(family: str = "gemma3", attn: str = "sdpa", seed: int = 0, dtype=torch.float32, device="cpu"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation=attn, dtype=dtype)
+    return model.to(device).eval()
+
+
+def perturb_trainable(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Move every trainable tensor off its initial value (e.g. LoRA's B = 0), so tests see a generic coprocessor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(scale * p.detach().abs().mean().clamp_min(1e-2) * torch.randn(p.shape, generator=g).to(p))
+
+
+@torch.no_grad()
+def reference_losses(model, ids: torch.Tensor, p: int) -> torch.Tensor:
+    """Per-offset losses ``[N_A]`` (float32) of trace p for one sequence ``ids`` ``[1, T]``: augment + plain decoding."""
+    n_ahead = model.config.n_ahead
+    aug = model.augment(ids[:, : p + 1])
+    losses = [F.cross_entropy(aug.logits.float(), ids[:, p + 1])]
+    if n_ahead > 1:
+        logits = model.base(input_ids=ids[:, p + 1 : p + n_ahead], **{model.family.cache_kwarg: aug.cache}).logits
+        losses.extend(F.cross_entropy(logits[0].float(), ids[0, p + 2 : p + n_ahead + 1], reduction="none"))
+    return torch.stack(losses)
+
+
+def max_trace_error(model, ids: torch.Tensor, positions: torch.Tensor) -> tuple[float, "object"]:
+    """Largest |training-pass loss - reference loss| over every trace and offset, and the training output."""
+    with torch.no_grad():
+        out = model(ids, positions=positions, return_base_losses=True)
+    worst = 0.0
+    for b in range(ids.shape[0]):
+        for k, p in enumerate(positions[b].tolist()):
+            ref = reference_losses(model, ids[b : b + 1], p)
+            worst = max(worst, (out.token_losses[b, k] - ref).abs().max().item())
+    return worst, out
