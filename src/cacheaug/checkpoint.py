@@ -40,7 +40,8 @@ def fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
+        k = min(_SAMPLES_PER_TENSOR, flat.numel())
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)  # exact in int64
         sample = flat[idx].to(torch.bfloat16).cpu().view(torch.int16)
         h.update(f"{name}:{tuple(p.shape)}:".encode())
         h.update(sample.numpy().tobytes())

@@ -83,13 +83,20 @@ def reference_losses(model, ids: torch.Tensor, p: int) -> torch.Tensor:
     return torch.stack(losses)
 
 
-def max_trace_error(model, ids: torch.Tensor, positions: torch.Tensor) -> tuple[float, "object"]:
-    """Largest |training-pass loss - reference loss| over every trace and offset, and the training output."""
+def trace_errors(model, ids: torch.Tensor, positions: torch.Tensor):
+    """|training-pass loss - reference loss| ``[B, K, N_A]`` for every trace and offset, and the training output."""
     with torch.no_grad():
         out = model(ids, positions=positions, return_base_losses=True)
-    worst = 0.0
-    for b in range(ids.shape[0]):
-        for k, p in enumerate(positions[b].tolist()):
-            ref = reference_losses(model, ids[b : b + 1], p)
-            worst = max(worst, (out.token_losses[b, k] - ref).abs().max().item())
-    return worst, out
+    ref = torch.stack(
+        [
+            torch.stack([reference_losses(model, ids[b : b + 1], p) for p in positions[b].tolist()])
+            for b in range(ids.shape[0])
+        ]
+    )  # [B, K, N_A]
+    return (out.token_losses - ref).abs(), out
+
+
+def max_trace_error(model, ids: torch.Tensor, positions: torch.Tensor) -> tuple[float, "object"]:
+    """Largest |training-pass loss - reference loss| over every trace and offset, and the training output."""
+    err, out = trace_errors(model, ids, positions)
+    return err.max().item(), out
