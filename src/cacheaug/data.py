@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import importlib
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +44,34 @@ DEFAULT_PACKAGES = {
     "nlp": ("npm", "nlp-corpus@4.4.0"),
 }
 _FORMAT_VERSION = 1
+
+
+DOC_MODULES = (
+    "argparse", "collections", "json", "logging", "pathlib", "subprocess", "typing", "unittest",
+    "email.message", "http.client", "functools", "itertools", "threading", "asyncio.tasks", "decimal",
+    "datetime", "re", "string", "textwrap", "contextlib",
+)  # fmt: skip
+
+
+def builtin_text() -> str:
+    """About 110k characters of English documentation from the Python standard library."""
+    with warnings.catch_warnings():  # typing.io / typing.re warn when their docs are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        docs = _module_docs()
+    return "\n\n".join(d for d in docs if d)
+
+
+def _module_docs() -> list[str]:
+    docs = []
+    for name in DOC_MODULES:
+        mod = importlib.import_module(name)
+        docs.append(inspect.getdoc(mod) or "")
+        for key, obj in sorted(vars(mod).items()):
+            if key.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                docs.append(inspect.getdoc(obj) or "")
+    return docs
 
 
 # ---------------------------------------------------------------------------------------------- the default corpus
@@ -230,6 +260,8 @@ def build_token_files(tokenizer, sources: list[str], heldout_pct: float = 1.0, r
     bar = tqdm(desc="tokenising", unit=" docs")
     for source in sources:
         for doc in iter_documents(source):
+            if not doc.strip():
+                continue
             split = "heldout" if is_heldout(doc, heldout_pct) else "train"
             pending[split].append(doc)
             if len(pending[split]) >= batch_docs:
@@ -294,18 +326,22 @@ class PackedSequences:
         start = i * self.seq_len
         return torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len], dtype=np.int64))
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        """``[batch_size, seq_len]`` int64 for this rank; wraps into a new epoch (new permutation) when needed."""
-        rows = []
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+        """``[batch_size, seq_len]`` int64 for this rank, and a key per row that names the sequence and epoch
+        (used to seed its insertion points, so they do not depend on the number of ranks). Wraps into a new
+        epoch, with a new permutation, when one is used up."""
+        rows, keys = [], []
         per_epoch = self.n // self.world_size
         for _ in range(batch_size):
             if self.cursor >= per_epoch:
                 self.epoch += 1
                 self.cursor = 0
                 self._order = self._permutation(self.epoch)
-            rows.append(self.sequence(int(self._order[self.cursor * self.world_size + self.rank])))
+            index = int(self._order[self.cursor * self.world_size + self.rank])
+            rows.append(self.sequence(index))
+            keys.append(self.epoch * self.n + index)
             self.cursor += 1
-        return torch.stack(rows)
+        return torch.stack(rows), keys
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": self.n, "seq_len": self.seq_len}

@@ -183,7 +183,7 @@ class CacheAugmentedLM(nn.Module):
             scores = torch.rand(batch, n_valid, generator=generator)
             positions = scores.argsort(dim=1)[:, :k].sort(dim=1).values  # [B, K] distinct, sorted
             return positions.to(self.device)
-        positions = torch.as_tensor(positions, device=self.device)
+        positions = torch.as_tensor(positions)  # checked where it lives: CPU positions cost no device sync
         if positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise ValueError(f"`positions` must be integer insertion points, got dtype {positions.dtype}.")
         if positions.dim() == 1:
@@ -198,7 +198,7 @@ class CacheAugmentedLM(nn.Module):
                 f"Insertion points must lie in [0, T-1-n_ahead] = [0, {n_valid - 1}] so that each trace has "
                 f"n_ahead={n_ahead} target tokens in a sequence of T={length}; got values in [{lo}, {hi}]."
             )
-        return positions.long()
+        return positions.long().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ training pass
     def forward(

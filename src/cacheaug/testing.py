@@ -100,3 +100,40 @@ def max_trace_error(model, ids: torch.Tensor, positions: torch.Tensor) -> tuple[
     """Largest |training-pass loss - reference loss| over every trace and offset, and the training output."""
     err, out = trace_errors(model, ids, positions)
     return err.max().item(), out
+
+
+def tiny_tokenizer(texts: list[str], vocab_size: int = 128):
+    """A word-level fast tokenizer over ``texts`` whose ids fit the tiny models (<pad>=0, <eos>=1, <bos>=2)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    counts = Counter(w for t in texts for w in t.split())
+    words = [w for w, _ in counts.most_common(vocab_size - len(specials))]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+
+
+def tiny_corpus(folder, n_docs: int = 60, seed: int = 0) -> list[str]:
+    """Write ``n_docs`` random word documents as .txt and .jsonl files into ``folder``; returns the texts."""
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(150)]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 120))) for _ in range(n_docs)]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    half = n_docs // 2
+    for i, t in enumerate(texts[:half]):
+        (folder / f"doc{i:03d}.txt").write_text(t)
+    with open(folder / "rest.jsonl", "w") as f:
+        for t in texts[half:]:
+            f.write(json.dumps({"text": t}) + "\n")
+    return texts

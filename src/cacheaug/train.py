@@ -1,0 +1,371 @@
+"""Training recipe: a frozen decoder, a coprocessor, text -> a trained coprocessor checkpoint.
+
+``train(TrainConfig(...)) -> Path`` reads top to bottom: setup, model, data, optimizer, resume, loop, save.
+Single device by default; under ``torchrun`` it runs DDP over the coprocessor (the frozen decoder is
+replicated and carries no gradient state). Checkpoints are folders ``out_dir/step_000500/`` holding the
+coprocessor (``save_pretrained`` format) plus ``trainer_state.safetensors`` (optimizer moments, RNG states)
+and ``trainer_state.json`` (step, schedule, data position); a folder is written under a temporary name and
+renamed when complete, so an interrupted save never looks like a checkpoint. ``resume=True`` continues
+from the newest complete one exactly: same batches, same insertion points, same optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import fingerprint, load_trainable
+from .config import CoprocessorConfig
+from .evaluate import autocast_for, heldout_losses, relative_ppl_change
+from .model import CacheAugmentedLM
+
+STATE_JSON, STATE_TENSORS, RUN_CONFIG = "trainer_state.json", "trainer_state.safetensors", "run_config.json"
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; every field is a ``cacheaug train`` option of the same name."""
+
+    model: str = _f("gemma-3-270m", "frozen decoder: 'gemma-3-270m' (offline default) or an HF id / folder")
+    data: tuple[str, ...] = _f(("default",), "text sources: 'default', files/folders (.txt .jsonl .parquet), hf:NAME")
+    out_dir: str = _f("runs/cacheaug", "where checkpoints, logs and the resolved config go")
+    # coprocessor
+    n_latents: int = _f(16, "N_L latent embeddings per insertion")
+    n_ahead: int = _f(16, "N_A target tokens per insertion")
+    n_traces: int = _f(16, "K insertion points per sequence")
+    init: Literal["copy", "lora", "scratch", "pause"] = _f("copy", "coprocessor init; 'pause' = pause-token control")
+    lora_rank: int = _f(64, "LoRA rank for init=lora")
+    # data and batch
+    seq_len: int = _f(1024, "T, tokens per packed training sequence")
+    batch_size: int = _f(8, "sequences per device per micro-step")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    heldout_pct: float = _f(1.0, "percent of documents held out (by hash) for evaluation")
+    # optimisation
+    max_steps: int = _f(1000, "optimizer steps")
+    lr: float = _f(1e-4, "peak AdamW learning rate of the coprocessor weights")
+    soft_token_lr: float = _f(1e-3, "peak learning rate of the soft tokens and the read-out scale")
+    weight_decay: float = _f(0.0, "AdamW weight decay (coprocessor weights only)")
+    warmup_steps: int = _f(100, "linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)")
+    # precision and device
+    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
+    dtype: Literal["auto", "bfloat16", "float32"] = _f("auto", "decoder weights; bf16 on GPU runs under autocast "
+                                                       "with fp32 coprocessor master weights")
+    attn_implementation: str | None = _f(None, "flex_attention (GPU default), sdpa (CPU default) or eager")
+    # bookkeeping
+    eval_every: int = _f(200, "steps between held-out evaluations (0 = only at the end)")
+    eval_sequences: int = _f(32, "held-out sequences per evaluation")
+    log_every: int = _f(10, "steps between log lines (the only host syncs of the loop)")
+    save_every: int = _f(500, "steps between checkpoints (0 = only at the end)")
+    keep_last: int = _f(3, "checkpoints kept")
+    resume: bool = _f(True, "continue from the newest complete checkpoint in out_dir")
+    seed: int = _f(0, "seed for data order, insertion points and init")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_latents", "n_ahead", "n_traces", "seq_len", "batch_size", "grad_accum", "max_steps",
+                     "eval_sequences", "log_every", "keep_last", "lora_rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < self.n_traces + self.n_ahead:
+            problems.append(f"--seq-len {self.seq_len} is too short for --n-traces {self.n_traces} insertion points with "
+                            f"--n-ahead {self.n_ahead} targets each: use --seq-len >= {self.n_traces + self.n_ahead}")
+        for name in ("lr", "soft_token_lr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive")
+        if not 0 < self.heldout_pct < 100:
+            problems.append(f"--heldout-pct must be in (0, 100), got {self.heldout_pct}")
+        if not self.data:
+            problems.append("--data needs at least one source")
+        if problems:
+            raise ValueError("Invalid training options:\n  " + "\n  ".join(problems))
+
+    def coprocessor_config(self) -> CoprocessorConfig:
+        return CoprocessorConfig(self.n_latents, self.n_ahead, self.n_traces, init=self.init,
+                                 lora_rank=self.lora_rank, init_seed=self.seed)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data"] = list(self.data)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def insertion_points(keys: list[int], cfg: TrainConfig) -> torch.Tensor:
+    """``[B, K]`` sorted distinct insertion points per sequence, a function of (seed, sequence key) only: the
+    same on any number of ranks and after a resume."""
+    rows = []
+    for key in keys:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + key)
+        rows.append(torch.randperm(cfg.seq_len - cfg.n_ahead, generator=g)[: cfg.n_traces].sort().values)
+    return torch.stack(rows)
+
+
+def make_optimizer(model: CacheAugmentedLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    soft, weights = [], []
+    for name, p in model.coprocessor.named_parameters():
+        if p.requires_grad:
+            (soft if name in ("soft_tokens", "latent_scale") else weights).append(p)
+    groups = [{"params": soft, "lr": cfg.soft_token_lr, "weight_decay": 0.0}]
+    if weights:
+        groups.append({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    fused = model.device.type == "cuda"
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)
+
+
+def _master_fp32(model: CacheAugmentedLM) -> None:
+    """fp32 master copies of the trainable tensors only (LoRA's frozen tensors are the decoder's own)."""
+    for p in model.trainable_parameters():
+        p.data = p.data.float()
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(out_dir).glob("step_*") if p.is_dir() and (p / STATE_JSON).is_file())
+
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, data, extra: dict, keep_last: int) -> Path:
+    final = Path(out_dir) / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    opt_state = opt.state_dict()
+    tensors = {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in opt_state["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    state = {"step": step, "param_groups": opt_state["param_groups"], "data": data.state_dict(), **extra}
+    (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, opt, data) -> dict:
+    load_trainable(model, path)
+    state = json.loads((path / STATE_JSON).read_text())
+    tensors = load_file(str(path / STATE_TENSORS))
+    opt_state = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(idx), {})[name] = value
+    opt.load_state_dict(opt_state)
+    data.load_state_dict(state["data"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+class MetricsLog:
+    """JSONL metrics (always) and TensorBoard scalars (when tensorboard is installed), rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
+    """Train a coprocessor as ``cfg`` says; returns the final checkpoint folder.
+
+    ``base``/``tokenizer`` may be passed in (tests, notebooks); else ``cfg.model`` is loaded.
+    """
+    from tqdm.auto import tqdm
+
+    from .base import load_base_model
+    from .data import PackedSequences, build_token_files, load_tokens
+
+    # --- setup -----------------------------------------------------------------------------------------
+    rank, world, local_rank = distributed_env()
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main_rank = rank == 0
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # --- model -----------------------------------------------------------------------------------------
+    if base is None:
+        dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        base, tokenizer = load_base_model(cfg.model, device=device, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    model = CacheAugmentedLM(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
+    _master_fp32(model)
+    if main_rank:
+        (out_dir / RUN_CONFIG).write_text(json.dumps(
+            {"train": cfg.to_dict(), "base_fingerprint": fingerprint(base), "world_size": world}, indent=2) + "\n")
+
+    # --- data ------------------------------------------------------------------------------------------
+    if main_rank:
+        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.heldout_pct)
+    if world > 1:
+        dist.barrier()
+        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.heldout_pct)  # cached: only reads the key
+    data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, rank, world)
+    heldout_tokens = load_tokens(token_dir, "heldout")
+    n_eval = min(cfg.eval_sequences, len(heldout_tokens) // cfg.seq_len)
+    heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0) if n_eval else None
+    eval_seqs = torch.stack([heldout.sequence(i) for i in range(n_eval)]) if n_eval else None
+
+    # --- optimizer -------------------------------------------------------------------------------------
+    opt = make_optimizer(model, cfg)
+    peak = [g["lr"] for g in opt.param_groups]
+    step, tokens_seen = 0, 0
+    checkpoints = complete_checkpoints(out_dir)
+    if cfg.resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, opt, data)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        if main_rank:
+            print(f"cacheaug: resumed from {checkpoints[-1]} at step {step}")
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    # --- loop ------------------------------------------------------------------------------------------
+    log = MetricsLog(out_dir, main_rank)
+    interrupted = False
+
+    def on_sigterm(signum, frame):  # torchrun/cluster shutdown: save like Ctrl-C
+        raise KeyboardInterrupt
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main_rank and world == 1 else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main_rank))
+    running = torch.zeros((), device=device)
+    t_last, tokens_last = time.perf_counter(), tokens_seen
+
+    def checkpoint_now() -> Path:
+        extra = {"tokens_seen": tokens_seen, "config": cfg.to_dict()}
+        return save_checkpoint(out_dir, step, model, opt, data, extra, cfg.keep_last) if main_rank else out_dir
+
+    def evaluate_now() -> None:
+        if eval_seqs is None or not main_rank:
+            return
+        losses = heldout_losses(model, eval_seqs, n_points=min(cfg.n_traces, cfg.seq_len - cfg.n_ahead))
+        change = relative_ppl_change(losses)
+        log.write(step, tokens=tokens_seen, eval_loss=sum(losses["augmented"]) / cfg.n_ahead,
+                  eval_base_loss=sum(losses["base"]) / cfg.n_ahead, eval_losses=losses["augmented"],
+                  eval_base_losses=losses["base"], eval_points=losses["n_points"],
+                  **{f"eval_rel_ppl_offset_{o + 1}": c for o, c in enumerate(change)})
+        bar.write(f"step {step}: held-out ppl change by offset " + " ".join(f"{c:+.1f}%" for c in change[:8]))
+
+    try:
+        model.train()
+        while step < cfg.max_steps:
+            mult = lr_multiplier(step, cfg)
+            for g, p in zip(opt.param_groups, peak):
+                g["lr"] = p * mult
+            for micro in range(cfg.grad_accum):
+                ids, keys = data.next_batch(cfg.batch_size)
+                positions = insertion_points(keys, cfg)  # on the CPU: checked there without a device sync
+                ids = ids.to(device, non_blocking=True)
+                no_sync = world > 1 and micro < cfg.grad_accum - 1
+                with ddp_model.no_sync() if no_sync else nullcontext(), autocast_for(model):
+                    out = ddp_model(ids, positions=positions)
+                (out.loss / cfg.grad_accum).backward()
+                running += out.loss.detach() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss = (running / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)).item()
+                running.zero_()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"Non-finite training loss at step {step}: lower --lr or --soft-token-lr.")
+                now = time.perf_counter()
+                tps = (tokens_seen - tokens_last) / (now - t_last)
+                t_last, tokens_last = now, tokens_seen
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                log.write(step, loss=loss, tokens=tokens_seen, tokens_per_s=tps, lr=opt.param_groups[-1]["lr"])
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                evaluate_now()
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                checkpoint_now()
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.write(f"cacheaug: interrupted at step {step}; saving a checkpoint (resume with the same command)")
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    if not interrupted:
+        evaluate_now()
+    final = checkpoint_now()
+    log.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final

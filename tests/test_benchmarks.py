@@ -1,0 +1,19 @@
+"""The benchmarks stay runnable (toy size on the CPU); their figures live in docs/performance.md."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_throughput_runs_at_toy_size(tmp_path):
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--device", "cpu",
+           "--batch", "2", "--seq-len", "64", "--traces", "4", "--n-latents", "2", "--n-ahead", "3", "--steps", "1",
+           "--warmup", "1", "--compare-loop", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["loop"] for r in rows] == [False, True]
+    assert all(r["text_tokens_per_s"] > 0 and r["counted_gflop_per_step"] > 0 for r in rows)

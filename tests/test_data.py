@@ -1,0 +1,85 @@
+"""Documents, held-out split, token files, packed sequences and their resumable position."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from cacheaug.data import PackedSequences, build_token_files, is_heldout, iter_documents, load_tokens
+from cacheaug.testing import tiny_corpus, tiny_tokenizer
+
+
+def test_documents_from_files_and_folders(tmp_path):
+    texts = tiny_corpus(tmp_path / "corpus", n_docs=10)
+    assert sorted(iter_documents(str(tmp_path / "corpus"))) == sorted(texts)
+    gz = tmp_path / "x.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(json.dumps({"text": "a b c"}) + "\n")
+    assert list(iter_documents(str(gz))) == ["a b c"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "no text field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        list(iter_documents(str(bad)))
+    with pytest.raises(FileNotFoundError, match="neither"):
+        list(iter_documents(str(tmp_path / "missing")))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported"):
+        list(iter_documents(str(tmp_path / "x.csv")))
+
+
+def test_heldout_split_is_by_content():
+    docs = [f"document number {i}" for i in range(2000)]
+    held = [d for d in docs if is_heldout(d, 5.0)]
+    assert 50 < len(held) < 150  # about 5%
+    assert held == [d for d in reversed(docs) if is_heldout(d, 5.0)][::-1]  # order-independent
+
+
+def test_token_files_are_built_once_and_exact(tmp_path):
+    texts = tiny_corpus(tmp_path / "corpus", n_docs=40)
+    tok = tiny_tokenizer(texts)
+    folder = build_token_files(tok, [str(tmp_path / "corpus")], heldout_pct=20.0, root=tmp_path / "tok")
+    meta = json.loads((folder / "meta.json").read_text())
+    train, held = load_tokens(folder, "train"), load_tokens(folder, "heldout")
+    assert meta["train_tokens"] == len(train) and meta["heldout_tokens"] == len(held)
+    assert meta["train_docs"] + meta["heldout_docs"] == 40 and meta["heldout_docs"] > 0
+    # every document is <bos> ids <eos>, in source order
+    expected = []
+    for t in texts:
+        if not is_heldout(t, 20.0):
+            expected += [tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert np.array_equal(np.asarray(train), np.asarray(expected, dtype=np.uint32))
+    mtime = (folder / "train.bin").stat().st_mtime_ns
+    assert build_token_files(tok, [str(tmp_path / "corpus")], 20.0, root=tmp_path / "tok") == folder
+    assert (folder / "train.bin").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert build_token_files(tok, [str(tmp_path / "corpus")], 10.0, root=tmp_path / "tok") != folder
+
+
+def test_empty_data_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="no text"):
+        build_token_files(tiny_tokenizer(["a"]), [str(tmp_path / "empty")], root=tmp_path / "tok")
+
+
+def test_packed_sequences_epochs_and_resume():
+    tokens = np.arange(1000, dtype=np.uint32)
+    data = PackedSequences(tokens, seq_len=10, seed=3)
+    first_epoch = [data.next_batch(5) for _ in range(20)]
+    starts = sorted(int(ids[i, 0]) for ids, _ in first_epoch for i in range(5))
+    assert starts == list(range(0, 1000, 10))  # every window exactly once per epoch
+    state = data.state_dict()
+    after = [data.next_batch(7)[0] for _ in range(4)]
+    again = PackedSequences(tokens, seq_len=10, seed=3)
+    again.load_state_dict(state)
+    assert all((a == b).all() for a, b in zip(after, [again.next_batch(7)[0] for _ in range(4)]))
+    with pytest.raises(ValueError, match="same data"):
+        PackedSequences(tokens, seq_len=20, seed=3).load_state_dict(state)
+
+
+def test_ranks_take_disjoint_shares_of_one_order():
+    tokens = np.arange(400, dtype=np.uint32)
+    single = PackedSequences(tokens, 10, seed=1).next_batch(8)[1]
+    r0 = PackedSequences(tokens, 10, seed=1, rank=0, world_size=2).next_batch(4)[1]
+    r1 = PackedSequences(tokens, 10, seed=1, rank=1, world_size=2).next_batch(4)[1]
+    assert sorted(r0 + r1) == sorted(single) and not set(r0) & set(r1)

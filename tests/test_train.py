@@ -1,0 +1,140 @@
+"""The training recipe: checkpoints, exact resume, interruption, DDP equivalence, option checks."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from cacheaug import CacheAugmentedLM
+from cacheaug.cli import build_parser, check_sources_and_model, resolve_train_config
+from cacheaug.testing import tiny_corpus, tiny_model, tiny_tokenizer
+from cacheaug.train import TrainConfig, complete_checkpoints, insertion_points, lr_multiplier, train
+
+SMALL = dict(seq_len=32, batch_size=2, n_latents=2, n_ahead=3, n_traces=4, max_steps=6, warmup_steps=2,
+             eval_every=3, eval_sequences=2, log_every=1, save_every=3, heldout_pct=20.0)
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    texts = tiny_corpus(tmp_path / "corpus", n_docs=80)
+    return str(tmp_path / "corpus"), tiny_tokenizer(texts)
+
+
+def _run(tmp_path, corpus, name, **overrides):
+    data, tok = corpus
+    cfg = TrainConfig(data=(data,), out_dir=str(tmp_path / name), **{**SMALL, **overrides})
+    return train(cfg, base=tiny_model("gemma3"), tokenizer=tok, progress=False), cfg
+
+
+def _weights(ckpt):
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_training_writes_checkpoints_logs_and_config(tmp_path, corpus):
+    final, cfg = _run(tmp_path, corpus, "run")
+    assert final.name == "step_000006"
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step_000003", "step_000006"]
+    for f in ("coprocessor_config.json", "model.safetensors", "trainer_state.json", "trainer_state.safetensors"):
+        assert (final / f).is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    evals = [r for r in rows if "eval_losses" in r]
+    assert [r["step"] for r in evals] == [3, 6] and len(evals[-1]["eval_losses"]) == cfg.n_ahead
+    run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert run_config["train"]["seq_len"] == 32
+    assert not any(p.suffix in (".pt", ".bin", ".pkl") for p in final.iterdir())  # safetensors only
+    model = CacheAugmentedLM.from_pretrained(final, base=tiny_model("gemma3"))  # loadable as a plain checkpoint
+    assert model.config.n_latents == 2
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    straight, _ = _run(tmp_path, corpus, "a")
+    _run(tmp_path, corpus, "b")
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "step_000006")  # as if the run had died after step 3
+    resumed, _ = _run(tmp_path, corpus, "b")
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keyboard_interrupt_saves_and_stops(tmp_path, corpus, monkeypatch):
+
+    calls = {"n": 0}
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+    final, _ = _run(tmp_path, corpus, "int", save_every=0)
+    assert final.name == "step_000003" and (final / "trainer_state.json").is_file()
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(tmp_path, corpus):
+    final, _ = _run(tmp_path, corpus, "c", max_steps=3, save_every=0)
+    (final / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        _run(tmp_path, corpus, "c")
+
+
+def test_schedule_and_insertion_points():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, seq_len=64, n_traces=8, n_ahead=4)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1) and lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1) and 0.1 < lr_multiplier(55, cfg) < 1.0
+    p = insertion_points([5, 5, 6], cfg)
+    assert p.shape == (3, 8) and torch.equal(p[0], p[1]) and not torch.equal(p[0], p[2])
+    assert (p[:, 1:] > p[:, :-1]).all() and p.max() <= 64 - 4 - 1
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--seq-len", "10", "--n-traces", "16"], "too short"),
+        (["train", "--lr", "0"], "lr"),
+        (["train", "--data", "/nonexistent/corpus"], "no such file"),
+        (["train", "--model", "./no-such-model", "--data", "."], "not a folder"),
+    ],
+)
+def test_bad_options_fail_before_any_work(argv, match, monkeypatch, tmp_path):
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path))
+    args = build_parser().parse_args(argv)
+    with pytest.raises(SystemExit, match=match):
+        check_sources_and_model(resolve_train_config(args))
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("n_latents: 4\nseq_len: 128\ndata: [a, b]\n")
+    cfg = resolve_train_config(build_parser().parse_args(["train", "--config", str(path), "--seq-len", "256"]))
+    assert (cfg.n_latents, cfg.seq_len, cfg.data) == (4, 256, ("a", "b"))
+    path.write_text("n_latent: 4\n")
+    with pytest.raises(SystemExit, match="unknown keys"):
+        resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
+
+
+def _ddp_worker(rank, world, port, data, out_dir, home):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), CACHEAUG_HOME=home)
+    texts = tiny_corpus(os.path.dirname(data) + f"/scratch{rank}", n_docs=80)  # same texts: same seed
+    cfg = TrainConfig(data=(data,), out_dir=out_dir, **{**SMALL, "batch_size": 1, "eval_every": 0})
+    train(cfg, base=tiny_model("gemma3"), tokenizer=tiny_tokenizer(texts), progress=False)
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path, corpus):
+    data, _ = corpus
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, data, str(tmp_path / "ddp"), os.environ["CACHEAUG_HOME"]), nprocs=2)
+    single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0)
+    a, b = _weights(tmp_path / "ddp" / "step_000006"), _weights(single)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
