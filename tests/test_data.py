@@ -83,3 +83,12 @@ def test_ranks_take_disjoint_shares_of_one_order():
     r0 = PackedSequences(tokens, 10, seed=1, rank=0, world_size=2).next_batch(4)[1]
     r1 = PackedSequences(tokens, 10, seed=1, rank=1, world_size=2).next_batch(4)[1]
     assert sorted(r0 + r1) == sorted(single) and not set(r0) & set(r1)
+
+
+def test_every_sequence_starts_with_bos():
+    bos = 7
+    tokens = np.array([bos, 1, 2, 3, 4, 5, 6, 8, 9, bos, 10, 11, 12, 13, 14, 15], dtype=np.uint32)
+    data = PackedSequences(tokens, seq_len=4, seed=0, bos_id=bos)
+    seqs = [data.sequence(i).tolist() for i in range(len(data))]
+    assert len(data) == 5 and all(s[0] == bos and len(s) == 4 for s in seqs)
+    assert seqs[0] == [bos, 1, 2, 3] and seqs[1] == [bos, 3, 4, 5] and seqs[3] == [bos, 10, 11, 12]

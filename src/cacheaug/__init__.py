@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .base import load_base_model
 from .checkpoint import fingerprint
 from .config import CoprocessorConfig
+from .controls import LoraDecoderLM, build_model
 from .families import SUPPORTED_MODEL_TYPES
 from .model import AugmentOutput, CacheAugmentedLM, CacheAugmentedOutput
 
@@ -17,7 +18,9 @@ __all__ = [
     "CacheAugmentedLM",
     "CacheAugmentedOutput",
     "CoprocessorConfig",
+    "LoraDecoderLM",
     "SUPPORTED_MODEL_TYPES",
+    "build_model",
     "fingerprint",
     "load_base_model",
 ]

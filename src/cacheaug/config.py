@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-INITS = ("copy", "lora", "scratch", "pause")
+INITS = ("copy", "lora", "scratch", "pause", "lora-decoder")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class CoprocessorConfig:
             (rank-r adapters over the decoder's frozen weights, shared in memory) or "scratch"
             (random init with the decoder's architecture). "pause" is the pause-token control: no
             backbone, the N_L trainable soft tokens themselves are inserted (context-free), same data path.
+            "lora-decoder" is the LoRA-tuned-decoder control: no latents; rank-r adapters on (a copy of the
+            module tree of) the decoder itself, trained on the same target tokens.
         lora_rank: rank r of the adapters when ``init="lora"`` (paper ablations: 64, 128).
         lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_rank); None means lora_rank.
         init_seed: seed for the soft-token choice and the scratch weights, so builds are repeatable.
@@ -40,7 +42,7 @@ class CoprocessorConfig:
     n_latents: int = 16
     n_ahead: int = 16
     n_traces: int = 16
-    init: Literal["copy", "lora", "scratch", "pause"] = "copy"
+    init: Literal["copy", "lora", "scratch", "pause", "lora-decoder"] = "copy"
     lora_rank: int = 64
     lora_alpha: float | None = None
     init_seed: int = 0

@@ -298,16 +298,23 @@ def load_tokens(folder: Path, split: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- packed sequences
 class PackedSequences:
-    """Non-overlapping windows of ``seq_len`` tokens of a token stream, in a seeded permutation per epoch.
+    """Windows of ``seq_len`` tokens of a token stream, in a seeded permutation per epoch.
+
+    With ``bos_id`` every sequence starts with ``<bos>``: a window that starts inside a document gets one
+    prepended (``[bos] + T-1 tokens``), one that starts at a document keeps its own. Gemma models need this:
+    without a leading ``<bos>`` Gemma 3 270M's perplexity on ordinary prose jumps from about 25 to 100-280
+    (measured on the default corpus' held-out State of the Union windows).
 
     The iteration state is ``(epoch, cursor)``; :meth:`state_dict` / :meth:`load_state_dict` carry it through
     checkpoints. With ``world_size`` > 1 each rank takes every ``world_size``-th window of the same permutation.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 bos_id: int | None = None):
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.rank, self.world_size = rank, world_size
-        self.n = len(tokens) // seq_len
+        self.rank, self.world_size, self.bos_id = rank, world_size, bos_id
+        self.stride = seq_len - 1 if bos_id is not None else seq_len
+        self.n = max(0, len(tokens) - 1) // self.stride if bos_id is not None else len(tokens) // seq_len
         if self.n < world_size:
             raise ValueError(
                 f"{len(tokens)} tokens give {self.n} sequences of {seq_len}, fewer than the {world_size} ranks: "
@@ -323,8 +330,11 @@ class PackedSequences:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def sequence(self, i: int) -> torch.Tensor:
-        start = i * self.seq_len
-        return torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len], dtype=np.int64))
+        start = i * self.stride
+        window = np.asarray(self.tokens[start : start + self.seq_len], dtype=np.int64)
+        if self.bos_id is not None and window[0] != self.bos_id:
+            window = np.concatenate([[self.bos_id], window[: self.seq_len - 1]])
+        return torch.from_numpy(window)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
         """``[batch_size, seq_len]`` int64 for this rank, and a key per row that names the sequence and epoch

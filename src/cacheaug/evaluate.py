@@ -18,26 +18,117 @@ def autocast_for(model: CacheAugmentedLM):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 def heldout_losses(model: CacheAugmentedLM, seqs: torch.Tensor, n_points: int, batch: int = 4) -> dict:
-    """Mean augmented and base loss per offset (lists of N_A floats) over ``n_points`` evenly spaced insertion
-    points of every sequence in ``seqs`` ``[N, T]``."""
-    was_training = model.training
-    model.eval()
+    """Mean augmented and frozen loss per offset (lists of N_A floats) over about ``n_points`` evenly spaced
+    insertion points per sequence of ``seqs`` ``[N, T]`` (the quick evaluation run during training)."""
     T, N_A = seqs.shape[1], model.config.n_ahead
-    positions = torch.linspace(0, T - 1 - N_A, n_points).long()
-    aug = torch.zeros(N_A, dtype=torch.float64, device=model.device)
-    base = torch.zeros_like(aug)
-    with autocast_for(model):
-        for i in range(0, len(seqs), batch):
-            out = model(seqs[i : i + batch].to(model.device), positions=positions, return_base_losses=True)
-            aug += out.token_losses.sum((0, 1)).double()
-            base += out.base_token_losses.sum((0, 1)).double()
-    model.train(was_training)
-    n = len(seqs) * n_points
-    return {"augmented": (aug / n).tolist(), "base": (base / n).tolist(), "n_points": n}
+    stride = max(1, (T - N_A - min(T // 8, T - 1 - N_A)) // n_points)
+    aug, base, points = offset_loss_sums(model, seqs, stride, batch)
+    n = len(seqs) * points
+    return {"augmented": (aug.sum(0) / n).tolist(), "base": (base.sum(0) / n).tolist(), "n_points": n}
 
 
 def relative_ppl_change(losses: dict) -> list[float]:
     """exp(mean augmented loss - mean base loss) - 1 per offset, in percent."""
     return [100 * (math.exp(a - b) - 1) for a, b in zip(losses["augmented"], losses["base"])]
+
+
+# ------------------------------------------------------------------------------------ perplexity by offset
+@torch.no_grad()
+def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, batch: int = 4):
+    """Per-sequence sums of augmented and frozen losses per offset, augmenting densely.
+
+    Every ``stride``-th token from T/8 on is an insertion point (the paper augments after every token;
+    ``stride=1`` does that). Returns ``(aug [N, N_A], base [N, N_A], points_per_sequence)`` in float64.
+    """
+    T, N_A = seqs.shape[1], model.config.n_ahead
+    positions = torch.arange(min(T // 8, T - 1 - N_A), T - N_A, stride)
+    aug, base = [], []
+    was_training = model.training
+    model.eval()
+    with autocast_for(model):
+        for i in range(0, len(seqs), batch):
+            out = model(seqs[i : i + batch].to(model.device), positions=positions, return_base_losses=True)
+            aug.append(out.token_losses.double().sum(1).cpu())  # [b, N_A]
+            base.append(out.base_token_losses.double().sum(1).cpu())
+    model.train(was_training)
+    return torch.cat(aug), torch.cat(base), len(positions)
+
+
+def bootstrap_rel_change(aug: torch.Tensor, base: torch.Tensor, points: int, n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> dict:
+    """Relative perplexity change per offset, exp(mean augmented loss - mean frozen loss) - 1, with a
+    percentile bootstrap interval that resamples whole sequences (points within a sequence are correlated).
+
+    ``aug``/``base``: ``[N, N_A]`` per-sequence loss sums over ``points`` insertion points each.
+    Returns lists of N_A floats: ``change``, ``lo``, ``hi`` (percent), ``base_ppl`` and ``ppl``.
+    """
+    n = aug.shape[0]
+    diff = (aug - base) / points  # [N, N_A] per-point mean difference of each sequence
+    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+    boot = torch.expm1(diff[idx].mean(1))  # [n_boot, N_A]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=boot.dtype)
+    lo, hi = torch.quantile(boot, q, dim=0)
+    return {
+        "change": (100 * torch.expm1(diff.mean(0))).tolist(),
+        "lo": (100 * lo).tolist(),
+        "hi": (100 * hi).tolist(),
+        "base_ppl": torch.exp(base.sum(0) / (n * points)).tolist(),
+        "ppl": torch.exp(aug.sum(0) / (n * points)).tolist(),
+    }
+
+
+def evaluate_ppl(
+    checkpoints: list[str],
+    *,
+    model_name: str = "gemma-3-270m",
+    data: tuple[str, ...] = ("default",),
+    heldout_pct: float = 1.0,
+    seq_len: int = 1024,
+    sequences: int = 64,
+    stride: int = 16,
+    offsets: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+    n_boot: int = 1000,
+    device: str | None = None,
+    out: str | None = None,
+    base=None,
+    tokenizer=None,
+) -> dict:
+    """`cacheaug eval ppl`: held-out perplexity change by offset for each checkpoint (coprocessors and controls
+    alike), against the frozen decoder on the same tokens, with 95% bootstrap intervals over sequences."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .base import load_base_model
+    from .data import PackedSequences, build_token_files, load_tokens
+
+    if base is None:
+        base, tokenizer = load_base_model(model_name, device=device)
+    token_dir = build_token_files(tokenizer, list(data), heldout_pct)
+    held = PackedSequences(load_tokens(token_dir, "heldout"), seq_len, seed=0, bos_id=tokenizer.bos_token_id)
+    if len(held) == 0:
+        raise ValueError(f"The held-out split has fewer than {seq_len} tokens: raise --heldout-pct or lower --seq-len.")
+    seqs = torch.stack([held.sequence(i) for i in range(min(sequences, len(held)))])
+    n_ahead = max(offsets)
+    report = {"model": model_name, "data": list(data), "seq_len": seq_len, "sequences": len(seqs), "stride": stride,
+              "offsets": list(offsets), "n_boot": n_boot, "runs": {}}
+    for ckpt in checkpoints:
+        model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
+        model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # N_A only sets which targets are scored
+        aug, frozen, points = offset_loss_sums(model, seqs, stride)
+        stats = bootstrap_rel_change(aug, frozen, points, n_boot)
+        pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}
+        report["runs"][str(ckpt)] = {"init": model.config.init, "n_latents": model.config.n_latents,
+                                     "points": points * len(seqs), **pick}
+        del model
+    first = next(iter(report["runs"].values()))
+    print(f"\nHeld-out perplexity change vs the frozen decoder ({len(seqs)} sequences of {seq_len}, an insertion "
+          f"every {stride} tokens, 95% bootstrap interval over sequences):")
+    print(f"{'offset':>6} | {'frozen ppl':>10} | " + " | ".join(f"{Path(c).parent.name or c:>24}" for c in report["runs"]))
+    for j, o in enumerate(offsets):
+        cells = [f"{r['change'][j]:+6.2f}% [{r['lo'][j]:+.1f}, {r['hi'][j]:+.1f}]" for r in report["runs"].values()]
+        print(f"{o:>6} | {first['base_ppl'][j]:>10.2f} | " + " | ".join(f"{c:>24}" for c in cells))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report

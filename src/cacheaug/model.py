@@ -106,9 +106,15 @@ class CacheAugmentedLM(nn.Module):
         base.requires_grad_(False)
         base.eval()
         self.base = base
-        self.coprocessor = Coprocessor(base, self.config, self.family, init_scale=_calibrate)
+        self.coprocessor = self._build_trainable(_calibrate)
         self.enabled = True
         self.check_finite = check_finite
+
+    def _build_trainable(self, calibrate: bool) -> nn.Module:
+        if self.config.init == "lora-decoder":
+            raise ValueError("init='lora-decoder' is the LoRA-tuned-decoder control: build it with "
+                             "cacheaug.controls.LoraDecoderLM (or cacheaug.build_model).")
+        return Coprocessor(self.base, self.config, self.family, init_scale=calibrate)
 
     # ------------------------------------------------------------------ housekeeping
     def train(self, mode: bool = True) -> "CacheAugmentedLM":

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import fingerprint, load_trainable
 from .config import CoprocessorConfig
+from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
 from .model import CacheAugmentedLM
 
@@ -49,7 +50,8 @@ class TrainConfig:
     n_latents: int = _f(16, "N_L latent embeddings per insertion")
     n_ahead: int = _f(16, "N_A target tokens per insertion")
     n_traces: int = _f(16, "K insertion points per sequence")
-    init: Literal["copy", "lora", "scratch", "pause"] = _f("copy", "coprocessor init; 'pause' = pause-token control")
+    init: Literal["copy", "lora", "scratch", "pause", "lora-decoder"] = _f(
+        "copy", "coprocessor init; controls: 'pause' (pause tokens), 'lora-decoder' (LoRA-tuned decoder)")
     lora_rank: int = _f(64, "LoRA rank for init=lora")
     # data and batch
     seq_len: int = _f(1024, "T, tokens per packed training sequence")
@@ -256,7 +258,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     if base is None:
         dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         base, tokenizer = load_base_model(cfg.model, device=device, dtype=dtype, attn_implementation=cfg.attn_implementation)
-    model = CacheAugmentedLM(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
+    model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
     _master_fp32(model)
     if main_rank:
         (out_dir / RUN_CONFIG).write_text(json.dumps(
@@ -268,10 +270,11 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     if world > 1:
         dist.barrier()
         token_dir = build_token_files(tokenizer, list(cfg.data), cfg.heldout_pct)  # cached: only reads the key
-    data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, rank, world)
+    bos = tokenizer.bos_token_id
+    data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, rank, world, bos_id=bos)
     heldout_tokens = load_tokens(token_dir, "heldout")
-    n_eval = min(cfg.eval_sequences, len(heldout_tokens) // cfg.seq_len)
-    heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0) if n_eval else None
+    n_eval = min(cfg.eval_sequences, max(0, len(heldout_tokens) - 1) // cfg.seq_len)
+    heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0, bos_id=bos) if n_eval else None
     eval_seqs = torch.stack([heldout.sequence(i) for i in range(n_eval)]) if n_eval else None
 
     # --- optimizer -------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Controls that must be trained on the same data and budget as the coprocessor (shared/measurements.md).
+
+* pause tokens: ``CoprocessorConfig(init="pause")``, N_L context-free trainable embeddings through the same
+  insertion path as the latents (coprocessor.py);
+* a LoRA-tuned decoder: :class:`LoraDecoderLM` below. No latents: rank-r adapters on the decoder itself,
+  trained on the same target tokens (offsets 1..N_A after the same insertion points) with the same loss.
+  Its per-offset losses therefore compare one-to-one with the coprocessor's.
+
+The adapters live on a copy of the decoder's module tree whose parameters and buffers are the decoder's own
+tensors (no second copy of the weights); the decoder's modules are not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+import torch.nn as nn
+
+from .config import CoprocessorConfig
+from .model import CacheAugmentedLM, CacheAugmentedOutput
+
+
+class LoraDecoderLM(CacheAugmentedLM):
+    """The LoRA-tuned-decoder control with :class:`CacheAugmentedLM`'s interface (forward, generate, save).
+
+    ``self.coprocessor`` holds the adapted copy of the whole causal LM, so training, checkpoints and
+    evaluation code work unchanged. ``augment`` does not apply (there are no latents).
+    """
+
+    def _build_trainable(self, calibrate: bool) -> nn.Module:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        base = self.base
+        shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+        adapted = copy.deepcopy(base, shared)
+        # the decoder's linear layers by name (q_proj, ..., down_proj); the LM head is not among them
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in adapted.get_decoder().named_modules() if isinstance(m, nn.Linear)})
+        cfg = self.config
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
+                          target_modules=targets)
+        weight = base.get_input_embeddings().weight
+        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+            torch.manual_seed(cfg.init_seed)
+            adapted = inject_adapter_in_model(lora, adapted)
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(device=weight.device, dtype=weight.dtype)
+            p.requires_grad_("lora_" in name)
+        return adapted
+
+    def forward(self, input_ids, positions=None, *, return_base_losses: bool = False, generator=None):
+        ids = self._check_ids(input_ids, "input_ids")
+        B, T = ids.shape
+        N_A = self.config.n_ahead
+        positions = self._positions(positions, B, T, generator)  # [B, K]
+        K = positions.shape[1]
+        offsets = torch.arange(1, N_A + 1, device=ids.device)
+        rows = (positions[:, :, None] + offsets - 1).view(B, -1)  # token p+o-1 predicts p+o
+        targets = ids.gather(1, rows + 1).view(B, K, N_A)
+
+        def losses_of(decoder) -> torch.Tensor:
+            h = decoder(input_ids=ids).last_hidden_state  # [B, T, D]
+            D = h.shape[-1]
+            return self._token_losses(h.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D), targets)
+
+        token_losses = losses_of(self.coprocessor.get_decoder())
+        loss = token_losses.mean()
+        if self.check_finite and not torch.isfinite(loss):
+            raise FloatingPointError(f"Non-finite training loss ({loss.item()}).")
+        base_losses = None
+        if return_base_losses:
+            with torch.no_grad():
+                base_losses = losses_of(self.base.get_decoder())
+        return CacheAugmentedOutput(loss, token_losses, positions, None, base_losses)
+
+    def augment(self, prompt_ids, past_key_values=None):
+        raise TypeError("The LoRA-decoder control inserts no latents; use generate() or forward().")
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens: int = 32, *, augment: bool = True, **kwargs):
+        """With ``augment=True`` the adapted decoder generates; with ``augment=False`` the frozen one."""
+        ids = self._check_ids(prompt_ids, "prompt_ids")
+        model = self.coprocessor if augment and self.enabled else self.base
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "generator"}
+        return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=kwargs.pop("do_sample", False), **kwargs)
+
+
+def build_model(base: nn.Module, config: CoprocessorConfig, **kwargs) -> CacheAugmentedLM:
+    """The right wrapper for ``config.init``: the LoRA-decoder control, or a coprocessor (incl. pause tokens)."""
+    cls = LoraDecoderLM if config.init == "lora-decoder" else CacheAugmentedLM
+    return cls(base, config, **kwargs)

@@ -1,0 +1,97 @@
+"""The controls: pause tokens share the coprocessor's path; the LoRA-tuned decoder has its own."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig, LoraDecoderLM, build_model
+from cacheaug.testing import perturb_trainable, tiny_model
+
+CFG = CoprocessorConfig(n_latents=2, n_ahead=4, n_traces=3, init="lora-decoder", lora_rank=4)
+
+
+def _ids(seed=0):
+    return torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def test_lora_decoder_starts_as_the_base_and_trains_only_adapters():
+    base = tiny_model("qwen3")
+    before = {n: t.clone() for n, t in base.state_dict().items()}
+    model = build_model(base, CFG)
+    assert isinstance(model, LoraDecoderLM)
+    out = model(_ids(), return_base_losses=True)
+    assert torch.equal(out.token_losses, out.base_token_losses)  # LoRA B = 0 at init
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for step in range(3):
+        opt.zero_grad()
+        model(_ids(step)).loss.backward()
+        assert all(p.grad is None for p in base.parameters())
+        opt.step()
+    assert all(torch.equal(t, before[n]) for n, t in base.state_dict().items())
+    assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear
+    after = model(_ids(), return_base_losses=True)
+    assert not torch.equal(after.token_losses, after.base_token_losses)
+
+
+def test_lora_decoder_losses_are_its_own_next_token_losses():
+    model = build_model(tiny_model("llama"), CFG)
+    perturb_trainable(model, scale=0.5)
+    ids = _ids(1)
+    out = model(ids, positions=torch.tensor([[0, 9, 19], [3, 4, 12]]))
+    logits = model.coprocessor(input_ids=ids).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+    for b in range(2):
+        for k, p in enumerate(out.positions[b].tolist()):
+            assert torch.allclose(out.token_losses[b, k], nll[b, p : p + 4], atol=1e-5)
+
+
+def test_lora_decoder_checkpoint_round_trip(tmp_path):
+    base = tiny_model("gemma3")
+    model = build_model(base, CFG)
+    perturb_trainable(model, scale=0.5)
+    model.save_pretrained(tmp_path)
+    loaded = CacheAugmentedLM.from_pretrained(tmp_path, base=base)
+    assert isinstance(loaded, LoraDecoderLM)
+    ids, pos = _ids(2), torch.tensor([2, 10, 15])
+    assert torch.equal(loaded(ids, positions=pos).token_losses, model(ids, positions=pos).token_losses)
+    prompt = ids[:1, :6]
+    assert torch.equal(loaded.generate(prompt, 5, augment=False), base.generate(prompt, max_new_tokens=5, do_sample=False))
+
+
+def test_pause_tokens_go_through_the_coprocessor_path():
+    model = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=2, n_ahead=4, init="pause"))
+    assert [n for n, _ in model.coprocessor.named_parameters()] == ["soft_tokens", "latent_scale"]
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
+    from cacheaug.evaluate import bootstrap_rel_change
+
+    g = torch.Generator().manual_seed(0)
+    base = 3.0 * 10 + torch.randn(40, 4, generator=g)  # 40 sequences x 10 points, 4 offsets
+    aug = base - 10 * torch.tensor([0.1, 0.05, 0.0, -0.02]) + 0.3 * torch.randn(40, 4, generator=g)
+    a = bootstrap_rel_change(aug.double(), base.double(), points=10, n_boot=500, seed=1)
+    b = bootstrap_rel_change(aug.double(), base.double(), points=10, n_boot=500, seed=1)
+    assert a == b
+    for c, lo, hi in zip(a["change"], a["lo"], a["hi"]):
+        assert lo <= c <= hi and hi - lo < 5
+    assert a["change"][0] < -8 and a["change"][3] > 0  # exp(-0.1)-1 = -9.5%, exp(0.02)-1 = +2%
+
+
+def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
+    from cacheaug.evaluate import evaluate_ppl
+    from cacheaug.testing import tiny_corpus, tiny_tokenizer
+
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=80))
+    base = tiny_model("gemma3")
+    for init in ("copy", "pause"):
+        m = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3, init=init))
+        perturb_trainable(m)
+        m.save_pretrained(tmp_path / init)
+    rep = evaluate_ppl([str(tmp_path / "copy"), str(tmp_path / "pause")], data=(str(tmp_path / "corpus"),),
+                       heldout_pct=30.0, seq_len=32, sequences=4, stride=4, offsets=(1, 2, 4), n_boot=50,
+                       base=base, tokenizer=tok, out=str(tmp_path / "r.json"))
+    runs = list(rep["runs"].values())
+    assert [r["init"] for r in runs] == ["copy", "pause"] and all(len(r["change"]) == 3 for r in runs)
+    assert runs[0]["base_ppl"] == runs[1]["base_ppl"]  # same frozen reference tokens
+    assert (tmp_path / "r.json").is_file()
