@@ -100,6 +100,28 @@ def _eval_ppl(args: argparse.Namespace) -> None:
                  n_boot=args.bootstrap, device=args.device, out=args.out)
 
 
+def _eval_tasks(args: argparse.Namespace) -> None:
+    from .tasks import write_tasks
+
+    print(write_tasks(Path(args.out) if args.out else None, args.tasks))
+
+
+def _eval_harness(args: argparse.Namespace) -> None:
+    """lm-eval's own CLI with the `cacheaug` model registered and our task folder on the include path."""
+    import lm_eval.__main__
+
+    from . import lm_eval_model  # noqa: F401  (registers --model cacheaug)
+    from .tasks import write_tasks
+
+    argv = list(args.lm_eval_args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if "--include_path" not in argv:
+        argv += ["--include_path", str(write_tasks())]
+    sys.argv = ["lm_eval", *argv]
+    lm_eval.__main__.cli_evaluate()
+
+
 def _data_prepare(args: argparse.Namespace) -> None:
     from .data import prepare_default
 
@@ -143,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--out", default=None, help="write the report as JSON here")
     ppl.set_defaults(func=_eval_ppl)
+
+    tasks = ev_sub.add_parser("tasks", help="write lm-eval task YAMLs over the local benchmark files; print the folder")
+    tasks.add_argument("--out", default=None, help="folder (default: $CACHEAUG_HOME/lm_eval_tasks)")
+    tasks.add_argument("--tasks", nargs="+", default=None, help="subset of tasks (default: all)")
+    tasks.set_defaults(func=_eval_tasks)
+
+    harness = ev_sub.add_parser(
+        "harness", help="run lm_eval with `--model cacheaug` available, e.g. cacheaug eval harness --model cacheaug "
+        "--model_args pretrained=gemma-3-270m,coprocessor=ckpt/ --tasks cacheaug_arc_easy")
+    harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
+    harness.set_defaults(func=_eval_harness)
 
     quick = sub.add_parser("quickstart", help="the main job on the default model and corpus (CPU: ~12 min)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -52,6 +52,13 @@ class Family:
         return tuple(sorted(set(self.layer_types)))
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword under which ``model``'s backbone takes a Cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier 5.x)."""
+    params = inspect.signature(model.get_decoder().forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def resolve_family(model: nn.Module) -> Family:
     """Inspect a causal LM and return its :class:`Family`, refusing what cacheaug cannot run exactly."""
     config = model.config
@@ -93,8 +100,6 @@ def resolve_family(model: nn.Module) -> Family:
             "sdpa silently drops, so its outputs would not be the model's. Load it with "
             "attn_implementation='flex_attention' (GPU) or 'eager'."
         )
-    decoder = model.get_decoder()
-    params = inspect.signature(decoder.forward).parameters
     return Family(
         model_type=model_type,
         layer_types=layer_types,
@@ -102,6 +107,6 @@ def resolve_family(model: nn.Module) -> Family:
         dict_masks=_DICT_MASKS[model_type],
         attn_implementation=attn,
         final_logit_softcap=getattr(config, "final_logit_softcapping", None),
-        cache_kwarg="cache" if "cache" in params else "past_key_values",
+        cache_kwarg=cache_kwarg(model),
         max_positions=getattr(config, "max_position_embeddings", None),
     )

