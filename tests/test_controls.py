@@ -95,3 +95,26 @@ def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
     assert [r["init"] for r in runs] == ["copy", "pause"] and all(len(r["change"]) == 3 for r in runs)
     assert runs[0]["base_ppl"] == runs[1]["base_ppl"]  # same frozen reference tokens
     assert (tmp_path / "r.json").is_file()
+
+
+def test_staleness_study_zero_delay_matches_the_training_pass(tmp_path, monkeypatch):
+    from cacheaug.evaluate import evaluate_staleness, staleness_sums
+    from cacheaug.testing import tiny_corpus, tiny_tokenizer
+
+    model = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=2, n_ahead=3))
+    perturb_trainable(model)
+    seqs = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    sums, frozen, n = staleness_sums(model, seqs, [0, 4], n_points=3, n_ahead=3)
+    positions = torch.linspace(max(40 // 8, 4), 40 - 1 - 3, 3).long()
+    out = model(seqs, positions=positions, return_base_losses=True)
+    assert torch.allclose(sums[0], out.token_losses.double().sum(1), atol=1e-4)
+    assert torch.allclose(frozen, out.base_token_losses.double().sum(1), atol=1e-4)
+    assert not torch.allclose(sums[4], sums[0])
+
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=80))
+    model.save_pretrained(tmp_path / "ckpt")
+    rep = evaluate_staleness(str(tmp_path / "ckpt"), delays=(0, 2), offsets=(1, 2), sequences=2, points=2, seq_len=32,
+                             data=(str(tmp_path / "corpus"),), heldout_pct=30.0, n_boot=20, base=model.base,
+                             tokenizer=tok)
+    assert set(rep["by_delay"]) == {"0", "2"} and len(rep["by_delay"]["2"]["change"]) == 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-lm_eval = pytest.importorskip("lm_eval")  # installed by scripts/setup.sh; an optional extra for users
+import lm_eval  # noqa: E402,F401  (installed by scripts/setup.sh: the `eval` extra)
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model  # noqa: E402
 from cacheaug.lm_eval_model import CacheAugEvalLM  # noqa: E402

@@ -169,3 +169,18 @@ def test_pause_control_is_context_free():
     assert torch.equal(a, b)
     copro = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=3, n_ahead=4))
     assert not torch.equal(copro.augment(_ids(b=1, t=8, seed=0)).latents, copro.augment(_ids(b=1, t=13, seed=1)).latents)
+
+
+def test_stale_latents_are_those_of_the_shorter_prefix_inserted_later():
+    model = CacheAugmentedLM(tiny_model("gemma3"), CFG)
+    perturb_trainable(model)
+    prompt = _ids(b=2, t=14)
+    stale = model.augment(prompt, stale_by=4)
+    assert torch.allclose(stale.latents, model.augment(prompt[:, :10]).latents, atol=1e-6)
+    assert stale.cache.get_seq_length() == 14 + 3  # inserted after the whole prompt
+    fresh = model.augment(prompt)
+    assert torch.equal(model.augment(prompt, stale_by=0).logits, fresh.logits)
+    assert not torch.allclose(stale.logits, fresh.logits)
+    for bad in (-1, 14, 2.0):
+        with pytest.raises(ValueError, match="stale_by"):
+            model.augment(prompt, stale_by=bad)

@@ -100,6 +100,19 @@ def _eval_ppl(args: argparse.Namespace) -> None:
                  n_boot=args.bootstrap, device=args.device, out=args.out)
 
 
+def _eval_stale(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_staleness
+
+    if not (Path(args.checkpoint) / "coprocessor_config.json").is_file():
+        raise SystemExit(f"cacheaug: {args.checkpoint} is not a coprocessor checkpoint (no coprocessor_config.json)")
+    if min(args.delays) < 0 or min(args.offsets) < 1:
+        raise SystemExit("cacheaug: --delays must be >= 0 and --offsets >= 1")
+    evaluate_staleness(args.checkpoint, delays=tuple(args.delays), offsets=tuple(args.offsets),
+                       sequences=args.sequences, points=args.points, seq_len=args.seq_len, model_name=args.model,
+                       data=tuple(args.data), heldout_pct=args.heldout_pct, n_boot=args.bootstrap,
+                       device=args.device, out=args.out)
+
+
 def _eval_tasks(args: argparse.Namespace) -> None:
     from .tasks import write_tasks
 
@@ -165,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--out", default=None, help="write the report as JSON here")
     ppl.set_defaults(func=_eval_ppl)
+
+    stale = ev_sub.add_parser("stale", help="staleness study: latents computed at p, inserted d tokens later",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    stale.add_argument("--checkpoint", required=True, help="a coprocessor checkpoint folder")
+    stale.add_argument("--delays", type=int, nargs="+", default=[0, 4, 16, 64], help="staleness d in tokens")
+    stale.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    stale.add_argument("--sequences", type=int, default=16)
+    stale.add_argument("--points", type=int, default=16, help="insertion points per sequence")
+    stale.add_argument("--seq-len", type=int, default=1024)
+    stale.add_argument("--model", default="gemma-3-270m")
+    stale.add_argument("--data", nargs="+", default=["default"])
+    stale.add_argument("--heldout-pct", type=float, default=1.0)
+    stale.add_argument("--bootstrap", type=int, default=1000)
+    stale.add_argument("--device", default=None)
+    stale.add_argument("--out", default=None)
+    stale.set_defaults(func=_eval_stale)
 
     tasks = ev_sub.add_parser("tasks", help="write lm-eval task YAMLs over the local benchmark files; print the folder")
     tasks.add_argument("--out", default=None, help="folder (default: $CACHEAUG_HOME/lm_eval_tasks)")

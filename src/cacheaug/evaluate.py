@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .model import CacheAugmentedLM
 
@@ -78,6 +79,17 @@ def bootstrap_rel_change(aug: torch.Tensor, base: torch.Tensor, points: int, n_b
     }
 
 
+def heldout_sequences(tokenizer, data, heldout_pct: float, seq_len: int, n: int) -> torch.Tensor:
+    """The first ``n`` held-out sequences ``[n, T]`` of ``data`` (the same split training held out)."""
+    from .data import PackedSequences, build_token_files, load_tokens
+
+    token_dir = build_token_files(tokenizer, list(data), heldout_pct)
+    held = PackedSequences(load_tokens(token_dir, "heldout"), seq_len, seed=0, bos_id=tokenizer.bos_token_id)
+    if len(held) == 0:
+        raise ValueError(f"The held-out split has fewer than {seq_len} tokens: raise --heldout-pct or lower --seq-len.")
+    return torch.stack([held.sequence(i) for i in range(min(n, len(held)))])
+
+
 def evaluate_ppl(
     checkpoints: list[str],
     *,
@@ -101,15 +113,10 @@ def evaluate_ppl(
     from pathlib import Path
 
     from .base import load_base_model
-    from .data import PackedSequences, build_token_files, load_tokens
 
     if base is None:
         base, tokenizer = load_base_model(model_name, device=device)
-    token_dir = build_token_files(tokenizer, list(data), heldout_pct)
-    held = PackedSequences(load_tokens(token_dir, "heldout"), seq_len, seed=0, bos_id=tokenizer.bos_token_id)
-    if len(held) == 0:
-        raise ValueError(f"The held-out split has fewer than {seq_len} tokens: raise --heldout-pct or lower --seq-len.")
-    seqs = torch.stack([held.sequence(i) for i in range(min(sequences, len(held)))])
+    seqs = heldout_sequences(tokenizer, data, heldout_pct, seq_len, sequences)
     n_ahead = max(offsets)
     report = {"model": model_name, "data": list(data), "seq_len": seq_len, "sequences": len(seqs), "stride": stride,
               "offsets": list(offsets), "n_boot": n_boot, "runs": {}}
@@ -129,6 +136,69 @@ def evaluate_ppl(
     for j, o in enumerate(offsets):
         cells = [f"{r['change'][j]:+6.2f}% [{r['lo'][j]:+.1f}, {r['hi'][j]:+.1f}]" for r in report["runs"].values()]
         print(f"{o:>6} | {first['base_ppl'][j]:>10.2f} | " + " | ".join(f"{c:>24}" for c in cells))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ staleness
+@torch.no_grad()
+def continuation_losses(model: CacheAugmentedLM, ids: torch.Tensor, p: int, n_ahead: int, stale_by: int = 0):
+    """Losses ``[n_ahead]`` (float32) of tokens p+1..p+n_ahead of ``ids`` ``[1, T]`` after augmenting at p with
+    latents computed ``stale_by`` tokens earlier, through ``augment`` and plain decoding by the frozen model."""
+    aug = model.augment(ids[:, : p + 1], stale_by=stale_by)
+    logits = [aug.logits]
+    if n_ahead > 1:
+        logits.append(model.base(input_ids=ids[:, p + 1 : p + n_ahead], **model._decoder_kwargs(aug.cache)).logits[0])
+    return F.cross_entropy(torch.cat(logits).float(), ids[0, p + 1 : p + n_ahead + 1], reduction="none")
+
+
+@torch.no_grad()
+def staleness_sums(model: CacheAugmentedLM, seqs: torch.Tensor, delays: list[int], n_points: int, n_ahead: int):
+    """Per-sequence loss sums ``{d: [N, n_ahead]}`` with latents d tokens stale, and the frozen sums ``[N, n_ahead]``.
+
+    The insertion points are the same for every delay (from max(T/8, max delay) on), so the frozen reference is
+    shared and the delays compare like for like."""
+    T = seqs.shape[1]
+    positions = torch.linspace(max(T // 8, max(delays)), T - 1 - n_ahead, n_points).long().tolist()
+    out = {d: torch.zeros(len(seqs), n_ahead, dtype=torch.float64) for d in delays}
+    frozen = torch.zeros(len(seqs), n_ahead, dtype=torch.float64)
+    with autocast_for(model):
+        for i, seq in enumerate(seqs):
+            ids = seq[None].to(model.device)
+            logits = model.base(input_ids=ids).logits[0].float()
+            nll = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
+            for p in positions:
+                frozen[i] += nll[p : p + n_ahead].double().cpu()
+                for d in delays:
+                    out[d][i] += continuation_losses(model, ids, p, n_ahead, d).double().cpu()
+    return out, frozen, len(positions)
+
+
+def evaluate_staleness(checkpoint: str, *, delays=(0, 4, 16, 64), offsets=(1, 2, 4, 8, 16), sequences: int = 16,
+                       points: int = 16, seq_len: int = 1024, model_name: str = "gemma-3-270m", data=("default",),
+                       heldout_pct: float = 1.0, n_boot: int = 1000, device=None, out=None, base=None, tokenizer=None):
+    """`cacheaug eval stale`: how much of the gain survives when latents computed at p are inserted d tokens later."""
+    import json
+    from pathlib import Path
+
+    from .base import load_base_model
+
+    if base is None:
+        base, tokenizer = load_base_model(model_name, device=device)
+    seqs = heldout_sequences(tokenizer, data, heldout_pct, seq_len, sequences)
+    model = CacheAugmentedLM.from_pretrained(checkpoint, base=base)
+    sums, frozen, n_points = staleness_sums(model, seqs, list(delays), points, max(offsets))
+    report = {"checkpoint": str(checkpoint), "delays": list(delays), "offsets": list(offsets), "sequences": len(seqs),
+              "points_per_sequence": n_points, "seq_len": seq_len, "by_delay": {}}
+    for d in delays:
+        stats = bootstrap_rel_change(sums[d], frozen, n_points, n_boot)
+        report["by_delay"][str(d)] = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}
+    print(f"\nPerplexity change vs frozen when the latents are d tokens stale ({len(seqs)} x {n_points} points):")
+    print(f"{'offset':>6} | " + " | ".join(f"{'d=' + str(d):>22}" for d in delays))
+    for j, o in enumerate(offsets):
+        cells = [f"{r['change'][j]:+6.2f}% [{r['lo'][j]:+.1f}, {r['hi'][j]:+.1f}]" for r in report["by_delay"].values()]
+        print(f"{o:>6} | " + " | ".join(f"{c:>22}" for c in cells))
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -89,7 +89,7 @@ class CacheAugEvalLM(TemplateLM):
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         by_context: dict[tuple, list[int]] = {}
-        for i, (_, ctx, cont) in enumerate(requests):
+        for i, (_, ctx, _cont) in enumerate(requests):
             by_context.setdefault(tuple(ctx), []).append(i)
         results: list = [None] * len(requests)
         scorer = self._scorer()

@@ -331,13 +331,31 @@ class CacheAugmentedLM(nn.Module):
         return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
 
     @torch.no_grad()
-    def augment(self, prompt_ids: torch.Tensor, past_key_values=None) -> AugmentOutput:
+    def compute_latents(self, cache: DynamicCache, length: int | None = None) -> torch.Tensor:
+        """The coprocessor's latents ``[B, N_L, D]`` for the first ``length`` positions of a decoder ``cache``
+        (all of them by default). The cache is only read; latents can be computed ahead or on another worker
+        and inserted later with :meth:`insert_latents`."""
+        prefix_kv = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
+        return self.coprocessor(prefix_kv, prefix_kv[0][0].shape[0])  # default positions: length.. length+N_L-1
+
+    @torch.no_grad()
+    def insert_latents(self, cache: DynamicCache, latents: torch.Tensor) -> torch.Tensor:
+        """Append ``latents`` to ``cache`` through the frozen decoder; returns the next-token logits ``[B, V]``."""
+        dtype = self.base.get_input_embeddings().weight.dtype
+        out = self.base(inputs_embeds=latents.to(dtype), logits_to_keep=1, **self._decoder_kwargs(cache))
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def augment(self, prompt_ids: torch.Tensor, past_key_values=None, *, stale_by: int = 0) -> AugmentOutput:
         """Run the coprocessor once at the end of ``prompt_ids`` ``[B, P]`` and insert its latents.
 
         Args:
             prompt_ids: the prompt (no padding; equal lengths across the batch).
             past_key_values: optionally the decoder's cache of exactly this prompt (e.g. stored offline);
                 it is not modified.
+            stale_by: compute the latents from the first P - stale_by tokens only, as if they had been
+                computed that many tokens earlier and arrived late (the staleness study; asynchronous serving).
+                They are still inserted after the whole prompt.
 
         Returns an :class:`AugmentOutput` whose ``cache`` (prompt + latents) the unmodified base model can
         decode from with its default positions.
@@ -345,17 +363,17 @@ class CacheAugmentedLM(nn.Module):
         ids = self._check_ids(prompt_ids, "prompt_ids")
         self._check_dtypes()
         B, P = ids.shape
+        if not isinstance(stale_by, int) or not 0 <= stale_by < P:
+            raise ValueError(f"`stale_by` must be an integer in [0, {P - 1}] for a prompt of {P} tokens, got {stale_by!r}.")
         self._check_context(P - 1 + self.config.n_latents, f"A prompt of {P} tokens with {self.config.n_latents} latents")
         if past_key_values is None:
             cache = DynamicCache()
             self.base.get_decoder()(input_ids=ids, **self._decoder_kwargs(cache))
         else:
             cache = self._check_cache(past_key_values, P, B)
-        prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        latents = self.coprocessor(prefix_kv, B)  # [B, N_L, D] at default positions P..P+N_L-1
-        dtype = self.base.get_input_embeddings().weight.dtype
-        out = self.base(inputs_embeds=latents.to(dtype), logits_to_keep=1, **self._decoder_kwargs(cache))
-        return AugmentOutput(cache=cache, logits=out.logits[:, -1], latents=latents, prompt_length=P)
+        latents = self.compute_latents(cache, P - stale_by)  # [B, N_L, D]
+        logits = self.insert_latents(cache, latents)  # latents at positions P..P+N_L-1
+        return AugmentOutput(cache=cache, logits=logits, latents=latents, prompt_length=P)
 
     @torch.no_grad()
     def generate(
@@ -397,7 +415,7 @@ class CacheAugmentedLM(nn.Module):
         try:
             aug = self.augment(ids)
         except Exception as err:  # the decoder must keep working when the coprocessor fails
-            warnings.warn(f"Coprocessor failed ({type(err).__name__}: {err}); decoding without augmentation.")
+            warnings.warn(f"Coprocessor failed ({type(err).__name__}: {err}); decoding without augmentation.", stacklevel=2)
             return self.base.generate(ids, **hf_kwargs)
 
         eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=ids.device)

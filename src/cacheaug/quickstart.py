@@ -18,7 +18,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
 from .base import load_base_model
 from .data import prepare_default

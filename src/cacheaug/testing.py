@@ -7,7 +7,6 @@ The slow path is what the training pass must equal: run :meth:`CacheAugmentedLM.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 FAMILIES = ("gemma3", "gemma2", "llama", "mistral", "qwen2", "qwen3")
 WINDOW = 8  # small, so that traces cross the sliding window in 40-token tests
@@ -71,16 +70,12 @@ def perturb_trainable(model, scale: float = 0.05, seed: int = 1) -> None:
             p.add_(scale * p.detach().abs().mean().clamp_min(1e-2) * torch.randn(p.shape, generator=g).to(p))
 
 
-@torch.no_grad()
 def reference_losses(model, ids: torch.Tensor, p: int) -> torch.Tensor:
-    """Per-offset losses ``[N_A]`` (float32) of trace p for one sequence ``ids`` ``[1, T]``: augment + plain decoding."""
-    n_ahead = model.config.n_ahead
-    aug = model.augment(ids[:, : p + 1])
-    losses = [F.cross_entropy(aug.logits.float(), ids[:, p + 1])]
-    if n_ahead > 1:
-        logits = model.base(input_ids=ids[:, p + 1 : p + n_ahead], **{model.family.cache_kwarg: aug.cache}).logits
-        losses.extend(F.cross_entropy(logits[0].float(), ids[0, p + 2 : p + n_ahead + 1], reduction="none"))
-    return torch.stack(losses)
+    """Per-offset losses ``[N_A]`` (float32) of trace p for one sequence ``ids`` ``[1, T]``: ``augment`` on
+    ``ids[:, :p+1]``, then plain decoding of the ahead tokens by the unmodified base model."""
+    from .evaluate import continuation_losses
+
+    return continuation_losses(model, ids, p, model.config.n_ahead)
 
 
 def trace_errors(model, ids: torch.Tensor, positions: torch.Tensor):
