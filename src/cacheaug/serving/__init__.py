@@ -1,0 +1,6 @@
+"""Serving: an engine that never makes the decoder wait, a store of augmented prefixes, an HTTP server."""
+
+from .engine import Engine, Step
+from .store import CacheStore
+
+__all__ = ["CacheStore", "Engine", "Step"]

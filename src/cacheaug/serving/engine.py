@@ -1,0 +1,217 @@
+"""Serving engine: the decoder never waits for the coprocessor longer than the request allows.
+
+Policies per request:
+  ``off``    plain decoding by the frozen model;
+  ``sync``   augment the prompt, then decode (the paper's benchmark setting); if the coprocessor fails or misses
+             the deadline, decode unaugmented;
+  ``async``  start decoding at once while the coprocessor works on the prompt on its own worker; when the latents
+             are ready they are inserted at the next token boundary (stale by the tokens decoded meanwhile: the
+             staleness study measures what that costs); after the deadline, or on failure, never.
+
+Offline augmentation: :meth:`Engine.augment_prefix` stores the augmented cache of a shared prefix (a document,
+a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later request that starts with that prefix
+continues from it without running the coprocessor.
+
+The coprocessor runs on a single worker thread (its own CUDA stream on a GPU). A call that overruns the hard
+timeout is abandoned and the worker replaced, so a hung coprocessor cannot block later requests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from ..model import CacheAugmentedLM
+from .store import CacheStore
+
+Policy = Literal["off", "sync", "async"]
+
+
+@dataclass
+class Stats:
+    """Counters exported by the server's /metrics."""
+
+    requests: int = 0
+    augmented: int = 0
+    late: int = 0
+    failed: int = 0
+    fallbacks: int = 0
+    store_hits: int = 0
+    worker_restarts: int = 0
+    by_policy: dict = field(default_factory=lambda: {"off": 0, "sync": 0, "async": 0})
+
+
+@dataclass
+class Step:
+    """One decoded token of a request, and what happened to the augmentation so far."""
+
+    token: int
+    augmented: bool  # latents are in the cache (inserted before this token was chosen)
+    inserted_after: int | None  # tokens decoded before the latents went in (0 = before the first token)
+
+
+class Engine:
+    """Decoding with optional, never-blocking cache augmentation.
+
+    Args:
+        model: a :class:`CacheAugmentedLM` (its ``base`` decodes; its coprocessor augments).
+        store: where offline-augmented prefixes live (default: in memory only, 1 GiB).
+        default_deadline_s: how long a request waits for its latents at most (sync) / accepts them (async).
+        hard_timeout_s: a coprocessor call running longer is abandoned and the worker replaced.
+        async_grace_s: how long an async request's first token may wait for the latents (0: never waits).
+    """
+
+    def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
+                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0):
+        self.model = model
+        self.base = model.base
+        self.store = store if store is not None else CacheStore(max_bytes=1 << 30)  # an empty store is falsy
+        self.default_deadline_s = default_deadline_s
+        self.hard_timeout_s = hard_timeout_s
+        self.async_grace_s = async_grace_s
+        self.stats = Stats()
+        self.lock = threading.Lock()  # one decoder step at a time on the device
+        self._worker = self._new_worker()
+        self._worker_lock = threading.Lock()
+        self._stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
+
+    # -------------------------------------------------------------------------------------------- worker
+    def _new_worker(self) -> cf.ThreadPoolExecutor:
+        return cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cacheaug-coprocessor")
+
+    def _latents_job(self, cache_kv, length: int) -> torch.Tensor:
+        cache = DynamicCache(ddp_cache_data=cache_kv)
+        if self._stream is None:
+            return self.model.compute_latents(cache, length)
+        with torch.cuda.stream(self._stream):
+            latents = self.model.compute_latents(cache, length)
+        self._stream.synchronize()
+        return latents
+
+    def submit_latents(self, cache: DynamicCache, length: int) -> cf.Future:
+        """Start the coprocessor on the first ``length`` positions of ``cache`` (a snapshot: decoding goes on)."""
+        kv = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
+        with self._worker_lock:
+            future = self._worker.submit(self._latents_job, kv, length)
+        future.started_at = time.monotonic()
+        return future
+
+    def _abandon_if_hung(self, future: cf.Future) -> None:
+        if not future.done() and time.monotonic() - future.started_at > self.hard_timeout_s:
+            with self._worker_lock:
+                self._worker.shutdown(wait=False, cancel_futures=True)
+                self._worker = self._new_worker()
+            self.stats.worker_restarts += 1
+            warnings.warn("cacheaug: a coprocessor call overran the hard timeout; its worker was replaced.", stacklevel=2)
+
+    # -------------------------------------------------------------------------------------------- decoding
+    def _forward(self, cache: DynamicCache, ids: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            out = self.base(input_ids=ids, logits_to_keep=1, **self.model._decoder_kwargs(cache))
+        return out.logits[:, -1]
+
+    def _insert(self, cache: DynamicCache, latents: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            return self.model.insert_latents(cache, latents)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+        return int(CacheAugmentedLM._next_token(logits, temperature > 0, temperature, None, top_p, generator)[0])
+
+    def prefill(self, prompt: list[int]) -> tuple[DynamicCache, torch.Tensor, bool]:
+        """Cache and next-token logits for ``prompt``, starting from the longest stored augmented prefix."""
+        ids = torch.tensor([prompt], device=self.model.device)
+        hit = self.store.longest_prefix(prompt)
+        if hit is not None:
+            self.stats.store_hits += 1
+            cache, logits, n = self.store.load(hit, self.model.device)
+            rest = ids[:, n:]
+            if rest.shape[1]:
+                logits = self._forward(cache, rest)
+            return cache, logits, True
+        cache = DynamicCache()
+        return cache, self._forward(cache, ids), False
+
+    @torch.no_grad()
+    def stream(self, prompt: list[int], max_new_tokens: int, *, policy: Policy = "sync", deadline_s: float | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+               seed: int | None = None) -> Iterator[Step]:
+        """Decode up to ``max_new_tokens`` after ``prompt`` (token ids), yielding :class:`Step` per token."""
+        if policy not in ("off", "sync", "async"):
+            raise ValueError(f"policy must be 'off', 'sync' or 'async', got {policy!r}")
+        self.stats.requests += 1
+        self.stats.by_policy[policy] += 1
+        start = time.monotonic()
+        deadline = start + (self.default_deadline_s if deadline_s is None else deadline_s)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache, logits, from_store = self.prefill(prompt)
+        augmented = from_store
+        inserted_after = 0 if from_store else None
+        future = None
+        if policy != "off" and self.model.enabled and not from_store:
+            future = self.submit_latents(cache, len(prompt))
+            wait = deadline - time.monotonic() if policy == "sync" else min(self.async_grace_s, deadline - time.monotonic())
+            logits, augmented, future = self._try_insert(future, cache, logits, max(0.0, wait))
+            if augmented:
+                inserted_after = 0
+        for n in range(max_new_tokens):
+            if future is not None and policy == "async":
+                if time.monotonic() > deadline:
+                    self.stats.late += 1
+                    self.stats.fallbacks += 1
+                    future = None
+                elif future.done():
+                    logits, augmented, future = self._try_insert(future, cache, logits, 0.0)
+                    if augmented:
+                        inserted_after = n
+            token = self._choose(logits, temperature, top_p, generator)
+            yield Step(token, augmented, inserted_after)
+            if token in stop_ids or n == max_new_tokens - 1:
+                break
+            logits = self._forward(cache, torch.tensor([[token]], device=self.model.device))
+        if future is not None:  # never arrived in time
+            self.stats.late += 1
+            self.stats.fallbacks += 1
+            self._abandon_if_hung(future)
+
+    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float):
+        """Insert the latents if ``future`` delivers within ``wait_s``; returns (logits, augmented, pending future)."""
+        try:
+            latents = future.result(timeout=wait_s)
+        except cf.TimeoutError:
+            return logits, False, future  # still pending
+        except Exception as err:  # the coprocessor failed: decode unaugmented
+            self.stats.failed += 1
+            self.stats.fallbacks += 1
+            warnings.warn(f"cacheaug: coprocessor failed ({type(err).__name__}: {err}); decoding without it.",
+                          stacklevel=3)
+            return logits, False, None
+        self.stats.augmented += 1
+        return self._insert(cache, latents), True, None
+
+    def generate(self, prompt: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], dict]:
+        """All tokens of :meth:`stream` at once, and a summary of the augmentation."""
+        steps = list(self.stream(prompt, max_new_tokens, **kwargs))
+        info = {"augmented": bool(steps and steps[-1].augmented),
+                "inserted_after": steps[-1].inserted_after if steps else None}
+        return [s.token for s in steps], info
+
+    # -------------------------------------------------------------------------------------------- offline
+    @torch.no_grad()
+    def augment_prefix(self, prefix: list[int]) -> str:
+        """Augment ``prefix`` now (synchronously), store the augmented cache, and return its id."""
+        ids = torch.tensor([prefix], device=self.model.device)
+        with self.lock:
+            aug = self.model.augment(ids)
+        return self.store.put(prefix, aug.cache, aug.logits)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,105 @@
+"""Store of augmented caches for shared prefixes: in-memory LRU under a byte budget, written through to disk.
+
+An entry is the decoder cache of a prefix followed by its latents, plus the next-token logits after them,
+keyed by a hash of (model fingerprint, prefix token ids). With a directory every entry is also written there
+as safetensors (atomically), so nothing stored is lost on restart; the memory budget only decides what stays
+resident. Without a directory, entries evicted from memory are gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import DynamicCache
+
+
+class CacheStore:
+    def __init__(self, max_bytes: int = 1 << 30, directory: str | Path | None = None, fingerprint: str = ""):
+        self.max_bytes = max_bytes
+        self.directory = Path(directory) if directory else None
+        self.fingerprint = fingerprint
+        self._mem: OrderedDict[str, tuple[dict, int, int]] = OrderedDict()  # id -> (tensors, n_tokens, bytes)
+        self._index: dict[str, int] = {}  # every known id -> prefix length
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.evictions = 0
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for path in self.directory.glob("*.safetensors"):
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                if meta.get("fingerprint") == fingerprint and "n_tokens" in meta:
+                    self._index[path.stem] = int(meta["n_tokens"])
+
+    def key(self, tokens: list[int]) -> str:
+        blob = f"{self.fingerprint}:{','.join(map(str, tokens))}".encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def __contains__(self, cache_id: str) -> bool:
+        return cache_id in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def put(self, tokens: list[int], cache: DynamicCache, logits: torch.Tensor) -> str:
+        cache_id = self.key(tokens)
+        tensors = {"logits": logits.detach().cpu().contiguous()}
+        for i, layer in enumerate(cache.layers):
+            tensors[f"k.{i}"] = layer.keys.detach().cpu().contiguous()
+            tensors[f"v.{i}"] = layer.values.detach().cpu().contiguous()
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.directory:
+            path = self.directory / f"{cache_id}.safetensors"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            save_file(tensors, str(tmp), metadata={"n_tokens": str(len(tokens)), "fingerprint": self.fingerprint})
+            os.replace(tmp, path)
+        with self._lock:
+            self._index[cache_id] = len(tokens)
+            self._remember(cache_id, tensors, len(tokens), size)
+        return cache_id
+
+    def _remember(self, cache_id: str, tensors: dict, n: int, size: int) -> None:
+        if cache_id in self._mem:
+            self.bytes -= self._mem.pop(cache_id)[2]
+        self._mem[cache_id] = (tensors, n, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self._mem) > 1:
+            old, (_, _, old_size) = self._mem.popitem(last=False)
+            self.bytes -= old_size
+            self.evictions += 1
+            if self.directory is None:
+                self._index.pop(old, None)
+
+    def longest_prefix(self, tokens: list[int]) -> str | None:
+        """Id of the longest stored prefix of ``tokens``, or None."""
+        for n in sorted(set(self._index.values()), reverse=True):
+            if n <= len(tokens):
+                cache_id = self.key(tokens[:n])
+                if cache_id in self._index:
+                    return cache_id
+        return None
+
+    def load(self, cache_id: str, device) -> tuple[DynamicCache, torch.Tensor, int]:
+        """A fresh cache (prefix + latents), the logits after it, and the prefix length."""
+        with self._lock:
+            if cache_id not in self._index:
+                raise KeyError(cache_id)
+            if cache_id in self._mem:
+                self._mem.move_to_end(cache_id)
+                tensors, n, _ = self._mem[cache_id]
+            else:
+                path = self.directory / f"{cache_id}.safetensors"
+                with safe_open(str(path), "pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+                n = self._index[cache_id]
+                self._remember(cache_id, tensors, n, sum(t.numel() * t.element_size() for t in tensors.values()))
+        layers = sum(1 for k in tensors if k.startswith("k."))
+        kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(layers)]
+        return DynamicCache(ddp_cache_data=kv), tensors["logits"].to(device), n

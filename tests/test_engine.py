@@ -1,0 +1,118 @@
+"""The serving engine: policies, deadlines, faults and the prefix store (no HTTP here)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig
+from cacheaug.serving import CacheStore, Engine
+from cacheaug.testing import perturb_trainable, tiny_model
+
+PROMPT = [2, 17, 40, 9, 33, 81, 5, 66]
+
+
+@pytest.fixture
+def model():
+    m = CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=3, n_ahead=4))
+    perturb_trainable(m, scale=1.0)
+    return m
+
+
+def _expected(model, augment):
+    ids = torch.tensor([PROMPT])
+    return model.generate(ids, 10, augment=augment, eos_token_id=[])[0, len(PROMPT):].tolist()
+
+
+def test_policies_match_the_library(model):
+    engine = Engine(model, async_grace_s=5.0)
+    assert engine.generate(PROMPT, 10, policy="off")[0] == _expected(model, False)
+    tokens, info = engine.generate(PROMPT, 10, policy="sync")
+    assert tokens == _expected(model, True) and info == {"augmented": True, "inserted_after": 0}
+    tokens, info = engine.generate(PROMPT, 10, policy="async")  # latents arrive before the first token
+    assert tokens == _expected(model, True) and info["inserted_after"] == 0
+    assert _expected(model, True) != _expected(model, False)
+
+
+def test_async_never_waits_and_late_latents_are_inserted_stale(model):
+    release = threading.Event()
+    real = model.compute_latents
+
+    def slow(cache, length=None):
+        release.wait(5)
+        return real(cache, length)
+
+    model.compute_latents = slow
+    engine = Engine(model, default_deadline_s=10)
+    steps = []
+    for step in engine.stream(PROMPT, 10, policy="async"):
+        steps.append(step)
+        if len(steps) == 3:
+            release.set()
+            time.sleep(0.5)  # the latents arrive between tokens 3 and 4
+    assert not steps[0].augmented and steps[-1].augmented
+    n = steps[-1].inserted_after
+    assert n == 3
+    # equals latents computed on the prompt, inserted after n generated tokens (augment with stale_by=n)
+    generated = [s.token for s in steps]
+    aug = model.augment(torch.tensor([PROMPT + generated[:n]]), stale_by=n)
+    assert generated[n] == int(aug.logits.argmax(-1))
+
+
+def test_faults_fall_back_to_the_base_answer_within_the_deadline(model):
+    base_answer = _expected(model, False)
+
+    def boom(cache, length=None):
+        raise RuntimeError("coprocessor died")
+
+    model.compute_latents = boom
+    engine = Engine(model)
+    with pytest.warns(UserWarning, match="coprocessor died"):
+        assert engine.generate(PROMPT, 10, policy="sync")[0] == base_answer
+    assert engine.stats.failed == 1 and engine.stats.fallbacks == 1
+
+    hang = threading.Event()
+    model.compute_latents = lambda cache, length=None: hang.wait(30)
+    engine = Engine(model, hard_timeout_s=0.2)
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="worker was replaced"):
+        tokens, info = engine.generate(PROMPT, 10, policy="sync", deadline_s=0.3)
+    assert tokens == base_answer and not info["augmented"] and time.monotonic() - t0 < 3
+    assert engine.stats.worker_restarts == 1 and engine.stats.late == 1
+    del model.compute_latents  # the coprocessor works again; the hung call still occupies the old worker
+    tokens, info = engine.generate(PROMPT, 10, policy="sync")
+    assert info["augmented"] and tokens == _expected(model, True)
+    hang.set()
+
+
+def test_stored_prefix_is_reused_without_the_coprocessor(model, tmp_path):
+    engine = Engine(model, CacheStore(directory=tmp_path, fingerprint="m"))
+    doc = PROMPT[:6]
+    cache_id = engine.augment_prefix(doc)
+    calls = {"n": 0}
+    real = model.compute_latents
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    model.compute_latents = counted
+    tokens, info = engine.generate(doc + PROMPT[6:], 6, policy="sync")
+    assert calls["n"] == 0 and info["augmented"] and engine.stats.store_hits == 1
+    # the same as augmenting the document, then reading the rest of the prompt
+    aug = model.augment(torch.tensor([doc]))
+    logits = model.base(input_ids=torch.tensor([PROMPT[6:]]), **model._decoder_kwargs(aug.cache)).logits[:, -1]
+    assert tokens[0] == int(logits.argmax(-1))
+    # persisted: a new store over the same folder finds it
+    again = CacheStore(directory=tmp_path, fingerprint="m")
+    assert cache_id in again and again.longest_prefix(doc + [1, 2]) == cache_id
+    assert CacheStore(directory=tmp_path, fingerprint="other").longest_prefix(doc) is None
+
+
+def test_memory_budget_evicts_least_recently_used(model):
+    store = CacheStore(max_bytes=1)  # everything but the newest entry is evicted
+    engine = Engine(model, store)
+    a = engine.augment_prefix(PROMPT[:4])
+    b = engine.augment_prefix(PROMPT[:5])
+    assert b in store and a not in store and store.evictions == 1
