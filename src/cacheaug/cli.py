@@ -135,6 +135,16 @@ def _eval_harness(args: argparse.Namespace) -> None:
     lm_eval.__main__.cli_evaluate()
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serving.server import serve
+
+    if args.coprocessor and not (Path(args.coprocessor) / "coprocessor_config.json").is_file():
+        raise SystemExit(f"cacheaug: --coprocessor {args.coprocessor} is not a coprocessor checkpoint")
+    serve(args.model, args.coprocessor, host=args.host, port=args.port, policy=args.policy, store_dir=args.store_dir,
+          store_bytes=args.store_mib << 20, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+          deadline_ms=args.deadline_ms, device=args.device)
+
+
 def _data_prepare(args: argparse.Namespace) -> None:
     from .data import prepare_default
 
@@ -205,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_args pretrained=gemma-3-270m,coprocessor=ckpt/ --tasks cacheaug_arc_easy")
     harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
     harness.set_defaults(func=_eval_harness)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with cache augmentation",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    srv.add_argument("--model", default="gemma-3-270m", help="the frozen decoder")
+    srv.add_argument("--coprocessor", default=None, help="coprocessor checkpoint (none: plain decoding)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server to the network)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--policy", choices=["off", "sync", "async"], default="sync", help="default augmentation policy")
+    srv.add_argument("--deadline-ms", type=int, default=2000, help="default wait for the latents")
+    srv.add_argument("--store-dir", default=None, help="persist augmented prefixes here (safetensors)")
+    srv.add_argument("--store-mib", type=int, default=1024, help="memory budget of the prefix store")
+    srv.add_argument("--max-concurrent", type=int, default=1, help="requests decoding at once")
+    srv.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
+    srv.add_argument("--device", default=None)
+    srv.set_defaults(func=_serve)
 
     quick = sub.add_parser("quickstart", help="the main job on the default model and corpus (CPU: ~12 min)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,0 +1,150 @@
+"""The real HTTP server on a tiny model: OpenAI endpoints, policies, faults, validation, concurrency."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig
+from cacheaug.serving import CacheStore, Engine
+from cacheaug.serving.server import create_app
+from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer
+
+WORDS = " ".join(f"w{i}" for i in range(120))
+PROMPT = "w5 w17 w40 w9 w33 w81 w5 w66"
+
+
+class Server:
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    model = CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=3, n_ahead=4))
+    perturb_trainable(model, scale=1.0)
+    tok = tiny_tokenizer([WORDS])
+    engine = Engine(model, CacheStore(directory=tmp_path / "store", fingerprint="t"), async_grace_s=5.0)
+    server = Server(create_app(engine, tok, max_concurrent=2, max_queue=4))
+    yield model, tok, engine, server
+    server.stop()
+    engine.close()
+
+
+def _library(model, tok, augment, n=8):
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    out = model.generate(ids, n, augment=augment, eos_token_id=[])[0, ids.shape[1]:]
+    return tok.decode(out)
+
+
+def _complete(url, **body):
+    return httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, **body}, timeout=30)
+
+
+def test_policies_over_http(stack):
+    model, tok, engine, server = stack
+    off = _complete(server.url, augment="off").json()
+    sync = _complete(server.url, augment="sync").json()
+    asyn = _complete(server.url, augment="async").json()
+    assert off["choices"][0]["text"] == _library(model, tok, False)
+    assert sync["choices"][0]["text"] == _library(model, tok, True) != off["choices"][0]["text"]
+    assert asyn["choices"][0]["text"] == sync["choices"][0]["text"]  # latents arrived before the first token
+    assert sync["augmentation"] == {"policy": "sync", "augmented": True, "inserted_after": 0}
+    assert off["object"] == "text_completion" and off["usage"]["prompt_tokens"] == len(tok(PROMPT)["input_ids"])
+
+
+def test_streaming_and_chat(stack):
+    model, tok, engine, server = stack
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "stream": True},
+                      timeout=30) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert text == _library(model, tok, True)
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 4}).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_faults_give_the_base_answer_within_the_deadline(stack):
+    model, tok, engine, server = stack
+    base_text = _library(model, tok, False)
+    hang = threading.Event()
+    model.compute_latents = lambda cache, length=None: hang.wait(20)
+    t0 = time.monotonic()
+    r = _complete(server.url, augment="sync", deadline_ms=300).json()
+    assert r["choices"][0]["text"] == base_text and not r["augmentation"]["augmented"]
+    assert time.monotonic() - t0 < 5
+    hang.set()
+
+    def boom(cache, length=None):
+        raise RuntimeError("coprocessor crashed")
+
+    model.compute_latents = boom
+    with pytest.warns(UserWarning, match="coprocessor crashed"):
+        r = _complete(server.url, augment="async").json()
+    assert r["choices"][0]["text"] == base_text
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'cacheaug_augmentations_total{outcome="failed"} 1.0' in metrics
+    assert 'cacheaug_augmentations_total{outcome="late"} 1.0' in metrics
+
+
+def test_offline_prefix_is_reused_and_persisted(stack, tmp_path):
+    model, tok, engine, server = stack
+    doc = "w5 w17 w40 w9"
+    r = httpx.post(f"{server.url}/v1/augment", json={"prompt": doc}, timeout=30).json()
+    assert r["tokens"] == 4 and r["cache_id"] in engine.store
+    out = _complete(server.url, augment="sync").json()  # PROMPT starts with doc
+    assert out["augmentation"]["augmented"] and engine.stats.store_hits == 1
+    assert "cacheaug_store_hits 1.0" in httpx.get(f"{server.url}/metrics").text
+    assert r["cache_id"] in CacheStore(directory=tmp_path / "store", fingerprint="t")  # survives a restart
+
+
+def test_bad_requests_get_clear_4xx(stack):
+    model, tok, engine, server = stack
+    assert _complete(server.url, max_tokens=0).status_code == 422
+    assert _complete(server.url, augment="sometimes").status_code == 422
+    assert httpx.post(f"{server.url}/v1/completions", json={"max_tokens": 3}).status_code == 422
+    long = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w1 " * 300, "max_tokens": 4})
+    assert long.status_code == 400 and "exceeds the model's context" in long.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_concurrent_clients_and_overload(stack):
+    model, tok, engine, server = stack
+    expected = _library(model, tok, True)
+    results, errors = [], []
+
+    def client():
+        try:
+            r = _complete(server.url, augment="sync")
+            results.append(r.status_code if r.status_code != 200 else r.json()["choices"][0]["text"])
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    ok = [r for r in results if r != 429]
+    assert ok and all(r == expected for r in ok)  # every served answer is right; overload answers 429
+    assert all(r == expected or r == 429 for r in results)
