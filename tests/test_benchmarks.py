@@ -17,3 +17,12 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["loop"] for r in rows] == [False, True]
     assert all(r["text_tokens_per_s"] > 0 and r["counted_gflop_per_step"] > 0 for r in rows)
+
+
+def test_serve_latency_runs_at_toy_size(tmp_path):
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
+           "--prompt-lens", "32", "--latents", "2", "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ttft_off_s"] > 0 and row["ttft_sync_s"] > 0 and "augment_vs_8_tokens" in row

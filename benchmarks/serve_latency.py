@@ -1,0 +1,93 @@
+"""Serving latency: time to first token per policy, augmentation latency, and the same "thinking" as CoT tokens.
+
+Issue targets (H200, Gemma 3 270M): async adds < 5% to time-to-first-token; sync augmentation costs less
+than generating 8 tokens.
+
+    python benchmarks/serve_latency.py --model gemma-3-270m --prompt-lens 1024 4096 --latents 16 64 --out serve.json
+    python benchmarks/serve_latency.py --model tiny --prompt-lens 64 --latents 4 --repeats 2     # CPU smoke run
+
+Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up:
+  ttft_<policy>        prompt in -> first token out, per policy (off / sync / async)
+  augment_s            the coprocessor pass + latent insertion alone (sync's extra cost)
+  decode_token_s       one decoding step after the prompt; ``augment_vs_8_tokens`` = augment_s / (8 x it)
+  cot_equiv_s          generating N_L tokens instead (the same number of extra positions as "thinking" text)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
+from cacheaug.serving import Engine
+from cacheaug.testing import tiny_model
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m' or 'tiny'")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--latents", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.model == "tiny":
+        base = tiny_model("gemma3", "sdpa", device=device)
+    else:
+        base, _ = load_base_model(args.model, device=device)
+    vocab = base.get_input_embeddings().weight.shape[0]
+    rows = []
+    for n_latents in args.latents:
+        model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=n_latents))
+        engine = Engine(model, default_deadline_s=60.0)
+        for P in args.prompt_lens:
+            prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
+            ids = torch.tensor([prompt], device=device)
+            row = {"n_latents": n_latents, "prompt_len": P}
+            for policy in ("off", "sync", "async"):
+                row[f"ttft_{policy}_s"] = timed(lambda: next(iter(engine.stream(prompt, 1, policy=policy))), device,
+                                                args.repeats)
+            row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - timed(
+                lambda: engine.prefill(prompt), device, args.repeats)
+            cache_then_step = lambda: engine._forward(engine.prefill(prompt)[0], ids[:, -1:])  # noqa: E731
+            row["decode_token_s"] = timed(cache_then_step, device, args.repeats) - timed(
+                lambda: engine.prefill(prompt), device, args.repeats)
+            row["cot_equiv_s"] = timed(lambda: base.generate(ids, max_new_tokens=n_latents, min_new_tokens=n_latents,
+                                                             do_sample=False), device, args.repeats)
+            row["async_overhead_pct"] = 100 * (row["ttft_async_s"] / row["ttft_off_s"] - 1)
+            row["augment_vs_8_tokens"] = row["augment_s"] / (8 * max(row["decode_token_s"], 1e-9))
+            rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+            print(json.dumps(rows[-1]), flush=True)
+        engine.close()
+    result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "attn": base.config._attn_implementation, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
