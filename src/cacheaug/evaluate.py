@@ -90,6 +90,15 @@ def heldout_sequences(tokenizer, data, heldout_pct: float, seq_len: int, n: int)
     return torch.stack([held.sequence(i) for i in range(min(n, len(held)))])
 
 
+def _print_table(offsets, columns: dict[str, dict], frozen_ppl: list[float] | None = None) -> None:
+    """One row per offset: ``change% [lo, hi]`` for every column (bootstrap_rel_change results)."""
+    head = f"{'offset':>6} | " + (f"{'frozen ppl':>10} | " if frozen_ppl else "")
+    print(head + " | ".join(f"{name:>24}" for name in columns))
+    for j, o in enumerate(offsets):
+        cells = [f"{r['change'][j]:+6.2f}% [{r['lo'][j]:+.1f}, {r['hi'][j]:+.1f}]" for r in columns.values()]
+        print(f"{o:>6} | " + (f"{frozen_ppl[j]:>10.2f} | " if frozen_ppl else "") + " | ".join(f"{c:>24}" for c in cells))
+
+
 def evaluate_ppl(
     checkpoints: list[str],
     *,
@@ -132,10 +141,7 @@ def evaluate_ppl(
     first = next(iter(report["runs"].values()))
     print(f"\nHeld-out perplexity change vs the frozen decoder ({len(seqs)} sequences of {seq_len}, an insertion "
           f"every {stride} tokens, 95% bootstrap interval over sequences):")
-    print(f"{'offset':>6} | {'frozen ppl':>10} | " + " | ".join(f"{Path(c).parent.name or c:>24}" for c in report["runs"]))
-    for j, o in enumerate(offsets):
-        cells = [f"{r['change'][j]:+6.2f}% [{r['lo'][j]:+.1f}, {r['hi'][j]:+.1f}]" for r in report["runs"].values()]
-        print(f"{o:>6} | {first['base_ppl'][j]:>10.2f} | " + " | ".join(f"{c:>24}" for c in cells))
+    _print_table(offsets, {Path(c).parent.name or c: r for c, r in report["runs"].items()}, frozen_ppl=first["base_ppl"])
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -195,10 +201,7 @@ def evaluate_staleness(checkpoint: str, *, delays=(0, 4, 16, 64), offsets=(1, 2,
         stats = bootstrap_rel_change(sums[d], frozen, n_points, n_boot)
         report["by_delay"][str(d)] = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}
     print(f"\nPerplexity change vs frozen when the latents are d tokens stale ({len(seqs)} x {n_points} points):")
-    print(f"{'offset':>6} | " + " | ".join(f"{'d=' + str(d):>22}" for d in delays))
-    for j, o in enumerate(offsets):
-        cells = [f"{r['change'][j]:+6.2f}% [{r['lo'][j]:+.1f}, {r['hi'][j]:+.1f}]" for r in report["by_delay"].values()]
-        print(f"{o:>6} | " + " | ".join(f"{c:>22}" for c in cells))
+    _print_table(offsets, {f"d={d}": r for d, r in report["by_delay"].items()})
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

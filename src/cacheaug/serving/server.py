@@ -26,9 +26,10 @@ from pydantic import BaseModel, Field
 from .engine import Engine
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """Fields shared by both completion endpoints (OpenAI's, plus ``augment`` and ``deadline_ms``)."""
+
     model: str | None = None
-    prompt: str = Field(min_length=1)
     max_tokens: int = Field(default=16, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -37,6 +38,10 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     augment: Literal["off", "sync", "async"] | None = None
     deadline_ms: int | None = Field(default=None, ge=0, le=600_000)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
@@ -44,17 +49,8 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str | None = None
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int = Field(default=16, ge=1, le=4096)
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    stop: list[str] | str | None = None
-    seed: int | None = None
-    augment: Literal["off", "sync", "async"] | None = None
-    deadline_ms: int | None = Field(default=None, ge=0, le=600_000)
 
 
 class AugmentRequest(BaseModel):
