@@ -121,11 +121,12 @@ def test_yaml_config_and_overrides(tmp_path):
         resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
 
 
-def _ddp_worker(rank, world, port, data, out_dir, home):
+def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_steps=6):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CACHEAUG_HOME=home)
     texts = tiny_corpus(os.path.dirname(data) + f"/scratch{rank}", n_docs=80)  # same texts: same seed
-    cfg = TrainConfig(data=(data,), out_dir=out_dir, **{**SMALL, "batch_size": 1, "eval_every": 0})
+    cfg = TrainConfig(data=(data,), out_dir=out_dir, parallel=parallel,
+                      **{**SMALL, "batch_size": 1, "eval_every": 3, "max_steps": max_steps})
     train(cfg, base=tiny_model("gemma3"), tokenizer=tiny_tokenizer(texts), progress=False)
 
 
@@ -138,3 +139,28 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0)
     a, b = _weights(tmp_path / "ddp" / "step_000006"), _weights(single)
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path, corpus):
+    data, _ = corpus
+    home = os.environ["CACHEAUG_HOME"]
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    out = str(tmp_path / "fsdp")
+    mp.spawn(_ddp_worker, args=(2, port(), data, out, home, "fsdp"), nprocs=2)
+    single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0)
+    a, b = _weights(tmp_path / "fsdp" / "step_000006"), _weights(single)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "step_000006").glob("trainer_state.rank*")) == [
+        "trainer_state.rank0.safetensors", "trainer_state.rank1.safetensors"]
+    # resume the sharded run from step 3 and land on the same weights
+    import shutil
+
+    shutil.rmtree(tmp_path / "fsdp" / "step_000006")
+    mp.spawn(_ddp_worker, args=(2, port(), data, out, home, "fsdp"), nprocs=2)
+    c = _weights(tmp_path / "fsdp" / "step_000006")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)

@@ -71,12 +71,12 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_coprocessor(model: "CacheAugmentedLM", path: str | Path) -> Path:
+def save_coprocessor(model: "CacheAugmentedLM", path: str | Path, tensors: dict | None = None) -> Path:
     from . import __version__
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.contiguous().cpu() for n, t in model.trainable_state_dict().items()}
+    tensors = {n: t.contiguous().cpu() for n, t in (tensors or model.trainable_state_dict()).items()}
     meta = {
         "cacheaug_version": __version__,
         "coprocessor": model.config.to_dict(),

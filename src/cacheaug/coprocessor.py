@@ -101,7 +101,7 @@ class Coprocessor(nn.Module):
         with torch.no_grad():
             soft = emb(ids)  # [N_L, D], already scaled like real inputs (Gemma multiplies by sqrt(D))
         self.soft_tokens = nn.Parameter(soft.detach().clone())
-        self.latent_scale = nn.Parameter(torch.ones((), dtype=soft.dtype, device=soft.device))
+        self.latent_scale = nn.Parameter(torch.ones(1, dtype=soft.dtype, device=soft.device))  # [1]: FSDP2 shards no scalars
         if init_scale and self.backbone is not None:
             self._calibrate_scale()
 

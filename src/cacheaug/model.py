@@ -127,7 +127,13 @@ class CacheAugmentedLM(nn.Module):
         return [p for p in self.coprocessor.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.coprocessor.named_parameters() if p.requires_grad}
+        """Full tensors of the trainable parameters. Under FSDP2 this gathers shards: call it on every rank."""
+        out = {}
+        for name, p in self.coprocessor.named_parameters():
+            if p.requires_grad:
+                t = p.detach()
+                out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -451,11 +457,14 @@ class CacheAugmentedLM(nn.Module):
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``coprocessor_config.json`` and ``model.safetensors`` (trainable weights only) to ``path``."""
+    def save_pretrained(self, path: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``coprocessor_config.json`` and ``model.safetensors`` (trainable weights only) to ``path``.
+
+        ``tensors``: an already gathered :meth:`trainable_state_dict` (sharded training gathers on every rank
+        and writes on one)."""
         from .checkpoint import save_coprocessor
 
-        return save_coprocessor(self, path)
+        return save_coprocessor(self, path, tensors)
 
     @classmethod
     def from_pretrained(

@@ -66,6 +66,8 @@ class TrainConfig:
     warmup_steps: int = _f(100, "linear warm-up steps, then cosine decay")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)")
+    parallel: Literal["ddp", "fsdp"] = _f("ddp", "under torchrun: replicate the coprocessor (ddp) or shard it per "
+                                          "layer with FSDP2 (fsdp: for coprocessors that do not fit one device)")
     # precision and device
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     dtype: Literal["auto", "bfloat16", "float32"] = _f("auto", "decoder weights; bf16 on GPU runs under autocast "
@@ -96,6 +98,9 @@ class TrainConfig:
             problems.append(f"--heldout-pct must be in (0, 100), got {self.heldout_pct}")
         if not self.data:
             problems.append("--data needs at least one source")
+        if self.parallel == "fsdp" and self.init in ("lora", "lora-decoder"):
+            problems.append(f"--parallel fsdp shards a coprocessor's own weights; init={self.init} shares the "
+                            "decoder's and trains only small adapters: use --parallel ddp")
         if problems:
             raise ValueError("Invalid training options:\n  " + "\n  ".join(problems))
 
@@ -128,6 +133,22 @@ def insertion_points(keys: list[int], cfg: TrainConfig) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def shard_coprocessor(model: CacheAugmentedLM, device: torch.device) -> None:
+    """FSDP2: shard the coprocessor per decoder layer over all ranks (gradients reduce-scattered in fp32).
+    The frozen decoder stays replicated: it holds no gradient or optimizer state, and re-gathering a sharded
+    frozen model every micro-batch costs more than its memory (engineering brief, section 3)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    backbone = model.coprocessor.backbone
+    for layer in backbone.layers if backbone is not None else []:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model.coprocessor, mesh=mesh, mp_policy=policy)
+
+
 def make_optimizer(model: CacheAugmentedLM, cfg: TrainConfig) -> torch.optim.AdamW:
     soft, weights = [], []
     for name, p in model.coprocessor.named_parameters():
@@ -157,34 +178,67 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("step_*") if p.is_dir() and (p / STATE_JSON).is_file())
 
 
-def save_checkpoint(out_dir: Path, step: int, model, opt, data, extra: dict, keep_last: int) -> Path:
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, data, extra: dict, keep_last: int, *, rank: int = 0,
+                    world: int = 1, sharded: bool = False) -> Path:
+    """Write ``step_XXXXXX`` atomically. Every rank calls it: FSDP2 shards are gathered collectively, and with
+    ``sharded`` optimizer states each rank writes its own ``trainer_state.rank<r>.safetensors``."""
     final = Path(out_dir) / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    weights = model.trainable_state_dict()  # collective under FSDP2
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, weights)
+    _barrier(world)
     opt_state = opt.state_dict()
-    tensors = {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in opt_state["state"].items() for k, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / STATE_TENSORS))
-    state = {"step": step, "param_groups": opt_state["param_groups"], "data": data.state_dict(), **extra}
-    (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in complete_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if sharded or rank == 0:
+        tensors = {f"opt.{i}.{k}": (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().contiguous()
+                   for i, st in opt_state["state"].items() for k, v in st.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, str(tmp / (f"trainer_state.rank{rank}.safetensors" if sharded else STATE_TENSORS)))
+    _barrier(world)
+    if rank == 0:
+        state = {"step": step, "param_groups": opt_state["param_groups"], "data": data.state_dict(),
+                 "world_size": world, "sharded_optimizer": sharded, **extra}
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
     return final
 
 
-def load_checkpoint(path: Path, model, opt, data) -> dict:
-    load_trainable(model, path)
+def load_trainer_state(path: Path, opt, data, *, rank: int = 0, world: int = 1) -> dict:
+    """Optimizer moments, RNG and data position from a checkpoint (the weights go in with load_trainable)."""
     state = json.loads((path / STATE_JSON).read_text())
-    tensors = load_file(str(path / STATE_TENSORS))
+    sharded = state.get("sharded_optimizer", False)
+    if sharded and state.get("world_size") != world:
+        raise ValueError(f"{path} holds optimizer shards of {state.get('world_size')} ranks; resume it on as many "
+                         f"(this run has {world}).")
+    try:
+        tensors = load_file(str(path / (f"trainer_state.rank{rank}.safetensors" if sharded else STATE_TENSORS)))
+    except Exception as err:
+        raise ValueError(f"{path}: the trainer state is missing or corrupt ({err}).") from err
+    params = [p for group in opt.param_groups for p in group["params"]]
     opt_state = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
+            p = params[int(idx)]
+            if hasattr(p, "device_mesh") and value.dim() > 0:  # an FSDP2 shard: back to a DTensor
+                from torch.distributed.tensor import DTensor
+
+                value = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                           stride=p.stride())
             opt_state["state"].setdefault(int(idx), {})[name] = value
     opt.load_state_dict(opt_state)
     data.load_state_dict(state["data"])
@@ -277,21 +331,26 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0, bos_id=bos) if n_eval else None
     eval_seqs = torch.stack([heldout.sequence(i) for i in range(n_eval)]) if n_eval else None
 
-    # --- optimizer -------------------------------------------------------------------------------------
-    opt = make_optimizer(model, cfg)
-    peak = [g["lr"] for g in opt.param_groups]
-    step, tokens_seen = 0, 0
-    checkpoints = complete_checkpoints(out_dir)
-    if cfg.resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, opt, data)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        if main_rank:
-            print(f"cacheaug: resumed from {checkpoints[-1]} at step {step}")
+    # --- resume weights, spread over ranks, optimizer ---------------------------------------------------
+    checkpoints = complete_checkpoints(out_dir) if cfg.resume else []
+    if checkpoints:
+        load_trainable(model, checkpoints[-1])  # before any sharding: full tensors into full parameters
+    sharded = world > 1 and cfg.parallel == "fsdp"
     ddp_model = model
-    if world > 1:
+    if sharded:
+        shard_coprocessor(model, device)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    opt = make_optimizer(model, cfg)
+    peak = [g["lr"] for g in opt.param_groups]
+    step, tokens_seen = 0, 0
+    if checkpoints:
+        state = load_trainer_state(checkpoints[-1], opt, data, rank=rank, world=world)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        if main_rank:
+            print(f"cacheaug: resumed from {checkpoints[-1]} at step {step}")
 
     # --- loop ------------------------------------------------------------------------------------------
     log = MetricsLog(out_dir, main_rank)
@@ -308,12 +367,15 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
 
     def checkpoint_now() -> Path:
         extra = {"tokens_seen": tokens_seen, "config": cfg.to_dict()}
-        return save_checkpoint(out_dir, step, model, opt, data, extra, cfg.keep_last) if main_rank else out_dir
+        return save_checkpoint(out_dir, step, model, opt, data, extra, cfg.keep_last, rank=rank, world=world,
+                               sharded=sharded)
 
     def evaluate_now() -> None:
-        if eval_seqs is None or not main_rank:
+        if eval_seqs is None or not (main_rank or sharded):  # a sharded coprocessor needs every rank to run
             return
         losses = heldout_losses(model, eval_seqs, n_points=min(cfg.n_traces, cfg.seq_len - cfg.n_ahead))
+        if not main_rank:
+            return
         change = relative_ppl_change(losses)
         log.write(step, tokens=tokens_seen, eval_loss=sum(losses["augmented"]) / cfg.n_ahead,
                   eval_base_loss=sum(losses["base"]) / cfg.n_ahead, eval_losses=losses["augmented"],
@@ -332,7 +394,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
                 positions = insertion_points(keys, cfg)  # on the CPU: checked there without a device sync
                 ids = ids.to(device, non_blocking=True)
                 no_sync = world > 1 and micro < cfg.grad_accum - 1
-                with ddp_model.no_sync() if no_sync else nullcontext(), autocast_for(model):
+                if sharded:
+                    model.coprocessor.set_requires_gradient_sync(not no_sync)
+                with ddp_model.no_sync() if no_sync and not sharded else nullcontext(), autocast_for(model):
                     out = ddp_model(ids, positions=positions)
                 (out.loss / cfg.grad_accum).backward()
                 running += out.loss.detach() / cfg.grad_accum
