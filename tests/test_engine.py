@@ -86,6 +86,30 @@ def test_faults_fall_back_to_the_base_answer_within_the_deadline(model):
     hang.set()
 
 
+def test_killed_or_cancelled_coprocessor_falls_back(model):
+    base_answer = _expected(model, False)
+
+    def killed(cache, length=None):
+        raise SystemExit("coprocessor process killed")
+
+    model.compute_latents = killed
+    engine = Engine(model)
+    with pytest.warns(UserWarning, match="SystemExit"):
+        assert engine.generate(PROMPT, 10, policy="sync")[0] == base_answer
+
+    hang = threading.Event()
+    model.compute_latents = lambda cache, length=None: hang.wait(20)
+    engine = Engine(model, default_deadline_s=5)
+    blocker = engine.submit_latents(engine.prefill(PROMPT)[0], len(PROMPT))  # occupies the single worker
+    steps = engine.stream(PROMPT, 10, policy="sync")
+    threading.Timer(0.3, lambda: engine._worker.shutdown(wait=False, cancel_futures=True)).start()
+    with pytest.warns(UserWarning, match="CancelledError"):
+        tokens = [s.token for s in steps]
+    assert tokens == base_answer
+    hang.set()
+    blocker.result(5)
+
+
 def test_stored_prefix_is_reused_without_the_coprocessor(model, tmp_path):
     engine = Engine(model, CacheStore(directory=tmp_path, fingerprint="m"))
     doc = PROMPT[:6]

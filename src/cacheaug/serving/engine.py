@@ -188,7 +188,9 @@ class Engine:
             latents = future.result(timeout=wait_s)
         except cf.TimeoutError:
             return logits, False, future  # still pending
-        except Exception as err:  # the coprocessor failed: decode unaugmented
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # failed, cancelled or killed (SystemExit in its thread): decode unaugmented
             self.stats.failed += 1
             self.stats.fallbacks += 1
             warnings.warn(f"cacheaug: coprocessor failed ({type(err).__name__}: {err}); decoding without it.",
