@@ -12,7 +12,8 @@ Offline augmentation: :meth:`Engine.augment_prefix` stores the augmented cache o
 a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later request that starts with that prefix
 continues from it without running the coprocessor.
 
-The coprocessor runs on a single worker thread (its own CUDA stream on a GPU). A call that overruns the hard
+Decoding steps of concurrent requests are batched (:mod:`~cacheaug.serving.batching`). The coprocessor runs on
+a single worker thread (its own CUDA stream on a GPU). A call that overruns the hard
 timeout is abandoned and the worker replaced, so a hung coprocessor cannot block later requests.
 """
 
@@ -30,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from ..model import CacheAugmentedLM
+from .batching import StepBatcher
 from .store import CacheStore
 
 Policy = Literal["off", "sync", "async"]
@@ -67,10 +69,11 @@ class Engine:
         default_deadline_s: how long a request waits for its latents at most (sync) / accepts them (async).
         hard_timeout_s: a coprocessor call running longer is abandoned and the worker replaced.
         async_grace_s: how long an async request's first token may wait for the latents (0: never waits).
+        max_batch: decoding steps of concurrent requests run together, up to this many rows (1: no batching).
     """
 
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
-                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0):
+                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_batch: int = 16):
         self.model = model
         self.base = model.base
         self.store = store if store is not None else CacheStore(max_bytes=1 << 30)  # an empty store is falsy
@@ -82,6 +85,8 @@ class Engine:
         self._worker = self._new_worker()
         self._worker_lock = threading.Lock()
         self._stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
+        self.batcher = StepBatcher(self.base, model.family.cache_kwarg, self.lock, max_batch=max_batch) \
+            if max_batch > 1 else None
 
     # -------------------------------------------------------------------------------------------- worker
     def _new_worker(self) -> cf.ThreadPoolExecutor:
@@ -176,7 +181,10 @@ class Engine:
             yield Step(token, augmented, inserted_after)
             if token in stop_ids or n == max_new_tokens - 1:
                 break
-            logits = self._forward(cache, torch.tensor([[token]], device=self.model.device))
+            if self.batcher is not None:  # batched with the other requests' steps
+                cache, logits = self.batcher.step(cache, token)
+            else:
+                logits = self._forward(cache, torch.tensor([[token]], device=self.model.device))
         if future is not None:  # never arrived in time
             self.stats.late += 1
             self.stats.fallbacks += 1
@@ -217,3 +225,5 @@ class Engine:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
