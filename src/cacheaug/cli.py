@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--deadline-ms", type=int, default=2000, help="default wait for the latents")
     srv.add_argument("--store-dir", default=None, help="persist augmented prefixes here (safetensors)")
     srv.add_argument("--store-mib", type=int, default=1024, help="memory budget of the prefix store")
-    srv.add_argument("--max-concurrent", type=int, default=1, help="requests decoding at once")
+    srv.add_argument("--max-concurrent", type=int, default=8, help="requests decoding at once (their steps are batched)")
     srv.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
     srv.add_argument("--device", default=None)
     srv.set_defaults(func=_serve)

@@ -73,7 +73,7 @@ def _metrics():
 
 
 def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", default_policy: str = "sync",
-               max_concurrent: int = 1, max_queue: int = 16, queue_timeout_s: float = 60.0) -> FastAPI:
+               max_concurrent: int = 8, max_queue: int = 16, queue_timeout_s: float = 60.0) -> FastAPI:
     app = FastAPI(title="cacheaug", version="1")
     registry, m = _metrics()
     slots = threading.BoundedSemaphore(max_concurrent)
