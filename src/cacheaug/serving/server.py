@@ -187,19 +187,19 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
 
         def whole():
             try:
-                pieces, finish, last = [], "length", None
+                pieces, finish, last, n = [], "length", None, 0
                 for piece, fin, step in run(body, prompt_ids):
                     pieces.append(piece)
-                    last = step
+                    last, n = step, n + 1
                     if fin:
                         finish = fin
-                return "".join(pieces), finish, last
+                return "".join(pieces), finish, last, n
             finally:
                 slots.release()
 
-        text, finish, last = await loop.run_in_executor(None, whole)
+        text, finish, last, n_tokens = await loop.run_in_executor(None, whole)
         m["requests"].labels(endpoint, policy, "200").inc()
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"])}
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": n_tokens}
         aug = {"policy": policy, "augmented": bool(last and last.augmented),
                "inserted_after": last.inserted_after if last else None}
         return JSONResponse(envelope(text, finish, {"usage": usage, "augmentation": aug}))
