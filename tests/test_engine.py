@@ -102,7 +102,12 @@ def test_killed_or_cancelled_coprocessor_falls_back(model):
     engine = Engine(model, default_deadline_s=5)
     blocker = engine.submit_latents(engine.prefill(PROMPT)[0], len(PROMPT))  # occupies the single worker
     steps = engine.stream(PROMPT, 10, policy="sync")
-    threading.Timer(0.3, lambda: engine._worker.shutdown(wait=False, cancel_futures=True)).start()
+
+    def cancel_queued():
+        while not engine.worker.queue.empty():
+            engine.worker.queue.get_nowait()[2].cancel()
+
+    threading.Timer(0.3, cancel_queued).start()
     with pytest.warns(UserWarning, match="CancelledError"):
         tokens = [s.token for s in steps]
     assert tokens == base_answer
@@ -182,4 +187,50 @@ def test_concurrent_requests_are_batched_and_exact(model):
         t.join(60)
     assert results == expected
     assert engine.batcher.rows > engine.batcher.batches  # some steps really ran together
+    engine.close()
+
+
+def test_concurrent_prefixes_run_through_the_coprocessor_as_one_batch(model):
+    from transformers import DynamicCache
+
+    from cacheaug.serving.batching import batched_latents
+
+    for family in ("gemma3", "qwen2"):
+        m = CacheAugmentedLM(tiny_model(family), CoprocessorConfig(n_latents=3, n_ahead=4))
+        perturb_trainable(m, scale=1.0)
+        kvs, lengths, singles = [], [], []
+        for i, n in enumerate((4, 12, 9)):
+            cache = DynamicCache()
+            m.base.get_decoder()(input_ids=torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(i)),
+                                 **m._decoder_kwargs(cache))
+            kvs.append([(layer.keys, layer.values) for layer in cache.layers])
+            lengths.append(n)
+            singles.append(m.compute_latents(cache))
+        for got, want in zip(batched_latents(m, kvs, lengths), singles):
+            assert torch.allclose(got, want, atol=1e-5), family
+
+    # through the engine: requests submitted while the worker is busy are batched, and stay exact
+    engine = Engine(model, async_grace_s=10.0, max_batch=8)
+    gate = threading.Event()
+    real = model.coprocessor.forward
+
+    def gated(*args, **kwargs):
+        gate.wait(10)
+        return real(*args, **kwargs)
+
+    model.coprocessor.forward = gated
+    prompts = [PROMPT[: 4 + i] for i in range(4)]
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], 6,
+                                policy="sync", deadline_s=10)[0])) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    gate.set()
+    for t in threads:
+        t.join(60)
+    del model.coprocessor.forward
+    expected = [model.generate(torch.tensor([p]), 6, eos_token_id=[])[0, len(p):].tolist() for p in prompts]
+    assert results == expected
+    assert engine.worker.rows > engine.worker.batches  # the queued prefixes went through together
     engine.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import queue
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +90,89 @@ class StepBatcher:
 
     def close(self) -> None:
         self.queue.put(None)
+
+
+@torch.no_grad()
+def batched_latents(model, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> list[torch.Tensor]:
+    """The coprocessor's latents for several prefixes at once (left-padded, masked): one ``[1, N_L, D]`` each."""
+    longest = max(lengths)
+    n_latents = model.config.n_latents
+    device = kvs[0][0][0].device
+    padded = []
+    for layer in range(len(kvs[0])):
+        keys = [F.pad(kv[layer][0], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
+        values = [F.pad(kv[layer][1], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
+        padded.append((torch.cat(keys), torch.cat(values)))
+    mask = torch.zeros(len(kvs), longest + n_latents, dtype=torch.long, device=device)
+    for i, n in enumerate(lengths):
+        mask[i, longest - n :] = 1
+    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(n_latents, device=device)
+    latents = model.coprocessor(padded, len(kvs), 1, positions, mask)  # [B, N_L, D]
+    return [latents[i : i + 1] for i in range(len(kvs))]
+
+
+class LatentsWorker:
+    """The coprocessor's worker thread: takes the queued prefixes, runs them as one batch, fulfils the futures.
+
+    A hung batch cannot block later requests: :meth:`replace` starts a new thread on the same queue, and the
+    old one exits once (if ever) its batch returns. A queued job whose future was cancelled is skipped.
+    """
+
+    def __init__(self, model, stream=None, max_batch: int = 16):
+        self.model, self.stream, self.max_batch = model, stream, max_batch
+        self.queue: queue.Queue = queue.Queue()
+        self.generation = 0
+        self.batches = 0
+        self.rows = 0
+        self.replace()
+
+    def submit(self, kv, length: int) -> cf.Future:
+        future: cf.Future = cf.Future()
+        future.started_at = None
+        self.queue.put((kv, length, future))
+        return future
+
+    def replace(self) -> None:
+        self.generation += 1
+        threading.Thread(target=self._loop, args=(self.generation,), daemon=True, name="cacheaug-coprocessor").start()
+
+    def close(self) -> None:
+        self.generation += 1
+
+    def _run(self, items) -> list[torch.Tensor]:
+        if len(items) == 1:  # one prefix: the library's own call
+            kv, length, _ = items[0]
+            return [self.model.compute_latents(DynamicCache(ddp_cache_data=kv), length)]
+        return batched_latents(self.model, [kv for kv, _, _ in items], [n for _, n, _ in items])
+
+    def _loop(self, generation: int) -> None:
+        while generation == self.generation:
+            try:
+                items = [self.queue.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(items) < self.max_batch:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            items = [it for it in items if it[2].set_running_or_notify_cancel()]
+            if not items:
+                continue
+            started = time.monotonic()
+            self.batches += 1
+            self.rows += len(items)
+            for _, _, future in items:
+                future.started_at = started
+            try:
+                if self.stream is None:
+                    results = self._run(items)
+                else:
+                    with torch.cuda.stream(self.stream):
+                        results = self._run(items)
+                    self.stream.synchronize()
+                for (_, _, future), latents in zip(items, results):
+                    future.set_result(latents)
+            except BaseException as err:  # noqa: BLE001  every request of the batch falls back
+                for _, _, future in items:
+                    future.set_exception(err)

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from ..model import CacheAugmentedLM
-from .batching import StepBatcher
+from .batching import LatentsWorker, StepBatcher
 from .store import CacheStore
 
 Policy = Literal["off", "sync", "async"]
@@ -69,7 +69,8 @@ class Engine:
         default_deadline_s: how long a request waits for its latents at most (sync) / accepts them (async).
         hard_timeout_s: a coprocessor call running longer is abandoned and the worker replaced.
         async_grace_s: how long an async request's first token may wait for the latents (0: never waits).
-        max_batch: decoding steps of concurrent requests run together, up to this many rows (1: no batching).
+        max_batch: decoding steps, and coprocessor calls, of concurrent requests run together, up to this many
+            rows (1: no batching).
     """
 
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
@@ -82,38 +83,22 @@ class Engine:
         self.async_grace_s = async_grace_s
         self.stats = Stats()
         self.lock = threading.Lock()  # one decoder step at a time on the device
-        self._worker = self._new_worker()
-        self._worker_lock = threading.Lock()
-        self._stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
+        stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
+        self.worker = LatentsWorker(model, stream, max_batch=max_batch)
         self.batcher = StepBatcher(self.base, model.family.cache_kwarg, self.lock, max_batch=max_batch) \
             if max_batch > 1 else None
 
     # -------------------------------------------------------------------------------------------- worker
-    def _new_worker(self) -> cf.ThreadPoolExecutor:
-        return cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cacheaug-coprocessor")
-
-    def _latents_job(self, cache_kv, length: int) -> torch.Tensor:
-        cache = DynamicCache(ddp_cache_data=cache_kv)
-        if self._stream is None:
-            return self.model.compute_latents(cache, length)
-        with torch.cuda.stream(self._stream):
-            latents = self.model.compute_latents(cache, length)
-        self._stream.synchronize()
-        return latents
-
     def submit_latents(self, cache: DynamicCache, length: int) -> cf.Future:
-        """Start the coprocessor on the first ``length`` positions of ``cache`` (a snapshot: decoding goes on)."""
+        """Queue the coprocessor on the first ``length`` positions of ``cache`` (a snapshot: decoding goes on);
+        queued prefixes of concurrent requests run as one batch."""
         kv = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
-        with self._worker_lock:
-            future = self._worker.submit(self._latents_job, kv, length)
-        future.started_at = time.monotonic()
-        return future
+        return self.worker.submit(kv, length)
 
     def _abandon_if_hung(self, future: cf.Future) -> None:
-        if not future.done() and time.monotonic() - future.started_at > self.hard_timeout_s:
-            with self._worker_lock:
-                self._worker.shutdown(wait=False, cancel_futures=True)
-                self._worker = self._new_worker()
+        started = getattr(future, "started_at", None)
+        if not future.done() and started is not None and time.monotonic() - started > self.hard_timeout_s:
+            self.worker.replace()
             self.stats.worker_restarts += 1
             warnings.warn("cacheaug: a coprocessor call overran the hard timeout; its worker was replaced.", stacklevel=2)
 
@@ -224,6 +209,6 @@ class Engine:
         return self.store.put(prefix, aug.cache, aug.logits)
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.worker.close()
         if self.batcher is not None:
             self.batcher.close()
