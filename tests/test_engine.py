@@ -13,6 +13,22 @@ from cacheaug.testing import perturb_trainable, tiny_model
 PROMPT = [2, 17, 40, 9, 33, 81, 5, 66]
 
 
+@pytest.fixture(autouse=True)
+def close_engines(monkeypatch):
+    """Stop every engine's threads after each test (threads left inside torch abort the interpreter at exit)."""
+    created = []
+    init = Engine.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        created.append(self)
+
+    monkeypatch.setattr(Engine, "__init__", tracking_init)
+    yield
+    for engine in created:
+        engine.close()
+
+
 @pytest.fixture
 def model():
     m = CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=3, n_ahead=4))

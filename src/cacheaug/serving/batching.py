@@ -90,6 +90,7 @@ class StepBatcher:
 
     def close(self) -> None:
         self.queue.put(None)
+        self._thread.join(timeout=5)
 
 
 @torch.no_grad()
@@ -134,10 +135,15 @@ class LatentsWorker:
 
     def replace(self) -> None:
         self.generation += 1
-        threading.Thread(target=self._loop, args=(self.generation,), daemon=True, name="cacheaug-coprocessor").start()
+        thread = threading.Thread(target=self._loop, args=(self.generation,), daemon=True, name="cacheaug-coprocessor")
+        thread.start()
+        self._threads = [t for t in getattr(self, "_threads", []) if t.is_alive()] + [thread]
 
     def close(self) -> None:
+        """Stop taking work; wait briefly for the threads (a hung one is left behind, as a daemon)."""
         self.generation += 1
+        for thread in self._threads:
+            thread.join(timeout=1)
 
     def _run(self, items) -> list[torch.Tensor]:
         if len(items) == 1:  # one prefix: the library's own call
