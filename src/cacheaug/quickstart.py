@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .base import load_base_model
 from .data import prepare_default
+from .evaluate import relative_ppl_change
 from .model import CacheAugmentedLM
 from .train import TrainConfig, train
 
@@ -69,7 +70,7 @@ def run_quickstart(steps: int = 30, out_dir: str | Path = "runs/quickstart", dev
                           **shape)
         ckpt = train(cfg, base=base, tokenizer=tok)
         ev = _last_eval(out_dir / kind)
-        change = [100 * (math.exp(a - b) - 1) for a, b in zip(ev["eval_losses"], ev["eval_base_losses"])]
+        change = relative_ppl_change({"augmented": ev["eval_losses"], "base": ev["eval_base_losses"]})
         report["runs"][kind] = {"checkpoint": str(ckpt), "heldout_losses": ev["eval_losses"],
                                 "heldout_base_losses": ev["eval_base_losses"], "rel_ppl_change_pct": change,
                                 "eval_points": ev["eval_points"]}

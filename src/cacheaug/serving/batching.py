@@ -20,21 +20,29 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 
+def left_pad(kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int], extra: int):
+    """Per-layer ``(keys, values)`` of several caches left-padded to the longest and stacked on the batch axis,
+    and the 2D attention mask ``[B, longest + extra]`` (1 = real position; ``extra`` new positions per row)."""
+    longest = max(lengths)
+    padded = []
+    for layer in range(len(kvs[0])):
+        keys = [F.pad(kv[layer][0], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
+        values = [F.pad(kv[layer][1], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
+        padded.append((torch.cat(keys), torch.cat(values)))
+    mask = torch.zeros(len(kvs), longest + extra, dtype=torch.long, device=kvs[0][0][0].device)
+    for i, n in enumerate(lengths):
+        mask[i, longest - n :] = 1
+    return padded, mask
+
+
 @torch.no_grad()
 def batched_step(base, cache_kwarg: str, caches: list[DynamicCache], tokens: list[int]):
     """One decoding step for every (cache, token) pair; returns (new caches, logits [B, V])."""
-    device = caches[0].layers[0].keys.device
     lengths = [c.layers[0].keys.shape[2] for c in caches]
     longest = max(lengths)
-    kv = []
-    for layer in range(len(caches[0].layers)):
-        keys = [F.pad(c.layers[layer].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
-        values = [F.pad(c.layers[layer].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
-        kv.append((torch.cat(keys), torch.cat(values)))
+    kv, mask = left_pad([[(layer.keys, layer.values) for layer in c.layers] for c in caches], lengths, 1)
     batch = DynamicCache(ddp_cache_data=kv)
-    mask = torch.zeros(len(caches), longest + 1, dtype=torch.long, device=device)
-    for i, n in enumerate(lengths):
-        mask[i, longest - n :] = 1
+    device = mask.device
     out = base(input_ids=torch.tensor(tokens, device=device)[:, None],
                position_ids=torch.tensor(lengths, device=device)[:, None], attention_mask=mask,
                use_cache=True, logits_to_keep=1, **{cache_kwarg: batch})
@@ -96,17 +104,9 @@ class StepBatcher:
 @torch.no_grad()
 def batched_latents(model, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> list[torch.Tensor]:
     """The coprocessor's latents for several prefixes at once (left-padded, masked): one ``[1, N_L, D]`` each."""
-    longest = max(lengths)
     n_latents = model.config.n_latents
-    device = kvs[0][0][0].device
-    padded = []
-    for layer in range(len(kvs[0])):
-        keys = [F.pad(kv[layer][0], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
-        values = [F.pad(kv[layer][1], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
-        padded.append((torch.cat(keys), torch.cat(values)))
-    mask = torch.zeros(len(kvs), longest + n_latents, dtype=torch.long, device=device)
-    for i, n in enumerate(lengths):
-        mask[i, longest - n :] = 1
+    padded, mask = left_pad(kvs, lengths, n_latents)
+    device = mask.device
     positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(n_latents, device=device)
     latents = model.coprocessor(padded, len(kvs), 1, positions, mask)  # [B, N_L, D]
     return [latents[i : i + 1] for i in range(len(kvs))]
