@@ -82,6 +82,8 @@ def main() -> None:
             row["augment_vs_8_tokens"] = row["augment_s"] / (8 * max(row["decode_token_s"], 1e-9))
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
+            if args.out:  # after every row: a run cut short keeps what it measured
+                Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
         engine.close()
     result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "attn": base.config._attn_implementation, "rows": rows}

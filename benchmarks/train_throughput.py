@@ -4,7 +4,10 @@ Canonical config (issue 3): Gemma 3 270M frozen, full-copy coprocessor, T=1024, 
 autocast with fp32 master weights, one H200:
 
     python benchmarks/train_throughput.py --model gemma-3-270m --batch 8 --seq-len 1024 --traces 16 128 \
-        --compare-loop --out throughput.json
+        --variants flex sdpa flex+masks flex+masks+mlp --compare-loop --out throughput.json
+
+Implementation variants (``--variants``) are timed on the canonical config; the fastest then times K=128, the
+per-trace loop and the other inits (``--configs``).
 
 CPU smoke run (what CI exercises): python benchmarks/train_throughput.py --model tiny --steps 2 --warmup 1
 
@@ -27,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
+from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model, load_base_model
 from cacheaug.evaluate import autocast_for
+from cacheaug.speed import apply_speed_options
 from cacheaug.testing import tiny_model
 from cacheaug.train import _master_fp32
 
@@ -74,20 +78,46 @@ def measure(model, B, T, K, steps, warmup, loop=False) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    flops = step_flops(model, B, T, K)
-    row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt),
-           "counted_gflop_per_step": round(flops / 1e9, 3), "tflop_per_s": round(flops / dt / 1e12, 4)}
+    row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt)}
+    if model.config.init != "lora-decoder":  # the count below is for a coprocessor (pause: N_c ~ 0)
+        flops = step_flops(model, B, T, K)
+        row.update(counted_gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / dt / 1e12, 4))
+        if device.type == "cuda":
+            row["mfu_pct"] = round(100 * flops / dt / PEAK_BF16, 2)
     if device.type == "cuda":
-        row["mfu_pct"] = round(100 * flops / dt / PEAK_BF16, 2)
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return row
+
+
+def parse_variant(name: str) -> dict:
+    """'flex', 'sdpa', 'eager', optionally '+masks' (compiled block masks) and/or '+mlp' (compiled MLPs)."""
+    attn, *flags = name.split("+")
+    known = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
+    if attn not in known or not set(flags) <= {"masks", "mlp"}:
+        raise SystemExit(f"bad --variants entry {name!r}: use flex|sdpa|eager with optional +masks and/or +mlp")
+    return {"attn": known[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags}
+
+
+def load(args, device, attn):
+    if args.model == "tiny":
+        return tiny_model("gemma3", attn, device=device)
+    return load_base_model(args.model, device=device, attn_implementation=attn)[0]
+
+
+def build(base, args, K, init="copy", n_latents=None):
+    cfg = CoprocessorConfig(n_latents or args.n_latents, args.n_ahead, K, init=init)
+    model = build_model(base, cfg, check_finite=False)
+    _master_fp32(model)
+    return model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m' or 'tiny' (random 3-layer Gemma-3)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--attn", default=None, help="attention backend (default: flex_attention on GPU, sdpa on CPU)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="implementation variants timed at the first K, e.g. flex sdpa flex+masks flex+masks+mlp "
+                    "(default: flex on GPU, sdpa on CPU); the fastest one runs everything else")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--traces", type=int, nargs="+", default=[16])
@@ -96,30 +126,74 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compare-loop", action="store_true", help="also time a per-trace loop at the first K")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="also time other inits at the first K, as INIT:N_L (e.g. pause:16 lora-decoder:16 copy:64): "
+                    "the step times the evaluation runs are sized from")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.model == "tiny":
-        base = tiny_model("gemma3", args.attn or "sdpa", device=device)
         args.seq_len = min(args.seq_len, 128)
-    else:
-        base, _ = load_base_model(args.model, device=device, attn_implementation=args.attn)
-    rows = []
-    for K in args.traces:
-        model = CacheAugmentedLM(base, CoprocessorConfig(args.n_latents, args.n_ahead, K), check_finite=False)
-        _master_fp32(model)
-        rows.append(measure(model, args.batch, args.seq_len, K, args.steps, args.warmup))
-        print(json.dumps(rows[-1]), flush=True)
-        if args.compare_loop and K == args.traces[0]:
-            rows.append(measure(model, args.batch, args.seq_len, K, max(1, args.steps // 4), 1, loop=True))
-            rows[-1]["speedup_of_parallel"] = round(rows[-1]["seconds_per_step"] / rows[-2]["seconds_per_step"], 2)
-            print(json.dumps(rows[-1]), flush=True)
-        del model
-    result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "attn": base.config._attn_implementation, "batch": args.batch, "seq_len": args.seq_len,
-              "n_latents": args.n_latents, "n_ahead": args.n_ahead, "torch": torch.__version__, "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    variants = args.variants or (["flex"] if device.type == "cuda" else ["sdpa"])
+    meta = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "batch": args.batch, "seq_len": args.seq_len, "n_latents": args.n_latents, "n_ahead": args.n_ahead,
+            "torch": torch.__version__}
+
+    def save(best_name=None):  # after every row: a run cut short by a time limit keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps({**meta, "best_variant": best_name, "rows": rows}, indent=2) + "\n")
+
+    for name in variants:  # fail on a misspelt variant before any work
+        parse_variant(name)
+    K0 = args.traces[0]
+    rows, best = [], None
+    for name in variants:  # each variant on a freshly loaded decoder (compiling changes modules in place)
+        v = parse_variant(name)
+        model = base = None
+        try:
+            base = load(args, device, v["attn"])
+            model = build(base, args, K0)
+            apply_speed_options(model, compile_mlp=v["compile_mlp"], compile_masks=v["compile_masks"])
+            row = {"variant": name, "config": f"copy:{args.n_latents}",
+                   **measure(model, args.batch, args.seq_len, K0, args.steps, args.warmup)}
+        except Exception as err:  # one broken variant must not lose the others' figures
+            row = {"variant": name, "error": f"{type(err).__name__}: {err}"[:500]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        if "seconds_per_step" in row and (best is None or row["seconds_per_step"] < best[1]["seconds_per_step"]):
+            best = (name, row)
+        apply_speed_options(model, compile_masks=False)
+        model = base = None
+    if best is None:
+        raise SystemExit("every variant failed")
+    name, v = best[0], parse_variant(best[0])
+    base = load(args, device, v["attn"])
+
+    def timed(K, init="copy", n_latents=None, **kw):
+        model = build(base, args, K, init, n_latents)
+        apply_speed_options(model, compile_mlp=v["compile_mlp"], compile_masks=v["compile_masks"])
+        row = {"variant": name, "config": f"{init}:{n_latents or args.n_latents}",
+               **measure(model, args.batch, args.seq_len, K, **kw)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        save(name)
+        return row
+
+    save(name)
+    for spec in args.configs:  # first: the evaluation runs are sized from these
+        init, _, n = spec.partition(":")
+        try:
+            timed(K0, init, int(n or args.n_latents), steps=max(2, args.steps // 2), warmup=2)
+        except Exception as err:
+            rows.append({"variant": name, "config": spec, "error": f"{type(err).__name__}: {err}"[:500]})
+    if args.compare_loop:
+        timed(K0, steps=max(1, args.steps // 4), warmup=1, loop=True)
+        rows[-1]["speedup_of_parallel"] = round(rows[-1]["seconds_per_step"] / best[1]["seconds_per_step"], 2)
+        save(name)
+    for K in args.traces[1:]:
+        timed(K, steps=args.steps, warmup=args.warmup)
+    apply_speed_options(base, compile_masks=False)
 
 
 if __name__ == "__main__":

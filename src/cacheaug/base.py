@@ -29,10 +29,11 @@ def cache_home() -> Path:
     return Path(os.environ.get("CACHEAUG_HOME", Path.home() / ".cache" / "cacheaug"))
 
 
-def default_attn_implementation(device: torch.device, model_type: str | None = None) -> str:
-    """flex_attention on a GPU (fastest with arbitrary masks), else sdpa; eager for Gemma-2 off the GPU
-    (sdpa drops its attention soft-capping)."""
-    if device.type == "cuda":
+def default_attn_implementation(device: torch.device, model_type: str | None = None, for_training: bool = False) -> str:
+    """Training on a GPU: flex_attention (fixed shapes, arbitrary masks as block masks). Inference (augment,
+    decoding, serving, lm-eval): sdpa, because flex compiles a kernel per new sequence length. Gemma-2 gets
+    eager wherever sdpa would be chosen (sdpa drops its attention soft-capping); flex keeps it."""
+    if device.type == "cuda" and for_training:
         return "flex_attention"
     return "eager" if model_type == "gemma2" else "sdpa"
 
@@ -90,6 +91,7 @@ def load_base_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
+    for_training: bool = False,
 ):
     """Load a frozen-decoder candidate and its tokenizer.
 
@@ -98,7 +100,8 @@ def load_base_model(
             local folder, passed to ``AutoModelForCausalLM.from_pretrained`` unchanged.
         device: where to put it (default: cuda if available, else cpu).
         dtype: default bf16 on a GPU, fp32 on the CPU.
-        attn_implementation: default flex_attention on a GPU, sdpa on the CPU (eager for Gemma-2).
+        attn_implementation: default sdpa (eager for Gemma-2); flex_attention on a GPU when ``for_training``.
+        for_training: pick the training default for ``attn_implementation`` (see default_attn_implementation).
 
     Returns:
         ``(model, tokenizer)``.
@@ -120,7 +123,7 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         source = name_or_path
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
-    attn = attn_implementation or default_attn_implementation(device, model_type)
+    attn = attn_implementation or default_attn_implementation(device, model_type, for_training)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn).to(device)
     if name_or_path == GEMMA_3_270M:
         model.config._name_or_path = GEMMA_3_270M

@@ -116,7 +116,9 @@ def _eval_stale(args: argparse.Namespace) -> None:
 def _eval_tasks(args: argparse.Namespace) -> None:
     from .tasks import write_tasks
 
-    print(write_tasks(Path(args.out) if args.out else None, args.tasks))
+    if args.max_docs is not None and args.max_docs < 1:
+        raise SystemExit("cacheaug: --max-docs must be at least 1")
+    print(write_tasks(Path(args.out) if args.out else None, args.tasks, max_docs=args.max_docs, seed=args.seed))
 
 
 def _eval_harness(args: argparse.Namespace) -> None:
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = ev_sub.add_parser("tasks", help="write lm-eval task YAMLs over the local benchmark files; print the folder")
     tasks.add_argument("--out", default=None, help="folder (default: $CACHEAUG_HOME/lm_eval_tasks)")
     tasks.add_argument("--tasks", nargs="+", default=None, help="subset of tasks (default: all)")
+    tasks.add_argument("--max-docs", type=int, default=None, help="a seeded sample of at most this many documents "
+                       "per task (default: all)")
+    tasks.add_argument("--seed", type=int, default=0, help="seed of that sample")
     tasks.set_defaults(func=_eval_tasks)
 
     harness = ev_sub.add_parser(

@@ -23,6 +23,9 @@ import torch
 
 from .families import SLIDING, Family
 
+# Build FlexAttention block masks with a compiled create_block_mask on CUDA (cacheaug.speed; off by default).
+COMPILE_BLOCK_MASKS = False
+
 
 @dataclass(frozen=True)
 class TraceLayout:
@@ -90,7 +93,8 @@ def block_mask(layout: TraceLayout, window: int | None):
     def mask_mod(b, h, q, kv):
         return allowed(L.q_pos[b, q], L.q_trace[b, q], L.q_limit[b, q], L.kv_pos[b, kv], L.kv_trace[b, kv], window)
 
-    return create_block_mask(mask_mod, B, None, Q, KV, device=L.q_pos.device)
+    compiled = COMPILE_BLOCK_MASKS and L.q_pos.device.type == "cuda"
+    return create_block_mask(mask_mod, B, None, Q, KV, device=L.q_pos.device, _compile=compiled)
 
 
 def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype):

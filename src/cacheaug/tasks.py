@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 from .base import cache_home
@@ -109,8 +110,12 @@ def _yaml(name: str, data: Path, body: str) -> str:
             "metadata:\n  version: 1\n")
 
 
-def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root: Path | None = None) -> Path:
-    """Write the task data (jsonl) and YAMLs into ``folder`` (default ``$CACHEAUG_HOME/lm_eval_tasks``)."""
+def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root: Path | None = None,
+                max_docs: int | None = None, seed: int = 0) -> Path:
+    """Write the task data (jsonl) and YAMLs into ``folder`` (default ``$CACHEAUG_HOME/lm_eval_tasks``).
+
+    ``max_docs``: keep a seeded random sample of at most this many documents per task (in their original order),
+    for quick runs; unlike lm-eval's ``--limit`` (the first N) it samples every MMLU subject."""
     folder = Path(folder or cache_home() / "lm_eval_tasks")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "utils.py").write_text(_UTILS)
@@ -133,8 +138,55 @@ def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root
                     "process_results: !function utils.gold_bpb\n"
                     "metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n")
             yaml_name = f"{name}_bpb"
+        if max_docs is not None and len(docs) > max_docs:
+            keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(docs)), max_docs))
+            docs = [docs[i] for i in keep]
         with open(data, "w", encoding="utf-8") as f:
             for d in docs:
                 f.write(json.dumps(d) + "\n")
         (folder / f"{yaml_name}.yaml").write_text(_yaml(yaml_name, data.resolve(), body))
     return folder
+
+
+def score_tasks_directly(lm, folder: Path, tasks: list[str], limit: int | None = None) -> dict:
+    """The metrics of the task YAMLs above, computed without lm-eval's dataset stack (``datasets``/``pyarrow``).
+
+    ``lm`` is a :class:`cacheaug.lm_eval_model.CacheAugEvalLM`; requests go through its own ``loglikelihood``
+    (same tokenisation, same scores). Multiple choice: ``acc``, ``acc_norm`` (log-likelihood over the choice's
+    character length, lm-eval's definition), each with the standard error of the mean; bits per byte:
+    ``-sum(loglikelihood) / sum(bytes) / ln 2``. Result keys follow lm-eval (``"acc,none"``). A fallback for
+    machines where ``lm_eval.simple_evaluate`` cannot load its datasets; tests check both agree.
+    """
+    import math
+
+    from lm_eval.api.instance import Instance
+
+    results = {}
+    for name in tasks:
+        path = Path(folder) / f"{name}.jsonl"
+        docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][:limit]
+        mc = "choices" in docs[0]
+        pairs = [(d["context"], c) for d in docs for c in (d["choices"] if mc else [d["continuation"]])]
+        reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+        lls = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+        if mc:
+            acc, acc_norm, i = [], [], 0
+            for d in docs:
+                scores = lls[i : i + len(d["choices"])]
+                i += len(d["choices"])
+                norm = [s / len(c) for s, c in zip(scores, d["choices"])]
+                acc.append(float(max(range(len(scores)), key=scores.__getitem__) == d["gold"]))
+                acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == d["gold"]))
+
+            def stderr(xs):
+                m = sum(xs) / len(xs)
+                return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else 0.0
+
+            results[f"cacheaug_{name}"] = {"acc,none": sum(acc) / len(acc), "acc_stderr,none": stderr(acc),
+                                           "acc_norm,none": sum(acc_norm) / len(acc_norm),
+                                           "acc_norm_stderr,none": stderr(acc_norm), "samples": len(docs)}
+        else:
+            n_bytes = sum(len(d["continuation"].encode("utf-8")) for d in docs)
+            results[f"cacheaug_{name}_bpb"] = {"bits_per_byte,none": -sum(lls) / n_bytes / math.log(2),
+                                               "samples": len(docs)}
+    return results

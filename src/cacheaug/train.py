@@ -31,6 +31,7 @@ from .config import CoprocessorConfig
 from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
 from .model import CacheAugmentedLM
+from .speed import apply_speed_options
 
 STATE_JSON, STATE_TENSORS, RUN_CONFIG = "trainer_state.json", "trainer_state.safetensors", "run_config.json"
 
@@ -60,6 +61,8 @@ class TrainConfig:
     heldout_pct: float = _f(1.0, "percent of documents held out (by hash) for evaluation")
     # optimisation
     max_steps: int = _f(1000, "optimizer steps")
+    max_minutes: float = _f(0.0, "stop (evaluate, save) after this much training time even before max_steps (0 = "
+                            "no limit); checked at log steps, so runs on shared machines end in time")
     lr: float = _f(1e-4, "peak AdamW learning rate of the coprocessor weights")
     soft_token_lr: float = _f(1e-3, "peak learning rate of the soft tokens and the read-out scale")
     weight_decay: float = _f(0.0, "AdamW weight decay (coprocessor weights only)")
@@ -72,7 +75,9 @@ class TrainConfig:
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     dtype: Literal["auto", "bfloat16", "float32"] = _f("auto", "decoder weights; bf16 on GPU runs under autocast "
                                                        "with fp32 coprocessor master weights")
-    attn_implementation: str | None = _f(None, "flex_attention (GPU default), sdpa (CPU default) or eager")
+    attn_implementation: str | None = _f(None, "flex_attention (GPU default for training), sdpa (CPU default) or eager")
+    compile_mlp: bool = _f(False, "torch.compile the MLP blocks of decoder and coprocessor (GPU speed; cacheaug.speed)")
+    compile_masks: bool = _f(False, "build FlexAttention block masks with a compiled create_block_mask (GPU speed)")
     # bookkeeping
     eval_every: int = _f(200, "steps between held-out evaluations (0 = only at the end)")
     eval_sequences: int = _f(32, "held-out sequences per evaluation")
@@ -84,6 +89,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.max_minutes < 0:
+            problems.append(f"--max-minutes must be >= 0 (0 = no limit), got {self.max_minutes}")
         for name in ("n_latents", "n_ahead", "n_traces", "seq_len", "batch_size", "grad_accum", "max_steps",
                      "eval_sequences", "log_every", "keep_last", "lora_rank"):
             if getattr(self, name) < 1:
@@ -311,9 +318,11 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     # --- model -----------------------------------------------------------------------------------------
     if base is None:
         dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        base, tokenizer = load_base_model(cfg.model, device=device, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        base, tokenizer = load_base_model(cfg.model, device=device, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                          for_training=True)
     model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
     _master_fp32(model)
+    apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks)
     if main_rank:
         (out_dir / RUN_CONFIG).write_text(json.dumps(
             {"train": cfg.to_dict(), "base_fingerprint": fingerprint(base), "world_size": world}, indent=2) + "\n")
@@ -364,9 +373,17 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main_rank))
     running = torch.zeros((), device=device)
     t_last, tokens_last = time.perf_counter(), tokens_seen
+    t_start, stopped_early = t_last, False
+
+    def out_of_time() -> bool:  # the same answer on every rank (rank 0 decides)
+        late = torch.tensor(float(cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes))
+        if world > 1:
+            late = late.to(device)
+            dist.broadcast(late, 0)
+        return bool(late.item())
 
     def checkpoint_now() -> Path:
-        extra = {"tokens_seen": tokens_seen, "config": cfg.to_dict()}
+        extra = {"tokens_seen": tokens_seen, "config": cfg.to_dict(), "stopped_early": stopped_early}
         return save_checkpoint(out_dir, step, model, opt, data, extra, cfg.keep_last, rank=rank, world=world,
                                sharded=sharded)
 
@@ -421,6 +438,10 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
                 evaluate_now()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 checkpoint_now()
+            if cfg.max_minutes and step % cfg.log_every == 0 and step < cfg.max_steps and out_of_time():
+                stopped_early = True
+                bar.write(f"cacheaug: --max-minutes {cfg.max_minutes} reached at step {step} of {cfg.max_steps}")
+                break
     except KeyboardInterrupt:
         interrupted = True
         bar.write(f"cacheaug: interrupted at step {step}; saving a checkpoint (resume with the same command)")

@@ -1,0 +1,48 @@
+"""Opt-in speed settings for training on a GPU (measured in benchmarks/train_throughput.py, docs/performance.md).
+
+* :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs
+  hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
+  nothing breaks the graph. Whole decoder layers are not compiled: they take the kv-cache object, and dynamo
+  then guards on it per layer and recompiles 18 times per pass.
+* :data:`cacheaug.masks.COMPILE_BLOCK_MASKS`: build FlexAttention block masks with a compiled
+  ``create_block_mask`` instead of materialising the dense rule.
+
+Both change the decoder's modules in place (``nn.Module.compile``): results stay equal up to rounding, and
+the decoder is still frozen and still the same weights.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from . import masks
+
+
+def _decoders(model: nn.Module) -> list[nn.Module]:
+    out = [model.base.get_decoder()]
+    cop = getattr(model, "coprocessor", None)
+    backbone = getattr(cop, "backbone", None) if cop is not None else None
+    if backbone is None and cop is not None and hasattr(cop, "get_decoder"):  # the LoRA-decoder control
+        backbone = cop.get_decoder()
+    if backbone is not None:
+        out.append(backbone)
+    return out
+
+
+def compile_mlps(model: nn.Module) -> int:
+    """``torch.compile`` (static shapes) every MLP block of the decoder and the coprocessor; returns how many."""
+    n = 0
+    for decoder in _decoders(model):
+        for layer in decoder.layers:
+            mlp = getattr(layer, "mlp", None)
+            if mlp is not None and getattr(mlp, "_compiled_call_impl", None) is None:
+                mlp.compile(dynamic=False)
+                n += 1
+    return n
+
+
+def apply_speed_options(model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False) -> None:
+    """Turn on the opt-in speed settings above (no-ops when both are False)."""
+    if compile_mlp:
+        compile_mlps(model)
+    masks.COMPILE_BLOCK_MASKS = compile_masks
