@@ -41,8 +41,20 @@ def compile_mlps(model: nn.Module) -> int:
     return n
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """FlexAttention compiles one kernel per shape (prefix, coprocessor, decoder pass, evaluation batch, ...); past
+    dynamo's default limit of 8 it would silently fall back to the dense eager path, slow and memory-hungry."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, limit)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 16 * limit)
+
+
 def apply_speed_options(model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False) -> None:
     """Turn on the opt-in speed settings above (no-ops when both are False)."""
+    if compile_mlp or compile_masks:
+        allow_recompiles()
     if compile_mlp:
         compile_mlps(model)
     masks.COMPILE_BLOCK_MASKS = compile_masks

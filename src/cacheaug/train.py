@@ -31,7 +31,7 @@ from .config import CoprocessorConfig
 from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
 from .model import CacheAugmentedLM
-from .speed import apply_speed_options
+from .speed import allow_recompiles, apply_speed_options
 
 STATE_JSON, STATE_TENSORS, RUN_CONFIG = "trainer_state.json", "trainer_state.safetensors", "run_config.json"
 
@@ -323,6 +323,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
     _master_fp32(model)
     apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks)
+    if base.config._attn_implementation == "flex_attention":
+        allow_recompiles()
     if main_rank:
         (out_dir / RUN_CONFIG).write_text(json.dumps(
             {"train": cfg.to_dict(), "base_fingerprint": fingerprint(base), "world_size": world}, indent=2) + "\n")
