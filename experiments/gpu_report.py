@@ -57,8 +57,25 @@ def prepare(args) -> None:
     print(f"prepare: model and token files ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def plan_steps(calib: Path | None, budget_s: float, gain: float) -> tuple[int, dict, dict]:
-    """One step count for every run, from the step times measured alone; and the fastest variant's options."""
+def n_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def assign_gpus(times: dict[str, float], n: int) -> dict[str, int]:
+    """Spread the runs over ``n`` GPUs, heaviest first onto the least loaded one."""
+    load, out = [0.0] * max(1, n), {}
+    for name in sorted(RUNS, key=lambda r: -times.get(RUNS[r][1], 1.0)):
+        gpu = min(range(len(load)), key=load.__getitem__)
+        out[name] = gpu
+        load[gpu] += times.get(RUNS[name][1], 1.0)
+    return out
+
+
+def plan_steps(calib: Path | None, budget_s: float, gain: float, gpus: int = 1) -> tuple[int, dict, dict]:
+    """One step count for every run, from the step times measured alone (the busiest GPU sets it); and the
+    fastest variant's options."""
     variant = {"attn_implementation": "flex_attention"}
     if calib is None or not calib.is_file():
         return 300, variant, {}
@@ -69,19 +86,24 @@ def plan_steps(calib: Path | None, budget_s: float, gain: float) -> tuple[int, d
                "compile_masks": "masks" in flags}
     times = {r["config"]: r["seconds_per_step"] for r in bench["rows"]
              if r.get("variant") == name and not r.get("loop") and r.get("K") == 16 and "seconds_per_step" in r}
-    total = sum(times.get(cfg, max(times.values())) for _, cfg in RUNS.values())
-    steps = int(gain * budget_s / total) // 10 * 10
+    times = {cfg: times.get(cfg, max(times.values())) for _, cfg in RUNS.values()}
+    placement = assign_gpus(times, gpus)
+    busiest = max(sum(times[RUNS[r][1]] for r in RUNS if placement[r] == g) for g in set(placement.values()))
+    steps = int(gain * budget_s / busiest) // 10 * 10
     return max(50, min(3000, steps)), variant, times
 
 
 def train_all(args) -> None:
-    steps, variant, times = plan_steps(Path(args.calib) if args.calib else None, args.budget_s, args.gain)
+    gpus = n_gpus()
+    steps, variant, times = plan_steps(Path(args.calib) if args.calib else None, args.budget_s, args.gain, gpus)
+    placement = assign_gpus(times, gpus)
     if args.steps:
         steps = args.steps
     runs_dir = WORK / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     plan = {"steps": steps, "tokens_per_run": steps * COMMON["batch_size"] * COMMON["seq_len"], "variant": variant,
-            "step_times_alone_s": times, "budget_s": args.budget_s, "gain": args.gain, "runs": {}}
+            "step_times_alone_s": times, "budget_s": args.budget_s, "gain": args.gain, "gpus": gpus,
+            "placement": placement, "runs": {}}
     procs = {}
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -92,16 +114,11 @@ def train_all(args) -> None:
                "warmup_steps": max(10, steps // 10), "eval_every": max(10, steps // 5),
                "max_minutes": args.budget_s / 60}
         plan["runs"][name] = cfg
-        cmd = [sys.executable, "-m", "cacheaug", "train"]
-        for k, v in cfg.items():
-            if isinstance(v, bool):
-                cmd.append(_flag(k) if v else "--no-" + k.replace("_", "-"))
-            elif isinstance(v, list):
-                cmd += [_flag(k), *map(str, v)]
-            else:
-                cmd += [_flag(k), str(v)]
+        cmd = [sys.executable, "-m", "cacheaug", "train", *_train_cmd(cfg)]
         log = open(runs_dir / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        run_env = {**env, "CUDA_VISIBLE_DEVICES": str(placement[name])} if gpus > 1 else env
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env), log)
+    print(f"train: placement {placement}")
     print(f"train: {len(procs)} runs of {steps} steps ({plan['tokens_per_run'] / 1e6:.2f}M tokens each), "
           f"variant {variant}", flush=True)
     deadline = time.time() + args.budget_s + args.grace_s
@@ -190,14 +207,16 @@ def eval_all(args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(WORK / "hf_datasets")}
     procs = {}
+    gpus = n_gpus()
     if args.tasks_dir:
-        for name in ["frozen", *[n for n in args.downstream if n in ckpts]]:
+        for i, name in enumerate(["frozen", *[n for n in args.downstream if n in ckpts]]):
             cmd = [sys.executable, __file__, "downstream", "--name", name, "--tasks-dir", args.tasks_dir,
                    "--out-json", str(WORK / f"ds_{name}.json")]
             if name != "frozen":
                 cmd += ["--ckpt", ckpts[name]]
             log = open(WORK / f"ds_{name}.log", "w")
-            procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            run_env = {**env, "CUDA_VISIBLE_DEVICES": str((i + 1) % gpus)} if gpus > 1 else env
+            procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env), log)
     t0 = time.perf_counter()
     try:
         evaluate_ppl(list(ckpts.values()), sequences=args.sequences, stride=args.stride, n_boot=1000, seq_len=args.seq_len,
@@ -233,6 +252,46 @@ def eval_all(args) -> None:
                if isinstance(v, dict)} or r.get("error", "")[-300:], flush=True)
 
 
+def _train_cmd(cfg: dict) -> list[str]:
+    cmd = []
+    for k, v in cfg.items():
+        if isinstance(v, bool):
+            cmd.append(_flag(k) if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            cmd += [_flag(k), *map(str, v)]
+        else:
+            cmd += [_flag(k), str(v)]
+    return cmd
+
+
+def ddp_check(args) -> None:
+    """The main run's config on one GPU (batch B) and under torchrun on two (B/2 each: the same global batch and
+    the same sequences): loss curves side by side, and the throughput of each."""
+    import torch
+
+    steps, variant, _ = plan_steps(Path(args.calib) if args.calib else None, 1.0, 1.0)
+    cfg = {**COMMON, **variant, **RUNS["nl16"][0], "max_steps": args.steps, "warmup_steps": 10, "log_every": 5,
+           "eval_every": 0, "eval_sequences": 8, "max_minutes": args.max_minutes, **dict(kv.split("=", 1) for kv in args.set)}
+    out, report = Path(args.out), {"steps": args.steps, "variant": variant, "runs": {}}
+    env = {**os.environ, "OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false"}
+    world = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2  # CPU: gloo (smoke runs)
+    for name, nproc in (("one_gpu", 1), (f"{world}_gpus", world)):
+        d = WORK / "ddp" / name
+        run = {**cfg, "out_dir": str(d), "batch_size": int(cfg["batch_size"]) // nproc}
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    "-m", "cacheaug"] if nproc > 1 else [sys.executable, "-m", "cacheaug"]
+        t0 = time.perf_counter()
+        p = subprocess.run([*launcher, "train", *_train_cmd(run)], env=env, capture_output=True, text=True,
+                           timeout=args.timeout_s)
+        metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] if (d / "metrics.jsonl").is_file() else []
+        report["runs"][name] = {"world": nproc, "batch_per_gpu": run["batch_size"], "wall_s": round(time.perf_counter() - t0),
+                                "returncode": p.returncode, "metrics": metrics, "log_tail": (p.stdout + p.stderr)[-2500:]}
+        losses = [(m["step"], round(m["loss"], 4), round(m.get("tokens_per_s", 0))) for m in metrics if "loss" in m]
+        print(f"ddp: {name} rc={p.returncode} (step, loss, tok/s): {losses}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ddp.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -257,6 +316,14 @@ def main() -> None:
     ev.add_argument("--stale-sequences", type=int, default=16)
     ev.add_argument("--out", required=True)
     ev.set_defaults(func=eval_all)
+    dd = sub.add_parser("ddp")
+    dd.add_argument("--calib", default=str(WORK / "tp.json"))
+    dd.add_argument("--steps", type=int, default=100)
+    dd.add_argument("--max-minutes", type=float, default=2.0)
+    dd.add_argument("--timeout-s", type=float, default=200)
+    dd.add_argument("--set", nargs="*", default=[], help="override training options (smoke runs)")
+    dd.add_argument("--out", required=True)
+    dd.set_defaults(func=ddp_check)
     ds = sub.add_parser("downstream")
     ds.add_argument("--name", required=True)
     ds.add_argument("--ckpt", default=None)
