@@ -60,7 +60,7 @@ def test_async_never_waits_and_late_latents_are_inserted_stale(model):
         return real(cache, length)
 
     model.compute_latents = slow
-    engine = Engine(model, default_deadline_s=10)
+    engine = Engine(model, default_deadline_s=10, max_stale_tokens=8)
     steps = []
     for step in engine.stream(PROMPT, 10, policy="async"):
         steps.append(step)
@@ -74,6 +74,25 @@ def test_async_never_waits_and_late_latents_are_inserted_stale(model):
     generated = [s.token for s in steps]
     aug = model.augment(torch.tensor([PROMPT + generated[:n]]), stale_by=n)
     assert generated[n] == int(aug.logits.argmax(-1))
+
+
+def test_async_drops_latents_staler_than_allowed(model):
+    release = threading.Event()
+    real = model.compute_latents
+    model.compute_latents = lambda cache, length=None: (release.wait(5), real(cache, length))[1]
+    engine = Engine(model, default_deadline_s=10)  # default max_stale_tokens=0: never insert after token 0
+    steps = []
+    for step in engine.stream(PROMPT, 8, policy="async"):
+        steps.append(step)
+        if len(steps) == 2:
+            release.set()
+            time.sleep(0.5)  # ready between tokens 2 and 3: two tokens stale
+    assert not any(s.augmented for s in steps)
+    assert [s.token for s in steps] == _expected(model, False)[: len(steps)]
+    assert engine.stats.fallbacks == 1 and engine.stats.augmented == 0
+    engine.close()
+    with pytest.raises(ValueError, match="max_stale_tokens"):
+        Engine(model, max_stale_tokens=-1)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("coprocessor died"), SystemExit("coprocessor process killed")])

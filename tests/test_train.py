@@ -148,6 +148,9 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0)
     a, b = _weights(tmp_path / "ddp" / "step_000006"), _weights(single)
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    logged = lambda run: [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r]  # noqa: E731
+    assert logged("ddp") == pytest.approx(logged("single"), abs=1e-5)  # the global batch's loss, not rank 0's half
 
 
 def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path, corpus):

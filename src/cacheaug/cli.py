@@ -144,7 +144,8 @@ def _serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"cacheaug: --coprocessor {args.coprocessor} is not a coprocessor checkpoint")
     serve(args.model, args.coprocessor, host=args.host, port=args.port, policy=args.policy, store_dir=args.store_dir,
           store_bytes=args.store_mib << 20, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-          deadline_ms=args.deadline_ms, device=args.device)
+          deadline_ms=args.deadline_ms, async_grace_ms=args.async_grace_ms, max_stale_tokens=args.max_stale_tokens,
+          device=args.device)
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -229,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--policy", choices=["off", "sync", "async"], default="sync", help="default augmentation policy")
     srv.add_argument("--deadline-ms", type=int, default=2000, help="default wait for the latents")
+    srv.add_argument("--async-grace-ms", type=int, default=0,
+                     help="async: how long the first token may wait for the latents")
+    srv.add_argument("--max-stale-tokens", type=int, default=0,
+                     help="async: insert latents that arrive after decoding began only up to this many tokens late "
+                     "(0: never; late latents hurt, see docs/results.md)")
     srv.add_argument("--store-dir", default=None, help="persist augmented prefixes here (safetensors)")
     srv.add_argument("--store-mib", type=int, default=1024, help="memory budget of the prefix store")
     srv.add_argument("--max-concurrent", type=int, default=8, help="requests decoding at once (their steps are batched)")

@@ -427,6 +427,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
             tokens_seen += tokens_per_step
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if world > 1:  # the logged loss is the global batch's, not rank 0's share
+                    dist.all_reduce(running)
+                    running /= world
                 loss = (running / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)).item()
                 running.zero_()
                 if not math.isfinite(loss):

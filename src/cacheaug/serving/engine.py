@@ -4,9 +4,12 @@ Policies per request:
   ``off``    plain decoding by the frozen model;
   ``sync``   augment the prompt, then decode (the paper's benchmark setting); if the coprocessor fails or misses
              the deadline, decode unaugmented;
-  ``async``  start decoding at once while the coprocessor works on the prompt on its own worker; when the latents
-             are ready they are inserted at the next token boundary (stale by the tokens decoded meanwhile: the
-             staleness study measures what that costs); after the deadline, or on failure, never.
+  ``async``  start decoding at once while the coprocessor works on the prompt on its own worker; latents that are
+             ready within ``async_grace_s`` go in before the first token; later ones are inserted at the next
+             token boundary only while at most ``max_stale_tokens`` tokens have been decoded (default 0: never
+             late). The staleness study (docs/results.md) measured why: latents inserted 4 tokens late raised
+             the perplexity of the next token by thousands of percent, 16 or more tokens late they hurt at every
+             offset. After the deadline, on failure, or when too stale: decode unaugmented.
 
 Offline augmentation: :meth:`Engine.augment_prefix` stores the augmented cache of a shared prefix (a document,
 a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later request that starts with that prefix
@@ -69,18 +72,24 @@ class Engine:
         default_deadline_s: how long a request waits for its latents at most (sync) / accepts them (async).
         hard_timeout_s: a coprocessor call running longer is abandoned and the worker replaced.
         async_grace_s: how long an async request's first token may wait for the latents (0: never waits).
+        max_stale_tokens: an async request inserts latents that arrive after decoding began only while at most
+            this many tokens have been decoded (default 0: never; see the staleness study in docs/results.md).
         max_batch: decoding steps, and coprocessor calls, of concurrent requests run together, up to this many
             rows (1: no batching).
     """
 
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
-                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_batch: int = 16):
+                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 0,
+                 max_batch: int = 16):
+        if not isinstance(max_stale_tokens, int) or max_stale_tokens < 0:
+            raise ValueError(f"max_stale_tokens must be a non-negative integer, got {max_stale_tokens!r}")
         self.model = model
         self.base = model.base
         self.store = store if store is not None else CacheStore(max_bytes=1 << 30)  # an empty store is falsy
         self.default_deadline_s = default_deadline_s
         self.hard_timeout_s = hard_timeout_s
         self.async_grace_s = async_grace_s
+        self.max_stale_tokens = max_stale_tokens
         self.stats = Stats()
         self.lock = threading.Lock()  # one decoder step at a time on the device
         stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
@@ -154,7 +163,7 @@ class Engine:
                 inserted_after = 0
         for n in range(max_new_tokens):
             if future is not None and policy == "async":
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or n > self.max_stale_tokens:  # too late to help (staleness study)
                     self.stats.late += 1
                     self.stats.fallbacks += 1
                     future = None

@@ -255,7 +255,8 @@ def _stop_at(text: str, stops: list[str]) -> str | None:
 
 def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           policy: str = "sync", store_dir: str | None = None, store_bytes: int = 1 << 30, max_concurrent: int = 8,
-          max_queue: int = 16, deadline_ms: int = 2000, device: str | None = None) -> None:
+          max_queue: int = 16, deadline_ms: int = 2000, async_grace_ms: int = 0, max_stale_tokens: int = 0,
+          device: str | None = None) -> None:
     """Load the model (and coprocessor) and serve until interrupted."""
     import uvicorn
 
@@ -273,7 +274,8 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
         wrapped = CacheAugmentedLM(base, CoprocessorConfig(init="pause"))
         wrapped.enabled = False  # no coprocessor: plain decoding whatever the policy
     store = CacheStore(store_bytes, store_dir, fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}")
-    engine = Engine(wrapped, store, default_deadline_s=deadline_ms / 1000)
+    engine = Engine(wrapped, store, default_deadline_s=deadline_ms / 1000, async_grace_s=async_grace_ms / 1000,
+                    max_stale_tokens=max_stale_tokens)
     app = create_app(engine, tokenizer, model_name=model, default_policy=policy, max_concurrent=max_concurrent,
                      max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level="info")
