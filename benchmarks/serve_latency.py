@@ -7,7 +7,9 @@ than generating 8 tokens.
     python benchmarks/serve_latency.py --model tiny --prompt-lens 64 --latents 4 --repeats 2     # CPU smoke run
 
 Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up:
-  ttft_<policy>        prompt in -> first token out, per policy (off / sync / async)
+  ttft_<policy>        prompt in -> first token out, per policy (off / sync / async), in requests of --tokens
+  t<N>_<policy>        prompt in -> last of the N tokens out (async: the coprocessor runs meanwhile)
+  async_inserted_after_tokens   tokens decoded before an async request's latents went in (then replayed)
   augment_s            the coprocessor pass + latent insertion alone (sync's extra cost)
   decode_token_s       one decoding step after the prompt; ``augment_vs_8_tokens`` = augment_s / (8 x it)
   cot_equiv_s          generating N_L tokens instead (the same number of extra positions as "thinking" text)
@@ -45,6 +47,16 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(out)
 
 
+def request_times(engine, prompt, policy, n_tokens, device) -> tuple[float, float, int | None]:
+    """(time to the first token, time to the last, tokens decoded before the latents went in) of one request."""
+    _sync(device)
+    t0 = time.perf_counter()
+    first, step = None, None
+    for step in engine.stream(prompt, n_tokens, policy=policy):  # each Step holds a host int: already synced
+        first = first if first is not None else time.perf_counter() - t0
+    return first, time.perf_counter() - t0, step.inserted_after if step is not None else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m' or 'tiny'")
@@ -52,6 +64,7 @@ def main() -> None:
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--latents", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per timed request")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -68,9 +81,12 @@ def main() -> None:
             prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
             ids = torch.tensor([prompt], device=device)
             row = {"n_latents": n_latents, "prompt_len": P}
-            for policy in ("off", "sync", "async"):
-                row[f"ttft_{policy}_s"] = timed(lambda: next(iter(engine.stream(prompt, 1, policy=policy))), device,
-                                                args.repeats)
+            for policy in ("off", "sync", "async"):  # whole requests of --tokens tokens: TTFT and total time
+                runs = [request_times(engine, prompt, policy, args.tokens, device) for _ in range(args.repeats + 1)][1:]
+                row[f"ttft_{policy}_s"] = statistics.median(r[0] for r in runs)
+                row[f"t{args.tokens}_{policy}_s"] = statistics.median(r[1] for r in runs)
+                if policy == "async":
+                    row["async_inserted_after_tokens"] = [r[2] for r in runs]
             row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - timed(
                 lambda: engine.prefill(prompt), device, args.repeats)
             cache_then_step = lambda: engine._forward(engine.prefill(prompt)[0], ids[:, -1:])  # noqa: E731
@@ -79,6 +95,7 @@ def main() -> None:
             row["cot_equiv_s"] = timed(lambda: base.generate(ids, max_new_tokens=n_latents, min_new_tokens=n_latents,
                                                              do_sample=False), device, args.repeats)
             row["async_overhead_pct"] = 100 * (row["ttft_async_s"] / row["ttft_off_s"] - 1)
+            row["async_total_overhead_pct"] = 100 * (row[f"t{args.tokens}_async_s"] / row[f"t{args.tokens}_off_s"] - 1)
             row["augment_vs_8_tokens"] = row["augment_s"] / (8 * max(row["decode_token_s"], 1e-9))
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)

@@ -51,42 +51,58 @@ def test_policies_match_the_library(model):
     assert _expected(model, True) != _expected(model, False)
 
 
-def test_async_never_waits_and_late_latents_are_inserted_stale(model):
-    release = threading.Event()
-    real = model.compute_latents
+def _slow_latents(model, release) -> threading.Event:
+    """The coprocessor waits for ``release``; the returned event is set once its latents exist."""
+    real, done = model.compute_latents, threading.Event()
 
     def slow(cache, length=None):
         release.wait(5)
-        return real(cache, length)
+        out = real(cache, length)
+        done.set()
+        return out
 
     model.compute_latents = slow
-    engine = Engine(model, default_deadline_s=10, max_stale_tokens=8)
+    return done
+
+
+def test_async_late_latents_go_in_at_their_place_and_the_tokens_are_replayed(model):
+    release = threading.Event()
+    done = _slow_latents(model, release)
+    engine = Engine(model, default_deadline_s=10, max_batch=1)
     steps = []
     for step in engine.stream(PROMPT, 10, policy="async"):
         steps.append(step)
         if len(steps) == 3:
             release.set()
-            time.sleep(0.5)  # the latents arrive between tokens 3 and 4
-    assert not steps[0].augmented and steps[-1].augmented
-    n = steps[-1].inserted_after
-    assert n == 3
-    # equals latents computed on the prompt, inserted after n generated tokens (augment with stale_by=n)
+            done.wait(5)
+            time.sleep(0.2)  # the latents arrive between tokens 3 and 4
     generated = [s.token for s in steps]
-    aug = model.augment(torch.tensor([PROMPT + generated[:n]]), stale_by=n)
-    assert generated[n] == int(aug.logits.argmax(-1))
+    assert not steps[0].augmented and steps[-1].augmented and steps[-1].inserted_after == 3
+    assert generated[:3] == _expected(model, False)[:3]  # chosen before the latents existed
+    # from then on exactly a sync request that produced the same first 3 tokens: augment the prompt, then the
+    # 3 tokens through the decoder, then greedy decoding
+    aug = model.augment(torch.tensor([PROMPT]))
+    logits = model.base(input_ids=torch.tensor([generated[:3]]), **model._decoder_kwargs(aug.cache)).logits[:, -1]
+    expected = []
+    for _ in range(7):
+        expected.append(int(logits.argmax(-1)))
+        logits = model.base(input_ids=torch.tensor([[expected[-1]]]), **model._decoder_kwargs(aug.cache)).logits[:, -1]
+    assert generated[3:] == expected
+    assert engine.stats.augmented == 1 and engine.stats.fallbacks == 0
+    engine.close()
 
 
-def test_async_drops_latents_staler_than_allowed(model):
+def test_async_first_token_never_waits_and_too_late_latents_are_dropped(model):
     release = threading.Event()
-    real = model.compute_latents
-    model.compute_latents = lambda cache, length=None: (release.wait(5), real(cache, length))[1]
-    engine = Engine(model, default_deadline_s=10)  # default max_stale_tokens=0: never insert after token 0
+    done = _slow_latents(model, release)
+    engine = Engine(model, default_deadline_s=10, max_stale_tokens=1)
     steps = []
     for step in engine.stream(PROMPT, 8, policy="async"):
         steps.append(step)
-        if len(steps) == 2:
+        if len(steps) == 3:
             release.set()
-            time.sleep(0.5)  # ready between tokens 2 and 3: two tokens stale
+            done.wait(5)
+            time.sleep(0.2)  # ready between tokens 3 and 4: past max_stale_tokens=1
     assert not any(s.augmented for s in steps)
     assert [s.token for s in steps] == _expected(model, False)[: len(steps)]
     assert engine.stats.fallbacks == 1 and engine.stats.augmented == 0

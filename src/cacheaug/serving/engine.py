@@ -4,12 +4,15 @@ Policies per request:
   ``off``    plain decoding by the frozen model;
   ``sync``   augment the prompt, then decode (the paper's benchmark setting); if the coprocessor fails or misses
              the deadline, decode unaugmented;
-  ``async``  start decoding at once while the coprocessor works on the prompt on its own worker; latents that are
-             ready within ``async_grace_s`` go in before the first token; later ones are inserted at the next
-             token boundary only while at most ``max_stale_tokens`` tokens have been decoded (default 0: never
-             late). The staleness study (docs/results.md) measured why: latents inserted 4 tokens late raised
-             the perplexity of the next token by thousands of percent, 16 or more tokens late they hurt at every
-             offset. After the deadline, on failure, or when too stale: decode unaugmented.
+  ``async``  the first token comes at once, as with ``off`` (the coprocessor starts after it, so it never slows
+             the first token); when the latents are ready, n tokens later, they go in at their true place,
+             right after the prompt, and the n tokens decoded meanwhile are replayed through the decoder in
+             one pass. From then on the request continues exactly as a ``sync`` request that had produced the
+             same first n tokens: late latents cost a replay of n tokens, not quality. (Inserting them after
+             the n tokens instead, i.e. stale, raised the next token's perplexity by thousands of percent in
+             the staleness study of docs/results.md.) With ``async_grace_s`` > 0 the first token waits that
+             long for the latents. After the deadline, on failure, or beyond ``max_stale_tokens`` tokens:
+             decode unaugmented.
 
 Offline augmentation: :meth:`Engine.augment_prefix` stores the augmented cache of a shared prefix (a document,
 a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later request that starts with that prefix
@@ -72,14 +75,14 @@ class Engine:
         default_deadline_s: how long a request waits for its latents at most (sync) / accepts them (async).
         hard_timeout_s: a coprocessor call running longer is abandoned and the worker replaced.
         async_grace_s: how long an async request's first token may wait for the latents (0: never waits).
-        max_stale_tokens: an async request inserts latents that arrive after decoding began only while at most
-            this many tokens have been decoded (default 0: never; see the staleness study in docs/results.md).
+        max_stale_tokens: an async request takes latents that arrive after decoding began only while at most this
+            many tokens have been decoded (the replay's length; default 64).
         max_batch: decoding steps, and coprocessor calls, of concurrent requests run together, up to this many
             rows (1: no batching).
     """
 
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
-                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 0,
+                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 64,
                  max_batch: int = 16):
         if not isinstance(max_stale_tokens, int) or max_stale_tokens < 0:
             raise ValueError(f"max_stale_tokens must be a non-negative integer, got {max_stale_tokens!r}")
@@ -155,26 +158,36 @@ class Engine:
         augmented = from_store
         inserted_after = 0 if from_store else None
         future = None
-        if policy != "off" and self.model.enabled and not from_store:
-            future = self.submit_latents(cache, len(prompt))
+        wants = policy != "off" and self.model.enabled and not from_store
+        P = len(prompt)
+        submitted = wants and (policy == "sync" or self.async_grace_s > 0)
+        if submitted:
+            future = self.submit_latents(cache, P)
             wait = deadline - time.monotonic() if policy == "sync" else min(self.async_grace_s, deadline - time.monotonic())
             logits, augmented, future = self._try_insert(future, cache, logits, max(0.0, wait))
             if augmented:
                 inserted_after = 0
+        generated: list[int] = []
         for n in range(max_new_tokens):
-            if future is not None and policy == "async":
-                if time.monotonic() > deadline or n > self.max_stale_tokens:  # too late to help (staleness study)
+            if future is not None and policy == "async" and n > 0:
+                if time.monotonic() > deadline or n > self.max_stale_tokens:
                     self.stats.late += 1
                     self.stats.fallbacks += 1
+                    self._abandon_if_hung(future)
                     future = None
                 elif future.done():
-                    logits, augmented, future = self._try_insert(future, cache, logits, 0.0)
-                    if augmented:
-                        inserted_after = n
+                    latents = self._latents_or_none(future, 0.0)
+                    future = None
+                    if latents is not None:  # at their true place; replay the tokens decoded meanwhile
+                        cache, logits = self._insert_and_replay(cache, P, latents, generated)
+                        augmented, inserted_after = True, n
             token = self._choose(logits, temperature, top_p, generator)
+            generated.append(token)
             yield Step(token, augmented, inserted_after)
             if token in stop_ids or n == max_new_tokens - 1:
                 break
+            if wants and not submitted:  # async: only after the first token, which never waits for the coprocessor
+                future, submitted = self.submit_latents(cache, P), True
             if self.batcher is not None:  # batched with the other requests' steps
                 cache, logits = self.batcher.step(cache, token)
             else:
@@ -184,12 +197,20 @@ class Engine:
             self.stats.fallbacks += 1
             self._abandon_if_hung(future)
 
-    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float):
-        """Insert the latents if ``future`` delivers within ``wait_s``; returns (logits, augmented, pending future)."""
+    def _insert_and_replay(self, cache: DynamicCache, prompt_len: int, latents: torch.Tensor, tokens: list[int]):
+        """A new cache: the prompt's positions of ``cache``, then ``latents``, then ``tokens`` replayed; and the
+        next-token logits. Equal to augmenting the prompt and then decoding ``tokens``."""
+        fresh = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :prompt_len], layer.values[:, :, :prompt_len])
+                                             for layer in cache.layers])
+        logits = self._insert(fresh, latents)
+        if tokens:
+            logits = self._forward(fresh, torch.tensor([tokens], device=self.model.device))
+        self.stats.augmented += 1
+        return fresh, logits
+
+    def _latents_or_none(self, future: cf.Future, wait_s: float):
         try:
-            latents = future.result(timeout=wait_s)
-        except cf.TimeoutError:
-            return logits, False, future  # still pending
+            return future.result(timeout=wait_s)
         except KeyboardInterrupt:
             raise
         except BaseException as err:  # failed, cancelled or killed (SystemExit in its thread): decode unaugmented
@@ -197,6 +218,18 @@ class Engine:
             self.stats.fallbacks += 1
             warnings.warn(f"cacheaug: coprocessor failed ({type(err).__name__}: {err}); decoding without it.",
                           stacklevel=3)
+            return None
+
+    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float):
+        """Insert the latents if ``future`` delivers within ``wait_s``; returns (logits, augmented, pending future)."""
+        try:
+            future.exception(timeout=wait_s)  # wait, without raising the call's own error here
+        except cf.TimeoutError:
+            return logits, False, future  # still pending
+        except cf.CancelledError:
+            pass
+        latents = self._latents_or_none(future, 0.0)
+        if latents is None:
             return logits, False, None
         self.stats.augmented += 1
         return self._insert(cache, latents), True, None
