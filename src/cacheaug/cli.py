@@ -232,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--deadline-ms", type=int, default=2000, help="default wait for the latents")
     srv.add_argument("--async-grace-ms", type=int, default=0,
                      help="async: how long the first token may wait for the latents")
-    srv.add_argument("--max-stale-tokens", type=int, default=0,
-                     help="async: insert latents that arrive after decoding began only up to this many tokens late "
-                     "(0: never; late latents hurt, see docs/results.md)")
+    srv.add_argument("--max-stale-tokens", type=int, default=64,
+                     help="async: take latents that arrive after decoding began up to this many tokens late; they go "
+                     "in at their true place, after the prompt, and those tokens are replayed (0: only latents ready before the "
+                     "first token, within --async-grace-ms)")
     srv.add_argument("--store-dir", default=None, help="persist augmented prefixes here (safetensors)")
     srv.add_argument("--store-mib", type=int, default=1024, help="memory budget of the prefix store")
     srv.add_argument("--max-concurrent", type=int, default=8, help="requests decoding at once (their steps are batched)")

@@ -255,7 +255,7 @@ def _stop_at(text: str, stops: list[str]) -> str | None:
 
 def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           policy: str = "sync", store_dir: str | None = None, store_bytes: int = 1 << 30, max_concurrent: int = 8,
-          max_queue: int = 16, deadline_ms: int = 2000, async_grace_ms: int = 0, max_stale_tokens: int = 0,
+          max_queue: int = 16, deadline_ms: int = 2000, async_grace_ms: int = 0, max_stale_tokens: int = 64,
           device: str | None = None) -> None:
     """Load the model (and coprocessor) and serve until interrupted."""
     import uvicorn
