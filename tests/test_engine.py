@@ -51,9 +51,9 @@ def test_policies_match_the_library(model):
     assert _expected(model, True) != _expected(model, False)
 
 
-def _slow_latents(model, release) -> threading.Event:
-    """The coprocessor waits for ``release``; the returned event is set once its latents exist."""
-    real, done = model.compute_latents, threading.Event()
+def _async_with_latents_after(model, engine, n_tokens: int, ready_after: int = 3) -> list:
+    """Stream an async request whose coprocessor is held back until ``ready_after`` tokens are out."""
+    release, done, real = threading.Event(), threading.Event(), model.compute_latents
 
     def slow(cache, length=None):
         release.wait(5)
@@ -62,20 +62,19 @@ def _slow_latents(model, release) -> threading.Event:
         return out
 
     model.compute_latents = slow
-    return done
+    steps = []
+    for step in engine.stream(PROMPT, n_tokens, policy="async"):
+        steps.append(step)
+        if len(steps) == ready_after:
+            release.set()
+            done.wait(5)
+            time.sleep(0.2)  # the latents arrive between tokens ready_after and ready_after + 1
+    return steps
 
 
 def test_async_late_latents_go_in_at_their_place_and_the_tokens_are_replayed(model):
-    release = threading.Event()
-    done = _slow_latents(model, release)
     engine = Engine(model, default_deadline_s=10, max_batch=1)
-    steps = []
-    for step in engine.stream(PROMPT, 10, policy="async"):
-        steps.append(step)
-        if len(steps) == 3:
-            release.set()
-            done.wait(5)
-            time.sleep(0.2)  # the latents arrive between tokens 3 and 4
+    steps = _async_with_latents_after(model, engine, 10)
     generated = [s.token for s in steps]
     assert not steps[0].augmented and steps[-1].augmented and steps[-1].inserted_after == 3
     assert generated[:3] == _expected(model, False)[:3]  # chosen before the latents existed
@@ -93,16 +92,8 @@ def test_async_late_latents_go_in_at_their_place_and_the_tokens_are_replayed(mod
 
 
 def test_async_first_token_never_waits_and_too_late_latents_are_dropped(model):
-    release = threading.Event()
-    done = _slow_latents(model, release)
     engine = Engine(model, default_deadline_s=10, max_stale_tokens=1)
-    steps = []
-    for step in engine.stream(PROMPT, 8, policy="async"):
-        steps.append(step)
-        if len(steps) == 3:
-            release.set()
-            done.wait(5)
-            time.sleep(0.2)  # ready between tokens 3 and 4: past max_stale_tokens=1
+    steps = _async_with_latents_after(model, engine, 8)  # ready after 3 tokens: past max_stale_tokens=1
     assert not any(s.augmented for s in steps)
     assert [s.token for s in steps] == _expected(model, False)[: len(steps)]
     assert engine.stats.fallbacks == 1 and engine.stats.augmented == 0
