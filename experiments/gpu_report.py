@@ -269,7 +269,7 @@ def ddp_check(args) -> None:
     the same sequences): loss curves side by side, and the throughput of each."""
     import torch
 
-    steps, variant, _ = plan_steps(Path(args.calib) if args.calib else None, 1.0, 1.0)
+    _, variant, _ = plan_steps(Path(args.calib) if args.calib else None, 1.0, 1.0)
     cfg = {**COMMON, **variant, **RUNS["nl16"][0], "max_steps": args.steps, "warmup_steps": 10, "log_every": 5,
            "eval_every": 0, "eval_sequences": 8, "max_minutes": args.max_minutes, **dict(kv.split("=", 1) for kv in args.set)}
     out, report = Path(args.out), {"steps": args.steps, "variant": variant, "runs": {}}
@@ -281,7 +281,7 @@ def ddp_check(args) -> None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                     "-m", "cacheaug"] if nproc > 1 else [sys.executable, "-m", "cacheaug"]
         t0 = time.perf_counter()
-        p = subprocess.run([*launcher, "train", *_train_cmd(run)], env=env, capture_output=True, text=True,
+        p = subprocess.run([*launcher, "train", *_train_cmd(run)], env=env, capture_output=True, text=True, check=False,
                            timeout=args.timeout_s)
         metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] if (d / "metrics.jsonl").is_file() else []
         report["runs"][name] = {"world": nproc, "batch_per_gpu": run["batch_size"], "wall_s": round(time.perf_counter() - t0),

@@ -16,7 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 LABELS = {"nl4": "coprocessor N_L=4", "nl16": "coprocessor N_L=16", "nl64": "coprocessor N_L=64",
           "pause16": "pause tokens (16)", "loradec": "LoRA decoder (r=64)", "scratch16": "random-init coprocessor (16)",

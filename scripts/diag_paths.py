@@ -1,7 +1,10 @@
 """GPU diagnostic: do the parallel training pass and augment+decode agree on a TRAINED coprocessor, on held-out
 text, in bf16 and fp32 (sdpa)? Prints mean losses and relative perplexity change per path and offset group."""
-import json, sys
+import json
+import sys
+
 import torch
+
 from cacheaug import CacheAugmentedLM, load_base_model
 from cacheaug.evaluate import autocast_for, continuation_losses, heldout_sequences
 
