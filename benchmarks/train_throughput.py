@@ -49,7 +49,7 @@ def step_flops(model: CacheAugmentedLM, B: int, T: int, K: int) -> float:
             + 6 * V * D * B * K * cfg.n_ahead)
 
 
-def measure(model, B, T, K, steps, warmup, loop=False) -> dict:
+def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = None) -> dict:
     device = model.device
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
@@ -72,6 +72,20 @@ def measure(model, B, T, K, steps, warmup, loop=False) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if profile:  # where the time of a step goes: host (Python, launches) vs device kernels
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(2):
+                one_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        table = prof.key_averages()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        Path(profile).write_text(table.table(sort_by=sort, row_limit=40) + "\n\nby host time:\n"
+                                 + table.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
     t0 = time.perf_counter()
     for _ in range(steps):
         one_step()
@@ -129,6 +143,10 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=[],
                     help="also time other inits at the first K, as INIT:N_L (e.g. pause:16 lora-decoder:16 copy:64): "
                     "the step times the evaluation runs are sized from")
+    ap.add_argument("--batches", type=int, nargs="*", default=[],
+                    help="also time the canonical config at these batch sizes (the step is launch-bound: larger "
+                    "batches raise tokens/s until the arithmetic takes over)")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of two canonical steps here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -171,10 +189,10 @@ def main() -> None:
     name, v = best[0], parse_variant(best[0])
     base = load(args, device, v["attn"])
 
-    def timed(K, init="copy", n_latents=None, **kw):
+    def timed(K, init="copy", n_latents=None, label="", **kw):
         model = build(base, args, K, init, n_latents)
         apply_speed_options(model, compile_mlp=v["compile_mlp"], compile_masks=v["compile_masks"])
-        row = {"variant": name, "config": f"{init}:{n_latents or args.n_latents}",
+        row = {"variant": name, "config": f"{init}:{n_latents or args.n_latents}{label}",
                **measure(model, args.batch, args.seq_len, K, **kw)}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -188,6 +206,15 @@ def main() -> None:
             timed(K0, init, int(n or args.n_latents), steps=max(2, args.steps // 2), warmup=2)
         except Exception as err:
             rows.append({"variant": name, "config": spec, "error": f"{type(err).__name__}: {err}"[:500]})
+    if args.profile:
+        timed(K0, steps=1, warmup=1, profile=args.profile, label=" profiled")
+    for B in args.batches:
+        batch, args.batch = args.batch, B
+        try:
+            timed(K0, steps=args.steps, warmup=args.warmup, label=f" B={B}")
+        except torch.OutOfMemoryError as err:
+            rows.append({"variant": name, "config": f"copy:{args.n_latents} B={B}", "error": str(err)[:300]})
+        args.batch = batch
     if args.compare_loop:
         timed(K0, steps=max(1, args.steps // 4), warmup=1, loop=True)
         rows[-1]["speedup_of_parallel"] = round(rows[-1]["seconds_per_step"] / best[1]["seconds_per_step"], 2)

@@ -12,11 +12,13 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     out = tmp_path / "t.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--device", "cpu",
            "--batch", "2", "--seq-len", "64", "--traces", "4", "--n-latents", "2", "--n-ahead", "3", "--steps", "1",
-           "--warmup", "1", "--compare-loop", "--out", str(out)]
+           "--warmup", "1", "--compare-loop", "--batches", "3", "--profile", str(tmp_path / "p.txt"), "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = json.loads(out.read_text())["rows"]
-    assert [r["loop"] for r in rows] == [False, True]
+    assert [(r["config"], r["loop"]) for r in rows] == [("copy:2", False), ("copy:2 profiled", False),
+                                                        ("copy:2 B=3", False), ("copy:2", True)]
     assert all(r["text_tokens_per_s"] > 0 and r["counted_gflop_per_step"] > 0 for r in rows)
+    assert "aten::mm" in (tmp_path / "p.txt").read_text()  # the profile table names the kernels
 
 
 def test_serve_latency_runs_at_toy_size(tmp_path):
