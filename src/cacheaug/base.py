@@ -30,12 +30,12 @@ def cache_home() -> Path:
 
 
 def default_attn_implementation(device: torch.device, model_type: str | None = None, for_training: bool = False) -> str:
-    """Training on a GPU: flex_attention (fixed shapes, arbitrary masks as block masks). Inference (augment,
-    decoding, serving, lm-eval): sdpa, because flex compiles a kernel per new sequence length. Gemma-2 gets
-    eager wherever sdpa would be chosen (sdpa drops its attention soft-capping); flex keeps it."""
-    if device.type == "cuda" and for_training:
-        return "flex_attention"
-    return "eager" if model_type == "gemma2" else "sdpa"
+    """sdpa, for training too: on the H200 it trained the canonical config faster than flex_attention (33k vs
+    27k text tokens/s, docs/performance.md), and inference with flex compiles a kernel per sequence length.
+    Gemma-2's attention soft-capping is dropped by sdpa: flex_attention for training on a GPU, else eager."""
+    if model_type == "gemma2":
+        return "flex_attention" if device.type == "cuda" and for_training else "eager"
+    return "sdpa"
 
 
 def load_gemma3_tokenizer(cache_dir: Path | None = None):
@@ -100,7 +100,7 @@ def load_base_model(
             local folder, passed to ``AutoModelForCausalLM.from_pretrained`` unchanged.
         device: where to put it (default: cuda if available, else cpu).
         dtype: default bf16 on a GPU, fp32 on the CPU.
-        attn_implementation: default sdpa (eager for Gemma-2); flex_attention on a GPU when ``for_training``.
+        attn_implementation: default sdpa (Gemma-2: eager, or flex_attention on a GPU when ``for_training``).
         for_training: pick the training default for ``attn_implementation`` (see default_attn_implementation).
 
     Returns:

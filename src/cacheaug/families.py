@@ -92,7 +92,7 @@ def resolve_family(model: nn.Module) -> Family:
         raise ValueError(
             f"attn_implementation={attn!r} cannot take the arbitrary attention masks that multi-trace training and "
             f"augmentation need. Load the model with attn_implementation set to one of {MASK_BACKENDS} "
-            "(flex_attention is the fastest on a GPU)."
+            "(sdpa is the default; flex_attention for Gemma-2 on a GPU)."
         )
     if getattr(config, "attn_logit_softcapping", None) and attn == "sdpa":
         raise ValueError(

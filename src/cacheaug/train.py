@@ -64,7 +64,8 @@ class TrainConfig:
     max_minutes: float = _f(0.0, "stop (evaluate, save) after this much training time even before max_steps (0 = "
                             "no limit); checked at log steps, so runs on shared machines end in time")
     lr: float = _f(1e-4, "peak AdamW learning rate of the coprocessor weights")
-    soft_token_lr: float = _f(1e-3, "peak learning rate of the soft tokens and the read-out scale")
+    soft_token_lr: float = _f(1e-2, "peak learning rate of the soft tokens and the read-out scale (they live at the "
+                              "scale of the input embeddings, about 1 per element for Gemma)")
     weight_decay: float = _f(0.0, "AdamW weight decay (coprocessor weights only)")
     warmup_steps: int = _f(100, "linear warm-up steps, then cosine decay")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
@@ -75,7 +76,7 @@ class TrainConfig:
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     dtype: Literal["auto", "bfloat16", "float32"] = _f("auto", "decoder weights; bf16 on GPU runs under autocast "
                                                        "with fp32 coprocessor master weights")
-    attn_implementation: str | None = _f(None, "flex_attention (GPU default for training), sdpa (CPU default) or eager")
+    attn_implementation: str | None = _f(None, "sdpa (default), flex_attention or eager")
     compile_mlp: bool = _f(False, "torch.compile the MLP blocks of decoder and coprocessor (GPU speed; cacheaug.speed)")
     compile_masks: bool = _f(False, "build FlexAttention block masks with a compiled create_block_mask (GPU speed)")
     # bookkeeping
