@@ -113,8 +113,17 @@ def test_faults_give_the_base_answer_within_the_deadline(stack):
     with pytest.warns(UserWarning, match="coprocessor crashed"):
         r = _complete(server.url, augment="async").json()
     assert r["choices"][0]["text"] == base_text
+
+    def killed(cache, length=None):  # what a killed worker looks like from inside its thread
+        raise SystemExit("coprocessor killed")
+
+    model.compute_latents = killed
+    with pytest.warns(UserWarning, match="coprocessor killed"):
+        r = _complete(server.url, augment="sync").json()
+    assert r["choices"][0]["text"] == base_text and not r["augmentation"]["augmented"]
+    assert httpx.get(f"{server.url}/health").status_code == 200  # the server lives on
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'cacheaug_augmentations_total{outcome="failed"} 1.0' in metrics
+    assert 'cacheaug_augmentations_total{outcome="failed"} 2.0' in metrics
     assert 'cacheaug_augmentations_total{outcome="late"} 1.0' in metrics
 
 
