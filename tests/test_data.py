@@ -77,6 +77,12 @@ def test_packed_sequences_epochs_and_resume():
         PackedSequences(tokens, seq_len=20, seed=3).load_state_dict(state)
 
 
+def test_evaluation_windows_spread_over_the_whole_stream():
+    data = PackedSequences(np.arange(1000, dtype=np.uint32), seq_len=10)  # 100 windows
+    assert data.spread(4)[:, 0].tolist() == [0, 250, 500, 750]  # not the first four: a stream is source after source
+    assert len(data.spread(500)) == 100
+
+
 def test_ranks_take_disjoint_shares_of_one_order():
     tokens = np.arange(400, dtype=np.uint32)
     single = PackedSequences(tokens, 10, seed=1).next_batch(8)[1]

@@ -336,6 +336,12 @@ class PackedSequences:
             window = np.concatenate([[self.bos_id], window[: self.seq_len - 1]])
         return torch.from_numpy(window)
 
+    def spread(self, n: int) -> torch.Tensor:
+        """``[min(n, len), seq_len]``: windows evenly spaced over the whole stream (for evaluation: a stream holds
+        its sources one after another, so its first windows would all come from one source)."""
+        n = min(n, self.n)
+        return torch.stack([self.sequence(i * self.n // n) for i in range(n)])
+
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
         """``[batch_size, seq_len]`` int64 for this rank, and a key per row that names the sequence and epoch
         (used to seed its insertion points, so they do not depend on the number of ranks). Wraps into a new

@@ -81,16 +81,14 @@ def bootstrap_rel_change(aug: torch.Tensor, base: torch.Tensor, points: int, n_b
 
 def heldout_sequences(tokenizer, data, heldout_pct: float, seq_len: int, n: int) -> torch.Tensor:
     """``n`` held-out sequences ``[n, T]`` of ``data`` (the same split training held out), spread evenly over the
-    whole held-out stream: the stream holds the sources one after another, so its first windows would all come
-    from one source."""
+    held-out stream (:meth:`PackedSequences.spread`)."""
     from .data import PackedSequences, build_token_files, load_tokens
 
     token_dir = build_token_files(tokenizer, list(data), heldout_pct)
     held = PackedSequences(load_tokens(token_dir, "heldout"), seq_len, seed=0, bos_id=tokenizer.bos_token_id)
     if len(held) == 0:
         raise ValueError(f"The held-out split has fewer than {seq_len} tokens: raise --heldout-pct or lower --seq-len.")
-    n = min(n, len(held))
-    return torch.stack([held.sequence(i * len(held) // n) for i in range(n)])
+    return held.spread(n)
 
 
 def _print_table(offsets, columns: dict[str, dict], frozen_ppl: list[float] | None = None) -> None:

@@ -341,8 +341,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     heldout_tokens = load_tokens(token_dir, "heldout")
     n_eval = min(cfg.eval_sequences, max(0, len(heldout_tokens) - 1) // cfg.seq_len)
     heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0, bos_id=bos) if n_eval else None
-    # spread over the whole held-out stream (it holds the sources one after another)
-    eval_seqs = torch.stack([heldout.sequence(i * len(heldout) // n_eval) for i in range(n_eval)]) if n_eval else None
+    eval_seqs = heldout.spread(n_eval) if n_eval else None
 
     # --- resume weights, spread over ranks, optimizer ---------------------------------------------------
     checkpoints = complete_checkpoints(out_dir) if cfg.resume else []

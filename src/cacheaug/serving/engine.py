@@ -176,7 +176,7 @@ class Engine:
                     self._abandon_if_hung(future)
                     future = None
                 elif future.done():
-                    latents = self._latents_or_none(future, 0.0)
+                    latents = self._latents_or_none(future)
                     future = None
                     if latents is not None:  # at their true place; replay the tokens decoded meanwhile
                         cache, logits = self._insert_and_replay(cache, P, latents, generated)
@@ -208,9 +208,10 @@ class Engine:
         self.stats.augmented += 1
         return fresh, logits
 
-    def _latents_or_none(self, future: cf.Future, wait_s: float):
+    def _latents_or_none(self, future: cf.Future):
+        """The latents of a finished ``future``, or None (counted and warned) when the coprocessor failed."""
         try:
-            return future.result(timeout=wait_s)
+            return future.result(timeout=0)
         except KeyboardInterrupt:
             raise
         except BaseException as err:  # failed, cancelled or killed (SystemExit in its thread): decode unaugmented
@@ -228,7 +229,7 @@ class Engine:
             return logits, False, future  # still pending
         except cf.CancelledError:
             pass
-        latents = self._latents_or_none(future, 0.0)
+        latents = self._latents_or_none(future)
         if latents is None:
             return logits, False, None
         self.stats.augmented += 1
