@@ -4,7 +4,7 @@ Canonical config (issue 3): Gemma 3 270M frozen, full-copy coprocessor, T=1024, 
 autocast with fp32 master weights, one H200:
 
     python benchmarks/train_throughput.py --model gemma-3-270m --batch 8 --seq-len 1024 --traces 16 128 \
-        --variants flex sdpa flex+masks flex+masks+mlp --compare-loop --out throughput.json
+        --variants sdpa sdpa+step sdpa+graphs --compare-loop --out throughput.json
 
 Implementation variants (``--variants``) are timed on the canonical config; the fastest then times K=128, the
 per-trace loop and the other inits (``--configs``).
@@ -104,12 +104,17 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
 
 
 def parse_variant(name: str) -> dict:
-    """'flex', 'sdpa', 'eager', optionally '+masks' (compiled block masks) and/or '+mlp' (compiled MLPs)."""
+    """'flex', 'sdpa', 'eager', optionally '+masks' (compiled block masks), '+mlp' (compiled MLPs), '+step' (the
+    whole training pass compiled as one graph) or '+graphs' (that, replayed as CUDA graphs)."""
     attn, *flags = name.split("+")
     known = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
-    if attn not in known or not set(flags) <= {"masks", "mlp"}:
-        raise SystemExit(f"bad --variants entry {name!r}: use flex|sdpa|eager with optional +masks and/or +mlp")
-    return {"attn": known[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags}
+    step = [f for f in flags if f in ("step", "graphs")]
+    if attn not in known or not set(flags) <= {"masks", "mlp", "step", "graphs"} or len(step) > 1 or (
+            step and "mlp" in flags):
+        raise SystemExit(f"bad --variants entry {name!r}: use flex|sdpa|eager with optional +masks, and one of "
+                         "+mlp, +step, +graphs")
+    return {"attn": known[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
+            "compile_step": step[0] if step else "off"}
 
 
 def load(args, device, attn):
@@ -172,9 +177,11 @@ def main() -> None:
         try:
             base = load(args, device, v["attn"])
             model = build(base, args, K0)
-            apply_speed_options(model, compile_mlp=v["compile_mlp"], compile_masks=v["compile_masks"])
+            apply_speed_options(model, **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")})
+            t0 = time.perf_counter()
             row = {"variant": name, "config": f"copy:{args.n_latents}",
                    **measure(model, args.batch, args.seq_len, K0, args.steps, args.warmup)}
+            row["wall_s_incl_compile"] = round(time.perf_counter() - t0, 1)
         except Exception as err:  # one broken variant must not lose the others' figures
             row = {"variant": name, "error": f"{type(err).__name__}: {err}"[:500]}
         rows.append(row)
@@ -191,7 +198,7 @@ def main() -> None:
 
     def timed(K, init="copy", n_latents=None, label="", **kw):
         model = build(base, args, K, init, n_latents)
-        apply_speed_options(model, compile_mlp=v["compile_mlp"], compile_masks=v["compile_masks"])
+        apply_speed_options(model, **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")})
         row = {"variant": name, "config": f"{init}:{n_latents or args.n_latents}{label}",
                **measure(model, args.batch, args.seq_len, K, **kw)}
         print(json.dumps(row), flush=True)

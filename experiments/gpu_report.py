@@ -83,7 +83,8 @@ def plan_steps(calib: Path | None, budget_s: float, gain: float, gpus: int = 1) 
     name = bench["best_variant"]
     attn, *flags = name.split("+")
     variant = {"attn_implementation": {"flex": "flex_attention"}.get(attn, attn), "compile_mlp": "mlp" in flags,
-               "compile_masks": "masks" in flags}
+               "compile_masks": "masks" in flags,
+               "compile_step": next((f for f in flags if f in ("step", "graphs")), "off")}
     times = {r["config"]: r["seconds_per_step"] for r in bench["rows"]
              if r.get("variant") == name and not r.get("loop") and r.get("K") == 16 and "seconds_per_step" in r}
     times = {cfg: times.get(cfg, max(times.values())) for _, cfg in RUNS.values()}

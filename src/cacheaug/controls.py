@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .config import CoprocessorConfig
-from .model import CacheAugmentedLM, CacheAugmentedOutput
+from .model import CacheAugmentedLM
 
 
 class LoraDecoderLM(CacheAugmentedLM):
@@ -52,10 +52,12 @@ class LoraDecoderLM(CacheAugmentedLM):
 
     def forward(self, input_ids, positions=None, *, return_base_losses: bool = False, generator=None):
         ids = self._check_ids(input_ids, "input_ids")
+        positions = self._positions(positions, ids.shape[0], ids.shape[1], generator)  # [B, K]
+        return self._run_pass(ids, positions, return_base_losses)
+
+    def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool):
         B, T = ids.shape
-        N_A = self.config.n_ahead
-        positions = self._positions(positions, B, T, generator)  # [B, K]
-        K = positions.shape[1]
+        K, N_A = positions.shape[1], self.config.n_ahead
         offsets = torch.arange(1, N_A + 1, device=ids.device)
         rows = (positions[:, :, None] + offsets - 1).view(B, -1)  # token p+o-1 predicts p+o
         targets = ids.gather(1, rows + 1).view(B, K, N_A)
@@ -66,14 +68,11 @@ class LoraDecoderLM(CacheAugmentedLM):
             return self._token_losses(h.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D), targets)
 
         token_losses = losses_of(self.coprocessor.get_decoder())
-        loss = token_losses.mean()
-        if self.check_finite and not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite training loss ({loss.item()}).")
         base_losses = None
         if return_base_losses:
             with torch.no_grad():
                 base_losses = losses_of(self.base.get_decoder())
-        return CacheAugmentedOutput(loss, token_losses, positions, None, base_losses)
+        return token_losses, None, base_losses
 
     def augment(self, prompt_ids, past_key_values=None):
         raise TypeError("The LoRA-decoder control inserts no latents; use generate() or forward().")

@@ -109,6 +109,22 @@ class CacheAugmentedLM(nn.Module):
         self.coprocessor = self._build_trainable(_calibrate)
         self.enabled = True
         self.check_finite = check_finite
+        self._compiled_pass = None
+        self._compile_mode = None
+
+    def compile_training(self, **compile_kwargs) -> "CacheAugmentedLM":
+        """``torch.compile`` the training pass (all three passes and the loss, forward and backward) as one graph.
+
+        Input checks and position sampling stay eager, so the compiled region has no host sync and no graph
+        break; a fixed batch shape compiles once (``dynamic=False`` by default). Results equal the eager pass
+        up to rounding. Only gradient-enabled calls use it (evaluation under ``no_grad`` stays eager). Keyword
+        arguments go to ``torch.compile``; ``mode="reduce-overhead"`` also replays the step as CUDA graphs (the
+        step's outputs are then overwritten by the next step: read them before calling again).
+        """
+        compile_kwargs.setdefault("dynamic", False)
+        self._compile_mode = compile_kwargs.get("mode")
+        self._compiled_pass = torch.compile(self._train_pass, **compile_kwargs)
+        return self
 
     def _build_trainable(self, calibrate: bool) -> nn.Module:
         if self.config.init == "lora-decoder":
@@ -210,7 +226,7 @@ class CacheAugmentedLM(nn.Module):
                 f"Insertion points must lie in [0, T-1-n_ahead] = [0, {n_valid - 1}] so that each trace has "
                 f"n_ahead={n_ahead} target tokens in a sequence of T={length}; got values in [{lo}, {hi}]."
             )
-        return positions.long().to(self.device, non_blocking=True)
+        return positions.long().contiguous().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ training pass
     def forward(
@@ -233,10 +249,31 @@ class CacheAugmentedLM(nn.Module):
         ids = self._check_ids(input_ids, "input_ids")
         self._check_dtypes()
         B, T = ids.shape
-        N_L, N_A = self.config.n_latents, self.config.n_ahead
+        N_L = self.config.n_latents
         positions = self._positions(positions, B, T, generator)  # [B, K]
-        K = positions.shape[1]
         self._check_context(T - 1 + N_L, f"A sequence of {T} tokens with {N_L} latents")
+        return self._run_pass(ids, positions, return_base_losses)
+
+    def _run_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool) -> CacheAugmentedOutput:
+        compiled = self._compiled_pass is not None and torch.is_grad_enabled()
+        if compiled and self._compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous replay's outputs may be reused
+        train_pass = self._compiled_pass if compiled else self._train_pass
+        token_losses, latents, base_losses = train_pass(ids, positions, return_base_losses)
+        loss = token_losses.mean()
+        if self.check_finite and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite training loss ({loss.item()}). Lower the learning rate, clip gradients, or keep "
+                "fp32 master weights under bf16 autocast."
+            )
+        return CacheAugmentedOutput(loss, token_losses, positions, latents, base_losses)
+
+    def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool):
+        """The three passes on checked inputs: tensor code only (no host sync), so ``torch.compile`` captures it
+        in one graph (:meth:`compile_training`). Returns ``(token_losses, latents, base_losses or None)``."""
+        B, T = ids.shape
+        K = positions.shape[1]
+        N_L, N_A = self.config.n_latents, self.config.n_ahead
         decoder = self.base.get_decoder()
         embed = self.base.get_input_embeddings()
         dtype = embed.weight.dtype
@@ -270,19 +307,13 @@ class CacheAugmentedLM(nn.Module):
         offsets = torch.arange(1, N_A + 1, device=ids.device)
         targets = ids.gather(1, (positions[:, :, None] + offsets).view(B, -1)).view(B, K, N_A)
         token_losses = self._token_losses(h, targets)  # [B, K, N_A]
-        loss = token_losses.mean()
-        if self.check_finite and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Non-finite training loss ({loss.item()}). Lower the learning rate, clip gradients, or keep "
-                "fp32 master weights under bf16 autocast."
-            )
         base_losses = None
         if return_base_losses:
             with torch.no_grad():
                 rows = (positions[:, :, None] + offsets - 1).view(B, -1)  # token p+o-1 predicts p+o
                 h_base = h_text.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D)
                 base_losses = self._token_losses(h_base, targets)
-        return CacheAugmentedOutput(loss, token_losses, positions, latents, base_losses)
+        return token_losses, latents, base_losses
 
     def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (float32) of the LM head on ``hidden`` ``[..., D]`` only, in row chunks.

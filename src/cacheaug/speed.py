@@ -1,5 +1,10 @@
 """Opt-in speed settings for training on a GPU (measured in benchmarks/train_throughput.py, docs/performance.md).
 
+* ``compile_step``: :meth:`CacheAugmentedLM.compile_training`, ``torch.compile`` of the whole training pass
+  (three passes, loss, and their backward) as one graph: input checks and position sampling run eagerly
+  outside it, so nothing in it breaks the graph or syncs with the host. ``"graphs"`` adds CUDA graphs (mode
+  ``reduce-overhead``): a step is then one graph replay instead of thousands of kernel launches.
+
 * :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs
   hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
   nothing breaks the graph. Whole decoder layers are not compiled: they take the kv-cache object, and dynamo
@@ -51,10 +56,21 @@ def allow_recompiles(limit: int = 64) -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 16 * limit)
 
 
-def apply_speed_options(model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False) -> None:
-    """Turn on the opt-in speed settings above (no-ops when both are False)."""
+COMPILE_STEP_MODES = {"off": None, "step": "default", "graphs": "reduce-overhead"}
+
+
+def apply_speed_options(
+    model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False, compile_step: str = "off"
+) -> None:
+    """Turn on the opt-in speed settings above (no-ops with the defaults)."""
+    if compile_step not in COMPILE_STEP_MODES:
+        raise ValueError(f"compile_step must be one of {sorted(COMPILE_STEP_MODES)}, got {compile_step!r}")
     if compile_mlp or compile_masks:
         allow_recompiles()
     if compile_mlp:
+        if compile_step != "off":
+            raise ValueError("compile_mlp and compile_step both compile the MLPs: use one of them")
         compile_mlps(model)
+    if compile_step != "off":
+        model.compile_training(mode=COMPILE_STEP_MODES[compile_step])
     masks.COMPILE_BLOCK_MASKS = compile_masks

@@ -79,6 +79,9 @@ class TrainConfig:
     attn_implementation: str | None = _f(None, "sdpa (default), flex_attention or eager")
     compile_mlp: bool = _f(False, "torch.compile the MLP blocks of decoder and coprocessor (GPU speed; cacheaug.speed)")
     compile_masks: bool = _f(False, "build FlexAttention block masks with a compiled create_block_mask (GPU speed)")
+    compile_step: Literal["off", "step", "graphs"] = _f(
+        "off", "torch.compile the whole training pass as one graph ('step'), plus CUDA graphs ('graphs'; GPU); the "
+        "first step compiles (minutes for a real model); see docs/performance.md")
     # bookkeeping
     eval_every: int = _f(200, "steps between held-out evaluations (0 = only at the end)")
     eval_sequences: int = _f(32, "held-out sequences per evaluation")
@@ -323,7 +326,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
                                           for_training=True)
     model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
     _master_fp32(model)
-    apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks)
+    apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks, compile_step=cfg.compile_step)
     if base.config._attn_implementation == "flex_attention":
         allow_recompiles()
     if main_rank:

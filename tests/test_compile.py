@@ -1,0 +1,52 @@
+"""The compiled training pass (cacheaug.speed, compile_step) is one graph and computes what the eager pass does."""
+
+import pytest
+import torch
+
+from cacheaug import CoprocessorConfig, build_model
+from cacheaug.speed import apply_speed_options
+from cacheaug.testing import perturb_trainable, tiny_model
+
+CFG = dict(n_latents=3, n_ahead=4, n_traces=4, lora_rank=4)
+
+
+def _losses_and_grads(model, ids, positions):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, positions=positions, return_base_losses=True)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("family,init", [("gemma3", "copy"), ("qwen3", "copy"), ("gemma3", "lora-decoder")])
+def test_compiled_training_pass_is_one_graph_equal_to_eager(family, init):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = build_model(tiny_model(family), CoprocessorConfig(**CFG, init=init))
+    perturb_trainable(model)
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 9, 20, 35], [3, 4, 17, 30]])
+    eager, g_eager = _losses_and_grads(model, ids, positions)
+    # aot_eager: dynamo + AOT autograd (the graph inductor would get) without code generation, so the test is fast;
+    # fullgraph=True fails on any graph break, e.g. a host sync creeping into the pass
+    model.compile_training(backend="aot_eager", fullgraph=True)
+    for step in range(2):  # the second call must reuse the graph (same shapes, new positions)
+        pos = positions if step == 0 else positions.flip(0)
+        compiled, g_comp = _losses_and_grads(model, ids, pos)
+        if step == 0:
+            torch.testing.assert_close(compiled.token_losses, eager.token_losses, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled.base_token_losses, eager.base_token_losses, rtol=1e-5, atol=1e-5)
+            assert g_comp.keys() == g_eager.keys() and g_comp
+            for name in g_eager:
+                torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    with torch.no_grad():  # evaluation stays eager
+        assert model(ids, positions=positions).token_losses.shape == (2, 4, 4)
+
+
+def test_speed_options_are_checked():
+    model = build_model(tiny_model("gemma3"), CoprocessorConfig(**CFG))
+    with pytest.raises(ValueError, match="compile_step must be one of"):
+        apply_speed_options(model, compile_step="fast")
+    with pytest.raises(ValueError, match="use one of them"):
+        apply_speed_options(model, compile_mlp=True, compile_step="step")
