@@ -3,6 +3,14 @@
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled graphs (and the fake tensors they keep) must not leak into other tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
 from cacheaug import CoprocessorConfig, build_model
 from cacheaug.speed import apply_speed_options
 from cacheaug.testing import perturb_trainable, tiny_model
@@ -50,3 +58,29 @@ def test_speed_options_are_checked():
         apply_speed_options(model, compile_step="fast")
     with pytest.raises(ValueError, match="use one of them"):
         apply_speed_options(model, compile_mlp=True, compile_step="step")
+
+
+def test_training_with_the_compiled_step_follows_the_eager_run(tmp_path, monkeypatch):
+    """The trainer path (gradient accumulation, eager evaluation under no_grad, checkpoints) with compile_step."""
+    import json
+
+    from cacheaug.testing import tiny_corpus, tiny_tokenizer
+    from cacheaug.train import TrainConfig, train
+
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
+    small = dict(data=(str(tmp_path / "corpus"),), seq_len=32, batch_size=2, grad_accum=2, n_latents=2, n_ahead=3,
+                 n_traces=4, max_steps=3, warmup_steps=1, eval_every=0, eval_sequences=2, log_every=1, save_every=0,
+                 heldout_pct=20.0)
+    logs = {}
+    for mode in ("off", "step"):
+        torch._dynamo.reset()
+        out = tmp_path / mode
+        train(TrainConfig(**small, out_dir=str(out), compile_step=mode), base=tiny_model("gemma3"), tokenizer=tok,
+              progress=False)
+        logs[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = {m: [r["loss"] for r in rows if "loss" in r] for m, rows in logs.items()}
+    assert len(loss["step"]) == 3
+    assert max(abs(a - b) for a, b in zip(loss["off"], loss["step"])) < 1e-4, loss
+    final_eval = {m: [r for r in rows if "eval_losses" in r][-1]["eval_losses"] for m, rows in logs.items()}
+    assert max(abs(a - b) for a, b in zip(final_eval["off"], final_eval["step"])) < 1e-4

@@ -50,7 +50,7 @@ def test_loglikelihoods_are_exact(setup, augment):
     conts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("w7 w8", "w9", "w10 w11 w12")]
     got = lm._loglikelihood_tokens([(None, ctx, c) for c in conts], disable_tqdm=True)
     for (lp, _), c in zip(got, conts):
-        assert lp == pytest.approx(_reference(base, lm.model, ctx, c, augment), abs=1e-4)
+        assert lp == pytest.approx(_reference(base, lm.augmented, ctx, c, augment), abs=1e-4)
 
 
 def test_lora_decoder_control_scores_with_the_adapted_decoder(tmp_path):

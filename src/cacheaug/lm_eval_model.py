@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
@@ -30,25 +30,38 @@ def _flag(value) -> bool:
 
 
 @register_model("cacheaug")
-class CacheAugEvalLM(TemplateLM):
-    """Args (``--model_args``): ``pretrained`` (default ``gemma-3-270m``), ``coprocessor`` (a checkpoint
-    folder), ``augment`` (default true), ``device``, ``dtype`` (``float32``/``bfloat16``), ``max_length``."""
+class CacheAugEvalLM(HFLM):
+    """lm-eval's ``HFLM`` for a frozen decoder with a cacheaug coprocessor.
+
+    Args (``--model_args``): ``pretrained`` (default ``gemma-3-270m``: the offline registry model; or an HF id /
+    folder), ``coprocessor`` (a checkpoint folder), ``augment`` (default true), ``device``, ``dtype``
+    (``float32``/``bfloat16``), ``max_length``. From Python, ``base=`` and ``tokenizer=`` take loaded objects.
+
+    ``self.model`` is the frozen base model (HFLM's convention), ``self.augmented`` the
+    :class:`CacheAugmentedLM` (None without a coprocessor). HFLM batches padded contexts through one forward;
+    the coprocessor must run at the end of each context (its insertion point), so ``_loglikelihood_tokens`` is
+    replaced: requests are grouped by context, and each context runs its prefill and the coprocessor once.
+    """
 
     def __init__(self, pretrained: str = "gemma-3-270m", coprocessor: str | None = None, augment=True,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
                  base=None, tokenizer=None, **kwargs):
-        super().__init__()
         if base is None:
             base, tokenizer = load_base_model(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None)
-        self.base, self.tokenizer = base, tokenizer
-        self.model = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
-        self.augment = _flag(augment) and self.model is not None
-        self.kind = self.model.config.init if self.model is not None else "frozen"
-        self.max_length = int(max_length or min(getattr(base.config, "max_position_embeddings", 2048), 8192))
-        self.n_latents = self.model.config.n_latents if self.augment and self.kind != "lora-decoder" else 0
+        if tokenizer is None:
+            raise ValueError("CacheAugEvalLM(base=...) needs the base model's tokenizer too: pass tokenizer=...")
+        max_length = int(max_length or min(getattr(base.config, "max_position_embeddings", 2048), 8192))
+        super().__init__(pretrained=base, tokenizer=tokenizer, max_length=max_length, batch_size=1,
+                         add_bos_token=True, **kwargs)
+        self.base = base
+        self.tokenizer = tokenizer  # HFLM may have set a pad token on it; the ids are unchanged
+        self.augmented = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
+        self.augment = _flag(augment) and self.augmented is not None
+        self.kind = self.augmented.config.init if self.augmented is not None else "frozen"
+        self.n_latents = self.augmented.config.n_latents if self.augment and self.kind != "lora-decoder" else 0
         self.cache_kw = cache_kwarg(base)
 
-    # --------------------------------------------------------------------------------- TemplateLM interface
+    # --------------------------------------------------------------------------------- lm-eval interface
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
@@ -65,22 +78,18 @@ class CacheAugEvalLM(TemplateLM):
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    @property
-    def device(self):
-        return self.base.device
-
     def _scorer(self):
         """The causal LM that scores continuation tokens: the adapted decoder for the LoRA control, else the base."""
-        if self.augment and isinstance(self.model, LoraDecoderLM):
-            return self.model.coprocessor
+        if self.augment and isinstance(self.augmented, LoraDecoderLM):
+            return self.augmented.coprocessor
         return self.base
 
     @torch.no_grad()
     def _prefill(self, context: list[int]):
         """Cache and next-token logits after the context (+ latents when augmenting)."""
         ids = torch.tensor([context], device=self.device)
-        if self.augment and not isinstance(self.model, LoraDecoderLM):
-            aug = self.model.augment(ids)
+        if self.augment and not isinstance(self.augmented, LoraDecoderLM):
+            aug = self.augmented.augment(ids)
             return aug.cache, aug.logits
         cache = DynamicCache()
         out = self._scorer()(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
@@ -142,8 +151,8 @@ class CacheAugEvalLM(TemplateLM):
             max_new = int(kwargs.get("max_gen_toks", 256))
             ids = torch.tensor([self.tok_encode(context)[-(self.max_length - max_new - self.n_latents):]],
                                device=self.device)
-            if self.model is not None:
-                gen = self.model.generate(ids, max_new, augment=self.augment)
+            if self.augmented is not None:
+                gen = self.augmented.generate(ids, max_new, augment=self.augment)
             else:
                 gen = self.base.generate(ids, max_new_tokens=max_new, do_sample=False)
             text = self.tok_decode(gen[0, ids.shape[1]:].tolist())
