@@ -130,11 +130,11 @@ def test_yaml_config_and_overrides(tmp_path):
         resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
 
 
-def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_steps=6):
+def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_steps=6, compile_step="off"):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CACHEAUG_HOME=home)
     texts = tiny_corpus(os.path.dirname(data) + f"/scratch{rank}", n_docs=80)  # same texts: same seed
-    cfg = TrainConfig(data=(data,), out_dir=out_dir, parallel=parallel,
+    cfg = TrainConfig(data=(data,), out_dir=out_dir, parallel=parallel, compile_step=compile_step,
                       **{**SMALL, "batch_size": 1, "eval_every": 3, "max_steps": max_steps})
     train(cfg, base=tiny_model("gemma3"), tokenizer=tiny_tokenizer(texts), progress=False)
 
@@ -151,6 +151,19 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     logged = lambda run: [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
                           if "loss" in r]  # noqa: E731
     assert logged("ddp") == pytest.approx(logged("single"), abs=1e-5)  # the global batch's loss, not rank 0's half
+
+
+def test_ddp_with_the_compiled_step_matches_one_eager_process(tmp_path, corpus):
+    """torchrun + --compile-step: DDP's gradient hooks still fire after the compiled backward."""
+    data, _ = corpus
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, data, str(tmp_path / "ddp"), os.environ["CACHEAUG_HOME"], "ddp", 4, "step"),
+             nprocs=2)
+    single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0, max_steps=4)
+    a, b = _weights(tmp_path / "ddp" / "step_000004"), _weights(single)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
 
 
 def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path, corpus):
