@@ -105,16 +105,17 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
 
 def parse_variant(name: str) -> dict:
     """'flex', 'sdpa', 'eager', optionally '+masks' (compiled block masks), '+mlp' (compiled MLPs), '+step' (the
-    whole training pass compiled as one graph) or '+graphs' (that, replayed as CUDA graphs)."""
+    whole training pass compiled as one graph) or '+graphs' (that, replayed as CUDA graphs), and '+keeplogits'
+    (no recompute of the loss's logits in backward)."""
     attn, *flags = name.split("+")
     known = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
     step = [f for f in flags if f in ("step", "graphs")]
-    if attn not in known or not set(flags) <= {"masks", "mlp", "step", "graphs"} or len(step) > 1 or (
+    if attn not in known or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits"} or len(step) > 1 or (
             step and "mlp" in flags):
         raise SystemExit(f"bad --variants entry {name!r}: use flex|sdpa|eager with optional +masks, and one of "
-                         "+mlp, +step, +graphs")
+                         "+mlp, +step, +graphs; optionally +keeplogits")
     return {"attn": known[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
-            "compile_step": step[0] if step else "off"}
+            "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags}
 
 
 def load(args, device, attn):
@@ -123,9 +124,10 @@ def load(args, device, attn):
     return load_base_model(args.model, device=device, attn_implementation=attn)[0]
 
 
-def build(base, args, K, init="copy", n_latents=None):
+def build(base, args, K, init="copy", n_latents=None, keep_logits=False):
     cfg = CoprocessorConfig(n_latents or args.n_latents, args.n_ahead, K, init=init)
     model = build_model(base, cfg, check_finite=False)
+    model.recompute_loss = not keep_logits
     _master_fp32(model)
     return model
 
@@ -176,7 +178,7 @@ def main() -> None:
         model = base = None
         try:
             base = load(args, device, v["attn"])
-            model = build(base, args, K0)
+            model = build(base, args, K0, keep_logits=v["keep_logits"])
             apply_speed_options(model, **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")})
             t0 = time.perf_counter()
             row = {"variant": name, "config": f"copy:{args.n_latents}",
@@ -197,7 +199,7 @@ def main() -> None:
     base = load(args, device, v["attn"])
 
     def timed(K, init="copy", n_latents=None, label="", **kw):
-        model = build(base, args, K, init, n_latents)
+        model = build(base, args, K, init, n_latents, keep_logits=v["keep_logits"])
         apply_speed_options(model, **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")})
         row = {"variant": name, "config": f"{init}:{n_latents or args.n_latents}{label}",
                **measure(model, args.batch, args.seq_len, K, **kw)}

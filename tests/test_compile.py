@@ -84,3 +84,15 @@ def test_training_with_the_compiled_step_follows_the_eager_run(tmp_path, monkeyp
     assert max(abs(a - b) for a, b in zip(loss["off"], loss["step"])) < 1e-4, loss
     final_eval = {m: [r for r in rows if "eval_losses" in r][-1]["eval_losses"] for m, rows in logs.items()}
     assert max(abs(a - b) for a, b in zip(final_eval["off"], final_eval["step"])) < 1e-4
+
+
+def test_keeping_the_loss_logits_changes_nothing_but_memory():
+    model = build_model(tiny_model("gemma3"), CoprocessorConfig(**CFG))
+    perturb_trainable(model)
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([[0, 9, 20, 35], [3, 4, 17, 30]])
+    ref, g_ref = _losses_and_grads(model, ids, positions)
+    model.recompute_loss = False
+    kept, g_kept = _losses_and_grads(model, ids, positions)
+    assert torch.equal(kept.token_losses, ref.token_losses)
+    assert all(torch.allclose(g_kept[n], g_ref[n], rtol=1e-6, atol=1e-7) for n in g_ref)

@@ -109,6 +109,7 @@ class CacheAugmentedLM(nn.Module):
         self.coprocessor = self._build_trainable(_calibrate)
         self.enabled = True
         self.check_finite = check_finite
+        self.recompute_loss = True  # recompute each loss chunk's logits in backward (memory); False keeps them (speed)
         self._compiled_pass = None
         self._compile_mode = None
 
@@ -318,8 +319,9 @@ class CacheAugmentedLM(nn.Module):
     def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (float32) of the LM head on ``hidden`` ``[..., D]`` only, in row chunks.
 
-        Each chunk is recomputed in backward (activation checkpointing), so at most LOSS_CHUNK_ROWS rows of
-        full-vocabulary logits exist at once.
+        With ``self.recompute_loss`` (default) each chunk is recomputed in backward (activation checkpointing),
+        so at most LOSS_CHUNK_ROWS rows of full-vocabulary logits exist at once; without it the logits are kept
+        for backward (one LM-head product less per step, ``rows x vocab`` more memory).
         """
         head = self.base.get_output_embeddings()
         cap = self.family.final_logit_softcap
@@ -331,7 +333,7 @@ class CacheAugmentedLM(nn.Module):
             return F.cross_entropy(logits, t, reduction="none")
 
         h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        grad = torch.is_grad_enabled() and h2.requires_grad
+        grad = torch.is_grad_enabled() and h2.requires_grad and self.recompute_loss
         out = [
             checkpoint(ce, h2[i : i + LOSS_CHUNK_ROWS], t1[i : i + LOSS_CHUNK_ROWS], use_reentrant=False)
             if grad
