@@ -32,6 +32,7 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model, load_base_model
 from cacheaug.evaluate import autocast_for
+from cacheaug import speed
 from cacheaug.speed import allow_recompiles, apply_speed_options
 from cacheaug.testing import tiny_model
 from cacheaug.train import _master_fp32
@@ -104,18 +105,10 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
 
 
 def parse_variant(name: str) -> dict:
-    """'flex', 'sdpa', 'eager', optionally '+masks' (compiled block masks), '+mlp' (compiled MLPs), '+step' (the
-    whole training pass compiled as one graph) or '+graphs' (that, replayed as CUDA graphs), and '+keeplogits'
-    (no recompute of the loss's logits in backward)."""
-    attn, *flags = name.split("+")
-    known = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
-    step = [f for f in flags if f in ("step", "graphs")]
-    if attn not in known or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits"} or len(step) > 1 or (
-            step and "mlp" in flags):
-        raise SystemExit(f"bad --variants entry {name!r}: use flex|sdpa|eager with optional +masks, and one of "
-                         "+mlp, +step, +graphs; optionally +keeplogits")
-    return {"attn": known[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
-            "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags}
+    try:
+        return speed.parse_variant(name)
+    except ValueError as err:
+        raise SystemExit(f"--variants: {err}") from None
 
 
 def load(args, device, attn):

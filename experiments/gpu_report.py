@@ -76,15 +76,14 @@ def assign_gpus(times: dict[str, float], n: int) -> dict[str, int]:
 def plan_steps(calib: Path | None, budget_s: float, gain: float, gpus: int = 1) -> tuple[int, dict, dict]:
     """One step count for every run, from the step times measured alone (the busiest GPU sets it); and the
     fastest variant's options."""
-    variant = {"attn_implementation": "flex_attention"}
+    from cacheaug.speed import parse_variant
+
     if calib is None or not calib.is_file():
-        return 300, variant, {}
+        return 300, {}, {}  # the trainer's defaults
     bench = json.loads(calib.read_text())
     name = bench["best_variant"]
-    attn, *flags = name.split("+")
-    variant = {"attn_implementation": {"flex": "flex_attention"}.get(attn, attn), "compile_mlp": "mlp" in flags,
-               "compile_masks": "masks" in flags,
-               "compile_step": next((f for f in flags if f in ("step", "graphs")), "off")}
+    v = parse_variant(name)
+    variant = {"attn_implementation": v["attn"], **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")}}
     times = {r["config"]: r["seconds_per_step"] for r in bench["rows"]
              if r.get("variant") == name and not r.get("loop") and r.get("K") == 16 and "seconds_per_step" in r}
     times = {cfg: times.get(cfg, max(times.values())) for _, cfg in RUNS.values()}

@@ -57,7 +57,7 @@ def main() -> None:
         args.seq_len = min(args.seq_len, 64)
     else:
         base = load_base_model(args.model, device=device, attn_implementation="sdpa")[0]
-    cfg = CoprocessorConfig(16 if args.model != "tiny" else 3, 16 if args.model != "tiny" else 4, 16 if args.model != "tiny" else 4)
+    cfg = CoprocessorConfig(3, 4, 4) if args.model == "tiny" else CoprocessorConfig(16, 16, 16)  # canonical N_L, N_A, K
     g = torch.Generator().manual_seed(0)
     vocab = base.get_input_embeddings().weight.shape[0]
     batches = [(torch.randint(3, vocab, (args.batch, args.seq_len), generator=g).to(device),

@@ -58,6 +58,14 @@ def test_speed_options_are_checked():
         apply_speed_options(model, compile_step="fast")
     with pytest.raises(ValueError, match="use one of them"):
         apply_speed_options(model, compile_mlp=True, compile_step="step")
+    from cacheaug.speed import parse_variant
+
+    v = parse_variant("flex+masks+graphs+keeplogits")
+    assert (v["attn"], v["compile_masks"], v["compile_step"], v["keep_logits"], v["compile_mlp"]) == (
+        "flex_attention", True, "graphs", True, False)
+    for bad in ("sdpa+step+graphs", "sdpa+mlp+step", "fast", "sdpa+bogus"):
+        with pytest.raises(ValueError, match="bad variant"):
+            parse_variant(bad)
 
 
 def test_training_with_the_compiled_step_follows_the_eager_run(tmp_path, monkeypatch):

@@ -53,13 +53,16 @@ class CacheAugEvalLM(HFLM):
         max_length = int(max_length or min(getattr(base.config, "max_position_embeddings", 2048), 8192))
         super().__init__(pretrained=base, tokenizer=tokenizer, max_length=max_length, batch_size=1,
                          add_bos_token=True, **kwargs)
-        self.base = base
-        self.tokenizer = tokenizer  # HFLM may have set a pad token on it; the ids are unchanged
         self.augmented = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
         self.augment = _flag(augment) and self.augmented is not None
         self.kind = self.augmented.config.init if self.augmented is not None else "frozen"
         self.n_latents = self.augmented.config.n_latents if self.augment and self.kind != "lora-decoder" else 0
         self.cache_kw = cache_kwarg(base)
+
+    @property
+    def base(self):
+        """The frozen decoder (HFLM's ``model``)."""
+        return self.model
 
     # --------------------------------------------------------------------------------- lm-eval interface
     @property

@@ -57,6 +57,21 @@ def allow_recompiles(limit: int = 64) -> None:
 
 
 COMPILE_STEP_MODES = {"off": None, "step": "default", "graphs": "reduce-overhead"}
+_ATTN = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
+
+
+def parse_variant(name: str) -> dict:
+    """A speed variant as the throughput benchmark names it: 'flex', 'sdpa' or 'eager', optionally '+masks'
+    (compiled block masks), one of '+mlp' (compiled MLPs), '+step' (the whole training pass compiled as one graph)
+    or '+graphs' (that, replayed as CUDA graphs), and '+keeplogits' (the loss's logits kept for backward)."""
+    attn, *flags = name.split("+")
+    step = [f for f in flags if f in ("step", "graphs")]
+    if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits"} or len(step) > 1 or (
+            step and "mlp" in flags):
+        raise ValueError(f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
+                         "+graphs; optionally +keeplogits")
+    return {"attn": _ATTN[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
+            "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags}
 
 
 def apply_speed_options(
