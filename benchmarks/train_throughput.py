@@ -4,7 +4,7 @@ Canonical config (issue 3): Gemma 3 270M frozen, full-copy coprocessor, T=1024, 
 autocast with fp32 master weights, one H200:
 
     python benchmarks/train_throughput.py --model gemma-3-270m --batch 8 --seq-len 1024 --traces 16 128 \
-        --variants sdpa sdpa+step sdpa+graphs --compare-loop --out throughput.json
+        --variants sdpa sdpa+step sdpa+graphs sdpa+graphs+g4 --compare-loop --out throughput.json
 
 Implementation variants (``--variants``) are timed on the canonical config; the fastest then times K=128, the
 per-trace loop and the other inits (``--configs``).
@@ -32,12 +32,14 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model, load_base_model
 from cacheaug.evaluate import autocast_for
+from cacheaug.masks import stratified_positions
 from cacheaug import speed
 from cacheaug.speed import allow_recompiles, apply_speed_options
 from cacheaug.testing import tiny_model
 from cacheaug.train import _master_fp32
 
 PEAK_BF16 = 790e12
+SPEED_KEYS = ("compile_mlp", "compile_masks", "compile_step", "trace_groups")
 
 
 def step_flops(model: CacheAugmentedLM, B: int, T: int, K: int) -> float:
@@ -56,7 +58,8 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
     g = torch.Generator().manual_seed(0)
     vocab = model.base.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (B, T), generator=g).to(device)
-    positions = torch.stack([torch.randperm(T - model.config.n_ahead, generator=g)[:K].sort().values for _ in range(B)])
+    # what training draws: uniform distinct points, or stratified over the trace groups (variant +gN)
+    positions = stratified_positions(B, T - model.config.n_ahead, K, model.trace_groups, g)
 
     def one_step():
         with autocast_for(model):
@@ -172,7 +175,7 @@ def main() -> None:
         try:
             base = load(args, device, v["attn"])
             model = build(base, args, K0, keep_logits=v["keep_logits"])
-            apply_speed_options(model, **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")})
+            apply_speed_options(model, **{k: v[k] for k in SPEED_KEYS})
             t0 = time.perf_counter()
             row = {"variant": name, "config": f"copy:{args.n_latents}",
                    **measure(model, args.batch, args.seq_len, K0, args.steps, args.warmup)}
@@ -193,7 +196,7 @@ def main() -> None:
 
     def timed(K, init="copy", n_latents=None, label="", **kw):
         model = build(base, args, K, init, n_latents, keep_logits=v["keep_logits"])
-        apply_speed_options(model, **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")})
+        apply_speed_options(model, **{k: v[k] for k in SPEED_KEYS})
         row = {"variant": name, "config": f"{init}:{n_latents or args.n_latents}{label}",
                **measure(model, args.batch, args.seq_len, K, **kw)}
         print(json.dumps(row), flush=True)

@@ -83,7 +83,7 @@ def plan_steps(calib: Path | None, budget_s: float, gain: float, gpus: int = 1) 
     bench = json.loads(calib.read_text())
     name = bench["best_variant"]
     v = parse_variant(name)
-    variant = {"attn_implementation": v["attn"], **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step")}}
+    variant = {"attn_implementation": v["attn"], **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step", "trace_groups")}}
     times = {r["config"]: r["seconds_per_step"] for r in bench["rows"]
              if r.get("variant") == name and not r.get("loop") and r.get("K") == 16 and "seconds_per_step" in r}
     times = {cfg: times.get(cfg, max(times.values())) for _, cfg in RUNS.values()}

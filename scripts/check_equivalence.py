@@ -26,6 +26,7 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
 from cacheaug.data import builtin_text
+from cacheaug.masks import groups_fitting
 from cacheaug.testing import FAMILIES, perturb_trainable, reference_losses, tiny_model
 
 
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--real-bf16-only", nargs="*", default=["flex_attention"],
                     help="backends for which the real model is checked in bf16 only (flex in fp32 at head_dim 256 "
                     "ran over 8 minutes on an H200)")
+    ap.add_argument("--trace-groups", type=int, default=1,
+                    help="run the real model's training pass with this many trace groups (its points fit G=2 and 4)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 256  # flex recompiles per new length; never fall back silently
@@ -123,8 +126,12 @@ def main() -> None:
             T = args.real_length
             ids = tok(builtin_text(), return_tensors="pt")["input_ids"][0, : 2 * T].view(2, T).to(device)
             positions = torch.stack([torch.linspace(0, T - 17, 8), torch.linspace(5, T - 40, 8)]).long().to(device)
+            model.trace_groups = args.trace_groups
+            groups = groups_fitting(positions, T, 16, args.trace_groups)
+            if groups != args.trace_groups:
+                raise SystemExit(f"--trace-groups {args.trace_groups}: the fixed insertion points do not fit; use 1, 2 or 4")
             row = {"model": args.real, "backend": backend, "T": T, "n_latents": 16, "n_ahead": 16, "n_traces": 8,
-                   **check(model, ids, positions, fp32)}
+                   "trace_groups": groups, **check(model, ids, positions, fp32)}
             if device.type == "cuda":
                 row["train_step_bf16_autocast"] = train_step_check(model, ids)
             record(row)

@@ -22,6 +22,7 @@ import torch
 
 from cacheaug import CoprocessorConfig, build_model, load_base_model
 from cacheaug.evaluate import autocast_for
+from cacheaug.masks import stratified_positions
 from cacheaug.speed import apply_speed_options
 from cacheaug.testing import tiny_model
 from cacheaug.train import _master_fp32
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--modes", nargs="+", default=["step", "graphs"], choices=["step", "graphs"])
+    ap.add_argument("--trace-groups", type=int, default=1, help="trace groups (stratified points) in every run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -61,12 +63,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     vocab = base.get_input_embeddings().weight.shape[0]
     batches = [(torch.randint(3, vocab, (args.batch, args.seq_len), generator=g).to(device),
-                torch.stack([torch.randperm(args.seq_len - cfg.n_ahead, generator=g)[: cfg.n_traces].sort().values
-                             for _ in range(args.batch)])) for _ in range(args.steps)]
+                stratified_positions(args.batch, args.seq_len - cfg.n_ahead, cfg.n_traces, args.trace_groups, g))
+               for _ in range(args.steps)]
     model = build_model(base, cfg, check_finite=False)
     _master_fp32(model)
+    apply_speed_options(model, trace_groups=args.trace_groups)
     start = copy.deepcopy(model.coprocessor.state_dict())
-    res = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "torch": torch.__version__}
+    res = {"model": args.model, "trace_groups": args.trace_groups, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "torch": torch.__version__}
     t0 = time.perf_counter()
     res["eager"] = {"losses": run(model, batches, args.lr), "seconds": round(time.perf_counter() - t0, 1)}
     final = {k: v.detach().clone() for k, v in model.coprocessor.state_dict().items()}
@@ -76,7 +79,7 @@ def main() -> None:
         model = build_model(base, cfg, check_finite=False)
         _master_fp32(model)
         model.coprocessor.load_state_dict(start)
-        apply_speed_options(model, compile_step=mode)
+        apply_speed_options(model, compile_step=mode, trace_groups=args.trace_groups)
         t0 = time.perf_counter()
         losses = run(model, batches, args.lr)
         params = model.coprocessor.state_dict()

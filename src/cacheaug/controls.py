@@ -52,10 +52,11 @@ class LoraDecoderLM(CacheAugmentedLM):
 
     def forward(self, input_ids, positions=None, *, return_base_losses: bool = False, generator=None):
         ids = self._check_ids(input_ids, "input_ids")
-        positions = self._positions(positions, ids.shape[0], ids.shape[1], generator)  # [B, K]
+        positions, _ = self._positions(positions, ids.shape[0], ids.shape[1], generator)  # [B, K]
         return self._run_pass(ids, positions, return_base_losses)
 
-    def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool):
+    def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool, groups: int = 1):
+        # one pass over the text serves every trace: trace groups (the insertion points' sampling) change nothing here
         B, T = ids.shape
         K, N_A = positions.shape[1], self.config.n_ahead
         offsets = torch.arange(1, N_A + 1, device=ids.device)

@@ -25,6 +25,9 @@ from .families import SLIDING, Family
 
 # Build FlexAttention block masks with a compiled create_block_mask on CUDA (cacheaug.speed; off by default).
 COMPILE_BLOCK_MASKS = False
+# Text-key lengths of grouped passes (trace groups, below) are rounded up to a multiple of this (kernel tiles);
+# the extra keys are masked, so results do not depend on it.
+KEY_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -118,3 +121,55 @@ def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype):
         return masks
     (only,) = masks.values()  # resolve_family guarantees one layer type for single-mask backbones
     return only
+
+
+# ---------------------------------------------------------------------------------------------- trace groups
+# A trace whose insertion point is p reads text keys 0..p only. With G trace groups the valid insertion points
+# [0, T-1-N_A] are cut into G equal segments and K/G points are drawn in each (stratified sampling). The traces
+# of segment g then never read text beyond the segment's end, so their two passes (coprocessor and decoder) run
+# against the first S_g text keys only, not all T: about half the attention work at G=4, with the same result
+# (the dropped keys are masked for them anyway).
+
+
+def group_edges(n_valid: int, groups: int) -> list[int]:
+    """Segment boundaries ``e_0=0 < ... < e_G=n_valid`` of the insertion points ``[0, n_valid)``."""
+    return [g * n_valid // groups for g in range(groups + 1)]
+
+
+def group_key_lengths(text_len: int, n_ahead: int, groups: int) -> list[int]:
+    """Text keys read by each trace group: S_g >= e_{g+1} (points of group g are < e_{g+1}), KEY_ALIGN-rounded."""
+    edges = group_edges(text_len - n_ahead, groups)
+    return [min(text_len, -(-e // KEY_ALIGN) * KEY_ALIGN) for e in edges[1:]]
+
+
+def check_trace_groups(groups: int, n_traces: int) -> None:
+    """Refuse a group count that cannot stratify ``n_traces`` points (with at least K valid points, each of the
+    G segments holds at least K/G)."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"trace_groups must be a positive integer, got {groups!r}.")
+    if n_traces % groups:
+        raise ValueError(f"trace_groups={groups} must divide the number of traces K={n_traces} (each group draws K/G "
+                         "insertion points in its own segment): pick a divisor of K, or 1 to turn grouping off.")
+
+
+def stratified_positions(batch: int, n_valid: int, n_traces: int, groups: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[B, K]`` sorted distinct insertion points, K/G drawn uniformly (without replacement) in each of the G
+    equal segments of ``[0, n_valid)``; G=1 is plain uniform sampling. Drawn on the CPU."""
+    check_trace_groups(groups, n_traces)
+    edges, per = group_edges(n_valid, groups), n_traces // groups
+    parts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        scores = torch.rand(batch, hi - lo, generator=generator)
+        parts.append(scores.argsort(dim=1)[:, :per].sort(dim=1).values + lo)
+    return torch.cat(parts, dim=1)
+
+
+def groups_fitting(positions: torch.Tensor, text_len: int, n_ahead: int, groups: int) -> int:
+    """``groups`` if every trace slot lies inside its group's keys (slots g*K/G.. belong to group g), else 1:
+    positions that were not drawn by :func:`stratified_positions` run the ungrouped pass. Syncs if on a GPU."""
+    K = positions.shape[-1]
+    if groups == 1 or K % groups:
+        return 1
+    limits = torch.tensor(group_key_lengths(text_len, n_ahead, groups), device=positions.device)
+    return groups if bool((positions < limits.repeat_interleave(K // groups)).all()) else 1

@@ -28,8 +28,8 @@ from transformers import DynamicCache
 
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
-from .families import resolve_family
-from .masks import attention_masks, trace_layout
+from .families import SLIDING, resolve_family
+from .masks import attention_masks, group_key_lengths, groups_fitting, stratified_positions, trace_layout
 
 LOSS_CHUNK_ROWS = 2048  # rows of [*, vocab] logits alive at once in the loss
 
@@ -110,6 +110,7 @@ class CacheAugmentedLM(nn.Module):
         self.enabled = True
         self.check_finite = check_finite
         self.recompute_loss = True  # recompute each loss chunk's logits in backward (memory); False keeps them (speed)
+        self.trace_groups = 1  # > 1: stratified insertion points, each group's passes read only its text (speed)
         self._compiled_pass = None
         self._compile_mode = None
 
@@ -198,7 +199,9 @@ class CacheAugmentedLM(nn.Module):
                 f"coprocessor with model.coprocessor.to({dec.dtype})."
             )
 
-    def _positions(self, positions, batch: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _positions(self, positions, batch: int, length: int, generator: torch.Generator | None):
+        """Checked insertion points ``[B, K]`` on the model's device and the trace-group count the pass can use
+        with them (``self.trace_groups`` if they are stratified accordingly, else 1)."""
         n_ahead = self.config.n_ahead
         n_valid = length - n_ahead  # p in [0, T-1-N_A]: every trace has N_A target tokens
         if positions is None:
@@ -209,9 +212,8 @@ class CacheAugmentedLM(nn.Module):
                     f"n_ahead={n_ahead} target tokens each: need at least {k + n_ahead} tokens. "
                     "Use longer sequences, fewer traces or fewer ahead tokens."
                 )
-            scores = torch.rand(batch, n_valid, generator=generator)
-            positions = scores.argsort(dim=1)[:, :k].sort(dim=1).values  # [B, K] distinct, sorted
-            return positions.to(self.device)
+            positions = stratified_positions(batch, n_valid, k, self.trace_groups, generator)  # [B, K] distinct, sorted
+            return positions.to(self.device), self.trace_groups
         positions = torch.as_tensor(positions)  # checked where it lives: CPU positions cost no device sync
         if positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise ValueError(f"`positions` must be integer insertion points, got dtype {positions.dtype}.")
@@ -227,7 +229,8 @@ class CacheAugmentedLM(nn.Module):
                 f"Insertion points must lie in [0, T-1-n_ahead] = [0, {n_valid - 1}] so that each trace has "
                 f"n_ahead={n_ahead} target tokens in a sequence of T={length}; got values in [{lo}, {hi}]."
             )
-        return positions.long().contiguous().to(self.device, non_blocking=True)
+        groups = groups_fitting(positions, length, n_ahead, self.trace_groups)
+        return positions.long().contiguous().to(self.device, non_blocking=True), groups
 
     # ------------------------------------------------------------------ training pass
     def forward(
@@ -251,16 +254,17 @@ class CacheAugmentedLM(nn.Module):
         self._check_dtypes()
         B, T = ids.shape
         N_L = self.config.n_latents
-        positions = self._positions(positions, B, T, generator)  # [B, K]
+        positions, groups = self._positions(positions, B, T, generator)  # [B, K]
         self._check_context(T - 1 + N_L, f"A sequence of {T} tokens with {N_L} latents")
-        return self._run_pass(ids, positions, return_base_losses)
+        return self._run_pass(ids, positions, return_base_losses, groups)
 
-    def _run_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool) -> CacheAugmentedOutput:
+    def _run_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool,
+                  groups: int = 1) -> CacheAugmentedOutput:
         compiled = self._compiled_pass is not None and torch.is_grad_enabled()
         if compiled and self._compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous replay's outputs may be reused
         train_pass = self._compiled_pass if compiled else self._train_pass
-        token_losses, latents, base_losses = train_pass(ids, positions, return_base_losses)
+        token_losses, latents, base_losses = train_pass(ids, positions, return_base_losses, groups)
         loss = token_losses.mean()
         if self.check_finite and not torch.isfinite(loss):
             raise FloatingPointError(
@@ -269,41 +273,31 @@ class CacheAugmentedLM(nn.Module):
             )
         return CacheAugmentedOutput(loss, token_losses, positions, latents, base_losses)
 
-    def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool):
+    def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool, groups: int = 1):
         """The three passes on checked inputs: tensor code only (no host sync), so ``torch.compile`` captures it
-        in one graph (:meth:`compile_training`). Returns ``(token_losses, latents, base_losses or None)``."""
+        in one graph (:meth:`compile_training`). With ``groups`` > 1 the traces of group g (slots g*K/G ..) run the
+        coprocessor and decoder passes against the first S_g text keys only (masks.py, "trace groups"); the
+        caller has checked that their insertion points lie there. Returns ``(token_losses, latents, base_losses
+        or None)``."""
         B, T = ids.shape
         K = positions.shape[1]
-        N_L, N_A = self.config.n_latents, self.config.n_ahead
-        decoder = self.base.get_decoder()
-        embed = self.base.get_input_embeddings()
-        dtype = embed.weight.dtype
+        N_A = self.config.n_ahead
 
         # (a) frozen decoder over the text: the shared prefix K/V of every trace
         with torch.no_grad():
-            cache = DynamicCache()
-            h_text = decoder(input_ids=ids, **self._decoder_kwargs(cache)).last_hidden_state  # [B, T, D]
-            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [B, H_kv, T, D_h] each
+            h_text, prefix_kv = self._prefix_pass(ids)  # [B, T, D], [B, H_kv, T, D_h] per layer
 
-        # (b) coprocessor: K blocks of N_L soft tokens, each reading text <= p_k
-        cop_layout = trace_layout(positions, T, N_L)
-        cop_masks = None if self.coprocessor.backbone is None else attention_masks(cop_layout, self.family, dtype)
-        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks)  # [B, K*N_L, D]
-        D = latents.shape[-1]
-        latents = latents.view(B, K, N_L, D)
-
-        # (c) frozen decoder over [latents_k ; tokens p_k+1 .. p_k+N_A-1], gradients flow to the latents
-        L = N_L + N_A - 1
-        ahead = ids.gather(1, (positions[:, :, None] + torch.arange(1, N_A, device=ids.device)).view(B, -1))
-        x = torch.cat([latents.to(dtype), embed(ahead).view(B, K, N_A - 1, D)], dim=2)  # [B, K, L, D]
-        dec_layout = trace_layout(positions, T, L)
-        h = decoder(
-            inputs_embeds=x.view(B, K * L, D),
-            position_ids=dec_layout.position_ids,
-            attention_mask=attention_masks(dec_layout, self.family, dtype),
-            **self._decoder_kwargs(DynamicCache(ddp_cache_data=prefix_kv)),
-        ).last_hidden_state  # [B, K*L, D]
-        h = h.view(B, K, L, D)[:, :, N_L - 1 :]  # [B, K, N_A, D]: last latent, then the ahead tokens
+        # (b) coprocessor and (c) decoder over the traces, one call each per trace group
+        key_lengths = group_key_lengths(T, N_A, groups) if groups > 1 else [T]
+        per = K // len(key_lengths)
+        latents, h = [], []
+        for g, S in enumerate(key_lengths):
+            kv = prefix_kv if S == T else [(k[:, :, :S], v[:, :, :S]) for k, v in prefix_kv]
+            lat_g, h_g = self._traces(ids, kv, positions[:, g * per : (g + 1) * per])
+            latents.append(lat_g)
+            h.append(h_g)
+        latents, h = torch.cat(latents, dim=1), torch.cat(h, dim=1)  # [B, K, N_L, D], [B, K, N_A, D]
+        D = h.shape[-1]
 
         offsets = torch.arange(1, N_A + 1, device=ids.device)
         targets = ids.gather(1, (positions[:, :, None] + offsets).view(B, -1)).view(B, K, N_A)
@@ -315,6 +309,61 @@ class CacheAugmentedLM(nn.Module):
                 h_base = h_text.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D)
                 base_losses = self._token_losses(h_base, targets)
         return token_losses, latents, base_losses
+
+    def _prefix_pass(self, ids: torch.Tensor):
+        """The frozen decoder over the text: its last hidden states ``[B, T, D]`` and per-layer ``(keys, values)``.
+
+        With sdpa and sliding-window layers (window W < T) the text goes in two chunks: the first W tokens with no
+        mask at all (within W tokens a sliding layer is plainly causal, so every layer takes sdpa's causal kernel,
+        which skips the masked half), then the rest against the cache with the causal and sliding masks. The dense
+        masks transformers would build otherwise (always, while compiling) make every layer compute all T x T."""
+        decoder = self.base.get_decoder()
+        cache = DynamicCache()
+        T, W = ids.shape[1], self.family.sliding_window
+        if self.family.attn_implementation != "sdpa" or not self.family.dict_masks or W is None or W >= T:
+            h = decoder(input_ids=ids, **self._decoder_kwargs(cache)).last_hidden_state
+        else:
+            none = {layer_type: None for layer_type in self.family.mask_types}
+            h_first = decoder(input_ids=ids[:, :W], attention_mask=none, **self._decoder_kwargs(cache)).last_hidden_state
+            q = torch.arange(W, T, device=ids.device)[:, None]
+            kv = torch.arange(T, device=ids.device)
+            masks = {layer_type: (kv <= q) & ((q - kv < W) if layer_type == SLIDING else True)
+                     for layer_type in self.family.mask_types}  # [T-W, T] each, True = attend
+            h_rest = decoder(input_ids=ids[:, W:], position_ids=q.T.expand(ids.shape[0], -1),
+                             attention_mask={k: m[None, None].expand(ids.shape[0], 1, -1, -1) for k, m in masks.items()},
+                             **self._decoder_kwargs(cache)).last_hidden_state
+            h = torch.cat([h_first, h_rest], dim=1)
+        return h, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _traces(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor):
+        """Passes (b) and (c) for traces at ``positions`` ``[B, K]`` reading the S text keys of ``prefix_kv``.
+        Returns the latents ``[B, K, N_L, D]`` and the decoder's hidden states that predict the targets
+        ``[B, K, N_A, D]`` (last latent, then the ahead tokens)."""
+        B, K = positions.shape
+        S = prefix_kv[0][0].shape[2]
+        N_L, N_A = self.config.n_latents, self.config.n_ahead
+        embed = self.base.get_input_embeddings()
+        dtype = embed.weight.dtype
+
+        # (b) coprocessor: K blocks of N_L soft tokens, each reading text <= p_k
+        cop_layout = trace_layout(positions, S, N_L)
+        cop_masks = None if self.coprocessor.backbone is None else attention_masks(cop_layout, self.family, dtype)
+        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks)  # [B, K*N_L, D]
+        D = latents.shape[-1]
+        latents = latents.view(B, K, N_L, D)
+
+        # (c) frozen decoder over [latents_k ; tokens p_k+1 .. p_k+N_A-1], gradients flow to the latents
+        L = N_L + N_A - 1
+        ahead = ids.gather(1, (positions[:, :, None] + torch.arange(1, N_A, device=ids.device)).view(B, -1))
+        x = torch.cat([latents.to(dtype), embed(ahead).view(B, K, N_A - 1, D)], dim=2)  # [B, K, L, D]
+        dec_layout = trace_layout(positions, S, L)
+        h = self.base.get_decoder()(
+            inputs_embeds=x.view(B, K * L, D),
+            position_ids=dec_layout.position_ids,
+            attention_mask=attention_masks(dec_layout, self.family, dtype),
+            **self._decoder_kwargs(DynamicCache(ddp_cache_data=prefix_kv)),
+        ).last_hidden_state  # [B, K*L, D]
+        return latents, h.view(B, K, L, D)[:, :, N_L - 1 :]
 
     def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (float32) of the LM head on ``hidden`` ``[..., D]`` only, in row chunks.

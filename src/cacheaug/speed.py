@@ -5,6 +5,11 @@
   outside it, so nothing in it breaks the graph or syncs with the host. ``"graphs"`` adds CUDA graphs (mode
   ``reduce-overhead``): a step is then one graph replay instead of thousands of kernel launches.
 
+* ``trace_groups`` G: draw the K insertion points stratified, K/G in each of G equal segments of the sequence, so
+  that the coprocessor and decoder passes of each group read only the text keys before its segment's end
+  (masks.py, "trace groups"): the same losses for the same points, about half the attention work at G=4. It
+  changes which points are drawn (evenly spread instead of independent), not what is computed for them.
+
 * :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs
   hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
   nothing breaks the graph. Whole decoder layers are not compiled: they take the kv-cache object, and dynamo
@@ -63,23 +68,31 @@ _ATTN = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
 def parse_variant(name: str) -> dict:
     """A speed variant as the throughput benchmark names it: 'flex', 'sdpa' or 'eager', optionally '+masks'
     (compiled block masks), one of '+mlp' (compiled MLPs), '+step' (the whole training pass compiled as one graph)
-    or '+graphs' (that, replayed as CUDA graphs), and '+keeplogits' (the loss's logits kept for backward)."""
+    or '+graphs' (that, replayed as CUDA graphs), '+keeplogits' (the loss's logits kept for backward) and '+gN'
+    (N trace groups)."""
     attn, *flags = name.split("+")
+    groups = [f for f in flags if f[:1] == "g" and f[1:].isdigit() and int(f[1:]) >= 1]
+    flags = [f for f in flags if f not in groups]
     step = [f for f in flags if f in ("step", "graphs")]
     if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits"} or len(step) > 1 or (
-            step and "mlp" in flags):
+            step and "mlp" in flags) or len(groups) > 1:
         raise ValueError(f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
-                         "+graphs; optionally +keeplogits")
+                         "+graphs; optionally +keeplogits and +gN (N trace groups)")
     return {"attn": _ATTN[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
-            "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags}
+            "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags,
+            "trace_groups": int(groups[0][1:]) if groups else 1}
 
 
 def apply_speed_options(
-    model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False, compile_step: str = "off"
+    model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False, compile_step: str = "off",
+    trace_groups: int = 1,
 ) -> None:
     """Turn on the opt-in speed settings above (no-ops with the defaults)."""
     if compile_step not in COMPILE_STEP_MODES:
         raise ValueError(f"compile_step must be one of {sorted(COMPILE_STEP_MODES)}, got {compile_step!r}")
+    if hasattr(model, "trace_groups"):
+        masks.check_trace_groups(trace_groups, model.config.n_traces)
+        model.trace_groups = trace_groups
     if compile_mlp or compile_masks:
         allow_recompiles()
     if compile_mlp:

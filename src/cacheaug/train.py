@@ -30,6 +30,7 @@ from .checkpoint import fingerprint, load_trainable
 from .config import CoprocessorConfig
 from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
+from .masks import stratified_positions
 from .model import CacheAugmentedLM
 from .speed import allow_recompiles, apply_speed_options
 
@@ -82,6 +83,9 @@ class TrainConfig:
     compile_step: Literal["off", "step", "graphs"] = _f(
         "off", "torch.compile the whole training pass as one graph ('step'), plus CUDA graphs ('graphs'; GPU); the "
         "first step compiles (minutes for a real model); see docs/performance.md")
+    trace_groups: int = _f(1, "G > 1 draws the K insertion points stratified (K/G in each of G equal segments of the "
+                           "sequence) so that each group's passes read only the text before its segment's end: less "
+                           "attention work, same losses for those points (GPU speed; docs/performance.md)")
     # bookkeeping
     eval_every: int = _f(200, "steps between held-out evaluations (0 = only at the end)")
     eval_sequences: int = _f(32, "held-out sequences per evaluation")
@@ -112,6 +116,8 @@ class TrainConfig:
         if self.parallel == "fsdp" and self.init in ("lora", "lora-decoder"):
             problems.append(f"--parallel fsdp shards a coprocessor's own weights; init={self.init} shares the "
                             "decoder's and trains only small adapters: use --parallel ddp")
+        if self.trace_groups < 1 or self.n_traces % self.trace_groups:
+            problems.append(f"--trace-groups {self.trace_groups} must be a positive divisor of --n-traces {self.n_traces}")
         if problems:
             raise ValueError("Invalid training options:\n  " + "\n  ".join(problems))
 
@@ -138,9 +144,13 @@ def insertion_points(keys: list[int], cfg: TrainConfig) -> torch.Tensor:
     """``[B, K]`` sorted distinct insertion points per sequence, a function of (seed, sequence key) only: the
     same on any number of ranks and after a resume."""
     rows = []
+    n_valid = cfg.seq_len - cfg.n_ahead
     for key in keys:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + key)
-        rows.append(torch.randperm(cfg.seq_len - cfg.n_ahead, generator=g)[: cfg.n_traces].sort().values)
+        if cfg.trace_groups > 1:  # stratified: K/G points in each of G segments (the grouped pass's condition)
+            rows.append(stratified_positions(1, n_valid, cfg.n_traces, cfg.trace_groups, g)[0])
+        else:
+            rows.append(torch.randperm(n_valid, generator=g)[: cfg.n_traces].sort().values)
     return torch.stack(rows)
 
 
@@ -326,7 +336,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
                                           for_training=True)
     model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
     _master_fp32(model)
-    apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks, compile_step=cfg.compile_step)
+    apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks, compile_step=cfg.compile_step,
+                        trace_groups=cfg.trace_groups)
     if base.config._attn_implementation == "flex_attention":
         allow_recompiles()
     if main_rank and device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
