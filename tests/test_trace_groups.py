@@ -157,3 +157,35 @@ def test_trainer_insertion_points_are_stratified():
     assert pos.shape == (50, 8) and (pos.diff(dim=1) > 0).all()
     assert groups_fitting(pos, 64, 8, 4) == 4
     assert torch.equal(pos, insertion_points(list(range(50)), cfg))  # a function of (seed, key): resumable
+
+
+def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
+    """The options reach the model: kept logits change nothing; trace groups train on stratified points."""
+    import json
+
+    from cacheaug.testing import tiny_corpus, tiny_tokenizer
+    from cacheaug.train import TrainConfig, train
+
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
+    small = dict(data=(str(tmp_path / "corpus"),), seq_len=40, batch_size=2, n_latents=2, n_ahead=N_A, n_traces=4,
+                 max_steps=2, warmup_steps=1, eval_every=0, eval_sequences=2, log_every=1, save_every=0, heldout_pct=20.0)
+    from cacheaug.model import CacheAugmentedLM
+
+    runs, traces = {}, CacheAugmentedLM._traces
+    for name, opts in {"plain": {}, "kept": {"keep_logits": True}, "grouped": {"trace_groups": 2}}.items():
+        out = tmp_path / name
+        seen = []
+
+        def spy(self, ids, prefix_kv, positions, _seen=seen):
+            _seen.append(prefix_kv[0][0].shape[2])
+            return traces(self, ids, prefix_kv, positions)
+
+        monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces", spy)
+        train(TrainConfig(**small, **opts, out_dir=str(out)), base=tiny_model("gemma3"), tokenizer=tok, progress=False)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([r["loss"] for r in rows if "loss" in r], seen)
+    assert runs["kept"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
+    assert set(runs["plain"][1]) == {T}
+    assert runs["grouped"][1][:2] == [20, 36]  # training steps ran grouped
+    assert runs["grouped"][0] != pytest.approx(runs["plain"][0], abs=1e-5)  # other (stratified) points

@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,6 +129,17 @@ def test_yaml_config_and_overrides(tmp_path):
     path.write_text("n_latent: 4\n")
     with pytest.raises(SystemExit, match="unknown keys"):
         resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
+
+
+def test_shipped_configs_resolve():
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
+        assert cfg.model == "gemma-3-270m"
+    h200_path = str(Path(__file__).parents[1] / "configs" / "gemma3-270m-h200.yaml")
+    h200 = resolve_train_config(build_parser().parse_args(["train", "--config", h200_path]))
+    assert (h200.compile_step, h200.keep_logits, h200.trace_groups) == ("graphs", True, 1)
 
 
 def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_steps=6, compile_step="off"):

@@ -83,6 +83,8 @@ class TrainConfig:
     compile_step: Literal["off", "step", "graphs"] = _f(
         "off", "torch.compile the whole training pass as one graph ('step'), plus CUDA graphs ('graphs'; GPU); the "
         "first step compiles (minutes for a real model); see docs/performance.md")
+    keep_logits: bool = _f(False, "keep the loss's logits (targets x vocab) for backward instead of recomputing them: "
+                            "one LM-head product less per step, about 1 GiB more at batch 8 (GPU speed)")
     trace_groups: int = _f(1, "G > 1 draws the K insertion points stratified (K/G in each of G equal segments of the "
                            "sequence) so that each group's passes read only the text before its segment's end: less "
                            "attention work, same losses for those points (GPU speed; docs/performance.md)")
@@ -338,6 +340,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     _master_fp32(model)
     apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks, compile_step=cfg.compile_step,
                         trace_groups=cfg.trace_groups)
+    model.recompute_loss = not cfg.keep_logits
     if base.config._attn_implementation == "flex_attention":
         allow_recompiles()
     if main_rank and device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
