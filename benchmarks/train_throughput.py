@@ -73,8 +73,11 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
 
     for _ in range(warmup):
         one_step()
+    warmup_peak = None
     if device.type == "cuda":
         torch.cuda.synchronize()
+        # the warm-up includes compiling and recording CUDA graphs, whose memory pool the timed steps reuse
+        warmup_peak = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     if profile:  # where the time of a step goes: host (Python, launches) vs device kernels
         from torch.profiler import ProfilerActivity
@@ -104,6 +107,7 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
             row["mfu_pct"] = round(100 * flops / dt / PEAK_BF16, 2)
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["peak_mem_incl_warmup_gib"] = round(max(warmup_peak, torch.cuda.max_memory_allocated()) / 2**30, 2)
     return row
 
 

@@ -12,6 +12,9 @@ Notable choices (where the paper is silent, see paper.md "Open"):
   ``[latents_k ; ahead tokens_k]`` for all K traces at once against the same prefix K/V. Masks: masks.py.
 * Caches are built without a config, so sliding-window layers keep every token and the sliding window
   is applied by the mask (exactly equal to the model's own incremental decoding).
+* Speed, same results: the prefix pass runs in two chunks with sdpa on sliding-window models (the first window
+  unmasked, so sdpa's causal kernel skips the masked half); ``trace_groups`` > 1 (cacheaug.speed) draws the
+  insertion points stratified and runs each group's passes against only the text keys it can see.
 """
 
 from __future__ import annotations
