@@ -63,7 +63,9 @@ def test_speed_options_are_checked():
     v = parse_variant("flex+masks+graphs+keeplogits")
     assert (v["attn"], v["compile_masks"], v["compile_step"], v["keep_logits"], v["compile_mlp"]) == (
         "flex_attention", True, "graphs", True, False)
-    for bad in ("sdpa+step+graphs", "sdpa+mlp+step", "fast", "sdpa+bogus"):
+    assert parse_variant("sdpa+graphs+g2+keeplogits")["trace_groups"] == 2
+    assert parse_variant("sdpa")["trace_groups"] == 1
+    for bad in ("sdpa+step+graphs", "sdpa+mlp+step", "fast", "sdpa+bogus", "sdpa+g2+g4", "sdpa+g0", "sdpa+gx"):
         with pytest.raises(ValueError, match="bad variant"):
             parse_variant(bad)
 
