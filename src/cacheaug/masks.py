@@ -127,8 +127,8 @@ def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype):
 # A trace whose insertion point is p reads text keys 0..p only. With G trace groups the valid insertion points
 # [0, T-1-N_A] are cut into G equal segments and K/G points are drawn in each (stratified sampling). The traces
 # of segment g then never read text beyond the segment's end, so their two passes (coprocessor and decoder) run
-# against the first S_g text keys only, not all T: about half the attention work at G=4, with the same result
-# (the dropped keys are masked for them anyway).
+# against the first S_g text keys only, not all T (counted: two thirds of the trace attention work at G=2, half
+# at G=4), with the same result (the dropped keys are masked for them anyway).
 
 
 def group_edges(n_valid: int, groups: int) -> list[int]:
