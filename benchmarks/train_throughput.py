@@ -4,7 +4,7 @@ Canonical config (issue 3): Gemma 3 270M frozen, full-copy coprocessor, T=1024, 
 autocast with fp32 master weights, one H200:
 
     python benchmarks/train_throughput.py --model gemma-3-270m --batch 8 --seq-len 1024 --traces 16 128 \
-        --variants sdpa sdpa+step sdpa+graphs sdpa+graphs+g4 --compare-loop --out throughput.json
+        --variants sdpa sdpa+step sdpa+graphs sdpa+graphs+keeplogits --compare-loop --out throughput.json
 
 Implementation variants (``--variants``) are timed on the canonical config; the fastest then times K=128, the
 per-trace loop and the other inits (``--configs``).

@@ -175,7 +175,9 @@ def test_ddp_with_the_compiled_step_matches_one_eager_process(tmp_path, corpus):
              nprocs=2)
     single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0, max_steps=4)
     a, b = _weights(tmp_path / "ddp" / "step_000004"), _weights(single)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    # inductor vs eager rounding moves single weights by up to ~1.5e-5 after 4 AdamW steps; training on one rank's
+    # half of the batch (what unsynchronised ranks do) moves all 42 tensors beyond this tolerance (up to 0.028)
+    assert all(torch.allclose(a[k], b[k], atol=3e-5, rtol=1e-4) for k in a)
 
 
 def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path, corpus):

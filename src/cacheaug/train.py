@@ -149,10 +149,7 @@ def insertion_points(keys: list[int], cfg: TrainConfig) -> torch.Tensor:
     n_valid = cfg.seq_len - cfg.n_ahead
     for key in keys:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + key)
-        if cfg.trace_groups > 1:  # stratified: K/G points in each of G segments (the grouped pass's condition)
-            rows.append(stratified_positions(1, n_valid, cfg.n_traces, cfg.trace_groups, g)[0])
-        else:
-            rows.append(torch.randperm(n_valid, generator=g)[: cfg.n_traces].sort().values)
+        rows.append(stratified_positions(1, n_valid, cfg.n_traces, cfg.trace_groups, g)[0])  # G=1: plain uniform
     return torch.stack(rows)
 
 
