@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cacheaug.data import PackedSequences, build_token_files, is_heldout, iter_documents, load_tokens
+from cacheaug.data import PackedSequences, Splits, build_token_files, is_heldout, iter_documents, load_tokens
 from cacheaug.testing import tiny_corpus, tiny_tokenizer
 
 
@@ -38,7 +38,7 @@ def test_heldout_split_is_by_content():
 def test_token_files_are_built_once_and_exact(tmp_path):
     texts = tiny_corpus(tmp_path / "corpus", n_docs=40)
     tok = tiny_tokenizer(texts)
-    folder = build_token_files(tok, [str(tmp_path / "corpus")], heldout_pct=20.0, root=tmp_path / "tok")
+    folder = build_token_files(tok, [str(tmp_path / "corpus")], 20.0, root=tmp_path / "tok")
     meta = json.loads((folder / "meta.json").read_text())
     train, held = load_tokens(folder, "train"), load_tokens(folder, "heldout")
     assert meta["train_tokens"] == len(train) and meta["heldout_tokens"] == len(held)
@@ -98,3 +98,35 @@ def test_every_sequence_starts_with_bos():
     seqs = [data.sequence(i).tolist() for i in range(len(data))]
     assert len(data) == 5 and all(s[0] == bos and len(s) == 4 for s in seqs)
     assert seqs[0] == [bos, 1, 2, 3] and seqs[1] == [bos, 3, 4, 5] and seqs[3] == [bos, 10, 11, 12]
+
+
+def test_splits_keep_adapt_train_heldout_and_unseen_sources_apart(tmp_path):
+    texts = tiny_corpus(tmp_path / "corpus", n_docs=60)
+    other = tiny_corpus(tmp_path / "other", n_docs=10, seed=7)
+    tok = tiny_tokenizer(texts + other, vocab_size=400)  # every word known: documents decode exactly
+    splits = Splits(heldout_pct=20.0, adapt_pct=50.0, heldout_sources=(str(tmp_path / "other"),))
+    folder = build_token_files(tok, [str(tmp_path / "corpus"), str(tmp_path / "other")], splits, root=tmp_path / "tok")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["unseen_docs"] == 10  # the whole held-out source, and nothing of it anywhere else
+    assert meta["train_docs"] + meta["adapt_docs"] + meta["heldout_docs"] == 60
+    assert meta["adapt_docs"] > 5 and meta["train_docs"] > 5 and meta["heldout_docs"] > 0
+
+    def docs(split):  # documents back from the token file (<bos> ... <eos> each)
+        ids = np.asarray(load_tokens(folder, split)).tolist()
+        out, cur = [], []
+        for i in ids:
+            if i == tok.eos_token_id:
+                out.append(tok.decode(cur[1:]))
+                cur = []
+            else:
+                cur.append(i)
+        return set(out)
+
+    parts = {s: docs(s) for s in ("train", "adapt", "heldout", "unseen")}
+    assert parts["unseen"] == set(other)
+    for a in parts:
+        for b in parts:
+            assert a == b or not parts[a] & parts[b], (a, b)
+    assert all(splits.split_of(t) == "adapt" for t in parts["adapt"])
+    # the split of a document does not depend on the other options: held-out stays held-out
+    assert {t for t in texts if Splits(20.0).split_of(t) == "heldout"} == parts["heldout"]

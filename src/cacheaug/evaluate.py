@@ -36,14 +36,17 @@ def relative_ppl_change(losses: dict) -> list[float]:
 
 # ------------------------------------------------------------------------------------ perplexity by offset
 @torch.no_grad()
-def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, batch: int = 4):
+def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, batch: int = 4,
+                     positions: torch.Tensor | None = None):
     """Per-sequence sums of augmented and frozen losses per offset, augmenting densely.
 
     Every ``stride``-th token from T/8 on is an insertion point (the paper augments after every token;
-    ``stride=1`` does that). Returns ``(aug [N, N_A], base [N, N_A], points_per_sequence)`` in float64.
+    ``stride=1`` does that), unless ``positions`` ``[K]`` names them. Returns ``(aug [N, N_A], base [N, N_A],
+    points_per_sequence)`` in float64.
     """
     T, N_A = seqs.shape[1], model.config.n_ahead
-    positions = torch.arange(min(T // 8, T - 1 - N_A), T - N_A, stride)
+    if positions is None:
+        positions = torch.arange(min(T // 8, T - 1 - N_A), T - N_A, stride)
     aug, base = [], []
     was_training = model.training
     model.eval()
@@ -79,15 +82,18 @@ def bootstrap_rel_change(aug: torch.Tensor, base: torch.Tensor, points: int, n_b
     }
 
 
-def heldout_sequences(tokenizer, data, heldout_pct: float, seq_len: int, n: int) -> torch.Tensor:
-    """``n`` held-out sequences ``[n, T]`` of ``data`` (the same split training held out), spread evenly over the
-    held-out stream (:meth:`PackedSequences.spread`)."""
+def heldout_sequences(tokenizer, data, splits, seq_len: int, n: int, split: str = "heldout") -> torch.Tensor:
+    """``n`` sequences ``[n, T]`` of a split of ``data`` that no run trains on (``heldout``: documents held out of
+    the training sources; ``unseen``: the held-out sources), spread evenly over its stream
+    (:meth:`PackedSequences.spread`). ``splits``: a :class:`~cacheaug.data.Splits` or the held-out percent."""
     from .data import PackedSequences, build_token_files, load_tokens
 
-    token_dir = build_token_files(tokenizer, list(data), heldout_pct)
-    held = PackedSequences(load_tokens(token_dir, "heldout"), seq_len, seed=0, bos_id=tokenizer.bos_token_id)
+    token_dir = build_token_files(tokenizer, list(data), splits)
+    tokens = load_tokens(token_dir, split)
+    held = PackedSequences(tokens, seq_len, seed=0, bos_id=tokenizer.bos_token_id) if len(tokens) > seq_len else []
     if len(held) == 0:
-        raise ValueError(f"The held-out split has fewer than {seq_len} tokens: raise --heldout-pct or lower --seq-len.")
+        fix = "raise --heldout-pct" if split == "heldout" else "name larger sources in --heldout-sources"
+        raise ValueError(f"The {split} split has fewer than {seq_len} tokens: {fix} or lower --seq-len.")
     return held.spread(n)
 
 
@@ -106,6 +112,8 @@ def evaluate_ppl(
     model_name: str = "gemma-3-270m",
     data: tuple[str, ...] = ("default",),
     heldout_pct: float = 1.0,
+    adapt_pct: float = 0.0,
+    heldout_sources: tuple[str, ...] = (),
     seq_len: int = 1024,
     sequences: int = 64,
     stride: int = 16,
@@ -117,32 +125,44 @@ def evaluate_ppl(
     tokenizer=None,
 ) -> dict:
     """`cacheaug eval ppl`: held-out perplexity change by offset for each checkpoint (coprocessors and controls
-    alike), against the frozen decoder on the same tokens, with 95% bootstrap intervals over sequences."""
+    alike), against the frozen decoder on the same tokens, with 95% bootstrap intervals over sequences. With
+    ``heldout_sources`` the same is reported on those unseen sources, side by side (``report["unseen"]``)."""
     import dataclasses
     import json
     from pathlib import Path
 
     from .base import load_base_model
+    from .data import Splits
 
     if base is None:
         base, tokenizer = load_base_model(model_name, device=device)
-    seqs = heldout_sequences(tokenizer, data, heldout_pct, seq_len, sequences)
+    splits = Splits(heldout_pct, adapt_pct, tuple(heldout_sources))
+    sets = {"heldout": heldout_sequences(tokenizer, data, splits, seq_len, sequences)}
+    if heldout_sources:
+        sets["unseen"] = heldout_sequences(tokenizer, data, splits, seq_len, sequences, split="unseen")
     n_ahead = max(offsets)
-    report = {"model": model_name, "data": list(data), "seq_len": seq_len, "sequences": len(seqs), "stride": stride,
-              "offsets": list(offsets), "n_boot": n_boot, "runs": {}}
+    report = {"model": model_name, "data": list(data), **splits.key(), "seq_len": seq_len,
+              "sequences": {k: len(v) for k, v in sets.items()}, "stride": stride, "offsets": list(offsets),
+              "n_boot": n_boot, "runs": {}}
     for ckpt in checkpoints:
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
         model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # N_A only sets which targets are scored
-        aug, frozen, points = offset_loss_sums(model, seqs, stride)
-        stats = bootstrap_rel_change(aug, frozen, points, n_boot)
-        pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}
-        report["runs"][str(ckpt)] = {"init": model.config.init, "n_latents": model.config.n_latents,
-                                     "points": points * len(seqs), **pick}
+        for split, seqs in sets.items():
+            aug, frozen, points = offset_loss_sums(model, seqs, stride)
+            stats = bootstrap_rel_change(aug, frozen, points, n_boot)
+            pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}
+            run = {"init": model.config.init, "n_latents": model.config.n_latents, "points": points * len(seqs), **pick}
+            report.setdefault(split, {})[str(ckpt)] = run
         del model
-    first = next(iter(report["runs"].values()))
-    print(f"\nHeld-out perplexity change vs the frozen decoder ({len(seqs)} sequences of {seq_len}, an insertion "
-          f"every {stride} tokens, 95% bootstrap interval over sequences):")
-    _print_table(offsets, {Path(c).parent.name or c: r for c, r in report["runs"].items()}, frozen_ppl=first["base_ppl"])
+    report["runs"] = report["heldout"]  # the in-source results under their old key
+    for split, title in (("heldout", "in-source held-out documents"), ("unseen", f"unseen sources {list(heldout_sources)}")):
+        if split not in report:
+            continue
+        runs = report[split]
+        first = next(iter(runs.values()))
+        print(f"\nPerplexity change vs the frozen decoder on {title} ({len(sets[split])} sequences of {seq_len}, an "
+              f"insertion every {stride} tokens, 95% bootstrap interval over sequences):")
+        _print_table(offsets, {Path(c).parent.name or c: r for c, r in runs.items()}, frozen_ppl=first["base_ppl"])
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

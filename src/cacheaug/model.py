@@ -277,11 +277,23 @@ class CacheAugmentedLM(nn.Module):
         return CacheAugmentedOutput(loss, token_losses, positions, latents, base_losses)
 
     def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool, groups: int = 1):
-        """The three passes on checked inputs: tensor code only (no host sync), so ``torch.compile`` captures it
-        in one graph (:meth:`compile_training`). With ``groups`` > 1 the traces of group g (slots g*K/G ..) run the
+        """The three passes and the loss on checked inputs: tensor code only (no host sync), so ``torch.compile``
+        captures it in one graph (:meth:`compile_training`). Returns ``(token_losses, latents, base_losses or
+        None)``."""
+        h, latents, h_base, targets = self._target_states(ids, positions, return_base_losses, groups)
+        token_losses = self._token_losses(h, targets)  # [B, K, N_A]
+        base_losses = None
+        if h_base is not None:
+            with torch.no_grad():
+                base_losses = self._token_losses(h_base, targets)
+        return token_losses, latents, base_losses
+
+    def _target_states(self, ids: torch.Tensor, positions: torch.Tensor, with_base: bool, groups: int = 1):
+        """The decoder's hidden states that predict the N_A targets of every trace, ``[B, K, N_A, D]``, the latents
+        ``[B, K, N_L, D]``, the frozen decoder's own states for the same targets (without latents; ``with_base``)
+        and the targets ``[B, K, N_A]``. With ``groups`` > 1 the traces of group g (slots g*K/G ..) run the
         coprocessor and decoder passes against the first S_g text keys only (masks.py, "trace groups"); the
-        caller has checked that their insertion points lie there. Returns ``(token_losses, latents, base_losses
-        or None)``."""
+        caller has checked that their insertion points lie there."""
         B, T = ids.shape
         K = positions.shape[1]
         N_A = self.config.n_ahead
@@ -304,14 +316,27 @@ class CacheAugmentedLM(nn.Module):
 
         offsets = torch.arange(1, N_A + 1, device=ids.device)
         targets = ids.gather(1, (positions[:, :, None] + offsets).view(B, -1)).view(B, K, N_A)
-        token_losses = self._token_losses(h, targets)  # [B, K, N_A]
-        base_losses = None
-        if return_base_losses:
-            with torch.no_grad():
-                rows = (positions[:, :, None] + offsets - 1).view(B, -1)  # token p+o-1 predicts p+o
-                h_base = h_text.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D)
-                base_losses = self._token_losses(h_base, targets)
-        return token_losses, latents, base_losses
+        h_base = None
+        if with_base:
+            rows = (positions[:, :, None] + offsets - 1).view(B, -1)  # token p+o-1 predicts p+o
+            h_base = h_text.gather(1, rows[:, :, None].expand(-1, -1, D)).view(B, K, N_A, D)
+        return h, latents, h_base, targets
+
+    @torch.no_grad()
+    def score_targets(self, input_ids: torch.Tensor, positions) -> dict:
+        """Evaluation of explicit insertion points ``[K]`` or ``[B, K]`` in one parallel pass: per trace and offset
+        the augmented loss and whether the augmented model's top token is the target (``hits``: greedy decoding
+        reproduces a span of targets exactly iff every hit in it is true), and the same for the frozen decoder
+        (``base_losses``, ``base_hits``); each ``[B, K, N_A]``. Equal to ``augment`` then plain decoding."""
+        ids = self._check_ids(input_ids, "input_ids")
+        self._check_dtypes()
+        positions, _ = self._positions(positions, *ids.shape, None)
+        h, _, h_base, targets = self._target_states(ids, positions, True)
+        out = {}
+        for name, states in (("", h), ("base_", h_base)):
+            out[f"{name}losses"] = self._token_losses(states, targets)
+            out[f"{name}hits"] = self._token_hits(states, targets)
+        return out
 
     def _prefix_pass(self, ids: torch.Tensor):
         """The frozen decoder over the text: its last hidden states ``[B, T, D]`` and per-layer ``(keys, values)``.
@@ -348,12 +373,8 @@ class CacheAugmentedLM(nn.Module):
         embed = self.base.get_input_embeddings()
         dtype = embed.weight.dtype
 
-        # (b) coprocessor: K blocks of N_L soft tokens, each reading text <= p_k
-        cop_layout = trace_layout(positions, S, N_L)
-        cop_masks = None if self.coprocessor.backbone is None else attention_masks(cop_layout, self.family, dtype)
-        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks)  # [B, K*N_L, D]
+        latents = self._latents(ids, prefix_kv, positions)  # (b) [B, K, N_L, D]
         D = latents.shape[-1]
-        latents = latents.view(B, K, N_L, D)
 
         # (c) frozen decoder over [latents_k ; tokens p_k+1 .. p_k+N_A-1], gradients flow to the latents
         L = N_L + N_A - 1
@@ -367,6 +388,24 @@ class CacheAugmentedLM(nn.Module):
             **self._decoder_kwargs(DynamicCache(ddp_cache_data=prefix_kv)),
         ).last_hidden_state  # [B, K*L, D]
         return latents, h.view(B, K, L, D)[:, :, N_L - 1 :]
+
+    def _latents(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor) -> torch.Tensor:
+        """(b) the coprocessor over K blocks of N_L soft tokens, block k reading text <= p_k: ``[B, K, N_L, D]``."""
+        B, K = positions.shape
+        N_L, S = self.config.n_latents, prefix_kv[0][0].shape[2]
+        cop_layout = trace_layout(positions, S, N_L)
+        dtype = self.base.get_input_embeddings().weight.dtype
+        cop_masks = None if self.coprocessor.backbone is None else attention_masks(cop_layout, self.family, dtype)
+        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks)  # [B, K*N_L, D]
+        return latents.view(B, K, N_L, latents.shape[-1])
+
+    def _token_hits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Whether the LM head's top token on ``hidden`` ``[..., D]`` is the target (bool, ``targets``' shape)."""
+        head = self.base.get_output_embeddings()
+        h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        hits = [head(h2[i : i + LOSS_CHUNK_ROWS]).argmax(-1) == t1[i : i + LOSS_CHUNK_ROWS]
+                for i in range(0, h2.shape[0], LOSS_CHUNK_ROWS)]  # softcapping is monotone: same argmax
+        return torch.cat(hits).view(targets.shape)
 
     def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (float32) of the LM head on ``hidden`` ``[..., D]`` only, in row chunks.

@@ -60,6 +60,14 @@ class TrainConfig:
     batch_size: int = _f(8, "sequences per device per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     heldout_pct: float = _f(1.0, "percent of documents held out (by hash) for evaluation")
+    adapt_pct: float = _f(0.0, "percent of the other documents kept for `cacheaug adapt` (by hash): the coprocessor "
+                          "never trains on them; use the same value for adapt, train and eval")
+    heldout_sources: tuple[str, ...] = _f((), "whole sources kept out of training and evaluated as unseen (default "
+                                          "corpus parts: sotu pydoc gcide nlp; or paths)")
+    insertion: Literal["random", "marker"] = _f(
+        "random", "where traces are inserted: 'random' (uniform, the paper) or 'marker' (right after each occurrence "
+        "of --marker, e.g. the answer marker of `cacheaug data synth` text; random points fill up to K)")
+    marker: str = _f(" Answer:", "the text after which --insertion marker inserts")
     # optimisation
     max_steps: int = _f(1000, "optimizer steps")
     max_minutes: float = _f(0.0, "stop (evaluate, save) after this much training time even before max_steps (0 = "
@@ -113,6 +121,10 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be positive")
         if not 0 < self.heldout_pct < 100:
             problems.append(f"--heldout-pct must be in (0, 100), got {self.heldout_pct}")
+        if not 0 <= self.adapt_pct < 100:
+            problems.append(f"--adapt-pct must be in [0, 100), got {self.adapt_pct}")
+        if self.insertion == "marker" and not self.marker:
+            problems.append("--insertion marker needs a non-empty --marker")
         if not self.data:
             problems.append("--data needs at least one source")
         if self.parallel == "fsdp" and self.init in ("lora", "lora-decoder"):
@@ -127,9 +139,14 @@ class TrainConfig:
         return CoprocessorConfig(self.n_latents, self.n_ahead, self.n_traces, init=self.init,
                                  lora_rank=self.lora_rank, init_seed=self.seed)
 
+    def splits(self):
+        from .data import Splits
+
+        return Splits(self.heldout_pct, self.adapt_pct, tuple(self.heldout_sources))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["data"] = list(self.data)
+        d["data"], d["heldout_sources"] = list(self.data), list(self.heldout_sources)
         return d
 
 
@@ -142,14 +159,22 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def insertion_points(keys: list[int], cfg: TrainConfig) -> torch.Tensor:
+def insertion_points(keys: list[int], cfg: TrainConfig, ids: torch.Tensor | None = None,
+                     marker_ids: list[int] | None = None) -> torch.Tensor:
     """``[B, K]`` sorted distinct insertion points per sequence, a function of (seed, sequence key) only: the
-    same on any number of ranks and after a resume."""
+    same on any number of ranks and after a resume. With ``marker_ids`` (``--insertion marker``) the points are
+    the ends of the marker's occurrences in ``ids`` (a seeded choice of K if there are more; uniform points fill
+    up when there are fewer)."""
+    from .synth import marker_positions
+
     rows = []
     n_valid = cfg.seq_len - cfg.n_ahead
-    for key in keys:
+    for b, key in enumerate(keys):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + key)
-        rows.append(stratified_positions(1, n_valid, cfg.n_traces, cfg.trace_groups, g)[0])  # G=1: plain uniform
+        if marker_ids:
+            rows.append(marker_positions(ids[b], marker_ids, n_valid, cfg.n_traces, g))
+        else:
+            rows.append(stratified_positions(1, n_valid, cfg.n_traces, cfg.trace_groups, g)[0])  # G=1: plain uniform
     return torch.stack(rows)
 
 
@@ -349,10 +374,13 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
 
     # --- data ------------------------------------------------------------------------------------------
     if main_rank:
-        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.heldout_pct)
+        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())
     if world > 1:
         dist.barrier()
-        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.heldout_pct)  # cached: only reads the key
+        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())  # cached: only reads the key
+    if cfg.insertion == "marker" and cfg.trace_groups > 1:
+        raise ValueError("--insertion marker places the points itself: use --trace-groups 1")
+    marker_ids = tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] if cfg.insertion == "marker" else None
     bos = tokenizer.bos_token_id
     data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, rank, world, bos_id=bos)
     heldout_tokens = load_tokens(token_dir, "heldout")
@@ -428,7 +456,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
                 g["lr"] = p * mult
             for micro in range(cfg.grad_accum):
                 ids, keys = data.next_batch(cfg.batch_size)
-                positions = insertion_points(keys, cfg)  # on the CPU: checked there without a device sync
+                positions = insertion_points(keys, cfg, ids, marker_ids)  # on the CPU: checked without a device sync
                 ids = ids.to(device, non_blocking=True)
                 no_sync = world > 1 and micro < cfg.grad_accum - 1
                 if sharded:

@@ -1,0 +1,254 @@
+"""``cacheaug adapt``: fine-tune the decoder on a corpus first, so that a coprocessor trained after it is measured
+on text its decoder already models ("adapt, then augment").
+
+A coprocessor trained on a corpus the frozen decoder has never seen gains mostly by adapting the decoder to
+that corpus through its cache; a LoRA-tuned decoder does the same better. With a domain corpus, adapt the
+decoder first (this module), freeze the result, and train the coprocessor on top of it with the *other* part
+of the corpus (``--adapt-pct``: documents split by hash, :class:`cacheaug.data.Splits`)::
+
+    cacheaug adapt --data default --adapt-pct 50 --heldout-sources sotu --out-dir runs/adapted
+    cacheaug train --model runs/adapted --data default --adapt-pct 50 --heldout-sources sotu --out-dir runs/copro
+    cacheaug eval ppl --model runs/adapted --data default --adapt-pct 50 --heldout-sources sotu --checkpoint ...
+
+``method="lora"`` trains PEFT LoRA adapters on every linear layer of the decoder and merges them into its
+weights; ``method="full"`` trains every decoder weight except the (tied) embedding. The result is a plain
+Hugging Face folder (``config.json``, ``model.safetensors``, the tokenizer) usable as ``--model`` everywhere.
+Checkpoints (trainable tensors, optimizer moments, data position; safetensors) go to ``out_dir/checkpoints``
+and a rerun of the same command resumes from the newest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from safetensors.torch import load_file, save_file
+
+from .train import _f, lr_multiplier
+
+STATE = "adapt_state.json"
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Everything ``cacheaug adapt`` needs; every field is an option of the same name."""
+
+    model: str = _f("gemma-3-270m", "the decoder to adapt: 'gemma-3-270m' (offline default) or an HF id / folder")
+    data: tuple[str, ...] = _f(("default",), "text sources, as for `cacheaug train`")
+    out_dir: str = _f("runs/adapted", "the adapted model (a Hugging Face folder) and its checkpoints")
+    method: Literal["lora", "full"] = _f("lora", "LoRA adapters merged into the weights, or a full fine-tune")
+    lora_rank: int = _f(64, "LoRA rank (method lora)")
+    heldout_pct: float = _f(1.0, "percent of documents held out (by hash); use the same value for train and eval")
+    adapt_pct: float = _f(50.0, "percent of the other documents this adapts on; the coprocessor trains on the rest "
+                          "(0: adapt on the whole training split)")
+    heldout_sources: tuple[str, ...] = _f((), "whole sources kept out (evaluated as unseen)")
+    seq_len: int = _f(1024, "tokens per packed sequence")
+    batch_size: int = _f(16, "sequences per step")
+    max_steps: int = _f(500, "optimizer steps")
+    lr: float = _f(3e-4, "peak AdamW learning rate (3e-4 suits LoRA; use about 2e-5 for method full)")
+    warmup_steps: int = _f(50, "linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)")
+    log_every: int = _f(10, "steps between log lines")
+    save_every: int = _f(200, "steps between checkpoints (0 = only at the end)")
+    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
+    seed: int = _f(0, "seed for the data order and the adapters")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("lora_rank", "seq_len", "batch_size", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append("--lr must be positive")
+        if not self.data:
+            problems.append("--data needs at least one source")
+        if problems:
+            raise ValueError("Invalid adapt options:\n  " + "\n  ".join(problems))
+
+    def splits(self):
+        from .data import Splits
+
+        return Splits(self.heldout_pct, self.adapt_pct, tuple(self.heldout_sources))
+
+
+def _trainable(model: nn.Module, cfg: AdaptConfig) -> nn.Module:
+    """LoRA adapters on every linear layer of the decoder (PEFT), or every decoder weight but the embedding."""
+    model.requires_grad_(False)
+    if cfg.method == "full":
+        emb = model.get_input_embeddings().weight
+        for p in model.get_decoder().parameters():
+            p.requires_grad_(p is not emb)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_decoder().named_modules() if isinstance(m, nn.Linear)})
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0,
+                                            target_modules=targets))
+
+
+def _lm_loss(base: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Mean next-token cross-entropy over ``ids`` ``[B, T]``; the vocabulary logits exist ``chunk`` rows at a time
+    (recomputed in backward)."""
+    head = base.get_output_embeddings()
+    h = base.get_decoder()(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, base.config.hidden_size)
+    t = ids[:, 1:].reshape(-1)
+    cap = getattr(base.config, "final_logit_softcapping", None)
+
+    def ce(hh: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        logits = head(hh).float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return F.cross_entropy(logits, tt, reduction="sum")
+
+    total = sum(torch.utils.checkpoint.checkpoint(ce, h[i : i + chunk], t[i : i + chunk], use_reentrant=False)
+                for i in range(0, h.shape[0], chunk))
+    return total / t.numel()
+
+
+def _atomic_dir(final: Path, write) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        write(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
+    """Fine-tune ``cfg.model`` on the adapt split of ``cfg.data``; returns the adapted model's folder."""
+    from tqdm.auto import tqdm
+
+    from .base import load_base_model
+    from .data import PackedSequences, build_token_files, load_tokens
+
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if base is None:
+        base, tokenizer = load_base_model(cfg.model, device=device, for_training=True)
+    model = _trainable(base, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # fp32 master weights under bf16 autocast
+        p.data = p.data.float()
+    token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())
+    split = "adapt" if cfg.adapt_pct > 0 else "train"
+    data = PackedSequences(load_tokens(token_dir, split), cfg.seq_len, cfg.seed, bos_id=tokenizer.bos_token_id)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    step = 0
+    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / STATE).is_file())
+    if done:
+        try:
+            state = json.loads((done[-1] / STATE).read_text())
+            tensors = load_file(str(done[-1] / "adapt_state.safetensors"))
+        except Exception as err:
+            raise ValueError(f"{done[-1]}: the adapt checkpoint is corrupt ({err}); delete it to resume from an "
+                             "earlier one.") from err
+        if state["config"]["model"] != cfg.model or state["config"]["method"] != cfg.method:
+            raise ValueError(f"{done[-1]} adapts {state['config']['model']!r} with {state['config']['method']}, not "
+                             f"{cfg.model!r} with {cfg.method}: use another --out-dir.")
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                p.copy_(tensors[f"w.{n}"])
+        opt.load_state_dict({"state": {i: {k.split(".", 2)[2]: v for k, v in tensors.items()
+                                           if k.startswith(f"opt.{i}.")} for i in range(len(params))},
+                             "param_groups": state["param_groups"]})
+        data.load_state_dict(state["data"])
+        step = state["step"]
+        print(f"cacheaug: resumed adaptation from {done[-1]} at step {step}")
+
+    def save() -> None:
+        tensors = {f"w.{n}": p.detach().cpu().contiguous() for n, p in zip(names, params)}
+        sd = opt.state_dict()
+        tensors.update({f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()})
+        state = {"step": step, "data": data.state_dict(), "param_groups": sd["param_groups"],
+                 "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}}
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "adapt_state.safetensors"))
+            (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+        _atomic_dir(ckpt_dir / f"step_{step:06d}", write)
+        for old in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    peak = cfg.lr
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="adapt", unit="step", disable=not progress)
+    model.train()
+    running, t_last, tokens = 0.0, time.perf_counter(), 0
+    with open(out / "adapt_metrics.jsonl", "a") as log:
+        while step < cfg.max_steps:
+            opt.param_groups[0]["lr"] = peak * lr_multiplier(step, cfg)
+            ids, _ = data.next_batch(cfg.batch_size)
+            with autocast_for_model(base):
+                loss = _lm_loss(base, ids.to(device))  # PEFT injected its layers into base
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens += ids.numel()
+            running += loss.detach()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                value = float(running) / n
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"Non-finite adaptation loss at step {step}: lower --lr.")
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens / (now - t_last):,.0f}")
+                log.write(json.dumps({"step": step, "loss": value, "tokens_per_s": tokens / (now - t_last)}) + "\n")
+                log.flush()
+                running, t_last, tokens = 0.0, now, 0
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save()
+    bar.close()
+    save()
+
+    # --- the adapted decoder as a plain Hugging Face folder ------------------------------------------------
+    merged = model.merge_and_unload() if cfg.method == "lora" else model
+    dtype = merged.get_input_embeddings().weight.dtype
+    for p in merged.parameters():
+        p.data = p.data.to(dtype)
+    merged.requires_grad_(False)
+
+    def write_model(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    staged = out / ".model.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    write_model(staged)
+    for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last: marks it complete
+        os.replace(f, out / f.name)
+    staged.rmdir()
+    print(f"cacheaug: adapted decoder written to {out} (use it as --model {out})")
+    return out
+
+
+def autocast_for_model(model: nn.Module):
+    from contextlib import nullcontext
+
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(model.device.type, dtype=dtype)
+    return nullcontext()

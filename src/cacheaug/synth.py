@@ -1,0 +1,400 @@
+"""A mechanism test: synthetic text whose next tokens need computation over the context.
+
+``cacheaug data synth`` writes English problems whose answer follows a marker (`` Answer:``) a few tokens later
+and needs a computation a small decoder cannot do in one forward pass: multi-digit addition and
+multiplication, sorting a list, counting items, and word problems of several steps. One problem per line::
+
+    What is 4821 plus 377? Answer: 5198
+
+Difficulty knobs per family (digits, list length, steps) are fields of :class:`SynthConfig`. Training and
+held-out instances are disjoint by construction: an instance's operands decide its side by hash, so no
+held-out operand set ever appears in training, whatever the seed or size. The output folder holds
+``train/synth.jsonl`` (documents of ``problems_per_doc`` problems of one family, for ``--data DIR/train``),
+optionally ``train/general.jsonl`` (general text mixed in at ``mix_ratio`` of the characters, from the train
+side of its sources), ``heldout.jsonl`` (one instance per line with its family, level, question and answer)
+and ``meta.json``.
+
+:func:`evaluate_synth` (``cacheaug eval synth``) scores held-out instances for every checkpoint and the frozen
+decoder: the loss on the answer tokens and exact match of the greedy answer. Both come from one parallel
+pass with the insertion point right after the marker (:meth:`CacheAugmentedLM.score_targets`); greedy
+decoding reproduces an answer iff the model's top token is the right one at every answer token, so exact
+match needs no decoding loop, and ``check_generate`` confirms it on some instances through ``generate`` (the
+``augment`` path serving uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MARKER = " Answer:"
+FAMILIES = ("add", "mul", "sort", "count", "word")
+_ITEMS = ("apple", "pear", "plum", "fig", "lemon", "grape", "melon", "peach", "cherry", "mango")
+_NAMES = ("Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas")
+_THINGS = ("marbles", "stamps", "coins", "books", "cards", "shells", "pencils", "stickers")
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Options of ``cacheaug data synth``; every field is an option of the same name."""
+
+    out: str = _f("synth", "output folder")
+    families: tuple[str, ...] = _f(FAMILIES, f"task families: {' '.join(FAMILIES)}")
+    add_digits: tuple[int, ...] = _f((2, 3, 4, 5), "difficulty levels of addition: digits of each operand")
+    mul_digits: tuple[int, ...] = _f((1, 2, 3), "difficulty levels of multiplication: digits of each operand")
+    sort_lengths: tuple[int, ...] = _f((3, 5, 7), "difficulty levels of sorting: list lengths (numbers 0-99)")
+    count_lengths: tuple[int, ...] = _f((5, 10, 15), "difficulty levels of counting: items in the list")
+    word_steps: tuple[int, ...] = _f((1, 2, 3), "difficulty levels of word problems: operations after the start")
+    train_docs: int = _f(2000, "training documents")
+    problems_per_doc: int = _f(16, "problems per training document (one family each)")
+    heldout_per_level: int = _f(40, "held-out instances per family and level")
+    heldout_share: int = _f(10, "one operand set in this many goes to the held-out side")
+    mix_sources: tuple[str, ...] = _f((), "general text to mix into train/ (e.g. default), from its train side")
+    mix_ratio: float = _f(0.0, "share of the training characters that is general text (0 = synthetic only)")
+    seed: int = _f(0, "seed of the generator")
+
+    def __post_init__(self) -> None:
+        problems = []
+        unknown = sorted(set(self.families) - set(FAMILIES))
+        if unknown or not self.families:
+            problems.append(f"--families must be among {FAMILIES}, got {list(self.families)}")
+        for name in ("add_digits", "mul_digits", "sort_lengths", "count_lengths", "word_steps"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                problems.append(f"--{name.replace('_', '-')} needs levels >= 1, got {list(getattr(self, name))}")
+        for name in ("train_docs", "problems_per_doc", "heldout_per_level"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        if self.heldout_share < 2:
+            problems.append("--heldout-share must be at least 2")
+        if not 0 <= self.mix_ratio < 1 or (self.mix_ratio > 0 and not self.mix_sources):
+            problems.append("--mix-ratio must be in [0, 1) and needs --mix-sources when positive")
+        if problems:
+            raise ValueError("Invalid synth options:\n  " + "\n  ".join(problems))
+
+    def levels(self, family: str) -> tuple[int, ...]:
+        return {"add": self.add_digits, "mul": self.mul_digits, "sort": self.sort_lengths,
+                "count": self.count_lengths, "word": self.word_steps}[family]
+
+
+# ---------------------------------------------------------------------------------------------- instances
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def make_instance(family: str, level: int, rng: random.Random) -> tuple[tuple, str, str]:
+    """``(operands, question, answer)`` of one problem; the operands decide its side (train or held-out)."""
+    if family == "add":
+        a, b = _number(rng, level), _number(rng, level)
+        q = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}."]).format(a=a, b=b)
+        return (a, b), q, str(a + b)
+    if family == "mul":
+        a, b = _number(rng, level), _number(rng, level)
+        q = rng.choice(["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}."]).format(a=a, b=b)
+        return (a, b), q, str(a * b)
+    if family == "sort":
+        xs = [rng.randint(0, 99) for _ in range(level)]
+        q = f"Sort {', '.join(map(str, xs))} from smallest to largest."
+        return tuple(xs), q, ", ".join(map(str, sorted(xs)))
+    if family == "count":
+        items = [rng.choice(_ITEMS) for _ in range(level)]
+        target = rng.choice(items)
+        q = f"In the list {', '.join(items)}, how many times does {target} appear?"
+        return (*items, target), q, str(items.count(target))
+    if family == "word":
+        name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+        total = rng.randint(10, 60)
+        parts, ops = [f"{name} has {total} {thing}."], [total]
+        for _ in range(level):
+            kind = rng.choice(["buy", "lose", "bags"] if total > 1 else ["buy", "bags"])
+            if kind == "buy":
+                n = rng.randint(2, 30)
+                parts.append(f"Then {name} gets {n} more.")
+                total += n
+            elif kind == "lose":
+                n = rng.randint(1, total - 1)
+                parts.append(f"Then {name} gives away {n}.")
+                total -= n
+            else:
+                k, n = rng.randint(2, 5), rng.randint(2, 9)
+                parts.append(f"Then {name} buys {k} bags of {n} {thing} each.")
+                total += k * n
+            ops.append((kind, n) if kind != "bags" else (kind, k, n))
+        parts.append(f"How many {thing} does {name} have now?")
+        return (name, thing, *ops), " ".join(parts), str(total)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def is_heldout_instance(family: str, operands: tuple, share: int) -> bool:
+    key = json.dumps([family, *operands]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % share == 0
+
+
+def sample(family: str, level: int, rng: random.Random, heldout: bool, share: int, tries: int = 10_000):
+    """One instance of the requested side (train or held-out)."""
+    for _ in range(tries):
+        operands, q, a = make_instance(family, level, rng)
+        if is_heldout_instance(family, operands, share) == heldout:
+            return operands, q, a
+    raise ValueError(f"Could not draw a {'held-out' if heldout else 'training'} instance of {family} level {level}: "
+                     "the operand space is too small for --heldout-share.")
+
+
+def line(question: str, answer: str) -> str:
+    return f"{question}{MARKER} {answer}\n"
+
+
+def generate_synth(cfg: SynthConfig) -> Path:
+    """Write the corpus described in the module docstring; returns the output folder."""
+    from .data import Splits, iter_named_documents
+
+    out = Path(cfg.out)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    n_chars = 0
+    with open(out / "train" / "synth.jsonl.part", "w") as f:
+        for d in range(cfg.train_docs):
+            family = cfg.families[d % len(cfg.families)]
+            lines = []
+            for _ in range(cfg.problems_per_doc):
+                _, q, a = sample(family, rng.choice(cfg.levels(family)), rng, False, cfg.heldout_share)
+                lines.append(line(q, a))
+            text = "".join(lines)
+            n_chars += len(text)
+            f.write(json.dumps({"text": text}) + "\n")
+    (out / "train" / "synth.jsonl.part").replace(out / "train" / "synth.jsonl")
+
+    mixed = 0
+    if cfg.mix_ratio > 0:
+        want = cfg.mix_ratio / (1 - cfg.mix_ratio) * n_chars
+        splits = Splits()  # general text from the train side of the default split: its held-out part stays unseen
+        with open(out / "train" / "general.jsonl.part", "w") as f:
+            for spec in cfg.mix_sources:
+                for _, doc in iter_named_documents(spec):
+                    if mixed >= want:
+                        break
+                    if doc.strip() and splits.split_of(doc) == "train":
+                        f.write(json.dumps({"text": doc}) + "\n")
+                        mixed += len(doc)
+        (out / "train" / "general.jsonl.part").replace(out / "train" / "general.jsonl")
+
+    rows = []
+    for family in cfg.families:
+        for level in cfg.levels(family):
+            for _ in range(cfg.heldout_per_level):
+                _, q, a = sample(family, level, rng, True, cfg.heldout_share)
+                rows.append({"family": family, "level": level, "question": q, "answer": a})
+    (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"config": _config_dict(cfg), "marker": MARKER, "train_chars": n_chars, "general_chars": mixed,
+            "heldout_instances": len(rows)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"cacheaug: wrote {cfg.train_docs} training documents ({n_chars:,} characters"
+          f"{f', plus {mixed:,} of general text' if mixed else ''}) to {out / 'train'} and {len(rows)} held-out "
+          f"instances to {out / 'heldout.jsonl'}")
+    return out
+
+
+def _config_dict(cfg) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+# ---------------------------------------------------------------------------------------------- insertion points
+def marker_positions(ids: torch.Tensor, marker_ids: list[int], n_valid: int, k: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[k]`` sorted distinct insertion points in ``[0, n_valid)`` for one sequence ``ids`` ``[T]``: the last token
+    of each occurrence of ``marker_ids`` (a seeded choice of k if there are more), filled up with uniform points."""
+    m = len(marker_ids)
+    ids = ids.cpu()
+    if m and len(ids) >= m:
+        windows = ids.unfold(0, m, 1)  # [T-m+1, m]
+        ends = ((windows == torch.tensor(marker_ids)).all(1).nonzero()[:, 0] + m - 1)
+        ends = ends[ends < n_valid]
+    else:
+        ends = torch.zeros(0, dtype=torch.long)
+    if len(ends) >= k:
+        pick = ends[torch.randperm(len(ends), generator=generator)[:k]]
+    else:
+        free = torch.ones(n_valid, dtype=torch.bool)
+        free[ends] = False
+        others = free.nonzero()[:, 0]
+        pick = torch.cat([ends, others[torch.randperm(len(others), generator=generator)[: k - len(ends)]]])
+    return pick.sort().values.long()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def read_heldout(path: str | Path) -> list[dict]:
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    if not rows or not all({"family", "level", "question", "answer"} <= set(r) for r in rows):
+        raise ValueError(f"{path} is not a held-out file of `cacheaug data synth` (family, level, question, answer).")
+    return rows
+
+
+def build_rows(tokenizer, instances: list[dict], per_row: int = 8):
+    """Token rows ``[bos] line_1 .. line_n`` of one family each, with every line's insertion point (the marker's
+    last token) and answer span (the tokens after it, through the line's end). Returns ``(rows, spans)``: a list of
+    1-D id tensors and, per row, a list of ``(instance index, p, span length)``."""
+    marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    by_family: dict[str, list[int]] = {}
+    for i, r in enumerate(instances):
+        by_family.setdefault(r["family"], []).append(i)
+    rows, spans = [], []
+    for idx in by_family.values():
+        for start in range(0, len(idx), per_row):
+            ids, row_spans = list(bos), []
+            for i in idx[start : start + per_row]:
+                toks = tokenizer(line(instances[i]["question"], instances[i]["answer"]), add_special_tokens=False)["input_ids"]
+                ends = [j + len(marker) - 1 for j in range(len(toks) - len(marker) + 1) if toks[j : j + len(marker)] == marker]
+                if not ends or ends[-1] == len(toks) - 1:
+                    raise ValueError(f"The marker {MARKER!r} does not tokenise the same inside {instances[i]['question']!r}")
+                p = len(ids) + ends[-1]
+                row_spans.append((i, p, len(toks) - 1 - ends[-1]))
+                ids += toks
+            rows.append(torch.tensor(ids))
+            spans.append(row_spans)
+    return rows, spans
+
+
+@torch.no_grad()
+def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8) -> dict:
+    """Per instance (lists in ``instances`` order): mean answer-token loss and exact match, for ``model`` and for the
+    frozen decoder, plus per-offset losses ``[n, N]`` (NaN beyond an answer's length)."""
+    from .evaluate import autocast_for
+
+    rows, spans = build_rows(tokenizer, instances, per_row)
+    n_ahead = max(s for row in spans for _, _, s in row)
+    model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # only sets which targets are scored
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    n = len(instances)
+    out = {k: [math.nan] * n for k in ("loss", "em", "base_loss", "base_em")}
+    offsets = {k: torch.full((n, n_ahead), math.nan, dtype=torch.float64) for k in ("loss", "base_loss")}
+    was_training = model.training
+    model.eval()
+    with autocast_for(model):
+        for ids, row_spans in zip(rows, spans):
+            ids = torch.cat([ids, torch.full((n_ahead,), pad)])[None].to(model.device)  # room for the last answer
+            res = model.score_targets(ids, positions=[p for _, p, _ in row_spans])
+            for k, (i, _, s) in enumerate(row_spans):
+                for name in ("", "base_"):
+                    losses = res[f"{name}losses"][0, k, :s].double().cpu()
+                    out[f"{name}loss"][i] = losses.mean().item()
+                    out[f"{name}em"][i] = float(res[f"{name}hits"][0, k, :s].all())
+                    offsets[f"{name}loss"][i, :s] = losses
+    model.train(was_training)
+    out["offset_loss"], out["base_offset_loss"] = offsets["loss"], offsets["base_loss"]
+    return out
+
+
+@torch.no_grad()
+def generate_check(model, tokenizer, instances: list[dict], n: int, per_row: int = 8) -> dict[int, float]:
+    """Exact match through ``model.generate`` (greedy; the coprocessor runs once, after the marker: the path serving
+    uses) for about ``n`` instances spread over the set, each in the same row context as :func:`score_instances`.
+    Returns ``{instance index: 1.0 or 0.0}``."""
+    from .evaluate import autocast_for
+
+    rows, spans = build_rows(tokenizer, instances, per_row)
+    picked = [(ids, span) for ids, row in zip(rows, spans) for span in row]
+    picked = picked[:: max(1, len(picked) // n)][:n]
+    em = {}
+    with autocast_for(model):
+        for ids, (i, p, s) in picked:
+            prompt = ids[None, : p + 1].to(model.device)
+            got = model.generate(prompt, max_new_tokens=s)[0, p + 1 :].cpu()
+            em[i] = float(torch.equal(got, ids[p + 1 : p + 1 + s]))
+    return em
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k/n (in percent)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (100 * (mid - half) / (1 + z * z / n), 100 * (mid + half) / (1 + z * z / n))
+
+
+def summarise(instances: list[dict], em: list[float], loss: list[float], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Exact match (percent, Wilson 95%) and mean answer-token loss (bootstrap 95%) overall, by family and level."""
+    def stats(idx: list[int]) -> dict:
+        e = [em[i] for i in idx]
+        lo, hi = wilson(sum(e), len(e))
+        x = torch.tensor([loss[i] for i in idx], dtype=torch.float64)
+        boot = x[torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))].mean(1)
+        q = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        return {"n": len(idx), "em": 100 * sum(e) / len(e), "em_lo": lo, "em_hi": hi, "loss": x.mean().item(),
+                "loss_lo": q[0].item(), "loss_hi": q[1].item()}
+
+    report = {"overall": stats(list(range(len(instances)))), "by_family": {}}
+    for family in dict.fromkeys(r["family"] for r in instances):
+        idx = [i for i, r in enumerate(instances) if r["family"] == family]
+        fam = stats(idx)
+        fam["by_level"] = {str(lv): stats([i for i in idx if instances[i]["level"] == lv])
+                           for lv in sorted({instances[i]["level"] for i in idx})}
+        report["by_family"][family] = fam
+    return report
+
+
+def evaluate_synth(checkpoints: list[str], heldout: str, *, model_name: str = "gemma-3-270m", per_row: int = 8,
+                   check_generate: int = 0, device: str | None = None, out: str | None = None, base=None,
+                   tokenizer=None) -> dict:
+    """``cacheaug eval synth``: answer loss and exact match on held-out instances for the frozen decoder and each
+    checkpoint (coprocessors and controls), by family and difficulty."""
+    from .base import load_base_model
+    from .model import CacheAugmentedLM
+
+    instances = read_heldout(heldout)
+    if base is None:
+        base, tokenizer = load_base_model(model_name, device=device)
+    report = {"heldout": str(heldout), "instances": len(instances), "per_row": per_row, "arms": {}}
+    for ckpt in checkpoints:
+        model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
+        scores = score_instances(model, tokenizer, instances, per_row)
+        if "frozen" not in report["arms"]:
+            report["arms"]["frozen"] = summarise(instances, scores["base_em"], scores["base_loss"])
+            report["arms"]["frozen"]["offset_loss"] = _offset_means(scores["base_offset_loss"])
+        arm = summarise(instances, scores["em"], scores["loss"])
+        arm.update(checkpoint=str(ckpt), init=model.config.init, n_latents=model.config.n_latents,
+                   offset_loss=_offset_means(scores["offset_loss"]))
+        if check_generate:
+            gen = generate_check(model, tokenizer, instances, check_generate, per_row)
+            arm["generate_check"] = {"n": len(gen), "em_generate": 100 * sum(gen.values()) / len(gen),
+                                     "agree_with_parallel_pass": 100 * sum(v == scores["em"][i] for i, v in gen.items())
+                                     / len(gen)}
+        report["arms"][_arm_name(ckpt, model.config, report["arms"])] = arm
+        del model
+    _print_synth(report)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _offset_means(offset_loss: torch.Tensor) -> list[float]:
+    return [x for x in torch.nanmean(offset_loss, 0).tolist()]
+
+
+def _arm_name(ckpt: str, config, taken: dict) -> str:
+    name = {"pause": "pause", "lora-decoder": "lora-decoder"}.get(config.init, f"{config.init}-nl{config.n_latents}")
+    run = Path(ckpt).parent.name
+    name = f"{name} ({run})" if run else name
+    return name if name not in taken else f"{name} [{len(taken)}]"
+
+
+def _print_synth(report: dict) -> None:
+    arms = report["arms"]
+    families = list(next(iter(arms.values()))["by_family"])
+    print(f"\nHeld-out exact match, % [95% Wilson] ({report['instances']} instances), and answer-token loss:")
+    print(f"{'arm':<40} | {'overall':>18} | " + " | ".join(f"{f:>8}" for f in families) + " | loss")
+    for name, a in arms.items():
+        o = a["overall"]
+        cells = " | ".join(f"{a['by_family'][f]['em']:>7.1f}%" for f in families)
+        print(f"{name[:40]:<40} | {o['em']:>5.1f}% [{o['em_lo']:>4.1f},{o['em_hi']:>5.1f}] | {cells} | {o['loss']:.3f}")
