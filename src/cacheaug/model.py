@@ -191,7 +191,9 @@ class CacheAugmentedLM(nn.Module):
             )
 
     def _check_dtypes(self) -> None:
-        cop = self.coprocessor.soft_tokens
+        cop = getattr(self.coprocessor, "soft_tokens", None)
+        if cop is None:  # the LoRA-decoder control: no latents to check
+            return
         dec = self.base.get_input_embeddings().weight
         if cop.device != dec.device:
             raise ValueError(f"The coprocessor is on {cop.device} but the decoder on {dec.device}; call model.to(device).")
