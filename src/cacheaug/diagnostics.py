@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import CoprocessorConfig
-from .evaluate import bootstrap_rel_change, heldout_sequences, offset_loss_sums
+from .evaluate import bootstrap_rel_change, evaluation_sets, offset_loss_sums
 from .model import CacheAugmentedLM
 
 KINDS = ("echo", "pause", "coprocessor")
@@ -58,9 +58,7 @@ def insertion_cost(*, model_name: str = "gemma-3-270m", data: tuple[str, ...] = 
     if base is None:
         base, tokenizer = load_base_model(model_name, device=device)
     splits = Splits(heldout_pct, adapt_pct, tuple(heldout_sources))
-    sets = {"heldout": heldout_sequences(tokenizer, data, splits, seq_len, sequences)}
-    if heldout_sources:
-        sets["unseen"] = heldout_sequences(tokenizer, data, splits, seq_len, sequences, split="unseen")
+    sets = evaluation_sets(tokenizer, data, splits, seq_len, sequences)
     n_ahead = max(offsets)
     positions = torch.linspace(seq_len // 4, seq_len - 1 - n_ahead, points).long()
     report = {"model": model_name, "data": list(data), **splits.key(), "seq_len": seq_len, "offsets": list(offsets),

@@ -97,6 +97,14 @@ def heldout_sequences(tokenizer, data, splits, seq_len: int, n: int, split: str 
     return held.spread(n)
 
 
+def evaluation_sets(tokenizer, data, splits, seq_len: int, n: int) -> dict[str, torch.Tensor]:
+    """``{"heldout": [n, T]}`` and, when ``splits`` names held-out sources, ``"unseen": [n, T]`` as well."""
+    sets = {"heldout": heldout_sequences(tokenizer, data, splits, seq_len, n)}
+    if splits.heldout_sources:
+        sets["unseen"] = heldout_sequences(tokenizer, data, splits, seq_len, n, split="unseen")
+    return sets
+
+
 def _print_table(offsets, columns: dict[str, dict], frozen_ppl: list[float] | None = None) -> None:
     """One row per offset: ``change% [lo, hi]`` for every column (bootstrap_rel_change results)."""
     head = f"{'offset':>6} | " + (f"{'frozen ppl':>10} | " if frozen_ppl else "")
@@ -137,9 +145,7 @@ def evaluate_ppl(
     if base is None:
         base, tokenizer = load_base_model(model_name, device=device)
     splits = Splits(heldout_pct, adapt_pct, tuple(heldout_sources))
-    sets = {"heldout": heldout_sequences(tokenizer, data, splits, seq_len, sequences)}
-    if heldout_sources:
-        sets["unseen"] = heldout_sequences(tokenizer, data, splits, seq_len, sequences, split="unseen")
+    sets = evaluation_sets(tokenizer, data, splits, seq_len, sequences)
     n_ahead = max(offsets)
     report = {"model": model_name, "data": list(data), **splits.key(), "seq_len": seq_len,
               "sequences": {k: len(v) for k, v in sets.items()}, "stride": stride, "offsets": list(offsets),
