@@ -58,20 +58,6 @@ def test_adapt_then_augment_then_evaluate_with_unseen_sources(setup, capsys):
     assert "in-source held-out" in printed and "unseen sources" in printed
 
 
-def test_training_never_sees_unseen_or_adapt_documents(setup):
-    from cacheaug.data import Splits, build_token_files, load_tokens
-    from transformers import AutoTokenizer
-
-    tmp, _ = setup
-    tok = AutoTokenizer.from_pretrained(tmp / "base")
-    splits = Splits(20.0, 50.0, (str(tmp / "b"),))
-    folder = build_token_files(tok, [str(tmp / "a"), str(tmp / "b")], splits)
-    meta = json.loads((folder / "meta.json").read_text())
-    assert meta["unseen_docs"] == 20 and meta["adapt_docs"] > 0 and meta["train_docs"] > 0
-    train = set(map(int, load_tokens(folder, "train")))
-    assert len(load_tokens(folder, "unseen")) > 0 and train  # both exist; their documents are disjoint (test_data)
-
-
 def test_insertion_cost_command(setup):
     tmp, common = setup
     out = tmp / "cost.json"

@@ -135,6 +135,7 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
 
     from .base import load_base_model
     from .data import PackedSequences, build_token_files, load_tokens
+    from .evaluate import autocast_for
 
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -197,7 +198,7 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
         while step < cfg.max_steps:
             opt.param_groups[0]["lr"] = peak * lr_multiplier(step, cfg)
             ids, _ = data.next_batch(cfg.batch_size)
-            with autocast_for_model(base):
+            with autocast_for(base):
                 loss = _lm_loss(base, ids.to(device))  # PEFT injected its layers into base
             loss.backward()
             if cfg.grad_clip > 0:
@@ -243,12 +244,3 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     staged.rmdir()
     print(f"cacheaug: adapted decoder written to {out} (use it as --model {out})")
     return out
-
-
-def autocast_for_model(model: nn.Module):
-    from contextlib import nullcontext
-
-    dtype = model.get_input_embeddings().weight.dtype
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(model.device.type, dtype=dtype)
-    return nullcontext()

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from .model import CacheAugmentedLM
 
 
-def autocast_for(model: CacheAugmentedLM):
-    """bf16/fp16 autocast when the decoder's weights are in half precision (fp32 coprocessor master weights)."""
-    dtype = model.base.get_input_embeddings().weight.dtype
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(model.device.type, dtype=dtype)
+def autocast_for(model: torch.nn.Module):
+    """bf16/fp16 autocast when the decoder's weights are in half precision (fp32 trainable master weights).
+    ``model``: a :class:`CacheAugmentedLM` or a plain causal LM."""
+    weight = getattr(model, "base", model).get_input_embeddings().weight
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(weight.device.type, dtype=weight.dtype)
     return contextlib.nullcontext()
 
 
