@@ -336,8 +336,7 @@ class CacheAugmentedLM(nn.Module):
         h, _, h_base, targets = self._target_states(ids, positions, True)
         out = {}
         for name, states in (("", h), ("base_", h_base)):
-            out[f"{name}losses"] = self._token_losses(states, targets)
-            out[f"{name}hits"] = self._token_hits(states, targets)
+            out[f"{name}losses"], out[f"{name}hits"] = self._token_scores(states, targets)
         return out
 
     def _prefix_pass(self, ids: torch.Tensor):
@@ -401,13 +400,19 @@ class CacheAugmentedLM(nn.Module):
         latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks)  # [B, K*N_L, D]
         return latents.view(B, K, N_L, latents.shape[-1])
 
-    def _token_hits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Whether the LM head's top token on ``hidden`` ``[..., D]`` is the target (bool, ``targets``' shape)."""
-        head = self.base.get_output_embeddings()
+    def _token_scores(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: cross-entropy (float32) and whether the top token is the target (bool) for ``hidden``
+        ``[..., D]``, from one LM-head product per chunk of LOSS_CHUNK_ROWS rows."""
+        head, cap = self.base.get_output_embeddings(), self.family.final_logit_softcap
         h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        hits = [head(h2[i : i + LOSS_CHUNK_ROWS]).argmax(-1) == t1[i : i + LOSS_CHUNK_ROWS]
-                for i in range(0, h2.shape[0], LOSS_CHUNK_ROWS)]  # softcapping is monotone: same argmax
-        return torch.cat(hits).view(targets.shape)
+        losses, hits = [], []
+        for i in range(0, h2.shape[0], LOSS_CHUNK_ROWS):
+            logits, t = head(h2[i : i + LOSS_CHUNK_ROWS]).float(), t1[i : i + LOSS_CHUNK_ROWS]
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            losses.append(F.cross_entropy(logits, t, reduction="none"))
+            hits.append(logits.argmax(-1) == t)
+        return torch.cat(losses).view(targets.shape), torch.cat(hits).view(targets.shape)
 
     def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (float32) of the LM head on ``hidden`` ``[..., D]`` only, in row chunks.
