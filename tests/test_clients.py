@@ -1,0 +1,125 @@
+"""Real clients against the real command line: the official `openai` SDK talking to `cacheaug serve` on a tiny model
+(completions, chat with the model's chat template, both streaming modes, models, usage), and malformed input that
+must get 422, never 500."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from cacheaug import CacheAugmentedLM, CoprocessorConfig
+from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer
+
+WORDS = " ".join(f"w{i}" for i in range(120))
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`cacheaug serve` in a subprocess, on a tiny model folder whose tokenizer has a chat template."""
+    root = tmp_path_factory.mktemp("served")
+    base = tiny_model("llama")
+    tok = tiny_tokenizer([WORDS + " <user> <assistant> <system>"])
+    tok.chat_template = TEMPLATE
+    base.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=3, n_ahead=4))
+    perturb_trainable(model, scale=1.0)
+    model.save_pretrained(root / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "cacheaug", "serve", "--model", str(root / "model"), "--coprocessor",
+                             str(root / "ckpt"), "--port", str(port), "--device", "cpu"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((root / "serve.log").read_text()[-3000:])
+        time.sleep(0.1)
+    yield url, str(root / "model"), tok
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_openai_sdk(served):
+    url, name, tok = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == [name]
+    assert client.models.retrieve(name).id == name
+
+    out = client.completions.create(model=name, prompt="w5 w17 w40", max_tokens=6, extra_body={"augment": "sync"})
+    prompt_tokens = len(tok("w5 w17 w40")["input_ids"])
+    assert out.usage.prompt_tokens == prompt_tokens and 1 <= out.usage.completion_tokens <= 6
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    text = out.choices[0].text
+    chunks = list(client.completions.create(model=name, prompt="w5 w17 w40", max_tokens=6, stream=True,
+                                            extra_body={"augment": "sync"}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text  # greedy: the same text streamed
+
+    messages = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w3 w4 w5"}]
+    chat = client.chat.completions.create(model=name, messages=messages, max_tokens=5)
+    templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.usage.prompt_tokens == len(tok(templated, add_special_tokens=False)["input_ids"])  # one <bos>, templated
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=name, messages=messages, max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
+
+    with pytest.raises(openai.UnprocessableEntityError):  # not implemented: refused, never silently ignored
+        client.completions.create(model=name, prompt="w1", max_tokens=2, n=2)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=name, prompt="w1", max_tokens=2, logprobs=3)
+
+
+@pytest.mark.parametrize("raw", [
+    '{"prompt": "w1 w2", "temperature": NaN}',
+    '{"prompt": "w1 w2", "top_p": Infinity}',
+    '{"prompt": "w1 w2", "deadline_ms": NaN}',
+    '{"prompt": "w1 \\ud800 w2"}',
+    '{"prompt": "w1", "seed": 123456789012345678901234567890}',
+    '{"prompt": "w1", "seed": 123456789012345678901234567890, "stream": true}',
+    '{"prompt": "w1", "echo": true}',
+    '{"prompt": "w1", "best_of": 3}',
+    '{"prompt": "w1", "frobnicate": 1}',
+    '{"prompt": "   "}',
+    '{"prompt": ""}',
+    '[1, 2]',
+    '{"prompt": "w1"',
+])
+def test_malformed_completions_get_422(served, raw):
+    url, _, _ = served
+    with httpx.Client() as client:  # one keep-alive connection: a bad request must not break the next
+        r = client.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["message"]
+        ok = client.post(f"{url}/v1/completions", json={"prompt": "w1 w2", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("raw", [
+    '{"messages": [{"role": "user", "content": "w1 \\ud800"}]}',
+    '{"messages": [{"role": "robot", "content": "w1"}]}',
+    '{"messages": []}',
+    '{"messages": [{"role": "user", "content": "w1"}], "n": 3}',
+])
+def test_malformed_chat_gets_422(served, raw):
+    url, _, _ = served
+    r = httpx.post(f"{url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    json.dumps(r.json())  # a plain JSON body
