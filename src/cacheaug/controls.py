@@ -1,4 +1,4 @@
-"""Controls that must be trained on the same data and budget as the coprocessor (shared/measurements.md).
+"""Controls that must be trained on the same data and budget as the coprocessor (docs/results.md).
 
 * pause tokens: ``CoprocessorConfig(init="pause")``, N_L context-free trainable embeddings through the same
   insertion path as the latents (coprocessor.py);

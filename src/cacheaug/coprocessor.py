@@ -2,7 +2,7 @@
 
 Input: the frozen decoder's per-layer K/V of a prefix, used directly as the coprocessor's past key/values,
 plus N_L trainable soft tokens. Output: N_L latent embeddings in one forward pass (paper section 2.1).
-Choices the paper leaves open (paper.md, "Open"):
+Choices the paper leaves open:
 
 * read-out = the backbone's final hidden state (after its final norm) at the soft-token positions, times
   one learned scalar, initialised so that the latents start with the RMS of the soft tokens, which are

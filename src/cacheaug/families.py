@@ -7,7 +7,7 @@ The facts below are the ones that differ between families in transformers 5.x:
 * whether the backbone accepts a dict ``{layer_type: mask}`` (Gemma-2/3, Qwen-2/3) or only one mask for
   every layer (Llama, Mistral);
 * which layers use a sliding window;
-* attention logit soft-capping (Gemma-2), which sdpa silently drops (engineering brief, section 2.4);
+* attention logit soft-capping (Gemma-2), which sdpa silently drops;
 * the name of the cache keyword: ``past_key_values`` up to 5.2x, ``cache`` later (deprecated alias kept).
 """
 

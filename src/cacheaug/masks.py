@@ -105,7 +105,7 @@ def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype):
 
     Returns a ``{layer_type: mask}`` dict for backbones that accept one, else the single mask that all
     layers share. sdpa gets bool masks, eager additive float masks (a bool mask there is silently wrong:
-    engineering brief 2.1), flex_attention a ``BlockMask``.
+    see docs/correctness.md), flex_attention a ``BlockMask``.
     """
     masks = {}
     for layer_type in family.mask_types:

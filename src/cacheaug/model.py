@@ -1,13 +1,13 @@
 """A frozen causal LM augmented by a trainable kv-cache coprocessor (arXiv 2412.17747).
 
-Notable choices (where the paper is silent, see paper.md "Open"):
+Notable choices (where the paper is silent):
 
 * Positions: after an insertion after token p the latents sit at p+1..p+N_L and the following real tokens
   continue at p+N_L+1.. . This is what plain HF decoding from the augmented cache does, so inference
   needs no position tricks and ``augment(...).cache`` is an ordinary ``DynamicCache``.
 * Loss: offset o = 1..N_A is the frozen decoder's cross-entropy on token p+o; the last latent predicts
   offset 1, ahead token p+o-1 (fed as input) predicts offset o. Only those rows go through the LM head.
-* Training runs three passes (engineering brief 0.1): the frozen decoder over the text (no grad) gives
+* Training runs three passes: the frozen decoder over the text (no grad) gives
   the prefix K/V; the coprocessor reads it for all K traces at once; the frozen decoder reads
   ``[latents_k ; ahead tokens_k]`` for all K traces at once against the same prefix K/V. Masks: masks.py.
 * Caches are built without a config, so sliding-window layers keep every token and the sliding window

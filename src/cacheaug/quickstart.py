@@ -8,7 +8,7 @@
 
 On 2 CPU cores this is a brief run (~12 minutes in all): it shows the machinery end to end, not what the
 method buys. The frozen model has never seen this text mix, so any trained prefix adapts it to the domain;
-the pause-token control measures that part (shared/measurements.md).
+the pause-token control measures that part (docs/results.md).
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def insertion_points(keys: list[int], cfg: TrainConfig, ids: torch.Tensor | None
 def shard_coprocessor(model: CacheAugmentedLM, device: torch.device) -> None:
     """FSDP2: shard the coprocessor per decoder layer over all ranks (gradients reduce-scattered in fp32).
     The frozen decoder stays replicated: it holds no gradient or optimizer state, and re-gathering a sharded
-    frozen model every micro-batch costs more than its memory (engineering brief, section 3)."""
+    frozen model every micro-batch costs more than its memory."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -133,8 +133,13 @@ class Engine:
         ids = torch.tensor([prompt], device=self.model.device)
         hit = self.store.longest_prefix(prompt)
         if hit is not None:
+            try:
+                cache, logits, n = self.store.load(hit, self.model.device, n_layers=self.base.config.num_hidden_layers,
+                                                   n_latents=self.model.config.n_latents)
+            except KeyError:  # a bad entry was discarded (with a warning): compute the prompt afresh
+                hit = None
+        if hit is not None:
             self.stats.store_hits += 1
-            cache, logits, n = self.store.load(hit, self.model.device)
             rest = ids[:, n:]
             if rest.shape[1]:
                 logits = self._forward(cache, rest)
@@ -249,6 +254,8 @@ class Engine:
         ids = torch.tensor([prefix], device=self.model.device)
         with self.lock:
             aug = self.model.augment(ids)
+        if not (torch.isfinite(aug.latents).all() and torch.isfinite(aug.logits).all()):
+            raise FloatingPointError("the coprocessor produced non-finite latents; nothing was stored")
         return self.store.put(prefix, aug.cache, aug.logits)
 
     def close(self) -> None:

@@ -117,9 +117,11 @@ def _metrics():
 
 
 def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", default_policy: str = "sync",
-               max_concurrent: int = 8, max_queue: int = 16, queue_timeout_s: float = 60.0) -> FastAPI:
+               max_concurrent: int = 8, max_queue: int = 16, queue_timeout_s: float = 60.0,
+               max_body_bytes: int = 4 << 20) -> FastAPI:
     app = FastAPI(title="cacheaug", version="1")
     started = int(time.time())
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     registry, m = _metrics()
     slots = threading.BoundedSemaphore(max_concurrent)
     waiting = {"n": 0}
@@ -263,7 +265,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         with m["latency"].labels("completions").time():
-            return await complete(body, encode(body.prompt, body.max_tokens), "completions", chat=False)
+            ids = await asyncio.get_running_loop().run_in_executor(None, encode, body.prompt, body.max_tokens)
+            return await complete(body, ids, "completions", chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -271,15 +274,18 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
             if body.max_completion_tokens is not None:  # the newer OpenAI name of max_tokens
                 body.max_tokens = body.max_completion_tokens
             text, templated = chat_text(body.messages)
-            return await complete(body, encode(text, body.max_tokens, templated), "chat", chat=True)
+            ids = await asyncio.get_running_loop().run_in_executor(None, encode, text, body.max_tokens, templated)
+            return await complete(body, ids, "chat", chat=True)
 
     @app.post("/v1/augment")
     async def augment(body: AugmentRequest):
-        ids = encode(body.prompt, 0)
         loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(None, encode, body.prompt, 0)
         await loop.run_in_executor(None, acquire)
         try:
             cache_id = await loop.run_in_executor(None, engine.augment_prefix, ids)
+        except FloatingPointError as err:
+            raise HTTPException(503, str(err)) from None
         finally:
             slots.release()
         return {"cache_id": cache_id, "tokens": len(ids)}
@@ -322,6 +328,45 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
     return app
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` (declared or streamed) gets 413 before anything reads it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send):
+        body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes", "code": 413}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def _stop_at(text: str, stops: list[str]) -> str | None:
     """``text`` cut before the first stop string, or None if none occurs."""
     hits = [text.index(s) for s in stops if s and s in text]
@@ -334,6 +379,17 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
           device: str | None = None) -> None:
     """Load the model (and coprocessor) and serve until interrupted."""
     import uvicorn
+
+    problems = [f"{name} must be {rule}, got {value}" for name, value, rule, ok in (
+        ("--max-concurrent", max_concurrent, "at least 1", max_concurrent >= 1),
+        ("--max-queue", max_queue, "at least 0", max_queue >= 0),
+        ("--store-mib", store_bytes >> 20, "at least 0", store_bytes >= 0),
+        ("--deadline-ms", deadline_ms, "at least 0", deadline_ms >= 0),
+        ("--async-grace-ms", async_grace_ms, "at least 0", async_grace_ms >= 0),
+        ("--max-stale-tokens", max_stale_tokens, "at least 0", max_stale_tokens >= 0),
+        ("--port", port, "in 0..65535", 0 <= port <= 65535)) if not ok]
+    if problems:
+        raise SystemExit("cacheaug serve: " + "; ".join(problems))
 
     from ..base import load_base_model
     from ..checkpoint import fingerprint

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,10 +34,16 @@ class CacheStore:
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
             for path in self.directory.glob("*.safetensors"):
-                with safe_open(str(path), "pt") as f:
-                    meta = f.metadata() or {}
-                if meta.get("fingerprint") == fingerprint and "n_tokens" in meta:
-                    self._index[path.stem] = int(meta["n_tokens"])
+                try:  # one bad file costs its entry (recomputed on demand), never the server's start
+                    with safe_open(str(path), "pt") as f:
+                        meta = f.metadata() or {}
+                    n_tokens = int(meta["n_tokens"]) if isinstance(meta.get("n_tokens"), str) else None
+                except Exception as err:  # noqa: BLE001 (truncated, empty, garbage, a folder: all skipped)
+                    warnings.warn(f"cacheaug store: skipping unreadable {path.name} ({type(err).__name__}: {err})",
+                                  stacklevel=2)
+                    continue
+                if meta.get("fingerprint") == fingerprint and n_tokens is not None and n_tokens > 0:
+                    self._index[path.stem] = n_tokens
 
     def key(self, tokens: list[int]) -> str:
         blob = f"{self.fingerprint}:{','.join(map(str, tokens))}".encode()
@@ -86,8 +93,20 @@ class CacheStore:
                     return cache_id
         return None
 
-    def load(self, cache_id: str, device) -> tuple[DynamicCache, torch.Tensor, int]:
-        """A fresh cache (prefix + latents), the logits after it, and the prefix length."""
+    def discard(self, cache_id: str) -> None:
+        """Forget an entry (and delete its file): it will be computed afresh."""
+        with self._lock:
+            self._index.pop(cache_id, None)
+            if cache_id in self._mem:
+                self.bytes -= self._mem.pop(cache_id)[2]
+        if self.directory:
+            (self.directory / f"{cache_id}.safetensors").unlink(missing_ok=True)
+
+    def load(self, cache_id: str, device, *, n_layers: int | None = None,
+             n_latents: int | None = None) -> tuple[DynamicCache, torch.Tensor, int]:
+        """A fresh cache (prefix + latents), the logits after it, and the prefix length. An entry that cannot be read,
+        has the wrong layers or lengths (``n_layers``, ``n_latents``) or holds non-finite values is discarded
+        with a warning and KeyError is raised, so the caller computes the prefix afresh."""
         with self._lock:
             if cache_id not in self._index:
                 raise KeyError(cache_id)
@@ -96,10 +115,37 @@ class CacheStore:
                 tensors, n, _ = self._mem[cache_id]
             else:
                 path = self.directory / f"{cache_id}.safetensors"
-                with safe_open(str(path), "pt") as f:
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+                try:
+                    with safe_open(str(path), "pt") as f:
+                        tensors = {k: f.get_tensor(k) for k in f.keys()}
+                except Exception as err:  # noqa: BLE001
+                    tensors = {"unreadable": str(err)}
                 n = self._index[cache_id]
+        problem = self._problem(tensors, n, n_layers, n_latents)
+        if problem:
+            warnings.warn(f"cacheaug store: discarding entry {cache_id} ({problem}); it will be recomputed", stacklevel=2)
+            self.discard(cache_id)
+            raise KeyError(cache_id)
+        if cache_id not in self._mem:
+            with self._lock:
                 self._remember(cache_id, tensors, n, sum(t.numel() * t.element_size() for t in tensors.values()))
         layers = sum(1 for k in tensors if k.startswith("k."))
         kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(layers)]
         return DynamicCache(ddp_cache_data=kv), tensors["logits"].to(device), n
+
+    @staticmethod
+    def _problem(tensors: dict, n: int, n_layers: int | None, n_latents: int | None) -> str | None:
+        if "unreadable" in tensors:
+            return f"unreadable: {tensors['unreadable']}"
+        layers = sum(1 for k in tensors if k.startswith("k."))
+        if "logits" not in tensors or layers == 0 or (n_layers is not None and layers != n_layers):
+            return f"{layers} layers, expected {n_layers}"
+        for i in range(layers):
+            k, v = tensors.get(f"k.{i}"), tensors.get(f"v.{i}")
+            if k is None or v is None or k.dim() != 4 or k.shape != v.shape:
+                return f"layer {i} missing or mis-shaped"
+            if n_latents is not None and k.shape[2] != n + n_latents:
+                return f"layer {i} holds {k.shape[2]} positions, expected {n + n_latents}"
+        if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            return "non-finite values"
+        return None
