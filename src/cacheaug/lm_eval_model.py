@@ -59,11 +59,10 @@ class CacheAugEvalLM(HFLM):
         max_length = int(max_length or min(getattr(base.config, "max_position_embeddings", 2048), 8192))
         # contexts run one at a time (the coprocessor runs at each context's end); `batch_size` sets how many
         # continuations of one context are scored in one batched pass ("auto": all of them)
-        self.continuation_batch = 0 if str(batch_size).startswith("auto") else int(batch_size)
-        if self.continuation_batch < 0:
+        self.continuation_batch = None if str(batch_size).startswith("auto") else int(batch_size)
+        if self.continuation_batch is not None and self.continuation_batch < 1:
             raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
-        for ignored in ("max_batch_size",):
-            kwargs.pop(ignored, None)
+        kwargs.pop("max_batch_size", None)  # only for HFLM's "auto" search, which contexts run one at a time skip
         super().__init__(pretrained=base, tokenizer=tokenizer, max_length=max_length, batch_size=1,
                          add_bos_token=True, **kwargs)
         self.augmented = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None

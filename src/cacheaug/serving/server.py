@@ -329,7 +329,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
 
 
 class _BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` (declared or streamed) gets 413 before anything reads it."""
+    """ASGI middleware: the request body is read here, up to ``max_bytes`` (declared by Content-Length or streamed in
+    chunks); over it the answer is 413 before the app sees anything, else the app gets the body as one message."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -340,31 +341,32 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await self._too_large(send)
+            more = message.get("more_body", False)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later messages (a disconnect) come from the server
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, send):
         body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes", "code": 413}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _stop_at(text: str, stops: list[str]) -> str | None:

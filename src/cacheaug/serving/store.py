@@ -110,33 +110,29 @@ class CacheStore:
         with self._lock:
             if cache_id not in self._index:
                 raise KeyError(cache_id)
-            if cache_id in self._mem:
+            n = self._index[cache_id]
+            if cache_id in self._mem:  # put by this process (Engine.augment_prefix checks the latents) or checked below
                 self._mem.move_to_end(cache_id)
-                tensors, n, _ = self._mem[cache_id]
+                tensors, problem = self._mem[cache_id][0], None
             else:
-                path = self.directory / f"{cache_id}.safetensors"
                 try:
-                    with safe_open(str(path), "pt") as f:
+                    with safe_open(str(self.directory / f"{cache_id}.safetensors"), "pt") as f:
                         tensors = {k: f.get_tensor(k) for k in f.keys()}
+                    problem = self._problem(tensors, n, n_layers, n_latents)
                 except Exception as err:  # noqa: BLE001
-                    tensors = {"unreadable": str(err)}
-                n = self._index[cache_id]
-        problem = self._problem(tensors, n, n_layers, n_latents)
+                    problem = f"unreadable: {type(err).__name__}: {err}"
+                if problem is None:
+                    self._remember(cache_id, tensors, n, sum(t.numel() * t.element_size() for t in tensors.values()))
         if problem:
             warnings.warn(f"cacheaug store: discarding entry {cache_id} ({problem}); it will be recomputed", stacklevel=2)
             self.discard(cache_id)
             raise KeyError(cache_id)
-        if cache_id not in self._mem:
-            with self._lock:
-                self._remember(cache_id, tensors, n, sum(t.numel() * t.element_size() for t in tensors.values()))
         layers = sum(1 for k in tensors if k.startswith("k."))
         kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(layers)]
         return DynamicCache(ddp_cache_data=kv), tensors["logits"].to(device), n
 
     @staticmethod
     def _problem(tensors: dict, n: int, n_layers: int | None, n_latents: int | None) -> str | None:
-        if "unreadable" in tensors:
-            return f"unreadable: {tensors['unreadable']}"
         layers = sum(1 for k in tensors if k.startswith("k."))
         if "logits" not in tensors or layers == 0 or (n_layers is not None and layers != n_layers):
             return f"{layers} layers, expected {n_layers}"
