@@ -96,12 +96,19 @@ def main() -> None:
                     "ran over 8 minutes on an H200)")
     ap.add_argument("--trace-groups", type=int, default=1,
                     help="run the real model's training pass with this many trace groups (its points fit G=2 and 4)")
+    ap.add_argument("--levers", default="", help="coprocessor levers for every case, e.g. "
+                    "'position_scheme=shared,reread_last=1,echo_residual=1,readout=pre_norm' (CoprocessorConfig fields)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    levers = {}
+    for item in filter(None, args.levers.split(",")):
+        key, value = item.split("=")
+        levers[key] = bool(int(value)) if key in ("reread_last", "echo_residual") else \
+            float(value) if key == "offset_decay" else value
     torch._dynamo.config.recompile_limit = 256  # flex recompiles per new length; never fall back silently
     torch._dynamo.config.accumulated_recompile_limit = 4096
     device = torch.device(args.device)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "levers": levers,
                "torch": torch.__version__, "transformers": __import__("transformers").__version__, "cases": []}
     g = torch.Generator().manual_seed(0)
 
@@ -113,7 +120,7 @@ def main() -> None:
         for family in args.families:
             if family == "gemma2" and backend == "sdpa":
                 continue  # refused by design: sdpa drops Gemma-2's soft-capping
-            model = CacheAugmentedLM(tiny_model(family, backend, device=device), CoprocessorConfig(3, 5, 4))
+            model = CacheAugmentedLM(tiny_model(family, backend, device=device), CoprocessorConfig(3, 5, 4, **levers))
             perturb_trainable(model)
             ids = torch.randint(3, 128, (2, 40), generator=g).to(device)
             positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]], device=device)
@@ -122,7 +129,7 @@ def main() -> None:
             fp32 = backend not in args.real_bf16_only
             dtype = torch.float32 if fp32 else torch.bfloat16
             base, tok = load_base_model(args.real, device=device, dtype=dtype, attn_implementation=backend)
-            model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=16, n_ahead=16, n_traces=8))
+            model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=16, n_ahead=16, n_traces=8, **levers))
             T = args.real_length
             ids = tok(builtin_text(), return_tensors="pt")["input_ids"][0, : 2 * T].view(2, T).to(device)
             positions = torch.stack([torch.linspace(0, T - 17, 8), torch.linspace(5, T - 40, 8)]).long().to(device)

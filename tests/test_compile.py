@@ -26,11 +26,15 @@ def _losses_and_grads(model, ids, positions):
     return out, grads
 
 
-@pytest.mark.parametrize("family,init", [("gemma3", "copy"), ("qwen3", "copy"), ("gemma3", "lora-decoder")])
-def test_compiled_training_pass_is_one_graph_equal_to_eager(family, init):
+LEVERS = dict(position_scheme="shared", reread_last=True, echo_residual=True, readout="pre_norm", offset_decay=0.7)
+
+
+@pytest.mark.parametrize("family,init,levers", [("gemma3", "copy", {}), ("qwen3", "copy", {}),
+                                                ("gemma3", "lora-decoder", {}), ("gemma3", "copy", LEVERS)])
+def test_compiled_training_pass_is_one_graph_equal_to_eager(family, init, levers):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = build_model(tiny_model(family), CoprocessorConfig(**CFG, init=init))
+    model = build_model(tiny_model(family), CoprocessorConfig(**CFG, init=init, **levers))
     perturb_trainable(model)
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([[0, 9, 20, 35], [3, 4, 17, 30]])

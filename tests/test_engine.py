@@ -55,9 +55,9 @@ def _async_with_latents_after(model, engine, n_tokens: int, ready_after: int = 3
     """Stream an async request whose coprocessor is held back until ``ready_after`` tokens are out."""
     release, done, real = threading.Event(), threading.Event(), model.compute_latents
 
-    def slow(cache, length=None):
+    def slow(cache, length=None, last_token=None):
         release.wait(5)
-        out = real(cache, length)
+        out = real(cache, length, last_token)
         done.set()
         return out
 
@@ -104,7 +104,7 @@ def test_async_first_token_never_waits_and_too_late_latents_are_dropped(model):
 
 @pytest.mark.parametrize("error", [RuntimeError("coprocessor died"), SystemExit("coprocessor process killed")])
 def test_raising_or_killed_coprocessor_falls_back(model, error):
-    def fail(cache, length=None):
+    def fail(cache, length=None, last_token=None):
         raise error
 
     model.compute_latents = fail
@@ -116,7 +116,7 @@ def test_raising_or_killed_coprocessor_falls_back(model, error):
 
 def test_hung_coprocessor_is_abandoned_within_the_deadline(model):
     hang = threading.Event()
-    model.compute_latents = lambda cache, length=None: hang.wait(30)
+    model.compute_latents = lambda cache, length=None, last_token=None: hang.wait(30)
     engine = Engine(model, hard_timeout_s=0.2)
     t0 = time.monotonic()
     with pytest.warns(UserWarning, match="worker was replaced"):
@@ -131,14 +131,14 @@ def test_hung_coprocessor_is_abandoned_within_the_deadline(model):
 
 def test_cancelled_coprocessor_job_falls_back(model):
     hang = threading.Event()
-    model.compute_latents = lambda cache, length=None: hang.wait(20)
+    model.compute_latents = lambda cache, length=None, last_token=None: hang.wait(20)
     engine = Engine(model, default_deadline_s=5)
-    blocker = engine.submit_latents(engine.prefill(PROMPT)[0], len(PROMPT))  # occupies the single worker
+    blocker = engine.submit_latents(engine.prefill(PROMPT)[0], len(PROMPT), PROMPT[-1])  # occupies the single worker
     steps = engine.stream(PROMPT, 10, policy="sync")
 
     def cancel_queued():
         while not engine.worker.queue.empty():
-            engine.worker.queue.get_nowait()[2].cancel()
+            engine.worker.queue.get_nowait()[-1].cancel()
 
     threading.Timer(0.3, cancel_queued).start()
     with pytest.warns(UserWarning, match="CancelledError"):

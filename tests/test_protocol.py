@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from cacheaug.cli import main
-from cacheaug.diagnostics import EchoLatentsLM
+from cacheaug.diagnostics import fixed_latents_model
 from cacheaug.config import CoprocessorConfig
 from cacheaug.testing import tiny_corpus, tiny_model, tiny_tokenizer
 
@@ -63,20 +63,21 @@ def test_insertion_cost_command(setup):
     out = tmp / "cost.json"
     main(["eval", "insertion-cost", "--model", str(tmp / "base"), *common, "--latents", "1", "3", "--seq-len", "32",
           "--sequences", "2", "--points", "3", "--offsets", "1", "2", "--bootstrap", "20", "--device", "cpu",
-          "--out", str(out)])
+          "--position-schemes", "shifted", "shared", "--reread", "off", "on", "--out", str(out)])
     report = json.loads(out.read_text())
     for split in ("heldout", "unseen"):
         for kind in ("echo", "pause", "coprocessor"):
-            assert len(report["results"][split][kind]["3"]["change"]) == 2
+            for name in (kind, f"{kind}@shared", f"{kind}@shifted+reread", f"{kind}@shared+reread"):
+                assert len(report["results"][split][name]["3"]["change"]) == 2
     # inserting more copies of token p's embedding costs more at offset 1 than one does (on the same points)
     echo = report["results"]["heldout"]["echo"]
     assert echo["3"]["change"][0] != echo["1"]["change"][0]
 
 
 def test_echo_latents_are_token_p_embeddings(gemma3):
-    model = EchoLatentsLM(gemma3, CoprocessorConfig(n_latents=3, n_ahead=2, n_traces=2, init="pause"))
+    model = fixed_latents_model(gemma3, "echo", 3, 2)
     ids = torch.randint(3, 128, (2, 20))
     positions = torch.tensor([[4, 9], [2, 11]])
-    lat = model._latents(ids, None, positions)
+    lat = model._latents(ids, model._prefix_pass(ids)[1], positions)
     emb = gemma3.get_input_embeddings()(ids.gather(1, positions))
     assert lat.shape == (2, 2, 3, 64) and torch.equal(lat[:, :, 2], emb) and torch.equal(lat[:, :, 0], emb)

@@ -101,14 +101,14 @@ def test_faults_give_the_base_answer_within_the_deadline(stack):
     model, tok, engine, server = stack
     base_text = _library(model, tok, False)
     hang = threading.Event()
-    model.compute_latents = lambda cache, length=None: hang.wait(20)
+    model.compute_latents = lambda cache, length=None, last_token=None: hang.wait(20)
     t0 = time.monotonic()
     r = _complete(server.url, augment="sync", deadline_ms=300).json()
     assert r["choices"][0]["text"] == base_text and not r["augmentation"]["augmented"]
     assert time.monotonic() - t0 < 5
     hang.set()
 
-    def boom(cache, length=None):
+    def boom(cache, length=None, last_token=None):
         raise RuntimeError("coprocessor crashed")
 
     model.compute_latents = boom
@@ -116,7 +116,7 @@ def test_faults_give_the_base_answer_within_the_deadline(stack):
         r = _complete(server.url, augment="async").json()
     assert r["choices"][0]["text"] == base_text
 
-    def killed(cache, length=None):  # what a killed worker looks like from inside its thread
+    def killed(cache, length=None, last_token=None):  # what a killed worker looks like from inside its thread
         raise SystemExit("coprocessor killed")
 
     model.compute_latents = killed

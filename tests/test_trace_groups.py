@@ -19,9 +19,9 @@ def _small_key_align(monkeypatch):
     monkeypatch.setattr(masks, "KEY_ALIGN", 4)  # 40-token tests: key lengths 20 and 36 of 40 at G=2
 
 
-def _model(family="gemma3", attn="sdpa", init="copy", groups=2, n_traces=4):
+def _model(family="gemma3", attn="sdpa", init="copy", groups=2, n_traces=4, **levers):
     model = build_model(tiny_model(family, attn), CoprocessorConfig(n_latents=3, n_ahead=N_A, n_traces=n_traces,
-                                                                    init=init, lora_rank=4))
+                                                                    init=init, lora_rank=4, **levers))
     perturb_trainable(model)
     apply_speed_options(model, trace_groups=groups)
     return model
@@ -64,10 +64,14 @@ def test_key_lengths_cover_each_group():
     assert groups_fitting(torch.tensor([[0, 1, 2]]), T, N_A, 2) == 1  # 3 traces do not split into 2 groups
 
 
-@pytest.mark.parametrize("family,attn,init", [("gemma3", "sdpa", "copy"), ("gemma3", "eager", "copy"),
-                                              ("llama", "sdpa", "copy"), ("gemma3", "sdpa", "pause")])
-def test_grouped_pass_equals_ungrouped_pass_and_inference(family, attn, init):
-    model = _model(family, attn, init)
+LEVERS = dict(position_scheme="overlap", reread_last=True, echo_residual=True)
+
+
+@pytest.mark.parametrize("family,attn,init,levers", [
+    ("gemma3", "sdpa", "copy", {}), ("gemma3", "eager", "copy", {}), ("llama", "sdpa", "copy", {}),
+    ("gemma3", "sdpa", "pause", {}), ("gemma3", "sdpa", "copy", LEVERS)])
+def test_grouped_pass_equals_ungrouped_pass_and_inference(family, attn, init, levers):
+    model = _model(family, attn, init, **levers)
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([[0, 19, 20, 34], [5, 6, 22, 30]])  # both extremes of both segments
     seen = _spy_key_lengths(model)

@@ -125,8 +125,9 @@ def _eval_insertion_cost(args: argparse.Namespace) -> None:
                          f"{max(args.offsets)}")
     insertion_cost(model_name=args.model, data=tuple(args.data), heldout_pct=args.heldout_pct, adapt_pct=args.adapt_pct,
                    heldout_sources=tuple(args.heldout_sources), kinds=tuple(args.kinds), latents=tuple(args.latents),
-                   offsets=tuple(args.offsets), seq_len=args.seq_len, sequences=args.sequences, points=args.points,
-                   n_boot=args.bootstrap, device=args.device, out=args.out)
+                   offsets=tuple(args.offsets), schemes=tuple(args.position_schemes),
+                   reread=tuple(r == "on" for r in args.reread), seq_len=args.seq_len, sequences=args.sequences,
+                   points=args.points, n_boot=args.bootstrap, device=args.device, out=args.out)
 
 
 def _eval_synth(args: argparse.Namespace) -> None:
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=["echo", "pause", "coprocessor"], help="fixed latents: token p's embedding repeated, "
                       "untrained pause tokens, the untrained copy-init coprocessor")
     cost.add_argument("--latents", type=int, nargs="+", default=[1, 4, 16, 64], help="N_L values")
+    cost.add_argument("--position-schemes", nargs="+", default=["shifted"], choices=["shifted", "shared", "overlap"],
+                      help="rotary position schemes to measure (train --position-scheme)")
+    cost.add_argument("--reread", nargs="+", default=["off"], choices=["off", "on"],
+                      help="without / with token p read again after the latents (train --reread-last)")
     cost.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 4, 8])
     cost.add_argument("--seq-len", type=int, default=400)
     cost.add_argument("--sequences", type=int, default=24)

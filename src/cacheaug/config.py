@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 INITS = ("copy", "lora", "scratch", "pause", "lora-decoder")
+POSITION_SCHEMES = ("shifted", "shared", "overlap")
+READOUTS = ("final_norm", "pre_norm")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,23 @@ class CoprocessorConfig:
         lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_rank); None means lora_rank.
         init_seed: seed for the soft-token choice and the scratch weights, so builds are repeatable.
 
+    Levers the paper leaves open (defaults = this project's reading of the paper; docs/results.md measures each):
+
+        position_scheme: rotary positions of an insertion after token p. "shifted" (default): latents at
+            p+1..p+N_L, the text continues at p+N_L+1 (plain HF decoding from the augmented cache). "shared": every
+            latent at position p, the text keeps its own positions p+1, p+2, ... . "overlap": latents at
+            p+1..p+N_L, the text keeps its own positions. Masks (and sliding windows) always follow the order of
+            the entries in the cache; only the rotary positions change.
+        reread_last: after the latents, feed token p again (at position p, or p+N_L+1 when shifted), so that
+            offset 1 is predicted by a real token that attends to the latents instead of by the last latent.
+        echo_residual: latent i = token p's input embedding + scale * read-out_i, with the scale starting at 0:
+            the untrained coprocessor inserts copies of token p (a neutral start: the insertion-cost diagnostic's
+            cheapest latents) and learns a change from there.
+        readout: "final_norm" (default): the backbone's last hidden state after its final norm; "pre_norm":
+            before it (the residual stream), with the same learned scale.
+        offset_decay: training-loss weight of offset o proportional to offset_decay**(o-1), normalised to mean 1
+            (1.0, the default, is the paper's uniform mean over the N_A offsets; < 1 stresses the near offsets).
+
     >>> CoprocessorConfig(n_latents=16, n_ahead=16, n_traces=16).init
     'copy'
     """
@@ -46,6 +65,22 @@ class CoprocessorConfig:
     lora_rank: int = 64
     lora_alpha: float | None = None
     init_seed: int = 0
+    position_scheme: Literal["shifted", "shared", "overlap"] = "shifted"
+    reread_last: bool = False
+    echo_residual: bool = False
+    readout: Literal["final_norm", "pre_norm"] = "final_norm"
+    offset_decay: float = 1.0
+
+    @property
+    def n_inserted(self) -> int:
+        """Cache entries one augmentation adds: the N_L latents, plus token p again with ``reread_last``."""
+        return self.n_latents + int(self.reread_last)
+
+    @property
+    def position_shift(self) -> int:
+        """How many of those entries take no text position: after an augmentation, the next token decoded sits at
+        rotary position (cache length - position_shift); 0 when shifted (plain decoding), N_L (+1) otherwise."""
+        return 0 if self.position_scheme == "shifted" else self.n_inserted
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,6 +94,23 @@ class CoprocessorConfig:
             problems.append(f"`lora_rank` must be a positive integer, got {self.lora_rank!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             problems.append(f"`lora_alpha` must be positive or None, got {self.lora_alpha!r}")
+        if self.position_scheme not in POSITION_SCHEMES:
+            problems.append(f"`position_scheme` must be one of {POSITION_SCHEMES}, got {self.position_scheme!r}")
+        if self.readout not in READOUTS:
+            problems.append(f"`readout` must be one of {READOUTS}, got {self.readout!r}")
+        for name in ("reread_last", "echo_residual"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.offset_decay, bool) or not isinstance(self.offset_decay, (int, float)) \
+                or not 0 < self.offset_decay <= 1:
+            problems.append(f"`offset_decay` must be a number in (0, 1], got {self.offset_decay!r}")
+        if self.readout == "pre_norm" and self.init == "pause":
+            problems.append("`readout='pre_norm'` needs a backbone; pause tokens have none (use readout='final_norm')")
+        levers = {"position_scheme": "shifted", "reread_last": False, "echo_residual": False,
+                  "readout": "final_norm", "offset_decay": 1.0}
+        changed = [k for k, v in levers.items() if getattr(self, k) != v]
+        if self.init == "lora-decoder" and changed:
+            problems.append(f"the LoRA-decoder control inserts no latents: {changed} do not apply to it")
         if problems:
             raise ValueError("Invalid CoprocessorConfig:\n  " + "\n  ".join(problems))
 

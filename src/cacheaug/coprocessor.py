@@ -9,6 +9,9 @@ Choices the paper leaves open:
   real (scaled) input embeddings;
 * soft tokens are initialised from the input embeddings of ``n_latents`` random vocabulary entries;
 * the backbone never sees token ids, so it has no embedding matrix and no LM head (nothing duplicated).
+
+Options (:class:`~cacheaug.config.CoprocessorConfig`): ``readout="pre_norm"`` drops the backbone's final norm;
+``echo_residual`` adds token p's input embedding to every latent and starts the scale at 0.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ class Coprocessor(nn.Module):
         decoder = base.get_decoder()
         # "pause": the control of Goyal et al. (2023): trainable context-free embeddings, no cache read
         self.backbone = None if config.init == "pause" else build_backbone(decoder, config)
+        if self.backbone is not None and config.readout == "pre_norm":
+            self.backbone.norm = nn.Identity()  # the copy's final norm (every supported family names it `norm`)
         emb = base.get_input_embeddings()
         g = torch.Generator().manual_seed(config.init_seed)
         ids = torch.randint(emb.weight.shape[0], (config.n_latents,), generator=g).to(emb.weight.device)
@@ -102,7 +107,9 @@ class Coprocessor(nn.Module):
             soft = emb(ids)  # [N_L, D], already scaled like real inputs (Gemma multiplies by sqrt(D))
         self.soft_tokens = nn.Parameter(soft.detach().clone())
         self.latent_scale = nn.Parameter(torch.ones(1, dtype=soft.dtype, device=soft.device))  # [1]: FSDP2 shards no scalars
-        if init_scale and self.backbone is not None:
+        if config.echo_residual:  # latents start as copies of token p: the read-out's share grows from 0
+            self.latent_scale.data.zero_()
+        elif init_scale and self.backbone is not None:
             self._calibrate_scale()
 
     @torch.no_grad()
@@ -118,16 +125,18 @@ class Coprocessor(nn.Module):
         n_traces: int = 1,
         position_ids: torch.Tensor | None = None,
         attention_mask=None,
+        echo: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Latents ``[B, K*N_L, D]`` for ``n_traces`` blocks of soft tokens read against ``prefix_kv``.
 
         ``prefix_kv`` holds one ``(keys, values)`` pair ``[B, H_kv, S, D_h]`` per layer. With
         ``position_ids``/``attention_mask`` left None (one trace, inference) the backbone uses its own
         default positions (S, S+1, ...) and causal mask, so the latents sit right after the prefix.
+        ``echo`` ``[B, K, D]``: the input embedding of each trace's token p, required with ``echo_residual``.
         """
         x = self.soft_tokens.repeat(n_traces, 1).expand(batch_size, -1, -1)  # [B, K*N_L, D]
         if self.backbone is None:  # pause tokens: the same embeddings whatever the context
-            return x * self.latent_scale
+            return self._add_echo(x * self.latent_scale, echo, n_traces)
         if torch.is_autocast_enabled(x.device.type):  # fp32 master weights: compute like the decoder's K/V
             x = x.to(torch.get_autocast_dtype(x.device.type))
         cache = DynamicCache(ddp_cache_data=prefix_kv)  # a fresh object: the decoder's cache stays intact
@@ -138,4 +147,13 @@ class Coprocessor(nn.Module):
             use_cache=True,
             **{self.family.cache_kwarg: cache},
         )
-        return out.last_hidden_state * self.latent_scale  # [B, K*N_L, D]
+        return self._add_echo(out.last_hidden_state * self.latent_scale, echo, n_traces)  # [B, K*N_L, D]
+
+    def _add_echo(self, latents: torch.Tensor, echo: torch.Tensor | None, n_traces: int) -> torch.Tensor:
+        if not self.config.echo_residual:
+            return latents
+        if echo is None or echo.shape[:2] != (latents.shape[0], n_traces):
+            raise ValueError("echo_residual needs the input embedding of each trace's last token ([B, K, D]); at "
+                             "inference pass `last_token` to compute_latents.")
+        n_latents = self.config.n_latents
+        return latents + echo[:, :, None].expand(-1, -1, n_latents, -1).reshape(latents.shape).to(latents.dtype)

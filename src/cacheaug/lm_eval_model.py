@@ -68,7 +68,7 @@ class CacheAugEvalLM(HFLM):
         self.augmented = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
         self.augment = _flag(augment) and self.augmented is not None
         self.kind = self.augmented.config.init if self.augmented is not None else "frozen"
-        self.n_latents = self.augmented.config.n_latents if self.augment and self.kind != "lora-decoder" else 0
+        self.n_latents = self.augmented.config.n_inserted if self.augment and self.kind != "lora-decoder" else 0
         self.cache_kw = cache_kwarg(base)
 
     @classmethod
@@ -114,14 +114,15 @@ class CacheAugEvalLM(HFLM):
 
     @torch.no_grad()
     def _prefill(self, context: list[int]):
-        """Cache and next-token logits after the context (+ latents when augmenting)."""
+        """Cache, next-token logits and the next token's rotary position after the context (+ latents when
+        augmenting)."""
         ids = torch.tensor([context], device=self.device)
         if self.augment and not isinstance(self.augmented, LoraDecoderLM):
             aug = self.augmented.augment(ids)
-            return aug.cache, aug.logits
+            return aug.cache, aug.logits, aug.next_position
         cache = DynamicCache()
         out = self._scorer()(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
-        return cache, out.logits[:, -1]
+        return cache, out.logits[:, -1], len(context)
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -136,7 +137,7 @@ class CacheAugEvalLM(HFLM):
             if keep < 1:
                 raise ValueError(f"A continuation of {longest} tokens does not fit max_length={self.max_length}.")
             context = list(ctx)[-keep:]
-            cache, first = self._prefill(context)
+            cache, first, position = self._prefill(context)
             prefix = [(layer.keys, layer.values) for layer in cache.layers]
             first_lp = F.log_softmax(first[0].float(), -1)  # [V]: predicts every continuation's first token
             step = self.continuation_batch or len(idxs)
@@ -148,7 +149,9 @@ class CacheAugEvalLM(HFLM):
                     pad = [c[:-1] + [c[0]] * (rest - len(c) + 1) for c in conts]
                     n = len(chunk)
                     c = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix])
-                    out = scorer(input_ids=torch.tensor(pad, device=self.device), use_cache=True, **{self.cache_kw: c})
+                    pos = torch.arange(position, position + rest, device=self.device)[None].expand(n, -1)
+                    out = scorer(input_ids=torch.tensor(pad, device=self.device), position_ids=pos, use_cache=True,
+                                 **{self.cache_kw: c})
                     later = F.log_softmax(out.logits.float(), dim=-1)  # [n, rest, V]
                 for j, (i, cont) in enumerate(zip(chunk, conts)):
                     logprobs = first_lp[None] if len(cont) == 1 else torch.cat([first_lp[None], later[j, : len(cont) - 1]])

@@ -2,9 +2,12 @@
 
 Notable choices (where the paper is silent):
 
-* Positions: after an insertion after token p the latents sit at p+1..p+N_L and the following real tokens
-  continue at p+N_L+1.. . This is what plain HF decoding from the augmented cache does, so inference
-  needs no position tricks and ``augment(...).cache`` is an ordinary ``DynamicCache``.
+* Positions (default, ``position_scheme="shifted"``): after an insertion after token p the latents sit at
+  p+1..p+N_L and the following real tokens continue at p+N_L+1.. . This is what plain HF decoding from the
+  augmented cache does, so inference needs no position tricks and ``augment(...).cache`` is an ordinary
+  ``DynamicCache``. The other schemes ("shared", "overlap") let the text keep its own positions; decoding then
+  passes explicit ``position_ids`` (:meth:`CacheAugmentedLM.decode`, ``AugmentOutput.next_position``), and the
+  masks still follow the order of the cache entries (as HF's own masks do).
 * Loss: offset o = 1..N_A is the frozen decoder's cross-entropy on token p+o; the last latent predicts
   offset 1, ahead token p+o-1 (fed as input) predicts offset o. Only those rows go through the LM head.
 * Training runs three passes: the frozen decoder over the text (no grad) gives
@@ -66,13 +69,16 @@ class AugmentOutput:
             model continues from it with its default positions.
         logits: ``[B, V]`` next-token logits after the latents (they predict the token after the prompt).
         latents: ``[B, N_L, D]`` the latent embeddings that were inserted.
-        prompt_length: number of prompt tokens P (the cache holds P + N_L positions).
+        prompt_length: number of prompt tokens P (the cache holds P + N_L entries, + 1 with ``reread_last``).
+        next_position: rotary position of the next token to decode from ``cache`` (pass it as ``position_ids``, or
+            use :meth:`CacheAugmentedLM.decode`); equal to the cache length under the default "shifted" scheme.
     """
 
     cache: DynamicCache
     logits: torch.Tensor
     latents: torch.Tensor
     prompt_length: int
+    next_position: int = -1
 
 
 class CacheAugmentedLM(nn.Module):
@@ -260,7 +266,7 @@ class CacheAugmentedLM(nn.Module):
         B, T = ids.shape
         N_L = self.config.n_latents
         positions, groups = self._positions(positions, B, T, generator)  # [B, K]
-        self._check_context(T - 1 + N_L, f"A sequence of {T} tokens with {N_L} latents")
+        self._check_context(T - 1 + self.config.n_inserted, f"A sequence of {T} tokens with {N_L} latents")
         return self._run_pass(ids, positions, return_base_losses, groups)
 
     def _run_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool,
@@ -270,13 +276,18 @@ class CacheAugmentedLM(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous replay's outputs may be reused
         train_pass = self._compiled_pass if compiled else self._train_pass
         token_losses, latents, base_losses = train_pass(ids, positions, return_base_losses, groups)
-        loss = token_losses.mean()
+        loss = token_losses.mean() if self.config.offset_decay == 1 else (token_losses * self._offset_weights()).mean()
         if self.check_finite and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Non-finite training loss ({loss.item()}). Lower the learning rate, clip gradients, or keep "
                 "fp32 master weights under bf16 autocast."
             )
         return CacheAugmentedOutput(loss, token_losses, positions, latents, base_losses)
+
+    def _offset_weights(self) -> torch.Tensor:
+        """``[N_A]`` loss weights, decay**(o-1) normalised to mean 1 (``config.offset_decay``)."""
+        w = self.config.offset_decay ** torch.arange(self.config.n_ahead, device=self.device, dtype=torch.float32)
+        return w / w.mean()
 
     def _train_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool, groups: int = 1):
         """The three passes and the loss on checked inputs: tensor code only (no host sync), so ``torch.compile``
@@ -367,28 +378,43 @@ class CacheAugmentedLM(nn.Module):
     def _traces(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor):
         """Passes (b) and (c) for traces at ``positions`` ``[B, K]`` reading the S text keys of ``prefix_kv``.
         Returns the latents ``[B, K, N_L, D]`` and the decoder's hidden states that predict the targets
-        ``[B, K, N_A, D]`` (last latent, then the ahead tokens)."""
+        ``[B, K, N_A, D]`` (last latent, or token p read again with ``reread_last``; then the ahead tokens)."""
         B, K = positions.shape
         S = prefix_kv[0][0].shape[2]
-        N_L, N_A = self.config.n_latents, self.config.n_ahead
+        N_L, N_A, R = self.config.n_latents, self.config.n_ahead, int(self.config.reread_last)
         embed = self.base.get_input_embeddings()
         dtype = embed.weight.dtype
 
         latents = self._latents(ids, prefix_kv, positions)  # (b) [B, K, N_L, D]
         D = latents.shape[-1]
 
-        # (c) frozen decoder over [latents_k ; tokens p_k+1 .. p_k+N_A-1], gradients flow to the latents
-        L = N_L + N_A - 1
-        ahead = ids.gather(1, (positions[:, :, None] + torch.arange(1, N_A, device=ids.device)).view(B, -1))
-        x = torch.cat([latents.to(dtype), embed(ahead).view(B, K, N_A - 1, D)], dim=2)  # [B, K, L, D]
+        # (c) frozen decoder over [latents_k ; (token p_k) ; tokens p_k+1 .. p_k+N_A-1], gradients flow to the latents
+        L = N_L + R + N_A - 1
+        text = positions[:, :, None] + torch.arange(1 - R, N_A, device=ids.device)  # [B, K, R + N_A - 1]
+        ahead = ids.gather(1, text.view(B, -1))
+        x = torch.cat([latents.to(dtype), embed(ahead).view(B, K, R + N_A - 1, D)], dim=2)  # [B, K, L, D]
         dec_layout = trace_layout(positions, S, L)
         h = self.base.get_decoder()(
             inputs_embeds=x.view(B, K * L, D),
-            position_ids=dec_layout.position_ids,
+            position_ids=self._block_positions(positions, dec_layout),
             attention_mask=attention_masks(dec_layout, self.family, dtype),
             **self._decoder_kwargs(DynamicCache(ddp_cache_data=prefix_kv)),
         ).last_hidden_state  # [B, K*L, D]
-        return latents, h.view(B, K, L, D)[:, :, N_L - 1 :]
+        return latents, h.view(B, K, L, D)[:, :, N_L + R - 1 :]
+
+    def _block_positions(self, positions: torch.Tensor, layout) -> torch.Tensor:
+        """Rotary positions ``[B, K*L]`` of the decoder blocks under ``config.position_scheme``. The layout's own
+        positions (the entries' order in the virtual sequence, which the masks use) are the "shifted" scheme's."""
+        scheme = self.config.position_scheme
+        if scheme == "shifted":
+            return layout.position_ids
+        B, K = positions.shape
+        N_L, N_A, R = self.config.n_latents, self.config.n_ahead, int(self.config.reread_last)
+        device = positions.device
+        lat = torch.zeros(N_L, dtype=torch.long, device=device) if scheme == "shared" \
+            else torch.arange(1, N_L + 1, device=device)  # overlap
+        rel = torch.cat([lat, torch.arange(1 - R, N_A, device=device)])  # token p+j keeps position p+j
+        return (positions[:, :, None] + rel).view(B, K * rel.numel())
 
     def _latents(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor) -> torch.Tensor:
         """(b) the coprocessor over K blocks of N_L soft tokens, block k reading text <= p_k: ``[B, K, N_L, D]``."""
@@ -397,7 +423,8 @@ class CacheAugmentedLM(nn.Module):
         cop_layout = trace_layout(positions, S, N_L)
         dtype = self.base.get_input_embeddings().weight.dtype
         cop_masks = None if self.coprocessor.backbone is None else attention_masks(cop_layout, self.family, dtype)
-        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks)  # [B, K*N_L, D]
+        echo = self.base.get_input_embeddings()(ids.gather(1, positions)) if self.config.echo_residual else None
+        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks, echo)  # [B, K*N_L, D]
         return latents.view(B, K, N_L, latents.shape[-1])
 
     def _token_scores(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,18 +495,50 @@ class CacheAugmentedLM(nn.Module):
         return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
 
     @torch.no_grad()
-    def compute_latents(self, cache: DynamicCache, length: int | None = None) -> torch.Tensor:
+    def compute_latents(self, cache: DynamicCache, length: int | None = None,
+                        last_token: torch.Tensor | None = None) -> torch.Tensor:
         """The coprocessor's latents ``[B, N_L, D]`` for the first ``length`` positions of a decoder ``cache``
         (all of them by default). The cache is only read; latents can be computed ahead or on another worker
-        and inserted later with :meth:`insert_latents`."""
+        and inserted later with :meth:`insert_latents`. ``last_token`` ``[B]``: the id of the token at position
+        ``length - 1`` (needed with ``echo_residual``)."""
         prefix_kv = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
-        return self.coprocessor(prefix_kv, prefix_kv[0][0].shape[0])  # default positions: length.. length+N_L-1
+        echo = None
+        if self.config.echo_residual:
+            if last_token is None:
+                raise ValueError("This coprocessor (echo_residual) needs `last_token`, the id of the prefix's last token.")
+            echo = self.base.get_input_embeddings()(torch.as_tensor(last_token, device=self.device).view(-1, 1))
+        return self.coprocessor(prefix_kv, prefix_kv[0][0].shape[0], echo=echo)  # default positions: length..
+
+    def next_position(self, cache_length: int, augmented: bool = True) -> int:
+        """Rotary position of the next token decoded from a cache of ``cache_length`` entries (augmented or not)."""
+        return cache_length - (self.config.position_shift if augmented else 0)
+
+    def decode(self, cache: DynamicCache, input_ids: torch.Tensor, position: int, **kwargs):
+        """The frozen decoder over ``input_ids`` ``[B, n]`` continuing ``cache``, the first at rotary ``position``
+        (:meth:`next_position`; e.g. ``AugmentOutput.next_position``). Returns the base model's output."""
+        n = input_ids.shape[1]
+        pos = torch.arange(position, position + n, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        return self.base(input_ids=input_ids, position_ids=pos, **self._decoder_kwargs(cache), **kwargs)
 
     @torch.no_grad()
-    def insert_latents(self, cache: DynamicCache, latents: torch.Tensor) -> torch.Tensor:
-        """Append ``latents`` to ``cache`` through the frozen decoder; returns the next-token logits ``[B, V]``."""
+    def insert_latents(self, cache: DynamicCache, latents: torch.Tensor,
+                       last_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``latents`` to ``cache`` (which holds exactly the prompt, P entries) through the frozen decoder;
+        returns the next-token logits ``[B, V]``. ``last_token`` ``[B]``: the prompt's last token id, read again
+        after the latents with ``reread_last``."""
         dtype = self.base.get_input_embeddings().weight.dtype
-        out = self.base(inputs_embeds=latents.to(dtype), logits_to_keep=1, **self._decoder_kwargs(cache))
+        x, B, P = latents.to(dtype), latents.shape[0], cache.get_seq_length()
+        N_L, cfg = latents.shape[1], self.config
+        if cfg.reread_last:
+            if last_token is None:
+                raise ValueError("This coprocessor (reread_last) needs `last_token`, the id of the prompt's last token.")
+            token = torch.as_tensor(last_token, device=self.device).view(-1, 1).expand(B, 1)
+            x = torch.cat([x, self.base.get_input_embeddings()(token)], dim=1)
+        pos = None
+        if cfg.position_scheme != "shifted":  # token p = P - 1 keeps its position; the text continues at P
+            lat = [P - 1] * N_L if cfg.position_scheme == "shared" else list(range(P, P + N_L))
+            pos = torch.tensor([lat + [P - 1] * int(cfg.reread_last)], device=self.device).expand(B, -1)
+        out = self.base(inputs_embeds=x, position_ids=pos, logits_to_keep=1, **self._decoder_kwargs(cache))
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -494,23 +553,25 @@ class CacheAugmentedLM(nn.Module):
                 computed that many tokens earlier and arrived late (the staleness study; asynchronous serving).
                 They are still inserted after the whole prompt.
 
-        Returns an :class:`AugmentOutput` whose ``cache`` (prompt + latents) the unmodified base model can
-        decode from with its default positions.
+        Returns an :class:`AugmentOutput` whose ``cache`` (prompt + latents) the unmodified base model decodes
+        from, the next token at rotary position ``next_position`` (with the default "shifted" scheme that is the
+        cache length, i.e. plain HF decoding with default positions).
         """
         ids = self._check_ids(prompt_ids, "prompt_ids")
         self._check_dtypes()
         B, P = ids.shape
         if not isinstance(stale_by, int) or not 0 <= stale_by < P:
             raise ValueError(f"`stale_by` must be an integer in [0, {P - 1}] for a prompt of {P} tokens, got {stale_by!r}.")
-        self._check_context(P - 1 + self.config.n_latents, f"A prompt of {P} tokens with {self.config.n_latents} latents")
+        self._check_context(P - 1 + self.config.n_inserted, f"A prompt of {P} tokens with {self.config.n_latents} latents")
         if past_key_values is None:
             cache = DynamicCache()
             self.base.get_decoder()(input_ids=ids, **self._decoder_kwargs(cache))
         else:
             cache = self._check_cache(past_key_values, P, B)
-        latents = self.compute_latents(cache, P - stale_by)  # [B, N_L, D]
-        logits = self.insert_latents(cache, latents)  # latents at positions P..P+N_L-1
-        return AugmentOutput(cache=cache, logits=logits, latents=latents, prompt_length=P)
+        latents = self.compute_latents(cache, P - stale_by, ids[:, P - 1 - stale_by])  # [B, N_L, D]
+        logits = self.insert_latents(cache, latents, ids[:, P - 1])
+        return AugmentOutput(cache=cache, logits=logits, latents=latents, prompt_length=P,
+                             next_position=self.next_position(cache.get_seq_length()))
 
     @torch.no_grad()
     def generate(
@@ -548,7 +609,7 @@ class CacheAugmentedLM(nn.Module):
             hf_kwargs["pad_token_id"] = pad_token_id
         if not augment or not self.enabled:
             return self.base.generate(ids, **hf_kwargs)
-        self._check_context(ids.shape[1] + self.config.n_latents + max_new_tokens - 1, "Generation")
+        self._check_context(ids.shape[1] + self.config.n_inserted + max_new_tokens - 1, "Generation")
         try:
             aug = self.augment(ids)
         except Exception as err:  # the decoder must keep working when the coprocessor fails
@@ -558,7 +619,7 @@ class CacheAugmentedLM(nn.Module):
         eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=ids.device)
         if pad is None:
             pad = int(eos_ids[0]) if len(eos_ids) else 0
-        logits, cache = aug.logits, aug.cache
+        logits, cache, position = aug.logits, aug.cache, aug.next_position
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         new = []
         for step in range(max_new_tokens):
@@ -568,8 +629,7 @@ class CacheAugmentedLM(nn.Module):
             finished |= torch.isin(token, eos_ids)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            out = self.base(input_ids=token[:, None], logits_to_keep=1, **self._decoder_kwargs(cache))
-            logits = out.logits[:, -1]
+            logits = self.decode(cache, token[:, None], position + step, logits_to_keep=1).logits[:, -1]
         return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
 
     @staticmethod

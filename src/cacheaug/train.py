@@ -55,6 +55,16 @@ class TrainConfig:
     init: Literal["copy", "lora", "scratch", "pause", "lora-decoder"] = _f(
         "copy", "coprocessor init; controls: 'pause' (pause tokens), 'lora-decoder' (LoRA-tuned decoder)")
     lora_rank: int = _f(64, "LoRA rank for init=lora")
+    # levers the paper leaves open (CoprocessorConfig; docs/results.md measures each)
+    position_scheme: Literal["shifted", "shared", "overlap"] = _f(
+        "shifted", "rotary positions of an insertion after token p: 'shifted' (latents p+1..p+N_L, text continues "
+        "after them), 'shared' (every latent at p, the text keeps its positions), 'overlap' (latents p+1..p+N_L, "
+        "the text keeps its positions)")
+    reread_last: bool = _f(False, "feed token p again after the latents, so that a real token predicts offset 1")
+    echo_residual: bool = _f(False, "latents = token p's embedding + scale * read-out, scale starting at 0 (neutral start)")
+    readout: Literal["final_norm", "pre_norm"] = _f("final_norm", "latents from the backbone's last hidden state after "
+                                                    "('final_norm') or before ('pre_norm') its final norm")
+    offset_decay: float = _f(1.0, "loss weight of offset o proportional to decay**(o-1) (1 = the paper's uniform mean)")
     # data and batch
     seq_len: int = _f(1024, "T, tokens per packed training sequence")
     batch_size: int = _f(8, "sequences per device per micro-step")
@@ -132,12 +142,19 @@ class TrainConfig:
                             "decoder's and trains only small adapters: use --parallel ddp")
         if self.trace_groups < 1 or self.n_traces % self.trace_groups:
             problems.append(f"--trace-groups {self.trace_groups} must be a positive divisor of --n-traces {self.n_traces}")
+        if not problems:
+            try:
+                self.coprocessor_config()
+            except ValueError as err:
+                problems += [line.strip().replace("`", "--").replace("_", "-") for line in str(err).splitlines()[1:]]
         if problems:
             raise ValueError("Invalid training options:\n  " + "\n  ".join(problems))
 
     def coprocessor_config(self) -> CoprocessorConfig:
         return CoprocessorConfig(self.n_latents, self.n_ahead, self.n_traces, init=self.init,
-                                 lora_rank=self.lora_rank, init_seed=self.seed)
+                                 lora_rank=self.lora_rank, init_seed=self.seed, position_scheme=self.position_scheme,
+                                 reread_last=self.reread_last, echo_residual=self.echo_residual, readout=self.readout,
+                                 offset_decay=self.offset_decay)
 
     def splits(self):
         from .data import Splits

@@ -36,15 +36,17 @@ def left_pad(kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[i
 
 
 @torch.no_grad()
-def batched_step(base, cache_kwarg: str, caches: list[DynamicCache], tokens: list[int]):
-    """One decoding step for every (cache, token) pair; returns (new caches, logits [B, V])."""
+def batched_step(base, cache_kwarg: str, caches: list[DynamicCache], tokens: list[int], positions: list[int] | None = None):
+    """One decoding step for every (cache, token) pair, each token at its rotary position (default: its cache's
+    length); returns (new caches, logits [B, V])."""
     lengths = [c.layers[0].keys.shape[2] for c in caches]
     longest = max(lengths)
     kv, mask = left_pad([[(layer.keys, layer.values) for layer in c.layers] for c in caches], lengths, 1)
     batch = DynamicCache(ddp_cache_data=kv)
     device = mask.device
     out = base(input_ids=torch.tensor(tokens, device=device)[:, None],
-               position_ids=torch.tensor(lengths, device=device)[:, None], attention_mask=mask,
+               position_ids=torch.tensor(lengths if positions is None else positions, device=device)[:, None],
+               attention_mask=mask,
                use_cache=True, logits_to_keep=1, **{cache_kwarg: batch})
     new = [DynamicCache(ddp_cache_data=[(layer.keys[i : i + 1, :, longest - n :], layer.values[i : i + 1, :, longest - n :])
                                         for layer in batch.layers]) for i, n in enumerate(lengths)]
@@ -63,10 +65,12 @@ class StepBatcher:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="cacheaug-batcher")
         self._thread.start()
 
-    def step(self, cache: DynamicCache, token: int) -> tuple[DynamicCache, torch.Tensor]:
-        """Submit one step and wait for it: the request's new cache and next-token logits ``[1, V]``."""
+    def step(self, cache: DynamicCache, token: int, position: int | None = None) -> tuple[DynamicCache, torch.Tensor]:
+        """Submit one step (``token`` at rotary ``position``, default the cache length) and wait for it: the
+        request's new cache and next-token logits ``[1, V]``."""
         future: cf.Future = cf.Future()
-        self.queue.put((cache, token, future))
+        length = cache.layers[0].keys.shape[2] if cache.layers else 0
+        self.queue.put((cache, token, length if position is None else position, future))
         return future.result()
 
     def _loop(self) -> None:
@@ -86,15 +90,15 @@ class StepBatcher:
                 pass
             try:
                 with self.lock:
-                    caches, logits = batched_step(self.base, self.cache_kwarg, [c for c, _, _ in items],
-                                                  [t for _, t, _ in items])
+                    caches, logits = batched_step(self.base, self.cache_kwarg, [it[0] for it in items],
+                                                  [it[1] for it in items], [it[2] for it in items])
                 self.batches += 1
                 self.rows += len(items)
-                for i, (_, _, future) in enumerate(items):
-                    future.set_result((caches[i], logits[i : i + 1]))
+                for i, it in enumerate(items):
+                    it[-1].set_result((caches[i], logits[i : i + 1]))
             except BaseException as err:  # every waiting request learns of it
-                for _, _, future in items:
-                    future.set_exception(err)
+                for it in items:
+                    it[-1].set_exception(err)
 
     def close(self) -> None:
         self.queue.put(None)
@@ -102,13 +106,18 @@ class StepBatcher:
 
 
 @torch.no_grad()
-def batched_latents(model, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> list[torch.Tensor]:
-    """The coprocessor's latents for several prefixes at once (left-padded, masked): one ``[1, N_L, D]`` each."""
+def batched_latents(model, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],
+                    last_tokens: list[int] | None = None) -> list[torch.Tensor]:
+    """The coprocessor's latents for several prefixes at once (left-padded, masked): one ``[1, N_L, D]`` each.
+    ``last_tokens``: each prefix's last token id (needed with ``echo_residual``)."""
     n_latents = model.config.n_latents
     padded, mask = left_pad(kvs, lengths, n_latents)
     device = mask.device
     positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(n_latents, device=device)
-    latents = model.coprocessor(padded, len(kvs), 1, positions, mask)  # [B, N_L, D]
+    echo = None
+    if model.config.echo_residual:
+        echo = model.base.get_input_embeddings()(torch.tensor(last_tokens, device=device)[:, None])  # [B, 1, D]
+    latents = model.coprocessor(padded, len(kvs), 1, positions, mask, echo)  # [B, N_L, D]
     return [latents[i : i + 1] for i in range(len(kvs))]
 
 
@@ -127,10 +136,10 @@ class LatentsWorker:
         self.rows = 0
         self.replace()
 
-    def submit(self, kv, length: int) -> cf.Future:
+    def submit(self, kv, length: int, last_token: int | None = None) -> cf.Future:
         future: cf.Future = cf.Future()
         future.started_at = None
-        self.queue.put((kv, length, future))
+        self.queue.put((kv, length, last_token, future))
         return future
 
     def replace(self) -> None:
@@ -147,9 +156,10 @@ class LatentsWorker:
 
     def _run(self, items) -> list[torch.Tensor]:
         if len(items) == 1:  # one prefix: the library's own call
-            kv, length, _ = items[0]
-            return [self.model.compute_latents(DynamicCache(ddp_cache_data=kv), length)]
-        return batched_latents(self.model, [kv for kv, _, _ in items], [n for _, n, _ in items])
+            kv, length, last, _ = items[0]
+            last = None if last is None else torch.tensor([last], device=self.model.device)
+            return [self.model.compute_latents(DynamicCache(ddp_cache_data=kv), length, last)]
+        return batched_latents(self.model, [it[0] for it in items], [it[1] for it in items], [it[2] for it in items])
 
     def _loop(self, generation: int) -> None:
         while generation == self.generation:
@@ -162,14 +172,14 @@ class LatentsWorker:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            items = [it for it in items if it[2].set_running_or_notify_cancel()]
+            items = [it for it in items if it[-1].set_running_or_notify_cancel()]
             if not items:
                 continue
             started = time.monotonic()
             self.batches += 1
             self.rows += len(items)
-            for _, _, future in items:
-                future.started_at = started
+            for it in items:
+                it[-1].started_at = started
             try:
                 if self.stream is None:
                     results = self._run(items)
@@ -177,8 +187,8 @@ class LatentsWorker:
                     with torch.cuda.stream(self.stream):
                         results = self._run(items)
                     self.stream.synchronize()
-                for (_, _, future), latents in zip(items, results):
-                    future.set_result(latents)
+                for it, latents in zip(items, results):
+                    it[-1].set_result(latents)
             except BaseException as err:  # noqa: BLE001  every request of the batch falls back
-                for _, _, future in items:
-                    future.set_exception(err)
+                for it in items:
+                    it[-1].set_exception(err)

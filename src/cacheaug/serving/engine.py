@@ -101,11 +101,11 @@ class Engine:
             if max_batch > 1 else None
 
     # -------------------------------------------------------------------------------------------- worker
-    def submit_latents(self, cache: DynamicCache, length: int) -> cf.Future:
-        """Queue the coprocessor on the first ``length`` positions of ``cache`` (a snapshot: decoding goes on);
-        queued prefixes of concurrent requests run as one batch."""
+    def submit_latents(self, cache: DynamicCache, length: int, last_token: int) -> cf.Future:
+        """Queue the coprocessor on the first ``length`` positions of ``cache`` (a snapshot: decoding goes on), whose
+        last token is ``last_token``; queued prefixes of concurrent requests run as one batch."""
         kv = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
-        return self.worker.submit(kv, length)
+        return self.worker.submit(kv, length, last_token)
 
     def _abandon_if_hung(self, future: cf.Future) -> None:
         started = getattr(future, "started_at", None)
@@ -115,14 +115,17 @@ class Engine:
             warnings.warn("cacheaug: a coprocessor call overran the hard timeout; its worker was replaced.", stacklevel=2)
 
     # -------------------------------------------------------------------------------------------- decoding
-    def _forward(self, cache: DynamicCache, ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, cache: DynamicCache, ids: torch.Tensor, augmented: bool) -> torch.Tensor:
+        """Decode ``ids`` after ``cache`` (the next token's rotary position follows from its length and whether it
+        holds latents: CacheAugmentedLM.next_position)."""
+        position = self.model.next_position(cache.get_seq_length(), augmented)
         with self.lock:
-            out = self.base(input_ids=ids, logits_to_keep=1, **self.model._decoder_kwargs(cache))
+            out = self.model.decode(cache, ids, position, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _insert(self, cache: DynamicCache, latents: torch.Tensor) -> torch.Tensor:
+    def _insert(self, cache: DynamicCache, latents: torch.Tensor, last_token: int) -> torch.Tensor:
         with self.lock:
-            return self.model.insert_latents(cache, latents)
+            return self.model.insert_latents(cache, latents, torch.tensor([last_token], device=self.model.device))
 
     @staticmethod
     def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
@@ -135,17 +138,17 @@ class Engine:
         if hit is not None:
             try:
                 cache, logits, n = self.store.load(hit, self.model.device, n_layers=self.base.config.num_hidden_layers,
-                                                   n_latents=self.model.config.n_latents)
+                                                   n_latents=self.model.config.n_inserted)
             except KeyError:  # a bad entry was discarded (with a warning): compute the prompt afresh
                 hit = None
         if hit is not None:
             self.stats.store_hits += 1
             rest = ids[:, n:]
             if rest.shape[1]:
-                logits = self._forward(cache, rest)
+                logits = self._forward(cache, rest, augmented=True)
             return cache, logits, True
         cache = DynamicCache()
-        return cache, self._forward(cache, ids), False
+        return cache, self._forward(cache, ids, augmented=False), False
 
     @torch.no_grad()
     def stream(self, prompt: list[int], max_new_tokens: int, *, policy: Policy = "sync", deadline_s: float | None = None,
@@ -167,9 +170,9 @@ class Engine:
         P = len(prompt)
         submitted = wants and (policy == "sync" or self.async_grace_s > 0)
         if submitted:
-            future = self.submit_latents(cache, P)
+            future = self.submit_latents(cache, P, prompt[-1])
             wait = deadline - time.monotonic() if policy == "sync" else min(self.async_grace_s, deadline - time.monotonic())
-            logits, augmented, future = self._try_insert(future, cache, logits, max(0.0, wait))
+            logits, augmented, future = self._try_insert(future, cache, logits, max(0.0, wait), prompt[-1])
             if augmented:
                 inserted_after = 0
         generated: list[int] = []
@@ -184,7 +187,7 @@ class Engine:
                     latents = self._latents_or_none(future)
                     future = None
                     if latents is not None:  # at their true place; replay the tokens decoded meanwhile
-                        cache, logits = self._insert_and_replay(cache, P, latents, generated)
+                        cache, logits = self._insert_and_replay(cache, prompt, latents, generated)
                         augmented, inserted_after = True, n
             token = self._choose(logits, temperature, top_p, generator)
             generated.append(token)
@@ -192,24 +195,25 @@ class Engine:
             if token in stop_ids or n == max_new_tokens - 1:
                 break
             if wants and not submitted:  # async: only after the first token, which never waits for the coprocessor
-                future, submitted = self.submit_latents(cache, P), True
+                future, submitted = self.submit_latents(cache, P, prompt[-1]), True
             if self.batcher is not None:  # batched with the other requests' steps
-                cache, logits = self.batcher.step(cache, token)
+                position = self.model.next_position(cache.get_seq_length(), augmented)
+                cache, logits = self.batcher.step(cache, token, position)
             else:
-                logits = self._forward(cache, torch.tensor([[token]], device=self.model.device))
+                logits = self._forward(cache, torch.tensor([[token]], device=self.model.device), augmented)
         if future is not None:  # never arrived in time
             self.stats.late += 1
             self.stats.fallbacks += 1
             self._abandon_if_hung(future)
 
-    def _insert_and_replay(self, cache: DynamicCache, prompt_len: int, latents: torch.Tensor, tokens: list[int]):
+    def _insert_and_replay(self, cache: DynamicCache, prompt: list[int], latents: torch.Tensor, tokens: list[int]):
         """A new cache: the prompt's positions of ``cache``, then ``latents``, then ``tokens`` replayed; and the
         next-token logits. Equal to augmenting the prompt and then decoding ``tokens``."""
-        fresh = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :prompt_len], layer.values[:, :, :prompt_len])
-                                             for layer in cache.layers])
-        logits = self._insert(fresh, latents)
+        n = len(prompt)
+        fresh = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])
+        logits = self._insert(fresh, latents, prompt[-1])
         if tokens:
-            logits = self._forward(fresh, torch.tensor([tokens], device=self.model.device))
+            logits = self._forward(fresh, torch.tensor([tokens], device=self.model.device), augmented=True)
         self.stats.augmented += 1
         return fresh, logits
 
@@ -226,7 +230,7 @@ class Engine:
                           stacklevel=3)
             return None
 
-    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float):
+    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float, last_token: int):
         """Insert the latents if ``future`` delivers within ``wait_s``; returns (logits, augmented, pending future)."""
         try:
             future.exception(timeout=wait_s)  # wait, without raising the call's own error here
@@ -238,7 +242,7 @@ class Engine:
         if latents is None:
             return logits, False, None
         self.stats.augmented += 1
-        return self._insert(cache, latents), True, None
+        return self._insert(cache, latents, last_token), True, None
 
     def generate(self, prompt: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], dict]:
         """All tokens of :meth:`stream` at once, and a summary of the augmentation."""
