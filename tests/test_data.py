@@ -130,3 +130,47 @@ def test_splits_keep_adapt_train_heldout_and_unseen_sources_apart(tmp_path):
     assert all(splits.split_of(t) == "adapt" for t in parts["adapt"])
     # the split of a document does not depend on the other options: held-out stays held-out
     assert {t for t in texts if Splits(20.0).split_of(t) == "heldout"} == parts["heldout"]
+
+
+def test_default_corpus_extractors_keep_prose_and_drop_tables(tmp_path):
+    import io
+    import json as _json
+    import tarfile
+
+    from cacheaug.data import DEFAULT_PACKAGES, _chunked, _moby_docs, _prose_paragraphs
+
+    assert {"moby", "jargon", "debref"} <= set(DEFAULT_PACKAGES)  # a novel, a glossary, a manual
+    manual = ("Contents\n\n    1. Intro\n    1.1. Scope\n    1.2. Terms\n\n"
+              "    This manual explains\n    how to configure the network.\n\n"
+              "    |cmd |what it does|\n    |----+------------|\n    |ls  |list files  |\n\n"
+              "   ┌────┬────┐\n   │ a  │ b  │\n   └────┴────┘\n\n"
+              "   :foo: n.\n\n   A word\xa0for a thing, used in examples.")
+    paras = list(_prose_paragraphs(manual))
+    assert paras == ["This manual explains\nhow to configure the network.", ":foo: n.",
+                     "A word for a thing, used in examples."]
+    docs = list(_chunked(iter(["a" * 30, "b" * 30, "c" * 10]), chars_per_doc=50))
+    assert docs == ["a" * 30 + "\n\n" + "b" * 30, "c" * 10]
+
+    tgz = tmp_path / "moby.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for n in (2, 10, 1):
+            data = _json.dumps({"chapter": str(n), "title": f"T{n}.", "text": f"Chapter {n} text."}).encode()
+            info = tarfile.TarInfo(f"package/data/chapter_{n}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert list(_moby_docs(tgz)) == ["T1.\n\nChapter 1 text.", "T2.\n\nChapter 2 text.", "T10.\n\nChapter 10 text."]
+
+
+def test_token_key_of_default_names_its_parts():
+    from cacheaug import data
+
+    tok = tiny_tokenizer(["a b c"])
+    key = data.token_key(tok, ["default"], 1.0)
+    assert key == data.token_key(tok, ["default"], 1.0)
+    saved = dict(data.DEFAULT_PACKAGES)
+    try:
+        data.DEFAULT_PACKAGES.pop("moby")  # a smaller default corpus gets other token files
+        assert data.token_key(tok, ["default"], 1.0) != key
+    finally:
+        data.DEFAULT_PACKAGES.clear()
+        data.DEFAULT_PACKAGES.update(saved)

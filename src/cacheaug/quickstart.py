@@ -1,6 +1,6 @@
 """`cacheaug quickstart`, the main job: the whole pipeline on the embedded defaults in one command.
 
-1. build the default corpus from registry packages (State of the Union, Python docs, GCIDE, nlp-corpus);
+1. build the default corpus from registry packages (speeches, Python docs, a dictionary, sentences, a novel, a glossary, a manual);
 2. load Gemma 3 270M (offline, pinned tokenizer);
 3. train a full-copy coprocessor, then the pause-token control with the same data, steps and batch;
 4. report the held-out perplexity change by offset for both against the frozen model, with the margin,

@@ -73,7 +73,7 @@ class TrainConfig:
     adapt_pct: float = _f(0.0, "percent of the other documents kept for `cacheaug adapt` (by hash): the coprocessor "
                           "never trains on them; use the same value for adapt, train and eval")
     heldout_sources: tuple[str, ...] = _f((), "whole sources kept out of training and evaluated as unseen (default "
-                                          "corpus parts: sotu pydoc gcide nlp; or paths)")
+                                          "corpus parts: sotu pydoc gcide nlp moby jargon debref; or paths)")
     insertion: Literal["random", "marker"] = _f(
         "random", "where traces are inserted: 'random' (uniform, the paper) or 'marker' (right after each occurrence "
         "of --marker, e.g. the answer marker of `cacheaug data synth` text; random points fill up to K)")
