@@ -89,7 +89,8 @@ def main() -> None:
                     row["async_inserted_after_tokens"] = [r[2] for r in runs]
             row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - timed(
                 lambda: engine.prefill(prompt), device, args.repeats)
-            cache_then_step = lambda: engine._forward(engine.prefill(prompt)[0], ids[:, -1:], False)  # noqa: E731
+            cache_then_step = lambda: model.decode(  # noqa: E731
+                engine.prefill(prompt)[0], ids[:, -1:], len(prompt), logits_to_keep=1)
             row["decode_token_s"] = timed(cache_then_step, device, args.repeats) - timed(
                 lambda: engine.prefill(prompt), device, args.repeats)
             row["cot_equiv_s"] = timed(lambda: base.generate(ids, max_new_tokens=n_latents, min_new_tokens=n_latents,

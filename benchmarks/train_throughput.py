@@ -36,7 +36,7 @@ from cacheaug.masks import stratified_positions
 from cacheaug import speed
 from cacheaug.speed import allow_recompiles, apply_speed_options
 from cacheaug.testing import tiny_model
-from cacheaug.train import _master_fp32
+from cacheaug.train import master_fp32
 
 PEAK_BF16 = 790e12
 SPEED_KEYS = ("compile_mlp", "compile_masks", "compile_step", "trace_groups")
@@ -128,7 +128,7 @@ def build(base, args, K, init="copy", n_latents=None, keep_logits=False):
     cfg = CoprocessorConfig(n_latents or args.n_latents, args.n_ahead, K, init=init)
     model = build_model(base, cfg, check_finite=False)
     model.recompute_loss = not keep_logits
-    _master_fp32(model)
+    master_fp32(model)
     return model
 
 

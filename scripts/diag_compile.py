@@ -25,7 +25,7 @@ from cacheaug.evaluate import autocast_for
 from cacheaug.masks import stratified_positions
 from cacheaug.speed import apply_speed_options
 from cacheaug.testing import tiny_model
-from cacheaug.train import _master_fp32
+from cacheaug.train import master_fp32
 
 
 def run(model, batches, lr: float) -> list[float]:
@@ -66,7 +66,7 @@ def main() -> None:
                 stratified_positions(args.batch, args.seq_len - cfg.n_ahead, cfg.n_traces, args.trace_groups, g))
                for _ in range(args.steps)]
     model = build_model(base, cfg, check_finite=False)
-    _master_fp32(model)
+    master_fp32(model)
     apply_speed_options(model, trace_groups=args.trace_groups)
     start = copy.deepcopy(model.coprocessor.state_dict())
     res = {"model": args.model, "trace_groups": args.trace_groups, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "torch": torch.__version__}
@@ -77,7 +77,7 @@ def main() -> None:
     for mode in args.modes:
         torch._dynamo.reset()
         model = build_model(base, cfg, check_finite=False)
-        _master_fp32(model)
+        master_fp32(model)
         model.coprocessor.load_state_dict(start)
         apply_speed_options(model, compile_step=mode, trace_groups=args.trace_groups)
         t0 = time.perf_counter()

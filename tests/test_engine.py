@@ -81,11 +81,11 @@ def test_async_late_latents_go_in_at_their_place_and_the_tokens_are_replayed(mod
     # from then on exactly a sync request that produced the same first 3 tokens: augment the prompt, then the
     # 3 tokens through the decoder, then greedy decoding
     aug = model.augment(torch.tensor([PROMPT]))
-    logits = model.base(input_ids=torch.tensor([generated[:3]]), **model._decoder_kwargs(aug.cache)).logits[:, -1]
+    logits = model.base(input_ids=torch.tensor([generated[:3]]), **model.cache_kwargs(aug.cache)).logits[:, -1]
     expected = []
     for _ in range(7):
         expected.append(int(logits.argmax(-1)))
-        logits = model.base(input_ids=torch.tensor([[expected[-1]]]), **model._decoder_kwargs(aug.cache)).logits[:, -1]
+        logits = model.base(input_ids=torch.tensor([[expected[-1]]]), **model.cache_kwargs(aug.cache)).logits[:, -1]
     assert generated[3:] == expected
     assert engine.stats.augmented == 1 and engine.stats.fallbacks == 0
     engine.close()
@@ -136,11 +136,15 @@ def test_cancelled_coprocessor_job_falls_back(model):
     blocker = engine.submit_latents(engine.prefill(PROMPT)[0], len(PROMPT), PROMPT[-1])  # occupies the single worker
     steps = engine.stream(PROMPT, 10, policy="sync")
 
-    def cancel_queued():
-        while not engine.worker.queue.empty():
-            engine.worker.queue.get_nowait()[-1].cancel()
+    def cancel_queued():  # as soon as the request's job is queued behind the blocker (however slow its prefill)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            if not engine.worker.queue.empty():
+                engine.worker.queue.get_nowait()[-1].cancel()
+                return
+            time.sleep(0.01)
 
-    threading.Timer(0.3, cancel_queued).start()
+    threading.Thread(target=cancel_queued, daemon=True).start()
     with pytest.warns(UserWarning, match="CancelledError"):
         tokens = [s.token for s in steps]
     assert tokens == _expected(model, False)
@@ -164,7 +168,7 @@ def test_stored_prefix_is_reused_without_the_coprocessor(model, tmp_path):
     assert calls["n"] == 0 and info["augmented"] and engine.stats.store_hits == 1
     # the same as augmenting the document, then reading the rest of the prompt
     aug = model.augment(torch.tensor([doc]))
-    logits = model.base(input_ids=torch.tensor([PROMPT[6:]]), **model._decoder_kwargs(aug.cache)).logits[:, -1]
+    logits = model.base(input_ids=torch.tensor([PROMPT[6:]]), **model.cache_kwargs(aug.cache)).logits[:, -1]
     assert tokens[0] == int(logits.argmax(-1))
     # persisted: a new store over the same folder finds it
     again = CacheStore(directory=tmp_path, fingerprint="m")
@@ -266,20 +270,19 @@ def test_concurrent_requests_are_batched_and_exact(model):
 def test_concurrent_prefixes_run_through_the_coprocessor_as_one_batch(model):
     from transformers import DynamicCache
 
-    from cacheaug.serving.batching import batched_latents
-
-    for family in ("gemma3", "qwen2"):
-        m = CacheAugmentedLM(tiny_model(family), CoprocessorConfig(n_latents=3, n_ahead=4))
+    for family, levers in (("gemma3", {}), ("qwen2", {}), ("gemma3", {"echo_residual": True})):
+        m = CacheAugmentedLM(tiny_model(family), CoprocessorConfig(n_latents=3, n_ahead=4, **levers))
         perturb_trainable(m, scale=1.0)
-        kvs, lengths, singles = [], [], []
+        kvs, lengths, lasts, singles = [], [], [], []
         for i, n in enumerate((4, 12, 9)):
             cache = DynamicCache()
-            m.base.get_decoder()(input_ids=torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(i)),
-                                 **m._decoder_kwargs(cache))
+            ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(i))
+            m.base.get_decoder()(input_ids=ids, **m.cache_kwargs(cache))
             kvs.append([(layer.keys, layer.values) for layer in cache.layers])
             lengths.append(n)
-            singles.append(m.compute_latents(cache))
-        for got, want in zip(batched_latents(m, kvs, lengths), singles):
+            lasts.append(int(ids[0, -1]))
+            singles.append(m.compute_latents(cache, last_token=ids[:, -1]))
+        for got, want in zip(m.compute_latents_batch(kvs, lengths, lasts), singles):
             assert torch.allclose(got, want, atol=1e-5), family
 
     # through the engine: requests submitted while the worker is busy are batched, and stay exact

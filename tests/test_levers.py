@@ -166,7 +166,7 @@ def _greedy_reference(model, prompt, n):
         token = int(logits.argmax(-1))
         out.append(token)
         step = model.base(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos + i]]),
-                          **model._decoder_kwargs(cache))
+                          **model.cache_kwargs(cache))
         logits = step.logits[:, -1]
     return out
 
@@ -216,6 +216,6 @@ def test_lm_eval_scores_with_the_schemes_positions(tmp_path):
         if len(cont) > 1:
             pos = torch.arange(aug.next_position, aug.next_position + len(cont) - 1)[None]
             logits.append(model.base(input_ids=torch.tensor([cont[:-1]]), position_ids=pos,
-                                     **model._decoder_kwargs(aug.cache)).logits[0])
+                                     **model.cache_kwargs(aug.cache)).logits[0])
         ref = F.log_softmax(torch.cat(logits).float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
         assert lp == pytest.approx(ref, abs=1e-4)

@@ -33,7 +33,7 @@ def readme_commands() -> list[str]:
 
 
 def _cacheaug_argv(line: str) -> list[str] | None:
-    line = re.sub(r"<[^>]*>", "X", line).replace(" ...", "")
+    line = re.sub(r"<[^>]*>", "X", line).replace(" ...", "").removesuffix(" &")
     argv = shlex.split(line)
     if argv[0] == "cacheaug":
         return argv[1:]

@@ -24,7 +24,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,33 +196,47 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="adapt", unit="step", disable=not progress)
     model.train()
     running, t_last, tokens = 0.0, time.perf_counter(), 0
-    with open(out / "adapt_metrics.jsonl", "a") as log:
-        while step < cfg.max_steps:
-            opt.param_groups[0]["lr"] = peak * lr_multiplier(step, cfg)
-            ids, _ = data.next_batch(cfg.batch_size)
-            with autocast_for(base):
-                loss = _lm_loss(base, ids.to(device))  # PEFT injected its layers into base
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += ids.numel()
-            running += loss.detach()
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                value = float(running) / n
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"Non-finite adaptation loss at step {step}: lower --lr.")
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens / (now - t_last):,.0f}")
-                log.write(json.dumps({"step": step, "loss": value, "tokens_per_s": tokens / (now - t_last)}) + "\n")
-                log.flush()
-                running, t_last, tokens = 0.0, now, 0
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save()
+
+    def on_sigterm(signum, frame):  # a cluster's shutdown: stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    interrupted = False
+    try:
+        with open(out / "adapt_metrics.jsonl", "a") as log:
+            while step < cfg.max_steps:
+                opt.param_groups[0]["lr"] = peak * lr_multiplier(step, cfg)
+                ids, _ = data.next_batch(cfg.batch_size)
+                with autocast_for(base):
+                    loss = _lm_loss(base, ids.to(device))  # PEFT injected its layers into base
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                tokens += ids.numel()
+                running += loss.detach()
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                    value = float(running) / n
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"Non-finite adaptation loss at step {step}: lower --lr.")
+                    now = time.perf_counter()
+                    bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens / (now - t_last):,.0f}")
+                    log.write(json.dumps({"step": step, "loss": value, "tokens_per_s": tokens / (now - t_last)}) + "\n")
+                    log.flush()
+                    running, t_last, tokens = 0.0, now, 0
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    save()
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.write(f"cacheaug: adaptation interrupted at step {step}; saving (rerun the same command to continue)")
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     bar.close()
     save()
 
@@ -242,5 +258,6 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last: marks it complete
         os.replace(f, out / f.name)
     staged.rmdir()
-    print(f"cacheaug: adapted decoder written to {out} (use it as --model {out})")
+    print(f"cacheaug: adapted decoder{f' (step {step} of {cfg.max_steps})' if interrupted else ''} written to {out} "
+          f"(use it as --model {out})")
     return out

@@ -88,8 +88,17 @@ def save_coprocessor(model: "CacheAugmentedLM", path: str | Path, tensors: dict 
     return path
 
 
-def read_config(path: str | Path) -> dict:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a training run's ``out_dir``: then its newest complete ``step_*`` checkpoint."""
     path = Path(path)
+    if (path / CONFIG_NAME).is_file() or not path.is_dir():
+        return path
+    steps = sorted(p for p in path.glob("step_*") if (p / CONFIG_NAME).is_file())
+    return steps[-1] if steps else path
+
+
+def read_config(path: str | Path) -> dict:
+    path = resolve_checkpoint(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(
@@ -105,7 +114,7 @@ def read_config(path: str | Path) -> dict:
 
 
 def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool, check_finite: bool):
-    path = Path(path)
+    path = resolve_checkpoint(path)
     meta = read_config(path)
     config = CoprocessorConfig.from_dict(meta["coprocessor"])
     want = meta["base_model"]

@@ -98,9 +98,16 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _check_checkpoints(paths: list[str]) -> None:
-    for ckpt in paths:
-        if not (Path(ckpt) / "coprocessor_config.json").is_file():
-            raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json)")
+    """Each path must be a checkpoint, or a run folder holding one (its newest ``step_*`` is used); rewritten in
+    place to the checkpoint folder, so reports name the step."""
+    from .checkpoint import resolve_checkpoint
+
+    for i, ckpt in enumerate(paths):
+        found = resolve_checkpoint(ckpt)
+        if not (found / "coprocessor_config.json").is_file():
+            raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json), nor a "
+                             "training run folder with a step_* checkpoint")
+        paths[i] = str(found)
 
 
 def _eval_ppl(args: argparse.Namespace) -> None:
@@ -157,8 +164,9 @@ def _data_synth(args: argparse.Namespace) -> None:
 def _eval_stale(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_staleness
 
-    if not (Path(args.checkpoint) / "coprocessor_config.json").is_file():
-        raise SystemExit(f"cacheaug: {args.checkpoint} is not a coprocessor checkpoint (no coprocessor_config.json)")
+    paths = [args.checkpoint]
+    _check_checkpoints(paths)
+    args.checkpoint = paths[0]
     if min(args.delays) < 0 or min(args.offsets) < 1:
         raise SystemExit("cacheaug: --delays must be >= 0 and --offsets >= 1")
     evaluate_staleness(args.checkpoint, delays=tuple(args.delays), offsets=tuple(args.offsets),
@@ -206,8 +214,10 @@ def run_harness(argv: list[str]) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from .serving.server import serve
 
-    if args.coprocessor and not (Path(args.coprocessor) / "coprocessor_config.json").is_file():
-        raise SystemExit(f"cacheaug: --coprocessor {args.coprocessor} is not a coprocessor checkpoint")
+    if args.coprocessor:
+        paths = [args.coprocessor]
+        _check_checkpoints(paths)
+        args.coprocessor = paths[0]
     serve(args.model, args.coprocessor, host=args.host, port=args.port, policy=args.policy, store_dir=args.store_dir,
           store_bytes=args.store_mib << 20, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
           deadline_ms=args.deadline_ms, async_grace_ms=args.async_grace_ms, max_stale_tokens=args.max_stale_tokens,

@@ -139,7 +139,7 @@ class Coprocessor(nn.Module):
             return self._add_echo(x * self.latent_scale, echo, n_traces)
         if torch.is_autocast_enabled(x.device.type):  # fp32 master weights: compute like the decoder's K/V
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        cache = DynamicCache(ddp_cache_data=prefix_kv)  # a fresh object: the decoder's cache stays intact
+        cache = DynamicCache(ddp_cache_data=prefix_kv)  # a fresh object (kv.from_layers): the decoder's cache stays intact
         out = self.backbone(
             inputs_embeds=x,
             position_ids=position_ids,

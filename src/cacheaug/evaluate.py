@@ -185,7 +185,7 @@ def continuation_losses(model: CacheAugmentedLM, ids: torch.Tensor, p: int, n_ah
     if n_ahead > 1:
         text = ids[:, p + 1 : p + n_ahead]  # plain decoding, the first at the position the augmented cache gives it
         pos = torch.arange(aug.next_position, aug.next_position + text.shape[1], device=ids.device)[None]
-        logits.append(model.base(input_ids=text, position_ids=pos, **model._decoder_kwargs(aug.cache)).logits[0])
+        logits.append(model.base(input_ids=text, position_ids=pos, **model.cache_kwargs(aug.cache)).logits[0])
     return F.cross_entropy(torch.cat(logits).float(), ids[0, p + 1 : p + n_ahead + 1], reduction="none")
 
 

@@ -19,6 +19,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from . import kv
 from .base import load_base_model
 from .controls import LoraDecoderLM
 from .families import cache_kwarg
@@ -138,7 +139,6 @@ class CacheAugEvalLM(HFLM):
                 raise ValueError(f"A continuation of {longest} tokens does not fit max_length={self.max_length}.")
             context = list(ctx)[-keep:]
             cache, first, position = self._prefill(context)
-            prefix = [(layer.keys, layer.values) for layer in cache.layers]
             first_lp = F.log_softmax(first[0].float(), -1)  # [V]: predicts every continuation's first token
             step = self.continuation_batch or len(idxs)
             for start in range(0, len(idxs), step):
@@ -148,7 +148,7 @@ class CacheAugEvalLM(HFLM):
                 if rest > 0:  # continuations right-padded (causal: padding never reaches a real token's logits)
                     pad = [c[:-1] + [c[0]] * (rest - len(c) + 1) for c in conts]
                     n = len(chunk)
-                    c = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix])
+                    c = kv.expand(cache, n)
                     pos = torch.arange(position, position + rest, device=self.device)[None].expand(n, -1)
                     out = scorer(input_ids=torch.tensor(pad, device=self.device), position_ids=pos, use_cache=True,
                                  **{self.cache_kw: c})

@@ -35,6 +35,8 @@ from transformers import DynamicCache
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
 from .families import SLIDING, resolve_family
+from .sampling import SamplingParams, next_token
+from . import kv
 from .masks import attention_masks, group_key_lengths, groups_fitting, stratified_positions, trace_layout
 
 LOSS_CHUNK_ROWS = 2048  # rows of [*, vocab] logits alive at once in the loss
@@ -166,7 +168,9 @@ class CacheAugmentedLM(nn.Module):
     def device(self) -> torch.device:
         return self.base.get_input_embeddings().weight.device
 
-    def _decoder_kwargs(self, cache: DynamicCache) -> dict:
+    def cache_kwargs(self, cache: DynamicCache) -> dict:
+        """Keyword arguments that make a call of the base model (or its decoder) read and extend ``cache``: the
+        family's own name for the cache argument, and ``use_cache``."""
         return {self.family.cache_kwarg: cache, "use_cache": True}
 
     # ------------------------------------------------------------------ input checks
@@ -361,17 +365,17 @@ class CacheAugmentedLM(nn.Module):
         cache = DynamicCache()
         T, W = ids.shape[1], self.family.sliding_window
         if self.family.attn_implementation != "sdpa" or not self.family.dict_masks or W is None or W >= T:
-            h = decoder(input_ids=ids, **self._decoder_kwargs(cache)).last_hidden_state
+            h = decoder(input_ids=ids, **self.cache_kwargs(cache)).last_hidden_state
         else:
             none = {layer_type: None for layer_type in self.family.mask_types}
-            h_first = decoder(input_ids=ids[:, :W], attention_mask=none, **self._decoder_kwargs(cache)).last_hidden_state
+            h_first = decoder(input_ids=ids[:, :W], attention_mask=none, **self.cache_kwargs(cache)).last_hidden_state
             q = torch.arange(W, T, device=ids.device)[:, None]
             kv = torch.arange(T, device=ids.device)
             masks = {layer_type: (kv <= q) & ((q - kv < W) if layer_type == SLIDING else True)
                      for layer_type in self.family.mask_types}  # [T-W, T] each, True = attend
             h_rest = decoder(input_ids=ids[:, W:], position_ids=q.T.expand(ids.shape[0], -1),
                              attention_mask={k: m[None, None].expand(ids.shape[0], 1, -1, -1) for k, m in masks.items()},
-                             **self._decoder_kwargs(cache)).last_hidden_state
+                             **self.cache_kwargs(cache)).last_hidden_state
             h = torch.cat([h_first, h_rest], dim=1)
         return h, [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -398,7 +402,7 @@ class CacheAugmentedLM(nn.Module):
             inputs_embeds=x.view(B, K * L, D),
             position_ids=self._block_positions(positions, dec_layout),
             attention_mask=attention_masks(dec_layout, self.family, dtype),
-            **self._decoder_kwargs(DynamicCache(ddp_cache_data=prefix_kv)),
+            **self.cache_kwargs(kv.from_layers(prefix_kv)),
         ).last_hidden_state  # [B, K*L, D]
         return latents, h.view(B, K, L, D)[:, :, N_L + R - 1 :]
 
@@ -492,7 +496,7 @@ class CacheAugmentedLM(nn.Module):
                 )
             if k.device != self.device:
                 raise ValueError(f"`past_key_values` is on {k.device}, the model on {self.device}.")
-        return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
+        return kv.fork(cache)
 
     @torch.no_grad()
     def compute_latents(self, cache: DynamicCache, length: int | None = None,
@@ -501,13 +505,31 @@ class CacheAugmentedLM(nn.Module):
         (all of them by default). The cache is only read; latents can be computed ahead or on another worker
         and inserted later with :meth:`insert_latents`. ``last_token`` ``[B]``: the id of the token at position
         ``length - 1`` (needed with ``echo_residual``)."""
-        prefix_kv = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
+        prefix_kv = kv.layers(kv.fork(cache, length))
         echo = None
         if self.config.echo_residual:
             if last_token is None:
                 raise ValueError("This coprocessor (echo_residual) needs `last_token`, the id of the prefix's last token.")
             echo = self.base.get_input_embeddings()(torch.as_tensor(last_token, device=self.device).view(-1, 1))
         return self.coprocessor(prefix_kv, prefix_kv[0][0].shape[0], echo=echo)  # default positions: length..
+
+    @torch.no_grad()
+    def compute_latents_batch(self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],
+                              last_tokens: list[int] | None = None) -> list[torch.Tensor]:
+        """The latents of several prefixes (each a batch-1 cache's ``(keys, values)`` per layer, ``lengths``
+        positions) in one coprocessor call, left-padded and masked: one ``[1, N_L, D]`` each, equal to
+        :meth:`compute_latents` on each prefix alone. ``last_tokens``: each prefix's last token id (needed with
+        ``echo_residual``)."""
+        n_latents = self.config.n_latents
+        padded, mask = kv.left_pad(prefixes, lengths, n_latents)
+        positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(n_latents, device=self.device)
+        echo = None
+        if self.config.echo_residual:
+            if last_tokens is None:
+                raise ValueError("This coprocessor (echo_residual) needs `last_tokens`, each prefix's last token id.")
+            echo = self.base.get_input_embeddings()(torch.tensor(last_tokens, device=self.device)[:, None])
+        latents = self.coprocessor(padded, len(prefixes), 1, positions, mask, echo)  # [B, N_L, D]
+        return [latents[i : i + 1] for i in range(len(prefixes))]
 
     def next_position(self, cache_length: int, augmented: bool = True) -> int:
         """Rotary position of the next token decoded from a cache of ``cache_length`` entries (augmented or not)."""
@@ -518,7 +540,7 @@ class CacheAugmentedLM(nn.Module):
         (:meth:`next_position`; e.g. ``AugmentOutput.next_position``). Returns the base model's output."""
         n = input_ids.shape[1]
         pos = torch.arange(position, position + n, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
-        return self.base(input_ids=input_ids, position_ids=pos, **self._decoder_kwargs(cache), **kwargs)
+        return self.base(input_ids=input_ids, position_ids=pos, **self.cache_kwargs(cache), **kwargs)
 
     @torch.no_grad()
     def insert_latents(self, cache: DynamicCache, latents: torch.Tensor,
@@ -538,7 +560,7 @@ class CacheAugmentedLM(nn.Module):
         if cfg.position_scheme != "shifted":  # token p = P - 1 keeps its position; the text continues at P
             lat = [P - 1] * N_L if cfg.position_scheme == "shared" else list(range(P, P + N_L))
             pos = torch.tensor([lat + [P - 1] * int(cfg.reread_last)], device=self.device).expand(B, -1)
-        out = self.base(inputs_embeds=x, position_ids=pos, logits_to_keep=1, **self._decoder_kwargs(cache))
+        out = self.base(inputs_embeds=x, position_ids=pos, logits_to_keep=1, **self.cache_kwargs(cache))
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -565,7 +587,7 @@ class CacheAugmentedLM(nn.Module):
         self._check_context(P - 1 + self.config.n_inserted, f"A prompt of {P} tokens with {self.config.n_latents} latents")
         if past_key_values is None:
             cache = DynamicCache()
-            self.base.get_decoder()(input_ids=ids, **self._decoder_kwargs(cache))
+            self.base.get_decoder()(input_ids=ids, **self.cache_kwargs(cache))
         else:
             cache = self._check_cache(past_key_values, P, B)
         latents = self.compute_latents(cache, P - stale_by, ids[:, P - 1 - stale_by])  # [B, N_L, D]
@@ -619,11 +641,12 @@ class CacheAugmentedLM(nn.Module):
         eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=ids.device)
         if pad is None:
             pad = int(eos_ids[0]) if len(eos_ids) else 0
+        params = SamplingParams(max(temperature, 1e-5), top_k, top_p) if do_sample else SamplingParams()
         logits, cache, position = aug.logits, aug.cache, aug.next_position
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         new = []
         for step in range(max_new_tokens):
-            token = self._next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            token = next_token(logits, params, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             new.append(token)
             finished |= torch.isin(token, eos_ids)
@@ -631,21 +654,6 @@ class CacheAugmentedLM(nn.Module):
                 break
             logits = self.decode(cache, token[:, None], position + step, logits_to_keep=1).logits[:, -1]
         return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
-
-    @staticmethod
-    def _next_token(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / max(temperature, 1e-5)
-        if top_k:
-            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:

@@ -223,7 +223,7 @@ def make_optimizer(model: CacheAugmentedLM, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)
 
 
-def _master_fp32(model: CacheAugmentedLM) -> None:
+def master_fp32(model: CacheAugmentedLM) -> None:
     """fp32 master copies of the trainable tensors only (LoRA's frozen tensors are the decoder's own)."""
     for p in model.trainable_parameters():
         p.data = p.data.float()
@@ -376,7 +376,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
         base, tokenizer = load_base_model(cfg.model, device=device, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                           for_training=True)
     model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
-    _master_fp32(model)
+    master_fp32(model)
     apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks, compile_step=cfg.compile_step,
                         trace_groups=cfg.trace_groups)
     model.recompute_loss = not cfg.keep_logits

@@ -16,41 +16,24 @@ import threading
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-
-def left_pad(kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int], extra: int):
-    """Per-layer ``(keys, values)`` of several caches left-padded to the longest and stacked on the batch axis,
-    and the 2D attention mask ``[B, longest + extra]`` (1 = real position; ``extra`` new positions per row)."""
-    longest = max(lengths)
-    padded = []
-    for layer in range(len(kvs[0])):
-        keys = [F.pad(kv[layer][0], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
-        values = [F.pad(kv[layer][1], (0, 0, longest - n, 0)) for kv, n in zip(kvs, lengths)]
-        padded.append((torch.cat(keys), torch.cat(values)))
-    mask = torch.zeros(len(kvs), longest + extra, dtype=torch.long, device=kvs[0][0][0].device)
-    for i, n in enumerate(lengths):
-        mask[i, longest - n :] = 1
-    return padded, mask
+from .. import kv
 
 
 @torch.no_grad()
 def batched_step(base, cache_kwarg: str, caches: list[DynamicCache], tokens: list[int], positions: list[int] | None = None):
     """One decoding step for every (cache, token) pair, each token at its rotary position (default: its cache's
     length); returns (new caches, logits [B, V])."""
-    lengths = [c.layers[0].keys.shape[2] for c in caches]
-    longest = max(lengths)
-    kv, mask = left_pad([[(layer.keys, layer.values) for layer in c.layers] for c in caches], lengths, 1)
-    batch = DynamicCache(ddp_cache_data=kv)
+    lengths = [kv.length(c) for c in caches]
+    padded, mask = kv.left_pad([kv.layers(c) for c in caches], lengths, 1)
+    batch = kv.from_layers(padded)
     device = mask.device
     out = base(input_ids=torch.tensor(tokens, device=device)[:, None],
                position_ids=torch.tensor(lengths if positions is None else positions, device=device)[:, None],
                attention_mask=mask,
                use_cache=True, logits_to_keep=1, **{cache_kwarg: batch})
-    new = [DynamicCache(ddp_cache_data=[(layer.keys[i : i + 1, :, longest - n :], layer.values[i : i + 1, :, longest - n :])
-                                        for layer in batch.layers]) for i, n in enumerate(lengths)]
-    return new, out.logits[:, -1]
+    return kv.unpad_rows(batch, [n + 1 for n in lengths]), out.logits[:, -1]
 
 
 class StepBatcher:
@@ -105,22 +88,6 @@ class StepBatcher:
         self._thread.join(timeout=5)
 
 
-@torch.no_grad()
-def batched_latents(model, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],
-                    last_tokens: list[int] | None = None) -> list[torch.Tensor]:
-    """The coprocessor's latents for several prefixes at once (left-padded, masked): one ``[1, N_L, D]`` each.
-    ``last_tokens``: each prefix's last token id (needed with ``echo_residual``)."""
-    n_latents = model.config.n_latents
-    padded, mask = left_pad(kvs, lengths, n_latents)
-    device = mask.device
-    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(n_latents, device=device)
-    echo = None
-    if model.config.echo_residual:
-        echo = model.base.get_input_embeddings()(torch.tensor(last_tokens, device=device)[:, None])  # [B, 1, D]
-    latents = model.coprocessor(padded, len(kvs), 1, positions, mask, echo)  # [B, N_L, D]
-    return [latents[i : i + 1] for i in range(len(kvs))]
-
-
 class LatentsWorker:
     """The coprocessor's worker thread: takes the queued prefixes, runs them as one batch, fulfils the futures.
 
@@ -136,10 +103,10 @@ class LatentsWorker:
         self.rows = 0
         self.replace()
 
-    def submit(self, kv, length: int, last_token: int | None = None) -> cf.Future:
+    def submit(self, layers, length: int, last_token: int | None = None) -> cf.Future:
         future: cf.Future = cf.Future()
         future.started_at = None
-        self.queue.put((kv, length, last_token, future))
+        self.queue.put((layers, length, last_token, future))
         return future
 
     def replace(self) -> None:
@@ -156,10 +123,11 @@ class LatentsWorker:
 
     def _run(self, items) -> list[torch.Tensor]:
         if len(items) == 1:  # one prefix: the library's own call
-            kv, length, last, _ = items[0]
+            layers, length, last, _ = items[0]
             last = None if last is None else torch.tensor([last], device=self.model.device)
-            return [self.model.compute_latents(DynamicCache(ddp_cache_data=kv), length, last)]
-        return batched_latents(self.model, [it[0] for it in items], [it[1] for it in items], [it[2] for it in items])
+            return [self.model.compute_latents(kv.from_layers(layers), length, last)]
+        return self.model.compute_latents_batch([it[0] for it in items], [it[1] for it in items],
+                                                [it[2] for it in items])
 
     def _loop(self, generation: int) -> None:
         while generation == self.generation:

@@ -36,7 +36,9 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from .. import kv
 from ..model import CacheAugmentedLM
+from ..sampling import SamplingParams, next_token
 from .batching import LatentsWorker, StepBatcher
 from .store import CacheStore
 
@@ -104,8 +106,7 @@ class Engine:
     def submit_latents(self, cache: DynamicCache, length: int, last_token: int) -> cf.Future:
         """Queue the coprocessor on the first ``length`` positions of ``cache`` (a snapshot: decoding goes on), whose
         last token is ``last_token``; queued prefixes of concurrent requests run as one batch."""
-        kv = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
-        return self.worker.submit(kv, length, last_token)
+        return self.worker.submit(kv.layers(kv.fork(cache, length)), length, last_token)
 
     def _abandon_if_hung(self, future: cf.Future) -> None:
         started = getattr(future, "started_at", None)
@@ -129,7 +130,7 @@ class Engine:
 
     @staticmethod
     def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-        return int(CacheAugmentedLM._next_token(logits, temperature > 0, temperature, None, top_p, generator)[0])
+        return int(next_token(logits, SamplingParams(temperature, None, top_p), generator)[0])
 
     def prefill(self, prompt: list[int]) -> tuple[DynamicCache, torch.Tensor, bool]:
         """Cache and next-token logits for ``prompt``, starting from the longest stored augmented prefix."""
@@ -210,7 +211,7 @@ class Engine:
         """A new cache: the prompt's positions of ``cache``, then ``latents``, then ``tokens`` replayed; and the
         next-token logits. Equal to augmenting the prompt and then decoding ``tokens``."""
         n = len(prompt)
-        fresh = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])
+        fresh = kv.fork(cache, n)
         logits = self._insert(fresh, latents, prompt[-1])
         if tokens:
             logits = self._forward(fresh, torch.tensor([tokens], device=self.model.device), augmented=True)

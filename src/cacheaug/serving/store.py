@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
+from ..kv import from_layers
+
 
 class CacheStore:
     def __init__(self, max_bytes: int = 1 << 30, directory: str | Path | None = None, fingerprint: str = ""):
@@ -129,7 +131,7 @@ class CacheStore:
             raise KeyError(cache_id)
         layers = sum(1 for k in tensors if k.startswith("k."))
         kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(layers)]
-        return DynamicCache(ddp_cache_data=kv), tensors["logits"].to(device), n
+        return from_layers(kv), tensors["logits"].to(device), n
 
     @staticmethod
     def _problem(tensors: dict, n: int, n_layers: int | None, n_latents: int | None) -> str | None:
