@@ -72,3 +72,21 @@ def test_newer_config_keys_warn(tmp_path):
     path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="future_option"):
         CacheAugmentedLM.from_pretrained(tmp_path, base=base)
+
+
+def test_a_run_folder_resolves_to_its_newest_checkpoint(tmp_path):
+    from cacheaug.checkpoint import resolve_checkpoint
+    from cacheaug.cli import _check_checkpoints
+
+    for step in (100, 300, 200):
+        (tmp_path / "run" / f"step_{step:06d}").mkdir(parents=True)
+        (tmp_path / "run" / f"step_{step:06d}" / "coprocessor_config.json").write_text("{}")
+    (tmp_path / "run" / "step_000400").mkdir()  # an interrupted save: no config, never chosen
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "step_000300"
+    assert resolve_checkpoint(tmp_path / "run" / "step_000100") == tmp_path / "run" / "step_000100"
+    paths = [str(tmp_path / "run")]
+    _check_checkpoints(paths)
+    assert paths == [str(tmp_path / "run" / "step_000300")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="nor a training run folder"):
+        _check_checkpoints([str(tmp_path / "empty")])

@@ -134,6 +134,10 @@ def test_cancelled_coprocessor_job_falls_back(model):
     model.compute_latents = lambda cache, length=None, last_token=None: hang.wait(20)
     engine = Engine(model, default_deadline_s=5)
     blocker = engine.submit_latents(engine.prefill(PROMPT)[0], len(PROMPT), PROMPT[-1])  # occupies the single worker
+    deadline = time.monotonic() + 5
+    while not blocker.running() and time.monotonic() < deadline:  # the worker took it: only the request's job queues
+        time.sleep(0.01)
+    assert blocker.running()
     steps = engine.stream(PROMPT, 10, policy="sync")
 
     def cancel_queued():  # as soon as the request's job is queued behind the blocker (however slow its prefill)

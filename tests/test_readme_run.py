@@ -1,5 +1,5 @@
 """Every command the README shows runs as written on a CPU machine, in README order, in a fresh folder (slow: the
-real Gemma 3 270M; about half an hour on 2 cores).
+real Gemma 3 270M; about 40 minutes on 2 cores, a quarter of it the main job).
 
 How each line is checked:
 * ``cacheaug train ...`` / ``cacheaug adapt ...`` (up to thousands of steps: hours on a CPU) run until their first
