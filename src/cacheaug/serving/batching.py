@@ -52,8 +52,7 @@ class StepBatcher:
         """Submit one step (``token`` at rotary ``position``, default the cache length) and wait for it: the
         request's new cache and next-token logits ``[1, V]``."""
         future: cf.Future = cf.Future()
-        length = cache.layers[0].keys.shape[2] if cache.layers else 0
-        self.queue.put((cache, token, length if position is None else position, future))
+        self.queue.put((cache, token, kv.length(cache) if position is None else position, future))
         return future.result()
 
     def _loop(self) -> None:
