@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the whole test suite (CPU; includes the slow real-model tests: the README tour, about 40 minutes).
+# Set up, then run the whole test suite (CPU; includes the slow real-model tests: the README tour, about 31 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
