@@ -11,6 +11,15 @@
 #   bash experiments/levers.sh arms2 $OUT   # the best of arms1 (by in-source offset 1) for LONG steps with a
 #                                           # checkpoint every LONG/5; as pause tokens; the paper default; eval ppl
 #   bash experiments/levers.sh arms3 $OUT   # the best of arms1 at N_L=4, and with a pre-norm read-out; eval ppl
+# The long runs (second GPU session): shared + echo + reread and pause tokens with the same levers, one per GPU, for
+# LONGSTEPS steps over three consecutive calls (each resumes from the newest checkpoint; a checkpoint every 1,000):
+#   bash experiments/levers.sh long1 $OUT   # token files; adapt (GPU 0) beside the bf16 equivalence of the default
+#                                           # scheme (GPU 1); both long arms until the call's time is spent
+#   bash experiments/levers.sh long2 $OUT   # both arms continue; the earlier checkpoints are evaluated meanwhile
+#   bash experiments/levers.sh long3 $OUT   # both continue, leaving time to evaluate every remaining checkpoint
+# Each call is sized to CALL_S seconds (default 570) from its start. The copro arm saves its compile artifacts
+# (--compile-cache) in long1 and loads them into empty inductor / Triton caches in long2 (what a fresh machine
+# would see); the first step's time is in metrics.jsonl (first_step_s).
 # Budget per arm: STEPS (default 600) steps of batch 32 x 1024 tokens, K=16 (19.7M text tokens, as the protocol run).
 set -uo pipefail
 stage=$1; out=${2:-out}; R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
@@ -34,8 +43,59 @@ metrics() {  # the training logs of the named arms, one JSON line per logged ste
   python3 -c "import json, pathlib, sys; [print(json.dumps({'arm': a, **json.loads(l)})) for a in sys.argv[2:] \
 for l in (pathlib.Path(sys.argv[1]) / f'l_{a}' / 'metrics.jsonl').read_text().splitlines()]" "$R" "$@"
 }
+T0=$(date +%s); CALL_S=${CALL_S:-570}; LONGSTEPS=${LONGSTEPS:-6000}
+LEVERS="--n-latents 16 --position-scheme shared --echo-residual --reread-last"
+long_arms() {  # $1: seconds to leave at the end of the call; both long arms until then, one per GPU
+  m=$(python3 -c "print(max(0.5, ($CALL_S - ($(date +%s) - $T0) - $1) / 60))")
+  L="$SPLIT --model $A --batch-size 32 --max-steps $LONGSTEPS --max-minutes $m --warmup-steps 60 --eval-every 0 \
+--save-every 1000 --keep-last 20 --compile-step graphs --keep-logits $LEVERS"
+  echo "long arms: --max-minutes $m" | tee -a "$R/long.log"
+  env CUDA_VISIBLE_DEVICES=0 ${COPRO_ENV:-} $C train $L --compile-cache "$R/cc_copro.bin" --out-dir "$R/l_long-copro" \
+    >> "$R/l_long-copro.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 $C train $L --init pause --compile-cache "$R/cc_pause.bin" --out-dir "$R/l_long-pause" \
+    >> "$R/l_long-pause.log" 2>&1 &
+}
+eval_new() {  # $1 GPU, $2 arm, $3 tag: eval ppl of the arm's checkpoints not evaluated yet
+  new=$(for c in "$R/l_$2"/step_*; do [ -d "$c" ] && ! grep -qx "$c" "$R/evaluated" 2>/dev/null && echo "$c"; done)
+  [ -n "$new" ] || return 0
+  echo "$new" >> "$R/evaluated"
+  CUDA_VISIBLE_DEVICES=$1 $C eval ppl --model "$A" $SPLIT --checkpoint $new --sequences 32 \
+    --out "$out/ppl_$2_$3.json" > "$R/ppl_$2_$3.log" 2>&1
+  { echo "== $2 $3"; tail -n 12 "$R/ppl_$2_$3.log"; } >> "$out/eval.log"
+}
+long_report() {  # $1 stage: the arms' metrics and log tails
+  metrics long-copro long-pause > "$out/metrics_$1.jsonl"
+  for a in long-copro long-pause; do echo "== $a"; tr '\r' '\n' < "$R/l_$a.log" | grep -v "^train:" | tail -n 12
+  done > "$out/train_$1.log"
+}
 COST="eval insertion-cost $SPLIT --model $A --latents 1 4 16 --position-schemes shifted shared overlap --reread off on"
 case $stage in
+long1)
+  python3 -c "from cacheaug.base import load_base_model; from cacheaug.data import Splits, build_token_files as b; \
+m, t = load_base_model('gemma-3-270m', device='cpu'); print(b(t, ['default'], Splits(1.0, 50.0, ('sotu',))))"
+  CUDA_VISIBLE_DEVICES=1 python3 scripts/check_equivalence.py --device cuda --backends sdpa --families gemma3 llama \
+    --real gemma-3-270m --out "$out/equivalence_cuda.json" > "$R/equiv.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 $C adapt $SPLIT --max-steps 400 --batch-size 16 --out-dir "$A" > "$R/adapt.log" 2>&1
+  wait
+  cp "$A/adapt_metrics.jsonl" "$out/"
+  tail -n 20 "$R/adapt.log" "$R/equiv.log" | tr '\r' '\n' | grep -v "it/s\]$" > "$out/prep_long1.log"
+  long_arms 45; wait
+  size=$(stat -c %s "$R/cc_copro.bin" 2>/dev/null || echo 0)
+  [ "$size" -lt 15000000 ] && [ "$size" -gt 0 ] && cp "$R/cc_copro.bin" "$out/"
+  long_report long1 ;;
+long2|long3)
+  mkdir -p "$R/fresh_inductor" "$R/fresh_triton"
+  [ "$stage" = long2 ] && COPRO_ENV="TORCHINDUCTOR_CACHE_DIR=$R/fresh_inductor TRITON_CACHE_DIR=$R/fresh_triton"
+  if [ "$stage" = long2 ]; then long_arms 45; else long_arms 150; fi
+  eval_new 0 long-copro "${stage}a" &   # the previous call's checkpoints, while the step compiles (CPU-bound)
+  eval_new 1 long-pause "${stage}a" &
+  wait
+  if [ "$stage" = long3 ]; then
+    eval_new 0 long-copro "${stage}b" &
+    eval_new 1 long-pause "${stage}b" &
+    wait
+  fi
+  long_report "$stage" ;;
 prep)
   python3 -c "from cacheaug.base import load_base_model; from cacheaug.data import Splits, build_token_files as b; \
 m, t = load_base_model('gemma-3-270m', device='cpu'); print(b(t, ['default'], Splits(1.0, 50.0, ('sotu',))))"

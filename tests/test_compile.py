@@ -90,9 +90,17 @@ def test_training_with_the_compiled_step_follows_the_eager_run(tmp_path, monkeyp
     for mode in ("off", "step"):
         torch._dynamo.reset()
         out = tmp_path / mode
-        train(TrainConfig(**small, out_dir=str(out), compile_step=mode), base=tiny_model("gemma3"), tokenizer=tok,
-              progress=False)
+        cache = str(tmp_path / "compile_cache.bin") if mode == "step" else None
+        train(TrainConfig(**small, out_dir=str(out), compile_step=mode, compile_cache=cache), base=tiny_model("gemma3"),
+              tokenizer=tok, progress=False)
         logs[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logs[mode] if "first_step_s" in r] == [1]  # the compile's time, logged once
+    # the compiled run's artifacts were written after its first step and load into a fresh process's caches
+    from cacheaug.speed import load_compile_cache
+
+    size = (tmp_path / "compile_cache.bin").stat().st_size
+    assert size > 0 and load_compile_cache(tmp_path / "compile_cache.bin") == size
+    assert load_compile_cache(tmp_path / "missing.bin") == 0
     loss = {m: [r["loss"] for r in rows if "loss" in r] for m, rows in logs.items()}
     assert len(loss["step"]) == 3
     assert max(abs(a - b) for a, b in zip(loss["off"], loss["step"])) < 1e-4, loss

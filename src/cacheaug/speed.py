@@ -24,6 +24,9 @@ the decoder is still frozen and still the same weights.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch.nn as nn
 
 from . import masks
@@ -103,3 +106,32 @@ def apply_speed_options(
     if compile_step != "off":
         model.compile_training(mode=COMPILE_STEP_MODES[compile_step])
     masks.COMPILE_BLOCK_MASKS = compile_masks
+
+
+def load_compile_cache(path: str | Path) -> int:
+    """Hot-load ``torch.compile`` artifacts saved by :func:`save_compile_cache` (inductor's FX-graph, AOT-autograd and
+    autotuning caches), so that a fresh process or machine skips most of the compile; returns the bytes read (0 when
+    the file does not exist yet). Artifacts of another torch version or GPU are ignored by torch (a cache miss)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    import torch.compiler
+
+    data = path.read_bytes()
+    torch.compiler.load_cache_artifacts(data)
+    return len(data)
+
+
+def save_compile_cache(path: str | Path) -> int:
+    """Write every artifact this process's compiles produced to ``path`` (atomically); returns its size in bytes."""
+    import torch.compiler
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(saved[0])
+    os.replace(tmp, path)
+    return len(saved[0])

@@ -32,7 +32,7 @@ from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
 from .masks import stratified_positions
 from .model import CacheAugmentedLM
-from .speed import allow_recompiles, apply_speed_options
+from .speed import allow_recompiles, apply_speed_options, load_compile_cache, save_compile_cache
 
 STATE_JSON, STATE_TENSORS, RUN_CONFIG = "trainer_state.json", "trainer_state.safetensors", "run_config.json"
 
@@ -106,6 +106,9 @@ class TrainConfig:
     trace_groups: int = _f(1, "G > 1 draws the K insertion points stratified (K/G in each of G equal segments of the "
                            "sequence) so that each group's passes read only the text before its segment's end: less "
                            "attention work, same losses for those points (GPU speed; docs/performance.md)")
+    compile_cache: str | None = _f(
+        None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
+        "it to the next process or machine to skip most of the compile (docs/performance.md)")
     # bookkeeping
     eval_every: int = _f(200, "steps between held-out evaluations (0 = only at the end)")
     eval_sequences: int = _f(32, "held-out sequences per evaluation")
@@ -380,6 +383,10 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks, compile_step=cfg.compile_step,
                         trace_groups=cfg.trace_groups)
     model.recompute_loss = not cfg.keep_logits
+    if cfg.compile_cache and main_rank:
+        loaded = load_compile_cache(cfg.compile_cache)
+        if loaded:
+            print(f"cacheaug: loaded {loaded / 2**20:.1f} MiB of compile artifacts from {cfg.compile_cache}")
     if base.config._attn_implementation == "flex_attention":
         allow_recompiles()
     if main_rank and device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
@@ -438,7 +445,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main_rank))
     running = torch.zeros((), device=device)
     t_last, tokens_last = time.perf_counter(), tokens_seen
-    t_start, stopped_early = t_last, False
+    t_start, stopped_early, first_step = t_last, False, None
 
     def out_of_time() -> bool:  # the same answer on every rank (rank 0 decides)
         late = torch.tensor(float(cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes))
@@ -489,6 +496,15 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
             step += 1
             tokens_seen += tokens_per_step
             bar.update(1)
+            if first_step is None:  # the compile (if any) happened here: time it, keep its artifacts
+                first_step = step
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                log.write(step, first_step_s=time.perf_counter() - t_start)
+                if cfg.compile_cache and main_rank and cfg.compile_step != "off":
+                    size = save_compile_cache(cfg.compile_cache)
+                    bar.write(f"cacheaug: first step after {time.perf_counter() - t_start:.1f} s; saved "
+                              f"{size / 2**20:.1f} MiB of compile artifacts to {cfg.compile_cache}")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 if world > 1:  # the logged loss is the global batch's, not rank 0's share
                     dist.all_reduce(running)
