@@ -1,6 +1,8 @@
 """Perplexity change at offset 1 against traces seen, on the adapted frozen decoder (experiments/levers.sh).
 
     python experiments/plot_levers.py --results results/levers --out docs/levers_offset1_curve.png
+    python experiments/plot_levers.py --results results/levers_long --out docs/levers_long_curve.png \
+        --title "Adapted frozen Gemma 3 270M, long runs: shared + echo + reread, N_L=16"
 
 Reads every ``ppl_*.json`` (one entry per checkpoint, in-source held-out and unseen), writes ``curves.json`` beside
 them (arm, step, traces seen, change at every offset with its 95% bootstrap interval, and for every arm with three
@@ -51,7 +53,7 @@ def fit(points: list[dict]) -> dict:
     return {"slope_pct_per_decade": slope, "intercept": intercept, "zero_at_traces": cross}
 
 
-def plot(data: dict, out: Path) -> None:
+def plot(data: dict, out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +76,7 @@ def plot(data: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("perplexity change at offset 1 (%)")
     axes[1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Adapted frozen Gemma 3 270M: offset-1 change vs traces, N_L=16 unless named", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -83,10 +85,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default="results/levers")
     ap.add_argument("--out", default="docs/levers_offset1_curve.png")
+    ap.add_argument("--title", default="Adapted frozen Gemma 3 270M: offset-1 change vs traces, N_L=16 unless named")
     args = ap.parse_args()
     data = curves(Path(args.results))
     (Path(args.results) / "curves.json").write_text(json.dumps(data, indent=2) + "\n")
-    plot(data, Path(args.out))
+    plot(data, Path(args.out), args.title)
     for name, arm in data["arms"].items():
         for key in ("heldout_fit", "unseen_fit"):
             if key in arm:
