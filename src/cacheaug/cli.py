@@ -219,9 +219,10 @@ def _serve(args: argparse.Namespace) -> None:
         _check_checkpoints(paths)
         args.coprocessor = paths[0]
     serve(args.model, args.coprocessor, host=args.host, port=args.port, policy=args.policy, store_dir=args.store_dir,
-          store_bytes=args.store_mib << 20, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-          deadline_ms=args.deadline_ms, async_grace_ms=args.async_grace_ms, max_stale_tokens=args.max_stale_tokens,
-          device=args.device)
+          store_bytes=args.store_mib << 20, store_disk_bytes=args.store_disk_mib << 20,
+          max_concurrent=args.max_concurrent, max_queue=args.max_queue, deadline_ms=args.deadline_ms,
+          async_grace_ms=args.async_grace_ms, max_stale_tokens=args.max_stale_tokens,
+          hard_timeout_ms=args.hard_timeout_ms, device=args.device)
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -365,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "first token, within --async-grace-ms)")
     srv.add_argument("--store-dir", default=None, help="persist augmented prefixes here (safetensors)")
     srv.add_argument("--store-mib", type=int, default=1024, help="memory budget of the prefix store")
+    srv.add_argument("--store-disk-mib", type=int, default=10240,
+                     help="disk budget of --store-dir (least recently used files are deleted past it)")
+    srv.add_argument("--hard-timeout-ms", type=int, default=30000,
+                     help="a coprocessor call running longer is abandoned and its worker replaced")
     srv.add_argument("--max-concurrent", type=int, default=8, help="requests decoding at once (their steps are batched)")
     srv.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
     srv.add_argument("--device", default=None)

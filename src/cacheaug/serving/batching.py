@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import queue
 import threading
 import time
+import warnings
 
 import torch
 from transformers import DynamicCache
@@ -87,20 +88,52 @@ class StepBatcher:
         self._thread.join(timeout=5)
 
 
+class CoprocessorTimeout(TimeoutError):
+    """A coprocessor call overran the hard timeout; its worker was replaced."""
+
+
 class LatentsWorker:
     """The coprocessor's worker thread: takes the queued prefixes, runs them as one batch, fulfils the futures.
 
-    A hung batch cannot block later requests: :meth:`replace` starts a new thread on the same queue, and the
-    old one exits once (if ever) its batch returns. A queued job whose future was cancelled is skipped.
+    A hung batch cannot block later requests: a watchdog thread fails a batch that has run longer than
+    ``hard_timeout_s`` (its futures raise :class:`CoprocessorTimeout`) and :meth:`replace` starts a new thread on
+    the same queue, whatever the requests are waiting for; the old thread exits once (if ever) its batch returns.
+    A queued job whose future was cancelled is skipped.
     """
 
-    def __init__(self, model, stream=None, max_batch: int = 16):
+    def __init__(self, model, stream=None, max_batch: int = 16, hard_timeout_s: float | None = None,
+                 on_restart=None):
         self.model, self.stream, self.max_batch = model, stream, max_batch
+        self.hard_timeout_s, self.on_restart = hard_timeout_s, on_restart
         self.queue: queue.Queue = queue.Queue()
         self.generation = 0
         self.batches = 0
         self.rows = 0
+        self.restarts = 0
+        self._running: dict[int, tuple[float, list]] = {}  # generation -> (start, futures) of the batch it runs
+        self._state = threading.Lock()
         self.replace()
+        if hard_timeout_s is not None:
+            threading.Thread(target=self._watch, daemon=True, name="cacheaug-coprocessor-watchdog").start()
+
+    def _watch(self) -> None:
+        period = min(0.05, self.hard_timeout_s / 4)
+        while self.generation >= 0:
+            time.sleep(period)
+            with self._state:
+                running = self._running.get(self.generation)
+                if running is None or time.monotonic() - running[0] <= self.hard_timeout_s:
+                    continue
+                self._running.pop(self.generation, None)
+                self.restarts += 1
+                self.replace()
+            warnings.warn(f"cacheaug: a coprocessor call overran the hard timeout of {self.hard_timeout_s} s; its "
+                          "worker was replaced.", stacklevel=2)
+            if self.on_restart is not None:
+                self.on_restart()
+            for future in running[1]:
+                if not future.done():
+                    future.set_exception(CoprocessorTimeout(f"the coprocessor overran {self.hard_timeout_s} s"))
 
     def submit(self, layers, length: int, last_token: int | None = None) -> cf.Future:
         future: cf.Future = cf.Future()
@@ -116,7 +149,7 @@ class LatentsWorker:
 
     def close(self) -> None:
         """Stop taking work; wait briefly for the threads (a hung one is left behind, as a daemon)."""
-        self.generation += 1
+        self.generation = -1 - abs(self.generation)  # the loops and the watchdog stop
         for thread in self._threads:
             thread.join(timeout=1)
 
@@ -147,6 +180,8 @@ class LatentsWorker:
             self.rows += len(items)
             for it in items:
                 it[-1].started_at = started
+            with self._state:
+                self._running[generation] = (started, [it[-1] for it in items])
             try:
                 if self.stream is None:
                     results = self._run(items)
@@ -154,8 +189,11 @@ class LatentsWorker:
                     with torch.cuda.stream(self.stream):
                         results = self._run(items)
                     self.stream.synchronize()
-                for it, latents in zip(items, results):
-                    it[-1].set_result(latents)
+                outcome = list(zip(items, results))
             except BaseException as err:  # noqa: BLE001  every request of the batch falls back
-                for it in items:
-                    it[-1].set_exception(err)
+                outcome = [(it, err) for it in items]
+            with self._state:
+                self._running.pop(generation, None)
+                for it, result in outcome:  # a batch the watchdog failed already has its answers
+                    if not it[-1].done():
+                        (it[-1].set_exception if isinstance(result, BaseException) else it[-1].set_result)(result)

@@ -19,8 +19,10 @@ a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later reque
 continues from it without running the coprocessor.
 
 Decoding steps of concurrent requests are batched (:mod:`~cacheaug.serving.batching`). The coprocessor runs on
-a single worker thread (its own CUDA stream on a GPU). A call that overruns the hard
-timeout is abandoned and the worker replaced, so a hung coprocessor cannot block later requests.
+a single worker thread (its own CUDA stream on a GPU). A watchdog abandons a call that overruns the hard timeout
+and replaces the worker, whatever the requests' deadlines, so a hung coprocessor cannot block later requests;
+the requests waiting for it count it as late. A request can be cancelled (``cancel``, a ``threading.Event``):
+it stops before its next token, freeing its slot within one decoding step.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from transformers import DynamicCache
 from .. import kv
 from ..model import CacheAugmentedLM
 from ..sampling import SamplingParams, next_token
-from .batching import LatentsWorker, StepBatcher
+from .batching import CoprocessorTimeout, LatentsWorker, StepBatcher
 from .store import CacheStore
 
 Policy = Literal["off", "sync", "async"]
@@ -47,16 +49,23 @@ Policy = Literal["off", "sync", "async"]
 
 @dataclass
 class Stats:
-    """Counters exported by the server's /metrics."""
+    """Counters exported by the server's /metrics, incremented under a lock (requests run on many threads)."""
 
     requests: int = 0
     augmented: int = 0
     late: int = 0
     failed: int = 0
     fallbacks: int = 0
+    cancelled: int = 0
     store_hits: int = 0
     worker_restarts: int = 0
     by_policy: dict = field(default_factory=lambda: {"off": 0, "sync": 0, "async": 0})
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
 
 @dataclass
@@ -98,7 +107,8 @@ class Engine:
         self.stats = Stats()
         self.lock = threading.Lock()  # one decoder step at a time on the device
         stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
-        self.worker = LatentsWorker(model, stream, max_batch=max_batch)
+        self.worker = LatentsWorker(model, stream, max_batch=max_batch, hard_timeout_s=hard_timeout_s,
+                                    on_restart=lambda: self.stats.add(worker_restarts=1))
         self.batcher = StepBatcher(self.base, model.family.cache_kwarg, self.lock, max_batch=max_batch) \
             if max_batch > 1 else None
 
@@ -107,13 +117,6 @@ class Engine:
         """Queue the coprocessor on the first ``length`` positions of ``cache`` (a snapshot: decoding goes on), whose
         last token is ``last_token``; queued prefixes of concurrent requests run as one batch."""
         return self.worker.submit(kv.layers(kv.fork(cache, length)), length, last_token)
-
-    def _abandon_if_hung(self, future: cf.Future) -> None:
-        started = getattr(future, "started_at", None)
-        if not future.done() and started is not None and time.monotonic() - started > self.hard_timeout_s:
-            self.worker.replace()
-            self.stats.worker_restarts += 1
-            warnings.warn("cacheaug: a coprocessor call overran the hard timeout; its worker was replaced.", stacklevel=2)
 
     # -------------------------------------------------------------------------------------------- decoding
     def _forward(self, cache: DynamicCache, ids: torch.Tensor, augmented: bool) -> torch.Tensor:
@@ -143,7 +146,7 @@ class Engine:
             except KeyError:  # a bad entry was discarded (with a warning): compute the prompt afresh
                 hit = None
         if hit is not None:
-            self.stats.store_hits += 1
+            self.stats.add(store_hits=1)
             rest = ids[:, n:]
             if rest.shape[1]:
                 logits = self._forward(cache, rest, augmented=True)
@@ -154,12 +157,20 @@ class Engine:
     @torch.no_grad()
     def stream(self, prompt: list[int], max_new_tokens: int, *, policy: Policy = "sync", deadline_s: float | None = None,
                temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
-               seed: int | None = None) -> Iterator[Step]:
-        """Decode up to ``max_new_tokens`` after ``prompt`` (token ids), yielding :class:`Step` per token."""
+               seed: int | None = None, cancel: threading.Event | None = None,
+               info: dict | None = None) -> Iterator[Step]:
+        """Decode up to ``max_new_tokens`` after ``prompt`` (token ids), yielding :class:`Step` per token. With
+        ``cancel`` set the request stops before its next token; ``info`` (a dict) receives this request's own
+        ``outcome`` (``augmented``, ``late``, ``failed`` or ``None``) and ``cancelled``."""
         if policy not in ("off", "sync", "async"):
             raise ValueError(f"policy must be 'off', 'sync' or 'async', got {policy!r}")
-        self.stats.requests += 1
-        self.stats.by_policy[policy] += 1
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        info = {} if info is None else info
+        info.update(outcome=None, cancelled=False)
+        self.stats.add(requests=1)
+        with self.stats._lock:
+            self.stats.by_policy[policy] += 1
         start = time.monotonic()
         deadline = start + (self.default_deadline_s if deadline_s is None else deadline_s)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -173,23 +184,30 @@ class Engine:
         if submitted:
             future = self.submit_latents(cache, P, prompt[-1])
             wait = deadline - time.monotonic() if policy == "sync" else min(self.async_grace_s, deadline - time.monotonic())
-            logits, augmented, future = self._try_insert(future, cache, logits, max(0.0, wait), prompt[-1])
+            logits, augmented, future = self._try_insert(future, cache, logits, max(0.0, wait), prompt[-1], info)
             if augmented:
                 inserted_after = 0
         generated: list[int] = []
         for n in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():  # the client went away: free the slot now
+                info["cancelled"] = True
+                self.stats.add(cancelled=1)
+                if future is not None:
+                    future.cancel()  # skipped by the worker if still queued
+                    future = None
+                break
             if future is not None and policy == "async" and n > 0:
                 if time.monotonic() > deadline or n > self.max_stale_tokens:
-                    self.stats.late += 1
-                    self.stats.fallbacks += 1
-                    self._abandon_if_hung(future)
+                    future.cancel()
+                    self._late(info)
                     future = None
                 elif future.done():
-                    latents = self._latents_or_none(future)
+                    latents = self._latents_or_none(future, info)
                     future = None
                     if latents is not None:  # at their true place; replay the tokens decoded meanwhile
                         cache, logits = self._insert_and_replay(cache, prompt, latents, generated)
                         augmented, inserted_after = True, n
+                        info["outcome"] = "augmented"
             token = self._choose(logits, temperature, top_p, generator)
             generated.append(token)
             yield Step(token, augmented, inserted_after)
@@ -202,10 +220,13 @@ class Engine:
                 cache, logits = self.batcher.step(cache, token, position)
             else:
                 logits = self._forward(cache, torch.tensor([[token]], device=self.model.device), augmented)
-        if future is not None:  # never arrived in time
-            self.stats.late += 1
-            self.stats.fallbacks += 1
-            self._abandon_if_hung(future)
+        if future is not None:  # never arrived in time; a job still queued is skipped
+            future.cancel()
+            self._late(info)
+
+    def _late(self, info: dict) -> None:
+        info["outcome"] = "late"
+        self.stats.add(late=1, fallbacks=1)
 
     def _insert_and_replay(self, cache: DynamicCache, prompt: list[int], latents: torch.Tensor, tokens: list[int]):
         """A new cache: the prompt's positions of ``cache``, then ``latents``, then ``tokens`` replayed; and the
@@ -215,23 +236,27 @@ class Engine:
         logits = self._insert(fresh, latents, prompt[-1])
         if tokens:
             logits = self._forward(fresh, torch.tensor([tokens], device=self.model.device), augmented=True)
-        self.stats.augmented += 1
+        self.stats.add(augmented=1)
         return fresh, logits
 
-    def _latents_or_none(self, future: cf.Future):
-        """The latents of a finished ``future``, or None (counted and warned) when the coprocessor failed."""
+    def _latents_or_none(self, future: cf.Future, info: dict):
+        """The latents of a finished ``future``, or None (counted, and warned) when the coprocessor failed or the
+        watchdog abandoned it (late)."""
         try:
             return future.result(timeout=0)
         except KeyboardInterrupt:
             raise
+        except CoprocessorTimeout:  # the watchdog already warned and replaced the worker
+            self._late(info)
+            return None
         except BaseException as err:  # failed, cancelled or killed (SystemExit in its thread): decode unaugmented
-            self.stats.failed += 1
-            self.stats.fallbacks += 1
+            info["outcome"] = "failed"
+            self.stats.add(failed=1, fallbacks=1)
             warnings.warn(f"cacheaug: coprocessor failed ({type(err).__name__}: {err}); decoding without it.",
                           stacklevel=3)
             return None
 
-    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float, last_token: int):
+    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float, last_token: int, info: dict):
         """Insert the latents if ``future`` delivers within ``wait_s``; returns (logits, augmented, pending future)."""
         try:
             future.exception(timeout=wait_s)  # wait, without raising the call's own error here
@@ -239,10 +264,11 @@ class Engine:
             return logits, False, future  # still pending
         except cf.CancelledError:
             pass
-        latents = self._latents_or_none(future)
+        latents = self._latents_or_none(future, info)
         if latents is None:
             return logits, False, None
-        self.stats.augmented += 1
+        self.stats.add(augmented=1)
+        info["outcome"] = "augmented"
         return self._insert(cache, latents, last_token), True, None
 
     def generate(self, prompt: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], dict]:
@@ -254,14 +280,26 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- offline
     @torch.no_grad()
-    def augment_prefix(self, prefix: list[int]) -> str:
-        """Augment ``prefix`` now (synchronously), store the augmented cache, and return its id."""
-        ids = torch.tensor([prefix], device=self.model.device)
-        with self.lock:
-            aug = self.model.augment(ids)
-        if not (torch.isfinite(aug.latents).all() and torch.isfinite(aug.logits).all()):
+    def augment_prefix(self, prefix: list[int], deadline_s: float | None = None) -> str:
+        """Augment ``prefix`` now, store the augmented cache, and return its id. The coprocessor runs on its worker
+        (the decoder is not held while it runs); if it has not answered within ``deadline_s`` (default: the hard
+        timeout) :class:`TimeoutError` is raised and nothing is stored."""
+        if not prefix:
+            raise ValueError("the prefix has no tokens")
+        cache = DynamicCache()
+        self._forward(cache, torch.tensor([prefix], device=self.model.device), augmented=False)
+        future = self.submit_latents(cache, len(prefix), prefix[-1])
+        try:
+            latents = future.result(timeout=self.hard_timeout_s if deadline_s is None else deadline_s)
+        except (cf.TimeoutError, CoprocessorTimeout):
+            future.cancel()
+            raise TimeoutError("the coprocessor did not answer within the deadline; nothing was stored") from None
+        if not torch.isfinite(latents).all():
             raise FloatingPointError("the coprocessor produced non-finite latents; nothing was stored")
-        return self.store.put(prefix, aug.cache, aug.logits)
+        logits = self._insert(cache, latents, prefix[-1])
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("the augmented cache gives non-finite logits; nothing was stored")
+        return self.store.put(prefix, cache, logits)
 
     def close(self) -> None:
         self.worker.close()

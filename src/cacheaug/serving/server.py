@@ -8,7 +8,9 @@ the tokenizer's chat template when it has one), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (Prometheus). Request fields beyond OpenAI's: ``augment`` (``off`` | ``sync`` |
 ``async``, default from the server) and ``deadline_ms``. Bodies are validated (422/400 with the reason); at most
 ``max_concurrent`` requests decode at once and at most ``max_queue`` wait, beyond that 429; a request that
-cannot start within ``queue_timeout_s`` gets 503. Nothing in a request is executed or unpickled.
+cannot start within ``queue_timeout_s`` gets 503. Admission happens on the event loop (no thread waits for a
+slot), and a client that disconnects (a closed stream, a timed-out request) is cancelled: its slot is free
+within one decoding step. Nothing in a request is executed or unpickled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, Literal
 
@@ -90,6 +93,7 @@ class AugmentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Text = Field(min_length=1)
+    deadline_ms: int | None = Field(default=None, ge=0, le=600_000)  # default: the engine's hard timeout
 
 
 def _validation_message(err: RequestValidationError) -> str:
@@ -123,9 +127,9 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
     started = int(time.time())
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     registry, m = _metrics()
-    slots = threading.BoundedSemaphore(max_concurrent)
+    slots = asyncio.Semaphore(max_concurrent)  # taken and given back on the event loop only
     waiting = {"n": 0}
-    waiting_lock = threading.Lock()
+    decoders = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="cacheaug-request")
     max_context = getattr(engine.base.config, "max_position_embeddings", None)
     n_latents = engine.model.config.n_latents
     eos = tokenizer.eos_token_id
@@ -147,29 +151,30 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
         return "".join(f"{msg['role']}: {msg['content']}\n" for msg in msgs) + "assistant:", False
 
-    def acquire() -> None:
-        with waiting_lock:
-            if waiting["n"] >= max_queue:
-                raise HTTPException(429, f"server busy: {max_queue} requests already waiting; retry later")
-            waiting["n"] += 1
+    async def acquire() -> None:
+        """A decoding slot, waiting on the event loop: 429 when ``max_queue`` requests already wait, 503 when none
+        frees within ``queue_timeout_s``."""
+        if slots.locked() and waiting["n"] >= max_queue:
+            raise HTTPException(429, f"server busy: {max_queue} requests already waiting; retry later")
+        waiting["n"] += 1
         try:
-            if not slots.acquire(timeout=queue_timeout_s):
-                raise HTTPException(503, f"no decoding slot within {queue_timeout_s} s")
+            await asyncio.wait_for(slots.acquire(), queue_timeout_s)
+        except TimeoutError:
+            raise HTTPException(503, f"no decoding slot within {queue_timeout_s} s") from None
         finally:
-            with waiting_lock:
-                waiting["n"] -= 1
+            waiting["n"] -= 1
 
-    def run(body, prompt_ids: list[int]):
+    def run(body, prompt_ids: list[int], cancel: threading.Event):
         """Token stream for one request (the caller holds a slot)."""
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         policy = body.augment or default_policy
         deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
-        before = (engine.stats.augmented, engine.stats.late, engine.stats.failed)
+        info: dict = {}
         t0 = time.monotonic()
         text, first, ids = "", True, []
         for step in engine.stream(prompt_ids, body.max_tokens, policy=policy, deadline_s=deadline,
                                   temperature=body.temperature, top_p=body.top_p, stop_ids=(eos,) if eos is not None else (),
-                                  seed=body.seed):
+                                  seed=body.seed, cancel=cancel, info=info):
             if first:
                 m["ttft"].labels(policy).observe(time.monotonic() - t0)
                 first = False
@@ -182,14 +187,14 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
                 break
             text += piece
             yield piece, ("stop" if step.token == eos else None), step
-        for outcome, a, b in zip(("augmented", "late", "failed"), before,
-                                 (engine.stats.augmented, engine.stats.late, engine.stats.failed)):
-            if b > a:
-                m["augment"].labels(outcome).inc(b - a)
+        if info.get("outcome"):  # this request's own outcome (not a diff of counters other requests move too)
+            m["augment"].labels(info["outcome"]).inc()
 
-    async def complete(body, prompt_ids: list[int], endpoint: str, chat: bool):
+    async def complete(body, prompt_ids: list[int], endpoint: str, chat: bool, request: Request):
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, acquire)
+        await acquire()
+        release = partial(loop.call_soon_threadsafe, slots.release)  # from the decoding thread, once
+        cancel = threading.Event()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         policy = body.augment or default_policy
@@ -213,78 +218,103 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
 
             def produce():
                 try:
-                    for piece, finish, _ in run(body, prompt_ids):
+                    for piece, finish, _ in run(body, prompt_ids, cancel):
                         loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece, finish))
                     loop.call_soon_threadsafe(queue.put_nowait, ("end", None, None))
                 except Exception as err:  # surfaced to the client as an SSE error event
                     loop.call_soon_threadsafe(queue.put_nowait, ("error", str(err), None))
                 finally:
-                    slots.release()
+                    release()
 
-            threading.Thread(target=produce, daemon=True).start()
+            try:
+                decoders.submit(produce)
+            except BaseException:
+                slots.release()
+                raise
 
             async def events():
-                finish, n_tokens = None, 0
-                while True:
-                    kind, piece, fin = await queue.get()
-                    if kind == "piece":
-                        finish = fin or finish
-                        n_tokens += 1
-                        yield f"data: {json.dumps(envelope(piece, fin))}\n\n"
-                    elif kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': piece}})}\n\n"
-                        break
-                    else:
-                        yield f"data: {json.dumps(envelope('', finish or 'length'))}\n\n"
-                        if (body.stream_options or {}).get("include_usage"):
-                            yield f"data: {json.dumps({**envelope('', None), 'choices': [], 'usage': usage(n_tokens)})}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-                m["requests"].labels(endpoint, policy, "200").inc()
+                finish, n_tokens, done = None, 0, False
+                try:
+                    while True:
+                        kind, piece, fin = await queue.get()
+                        if kind == "piece":
+                            finish = fin or finish
+                            n_tokens += 1
+                            yield f"data: {json.dumps(envelope(piece, fin))}\n\n"
+                        elif kind == "error":
+                            yield f"data: {json.dumps({'error': {'message': piece}})}\n\n"
+                            break
+                        else:
+                            yield f"data: {json.dumps(envelope('', finish or 'length'))}\n\n"
+                            if (body.stream_options or {}).get("include_usage"):
+                                yield f"data: {json.dumps({**envelope('', None), 'choices': [], 'usage': usage(n_tokens)})}\n\n"
+                            break
+                    yield "data: [DONE]\n\n"
+                    done = True
+                    m["requests"].labels(endpoint, policy, "200").inc()
+                finally:  # the client went away (the response task is cancelled): stop decoding for it
+                    if not done:
+                        cancel.set()
+                        m["requests"].labels(endpoint, policy, "cancelled").inc()
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
         def whole():
             try:
                 pieces, finish, last, n = [], "length", None, 0
-                for piece, fin, step in run(body, prompt_ids):
+                for piece, fin, step in run(body, prompt_ids, cancel):
                     pieces.append(piece)
                     last, n = step, n + 1
                     if fin:
                         finish = fin
                 return "".join(pieces), finish, last, n
             finally:
-                slots.release()
+                release()
 
-        text, finish, last, n_tokens = await loop.run_in_executor(None, whole)
+        try:
+            job = asyncio.wrap_future(decoders.submit(whole))
+        except BaseException:
+            slots.release()
+            raise
+        while True:  # a client that disconnects (or times out) cancels its request
+            done, _ = await asyncio.wait({job}, timeout=0.05)
+            if done:
+                break
+            if not cancel.is_set() and await request.is_disconnected():
+                cancel.set()
+                m["requests"].labels(endpoint, policy, "cancelled").inc()
+        text, finish, last, n_tokens = job.result()
+        if cancel.is_set():
+            raise HTTPException(499, "the client closed the request")  # nobody reads it; logged as such
         m["requests"].labels(endpoint, policy, "200").inc()
         aug = {"policy": policy, "augmented": bool(last and last.augmented),
                "inserted_after": last.inserted_after if last else None}
         return JSONResponse(envelope(text, finish, {"usage": usage(n_tokens), "augmentation": aug}))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         with m["latency"].labels("completions").time():
             ids = await asyncio.get_running_loop().run_in_executor(None, encode, body.prompt, body.max_tokens)
-            return await complete(body, ids, "completions", chat=False)
+            return await complete(body, ids, "completions", chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         with m["latency"].labels("chat").time():
             if body.max_completion_tokens is not None:  # the newer OpenAI name of max_tokens
                 body.max_tokens = body.max_completion_tokens
             text, templated = chat_text(body.messages)
             ids = await asyncio.get_running_loop().run_in_executor(None, encode, text, body.max_tokens, templated)
-            return await complete(body, ids, "chat", chat=True)
+            return await complete(body, ids, "chat", chat=True, request=request)
 
     @app.post("/v1/augment")
     async def augment(body: AugmentRequest):
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(None, encode, body.prompt, 0)
-        await loop.run_in_executor(None, acquire)
+        deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
+        await acquire()
         try:
-            cache_id = await loop.run_in_executor(None, engine.augment_prefix, ids)
-        except FloatingPointError as err:
+            cache_id = await loop.run_in_executor(decoders, partial(engine.augment_prefix, ids, deadline_s=deadline))
+        except (FloatingPointError, TimeoutError) as err:
             raise HTTPException(503, str(err)) from None
         finally:
             slots.release()
@@ -376,8 +406,9 @@ def _stop_at(text: str, stops: list[str]) -> str | None:
 
 
 def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          policy: str = "sync", store_dir: str | None = None, store_bytes: int = 1 << 30, max_concurrent: int = 8,
-          max_queue: int = 16, deadline_ms: int = 2000, async_grace_ms: int = 0, max_stale_tokens: int = 64,
+          policy: str = "sync", store_dir: str | None = None, store_bytes: int = 1 << 30,
+          store_disk_bytes: int = 10 << 30, max_concurrent: int = 8, max_queue: int = 16, deadline_ms: int = 2000,
+          async_grace_ms: int = 0, max_stale_tokens: int = 64, hard_timeout_ms: int = 30_000,
           device: str | None = None) -> None:
     """Load the model (and coprocessor) and serve until interrupted."""
     import uvicorn
@@ -386,6 +417,8 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
         ("--max-concurrent", max_concurrent, "at least 1", max_concurrent >= 1),
         ("--max-queue", max_queue, "at least 0", max_queue >= 0),
         ("--store-mib", store_bytes >> 20, "at least 0", store_bytes >= 0),
+        ("--store-disk-mib", store_disk_bytes >> 20, "at least 0", store_disk_bytes >= 0),
+        ("--hard-timeout-ms", hard_timeout_ms, "at least 1", hard_timeout_ms >= 1),
         ("--deadline-ms", deadline_ms, "at least 0", deadline_ms >= 0),
         ("--async-grace-ms", async_grace_ms, "at least 0", async_grace_ms >= 0),
         ("--max-stale-tokens", max_stale_tokens, "at least 0", max_stale_tokens >= 0),
@@ -406,9 +439,10 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
 
         wrapped = CacheAugmentedLM(base, CoprocessorConfig(init="pause"))
         wrapped.enabled = False  # no coprocessor: plain decoding whatever the policy
-    store = CacheStore(store_bytes, store_dir, fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}")
+    store = CacheStore(store_bytes, store_dir, fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}",
+                       max_disk_bytes=store_disk_bytes)
     engine = Engine(wrapped, store, default_deadline_s=deadline_ms / 1000, async_grace_s=async_grace_ms / 1000,
-                    max_stale_tokens=max_stale_tokens)
+                    max_stale_tokens=max_stale_tokens, hard_timeout_s=hard_timeout_ms / 1000)
     app = create_app(engine, tokenizer, model_name=model, default_policy=policy, max_concurrent=max_concurrent,
                      max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level="info")

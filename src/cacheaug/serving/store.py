@@ -3,7 +3,8 @@
 An entry is the decoder cache of a prefix followed by its latents, plus the next-token logits after them,
 keyed by a hash of (model fingerprint, prefix token ids). With a directory every entry is also written there
 as safetensors (atomically), so nothing stored is lost on restart; the memory budget only decides what stays
-resident. Without a directory, entries evicted from memory are gone.
+resident. Without a directory, entries evicted from memory are gone. ``max_disk_bytes`` bounds the directory:
+past it the least recently used files are deleted (those entries are computed afresh when next needed).
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ from ..kv import from_layers
 
 
 class CacheStore:
-    def __init__(self, max_bytes: int = 1 << 30, directory: str | Path | None = None, fingerprint: str = ""):
+    def __init__(self, max_bytes: int = 1 << 30, directory: str | Path | None = None, fingerprint: str = "",
+                 max_disk_bytes: int | None = None):
+        if max_bytes < 0 or (max_disk_bytes is not None and max_disk_bytes < 0):
+            raise ValueError(f"store budgets must be >= 0, got {max_bytes} (memory) and {max_disk_bytes} (disk)")
         self.max_bytes = max_bytes
+        self.max_disk_bytes = max_disk_bytes
+        self._disk: OrderedDict[str, int] = OrderedDict()  # id -> file size, least recently used first
         self.directory = Path(directory) if directory else None
         self.fingerprint = fingerprint
         self._mem: OrderedDict[str, tuple[dict, int, int]] = OrderedDict()  # id -> (tensors, n_tokens, bytes)
@@ -35,7 +41,8 @@ class CacheStore:
         self.evictions = 0
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for path in self.directory.glob("*.safetensors"):
+            files = sorted(self.directory.glob("*.safetensors"), key=lambda q: q.stat().st_mtime)
+            for path in files:
                 try:  # one bad file costs its entry (recomputed on demand), never the server's start
                     with safe_open(str(path), "pt") as f:
                         meta = f.metadata() or {}
@@ -46,6 +53,9 @@ class CacheStore:
                     continue
                 if meta.get("fingerprint") == fingerprint and n_tokens is not None and n_tokens > 0:
                     self._index[path.stem] = n_tokens
+                    self._disk[path.stem] = path.stat().st_size
+            with self._lock:
+                self._trim_disk()
 
     def key(self, tokens: list[int]) -> str:
         blob = f"{self.fingerprint}:{','.join(map(str, tokens))}".encode()
@@ -72,7 +82,32 @@ class CacheStore:
         with self._lock:
             self._index[cache_id] = len(tokens)
             self._remember(cache_id, tensors, len(tokens), size)
+            if self.directory:
+                self._disk.pop(cache_id, None)
+                self._disk[cache_id] = path.stat().st_size
+                self._trim_disk(keep=cache_id)
         return cache_id
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(self._disk.values())
+
+    def _trim_disk(self, keep: str | None = None) -> None:
+        """Delete least recently used files until the directory is within ``max_disk_bytes`` (caller holds the
+        lock); the newest entry (``keep``) stays even if it alone is over the budget."""
+        if self.max_disk_bytes is None:
+            return
+        while self.disk_bytes > self.max_disk_bytes and len(self._disk) > (keep is not None):
+            old = next(iter(self._disk))
+            if old == keep:
+                self._disk.move_to_end(old)
+                old = next(iter(self._disk))
+            self._disk.pop(old)
+            self._index.pop(old, None)
+            if old in self._mem:
+                self.bytes -= self._mem.pop(old)[2]
+            (self.directory / f"{old}.safetensors").unlink(missing_ok=True)
+            self.evictions += 1
 
     def _remember(self, cache_id: str, tensors: dict, n: int, size: int) -> None:
         if cache_id in self._mem:
@@ -99,6 +134,7 @@ class CacheStore:
         """Forget an entry (and delete its file): it will be computed afresh."""
         with self._lock:
             self._index.pop(cache_id, None)
+            self._disk.pop(cache_id, None)
             if cache_id in self._mem:
                 self.bytes -= self._mem.pop(cache_id)[2]
         if self.directory:
@@ -113,6 +149,8 @@ class CacheStore:
             if cache_id not in self._index:
                 raise KeyError(cache_id)
             n = self._index[cache_id]
+            if cache_id in self._disk:
+                self._disk.move_to_end(cache_id)
             if cache_id in self._mem:  # put by this process (Engine.augment_prefix checks the latents) or checked below
                 self._mem.move_to_end(cache_id)
                 tensors, problem = self._mem[cache_id][0], None
