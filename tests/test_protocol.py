@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from cacheaug.cli import main
 from cacheaug.diagnostics import fixed_latents_model
-from cacheaug.config import CoprocessorConfig
 from cacheaug.testing import tiny_corpus, tiny_model, tiny_tokenizer
 
 SPLIT = ["--heldout-sources", "{b}", "--adapt-pct", "50", "--heldout-pct", "20"]

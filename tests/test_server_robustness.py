@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import PROMPT, WORDS, Server

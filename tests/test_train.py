@@ -96,6 +96,21 @@ def test_corrupt_checkpoint_is_refused_on_resume(tmp_path, corpus):
         _run(tmp_path, corpus, "c")
 
 
+def test_resume_refuses_another_base_model_and_names_a_corrupt_state(tmp_path, corpus):
+    data, tok = corpus
+    _run(tmp_path, corpus, "r", max_steps=3, save_every=0)
+    other = tiny_model("gemma3")
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.5)
+    cfg = TrainConfig(data=(data,), out_dir=str(tmp_path / "r"), **SMALL)
+    with pytest.raises(ValueError, match="trained on base model .* resume with the same --model"):
+        train(cfg, base=other, tokenizer=tok, progress=False)
+    state = tmp_path / "r" / "step_000003" / "trainer_state.json"
+    state.write_text('{"step": 3, "data"')
+    with pytest.raises(ValueError, match="trainer_state.json is corrupt"):
+        _run(tmp_path, corpus, "r")
+
+
 def test_schedule_and_insertion_points():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, seq_len=64, n_traces=8, n_ahead=4)
     assert lr_multiplier(0, cfg) == pytest.approx(0.1) and lr_multiplier(9, cfg) == pytest.approx(1.0)

@@ -22,10 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
+from . import atomic
 from .train import _f, lr_multiplier
 
 STATE = "adapt_state.json"
@@ -123,16 +122,6 @@ def _lm_loss(base: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> torch.Ten
     return total / t.numel()
 
 
-def _atomic_dir(final: Path, write) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        write(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
     """Fine-tune ``cfg.model`` on the adapt split of ``cfg.data``; returns the adapted model's folder."""
     from tqdm.auto import tqdm
@@ -192,7 +181,7 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
             save_file(tensors, str(tmp / "adapt_state.safetensors"))
             (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
 
-        _atomic_dir(ckpt_dir / f"step_{step:06d}", write)
+        atomic.write_dir(ckpt_dir / f"step_{step:06d}", write)
         for old in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-2]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -261,8 +250,7 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
     write_model(staged)
-    for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last: marks it complete
-        os.replace(f, out / f.name)
+    atomic.move_into(staged, out)  # config.json last: marks it complete
     staged.rmdir()
     print(f"cacheaug: adapted decoder{f' (step {step} of {cfg.max_steps})' if interrupted else ''} written to {out} "
           f"(use it as --model {out})")

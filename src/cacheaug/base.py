@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from . import atomic
+
 GEMMA_3_270M = "gemma-3-270m"
 GOLDEN_TEXT = "The President of the United States, speaking to Congress."
 GOLDEN_IDS = [2, 818, 5376, 529, 506, 3640, 4184, 236764, 12259, 531, 9687, 236761]
@@ -46,10 +48,11 @@ def load_gemma3_tokenizer(cache_dir: Path | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "tokenizer.json"
     if not target.is_file():
-        tmp = target.with_name(f".tokenizer.json.tmp-{os.getpid()}")
-        with lzma.open(_ASSETS / GEMMA_3_270M / "tokenizer.json.xz") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
+        def unpack(tmp: Path) -> None:
+            with lzma.open(_ASSETS / GEMMA_3_270M / "tokenizer.json.xz") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+        atomic.write_file(target, unpack)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(target), **_SPECIAL)
     got = tok(GOLDEN_TEXT)["input_ids"]
     if got != GOLDEN_IDS:
@@ -81,8 +84,7 @@ def _convert_gemma3_gguf(folder: Path) -> None:
         plain.to(torch.bfloat16)
         staged = Path(tmp) / "model"
         plain.save_pretrained(staged)
-        for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last: marks done
-            os.replace(f, folder / f.name)
+        atomic.move_into(staged, folder)  # config.json last: marks it done
 
 
 def load_base_model(

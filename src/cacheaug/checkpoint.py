@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from . import atomic
 from .config import CoprocessorConfig
 
 if TYPE_CHECKING:
@@ -60,17 +60,6 @@ def _base_identity(base: nn.Module) -> dict:
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_coprocessor(model: "CacheAugmentedLM", path: str | Path, tensors: dict | None = None) -> Path:
     from . import __version__
 
@@ -83,8 +72,8 @@ def save_coprocessor(model: "CacheAugmentedLM", path: str | Path, tensors: dict 
         "base_model": _base_identity(model.base),
     }
     (path / CONFIG_NAME).unlink(missing_ok=True)  # the config marks a complete checkpoint: it goes last
-    _write_atomic(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _write_atomic(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    atomic.write_file(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic.write_file(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
     return path
 
 

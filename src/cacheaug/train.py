@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import fingerprint, load_trainable
+from . import atomic
+from .checkpoint import fingerprint, load_trainable, read_config
 from .config import CoprocessorConfig
 from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
@@ -274,8 +275,7 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, data, extra: dict, kee
         state = {"step": step, "param_groups": opt_state["param_groups"], "data": data.state_dict(),
                  "world_size": world, "sharded_optimizer": sharded, **extra}
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        atomic.replace_dir(tmp, final)
         for old in complete_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(world)
@@ -284,7 +284,12 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, data, extra: dict, kee
 
 def load_trainer_state(path: Path, opt, data, *, rank: int = 0, world: int = 1) -> dict:
     """Optimizer moments, RNG and data position from a checkpoint (the weights go in with load_trainable)."""
-    state = json.loads((path / STATE_JSON).read_text())
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+        state["step"], state["data"], state["param_groups"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / STATE_JSON} is corrupt ({type(err).__name__}: {err}); delete {path} to resume "
+                         "from the checkpoint before it.") from err
     sharded = state.get("sharded_optimizer", False)
     if sharded and state.get("world_size") != world:
         raise ValueError(f"{path} holds optimizer shards of {state.get('world_size')} ranks; resume it on as many "
@@ -392,9 +397,10 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     if main_rank and device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
         print("cacheaug: tip: --compile-step graphs made Gemma 3 270M steps 6x faster on an H200 after a ~3 minute "
               "compile (docs/performance.md)")
+    base_print = fingerprint(base)
     if main_rank:
-        (out_dir / RUN_CONFIG).write_text(json.dumps(
-            {"train": cfg.to_dict(), "base_fingerprint": fingerprint(base), "world_size": world}, indent=2) + "\n")
+        atomic.write_text(out_dir / RUN_CONFIG, json.dumps(
+            {"train": cfg.to_dict(), "base_fingerprint": base_print, "world_size": world}, indent=2) + "\n")
 
     # --- data ------------------------------------------------------------------------------------------
     if main_rank:
@@ -415,6 +421,12 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     # --- resume weights, spread over ranks, optimizer ---------------------------------------------------
     checkpoints = complete_checkpoints(out_dir) if cfg.resume else []
     if checkpoints:
+        trained_on = read_config(checkpoints[-1])["base_model"]
+        if trained_on["fingerprint"] != base_print:
+            raise ValueError(
+                f"{checkpoints[-1]} was trained on base model {trained_on.get('name_or_path')!r} (fingerprint "
+                f"{trained_on['fingerprint']}), but this run's --model {cfg.model!r} has fingerprint {base_print}: "
+                "resume with the same --model, or train into a new --out-dir.")
         load_trainable(model, checkpoints[-1])  # before any sharding: full tensors into full parameters
     sharded = world > 1 and cfg.parallel == "fsdp"
     ddp_model = model

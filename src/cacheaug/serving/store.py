@@ -10,7 +10,6 @@ past it the least recently used files are deleted (those entries are computed af
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
+from .. import atomic
 from ..kv import from_layers
 
 
@@ -76,9 +76,8 @@ class CacheStore:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.directory:
             path = self.directory / f"{cache_id}.safetensors"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-            save_file(tensors, str(tmp), metadata={"n_tokens": str(len(tokens)), "fingerprint": self.fingerprint})
-            os.replace(tmp, path)
+            meta = {"n_tokens": str(len(tokens)), "fingerprint": self.fingerprint}
+            atomic.write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         with self._lock:
             self._index[cache_id] = len(tokens)
             self._remember(cache_id, tensors, len(tokens), size)
