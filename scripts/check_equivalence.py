@@ -27,7 +27,7 @@ import torch
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
 from cacheaug.data import builtin_text
 from cacheaug.masks import groups_fitting
-from cacheaug.testing import FAMILIES, perturb_trainable, reference_losses, tiny_model
+from cacheaug.testing import FAMILIES, attn_for, perturb_trainable, reference_losses, tiny_model
 
 
 @torch.no_grad()
@@ -118,8 +118,8 @@ def main() -> None:
 
     for backend in args.backends:
         for family in args.families:
-            if family == "gemma2" and backend == "sdpa":
-                continue  # refused by design: sdpa drops Gemma-2's soft-capping
+            if backend == "sdpa" and attn_for(family) != "sdpa":
+                continue  # refused by design: sdpa would change the model (Gemma-2's soft-capping)
             model = CacheAugmentedLM(tiny_model(family, backend, device=device), CoprocessorConfig(3, 5, 4, **levers))
             perturb_trainable(model)
             ids = torch.randint(3, 128, (2, 40), generator=g).to(device)

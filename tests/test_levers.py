@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
-from cacheaug.testing import FAMILIES, max_trace_error, perturb_trainable, tiny_model
+from cacheaug.testing import FAMILIES, attn_for, max_trace_error, perturb_trainable, tiny_model
 
 T = 40
 POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])
@@ -35,7 +35,7 @@ def _ids(seed=0, batch=2):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lever", list(LEVERS))
 def test_training_pass_equals_inference_for_every_lever(family, lever):
-    attn = "eager" if family == "gemma2" else "sdpa"
+    attn = attn_for(family)
     model = _model(family, attn, **LEVERS[lever])
     worst, out = max_trace_error(model, _ids(), POSITIONS)
     assert worst <= 1e-4, f"{lever}: training pass differs from augment+decode by {worst}"

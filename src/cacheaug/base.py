@@ -35,9 +35,10 @@ def default_attn_implementation(device: torch.device, model_type: str | None = N
     """sdpa, for training too: on the H200 it trained the canonical config faster than flex_attention (33k vs
     27k text tokens/s, docs/performance.md), and inference with flex compiles a kernel per sequence length.
     Gemma-2's attention soft-capping is dropped by sdpa: flex_attention for training on a GPU, else eager."""
-    if model_type == "gemma2":
-        return "flex_attention" if device.type == "cuda" and for_training else "eager"
-    return "sdpa"
+    from .families import family_spec
+
+    spec = family_spec(model_type)
+    return spec.default_attn_implementation(device.type == "cuda", for_training) if spec else "sdpa"
 
 
 def load_gemma3_tokenizer(cache_dir: Path | None = None):

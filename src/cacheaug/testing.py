@@ -8,50 +8,22 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("gemma3", "gemma2", "llama", "mistral", "qwen2", "qwen3")
-WINDOW = 8  # small, so that traces cross the sliding window in 40-token tests
+from .families import FAMILIES as _REGISTRY
+from .families import TINY_WINDOW as WINDOW  # noqa: F401  (tests import it from here)
 
-_COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    initializer_range=0.2,  # large enough that masks and positions visibly change the outputs
-    pad_token_id=0,
-    bos_token_id=2,
-    eos_token_id=1,
-)
+FAMILIES = tuple(_REGISTRY)  # the built-in families (cacheaug.families.register_family adds more)
 
 
 def tiny_config(family: str):
-    """A 3-layer config with mixed full / sliding-window (window 8) layers where the family has them."""
-    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """The family's 3-layer config, mixed full / sliding-window (window 8) layers where the family has them."""
+    if family not in _REGISTRY:
+        raise KeyError(f"unknown family {family!r}; choose from {tuple(_REGISTRY)}")
+    return _REGISTRY[family].tiny_config()
 
-    mixed = ["sliding_attention", "full_attention", "sliding_attention"]
-    if family == "gemma3":
-        return Gemma3TextConfig(**_COMMON, sliding_window=WINDOW, layer_types=mixed, query_pre_attn_scalar=16)
-    if family == "gemma2":
-        return Gemma2Config(
-            **_COMMON,
-            sliding_window=WINDOW,
-            layer_types=mixed,
-            query_pre_attn_scalar=16,
-            attn_logit_softcapping=5.0,  # small caps: they bite at this init scale
-            final_logit_softcapping=3.0,
-        )
-    if family == "llama":
-        return LlamaConfig(**_COMMON)
-    if family == "mistral":
-        return MistralConfig(**_COMMON, sliding_window=WINDOW)
-    if family == "qwen2":
-        return Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
-    if family == "qwen3":
-        return Qwen3Config(**_COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
-    raise KeyError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+def attn_for(family: str) -> str:
+    """The attention the family computes exactly on the CPU: sdpa unless sdpa changes it (then eager)."""
+    return "sdpa" if _REGISTRY[family].sdpa_exact else "eager"
 
 
 def tiny_model(family: str = "gemma3", attn: str = "sdpa", seed: int = 0, dtype=torch.float32, device="cpu"):
