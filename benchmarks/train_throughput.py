@@ -100,7 +100,7 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt)}
-    if model.config.init != "lora-decoder":  # the count below is for a coprocessor (pause: N_c ~ 0)
+    if model.arm.has_latents:  # the count below is for a coprocessor (pause: N_c ~ 0)
         flops = step_flops(model, B, T, K)
         row.update(counted_gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / dt / 1e12, 4))
         if device.type == "cuda":

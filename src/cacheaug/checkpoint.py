@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import atomic
+from .arms import get_arm
 from .config import CoprocessorConfig
 
 if TYPE_CHECKING:
@@ -116,10 +117,9 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
                 f"{getattr(base.config, '_name_or_path', '')!r} ({type(base).__name__}) has fingerprint {got}. "
                 "Load the base model it was trained with, or pass check_base=False if you are sure."
             )
-    if config.init == "lora-decoder":
-        from .controls import LoraDecoderLM
-
-        cls = LoraDecoderLM if not issubclass(cls, LoraDecoderLM) else cls
+    wants = get_arm(config.init).model_class()  # the arm's own class (e.g. the LoRA-decoder control)
+    if not issubclass(cls, wants):
+        cls = wants
     model = cls(base, config, check_finite=check_finite, _calibrate=False)
     load_trainable(model, path)
     return model

@@ -25,7 +25,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint, default = hints[f.name], f.default
         kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": argparse.SUPPRESS}
-        if typing.get_origin(hint) is typing.Literal:
+        if "choices" in f.metadata:  # a registry's names, read when the parser is built (e.g. the arms)
+            kwargs["choices"] = f.metadata["choices"]()
+        elif typing.get_origin(hint) is typing.Literal:
             kwargs["choices"] = typing.get_args(hint)
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

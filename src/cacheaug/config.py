@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-INITS = ("copy", "lora", "scratch", "pause", "lora-decoder")
+from .arms import get_arm
+
 POSITION_SCHEMES = ("shifted", "shared", "overlap")
 READOUTS = ("final_norm", "pre_norm")
 
@@ -27,7 +28,7 @@ class CoprocessorConfig:
         n_ahead: N_A, teacher-forced real tokens after the insertion point that carry the loss;
             offset 1 is predicted by the last latent, offset j > 1 by ahead token j - 1 (paper: 16).
         n_traces: K, insertion points sampled per training sequence when none are given (paper: 128).
-        init: "copy" (the decoder's weights, fully trainable: the paper's default), "lora"
+        init: the arm (:mod:`cacheaug.arms`): "copy" (the decoder's weights, fully trainable: the paper's default), "lora"
             (rank-r adapters over the decoder's frozen weights, shared in memory) or "scratch"
             (random init with the decoder's architecture). "pause" is the pause-token control: no
             backbone, the N_L trainable soft tokens themselves are inserted (context-free), same data path.
@@ -61,7 +62,7 @@ class CoprocessorConfig:
     n_latents: int = 16
     n_ahead: int = 16
     n_traces: int = 16
-    init: Literal["copy", "lora", "scratch", "pause", "lora-decoder"] = "copy"
+    init: str = "copy"
     lora_rank: int = 64
     lora_alpha: float | None = None
     init_seed: int = 0
@@ -88,8 +89,11 @@ class CoprocessorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 problems.append(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
-        if self.init not in INITS:
-            problems.append(f"`init` must be one of {INITS}, got {self.init!r}")
+        try:
+            arm = get_arm(self.init)
+        except ValueError as err:
+            problems.append(str(err))
+            arm = None
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             problems.append(f"`lora_rank` must be a positive integer, got {self.lora_rank!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -104,13 +108,14 @@ class CoprocessorConfig:
         if isinstance(self.offset_decay, bool) or not isinstance(self.offset_decay, (int, float)) \
                 or not 0 < self.offset_decay <= 1:
             problems.append(f"`offset_decay` must be a number in (0, 1], got {self.offset_decay!r}")
-        if self.readout == "pre_norm" and self.init == "pause":
-            problems.append("`readout='pre_norm'` needs a backbone; pause tokens have none (use readout='final_norm')")
+        if self.readout == "pre_norm" and arm is not None and arm.backbone is None and arm.has_latents:
+            problems.append(f"`readout='pre_norm'` needs a backbone; init={self.init!r} has none (use "
+                            "readout='final_norm')")
         levers = {"position_scheme": "shifted", "reread_last": False, "echo_residual": False,
                   "readout": "final_norm", "offset_decay": 1.0}
         changed = [k for k, v in levers.items() if getattr(self, k) != v]
-        if self.init == "lora-decoder" and changed:
-            problems.append(f"the LoRA-decoder control inserts no latents: {changed} do not apply to it")
+        if arm is not None and not arm.has_latents and changed:
+            problems.append(f"init={self.init!r} inserts no latents: {changed} do not apply to it")
         if problems:
             raise ValueError("Invalid CoprocessorConfig:\n  " + "\n  ".join(problems))
 

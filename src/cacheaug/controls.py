@@ -18,7 +18,8 @@ import itertools
 import torch
 import torch.nn as nn
 
-from .config import CoprocessorConfig
+from .arms import build_model  # noqa: F401  (re-exported: cacheaug.controls.build_model)
+from .coprocessor import inject_lora
 from .model import CacheAugmentedLM
 
 
@@ -30,25 +31,17 @@ class LoraDecoderLM(CacheAugmentedLM):
     """
 
     def _build_trainable(self, calibrate: bool) -> nn.Module:
-        from peft import LoraConfig, inject_adapter_in_model
-
         base = self.base
         shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
         adapted = copy.deepcopy(base, shared)
         # the decoder's linear layers by name (q_proj, ..., down_proj); the LM head is not among them
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in adapted.get_decoder().named_modules() if isinstance(m, nn.Linear)})
-        cfg = self.config
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
-                          target_modules=targets)
-        weight = base.get_input_embeddings().weight
-        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
-            torch.manual_seed(cfg.init_seed)
-            adapted = inject_adapter_in_model(lora, adapted)
-        for name, p in adapted.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.to(device=weight.device, dtype=weight.dtype)
-            p.requires_grad_("lora_" in name)
-        return adapted
+        return inject_lora(adapted, self.config, base.get_input_embeddings().weight, targets)
+
+    @property
+    def scoring_lm(self) -> nn.Module:
+        """The adapted decoder scores text (lm-eval, perplexity)."""
+        return self.coprocessor
 
     def forward(self, input_ids, positions=None, *, return_base_losses: bool = False, generator=None):
         ids = self._check_ids(input_ids, "input_ids")
@@ -85,8 +78,3 @@ class LoraDecoderLM(CacheAugmentedLM):
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "generator"}
         return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=kwargs.pop("do_sample", False), **kwargs)
 
-
-def build_model(base: nn.Module, config: CoprocessorConfig, **kwargs) -> CacheAugmentedLM:
-    """The right wrapper for ``config.init``: the LoRA-decoder control, or a coprocessor (incl. pause tokens)."""
-    cls = LoraDecoderLM if config.init == "lora-decoder" else CacheAugmentedLM
-    return cls(base, config, **kwargs)

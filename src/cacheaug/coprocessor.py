@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
+from .arms import get_arm
 from .config import CoprocessorConfig
 from .families import Family
 
@@ -38,47 +39,55 @@ def _embedding_name(decoder: nn.Module) -> str:
     raise ValueError(f"Cannot find the input embedding among the children of {type(decoder).__name__}.")
 
 
-def build_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module:
-    """A new backbone with the decoder's architecture, without its embedding matrix.
-
-    The decoder itself is never modified: ``copy`` deep-copies it, ``lora`` deep-copies only the module
-    tree (parameters and buffers stay the decoder's own tensors, frozen) and injects PEFT LoRA layers
-    into the copy, ``scratch`` builds a freshly initialised model from the decoder's config.
-    """
+def _no_embedding_copy(decoder: nn.Module, share_tensors: bool) -> nn.Module:
     emb = decoder.get_input_embeddings()
+    memo = {id(emb): None}  # the copy gets no embedding at all
+    if share_tensors:  # one copy of the weights in memory: the module tree is new, the tensors are the decoder's
+        memo.update({id(t): t for t in itertools.chain(decoder.parameters(), decoder.buffers())})
+    return copy.deepcopy(decoder, memo)
+
+
+def copy_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module:
+    """The ``copy`` arm: a deep copy of the decoder (without its embedding matrix), every weight trainable. The
+    decoder itself is never modified."""
+    return _no_embedding_copy(decoder, share_tensors=False).requires_grad_(True)
+
+
+def scratch_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module:
+    """The ``scratch`` arm: a freshly initialised model from the decoder's config (seeded by ``init_seed``)."""
     weight = next(decoder.parameters())
-    if config.init in ("copy", "lora"):
-        memo = {id(emb): None}  # the copy gets no embedding at all
-        if config.init == "lora":  # share every tensor: one copy of the weights in memory
-            memo.update({id(t): t for t in itertools.chain(decoder.parameters(), decoder.buffers())})
-        backbone = copy.deepcopy(decoder, memo)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_SCRATCH_SEED + config.init_seed)
-            backbone = type(decoder)._from_config(copy.deepcopy(decoder.config))
-        setattr(backbone, _embedding_name(decoder), None)
-        backbone.to(device=weight.device, dtype=weight.dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SCRATCH_SEED + config.init_seed)
+        backbone = type(decoder)._from_config(copy.deepcopy(decoder.config))
+    setattr(backbone, _embedding_name(decoder), None)
+    return backbone.to(device=weight.device, dtype=weight.dtype).requires_grad_(True)
 
-    if config.init == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
 
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha or config.lora_rank,
-            lora_dropout=0.0,
-            target_modules=targets,
-        )
-        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
-            torch.manual_seed(config.init_seed)
-            backbone = inject_adapter_in_model(lora, backbone)
-        for name, p in backbone.named_parameters():
-            if "lora_" in name:  # cast only the adapters: the shared tensors belong to the decoder
-                p.data = p.data.to(device=weight.device, dtype=weight.dtype)
-            p.requires_grad_("lora_" in name)
-    else:
-        backbone.requires_grad_(True)
-    return backbone
+def lora_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module:
+    """The ``lora`` arm: the decoder's module tree over its own (frozen, shared) tensors, with PEFT LoRA layers of
+    rank ``lora_rank`` injected into every linear layer; only the adapters train."""
+    return inject_lora(_no_embedding_copy(decoder, share_tensors=True), config,
+                       next(decoder.parameters()))
+
+
+def inject_lora(module: nn.Module, config: CoprocessorConfig, like: torch.Tensor, targets=None) -> nn.Module:
+    """PEFT LoRA adapters (rank ``config.lora_rank``, seeded by ``init_seed``) on ``targets`` (default: every linear
+    layer's name in ``module``), cast to ``like``'s device and dtype; everything but the adapters is frozen. Used by
+    the ``lora`` arm and the LoRA-decoder control."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if targets is None:
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, lora_dropout=0.0,
+                      target_modules=targets)
+    with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
+        torch.manual_seed(config.init_seed)
+        module = inject_adapter_in_model(lora, module)
+    for name, p in module.named_parameters():
+        if "lora_" in name:  # cast only the adapters: the shared tensors belong to the decoder
+            p.data = p.data.to(device=like.device, dtype=like.dtype)
+        p.requires_grad_("lora_" in name)
+    return module
 
 
 class Coprocessor(nn.Module):
@@ -96,8 +105,9 @@ class Coprocessor(nn.Module):
         self.config = config
         self.family = family
         decoder = base.get_decoder()
-        # "pause": the control of Goyal et al. (2023): trainable context-free embeddings, no cache read
-        self.backbone = None if config.init == "pause" else build_backbone(decoder, config)
+        # an arm without a backbone ("pause", the control of Goyal et al. 2023): trainable context-free embeddings
+        arm = get_arm(config.init)
+        self.backbone = arm.backbone(decoder, config) if arm.backbone is not None else None
         if self.backbone is not None and config.readout == "pre_norm":
             self.backbone.norm = nn.Identity()  # the copy's final norm (every supported family names it `norm`)
         emb = base.get_input_embeddings()

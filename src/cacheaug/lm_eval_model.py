@@ -21,7 +21,6 @@ from transformers import DynamicCache
 
 from . import kv
 from .base import load_base_model
-from .controls import LoraDecoderLM
 from .families import cache_kwarg
 from .model import CacheAugmentedLM
 
@@ -69,7 +68,8 @@ class CacheAugEvalLM(HFLM):
         self.augmented = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
         self.augment = _flag(augment) and self.augmented is not None
         self.kind = self.augmented.config.init if self.augmented is not None else "frozen"
-        self.n_latents = self.augmented.config.n_inserted if self.augment and self.kind != "lora-decoder" else 0
+        self.latents = self.augment and self.augmented.arm.has_latents
+        self.n_latents = self.augmented.config.n_inserted if self.latents else 0
         self.cache_kw = cache_kwarg(base)
 
     @classmethod
@@ -109,16 +109,14 @@ class CacheAugEvalLM(HFLM):
 
     def _scorer(self):
         """The causal LM that scores continuation tokens: the adapted decoder for the LoRA control, else the base."""
-        if self.augment and isinstance(self.augmented, LoraDecoderLM):
-            return self.augmented.coprocessor
-        return self.base
+        return self.augmented.scoring_lm if self.augment else self.base
 
     @torch.no_grad()
     def _prefill(self, context: list[int]):
         """Cache, next-token logits and the next token's rotary position after the context (+ latents when
         augmenting)."""
         ids = torch.tensor([context], device=self.device)
-        if self.augment and not isinstance(self.augmented, LoraDecoderLM):
+        if self.latents:
             aug = self.augmented.augment(ids)
             return aug.cache, aug.logits, aug.next_position
         cache = DynamicCache()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from .arms import Arm, get_arm
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
 from .families import SLIDING, resolve_family
@@ -140,10 +141,22 @@ class CacheAugmentedLM(nn.Module):
         return self
 
     def _build_trainable(self, calibrate: bool) -> nn.Module:
-        if self.config.init == "lora-decoder":
-            raise ValueError("init='lora-decoder' is the LoRA-tuned-decoder control: build it with "
-                             "cacheaug.controls.LoraDecoderLM (or cacheaug.build_model).")
+        wants = self.arm.model_class()
+        if not isinstance(self, wants):
+            raise ValueError(f"init={self.config.init!r} is built by {wants.__module__}.{wants.__name__}: use it (or "
+                             "cacheaug.build_model, which picks the class from the arm).")
         return Coprocessor(self.base, self.config, self.family, init_scale=calibrate)
+
+    @property
+    def arm(self) -> Arm:
+        """The registry entry of ``config.init`` (cacheaug.arms)."""
+        return get_arm(self.config.init)
+
+    @property
+    def scoring_lm(self) -> nn.Module:
+        """The causal LM that scores text after the cache (the frozen decoder; the LoRA-decoder control: its adapted
+        copy)."""
+        return self.base
 
     # ------------------------------------------------------------------ housekeeping
     def train(self, mode: bool = True) -> "CacheAugmentedLM":

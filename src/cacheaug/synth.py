@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .arms import get_arm
+
 MARKER = " Answer:"
 FAMILIES = ("add", "mul", "sort", "count", "word")
 _ITEMS = ("apple", "pear", "plum", "fig", "lemon", "grape", "melon", "peach", "cherry", "mango")
@@ -383,7 +385,8 @@ def _offset_means(offset_loss: torch.Tensor) -> list[float]:
 
 
 def _arm_name(ckpt: str, config, taken: dict) -> str:
-    name = {"pause": "pause", "lora-decoder": "lora-decoder"}.get(config.init, f"{config.init}-nl{config.n_latents}")
+    arm = get_arm(config.init)
+    name = f"{config.init}-nl{config.n_latents}" if arm.backbone is not None else config.init
     run = Path(ckpt).parent.name
     name = f"{name} ({run})" if run else name
     return name if name not in taken else f"{name} [{len(taken)}]"

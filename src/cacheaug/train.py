@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import atomic
+from .arms import ARMS, arm_names
 from .checkpoint import fingerprint, load_trainable, read_config
 from .config import CoprocessorConfig
 from .controls import build_model
@@ -53,8 +54,8 @@ class TrainConfig:
     n_latents: int = _f(16, "N_L latent embeddings per insertion")
     n_ahead: int = _f(16, "N_A target tokens per insertion")
     n_traces: int = _f(16, "K insertion points per sequence")
-    init: Literal["copy", "lora", "scratch", "pause", "lora-decoder"] = _f(
-        "copy", "coprocessor init; controls: 'pause' (pause tokens), 'lora-decoder' (LoRA-tuned decoder)")
+    init: str = _f("copy", "the arm (cacheaug.arms): copy, lora, scratch; controls: 'pause' (pause tokens), "
+                   "'lora-decoder' (LoRA-tuned decoder)", choices=arm_names)
     lora_rank: int = _f(64, "LoRA rank for init=lora")
     # levers the paper leaves open (CoprocessorConfig; docs/results.md measures each)
     position_scheme: Literal["shifted", "shared", "overlap"] = _f(
@@ -141,7 +142,7 @@ class TrainConfig:
             problems.append("--insertion marker needs a non-empty --marker")
         if not self.data:
             problems.append("--data needs at least one source")
-        if self.parallel == "fsdp" and self.init in ("lora", "lora-decoder"):
+        if self.parallel == "fsdp" and self.init in ARMS and not ARMS[self.init].shards:
             problems.append(f"--parallel fsdp shards a coprocessor's own weights; init={self.init} shares the "
                             "decoder's and trains only small adapters: use --parallel ddp")
         if self.trace_groups < 1 or self.n_traces % self.trace_groups:

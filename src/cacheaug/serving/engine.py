@@ -95,6 +95,9 @@ class Engine:
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
                  hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 64,
                  max_batch: int = 16):
+        if not model.arm.has_latents:
+            raise ValueError(f"a {model.config.init!r} checkpoint inserts no latents, so there is nothing to augment "
+                             "with; serve the frozen model alone (no --coprocessor) or a coprocessor checkpoint")
         if not isinstance(max_stale_tokens, int) or max_stale_tokens < 0:
             raise ValueError(f"max_stale_tokens must be a non-negative integer, got {max_stale_tokens!r}")
         self.model = model

@@ -441,8 +441,11 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
         wrapped.enabled = False  # no coprocessor: plain decoding whatever the policy
     store = CacheStore(store_bytes, store_dir, fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}",
                        max_disk_bytes=store_disk_bytes)
-    engine = Engine(wrapped, store, default_deadline_s=deadline_ms / 1000, async_grace_s=async_grace_ms / 1000,
-                    max_stale_tokens=max_stale_tokens, hard_timeout_s=hard_timeout_ms / 1000)
+    try:
+        engine = Engine(wrapped, store, default_deadline_s=deadline_ms / 1000, async_grace_s=async_grace_ms / 1000,
+                        max_stale_tokens=max_stale_tokens, hard_timeout_s=hard_timeout_ms / 1000)
+    except ValueError as err:
+        raise SystemExit(f"cacheaug serve: {err}") from None
     app = create_app(engine, tokenizer, model_name=model, default_policy=policy, max_concurrent=max_concurrent,
                      max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level="info")
