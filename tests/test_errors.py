@@ -112,3 +112,19 @@ def test_gemma2_softcap_is_never_silently_dropped():
 def test_not_a_model():
     with pytest.raises(TypeError, match="causal LM"):
         CacheAugmentedLM("gemma-3-270m", CFG)
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    """Through the real command line: a bad checkpoint folder is one line on stderr, not a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "coprocessor_config.json").write_text("{not json")
+    argv = [sys.executable, "-m", "cacheaug", "eval", "stale", "--checkpoint", str(tmp_path / "ckpt")]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    lines = plain.stderr.strip().splitlines()
+    assert plain.returncode == 1 and len(lines) == 1 and "Traceback" not in plain.stderr, plain.stderr[-2000:]
+    assert lines[0].startswith("cacheaug eval: error: ") and "corrupt" in lines[0] and "--debug" in lines[0]
+    debug = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "corrupt" in debug.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -102,13 +103,14 @@ def _train(args: argparse.Namespace) -> None:
 def _check_checkpoints(paths: list[str]) -> None:
     """Each path must be a checkpoint, or a run folder holding one (its newest ``step_*`` is used); rewritten in
     place to the checkpoint folder, so reports name the step."""
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import read_config, resolve_checkpoint
 
     for i, ckpt in enumerate(paths):
         found = resolve_checkpoint(ckpt)
         if not (found / "coprocessor_config.json").is_file():
             raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json), nor a "
                              "training run folder with a step_* checkpoint")
+        read_config(found)  # a corrupt config fails here, before any model is loaded
         paths[i] = str(found)
 
 
@@ -248,6 +250,7 @@ def _add_split_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacheaug", description="Differentiable cache augmentation for HF causal LMs.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a coprocessor on a frozen model", description=TrainConfig.__doc__)
@@ -394,7 +397,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if getattr(args, "steps", 1) < 1:
         sys.exit("cacheaug: --steps must be at least 1")
-    args.func(args)
+    if args.debug or os.environ.get("CACHEAUG_DEBUG"):
+        return args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError, FloatingPointError) as err:
+        # what a user can fix (a bad option, path, checkpoint or model): one line; --debug for the traceback
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        raise SystemExit(f"cacheaug {args.command}: error: {'; '.join(lines)} (--debug shows the traceback)") from None
 
 
 if __name__ == "__main__":

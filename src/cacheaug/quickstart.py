@@ -94,9 +94,8 @@ def run_quickstart(steps: int = 30, out_dir: str | Path = "runs/quickstart", dev
               f"{cop[o] - pause[o]:>+12.2f}")
     print("\nmargin = coprocessor - pause tokens, in percentage points (negative: the coprocessor is better). Only "
           "this margin is the coprocessor's own; the rest is adaptation to a text mix the frozen model never saw.\n"
-          "This was a brief run. What a GPU run gives (docs/results.md: 5.7M tokens per arm on an H200, 16 latents): "
-          "-10% to -14% perplexity at offsets 4-16 where pause tokens give +9% to -2%, no gain yet at offset 1, and "
-          "a LoRA-tuned decoder on the same data -43% to -47% at every offset.")
+          "This was a brief run on the CPU, not evidence: GPU-scale runs with every control (pause tokens, a LoRA-tuned "
+          "decoder, a decoder adapted to the corpus, unseen sources) are in docs/results.md.")
     print(f"\nprompt:    {report['sample']['prompt']!r}\nfrozen:    {report['sample']['base']!r}\n"
           f"augmented: {report['sample']['augmented']!r}")
     report["seconds"] = round(time.perf_counter() - t0, 1)
