@@ -80,7 +80,8 @@ def test_a_run_folder_resolves_to_its_newest_checkpoint(tmp_path):
 
     for step in (100, 300, 200):
         (tmp_path / "run" / f"step_{step:06d}").mkdir(parents=True)
-        (tmp_path / "run" / f"step_{step:06d}" / "coprocessor_config.json").write_text("{}")
+        (tmp_path / "run" / f"step_{step:06d}" / "coprocessor_config.json").write_text(
+            '{"coprocessor": {}, "base_model": {"fingerprint": "f"}}')
     (tmp_path / "run" / "step_000400").mkdir()  # an interrupted save: no config, never chosen
     assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "step_000300"
     assert resolve_checkpoint(tmp_path / "run" / "step_000100") == tmp_path / "run" / "step_000100"

@@ -23,8 +23,6 @@ import torch
 
 from .families import SLIDING, Family
 
-# Build FlexAttention block masks with a compiled create_block_mask on CUDA (cacheaug.speed; off by default).
-COMPILE_BLOCK_MASKS = False
 # Text-key lengths of grouped passes (trace groups, below) are rounded up to a multiple of this (kernel tiles);
 # the extra keys are masked, so results do not depend on it.
 KEY_ALIGN = 64
@@ -85,8 +83,9 @@ def dense_mask(layout: TraceLayout, window: int | None) -> torch.Tensor:
     )
 
 
-def block_mask(layout: TraceLayout, window: int | None):
-    """FlexAttention ``BlockMask`` with the same rule as :func:`dense_mask`."""
+def block_mask(layout: TraceLayout, window: int | None, compiled: bool = False):
+    """FlexAttention ``BlockMask`` with the same rule as :func:`dense_mask` (``compiled``: build it with a compiled
+    ``create_block_mask`` on CUDA; cacheaug.speed)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     L = layout
@@ -96,11 +95,11 @@ def block_mask(layout: TraceLayout, window: int | None):
     def mask_mod(b, h, q, kv):
         return allowed(L.q_pos[b, q], L.q_trace[b, q], L.q_limit[b, q], L.kv_pos[b, kv], L.kv_trace[b, kv], window)
 
-    compiled = COMPILE_BLOCK_MASKS and L.q_pos.device.type == "cuda"
-    return create_block_mask(mask_mod, B, None, Q, KV, device=L.q_pos.device, _compile=compiled)
+    return create_block_mask(mask_mod, B, None, Q, KV, device=L.q_pos.device,
+                             _compile=compiled and L.q_pos.device.type == "cuda")
 
 
-def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype):
+def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype, compile_block_masks: bool = False):
     """Masks for every layer type of ``family``, in the form its attention backend takes.
 
     Returns a ``{layer_type: mask}`` dict for backbones that accept one, else the single mask that all
@@ -111,7 +110,7 @@ def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype):
     for layer_type in family.mask_types:
         window = family.sliding_window if layer_type == SLIDING else None
         if family.attn_implementation == "flex_attention":
-            masks[layer_type] = block_mask(layout, window)
+            masks[layer_type] = block_mask(layout, window, compile_block_masks)
             continue
         mask = dense_mask(layout, window)
         if family.attn_implementation == "eager":

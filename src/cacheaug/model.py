@@ -123,6 +123,7 @@ class CacheAugmentedLM(nn.Module):
         self.check_finite = check_finite
         self.recompute_loss = True  # recompute each loss chunk's logits in backward (memory); False keeps them (speed)
         self.trace_groups = 1  # > 1: stratified insertion points, each group's passes read only its text (speed)
+        self.compile_block_masks = False  # FlexAttention block masks built by a compiled create_block_mask (speed)
         self._compiled_pass = None
         self._compile_mode = None
 
@@ -414,7 +415,7 @@ class CacheAugmentedLM(nn.Module):
         h = self.base.get_decoder()(
             inputs_embeds=x.view(B, K * L, D),
             position_ids=self._block_positions(positions, dec_layout),
-            attention_mask=attention_masks(dec_layout, self.family, dtype),
+            attention_mask=attention_masks(dec_layout, self.family, dtype, self.compile_block_masks),
             **self.cache_kwargs(kv.from_layers(prefix_kv)),
         ).last_hidden_state  # [B, K*L, D]
         return latents, h.view(B, K, L, D)[:, :, N_L + R - 1 :]
@@ -439,7 +440,8 @@ class CacheAugmentedLM(nn.Module):
         N_L, S = self.config.n_latents, prefix_kv[0][0].shape[2]
         cop_layout = trace_layout(positions, S, N_L)
         dtype = self.base.get_input_embeddings().weight.dtype
-        cop_masks = None if self.coprocessor.backbone is None else attention_masks(cop_layout, self.family, dtype)
+        cop_masks = None if self.coprocessor.backbone is None else attention_masks(
+            cop_layout, self.family, dtype, self.compile_block_masks)
         echo = self.base.get_input_embeddings()(ids.gather(1, positions)) if self.config.echo_residual else None
         latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks, echo)  # [B, K*N_L, D]
         return latents.view(B, K, N_L, latents.shape[-1])

@@ -15,7 +15,7 @@
   hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
   nothing breaks the graph. Whole decoder layers are not compiled: they take the kv-cache object, and dynamo
   then guards on it per layer and recompiles 18 times per pass.
-* :data:`cacheaug.masks.COMPILE_BLOCK_MASKS`: build FlexAttention block masks with a compiled
+* ``compile_masks`` (``model.compile_block_masks``): build FlexAttention block masks with a compiled
   ``create_block_mask`` instead of materialising the dense rule.
 
 Both change the decoder's modules in place (``nn.Module.compile``): results stay equal up to rounding, and
@@ -104,7 +104,8 @@ def apply_speed_options(
         compile_mlps(model)
     if compile_step != "off":
         model.compile_training(mode=COMPILE_STEP_MODES[compile_step])
-    masks.COMPILE_BLOCK_MASKS = compile_masks
+    if hasattr(model, "compile_block_masks"):
+        model.compile_block_masks = compile_masks
 
 
 def load_compile_cache(path: str | Path) -> int:

@@ -1,6 +1,7 @@
 """Training recipe: a frozen decoder, a coprocessor, text -> a trained coprocessor checkpoint.
 
-``train(TrainConfig(...)) -> Path`` reads top to bottom: setup, model, data, optimizer, resume, loop, save.
+``train(TrainConfig(...)) -> Path`` runs :class:`Trainer`: setup (parallel context, model, data, optimizer,
+resume), then the loop of :meth:`Trainer.step`, :meth:`Trainer.evaluate` and :meth:`Trainer.save`.
 Single device by default; under ``torchrun`` it runs DDP over the coprocessor (the frozen decoder is
 replicated and carries no gradient state). Checkpoints are folders ``out_dir/step_000500/`` holding the
 coprocessor (``save_pretrained`` format) plus ``trainer_state.safetensors`` (optimizer moments, RNG states)
@@ -352,205 +353,301 @@ class MetricsLog:
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
-def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
-    """Train a coprocessor as ``cfg`` says; returns the final checkpoint folder.
+@dataclass
+class ParallelContext:
+    """Where this process runs: its rank among ``world`` processes (torchrun), its device, and the collectives the
+    trainer needs. One process: rank 0 of 1, and every collective is a no-op."""
 
-    ``base``/``tokenizer`` may be passed in (tests, notebooks); else ``cfg.model`` is loaded.
-    """
-    from tqdm.auto import tqdm
+    rank: int
+    world: int
+    device: torch.device
 
-    from .base import load_base_model
-    from .data import PackedSequences, build_token_files, load_tokens
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
-    # --- setup -----------------------------------------------------------------------------------------
-    rank, world, local_rank = distributed_env()
-    if world > 1:
+    @classmethod
+    def from_env(cls, device: str | None = None) -> "ParallelContext":
+        """From torchrun's environment (initialising the process group: NCCL on GPUs, else gloo); else one process
+        on ``device`` (default: CUDA when available)."""
+        rank, world, local_rank = distributed_env()
+        if world == 1:
+            return cls(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         import torch.distributed as dist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-        device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    main_rank = rank == 0
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+        dev = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return cls(rank, world, dev)
 
-    # --- model -----------------------------------------------------------------------------------------
-    if base is None:
-        dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        base, tokenizer = load_base_model(cfg.model, device=device, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                          for_training=True)
-    model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
-    master_fp32(model)
-    apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks, compile_step=cfg.compile_step,
-                        trace_groups=cfg.trace_groups)
-    model.recompute_loss = not cfg.keep_logits
-    if cfg.compile_cache and main_rank:
-        loaded = load_compile_cache(cfg.compile_cache)
-        if loaded:
-            print(f"cacheaug: loaded {loaded / 2**20:.1f} MiB of compile artifacts from {cfg.compile_cache}")
-    if base.config._attn_implementation == "flex_attention":
-        allow_recompiles()
-    if main_rank and device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
-        print("cacheaug: tip: --compile-step graphs made Gemma 3 270M steps 6x faster on an H200 after a ~3 minute "
-              "compile (docs/performance.md)")
-    base_print = fingerprint(base)
-    if main_rank:
-        atomic.write_text(out_dir / RUN_CONFIG, json.dumps(
-            {"train": cfg.to_dict(), "base_fingerprint": base_print, "world_size": world}, indent=2) + "\n")
+    def barrier(self) -> None:
+        _barrier(self.world)
 
-    # --- data ------------------------------------------------------------------------------------------
-    if main_rank:
-        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())
-    if world > 1:
-        dist.barrier()
-        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())  # cached: only reads the key
-    if cfg.insertion == "marker" and cfg.trace_groups > 1:
-        raise ValueError("--insertion marker places the points itself: use --trace-groups 1")
-    marker_ids = tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] if cfg.insertion == "marker" else None
-    bos = tokenizer.bos_token_id
-    data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, rank, world, bos_id=bos)
-    heldout_tokens = load_tokens(token_dir, "heldout")
-    n_eval = min(cfg.eval_sequences, max(0, len(heldout_tokens) - 1) // cfg.seq_len)
-    heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0, bos_id=bos) if n_eval else None
-    eval_seqs = heldout.spread(n_eval) if n_eval else None
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (e.g. out of time)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
 
-    # --- resume weights, spread over ranks, optimizer ---------------------------------------------------
-    checkpoints = complete_checkpoints(out_dir) if cfg.resume else []
-    if checkpoints:
-        trained_on = read_config(checkpoints[-1])["base_model"]
-        if trained_on["fingerprint"] != base_print:
-            raise ValueError(
-                f"{checkpoints[-1]} was trained on base model {trained_on.get('name_or_path')!r} (fingerprint "
-                f"{trained_on['fingerprint']}), but this run's --model {cfg.model!r} has fingerprint {base_print}: "
-                "resume with the same --model, or train into a new --out-dir.")
-        load_trainable(model, checkpoints[-1])  # before any sharding: full tensors into full parameters
-    sharded = world > 1 and cfg.parallel == "fsdp"
-    ddp_model = model
-    if sharded:
-        shard_coprocessor(model, device)
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+        t = torch.tensor(float(flag), device=self.device)
+        dist.broadcast(t, 0)
+        return bool(t.item())
 
-        ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    opt = make_optimizer(model, cfg)
-    peak = [g["lr"] for g in opt.param_groups]
-    step, tokens_seen = 0, 0
-    if checkpoints:
-        state = load_trainer_state(checkpoints[-1], opt, data, rank=rank, world=world)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        if main_rank:
-            print(f"cacheaug: resumed from {checkpoints[-1]} at step {step}")
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` averaged over the ranks (in place)."""
+        if self.world > 1:
+            import torch.distributed as dist
 
-    # --- loop ------------------------------------------------------------------------------------------
-    log = MetricsLog(out_dir, main_rank)
-    interrupted = False
+            dist.all_reduce(t)
+            t /= self.world
+        return t
 
-    def on_sigterm(signum, frame):  # torchrun/cluster shutdown: save like Ctrl-C
-        raise KeyboardInterrupt
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
 
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main_rank and world == 1 else None
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main_rank))
-    running = torch.zeros((), device=device)
-    t_last, tokens_last = time.perf_counter(), tokens_seen
-    t_start, stopped_early, first_step = t_last, False, None
+            dist.barrier()
+            dist.destroy_process_group()
 
-    def out_of_time() -> bool:  # the same answer on every rank (rank 0 decides)
-        late = torch.tensor(float(cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes))
-        if world > 1:
-            late = late.to(device)
-            dist.broadcast(late, 0)
-        return bool(late.item())
 
-    def checkpoint_now() -> Path:
-        extra = {"tokens_seen": tokens_seen, "config": cfg.to_dict(), "stopped_early": stopped_early}
-        return save_checkpoint(out_dir, step, model, opt, data, extra, cfg.keep_last, rank=rank, world=world,
-                               sharded=sharded)
+class Trainer:
+    """The training recipe in parts: construction sets up (parallel context, model with its speed options, data,
+    optimizer, resume); :meth:`step` runs one optimizer step, :meth:`evaluate` the held-out evaluation,
+    :meth:`save` a checkpoint; :meth:`fit` is the loop (logging, evaluation and checkpoints on schedule, the time
+    budget, Ctrl-C/SIGTERM). ``base``/``tokenizer`` may be passed in (tests, notebooks); else ``cfg.model`` loads.
 
-    def evaluate_now() -> None:
-        if eval_seqs is None or not (main_rank or sharded):  # a sharded coprocessor needs every rank to run
-            return
-        losses = heldout_losses(model, eval_seqs, n_points=min(cfg.n_traces, cfg.seq_len - cfg.n_ahead))
-        if not main_rank:
-            return
+    >>> final = Trainer(TrainConfig(max_steps=10)).fit()  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True,
+                 parallel: ParallelContext | None = None):
+        self.cfg, self.progress = cfg, progress
+        self.par = parallel or ParallelContext.from_env(cfg.device)
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self._setup_model(base, tokenizer)
+        self._setup_data()
+        self._setup_optimizer()
+        self.log = MetricsLog(self.out_dir, self.par.main)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _setup_model(self, base, tokenizer) -> None:
+        from .base import load_base_model
+
+        cfg, par = self.cfg, self.par
+        if base is None:
+            dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+            base, tokenizer = load_base_model(cfg.model, device=par.device, dtype=dtype,
+                                              attn_implementation=cfg.attn_implementation, for_training=True)
+        self.base, self.tokenizer = base, tokenizer
+        model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
+        master_fp32(model)
+        apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks,
+                            compile_step=cfg.compile_step, trace_groups=cfg.trace_groups)
+        model.recompute_loss = not cfg.keep_logits
+        if cfg.compile_cache and par.main:
+            loaded = load_compile_cache(cfg.compile_cache)
+            if loaded:
+                print(f"cacheaug: loaded {loaded / 2**20:.1f} MiB of compile artifacts from {cfg.compile_cache}")
+        if base.config._attn_implementation == "flex_attention":
+            allow_recompiles()
+        if par.main and par.device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
+            print("cacheaug: tip: --compile-step graphs made Gemma 3 270M steps 6x faster on an H200 after a ~3 "
+                  "minute compile (docs/performance.md)")
+        self.model = model
+        self.base_fingerprint = fingerprint(base)
+        if par.main:
+            atomic.write_text(self.out_dir / RUN_CONFIG, json.dumps(
+                {"train": cfg.to_dict(), "base_fingerprint": self.base_fingerprint, "world_size": par.world},
+                indent=2) + "\n")
+
+    def _setup_data(self) -> None:
+        from .data import PackedSequences, build_token_files, load_tokens
+
+        cfg, par, tokenizer = self.cfg, self.par, self.tokenizer
+        if par.main:
+            token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())
+        if par.world > 1:
+            par.barrier()
+            token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())  # cached: only reads the key
+        if cfg.insertion == "marker" and cfg.trace_groups > 1:
+            raise ValueError("--insertion marker places the points itself: use --trace-groups 1")
+        self.marker_ids = tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] \
+            if cfg.insertion == "marker" else None
+        bos = tokenizer.bos_token_id
+        self.data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, par.rank, par.world,
+                                    bos_id=bos)
+        heldout_tokens = load_tokens(token_dir, "heldout")
+        n_eval = min(cfg.eval_sequences, max(0, len(heldout_tokens) - 1) // cfg.seq_len)
+        heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0, bos_id=bos) if n_eval else None
+        self.eval_seqs = heldout.spread(n_eval) if n_eval else None
+
+    def _setup_optimizer(self) -> None:
+        """Resume weights (before any sharding: full tensors into full parameters), spread over ranks, optimizer,
+        then the optimizer moments, RNG and data position of the newest checkpoint."""
+        cfg, par, model = self.cfg, self.par, self.model
+        checkpoints = complete_checkpoints(self.out_dir) if cfg.resume else []
+        if checkpoints:
+            trained_on = read_config(checkpoints[-1])["base_model"]
+            if trained_on["fingerprint"] != self.base_fingerprint:
+                raise ValueError(
+                    f"{checkpoints[-1]} was trained on base model {trained_on.get('name_or_path')!r} (fingerprint "
+                    f"{trained_on['fingerprint']}), but this run's --model {cfg.model!r} has fingerprint "
+                    f"{self.base_fingerprint}: resume with the same --model, or train into a new --out-dir.")
+            load_trainable(model, checkpoints[-1])
+        self.sharded = par.world > 1 and cfg.parallel == "fsdp"
+        self.ddp_model = model
+        if self.sharded:
+            shard_coprocessor(model, par.device)
+        elif par.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp_model = DistributedDataParallel(model, device_ids=[par.device] if par.device.type == "cuda"
+                                                     else None)
+        self.opt = make_optimizer(model, cfg)
+        self.peak_lr = [g["lr"] for g in self.opt.param_groups]
+        self.step_count, self.tokens_seen = 0, 0
+        if checkpoints:
+            state = load_trainer_state(checkpoints[-1], self.opt, self.data, rank=par.rank, world=par.world)
+            self.step_count, self.tokens_seen = state["step"], state["tokens_seen"]
+            if par.main:
+                print(f"cacheaug: resumed from {checkpoints[-1]} at step {self.step_count}")
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * par.world
+        self.stopped_early = False
+
+    # ------------------------------------------------------------------------------------------------ parts
+    def step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean loss as a device tensor
+        (no host sync)."""
+        cfg, par, model = self.cfg, self.par, self.model
+        mult = lr_multiplier(self.step_count, cfg)
+        for g, p in zip(self.opt.param_groups, self.peak_lr):
+            g["lr"] = p * mult
+        total = torch.zeros((), device=par.device)
+        for micro in range(cfg.grad_accum):
+            ids, keys = self.data.next_batch(cfg.batch_size)
+            positions = insertion_points(keys, cfg, ids, self.marker_ids)  # on the CPU: no device sync
+            ids = ids.to(par.device, non_blocking=True)
+            no_sync = par.world > 1 and micro < cfg.grad_accum - 1
+            if self.sharded:
+                model.coprocessor.set_requires_gradient_sync(not no_sync)
+            with self.ddp_model.no_sync() if no_sync and not self.sharded else nullcontext(), autocast_for(model):
+                out = self.ddp_model(ids, positions=positions)
+            (out.loss / cfg.grad_accum).backward()
+            total += out.loss.detach() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.tokens_seen += self.tokens_per_step
+        return total
+
+    def evaluate(self) -> list[float] | None:
+        """Held-out per-offset perplexity change vs the frozen model (logged); None without held-out data or on a
+        rank that does not take part."""
+        if self.eval_seqs is None or not (self.par.main or self.sharded):  # a sharded coprocessor: every rank runs
+            return None
+        cfg = self.cfg
+        losses = heldout_losses(self.model, self.eval_seqs, n_points=min(cfg.n_traces, cfg.seq_len - cfg.n_ahead))
+        if not self.par.main:
+            return None
         change = relative_ppl_change(losses)
-        log.write(step, tokens=tokens_seen, eval_loss=sum(losses["augmented"]) / cfg.n_ahead,
-                  eval_base_loss=sum(losses["base"]) / cfg.n_ahead, eval_losses=losses["augmented"],
-                  eval_base_losses=losses["base"], eval_points=losses["n_points"],
-                  **{f"eval_rel_ppl_offset_{o + 1}": c for o, c in enumerate(change)})
-        bar.write(f"step {step}: held-out ppl change by offset " + " ".join(f"{c:+.1f}%" for c in change[:8]))
+        self.log.write(self.step_count, tokens=self.tokens_seen, eval_loss=sum(losses["augmented"]) / cfg.n_ahead,
+                       eval_base_loss=sum(losses["base"]) / cfg.n_ahead, eval_losses=losses["augmented"],
+                       eval_base_losses=losses["base"], eval_points=losses["n_points"],
+                       **{f"eval_rel_ppl_offset_{o + 1}": c for o, c in enumerate(change)})
+        return change
 
-    try:
-        model.train()
-        while step < cfg.max_steps:
-            mult = lr_multiplier(step, cfg)
-            for g, p in zip(opt.param_groups, peak):
-                g["lr"] = p * mult
-            for micro in range(cfg.grad_accum):
-                ids, keys = data.next_batch(cfg.batch_size)
-                positions = insertion_points(keys, cfg, ids, marker_ids)  # on the CPU: checked without a device sync
-                ids = ids.to(device, non_blocking=True)
-                no_sync = world > 1 and micro < cfg.grad_accum - 1
-                if sharded:
-                    model.coprocessor.set_requires_gradient_sync(not no_sync)
-                with ddp_model.no_sync() if no_sync and not sharded else nullcontext(), autocast_for(model):
-                    out = ddp_model(ids, positions=positions)
-                (out.loss / cfg.grad_accum).backward()
-                running += out.loss.detach() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            bar.update(1)
-            if first_step is None:  # the compile (if any) happened here: time it, keep its artifacts
-                first_step = step
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                log.write(step, first_step_s=time.perf_counter() - t_start)
-                if cfg.compile_cache and main_rank and cfg.compile_step != "off":
-                    size = save_compile_cache(cfg.compile_cache)
-                    bar.write(f"cacheaug: first step after {time.perf_counter() - t_start:.1f} s; saved "
-                              f"{size / 2**20:.1f} MiB of compile artifacts to {cfg.compile_cache}")
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                if world > 1:  # the logged loss is the global batch's, not rank 0's share
-                    dist.all_reduce(running)
-                    running /= world
-                loss = (running / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)).item()
-                running.zero_()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"Non-finite training loss at step {step}: lower --lr or --soft-token-lr.")
-                now = time.perf_counter()
-                tps = (tokens_seen - tokens_last) / (now - t_last)
-                t_last, tokens_last = now, tokens_seen
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                log.write(step, loss=loss, tokens=tokens_seen, tokens_per_s=tps, lr=opt.param_groups[-1]["lr"])
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                evaluate_now()
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                checkpoint_now()
-            if cfg.max_minutes and step % cfg.log_every == 0 and step < cfg.max_steps and out_of_time():
-                stopped_early = True
-                bar.write(f"cacheaug: --max-minutes {cfg.max_minutes} reached at step {step} of {cfg.max_steps}")
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.write(f"cacheaug: interrupted at step {step}; saving a checkpoint (resume with the same command)")
-    finally:
-        bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-    if not interrupted:
-        evaluate_now()
-    final = checkpoint_now()
-    log.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return final
+    def save(self) -> Path:
+        """A checkpoint of the current step (every rank calls it)."""
+        extra = {"tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(), "stopped_early": self.stopped_early}
+        return save_checkpoint(self.out_dir, self.step_count, self.model, self.opt, self.data, extra,
+                               self.cfg.keep_last, rank=self.par.rank, world=self.par.world, sharded=self.sharded)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        """Train to ``max_steps`` (or the time budget, or Ctrl-C/SIGTERM), evaluating and saving on schedule;
+        returns the final checkpoint."""
+        from tqdm.auto import tqdm
+
+        cfg, par = self.cfg, self.par
+        interrupted = False
+
+        def on_sigterm(signum, frame):  # torchrun/cluster shutdown: save like Ctrl-C
+            raise KeyboardInterrupt
+
+        old_handler = signal.signal(signal.SIGTERM, on_sigterm) if par.main and par.world == 1 else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step_count, desc="train", unit="step",
+                   disable=not (self.progress and par.main))
+        running = torch.zeros((), device=par.device)
+        t_last, tokens_last = time.perf_counter(), self.tokens_seen
+        t_start, first_step = t_last, None
+        try:
+            self.model.train()
+            while self.step_count < cfg.max_steps:
+                running += self.step()
+                step = self.step_count
+                bar.update(1)
+                if first_step is None:  # the compile (if any) happened here: time it, keep its artifacts
+                    first_step = step
+                    if par.device.type == "cuda":
+                        torch.cuda.synchronize(par.device)
+                    self.log.write(step, first_step_s=time.perf_counter() - t_start)
+                    if cfg.compile_cache and par.main and cfg.compile_step != "off":
+                        size = save_compile_cache(cfg.compile_cache)
+                        bar.write(f"cacheaug: first step after {time.perf_counter() - t_start:.1f} s; saved "
+                                  f"{size / 2**20:.1f} MiB of compile artifacts to {cfg.compile_cache}")
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    par.mean(running)  # the logged loss is the global batch's, not rank 0's share
+                    loss = (running / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)).item()
+                    running.zero_()
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"Non-finite training loss at step {step}: lower --lr or "
+                                                 "--soft-token-lr.")
+                    now = time.perf_counter()
+                    tps = (self.tokens_seen - tokens_last) / (now - t_last)
+                    t_last, tokens_last = now, self.tokens_seen
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                    self.log.write(step, loss=loss, tokens=self.tokens_seen, tokens_per_s=tps,
+                                   lr=self.opt.param_groups[-1]["lr"])
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    self._evaluate_and_print(bar)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    self.save()
+                if cfg.max_minutes and step % cfg.log_every == 0 and step < cfg.max_steps and par.decide(
+                        time.perf_counter() - t_start > 60 * cfg.max_minutes):
+                    self.stopped_early = True
+                    bar.write(f"cacheaug: --max-minutes {cfg.max_minutes} reached at step {step} of {cfg.max_steps}")
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write(f"cacheaug: interrupted at step {self.step_count}; saving a checkpoint (resume with the same "
+                      "command)")
+        finally:
+            bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        if not interrupted:
+            self._evaluate_and_print(bar)
+        final = self.save()
+        self.log.close()
+        self.par.close()
+        return final
+
+    def _evaluate_and_print(self, bar) -> None:
+        change = self.evaluate()
+        if change is not None:
+            bar.write(f"step {self.step_count}: held-out ppl change by offset "
+                      + " ".join(f"{c:+.1f}%" for c in change[:8]))
+
+
+def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
+    """Train a coprocessor as ``cfg`` says; returns the final checkpoint folder (:class:`Trainer`'s ``fit``).
+
+    ``base``/``tokenizer`` may be passed in (tests, notebooks); else ``cfg.model`` is loaded.
+    """
+    return Trainer(cfg, base=base, tokenizer=tokenizer, progress=progress).fit()
