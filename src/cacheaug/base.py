@@ -32,8 +32,8 @@ def cache_home() -> Path:
 
 
 def default_attn_implementation(device: torch.device, model_type: str | None = None, for_training: bool = False) -> str:
-    """sdpa, for training too: on the H200 it trained the canonical config faster than flex_attention (33k vs
-    27k text tokens/s, docs/performance.md), and inference with flex compiles a kernel per sequence length.
+    """sdpa, for training too: on the H200 it trained the canonical config faster than flex_attention (figures in
+    docs/performance.md), and inference with flex compiles a kernel per sequence length.
     Gemma-2's attention soft-capping is dropped by sdpa: flex_attention for training on a GPU, else eager."""
     from .families import family_spec
 

@@ -8,7 +8,7 @@
 * ``trace_groups`` G: draw the K insertion points stratified, K/G in each of G equal segments of the sequence, so
   that the coprocessor and decoder passes of each group read only the text keys before its segment's end
   (masks.py, "trace groups"): the same losses for the same points, two thirds of the trace attention work at
-  G=2 (+6% at batch 32 on the H200). It changes which points are drawn (evenly spread instead of independent),
+  G=2 (measured in docs/performance.md). It changes which points are drawn (evenly spread instead of independent),
   not what is computed for them.
 
 * :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs

@@ -455,8 +455,8 @@ class Trainer:
         if base.config._attn_implementation == "flex_attention":
             allow_recompiles()
         if par.main and par.device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
-            print("cacheaug: tip: --compile-step graphs made Gemma 3 270M steps 6x faster on an H200 after a ~3 "
-                  "minute compile (docs/performance.md)")
+            print("cacheaug: tip: --compile-step graphs runs each step as one compiled graph, several times faster "
+                  "on a GPU after a compile of a few minutes (docs/performance.md)")
         self.model = model
         self.base_fingerprint = fingerprint(base)
         if par.main:
