@@ -99,7 +99,8 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt)}
+    row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt),
+           "traces_per_s": round(B * K / dt, 1)}  # insertion points trained per second: what the method learns from
     if model.arm.has_latents:  # the count below is for a coprocessor (pause: N_c ~ 0)
         flops = step_flops(model, B, T, K)
         row.update(counted_gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / dt / 1e12, 4))

@@ -18,6 +18,8 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     assert [(r["config"], r["loop"]) for r in rows] == [("copy:2", False), ("copy:2 profiled", False),
                                                         ("copy:2 B=3", False), ("copy:2", True)]
     assert all(r["text_tokens_per_s"] > 0 and r["counted_gflop_per_step"] > 0 for r in rows)
+    for r in rows:  # traces/s beside text tokens/s: K insertion points per sequence of 64 tokens
+        assert abs(r["traces_per_s"] - r["text_tokens_per_s"] * 4 / 64) <= 0.05 * r["traces_per_s"] + 1
     assert "aten::mm" in (tmp_path / "p.txt").read_text()  # the profile table names the kernels
 
 
