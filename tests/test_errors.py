@@ -135,7 +135,8 @@ def test_every_subcommand_reads_its_options_from_a_dataclass(tmp_path):
     from cacheaug.cli import main
 
     (tmp_path / "ppl.yaml").write_text("sequences: 0\nstride: 0\n")
-    with pytest.raises(SystemExit, match=r"^cacheaug eval ppl: --stride must be at least 1, got 0; --sequences"):
+    expected = r"^cacheaug eval ppl: --sequences must be at least 1, got 0; --stride must be at least 1, got 0$"
+    with pytest.raises(SystemExit, match=expected):
         main(["eval", "ppl", "--checkpoint", "x", "--config", str(tmp_path / "ppl.yaml")])
     (tmp_path / "serve.yaml").write_text("bogus: 1\n")
     with pytest.raises(SystemExit, match="unknown keys .*bogus"):

@@ -6,7 +6,7 @@ calls the library. A YAML file (``--config``) can set the same keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -15,26 +15,23 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _at_least(problems: list[str], **values) -> None:
-    for name, (value, low) in values.items():
-        low_ok = min(value) >= low if isinstance(value, tuple) else value >= low
-        if (isinstance(value, tuple) and not value) or not low_ok:
-            problems.append(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-
-
 class _Checked:
-    """Validation shared by the option dataclasses: ``_limits()`` maps option -> (value, lowest allowed value);
-    ``_problems()`` adds any other rule. Every problem is reported, in one ValueError."""
-
-    def _limits(self) -> dict:
-        return {}
+    """Validation shared by the option dataclasses: every field whose metadata has ``min`` must be at least that
+    (each element of a tuple, which must not be empty; ``None`` passes), and ``_problems()`` adds any other rule.
+    Every problem is reported, in one ValueError."""
 
     def _problems(self) -> list[str]:
         return []
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        _at_least(problems, **self._limits())
+        problems = []
+        for f in fields(self):
+            low, value = f.metadata.get("min"), getattr(self, f.name)
+            if low is None or value is None:
+                continue
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or min(values) < low:
+                problems.append(f"--{f.name.replace('_', '-')} must be at least {low}, got {value}")
         problems += self._problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -78,15 +75,12 @@ class PplConfig(_Split):
     """``cacheaug eval ppl``: held-out perplexity change by offset vs the frozen model, with bootstrap CIs."""
 
     checkpoint: tuple[str, ...] = _f((), "checkpoint or run folders (coprocessors and controls)", required=True)
-    seq_len: int = _f(1024, "tokens per evaluated sequence")
-    sequences: int = _f(64, "held-out sequences")
-    stride: int = _f(16, "an insertion point every STRIDE tokens (1 = every token)")
-    offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32), "offsets after the insertion point to report")
-    bootstrap: int = _f(1000, "bootstrap resamples")
+    seq_len: int = _f(1024, "tokens per evaluated sequence", min=2)
+    sequences: int = _f(64, "held-out sequences", min=1)
+    stride: int = _f(16, "an insertion point every STRIDE tokens (1 = every token)", min=1)
+    offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32), "offsets after the insertion point to report", min=1)
+    bootstrap: int = _f(1000, "bootstrap resamples", min=1)
 
-    def _limits(self) -> dict:
-        return dict(offsets=(self.offsets, 1), stride=(self.stride, 1), sequences=(self.sequences, 1),
-                    seq_len=(self.seq_len, 2), bootstrap=(self.bootstrap, 1))
 
     def run(self):
         from .evaluate import evaluate_ppl
@@ -108,20 +102,17 @@ class InsertionCostConfig(_Split):
 
     kinds: tuple[str, ...] = _f(KINDS, "fixed latents: token p's embedding repeated, untrained pause tokens, the "
                                 "untrained copy-init coprocessor", choices=lambda: KINDS)
-    latents: tuple[int, ...] = _f((1, 4, 16, 64), "N_L values")
+    latents: tuple[int, ...] = _f((1, 4, 16, 64), "N_L values", min=1)
     position_schemes: tuple[str, ...] = _f(("shifted",), "rotary position schemes (train --position-scheme)",
                                            choices=lambda: ("shifted", "shared", "overlap"))
     reread: tuple[str, ...] = _f(("off",), "without / with token p read again after the latents (train "
                                  "--reread-last)", choices=lambda: ("off", "on"))
-    offsets: tuple[int, ...] = _f((1, 2, 4, 8), "offsets after the insertion point")
+    offsets: tuple[int, ...] = _f((1, 2, 4, 8), "offsets after the insertion point", min=1)
     seq_len: int = _f(400, "tokens per window")
-    sequences: int = _f(24, "held-out windows")
-    points: int = _f(10, "insertion points per sequence, from T/4 on")
-    bootstrap: int = _f(1000, "bootstrap resamples")
+    sequences: int = _f(24, "held-out windows", min=1)
+    points: int = _f(10, "insertion points per sequence, from T/4 on", min=1)
+    bootstrap: int = _f(1000, "bootstrap resamples", min=1)
 
-    def _limits(self) -> dict:
-        return dict(latents=(self.latents, 1), offsets=(self.offsets, 1), points=(self.points, 1),
-                    sequences=(self.sequences, 1), bootstrap=(self.bootstrap, 1))
 
     def _problems(self) -> list[str]:
         if self.offsets and self.seq_len // 4 >= self.seq_len - 1 - max(self.offsets):
@@ -144,16 +135,13 @@ class StaleConfig(_Split):
     """``cacheaug eval stale``: staleness study, latents computed at p and inserted d tokens later."""
 
     checkpoint: str = _f("", "a coprocessor checkpoint (or run) folder", required=True)
-    delays: tuple[int, ...] = _f((0, 4, 16, 64), "staleness d in tokens")
-    offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16), "offsets after the insertion point")
-    sequences: int = _f(16, "held-out sequences")
-    points: int = _f(16, "insertion points per sequence")
+    delays: tuple[int, ...] = _f((0, 4, 16, 64), "staleness d in tokens", min=0)
+    offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16), "offsets after the insertion point", min=1)
+    sequences: int = _f(16, "held-out sequences", min=1)
+    points: int = _f(16, "insertion points per sequence", min=1)
     seq_len: int = _f(1024, "tokens per sequence")
-    bootstrap: int = _f(1000, "bootstrap resamples")
+    bootstrap: int = _f(1000, "bootstrap resamples", min=1)
 
-    def _limits(self) -> dict:
-        return dict(delays=(self.delays, 0), offsets=(self.offsets, 1), sequences=(self.sequences, 1),
-                    points=(self.points, 1), bootstrap=(self.bootstrap, 1))
 
     def run(self):
         from .evaluate import evaluate_staleness
@@ -172,14 +160,12 @@ class EvalSynthConfig(_Checked):
     checkpoint: tuple[str, ...] = _f((), "checkpoint or run folders (coprocessors and controls)", required=True)
     heldout: str = _f("", "heldout.jsonl written by `cacheaug data synth`", required=True)
     model: str = _f("gemma-3-270m", "the frozen decoder they were trained on")
-    per_row: int = _f(8, "problems per evaluated sequence (earlier ones are context)")
+    per_row: int = _f(8, "problems per evaluated sequence (earlier ones are context)", min=1)
     check_generate: int = _f(0, "also decode this many answers with generate() (the augment path) and report "
-                             "agreement with the parallel pass")
+                             "agreement with the parallel pass", min=0)
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     out: str | None = _f(None, "write the report as JSON here")
 
-    def _limits(self) -> dict:
-        return dict(per_row=(self.per_row, 1), check_generate=(self.check_generate, 0))
 
     def _problems(self) -> list[str]:
         if not Path(self.heldout).is_file():
@@ -200,11 +186,10 @@ class TasksConfig(_Checked):
 
     out: str | None = _f(None, "folder (default: $CACHEAUG_HOME/lm_eval_tasks)")
     tasks: tuple[str, ...] = _f((), "subset of tasks (default: all)")
-    max_docs: int | None = _f(None, "a seeded sample of at most this many documents per task (quick CPU runs)")
+    max_docs: int | None = _f(None, "a seeded sample of at most this many documents per task (quick CPU runs)",
+                              min=1)
     seed: int = _f(0, "seed of that sample")
 
-    def _limits(self) -> dict:
-        return dict(max_docs=(self.max_docs, 1)) if self.max_docs is not None else dict()
 
     def run(self):
         from .tasks import write_tasks
@@ -224,24 +209,20 @@ class ServeConfig(_Checked):
     host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server to the network)")
     port: int = _f(8000, "port")
     policy: Literal["off", "sync", "async"] = _f("sync", "default augmentation policy")
-    deadline_ms: int = _f(2000, "default wait for the latents")
-    async_grace_ms: int = _f(0, "async: how long the first token may wait for the latents")
+    deadline_ms: int = _f(2000, "default wait for the latents", min=0)
+    async_grace_ms: int = _f(0, "async: how long the first token may wait for the latents", min=0)
     max_stale_tokens: int = _f(64, "async: take latents that arrive after decoding began up to this many tokens "
                                "late; they go in at their true place and those tokens are replayed (0: only latents "
-                               "ready before the first token, within --async-grace-ms)")
+                               "ready before the first token, within --async-grace-ms)", min=0)
     store_dir: str | None = _f(None, "persist augmented prefixes here (safetensors)")
-    store_mib: int = _f(1024, "memory budget of the prefix store")
-    store_disk_mib: int = _f(10240, "disk budget of --store-dir (least recently used files are deleted past it)")
-    hard_timeout_ms: int = _f(30000, "a coprocessor call running longer is abandoned and its worker replaced")
-    max_concurrent: int = _f(8, "requests decoding at once (their steps are batched)")
-    max_queue: int = _f(16, "requests waiting before 429")
+    store_mib: int = _f(1024, "memory budget of the prefix store", min=0)
+    store_disk_mib: int = _f(10240, "disk budget of --store-dir (least recently used files are deleted past it)",
+                             min=0)
+    hard_timeout_ms: int = _f(30000, "a coprocessor call running longer is abandoned and its worker replaced", min=1)
+    max_concurrent: int = _f(8, "requests decoding at once (their steps are batched)", min=1)
+    max_queue: int = _f(16, "requests waiting before 429", min=0)
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
 
-    def _limits(self) -> dict:
-        return dict(max_concurrent=(self.max_concurrent, 1), max_queue=(self.max_queue, 0),
-                    store_mib=(self.store_mib, 0), store_disk_mib=(self.store_disk_mib, 0),
-                    deadline_ms=(self.deadline_ms, 0), async_grace_ms=(self.async_grace_ms, 0),
-                    max_stale_tokens=(self.max_stale_tokens, 0), hard_timeout_ms=(self.hard_timeout_ms, 1))
 
     def _problems(self) -> list[str]:
         return [] if 0 <= self.port <= 65535 else [f"--port must be in 0..65535, got {self.port}"]
@@ -273,12 +254,10 @@ class PrepareConfig(_Checked):
 class QuickstartConfig(_Checked):
     """``cacheaug quickstart``: the main job on the default model and corpus (CPU: ~12 min)."""
 
-    steps: int = _f(30, "optimizer steps for the coprocessor and for the control")
+    steps: int = _f(30, "optimizer steps for the coprocessor and for the control", min=1)
     out: str = _f("runs/quickstart", "output folder")
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
 
-    def _limits(self) -> dict:
-        return dict(steps=(self.steps, 1))
 
     def run(self):
         from .quickstart import run_quickstart
