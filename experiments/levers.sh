@@ -20,6 +20,17 @@
 # Each call is sized to CALL_S seconds (default 570) from its start. The copro arm saves its compile artifacts
 # (--compile-cache) in long1 and loads them into empty inductor / Triton caches in long2 (what a fresh machine
 # would see); the first step's time is in metrics.jsonl (first_step_s).
+# The third GPU session: is the unseen-source loss of the long run repetition (197M tokens = 22 passes over the
+# coprocessor's 8.9M-token half of the corpus) or traces? Same levers, three arms over three calls (resume as above):
+#   reg-k128   the coprocessor at K=128 traces per sequence (the paper's K), batch 8: the long run's 3.1M traces
+#              in 3,000 steps, from 24.6M tokens (2.8 passes) instead of 197M          (GPU 0)
+#   reg-lora   a rank-16 LoRA coprocessor (lr 3e-4) at K=16, batch 32, 3,000 steps (11 passes): fewer trainable
+#              weights against the same repetition                                  (GPU 1)
+#   reg-pause  pause tokens at K=128, batch 8, 1,500 steps (the control; flat in the long run)   (GPU 1)
+#   bash experiments/levers.sh reg1 $OUT    # token files; adapt (GPU 0) beside the bf16 equivalence of the levers
+#                                           # for the copy, lora and pause arms (GPU 1); the three arms
+#   bash experiments/levers.sh reg2 $OUT    # the arms continue; earlier checkpoints evaluated meanwhile
+#   bash experiments/levers.sh reg3 $OUT    # the arms continue, leaving time to evaluate every remaining checkpoint
 # Budget per arm: STEPS (default 600) steps of batch 32 x 1024 tokens, K=16 (19.7M text tokens, as the protocol run).
 set -uo pipefail
 stage=$1; out=${2:-out}; R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
@@ -68,6 +79,25 @@ long_report() {  # $1 stage: the arms' metrics and log tails
   for a in long-copro long-pause; do echo "== $a"; tr '\r' '\n' < "$R/l_$a.log" | grep -v "^train:" | tail -n 12
   done > "$out/train_$1.log"
 }
+REG_ARMS="reg-k128 reg-lora reg-pause"
+reg_arms() {  # $1: seconds to leave at the end of the call; the three arms of the third session until then
+  m=$(python3 -c "print(max(0.5, ($CALL_S - ($(date +%s) - $T0) - $1) / 60))")
+  L="$SPLIT --model $A --max-minutes $m --warmup-steps 60 --eval-every 0 --keep-last 20 --compile-step graphs \
+--keep-logits $LEVERS"
+  echo "reg arms: --max-minutes $m" | tee -a "$R/reg.log"
+  CUDA_VISIBLE_DEVICES=0 $C train $L --n-traces 128 --batch-size 8 --max-steps 3000 --save-every 500 \
+    --compile-cache "$R/cc_k128.bin" --out-dir "$R/l_reg-k128" >> "$R/l_reg-k128.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 $C train $L --init lora --lora-rank 16 --lr 3e-4 --batch-size 32 --max-steps 3000 \
+    --save-every 1000 --compile-cache "$R/cc_lora.bin" --out-dir "$R/l_reg-lora" >> "$R/l_reg-lora.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 $C train $L --init pause --n-traces 128 --batch-size 8 --max-steps 1500 --save-every 500 \
+    --compile-cache "$R/cc_pause128.bin" --out-dir "$R/l_reg-pause" >> "$R/l_reg-pause.log" 2>&1 &
+}
+reg_report() {  # $1 stage
+  metrics $REG_ARMS > "$out/metrics_$1.jsonl"
+  for a in $REG_ARMS; do echo "== $a"; tr '\r' '\n' < "$R/l_$a.log" | grep -v "^train:" | tail -n 12
+  done > "$out/train_$1.log"
+  nvidia-smi --query-gpu=index,memory.used --format=csv >> "$out/train_$1.log" 2>&1
+}
 COST="eval insertion-cost $SPLIT --model $A --latents 1 4 16 --position-schemes shifted shared overlap --reread off on"
 case $stage in
 long1)
@@ -96,6 +126,29 @@ long2|long3)
     wait
   fi
   long_report "$stage" ;;
+reg1)
+  python3 -c "from cacheaug.base import load_base_model; from cacheaug.data import Splits, build_token_files as b; \
+m, t = load_base_model('gemma-3-270m', device='cpu'); print(b(t, ['default'], Splits(1.0, 50.0, ('sotu',))))"
+  CUDA_VISIBLE_DEVICES=1 python3 scripts/check_equivalence.py --device cuda --backends sdpa --families gemma3 llama \
+    --real gemma-3-270m --inits copy lora pause --levers position_scheme=shared,reread_last=1,echo_residual=1 \
+    --out "$out/equivalence_cuda.json" > "$R/equiv.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 $C adapt $SPLIT --max-steps 400 --batch-size 16 --out-dir "$A" > "$R/adapt.log" 2>&1
+  wait
+  cp "$A/adapt_metrics.jsonl" "$out/"
+  tail -n 20 "$R/adapt.log" "$R/equiv.log" | tr '\r' '\n' | grep -v "it/s\]$" > "$out/prep_reg1.log"
+  reg_arms 40; wait
+  reg_report reg1 ;;
+reg2|reg3)
+  if [ "$stage" = reg2 ]; then reg_arms 40; else reg_arms 170; fi
+  eval_new 0 reg-k128 "${stage}a" &   # the previous call's checkpoints, while the steps compile or load
+  { eval_new 1 reg-lora "${stage}a"; eval_new 1 reg-pause "${stage}a"; } &
+  wait
+  if [ "$stage" = reg3 ]; then
+    eval_new 0 reg-k128 "${stage}b" &
+    { eval_new 1 reg-lora "${stage}b"; eval_new 1 reg-pause "${stage}b"; } &
+    wait
+  fi
+  reg_report "$stage" ;;
 prep)
   python3 -c "from cacheaug.base import load_base_model; from cacheaug.data import Splits, build_token_files as b; \
 m, t = load_base_model('gemma-3-270m', device='cpu'); print(b(t, ['default'], Splits(1.0, 50.0, ('sotu',))))"

@@ -98,6 +98,8 @@ def main() -> None:
                     help="run the real model's training pass with this many trace groups (its points fit G=2 and 4)")
     ap.add_argument("--levers", default="", help="coprocessor levers for every case, e.g. "
                     "'position_scheme=shared,reread_last=1,echo_residual=1,readout=pre_norm' (CoprocessorConfig fields)")
+    ap.add_argument("--inits", nargs="+", default=["copy"],
+                    help="arms with latents checked on the tiny models (cacheaug.arms), e.g. copy lora scratch pause")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     levers = {}
@@ -120,11 +122,14 @@ def main() -> None:
         for family in args.families:
             if backend == "sdpa" and attn_for(family) != "sdpa":
                 continue  # refused by design: sdpa would change the model (Gemma-2's soft-capping)
-            model = CacheAugmentedLM(tiny_model(family, backend, device=device), CoprocessorConfig(3, 5, 4, **levers))
-            perturb_trainable(model)
-            ids = torch.randint(3, 128, (2, 40), generator=g).to(device)
-            positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]], device=device)
-            record({"model": f"tiny-{family}", "backend": backend, "T": 40, **check(model, ids, positions)})
+            for init in args.inits:
+                cfg = CoprocessorConfig(3, 5, 4, init=init, lora_rank=4, **levers)
+                model = CacheAugmentedLM(tiny_model(family, backend, device=device), cfg)
+                perturb_trainable(model)
+                ids = torch.randint(3, 128, (2, 40), generator=g).to(device)
+                positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]], device=device)
+                record({"model": f"tiny-{family}", "init": init, "backend": backend, "T": 40,
+                        **check(model, ids, positions)})
         if args.real:
             fp32 = backend not in args.real_bf16_only
             dtype = torch.float32 if fp32 else torch.bfloat16

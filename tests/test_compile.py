@@ -30,7 +30,8 @@ LEVERS = dict(position_scheme="shared", reread_last=True, echo_residual=True, re
 
 
 @pytest.mark.parametrize("family,init,levers", [("gemma3", "copy", {}), ("qwen3", "copy", {}),
-                                                ("gemma3", "lora-decoder", {}), ("gemma3", "copy", LEVERS)])
+                                                ("gemma3", "lora-decoder", {}), ("gemma3", "copy", LEVERS),
+                                                ("gemma3", "lora", LEVERS), ("gemma3", "pause", {**LEVERS, "readout": "final_norm"})])
 def test_compiled_training_pass_is_one_graph_equal_to_eager(family, init, levers):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
