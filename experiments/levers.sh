@@ -22,8 +22,8 @@
 # would see); the first step's time is in metrics.jsonl (first_step_s).
 # The third GPU session: is the unseen-source loss of the long run repetition (197M tokens = 22 passes over the
 # coprocessor's 8.9M-token half of the corpus) or traces? Same levers, three arms over three calls (resume as above):
-#   reg-k128   the coprocessor at K=128 traces per sequence (the paper's K), batch 8: the long run's 3.1M traces
-#              in 3,000 steps, from 24.6M tokens (2.8 passes) instead of 197M          (GPU 0)
+#   reg-k128   the coprocessor at K=128 traces per sequence (the paper's K), batch 8: 2.6M traces (the long run's 5,000 steps)
+#              in 2,500 steps, from 20.5M tokens (2.3 passes) instead of 164M            (GPU 0)
 #   reg-lora   a rank-16 LoRA coprocessor (lr 3e-4) at K=16, batch 32, 3,000 steps (11 passes): fewer trainable
 #              weights against the same repetition                                  (GPU 1)
 #   reg-pause  pause tokens at K=128, batch 8, 1,500 steps (the control; flat in the long run)   (GPU 1)
@@ -85,7 +85,7 @@ reg_arms() {  # $1: seconds to leave at the end of the call; the three arms of t
   L="$SPLIT --model $A --max-minutes $m --warmup-steps 60 --eval-every 0 --keep-last 20 --compile-step graphs \
 --keep-logits $LEVERS"
   echo "reg arms: --max-minutes $m" | tee -a "$R/reg.log"
-  CUDA_VISIBLE_DEVICES=0 $C train $L --n-traces 128 --batch-size 8 --max-steps 3000 --save-every 500 \
+  CUDA_VISIBLE_DEVICES=0 $C train $L --n-traces 128 --batch-size 8 --max-steps 2500 --save-every 500 \
     --compile-cache "$R/cc_k128.bin" --out-dir "$R/l_reg-k128" >> "$R/l_reg-k128.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 $C train $L --init lora --lora-rank 16 --lr 3e-4 --batch-size 32 --max-steps 3000 \
     --save-every 1000 --compile-cache "$R/cc_lora.bin" --out-dir "$R/l_reg-lora" >> "$R/l_reg-lora.log" 2>&1 &
