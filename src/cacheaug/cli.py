@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import typing
@@ -216,8 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_plugins() -> None:
+    """Import the modules named in ``CACHEAUG_PLUGINS`` (comma-separated), so that the arms, families and serving
+    policies they register are choices of every subcommand (``--init``, ``--policy``, ...)."""
+    for name in filter(None, (n.strip() for n in os.environ.get("CACHEAUG_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise SystemExit(f"cacheaug: CACHEAUG_PLUGINS names {name!r}, which cannot be imported ({err}); put its "
+                             "folder on PYTHONPATH") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    load_plugins()
     if argv[:2] == ["eval", "harness"]:
         return run_harness(argv[2:])  # every lm-eval option passes through untouched (argparse would claim them)
     args = build_parser().parse_args(argv)

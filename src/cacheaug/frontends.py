@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
 
 
 def _f(default, help: str, **kw):
@@ -200,6 +199,12 @@ class TasksConfig(_Checked):
         return folder
 
 
+def _policy_names() -> tuple[str, ...]:
+    from .serving.policies import policy_names
+
+    return policy_names()
+
+
 @dataclass(frozen=True)
 class ServeConfig(_Checked):
     """``cacheaug serve``: the OpenAI-compatible HTTP server with cache augmentation."""
@@ -208,7 +213,8 @@ class ServeConfig(_Checked):
     coprocessor: str | None = _f(None, "coprocessor checkpoint or run folder (none: plain decoding)")
     host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server to the network)")
     port: int = _f(8000, "port")
-    policy: Literal["off", "sync", "async"] = _f("sync", "default augmentation policy")
+    policy: str = _f("sync", "default augmentation policy (cacheaug.serving.policies; more with CACHEAUG_PLUGINS)",
+                     choices=_policy_names)
     deadline_ms: int = _f(2000, "default wait for the latents", min=0)
     async_grace_ms: int = _f(0, "async: how long the first token may wait for the latents", min=0)
     max_stale_tokens: int = _f(64, "async: take latents that arrive after decoding began up to this many tokens "
@@ -225,7 +231,12 @@ class ServeConfig(_Checked):
 
 
     def _problems(self) -> list[str]:
-        return [] if 0 <= self.port <= 65535 else [f"--port must be in 0..65535, got {self.port}"]
+        from .serving.policies import policy_names
+
+        problems = [] if 0 <= self.port <= 65535 else [f"--port must be in 0..65535, got {self.port}"]
+        if self.policy not in policy_names():
+            problems.append(f"--policy must be one of {', '.join(policy_names())}, got {self.policy!r}")
+        return problems
 
     def run(self) -> None:
         from .serving.server import serve

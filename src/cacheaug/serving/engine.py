@@ -1,6 +1,6 @@
 """Serving engine: the decoder never waits for the coprocessor longer than the request allows.
 
-Policies per request:
+Policies per request (strategy objects in :mod:`~cacheaug.serving.policies`, where more can be registered):
   ``off``    plain decoding by the frozen model;
   ``sync``   augment the prompt, then decode (the paper's benchmark setting); if the coprocessor fails or misses
              the deadline, decode unaugmented;
@@ -13,6 +13,8 @@ Policies per request:
              the staleness study of docs/results.md.) With ``async_grace_s`` > 0 the first token waits that
              long for the latents. After the deadline, on failure, or beyond ``max_stale_tokens`` tokens:
              decode unaugmented.
+Each request is a :class:`~cacheaug.serving.policies.Request` (waiting, prefilling, waiting for latents, decoding,
+done or cancelled); the engine decodes, and calls the policy's hooks after the prefill and around each token.
 
 Offline augmentation: :meth:`Engine.augment_prefix` stores the augmented cache of a shared prefix (a document,
 a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later request that starts with that prefix
@@ -33,7 +35,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from transformers import DynamicCache
@@ -42,10 +43,8 @@ from .. import kv
 from ..model import CacheAugmentedLM
 from ..sampling import SamplingParams, next_token
 from .batching import CoprocessorTimeout, LatentsWorker, StepBatcher
+from .policies import Request, get_policy, policy_names
 from .store import CacheStore
-
-Policy = Literal["off", "sync", "async"]
-
 
 @dataclass
 class Stats:
@@ -59,13 +58,17 @@ class Stats:
     cancelled: int = 0
     store_hits: int = 0
     worker_restarts: int = 0
-    by_policy: dict = field(default_factory=lambda: {"off": 0, "sync": 0, "async": 0})
+    by_policy: dict = field(default_factory=lambda: {name: 0 for name in policy_names()})
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
         with self._lock:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
+
+    def count_policy(self, name: str) -> None:
+        with self._lock:
+            self.by_policy[name] = self.by_policy.get(name, 0) + 1
 
 
 @dataclass
@@ -158,74 +161,108 @@ class Engine:
         return cache, self._forward(cache, ids, augmented=False), False
 
     @torch.no_grad()
-    def stream(self, prompt: list[int], max_new_tokens: int, *, policy: Policy = "sync", deadline_s: float | None = None,
+    def stream(self, prompt: list[int], max_new_tokens: int, *, policy: str = "sync", deadline_s: float | None = None,
                temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
                seed: int | None = None, cancel: threading.Event | None = None,
                info: dict | None = None) -> Iterator[Step]:
-        """Decode up to ``max_new_tokens`` after ``prompt`` (token ids), yielding :class:`Step` per token. With
+        """Decode up to ``max_new_tokens`` after ``prompt`` (token ids), yielding :class:`Step` per token, with the
+        augmentation ``policy`` (:mod:`~cacheaug.serving.policies`: off, sync, async or a registered one). With
         ``cancel`` set the request stops before its next token; ``info`` (a dict) receives this request's own
-        ``outcome`` (``augmented``, ``late``, ``failed`` or ``None``) and ``cancelled``."""
-        if policy not in ("off", "sync", "async"):
-            raise ValueError(f"policy must be 'off', 'sync' or 'async', got {policy!r}")
+        ``outcome`` (``augmented``, ``late``, ``failed`` or ``None``), ``cancelled`` and its ``states``."""
+        strategy = get_policy(policy)
         if not prompt:
             raise ValueError("the prompt has no tokens")
         info = {} if info is None else info
         info.update(outcome=None, cancelled=False)
+        req = Request(list(prompt), self.clock() + (self.default_deadline_s if deadline_s is None else deadline_s),
+                      policy, cancel, info)
+        info["states"] = req.history
+        req.enter("waiting")
         self.stats.add(requests=1)
-        with self.stats._lock:
-            self.stats.by_policy[policy] += 1
-        start = time.monotonic()
-        deadline = start + (self.default_deadline_s if deadline_s is None else deadline_s)
+        self.stats.count_policy(policy)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache, logits, from_store = self.prefill(prompt)
-        augmented = from_store
-        inserted_after = 0 if from_store else None
-        future = None
-        wants = policy != "off" and self.model.enabled and not from_store
-        P = len(prompt)
-        submitted = wants and (policy == "sync" or self.async_grace_s > 0)
-        if submitted:
-            future = self.submit_latents(cache, P, prompt[-1])
-            wait = deadline - time.monotonic() if policy == "sync" else min(self.async_grace_s, deadline - time.monotonic())
-            logits, augmented, future = self._try_insert(future, cache, logits, max(0.0, wait), prompt[-1], info)
-            if augmented:
-                inserted_after = 0
-        generated: list[int] = []
-        for n in range(max_new_tokens):
-            if cancel is not None and cancel.is_set():  # the client went away: free the slot now
-                info["cancelled"] = True
-                self.stats.add(cancelled=1)
-                if future is not None:
-                    future.cancel()  # skipped by the worker if still queued
-                    future = None
-                break
-            if future is not None and policy == "async" and n > 0:
-                if time.monotonic() > deadline or n > self.max_stale_tokens:
-                    future.cancel()
-                    self._late(info)
-                    future = None
-                elif future.done():
-                    latents = self._latents_or_none(future, info)
-                    future = None
-                    if latents is not None:  # at their true place; replay the tokens decoded meanwhile
-                        cache, logits = self._insert_and_replay(cache, prompt, latents, generated)
-                        augmented, inserted_after = True, n
-                        info["outcome"] = "augmented"
-            token = self._choose(logits, temperature, top_p, generator)
-            generated.append(token)
-            yield Step(token, augmented, inserted_after)
-            if token in stop_ids or n == max_new_tokens - 1:
-                break
-            if wants and not submitted:  # async: only after the first token, which never waits for the coprocessor
-                future, submitted = self.submit_latents(cache, P, prompt[-1]), True
-            if self.batcher is not None:  # batched with the other requests' steps
-                position = self.model.next_position(cache.get_seq_length(), augmented)
-                cache, logits = self.batcher.step(cache, token, position)
-            else:
-                logits = self._forward(cache, torch.tensor([[token]], device=self.model.device), augmented)
-        if future is not None:  # never arrived in time; a job still queued is skipped
-            future.cancel()
-            self._late(info)
+        try:
+            req.enter("prefilling")
+            req.cache, req.logits, from_store = self.prefill(req.prompt)
+            if from_store:
+                req.augmented, req.inserted_after = True, 0
+            req.wants = self.model.enabled and not from_store
+            strategy.after_prefill(self, req)
+            req.enter("decoding")
+            for _ in range(max_new_tokens):
+                if cancel is not None and cancel.is_set():  # the client went away: free the slot now
+                    info["cancelled"] = True
+                    self.stats.add(cancelled=1)
+                    if req.future is not None:
+                        req.future.cancel()  # skipped by the worker if still queued
+                        req.future = None
+                    break
+                strategy.before_token(self, req)
+                token = self._choose(req.logits, temperature, top_p, generator)
+                req.generated.append(token)
+                yield Step(token, req.augmented, req.inserted_after)
+                if token in stop_ids or req.n == max_new_tokens:
+                    break
+                strategy.after_token(self, req)
+                if self.batcher is not None:  # batched with the other requests' steps
+                    position = self.model.next_position(req.cache.get_seq_length(), req.augmented)
+                    req.cache, req.logits = self.batcher.step(req.cache, token, position)
+                else:
+                    req.logits = self._forward(req.cache, torch.tensor([[token]], device=self.model.device),
+                                               req.augmented)
+            if req.future is not None:  # never arrived in time; a job still queued is skipped
+                self.give_up(req)
+        finally:
+            req.enter("cancelled" if info["cancelled"] else "done")
+            if req.future is not None:  # the consumer stopped early (closed generator): drop the call quietly
+                req.future.cancel()
+
+    # ------------------------------------------------------------------------------------- policy primitives
+    clock = staticmethod(time.monotonic)
+
+    def submit(self, req: Request) -> None:
+        """Queue the coprocessor on ``req``'s prompt (a snapshot of its cache: decoding goes on)."""
+        req.future = self.submit_latents(req.cache, len(req.prompt), req.prompt[-1])
+        req.submitted = True
+
+    def wait_and_insert(self, req: Request, seconds: float) -> None:
+        """Wait at most ``seconds`` for ``req``'s latents and insert them; a call still running stays pending in
+        ``req.future``."""
+        if req.future is None:
+            return
+        decoding = req.state == "decoding"
+        req.enter("waiting_for_latents")
+        try:
+            req.future.exception(timeout=max(0.0, seconds))  # wait, without raising the call's own error here
+        except (cf.TimeoutError, cf.CancelledError):
+            pass  # still pending / cancelled (counted as failed by insert_if_ready)
+        self.insert_if_ready(req)
+        if decoding:
+            req.enter("decoding")
+
+    def insert_if_ready(self, req: Request) -> None:
+        """If ``req``'s latents have arrived, insert them at their true place (right after the prompt), replaying
+        the tokens decoded since; a failed call is counted and the request goes on unaugmented."""
+        if req.future is None or not req.future.done():
+            return
+        latents = self._latents_or_none(req.future, req.info)
+        req.future = None
+        if latents is None:
+            return
+        if req.n == 0:
+            req.logits = self._insert(req.cache, latents, req.prompt[-1])
+            self.stats.add(augmented=1)
+        else:
+            req.cache, req.logits = self._insert_and_replay(req.cache, req.prompt, latents, req.generated)
+        req.augmented, req.inserted_after = True, req.n
+        req.info["outcome"] = "augmented"
+
+    def give_up(self, req: Request) -> None:
+        """Drop ``req``'s pending coprocessor call (skipped by the worker if still queued) and count it late."""
+        if req.future is not None:
+            req.future.cancel()
+            req.future = None
+            self._late(req.info)
 
     def _late(self, info: dict) -> None:
         info["outcome"] = "late"
@@ -258,21 +295,6 @@ class Engine:
             warnings.warn(f"cacheaug: coprocessor failed ({type(err).__name__}: {err}); decoding without it.",
                           stacklevel=3)
             return None
-
-    def _try_insert(self, future: cf.Future, cache, logits, wait_s: float, last_token: int, info: dict):
-        """Insert the latents if ``future`` delivers within ``wait_s``; returns (logits, augmented, pending future)."""
-        try:
-            future.exception(timeout=wait_s)  # wait, without raising the call's own error here
-        except cf.TimeoutError:
-            return logits, False, future  # still pending
-        except cf.CancelledError:
-            pass
-        latents = self._latents_or_none(future, info)
-        if latents is None:
-            return logits, False, None
-        self.stats.add(augmented=1)
-        info["outcome"] = "augmented"
-        return self._insert(cache, latents, last_token), True, None
 
     def generate(self, prompt: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], dict]:
         """All tokens of :meth:`stream` at once, and a summary of the augmentation."""

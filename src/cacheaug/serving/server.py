@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .engine import Engine
+from .policies import get_policy
 
 
 def _utf8(text: str) -> str:
@@ -40,7 +41,13 @@ def _utf8(text: str) -> str:
     return text
 
 
+def _policy(name: str) -> str:
+    get_policy(name)  # ValueError naming the registered policies: a 422
+    return name
+
+
 Text = Annotated[str, AfterValidator(_utf8)]
+PolicyName = Annotated[str, AfterValidator(_policy)]
 Float = partial(Field, allow_inf_nan=False)
 
 
@@ -59,7 +66,7 @@ class _Sampling(BaseModel):
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
     stop: list[Text] | Text | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    augment: Literal["off", "sync", "async"] | None = None
+    augment: PolicyName | None = None  # a registered policy (cacheaug.serving.policies): off, sync, async, ...
     deadline_ms: int | None = Field(default=None, ge=0, le=600_000)
     user: str | None = None
     n: Literal[1] = 1

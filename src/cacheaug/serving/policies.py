@@ -1,0 +1,162 @@
+"""Augmentation policies: small strategy objects with hooks, called by :meth:`Engine.stream` for each request.
+
+A request (:class:`Request`) moves through the states ``waiting`` -> ``prefilling`` -> (``waiting_for_latents``)
+-> ``decoding`` -> ``done`` or ``cancelled``. The engine owns decoding; a policy only decides *when* the
+coprocessor runs and *when* its latents go in, through three hooks and the engine's primitives:
+
+- ``after_prefill(engine, req)``: the prompt is cached, no token chosen yet;
+- ``before_token(engine, req)``: before the token number ``req.n`` (0-based) is chosen;
+- ``after_token(engine, req)``: after it was chosen and handed to the client, before the next decoding step.
+
+The primitives: ``engine.submit(req)`` queues the coprocessor on the prompt (a snapshot of the cache: decoding
+goes on); ``engine.wait_and_insert(req, seconds)`` waits that long at most for the latents and inserts them;
+``engine.insert_if_ready(req)`` inserts them if they have arrived (at their true place, right after the prompt,
+replaying the tokens decoded meanwhile: the request then continues exactly as if augmented before its first
+token); ``engine.give_up(req)`` drops a pending call and counts the request late. Whatever is still pending when
+the request ends is given up. ``req.deadline`` (monotonic seconds) is the request's own limit.
+
+Adding a policy is one new file and one line::
+
+    from cacheaug.serving.policies import Policy, register_policy
+
+    class AfterTwo(Policy):
+        name, summary = "after-two", "start the coprocessor after two tokens, take its latents when they come"
+
+        def after_token(self, engine, req):
+            if req.n == 1 and req.wants:
+                engine.submit(req)
+
+        def before_token(self, engine, req):
+            engine.insert_if_ready(req)
+
+    register_policy(AfterTwo())
+
+after which ``Engine.stream(..., policy="after-two")``, the server's ``"augment": "after-two"`` and
+``cacheaug serve --policy after-two`` accept it (``tests/test_serving_policies.py`` does exactly this).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DynamicCache
+
+    from .engine import Engine
+
+State = Literal["waiting", "prefilling", "waiting_for_latents", "decoding", "done", "cancelled"]
+
+
+@dataclass
+class Request:
+    """One request's state inside the engine (the cache, the logits for its next token, the pending coprocessor
+    call) and its outcome: ``info["outcome"]`` is ``augmented``, ``late``, ``failed`` or None."""
+
+    prompt: list[int]
+    deadline: float
+    policy: str
+    cancel: threading.Event | None = None
+    info: dict = field(default_factory=dict)
+    state: State = "waiting"
+    cache: DynamicCache | None = None
+    logits: torch.Tensor | None = None
+    augmented: bool = False  # latents are in the cache
+    inserted_after: int | None = None  # tokens decoded before they went in (0: before the first token)
+    wants: bool = False  # the policy may augment: a coprocessor is loaded and the prompt was not in the store
+    future: cf.Future | None = None  # a pending coprocessor call
+    submitted: bool = False
+    generated: list[int] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)  # the states it went through, in order
+
+    @property
+    def n(self) -> int:
+        """Tokens decoded so far."""
+        return len(self.generated)
+
+    def enter(self, state: State) -> None:
+        self.state = state
+        self.history.append(state)
+
+
+class Policy:
+    """Base policy: never augments (the hooks do nothing). Subclasses set ``name`` and ``summary``."""
+
+    name: str = ""
+    summary: str = ""
+
+    def after_prefill(self, engine: Engine, req: Request) -> None:
+        pass
+
+    def before_token(self, engine: Engine, req: Request) -> None:
+        pass
+
+    def after_token(self, engine: Engine, req: Request) -> None:
+        pass
+
+
+class Off(Policy):
+    name, summary = "off", "plain decoding by the frozen model"
+
+
+class Sync(Policy):
+    name, summary = "sync", ("augment the prompt, then decode (the paper's setting); past the deadline or on failure, "
+                             "decode unaugmented")
+
+    def after_prefill(self, engine, req):
+        if req.wants:
+            engine.submit(req)
+            engine.wait_and_insert(req, req.deadline - engine.clock())
+            if req.future is not None:  # missed the deadline: not waited for again
+                engine.give_up(req)
+
+
+class Async(Policy):
+    name, summary = "async", ("the first token at once (or within the grace time); latents that arrive later go in "
+                              "at their true place and the tokens decoded meanwhile are replayed")
+
+    def after_prefill(self, engine, req):
+        if req.wants and engine.async_grace_s > 0:
+            engine.submit(req)
+            engine.wait_and_insert(req, min(engine.async_grace_s, req.deadline - engine.clock()))
+
+    def before_token(self, engine, req):
+        if req.future is None or req.n == 0:
+            return
+        if engine.clock() > req.deadline or req.n > engine.max_stale_tokens:
+            engine.give_up(req)
+        else:
+            engine.insert_if_ready(req)
+
+    def after_token(self, engine, req):
+        if req.wants and not req.submitted:  # only after the first token, which never waits for the coprocessor
+            engine.submit(req)
+
+
+_POLICIES: dict[str, Policy] = {}
+
+
+def register_policy(policy: Policy) -> Policy:
+    """Make ``policy`` available by its name to the engine, the server and ``cacheaug serve --policy``."""
+    if not isinstance(policy, Policy) or not policy.name or not isinstance(policy.name, str):
+        raise ValueError(f"a policy is a Policy instance with a name, got {policy!r}")
+    _POLICIES[policy.name] = policy
+    return policy
+
+
+def policy_names() -> tuple[str, ...]:
+    return tuple(_POLICIES)
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return _POLICIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown augmentation policy {name!r}; choose one of {', '.join(policy_names())}") from None
+
+
+for _p in (Off(), Sync(), Async()):
+    register_policy(_p)
