@@ -7,7 +7,7 @@ import gzip
 import json
 
 from cacheaug.base import load_gemma3_tokenizer
-from cacheaug.data import DEFAULT_PACKAGES, default_dir
+from cacheaug.corpus import DEFAULT_PACKAGES, default_dir
 
 tok = load_gemma3_tokenizer()
 total = [0, 0, 0]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
-from cacheaug.data import builtin_text
+from cacheaug.corpus import builtin_text
 from cacheaug.masks import groups_fitting
 from cacheaug.testing import FAMILIES, attn_for, perturb_trainable, reference_losses, tiny_model
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from cacheaug.data import PackedSequences, Splits, build_token_files, is_heldout, iter_documents, load_tokens
+from cacheaug.corpus import iter_documents
+from cacheaug.data import PackedSequences, Splits, build_token_files, is_heldout, load_tokens
 from cacheaug.testing import tiny_corpus, tiny_tokenizer
 
 
@@ -137,7 +138,7 @@ def test_default_corpus_extractors_keep_prose_and_drop_tables(tmp_path):
     import json as _json
     import tarfile
 
-    from cacheaug.data import DEFAULT_PACKAGES, _chunked, _moby_docs, _prose_paragraphs
+    from cacheaug.corpus import DEFAULT_PACKAGES, _chunked, _moby_docs, _prose_paragraphs
 
     assert {"moby", "jargon", "debref"} <= set(DEFAULT_PACKAGES)  # a novel, a glossary, a manual
     manual = ("Contents\n\n    1. Intro\n    1.1. Scope\n    1.2. Terms\n\n"

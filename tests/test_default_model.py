@@ -7,7 +7,7 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
 from cacheaug.base import GOLDEN_IDS, GOLDEN_TEXT
-from cacheaug.data import builtin_text
+from cacheaug.corpus import builtin_text
 from cacheaug.testing import max_trace_error, perturb_trainable
 
 pytestmark = pytest.mark.slow

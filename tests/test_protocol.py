@@ -136,7 +136,7 @@ def _fake_registry(texts: list[str]):
 def test_data_prepare_then_adapt_train_and_evaluate_on_the_default_corpus(tmp_path, monkeypatch, capsys):
     """The four commands of the protocol, as users type them, on the default corpus built by `data prepare`
     (the registry downloads replaced by package-shaped archives; the extraction code is the real one)."""
-    from cacheaug import data
+    from cacheaug import corpus as data
 
     texts = tiny_corpus(tmp_path / "words", n_docs=70, seed=5)
     registry = _fake_registry(texts)
@@ -176,7 +176,7 @@ def test_data_prepare_then_adapt_train_and_evaluate_on_the_default_corpus(tmp_pa
 
 
 def test_debian_packages_unpack_without_dpkg(tmp_path, monkeypatch):
-    from cacheaug import data
+    from cacheaug import corpus as data
 
     deb = _deb(tmp_path / "x.deb", {"usr/share/a/b.txt.gz": b"payload", "usr/share/a/c.rst": b"other"})
     monkeypatch.setattr(data.shutil, "which", lambda tool: None)

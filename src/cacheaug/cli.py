@@ -87,7 +87,7 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 def check_sources_and_model(cfg) -> None:
     """Fail before loading anything when the model or data obviously cannot be found."""
     from .base import GEMMA_3_270M
-    from .data import DEFAULT_PACKAGES, default_dir
+    from .corpus import DEFAULT_PACKAGES, default_dir
 
     looks_local = cfg.model.startswith((".", "/", "~")) or Path(cfg.model).exists()
     if cfg.model != GEMMA_3_270M and looks_local and not Path(cfg.model).expanduser().is_dir():

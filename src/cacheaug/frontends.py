@@ -256,7 +256,7 @@ class PrepareConfig(_Checked):
     force: bool = _f(False, "rebuild even if present")
 
     def run(self):
-        from .data import prepare_default
+        from .corpus import prepare_default
 
         return prepare_default(force=self.force)
 

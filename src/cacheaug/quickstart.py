@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 from .base import load_base_model
-from .data import prepare_default
+from .corpus import prepare_default
 from .evaluate import relative_ppl_change
 from .model import CacheAugmentedLM
 from .train import TrainConfig, train

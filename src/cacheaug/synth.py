@@ -158,7 +158,8 @@ def line(question: str, answer: str) -> str:
 
 def generate_synth(cfg: SynthConfig) -> Path:
     """Write the corpus described in the module docstring; returns the output folder."""
-    from .data import Splits, iter_named_documents
+    from .corpus import iter_named_documents
+    from .data import Splits
 
     out = Path(cfg.out)
     (out / "train").mkdir(parents=True, exist_ok=True)

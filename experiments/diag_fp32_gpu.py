@@ -1,5 +1,5 @@
 """Diagnostic: training pass vs reference in fp32 on a random-init Gemma-3-270M-shaped model (no weights needed),
-with TF32 matmuls off ("highest") and on ("high"). Run on a GPU: PYTHONPATH=src python3 scripts/diag_fp32_gpu.py"""
+with TF32 matmuls off ("highest") and on ("high"). Run on a GPU: PYTHONPATH=src python3 experiments/diag_fp32_gpu.py"""
 import torch, time
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 from cacheaug import CacheAugmentedLM, CoprocessorConfig

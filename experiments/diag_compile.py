@@ -4,8 +4,8 @@ From the same initial coprocessor and the same batches, run ``--steps`` optimize
 compiled mode; report the per-step losses and the largest parameter difference at the end. bf16 autocast with
 fp32 masters, as in training. On a GPU:
 
-    python3 scripts/diag_compile.py --out $OUT/diag_compile.json                 # Gemma 3 270M, B=8, T=1024
-    python3 scripts/diag_compile.py --model tiny --device cpu --modes step --out d.json   # smoke run
+    python3 experiments/diag_compile.py --out $OUT/diag_compile.json                 # Gemma 3 270M, B=8, T=1024
+    python3 experiments/diag_compile.py --model tiny --device cpu --modes step --out d.json   # smoke run
 
 Expect bf16-level agreement (losses within about 1e-2 nats), not bit equality: inductor fuses differently.
 """
