@@ -3,8 +3,6 @@
 must get 422, never 500."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +11,7 @@ import httpx
 import openai
 import pytest
 
-from cacheaug import CacheAugmentedLM, CoprocessorConfig
-from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer
+from cacheaug.testing import ServeCLI, tiny_served_folders, tiny_tokenizer
 
 WORDS = " ".join(f"w{i}" for i in range(120))
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
@@ -25,34 +22,11 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['conte
 def served(tmp_path_factory):
     """`cacheaug serve` in a subprocess, on a tiny model folder whose tokenizer has a chat template."""
     root = tmp_path_factory.mktemp("served")
-    base = tiny_model("llama")
     tok = tiny_tokenizer([WORDS + " <user> <assistant> <system>"])
     tok.chat_template = TEMPLATE
-    base.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=3, n_ahead=4))
-    perturb_trainable(model, scale=1.0)
-    model.save_pretrained(root / "ckpt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "cacheaug", "serve", "--model", str(root / "model"), "--coprocessor",
-                             str(root / "ckpt"), "--port", str(port), "--device", "cpu"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((root / "serve.log").read_text()[-3000:])
-        time.sleep(0.1)
-    yield url, str(root / "model"), tok
-    proc.terminate()
-    proc.wait(10)
+    model, ckpt = tiny_served_folders(root, tok)
+    with ServeCLI(["--model", model, "--coprocessor", ckpt, "--device", "cpu"], root / "serve.log") as url:
+        yield url, str(model), tok
 
 
 def test_openai_sdk(served):

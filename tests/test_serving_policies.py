@@ -5,10 +5,9 @@ decodes what the library says it should. Requests go through the documented stat
 
 import json
 import os
-import socket
 import subprocess
+import textwrap
 import sys
-import time
 
 import httpx
 import pytest
@@ -16,27 +15,12 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
 from cacheaug.serving import Engine
+from cacheaug.serving import policies
 from cacheaug.serving.policies import Policy, get_policy, policy_names, register_policy
-from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer
+from cacheaug.testing import ServeCLI, perturb_trainable, tiny_model, tiny_served_folders, tiny_tokenizer
 
 PROMPT = [2, 17, 40, 9, 33, 81, 5, 66]
-PLUGIN = '''
-from cacheaug.serving.policies import Policy, register_policy
-
-
-class AfterTwo(Policy):
-    name, summary = "after-two", "start the coprocessor after two tokens; wait for it before the third"
-
-    def after_token(self, engine, req):
-        if req.n == 2 and req.wants:
-            engine.submit(req)
-
-    def before_token(self, engine, req):
-        engine.wait_and_insert(req, req.deadline - engine.clock())
-
-
-register_policy(AfterTwo())
-'''
+PLUGIN = textwrap.dedent(policies.__doc__.split("one new file and one line::")[1].split("after which")[0])
 
 
 @pytest.fixture
@@ -55,8 +39,6 @@ def plugin(tmp_path, monkeypatch):
 
     importlib.import_module("my_policies")
     yield tmp_path
-    from cacheaug.serving import policies
-
     for name in set(policy_names()) - set(before):
         del policies._POLICIES[name]
     sys.modules.pop("my_policies", None)
@@ -120,32 +102,10 @@ def test_a_policy_from_a_plugin_file_decodes_what_the_library_says(model, plugin
 
 
 def test_the_plugin_policy_over_the_real_command_line(tmp_path, plugin):
-    root = tmp_path
-    base = tiny_model("llama")
-    tok = tiny_tokenizer([" ".join(f"w{i}" for i in range(120))])
-    base.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=3, n_ahead=4))
-    perturb_trainable(model, scale=1.0)
-    model.save_pretrained(root / "ckpt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "CACHEAUG_PLUGINS": "my_policies",
-           "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "cacheaug", "serve", "--model", str(root / "model"), "--coprocessor", str(root / "ckpt"),
-           "--port", str(port), "--device", "cpu", "--policy", "after-two"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
-            time.sleep(0.1)
+    model, ckpt = tiny_served_folders(tmp_path, tiny_tokenizer([" ".join(f"w{i}" for i in range(120))]))
+    args = ["--model", model, "--coprocessor", ckpt, "--device", "cpu", "--policy", "after-two"]
+    env = {"CACHEAUG_PLUGINS": "my_policies", "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
+    with ServeCLI(args, tmp_path / "serve.log", env) as url:
         body = {"model": "m", "prompt": "w1 w2 w3 w4 w5", "max_tokens": 6}
         default = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()  # --policy after-two
         assert default["augmentation"] == {"policy": "after-two", "augmented": True, "inserted_after": 2}
@@ -153,11 +113,8 @@ def test_the_plugin_policy_over_the_real_command_line(tmp_path, plugin):
         assert off["augmentation"]["policy"] == "off" and not off["augmentation"]["augmented"]
         bad = httpx.post(f"{url}/v1/completions", json={**body, "augment": "nope"}, timeout=60)
         assert bad.status_code == 422 and "after-two" in json.dumps(bad.json())
-    finally:
-        proc.terminate()
-        proc.wait(10)
     # without the plugin the same command line is refused in one line
-    env.pop("CACHEAUG_PLUGINS")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *map(str, args)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": env["PYTHONPATH"]})
     assert out.returncode != 0 and "invalid choice: 'after-two'" in out.stderr
     assert "Traceback" not in out.stderr

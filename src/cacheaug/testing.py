@@ -104,3 +104,64 @@ def tiny_corpus(folder, n_docs: int = 60, seed: int = 0) -> list[str]:
         for t in texts[half:]:
             f.write(json.dumps({"text": t}) + "\n")
     return texts
+
+
+def tiny_served_folders(root, tokenizer, family: str = "llama"):
+    """A tiny model folder (``root/model``, with ``tokenizer``) and a perturbed coprocessor checkpoint (``root/ckpt``)
+    for ``cacheaug serve``; returns both paths."""
+    from pathlib import Path
+
+    from .config import CoprocessorConfig
+    from .model import CacheAugmentedLM
+
+    root = Path(root)
+    base = tiny_model(family)
+    base.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=3, n_ahead=4))
+    perturb_trainable(model, scale=1.0)
+    model.save_pretrained(root / "ckpt")
+    return root / "model", root / "ckpt"
+
+
+class ServeCLI:
+    """``python -m cacheaug serve ARGS`` in a subprocess on a free local port, as a context manager whose value is the
+    base URL once ``/health`` answers; its stderr goes to ``log``."""
+
+    def __init__(self, args, log, env: dict | None = None, timeout_s: float = 60.0):
+        import os
+
+        self.args, self.log, self.timeout_s = [str(a) for a in args], log, timeout_s
+        self.env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+
+    def __enter__(self) -> str:
+        import socket
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "cacheaug", "serve", *self.args, "--port", str(port)],
+                                     env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(Path(self.log).read_text()[-3000:])
+            time.sleep(0.1)
+        self.__exit__()
+        raise TimeoutError(f"`cacheaug serve` did not answer /health within {self.timeout_s} s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

@@ -19,20 +19,22 @@ Adding a policy is one new file and one line::
 
     from cacheaug.serving.policies import Policy, register_policy
 
+
     class AfterTwo(Policy):
-        name, summary = "after-two", "start the coprocessor after two tokens, take its latents when they come"
+        name, summary = "after-two", "start the coprocessor after two tokens; wait for it before the third"
 
         def after_token(self, engine, req):
-            if req.n == 1 and req.wants:
+            if req.n == 2 and req.wants:
                 engine.submit(req)
 
         def before_token(self, engine, req):
-            engine.insert_if_ready(req)
+            engine.wait_and_insert(req, req.deadline - engine.clock())
+
 
     register_policy(AfterTwo())
 
 after which ``Engine.stream(..., policy="after-two")``, the server's ``"augment": "after-two"`` and
-``cacheaug serve --policy after-two`` accept it (``tests/test_serving_policies.py`` does exactly this).
+``cacheaug serve --policy after-two`` accept it (``tests/test_serving_policies.py`` runs this example as written).
 """
 
 from __future__ import annotations
