@@ -11,6 +11,12 @@ per-trace loop and the other inits (``--configs``).
 
 CPU smoke run (what CI exercises): python benchmarks/train_throughput.py --model tiny --steps 2 --warmup 1
 
+Also in the same run: ``first_step_s`` of every row (compiling and recording included), ``--cached-repeat`` (the
+best variant again in a fresh process with empty inductor / Triton caches and the compile artifacts this run saved:
+``first_step_cached_s``, what a repeat run on a fresh machine pays), ``--world 2`` (DDP over two devices at the same
+per-device batch: ``ddp`` rows with the summed traces/s and the scaling over one device), and on a GPU the peak memory
+with and without the warm-up (CUDA graphs record their memory pool then) and the memory the allocator reserved.
+
 FLOPs counted per optimizer step (N = non-embedding parameters of the decoder, D = hidden size, V = vocab;
 attention score FLOPs and the optimizer are not counted):
     prefix pass (no grad)                     2 N . B T
@@ -52,10 +58,12 @@ def step_flops(model: CacheAugmentedLM, B: int, T: int, K: int) -> float:
             + 6 * V * D * B * K * cfg.n_ahead)
 
 
-def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = None) -> dict:
+def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = None, forward=None, seed: int = 0) -> dict:
+    """Time ``steps`` optimizer steps after ``warmup`` ones; ``forward`` is the module called (a DDP wrapper, say)."""
     device = model.device
+    forward = forward or model
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     vocab = model.base.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (B, T), generator=g).to(device)
     # what training draws: uniform distinct points, or stratified over the trace groups (variant +gN)
@@ -65,13 +73,22 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
         with autocast_for(model):
             if loop:  # the naive baseline: one full three-pass forward per trace
                 for k in range(K):
-                    (model(ids, positions=positions[:, k : k + 1]).loss / K).backward()
+                    (forward(ids, positions=positions[:, k : k + 1]).loss / K).backward()
             else:
-                model(ids, positions=positions).loss.backward()
+                forward(ids, positions=positions).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t_first = time.perf_counter()
+    one_step()  # the first step compiles (and records the CUDA graphs) when the variant asks for it
+    sync()
+    first_step_s = time.perf_counter() - t_first
+    for _ in range(warmup - 1):
         one_step()
     warmup_peak = None
     if device.type == "cuda":
@@ -100,7 +117,7 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt),
-           "traces_per_s": round(B * K / dt, 1)}  # insertion points trained per second: what the method learns from
+           "traces_per_s": round(B * K / dt, 1), "first_step_s": round(first_step_s, 2)}  # insertion points trained per second: what the method learns from
     if model.arm.has_latents:  # the count below is for a coprocessor (pause: N_c ~ 0)
         flops = step_flops(model, B, T, K)
         row.update(counted_gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / dt / 1e12, 4))
@@ -109,7 +126,81 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["peak_mem_incl_warmup_gib"] = round(max(warmup_peak, torch.cuda.max_memory_allocated()) / 2**30, 2)
+        row["reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)  # the allocator's pools, graphs' included
     return row
+
+
+def ddp_worker(rank: int, world: int, port: int, args, variant: str, K: int, out: str) -> None:
+    """One rank of the DDP measurement: the canonical config at the same per-device batch, gradients all-reduced."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = args.device.startswith("cuda")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        v = parse_variant(variant)
+        allow_recompiles()
+        model = build(load(args, device, v["attn"]), args, K, keep_logits=v["keep_logits"])
+        apply_speed_options(model, **{k: v[k] for k in SPEED_KEYS})
+        ddp = DistributedDataParallel(model, device_ids=[device] if cuda else None)
+        row = measure(model, args.batch, args.seq_len, K, args.steps, args.warmup, forward=ddp, seed=rank)
+        rows = [None] * world
+        dist.all_gather_object(rows, row)
+        if rank == 0:
+            Path(out).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_ddp(args, variant: str, K: int, single: dict) -> dict:
+    """DDP over ``args.world`` devices (processes) at the per-device batch of ``single``; traces/s summed."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "ddp.json")
+        mp.spawn(ddp_worker, args=(args.world, port, args, variant, K, out), nprocs=args.world, join=True)
+        ranks = json.loads(Path(out).read_text())
+    dt = max(r["seconds_per_step"] for r in ranks)  # the step ends when the slowest rank's all-reduce does
+    traces = round(args.world * args.batch * K / dt, 1)
+    return {"variant": variant, "config": f"copy:{args.n_latents} ddp", "K": K, "world": args.world,
+            "per_device_batch": args.batch, "seconds_per_step": round(dt, 4), "traces_per_s": traces,
+            "text_tokens_per_s": round(args.world * args.batch * args.seq_len / dt),
+            "scaling_vs_one": round(traces / single["traces_per_s"], 3),
+            "first_step_s": max(r["first_step_s"] for r in ranks)}
+
+
+def cached_repeat(args, variant: str, cache: str) -> dict:
+    """The best variant again in a fresh process with empty inductor and Triton caches, loading ``cache``: what the
+    first step of a repeat run on a fresh machine costs."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "repeat.json"
+        cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--variants", variant,
+               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--traces", str(args.traces[0]),
+               "--n-latents", str(args.n_latents), "--n-ahead", str(args.n_ahead), "--steps", "1", "--warmup", "1",
+               "--compile-cache", cache, "--out", str(out)]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
+               "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        report = json.loads(out.read_text())
+    row = report["rows"][0]
+    return {"first_step_cached_s": row["first_step_s"], "compile_cache_bytes": report.get("compile_cache_loaded", 0)}
 
 
 def parse_variant(name: str) -> dict:
@@ -155,6 +246,14 @@ def main() -> None:
                     help="also time the canonical config at these batch sizes (the step is launch-bound: larger "
                     "batches raise tokens/s until the arithmetic takes over)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of two canonical steps here")
+    ap.add_argument("--compile-cache", default=None,
+                    help="load torch.compile artifacts from this file first (if it exists) and save this run's there")
+    ap.add_argument("--cached-repeat", action="store_true",
+                    help="time the best variant's first step again in a fresh process with empty compiler caches and "
+                    "this run's compile artifacts (--compile-cache, or a temporary file)")
+    ap.add_argument("--world", type=int, default=1,
+                    help="also time DDP over this many devices (processes) at the same per-device batch (GPU: NCCL, "
+                    "one GPU each; CPU: gloo)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -171,6 +270,10 @@ def main() -> None:
 
     for name in variants:  # fail on a misspelt variant before any work
         parse_variant(name)
+    if args.world < 1 or (device.type == "cuda" and args.world > torch.cuda.device_count()):
+        raise SystemExit(f"--world {args.world}: this machine has {torch.cuda.device_count()} GPUs")
+    if args.compile_cache:
+        meta["compile_cache_loaded"] = speed.load_compile_cache(args.compile_cache)
     allow_recompiles()  # flex: one kernel per shape, and this benchmark runs many
     K0 = args.traces[0]
     rows, best = [], None
@@ -232,6 +335,22 @@ def main() -> None:
     for K in args.traces[1:]:
         timed(K, steps=args.steps, warmup=args.warmup)
     apply_speed_options(base, compile_masks=False)
+    cache = args.compile_cache
+    if args.cached_repeat and not cache:
+        import tempfile
+
+        cache = str(Path(tempfile.mkdtemp()) / "compile_cache.bin")
+    if cache:
+        meta["compile_cache_saved"] = speed.save_compile_cache(cache)
+    if args.cached_repeat:
+        meta.update(first_step_cold_s=best[1]["first_step_s"], **cached_repeat(args, name, cache))
+        save(name)
+    if args.world > 1:
+        base = None
+        row = measure_ddp(args, name, K0, best[1])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        save(name)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,21 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     out = tmp_path / "t.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--device", "cpu",
            "--batch", "2", "--seq-len", "64", "--traces", "4", "--n-latents", "2", "--n-ahead", "3", "--steps", "1",
-           "--warmup", "1", "--compare-loop", "--batches", "3", "--profile", str(tmp_path / "p.txt"), "--out", str(out)]
+           "--warmup", "1", "--compare-loop", "--batches", "3", "--profile", str(tmp_path / "p.txt"), "--out", str(out),
+           "--cached-repeat", "--world", "2"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows, ddp = report["rows"][:-1], report["rows"][-1]
     assert [(r["config"], r["loop"]) for r in rows] == [("copy:2", False), ("copy:2 profiled", False),
                                                         ("copy:2 B=3", False), ("copy:2", True)]
+    assert all(r["first_step_s"] > 0 for r in rows)
+    # the first step again, in a fresh process with empty compiler caches (sdpa compiles nothing: no artifacts)
+    assert report["first_step_cold_s"] == rows[0]["first_step_s"] and report["first_step_cached_s"] > 0
+    assert report["compile_cache_saved"] == report["compile_cache_bytes"] == 0
+    # DDP over two CPU processes (gloo) at the same per-device batch: summed traces/s and the scaling over one
+    assert (ddp["config"], ddp["world"], ddp["per_device_batch"]) == ("copy:2 ddp", 2, 2)
+    assert abs(ddp["traces_per_s"] - 2 * 2 * 4 / ddp["seconds_per_step"]) <= 1
+    assert abs(ddp["scaling_vs_one"] - ddp["traces_per_s"] / rows[0]["traces_per_s"]) <= 1e-3
     assert all(r["text_tokens_per_s"] > 0 and r["counted_gflop_per_step"] > 0 for r in rows)
     for r in rows:  # traces/s beside text tokens/s: K insertion points per sequence of 64 tokens
         assert abs(r["traces_per_s"] - r["text_tokens_per_s"] * 4 / 64) <= 0.05 * r["traces_per_s"] + 1
