@@ -29,13 +29,6 @@ def close_engines(monkeypatch):
         engine.close()
 
 
-@pytest.fixture
-def model():
-    m = CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=3, n_ahead=4))
-    perturb_trainable(m, scale=1.0)
-    return m
-
-
 def _expected(model, augment):
     ids = torch.tensor([PROMPT])
     return model.generate(ids, 10, augment=augment, eos_token_id=[])[0, len(PROMPT):].tolist()
@@ -267,7 +260,7 @@ def test_concurrent_requests_are_batched_and_exact(model):
     for t in threads:
         t.join(60)
     assert results == expected
-    assert engine.batcher.rows > engine.batcher.batches  # some steps really ran together
+    assert engine.scheduler.rows > engine.scheduler.batches  # some steps really ran together
     engine.close()
 
 

@@ -13,21 +13,13 @@ import httpx
 import pytest
 import torch
 
-from cacheaug import CacheAugmentedLM, CoprocessorConfig
 from cacheaug.serving import Engine
 from cacheaug.serving import policies
 from cacheaug.serving.policies import Policy, get_policy, policy_names, register_policy
-from cacheaug.testing import ServeCLI, perturb_trainable, tiny_model, tiny_served_folders, tiny_tokenizer
+from cacheaug.testing import ServeCLI, tiny_served_folders, tiny_tokenizer
 
 PROMPT = [2, 17, 40, 9, 33, 81, 5, 66]
 PLUGIN = textwrap.dedent(policies.__doc__.split("one new file and one line::")[1].split("after which")[0])
-
-
-@pytest.fixture
-def model():
-    m = CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=3, n_ahead=4))
-    perturb_trainable(m, scale=1.0)
-    return m
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ common length, runs the frozen decoder once on one new token per row (explicit p
 mask hides the padding), and splits the result back into one cache per request. Left padding keeps every
 row's query-to-key distances, so sliding-window layers mask exactly as they do unbatched.
 
-:class:`StepBatcher` gathers the steps that requests submit from their own threads and runs them together.
+The engine loop (:mod:`~cacheaug.serving.scheduler`) runs the steps of its requests together with
+:func:`batched_step`. :class:`LatentsWorker` is the coprocessor's thread: queued prefixes of concurrent requests
+run through it as one batch.
 """
 
 from __future__ import annotations
@@ -35,57 +37,6 @@ def batched_step(base, cache_kwarg: str, caches: list[DynamicCache], tokens: lis
                attention_mask=mask,
                use_cache=True, logits_to_keep=1, **{cache_kwarg: batch})
     return kv.unpad_rows(batch, [n + 1 for n in lengths]), out.logits[:, -1]
-
-
-class StepBatcher:
-    """Runs the decoding steps submitted by concurrent requests in batches of up to ``max_batch``."""
-
-    def __init__(self, base, cache_kwarg: str, lock: threading.Lock, max_batch: int = 16, wait_s: float = 0.002):
-        self.base, self.cache_kwarg, self.lock = base, cache_kwarg, lock
-        self.max_batch, self.wait_s = max_batch, wait_s
-        self.queue: queue.Queue = queue.Queue()
-        self.batches = 0
-        self.rows = 0
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="cacheaug-batcher")
-        self._thread.start()
-
-    def step(self, cache: DynamicCache, token: int, position: int | None = None) -> tuple[DynamicCache, torch.Tensor]:
-        """Submit one step (``token`` at rotary ``position``, default the cache length) and wait for it: the
-        request's new cache and next-token logits ``[1, V]``."""
-        future: cf.Future = cf.Future()
-        self.queue.put((cache, token, kv.length(cache) if position is None else position, future))
-        return future.result()
-
-    def _loop(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            items = [first]
-            try:
-                while len(items) < self.max_batch:
-                    item = self.queue.get(timeout=self.wait_s)
-                    if item is None:
-                        self.queue.put(None)
-                        break
-                    items.append(item)
-            except queue.Empty:
-                pass
-            try:
-                with self.lock:
-                    caches, logits = batched_step(self.base, self.cache_kwarg, [it[0] for it in items],
-                                                  [it[1] for it in items], [it[2] for it in items])
-                self.batches += 1
-                self.rows += len(items)
-                for i, it in enumerate(items):
-                    it[-1].set_result((caches[i], logits[i : i + 1]))
-            except BaseException as err:  # every waiting request learns of it
-                for it in items:
-                    it[-1].set_exception(err)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self._thread.join(timeout=5)
 
 
 class CoprocessorTimeout(TimeoutError):
@@ -137,7 +88,6 @@ class LatentsWorker:
 
     def submit(self, layers, length: int, last_token: int | None = None) -> cf.Future:
         future: cf.Future = cf.Future()
-        future.started_at = None
         self.queue.put((layers, length, last_token, future))
         return future
 
@@ -178,8 +128,6 @@ class LatentsWorker:
             started = time.monotonic()
             self.batches += 1
             self.rows += len(items)
-            for it in items:
-                it[-1].started_at = started
             with self._state:
                 self._running[generation] = (started, [it[-1] for it in items])
             try:

@@ -20,8 +20,10 @@ Offline augmentation: :meth:`Engine.augment_prefix` stores the augmented cache o
 a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later request that starts with that prefix
 continues from it without running the coprocessor.
 
-Decoding steps of concurrent requests are batched (:mod:`~cacheaug.serving.batching`). The coprocessor runs on
-a single worker thread (its own CUDA stream on a GPU). A watchdog abandons a call that overruns the hard timeout
+One engine loop (:mod:`~cacheaug.serving.scheduler`, a thread) owns every active request: it prefills, runs the
+policy hooks, inserts latents and runs the decoding steps of all requests as one batch; :meth:`Engine.stream` only
+asks it for tokens. A request waiting for its latents, or for a slow reader, never holds the others. The coprocessor
+runs on a single worker thread (its own CUDA stream on a GPU). A watchdog abandons a call that overruns the hard timeout
 and replaces the worker, whatever the requests' deadlines, so a hung coprocessor cannot block later requests;
 the requests waiting for it count it as late. A request can be cancelled (``cancel``, a ``threading.Event``):
 it stops before its next token, freeing its slot within one decoding step.
@@ -42,8 +44,9 @@ from transformers import DynamicCache
 from .. import kv
 from ..model import CacheAugmentedLM
 from ..sampling import SamplingParams, next_token
-from .batching import CoprocessorTimeout, LatentsWorker, StepBatcher
+from .batching import CoprocessorTimeout, LatentsWorker
 from .policies import Request, get_policy, policy_names
+from .scheduler import END, Scheduler
 from .store import CacheStore
 
 @dataclass
@@ -115,8 +118,7 @@ class Engine:
         stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
         self.worker = LatentsWorker(model, stream, max_batch=max_batch, hard_timeout_s=hard_timeout_s,
                                     on_restart=lambda: self.stats.add(worker_restarts=1))
-        self.batcher = StepBatcher(self.base, model.family.cache_kwarg, self.lock, max_batch=max_batch) \
-            if max_batch > 1 else None
+        self.scheduler = Scheduler(self, max_batch=max_batch)  # the engine loop: every request's decoding
 
     # -------------------------------------------------------------------------------------------- worker
     def submit_latents(self, cache: DynamicCache, length: int, last_token: int) -> cf.Future:
@@ -160,62 +162,48 @@ class Engine:
         cache = DynamicCache()
         return cache, self._forward(cache, ids, augmented=False), False
 
-    @torch.no_grad()
     def stream(self, prompt: list[int], max_new_tokens: int, *, policy: str = "sync", deadline_s: float | None = None,
                temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
                seed: int | None = None, cancel: threading.Event | None = None,
                info: dict | None = None) -> Iterator[Step]:
         """Decode up to ``max_new_tokens`` after ``prompt`` (token ids), yielding :class:`Step` per token, with the
-        augmentation ``policy`` (:mod:`~cacheaug.serving.policies`: off, sync, async or a registered one). With
-        ``cancel`` set the request stops before its next token; ``info`` (a dict) receives this request's own
-        ``outcome`` (``augmented``, ``late``, ``failed`` or ``None``), ``cancelled`` and its ``states``."""
+        augmentation ``policy`` (:mod:`~cacheaug.serving.policies`: off, sync, async or a registered one). The
+        request is advanced by the engine loop, one token per token asked for. With ``cancel`` set the request stops
+        before its next token; ``info`` (a dict) receives this request's own ``outcome`` (``augmented``, ``late``,
+        ``failed`` or ``None``), ``cancelled`` and its ``states``."""
         strategy = get_policy(policy)
         if not prompt:
             raise ValueError("the prompt has no tokens")
+        if max_new_tokens < 1:
+            return
         info = {} if info is None else info
         info.update(outcome=None, cancelled=False)
         req = Request(list(prompt), self.clock() + (self.default_deadline_s if deadline_s is None else deadline_s),
-                      policy, cancel, info)
+                      policy, cancel, info, strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, stop_ids=tuple(stop_ids),
+                      generator=torch.Generator().manual_seed(seed) if seed is not None else None)
         info["states"] = req.history
         req.enter("waiting")
         self.stats.add(requests=1)
         self.stats.count_policy(policy)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.scheduler.add(req)
         try:
-            req.enter("prefilling")
-            req.cache, req.logits, from_store = self.prefill(req.prompt)
-            if from_store:
-                req.augmented, req.inserted_after = True, 0
-            req.wants = self.model.enabled and not from_store
-            strategy.after_prefill(self, req)
-            req.enter("decoding")
-            for _ in range(max_new_tokens):
-                if cancel is not None and cancel.is_set():  # the client went away: free the slot now
-                    info["cancelled"] = True
-                    self.stats.add(cancelled=1)
-                    if req.future is not None:
-                        req.future.cancel()  # skipped by the worker if still queued
-                        req.future = None
-                    break
-                strategy.before_token(self, req)
-                token = self._choose(req.logits, temperature, top_p, generator)
-                req.generated.append(token)
-                yield Step(token, req.augmented, req.inserted_after)
-                if token in stop_ids or req.n == max_new_tokens:
-                    break
-                strategy.after_token(self, req)
-                if self.batcher is not None:  # batched with the other requests' steps
-                    position = self.model.next_position(req.cache.get_seq_length(), req.augmented)
-                    req.cache, req.logits = self.batcher.step(req.cache, token, position)
-                else:
-                    req.logits = self._forward(req.cache, torch.tensor([[token]], device=self.model.device),
-                                               req.augmented)
-            if req.future is not None:  # never arrived in time; a job still queued is skipped
-                self.give_up(req)
+            while True:
+                self.scheduler.ask(req)
+                item = req.out.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            req.enter("cancelled" if info["cancelled"] else "done")
-            if req.future is not None:  # the consumer stopped early (closed generator): drop the call quietly
-                req.future.cancel()
+            if not req.finished:  # the consumer stopped reading: the loop drops the request
+                req.abandoned = True
+                self.scheduler.wake()
+
+    @staticmethod
+    def step_of(req: Request, token: int) -> Step:
+        return Step(token, req.augmented, req.inserted_after)
 
     # ------------------------------------------------------------------------------------- policy primitives
     clock = staticmethod(time.monotonic)
@@ -226,19 +214,13 @@ class Engine:
         req.submitted = True
 
     def wait_and_insert(self, req: Request, seconds: float) -> None:
-        """Wait at most ``seconds`` for ``req``'s latents and insert them; a call still running stays pending in
-        ``req.future``."""
+        """Let ``req`` wait at most ``seconds`` for its latents (the engine loop goes on with the other requests),
+        then insert them if they came; the policy's ``after_wait`` runs when the wait is over."""
         if req.future is None:
             return
-        decoding = req.state == "decoding"
+        req.wait_until = self.clock() + max(0.0, seconds)
         req.enter("waiting_for_latents")
-        try:
-            req.future.exception(timeout=max(0.0, seconds))  # wait, without raising the call's own error here
-        except (cf.TimeoutError, cf.CancelledError):
-            pass  # still pending / cancelled (counted as failed by insert_if_ready)
-        self.insert_if_ready(req)
-        if decoding:
-            req.enter("decoding")
+        req.future.add_done_callback(self.scheduler.wake)
 
     def insert_if_ready(self, req: Request) -> None:
         """If ``req``'s latents have arrived, insert them at their true place (right after the prompt), replaying
@@ -327,6 +309,5 @@ class Engine:
         return self.store.put(prefix, cache, logits)
 
     def close(self) -> None:
+        self.scheduler.close()
         self.worker.close()
-        if self.batcher is not None:
-            self.batcher.close()

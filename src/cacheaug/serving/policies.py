@@ -1,19 +1,22 @@
 """Augmentation policies: small strategy objects with hooks, called by :meth:`Engine.stream` for each request.
 
 A request (:class:`Request`) moves through the states ``waiting`` -> ``prefilling`` -> (``waiting_for_latents``)
--> ``decoding`` -> ``done`` or ``cancelled``. The engine owns decoding; a policy only decides *when* the
-coprocessor runs and *when* its latents go in, through three hooks and the engine's primitives:
+-> ``decoding`` -> ``done`` or ``cancelled``. The engine loop (:mod:`~cacheaug.serving.scheduler`) owns decoding;
+a policy only decides *when* the coprocessor runs and *when* its latents go in, through four hooks, all called on
+the loop's thread (so they must not block) with the engine's primitives:
 
 - ``after_prefill(engine, req)``: the prompt is cached, no token chosen yet;
 - ``before_token(engine, req)``: before the token number ``req.n`` (0-based) is chosen;
-- ``after_token(engine, req)``: after it was chosen and handed to the client, before the next decoding step.
+- ``after_token(engine, req)``: after it was chosen and handed to the client, before the next decoding step;
+- ``after_wait(engine, req)``: a wait started by ``wait_and_insert`` is over (the latents are in, or not).
 
 The primitives: ``engine.submit(req)`` queues the coprocessor on the prompt (a snapshot of the cache: decoding
-goes on); ``engine.wait_and_insert(req, seconds)`` waits that long at most for the latents and inserts them;
-``engine.insert_if_ready(req)`` inserts them if they have arrived (at their true place, right after the prompt,
-replaying the tokens decoded meanwhile: the request then continues exactly as if augmented before its first
-token); ``engine.give_up(req)`` drops a pending call and counts the request late. Whatever is still pending when
-the request ends is given up. ``req.deadline`` (monotonic seconds) is the request's own limit.
+goes on); ``engine.wait_and_insert(req, seconds)`` makes the request wait that long at most for the latents (the
+other requests go on), then inserts them if they came; ``engine.insert_if_ready(req)`` inserts them if they have
+arrived (at their true place, right after the prompt, replaying the tokens decoded meanwhile: the request then
+continues exactly as if augmented before its first token); ``engine.give_up(req)`` drops a pending call and counts
+the request late. Whatever is still pending when the request ends is given up. ``req.deadline`` (monotonic
+seconds) is the request's own limit.
 
 Adding a policy is one new file and one line::
 
@@ -40,6 +43,7 @@ after which ``Engine.stream(..., policy="after-two")``, the server's ``"augment"
 from __future__ import annotations
 
 import concurrent.futures as cf
+import queue
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -73,6 +77,19 @@ class Request:
     submitted: bool = False
     generated: list[int] = field(default_factory=list)
     history: list[str] = field(default_factory=list)  # the states it went through, in order
+    # decoding parameters, and the engine loop's bookkeeping
+    strategy: Policy | None = None
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    generator: torch.Generator | None = None
+    phase: str = "prefill"  # prefill, before, choose, after, step
+    demand: int = 0  # tokens the consumer asked for and has not received
+    wait_until: float = 0.0  # the end of a wait for the latents (monotonic seconds)
+    out: queue.Queue = field(default_factory=queue.Queue)  # Steps, then END (or an exception)
+    finished: bool = False
+    abandoned: bool = False  # the consumer stopped reading
 
     @property
     def n(self) -> int:
@@ -99,6 +116,9 @@ class Policy:
     def after_token(self, engine: Engine, req: Request) -> None:
         pass
 
+    def after_wait(self, engine: Engine, req: Request) -> None:
+        pass
+
 
 class Off(Policy):
     name, summary = "off", "plain decoding by the frozen model"
@@ -112,8 +132,9 @@ class Sync(Policy):
         if req.wants:
             engine.submit(req)
             engine.wait_and_insert(req, req.deadline - engine.clock())
-            if req.future is not None:  # missed the deadline: not waited for again
-                engine.give_up(req)
+
+    def after_wait(self, engine, req):
+        engine.give_up(req)  # missed the deadline (if still pending): not waited for again
 
 
 class Async(Policy):

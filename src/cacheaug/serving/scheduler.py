@@ -1,0 +1,197 @@
+"""The engine loop: one thread owns every active request and runs their decoding steps as one batch.
+
+A request (:class:`~cacheaug.serving.policies.Request`) is added by :meth:`Engine.stream` and then advanced only by
+this loop, phase by phase: prefill (and the policy's ``after_prefill``), ``before_token``, choosing the token (one per
+token the consumer asked for: a slow reader holds its request, never the others), ``after_token``, then the decoding
+step, batched with every other request that needs one (:func:`~cacheaug.serving.batching.batched_step`, up to
+``max_batch`` rows). A request waiting for its latents (``wait_and_insert``) waits without blocking anyone: the
+loop looks again when the coprocessor answers or the wait ends, inserts the latents, calls ``after_wait`` and goes
+on. A cancelled request (its ``cancel`` event, or a consumer that stopped reading) leaves at the next iteration.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import torch
+
+from .batching import batched_step
+
+END = object()  # put after a request's last token
+
+
+class Scheduler:
+    """The loop of an :class:`~cacheaug.serving.engine.Engine` (started at construction, stopped by ``close``)."""
+
+    def __init__(self, engine, max_batch: int = 16, idle_s: float = 0.05):
+        self.engine, self.max_batch, self.idle_s = engine, max(1, max_batch), idle_s
+        self.inbox: deque = deque()
+        self.active: list = []
+        self.cv = threading.Condition()
+        self.batches = 0  # decoding steps run, and the rows they held
+        self.rows = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cacheaug-engine-loop")
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------------------- consumer side
+    def add(self, req) -> None:
+        with self.cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self.inbox.append(req)
+            self.cv.notify()
+
+    def ask(self, req) -> None:
+        """The consumer wants ``req``'s next token."""
+        with self.cv:
+            req.demand += 1
+            self.cv.notify()
+
+    def wake(self, *_) -> None:
+        with self.cv:
+            self.cv.notify()
+
+    def close(self) -> None:
+        with self.cv:
+            self._closed = True
+            self.cv.notify()
+        self._thread.join(timeout=5)
+
+    # ----------------------------------------------------------------------------------------- the loop
+    @torch.no_grad()
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                if self._closed:
+                    break
+                while self.inbox:
+                    self.active.append(self.inbox.popleft())
+            progressed = self._iteration()
+            if not progressed:
+                with self.cv:
+                    if not self._closed and not self.inbox:
+                        self.cv.wait(timeout=self._idle_timeout())
+        for req in self.active + list(self.inbox):  # consumers still reading learn of it
+            if not req.finished:
+                req.finished = True
+                req.out.put(RuntimeError("the engine was closed"))
+
+    def _idle_timeout(self) -> float:
+        waits = [r.wait_until - self.engine.clock() for r in self.active if r.state == "waiting_for_latents"]
+        return max(0.0, min([self.idle_s, *waits]))
+
+    def _iteration(self) -> bool:
+        progressed, stepping = False, []
+        for req in list(self.active):
+            try:
+                moved, needs_step = self._advance(req)
+            except BaseException as err:  # noqa: BLE001  this request fails; the others go on
+                self._finish(req, err)
+                continue
+            progressed |= moved
+            if needs_step:
+                stepping.append(req)
+        for i in range(0, len(stepping), self.max_batch):
+            rows = stepping[i : i + self.max_batch]
+            try:
+                self._step(rows)
+            except BaseException as err:  # noqa: BLE001  every request of the batch learns of it
+                for req in rows:
+                    self._finish(req, err)
+                continue
+            for req in rows:  # on to the next token, if it was asked for
+                req.phase = "before"
+                try:
+                    self._advance(req)
+                except BaseException as err:  # noqa: BLE001
+                    self._finish(req, err)
+            progressed = True
+        return progressed
+
+    def _advance(self, req) -> tuple[bool, bool]:
+        """Run ``req``'s phases until it needs the consumer, its latents or a decoding step; returns (moved, needs a
+        decoding step)."""
+        engine, strategy, moved = self.engine, req.strategy, False
+        while not req.finished:
+            if req.abandoned or (req.cancel is not None and req.cancel.is_set()):
+                self._finish(req, cancelled=True)
+                return True, False
+            if req.state == "waiting_for_latents":
+                if req.future is not None and not req.future.done() and engine.clock() < req.wait_until:
+                    return moved, False
+                engine.insert_if_ready(req)
+                strategy.after_wait(engine, req)
+                req.enter("decoding")
+                moved = True
+                continue
+            if req.phase == "prefill":
+                req.enter("prefilling")
+                req.cache, req.logits, from_store = engine.prefill(req.prompt)
+                if from_store:
+                    req.augmented, req.inserted_after = True, 0
+                req.wants = engine.model.enabled and not from_store
+                req.phase = "before"
+                strategy.after_prefill(engine, req)
+                if req.state != "waiting_for_latents":
+                    req.enter("decoding")
+            elif req.phase == "before":
+                req.phase = "choose"
+                strategy.before_token(engine, req)
+            elif req.phase == "choose":
+                with self.cv:
+                    if req.demand == 0:
+                        return moved, False
+                    req.demand -= 1
+                token = engine._choose(req.logits, req.temperature, req.top_p, req.generator)
+                req.generated.append(token)
+                req.out.put(engine.step_of(req, token))
+                if token in req.stop_ids or req.n == req.max_new_tokens:
+                    self._finish(req)
+                    return True, False
+                req.phase = "after"
+            elif req.phase == "after":
+                if req.demand == 0:  # the consumer has not asked for the next token yet
+                    return moved, False
+                req.phase = "step"
+                strategy.after_token(engine, req)
+            elif req.phase == "step":
+                return moved, True
+            moved = True
+        return moved, False
+
+    def _step(self, rows) -> None:
+        """One decoding step of ``rows`` (their last tokens), batched."""
+        engine, model = self.engine, self.engine.model
+        positions = [model.next_position(r.cache.get_seq_length(), r.augmented) for r in rows]
+        if len(rows) == 1:
+            req = rows[0]
+            req.logits = engine._forward(req.cache, torch.tensor([[req.generated[-1]]], device=model.device),
+                                         req.augmented)
+        else:
+            with engine.lock:
+                caches, logits = batched_step(model.base, model.family.cache_kwarg, [r.cache for r in rows],
+                                              [r.generated[-1] for r in rows], positions)
+            for i, req in enumerate(rows):
+                req.cache, req.logits = caches[i], logits[i : i + 1]
+        self.batches += 1
+        self.rows += len(rows)
+
+    def _finish(self, req, error: BaseException | None = None, cancelled: bool = False) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if req in self.active:
+            self.active.remove(req)
+        if cancelled and not req.abandoned:  # the client went away (a consumer that stopped reading is not counted)
+            req.info["cancelled"] = True
+            self.engine.stats.add(cancelled=1)
+        if req.future is not None:
+            if cancelled or error is not None:
+                req.future.cancel()  # skipped by the worker if still queued
+                req.future = None
+            else:  # never arrived in time
+                self.engine.give_up(req)
+        req.enter("cancelled" if cancelled else "done")
+        req.out.put(END if error is None else error)
