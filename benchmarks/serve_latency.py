@@ -1,7 +1,8 @@
 """Serving latency: time to first token per policy, augmentation latency, and the same "thinking" as CoT tokens.
 
-Issue targets (H200, Gemma 3 270M): async adds < 5% to time-to-first-token; sync augmentation costs less
-than generating 8 tokens.
+Targets (H200, Gemma 3 270M, 1k-token prompt): the engine's batch-1 decoding step at least as fast as Hugging Face
+``generate`` with a static cache (measured in the same run); async time-to-first-token within 5% of ``off``; sync
+augmentation's cost in decoding steps; tokens/s at 1, 8 and 32 concurrent requests.
 
     python benchmarks/serve_latency.py --model gemma-3-270m --prompt-lens 1024 4096 --latents 16 64 --out serve.json
     python benchmarks/serve_latency.py --model tiny --prompt-lens 64 --latents 4 --repeats 2     # CPU smoke run
@@ -13,6 +14,12 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   augment_s            the coprocessor pass + latent insertion alone (sync's extra cost)
   decode_token_s       one decoding step after the prompt; ``augment_vs_8_tokens`` = augment_s / (8 x it)
   cot_equiv_s          generating N_L tokens instead (the same number of extra positions as "thinking" text)
+  engine_step_s        the engine's own decoding step at batch 1: (t<N>_off - ttft_off) / (N - 1)
+  hf_static_step_s     the same for Hugging Face ``generate(cache_implementation="static")``, greedy, same prompt:
+                       (time of N tokens - time of 1) / (N - 1); ``engine_vs_hf_static`` = engine / HF
+  augment_in_steps     augment_s / engine_step_s: sync's extra cost in decoding steps
+  concurrency          ``--concurrency C ...``: C requests of --tokens tokens at once (policy off and async),
+                       total generated tokens / wall time (tokens_per_s_c<C>_<policy>)
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +65,33 @@ def request_times(engine, prompt, policy, n_tokens, device) -> tuple[float, floa
     return first, time.perf_counter() - t0, step.inserted_after if step is not None else None
 
 
+def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device) -> float:
+    """``len(prompts)`` requests of ``n_tokens`` at once (one reader thread each): generated tokens per second."""
+    counts = [0] * len(prompts)
+
+    def client(i):
+        counts[i] = len(engine.generate(prompts[i], n_tokens, policy=policy)[0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    _sync(device)
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _sync(device)
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def hf_static_step_s(base, ids, n_tokens, device, repeats) -> float:
+    """Per-token time of Hugging Face ``generate`` with its static cache (greedy, no early stop)."""
+    def gen(n):
+        return lambda: base.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     cache_implementation="static")
+
+    return (timed(gen(n_tokens), device, repeats) - timed(gen(1), device, repeats)) / (n_tokens - 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m' or 'tiny'")
@@ -64,9 +99,13 @@ def main() -> None:
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--latents", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=16, help="tokens per timed request")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per timed request (at least 2)")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32],
+                    help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.tokens < 2:
+        raise SystemExit("--tokens must be at least 2 (the step time is measured between the first and the last)")
     device = torch.device(args.device)
     if args.model == "tiny":
         base = tiny_model("gemma3", "sdpa", device=device)
@@ -76,7 +115,7 @@ def main() -> None:
     rows = []
     for n_latents in args.latents:
         model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=n_latents))
-        engine = Engine(model, default_deadline_s=60.0)
+        engine = Engine(model, default_deadline_s=60.0, max_batch=max([16, *args.concurrency]))
         for P in args.prompt_lens:
             prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
             ids = torch.tensor([prompt], device=device)
@@ -98,6 +137,18 @@ def main() -> None:
             row["async_overhead_pct"] = 100 * (row["ttft_async_s"] / row["ttft_off_s"] - 1)
             row["async_total_overhead_pct"] = 100 * (row[f"t{args.tokens}_async_s"] / row[f"t{args.tokens}_off_s"] - 1)
             row["augment_vs_8_tokens"] = row["augment_s"] / (8 * max(row["decode_token_s"], 1e-9))
+            row["engine_step_s"] = (row[f"t{args.tokens}_off_s"] - row["ttft_off_s"]) / (args.tokens - 1)
+            row["hf_static_step_s"] = hf_static_step_s(base, ids, args.tokens, device, args.repeats)
+            row["engine_vs_hf_static"] = row["engine_step_s"] / max(row["hf_static_step_s"], 1e-9)
+            row["augment_in_steps"] = row["augment_s"] / max(row["engine_step_s"], 1e-9)
+            if n_latents == args.latents[0] and P == args.prompt_lens[0]:
+                for c in args.concurrency:
+                    prompts = [torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P + i)).tolist()
+                               for i in range(c)]
+                    for policy in ("off", "async"):
+                        concurrent_tokens_per_s(engine, prompts[:1], policy, 2, device)  # warm-up
+                        row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
+                                                                                   args.tokens, device)
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # after every row: a run cut short keeps what it measured

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +38,11 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
 def test_serve_latency_runs_at_toy_size(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
-           "--prompt-lens", "32", "--latents", "2", "--repeats", "1", "--out", str(out)]
+           "--prompt-lens", "32", "--latents", "2", "--repeats", "1", "--tokens", "4", "--concurrency", "1", "3",
+           "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     (row,) = json.loads(out.read_text())["rows"]
     assert row["ttft_off_s"] > 0 and row["ttft_sync_s"] > 0 and "augment_vs_8_tokens" in row
+    assert row["engine_step_s"] > 0 and row["hf_static_step_s"] > 0  # beside Hugging Face's static-cache generate
+    assert row["engine_vs_hf_static"] == pytest.approx(row["engine_step_s"] / row["hf_static_step_s"], rel=1e-3)
+    assert all(row[f"tokens_per_s_c{c}_{p}"] > 0 for c in (1, 3) for p in ("off", "async"))

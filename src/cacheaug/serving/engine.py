@@ -186,16 +186,17 @@ class Engine:
         req.enter("waiting")
         self.stats.add(requests=1)
         self.stats.count_policy(policy)
+        req.demand = 1  # the first token is asked for with the request itself: one wake-up of the loop
         self.scheduler.add(req)
         try:
             while True:
-                self.scheduler.ask(req)
                 item = req.out.get()
                 if item is END:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                self.scheduler.ask(req)  # the reader wants the next one
         finally:
             if not req.finished:  # the consumer stopped reading: the loop drops the request
                 req.abandoned = True
