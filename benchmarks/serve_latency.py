@@ -16,7 +16,7 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   cot_equiv_s          generating N_L tokens instead (the same number of extra positions as "thinking" text)
   engine_step_s        the engine's own decoding step at batch 1: (t<N>_off - ttft_off) / (N - 1)
   hf_static_step_s     the same for Hugging Face ``generate(cache_implementation="static")``, greedy, same prompt:
-                       (time of N tokens - time of 1) / (N - 1); ``engine_vs_hf_static`` = engine / HF
+                       the median interval between its new tokens; ``engine_vs_hf_static`` = engine / HF
   augment_in_steps     augment_s / engine_step_s: sync's extra cost in decoding steps
   concurrency          ``--concurrency C ...``: C requests of --tokens tokens at once (policy off and async),
                        total generated tokens / wall time (tokens_per_s_c<C>_<policy>)
@@ -84,12 +84,29 @@ def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device) -> float:
 
 
 def hf_static_step_s(base, ids, n_tokens, device, repeats) -> float:
-    """Per-token time of Hugging Face ``generate`` with its static cache (greedy, no early stop)."""
-    def gen(n):
-        return lambda: base.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                     cache_implementation="static")
+    """Per-token time of Hugging Face ``generate`` with its static cache (greedy, no early stop): the median interval
+    between consecutive new tokens, as a streamer sees them (each token read to the host)."""
+    from transformers.generation.streamers import BaseStreamer
 
-    return (timed(gen(n_tokens), device, repeats) - timed(gen(1), device, repeats)) / (n_tokens - 1)
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            value.cpu()  # the token is known on the host now
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    steps = []
+    for i in range(repeats + 1):  # the first one warms up
+        clock = Clock()
+        base.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                      cache_implementation="static", streamer=clock)
+        if i:  # put() sees the prompt first, then each new token
+            steps += [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
+    return statistics.median(steps)
 
 
 def main() -> None:

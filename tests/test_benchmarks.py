@@ -44,5 +44,6 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["ttft_off_s"] > 0 and row["ttft_sync_s"] > 0 and "augment_vs_8_tokens" in row
     assert row["engine_step_s"] > 0 and row["hf_static_step_s"] > 0  # beside Hugging Face's static-cache generate
-    assert row["engine_vs_hf_static"] == pytest.approx(row["engine_step_s"] / row["hf_static_step_s"], rel=1e-3)
+    # (the row's figures are rounded to 5 decimals: their ratio is close to, not equal to, the reported one)
+    assert row["engine_vs_hf_static"] == pytest.approx(row["engine_step_s"] / row["hf_static_step_s"], rel=0.05)
     assert all(row[f"tokens_per_s_c{c}_{p}"] > 0 for c in (1, 3) for p in ("off", "async"))
