@@ -204,6 +204,18 @@ def test_bad_store_files_are_skipped_and_bad_entries_recomputed(model, tmp_path)
         assert cache_id not in engine.store and not (tmp_path / f"{cache_id}.safetensors").exists()
 
 
+@pytest.mark.parametrize("policy", ["sync", "async"])
+def test_non_finite_latents_are_never_used(model, policy):
+    engine = Engine(model, default_deadline_s=10, async_grace_s=5.0)
+    with torch.no_grad():
+        model.coprocessor.latent_scale.fill_(float("nan"))
+    info: dict = {}
+    with pytest.warns(UserWarning, match="non-finite latents"):
+        tokens, summary = engine.generate(PROMPT, 6, policy=policy, info=info)
+    assert tokens == _expected(model, False)[:6]  # the frozen model's answer, exactly
+    assert not summary["augmented"] and info["outcome"] == "failed" and engine.stats.failed == 1
+
+
 def test_non_finite_latents_are_never_stored(model, tmp_path):
     engine = Engine(model, CacheStore(directory=tmp_path, fingerprint="m"))
     with torch.no_grad():

@@ -263,10 +263,14 @@ class Engine:
         return fresh, logits
 
     def _latents_or_none(self, future: cf.Future, info: dict):
-        """The latents of a finished ``future``, or None (counted, and warned) when the coprocessor failed or the
-        watchdog abandoned it (late)."""
+        """The latents of a finished ``future``, or None (counted, and warned) when the coprocessor failed, gave
+        non-finite values (the request is then decoded exactly as the frozen model would) or the watchdog abandoned
+        it (late)."""
         try:
-            return future.result(timeout=0)
+            latents = future.result(timeout=0)
+            if not torch.isfinite(latents).all():  # one host sync per insertion
+                raise FloatingPointError("non-finite latents")
+            return latents
         except KeyboardInterrupt:
             raise
         except CoprocessorTimeout:  # the watchdog already warned and replaced the worker
