@@ -231,11 +231,13 @@ class ServeConfig(_Checked):
 
 
     def _problems(self) -> list[str]:
-        from .serving.policies import policy_names
+        from .serving.policies import get_policy
 
         problems = [] if 0 <= self.port <= 65535 else [f"--port must be in 0..65535, got {self.port}"]
-        if self.policy not in policy_names():
-            problems.append(f"--policy must be one of {', '.join(policy_names())}, got {self.policy!r}")
+        try:
+            get_policy(self.policy)
+        except ValueError as err:
+            problems.append(f"--policy: {err}")
         return problems
 
     def run(self) -> None:

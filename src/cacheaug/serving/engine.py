@@ -45,7 +45,7 @@ from .. import kv
 from ..model import CacheAugmentedLM
 from ..sampling import SamplingParams, next_token
 from .batching import CoprocessorTimeout, LatentsWorker
-from .policies import Request, get_policy, policy_names
+from .policies import Request, Step, get_policy, policy_names
 from .scheduler import END, Scheduler
 from .store import CacheStore
 
@@ -72,15 +72,6 @@ class Stats:
     def count_policy(self, name: str) -> None:
         with self._lock:
             self.by_policy[name] = self.by_policy.get(name, 0) + 1
-
-
-@dataclass
-class Step:
-    """One decoded token of a request, and what happened to the augmentation so far."""
-
-    token: int
-    augmented: bool  # latents are in the cache (inserted before this token was chosen)
-    inserted_after: int | None  # tokens decoded before the latents went in (0 = before the first token)
 
 
 class Engine:
@@ -179,7 +170,7 @@ class Engine:
         info = {} if info is None else info
         info.update(outcome=None, cancelled=False)
         req = Request(list(prompt), self.clock() + (self.default_deadline_s if deadline_s is None else deadline_s),
-                      policy, cancel, info, strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature,
+                      cancel, info, strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_p=top_p, stop_ids=tuple(stop_ids),
                       generator=torch.Generator().manual_seed(seed) if seed is not None else None)
         info["states"] = req.history
@@ -201,10 +192,6 @@ class Engine:
             if not req.finished:  # the consumer stopped reading: the loop drops the request
                 req.abandoned = True
                 self.scheduler.wake()
-
-    @staticmethod
-    def step_of(req: Request, token: int) -> Step:
-        return Step(token, req.augmented, req.inserted_after)
 
     # ------------------------------------------------------------------------------------- policy primitives
     clock = staticmethod(time.monotonic)

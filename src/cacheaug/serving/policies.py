@@ -58,13 +58,21 @@ State = Literal["waiting", "prefilling", "waiting_for_latents", "decoding", "don
 
 
 @dataclass
+class Step:
+    """One decoded token of a request, and what happened to the augmentation so far."""
+
+    token: int
+    augmented: bool  # latents are in the cache (inserted before this token was chosen)
+    inserted_after: int | None  # tokens decoded before the latents went in (0 = before the first token)
+
+
+@dataclass
 class Request:
     """One request's state inside the engine (the cache, the logits for its next token, the pending coprocessor
     call) and its outcome: ``info["outcome"]`` is ``augmented``, ``late``, ``failed`` or None."""
 
     prompt: list[int]
     deadline: float
-    policy: str
     cancel: threading.Event | None = None
     info: dict = field(default_factory=dict)
     state: State = "waiting"

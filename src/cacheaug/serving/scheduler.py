@@ -17,6 +17,7 @@ from collections import deque
 import torch
 
 from .batching import batched_step
+from .policies import Step
 
 END = object()  # put after a request's last token
 
@@ -146,7 +147,7 @@ class Scheduler:
                     req.demand -= 1
                 token = engine._choose(req.logits, req.temperature, req.top_p, req.generator)
                 req.generated.append(token)
-                req.out.put(engine.step_of(req, token))
+                req.out.put(Step(token, req.augmented, req.inserted_after))
                 if token in req.stop_ids or req.n == req.max_new_tokens:
                     self._finish(req)
                     return True, False
