@@ -18,6 +18,12 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   hf_static_step_s     the same for Hugging Face ``generate(cache_implementation="static")``, greedy, same prompt:
                        the median interval between its new tokens; ``engine_vs_hf_static`` = engine / HF
   augment_in_steps     augment_s / engine_step_s: sync's extra cost in decoding steps
+  engine_dynamic_step_s   the same batch-1 step with ``Engine(static_batch=False)`` (caches padded and split every
+                       step, no CUDA graphs): what the slab and its CUDA graphs buy
+  static_agrees_tokens, hf_agrees_tokens   leading greedy tokens of an ``off`` request on which the static engine
+                       agrees with the dynamic one, and with HF ``generate`` (bf16 kernels of other shapes may flip a
+                       near-tie; the exactness itself is tested on the CPU, tests/test_slab.py)
+  cuda_graphs, graphs_recorded   whether the slab replayed CUDA graphs, and how many step shapes it recorded
   concurrency          ``--concurrency C ...``: C requests of --tokens tokens at once (policy off and async),
                        total generated tokens / wall time (tokens_per_s_c<C>_<policy>)
 """
@@ -81,6 +87,13 @@ def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device) -> float:
         t.join()
     _sync(device)
     return sum(counts) / (time.perf_counter() - t0)
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def hf_static_step_s(base, ids, n_tokens, device, repeats) -> float:
@@ -158,6 +171,17 @@ def main() -> None:
             row["hf_static_step_s"] = hf_static_step_s(base, ids, args.tokens, device, args.repeats)
             row["engine_vs_hf_static"] = row["engine_step_s"] / max(row["hf_static_step_s"], 1e-9)
             row["augment_in_steps"] = row["augment_s"] / max(row["engine_step_s"], 1e-9)
+            dynamic = Engine(model, default_deadline_s=60.0, max_batch=engine.scheduler.max_batch, static_batch=False)
+            runs = [request_times(dynamic, prompt, "off", args.tokens, device) for _ in range(args.repeats + 1)][1:]
+            row["engine_dynamic_step_s"] = statistics.median((r[1] - r[0]) / (args.tokens - 1) for r in runs)
+            static_tokens = engine.generate(prompt, args.tokens, policy="off")[0]
+            hf_tokens = base.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                      do_sample=False)[0, P:].tolist()
+            row["static_agrees_tokens"] = leading_agreement(static_tokens, dynamic.generate(prompt, args.tokens,
+                                                                                            policy="off")[0])
+            row["hf_agrees_tokens"] = leading_agreement(static_tokens, hf_tokens)
+            if engine.slab is not None:
+                row["cuda_graphs"], row["graphs_recorded"] = engine.slab.cuda_graphs, len(engine.slab.graphs)
             if n_latents == args.latents[0] and P == args.prompt_lens[0]:
                 for c in args.concurrency:
                     prompts = [torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P + i)).tolist()
@@ -166,6 +190,9 @@ def main() -> None:
                         concurrent_tokens_per_s(engine, prompts[:1], policy, 2, device)  # warm-up
                         row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
                                                                                    args.tokens, device)
+                    row[f"tokens_per_s_c{c}_off_dynamic"] = concurrent_tokens_per_s(dynamic, prompts, "off",
+                                                                                    args.tokens, device)
+            dynamic.close()
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # after every row: a run cut short keeps what it measured

@@ -81,6 +81,8 @@ def test_async_late_latents_go_in_at_their_place_and_the_tokens_are_replayed(mod
         logits = model.base(input_ids=torch.tensor([[expected[-1]]]), **model.cache_kwargs(aug.cache)).logits[:, -1]
     assert generated[3:] == expected
     assert engine.stats.augmented == 1 and engine.stats.fallbacks == 0
+    # decoded in the engine's slab; the replayed cache was copied into the request's row before the next step
+    assert engine.slab.steps == 9 and engine.slab.adopted == 2
     engine.close()
 
 

@@ -47,6 +47,7 @@ from ..sampling import SamplingParams, next_token
 from .batching import CoprocessorTimeout, LatentsWorker
 from .policies import Request, Step, get_policy, policy_names
 from .scheduler import END, Scheduler
+from .slab import Slab
 from .store import CacheStore
 
 @dataclass
@@ -87,11 +88,15 @@ class Engine:
             many tokens have been decoded (the replay's length; default 64).
         max_batch: decoding steps, and coprocessor calls, of concurrent requests run together, up to this many
             rows (1: no batching).
+        static_batch: decode in a preallocated slab of caches (:mod:`~cacheaug.serving.slab`), replayed as CUDA
+            graphs on a GPU; requests longer than ``static_max_len`` entries, or beyond ``max_batch`` at once, and
+            backbones with other attention than sdpa or eager take the dynamic path (caches padded per step).
+        static_max_len: cache entries (prompt, latents, new tokens) per request in the slab at most.
     """
 
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
                  hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 64,
-                 max_batch: int = 16):
+                 max_batch: int = 16, static_batch: bool = True, static_max_len: int = 8192):
         if not model.arm.has_latents:
             raise ValueError(f"a {model.config.init!r} checkpoint inserts no latents, so there is nothing to augment "
                              "with; serve the frozen model alone (no --coprocessor) or a coprocessor checkpoint")
@@ -109,6 +114,9 @@ class Engine:
         stream = torch.cuda.Stream(device=model.device) if model.device.type == "cuda" else None
         self.worker = LatentsWorker(model, stream, max_batch=max_batch, hard_timeout_s=hard_timeout_s,
                                     on_restart=lambda: self.stats.add(worker_restarts=1))
+        self.slab = None
+        if static_batch and model.family.attn_implementation in ("sdpa", "eager"):
+            self.slab = Slab(model, max_batch, max_length=static_max_len)
         self.scheduler = Scheduler(self, max_batch=max_batch)  # the engine loop: every request's decoding
 
     # -------------------------------------------------------------------------------------------- worker

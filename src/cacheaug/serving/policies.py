@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from transformers import DynamicCache
 
     from .engine import Engine
+    from .slab import Slab
 
 State = Literal["waiting", "prefilling", "waiting_for_latents", "decoding", "done", "cancelled"]
 
@@ -76,7 +77,7 @@ class Request:
     cancel: threading.Event | None = None
     info: dict = field(default_factory=dict)
     state: State = "waiting"
-    cache: DynamicCache | None = None
+    _cache: DynamicCache | None = None  # see ``cache``
     logits: torch.Tensor | None = None
     augmented: bool = False  # latents are in the cache
     inserted_after: int | None = None  # tokens decoded before they went in (0: before the first token)
@@ -98,6 +99,22 @@ class Request:
     out: queue.Queue = field(default_factory=queue.Queue)  # Steps, then END (or an exception)
     finished: bool = False
     abandoned: bool = False  # the consumer stopped reading
+    slab: Slab | None = None  # while decoding by static batches: the engine's slab and this request's row in it
+    slot: int | None = None
+    choice: tuple | None = None  # (greedy token, the logits it was chosen from), computed with the batch's step
+
+    @property
+    def cache(self) -> DynamicCache | None:
+        """The request's cache (prompt, latents if inserted, tokens decoded): while it holds a row of the engine's
+        slab, a view of that row. Assigning another cache (e.g. after latents were inserted and tokens replayed) is
+        allowed at any time: the row takes it before the next decoding step."""
+        if self._cache is None and self.slot is not None:
+            self._cache = self.slab.view(self.slot)
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: DynamicCache | None) -> None:
+        self._cache = value
 
     @property
     def n(self) -> int:

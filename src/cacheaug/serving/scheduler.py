@@ -145,7 +145,11 @@ class Scheduler:
                     if req.demand == 0:
                         return moved, False
                     req.demand -= 1
-                token = engine._choose(req.logits, req.temperature, req.top_p, req.generator)
+                if req.choice is not None and req.choice[1] is req.logits:  # computed with the batch's step
+                    token = req.choice[0]
+                else:
+                    token = engine._choose(req.logits, req.temperature, req.top_p, req.generator)
+                req.choice = None
                 req.generated.append(token)
                 req.out.put(Step(token, req.augmented, req.inserted_after))
                 if token in req.stop_ids or req.n == req.max_new_tokens:
@@ -163,26 +167,63 @@ class Scheduler:
         return moved, False
 
     def _step(self, rows) -> None:
-        """One decoding step of ``rows`` (their last tokens), batched."""
-        engine, model = self.engine, self.engine.model
-        positions = [model.next_position(r.cache.get_seq_length(), r.augmented) for r in rows]
-        if len(rows) == 1:
-            req = rows[0]
+        """One decoding step of ``rows`` (their last tokens), batched: in the engine's slab for the requests that hold
+        (or can take) a row of it, else by the dynamic path (caches left-padded and split again)."""
+        engine, model, slab = self.engine, self.engine.model, self.engine.slab
+        static = [r for r in rows if slab is not None and self._take_row(slab, r)]
+        dynamic = [r for r in rows if r.slot is None]
+        if static:
+            positions = [model.next_position(slab.length[r.slot], r.augmented) for r in static]
+            with engine.lock:
+                logits = slab.step([r.slot for r in static], [r.generated[-1] for r in static], positions)
+            for i, req in enumerate(static):
+                req.cache, req.logits = None, logits[i : i + 1]  # the row holds the cache; a view when asked
+            self._greedy_choices(static, logits)
+        if len(dynamic) == 1:
+            req = dynamic[0]
             req.logits = engine._forward(req.cache, torch.tensor([[req.generated[-1]]], device=model.device),
                                          req.augmented)
-        else:
+        elif dynamic:
+            positions = [model.next_position(r.cache.get_seq_length(), r.augmented) for r in dynamic]
             with engine.lock:
-                caches, logits = batched_step(model.base, model.family.cache_kwarg, [r.cache for r in rows],
-                                              [r.generated[-1] for r in rows], positions)
-            for i, req in enumerate(rows):
+                caches, logits = batched_step(model.base, model.family.cache_kwarg, [r.cache for r in dynamic],
+                                              [r.generated[-1] for r in dynamic], positions)
+            for i, req in enumerate(dynamic):
                 req.cache, req.logits = caches[i], logits[i : i + 1]
+            self._greedy_choices(dynamic, logits)
         self.batches += 1
         self.rows += len(rows)
+
+    def _take_row(self, slab, req) -> bool:
+        """Give ``req`` a row of ``slab`` (copying its cache in), or copy a replaced cache into its row; False when
+        it cannot have one (too long for the slab, or every row in use)."""
+        if req.slot is None:
+            longest = len(req.prompt) + self.engine.model.config.n_inserted + req.max_new_tokens
+            if not slab.fits(longest) or not slab.has_room():
+                return False
+            req.slot, req.slab = slab.adopt(req.cache), slab
+            req.cache = None
+        elif req._cache is not None and not slab.holds(req.slot, req._cache):
+            slab.adopt(req._cache, req.slot)
+            req.cache = None
+        return True
+
+    @staticmethod
+    def _greedy_choices(rows, logits) -> None:
+        """The greedy rows' next tokens, read to the host together (one transfer instead of one per request)."""
+        greedy = [i for i, r in enumerate(rows) if r.temperature == 0]
+        if greedy:
+            tokens = logits[greedy].argmax(-1).tolist()
+            for i, token in zip(greedy, tokens):
+                rows[i].choice = (token, rows[i].logits)
 
     def _finish(self, req, error: BaseException | None = None, cancelled: bool = False) -> None:
         if req.finished:
             return
         req.finished = True
+        if req.slot is not None:  # its row is free for the next request
+            req.slab.release(req.slot)
+            req.slot, req.cache = None, None
         if req in self.active:
             self.active.remove(req)
         if cancelled and not req.abandoned:  # the client went away (a consumer that stopped reading is not counted)
