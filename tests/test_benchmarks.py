@@ -46,4 +46,17 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     assert row["engine_step_s"] > 0 and row["hf_static_step_s"] > 0  # beside Hugging Face's static-cache generate
     # (the row's figures are rounded to 5 decimals: their ratio is close to, not equal to, the reported one)
     assert row["engine_vs_hf_static"] == pytest.approx(row["engine_step_s"] / row["hf_static_step_s"], rel=0.05)
-    assert all(row[f"tokens_per_s_c{c}_{p}"] > 0 for c in (1, 3) for p in ("off", "async"))
+    assert all(row[f"tokens_per_s_c{c}_{p}"] > 0 for c in (1, 3) for p in ("off", "async", "off_dynamic"))
+    assert row["engine_dynamic_step_s"] > 0 and row["cuda_graphs"] is False  # the slab, eager on the CPU
+    assert row["static_agrees_tokens"] == 4  # fp32 on the CPU: the static and dynamic paths agree on every token
+
+
+def test_coprocessor_process_runs_at_toy_size(tmp_path):
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "coprocessor_process.py"), "--model", "tiny", "--device", "cpu",
+           "--prompt-len", "32", "--latents", "2", "--repeats", "2", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    row = json.loads(out.read_text())
+    assert row["in_process_s"] > 0 and row["separate_s"] > 0 and row["child_start_s"] > 0
+    assert row["max_abs_diff"] <= 1e-5  # the child computes the same latents from the handed-over cache
+    assert row["overhead_s"] == pytest.approx(row["separate_s"] - row["in_process_s"], abs=2e-6)

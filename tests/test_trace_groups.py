@@ -176,8 +176,9 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
                  max_steps=2, warmup_steps=1, eval_every=0, eval_sequences=2, log_every=1, save_every=0, heldout_pct=20.0)
     from cacheaug.model import CacheAugmentedLM
 
-    runs, traces = {}, CacheAugmentedLM._traces
-    for name, opts in {"plain": {}, "kept": {"keep_logits": True}, "grouped": {"trace_groups": 2}}.items():
+    runs, traces, packed = {}, CacheAugmentedLM._traces, CacheAugmentedLM._traces_packed
+    arms = {"plain": {}, "kept": {"keep_logits": True}, "grouped": {"trace_groups": 2}, "chunked": {"trace_chunk": 1}}
+    for name, opts in arms.items():
         out = tmp_path / name
         seen = []
 
@@ -185,11 +186,19 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
             _seen.append(prefix_kv[0][0].shape[2])
             return traces(self, ids, prefix_kv, positions)
 
+        def spy_rows(self, ids, prefix_kv, positions, _seen=seen):
+            _seen.append(("traces per row", positions.shape[1]))
+            return packed(self, ids, prefix_kv, positions)
+
         monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces", spy)
+        monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces_packed", spy_rows)
         train(TrainConfig(**small, **opts, out_dir=str(out)), base=tiny_model("gemma3"), tokenizer=tok, progress=False)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = ([r["loss"] for r in rows if "loss" in r], seen)
+        runs[name] = ([r["loss"] for r in rows if "loss" in r], [x for x in seen if isinstance(x, int)],
+                      {x[1] for x in seen if isinstance(x, tuple)})
+    assert 1 in runs["chunked"][2] and 1 not in runs["plain"][2]  # the option reached the trainer's model
     assert runs["kept"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
+    assert runs["chunked"][0] == pytest.approx(runs["plain"][0], abs=1e-5)  # the same points, one trace per row
     assert set(runs["plain"][1]) == {T}
     assert runs["grouped"][1][:2] == [20, 36]  # training steps ran grouped
     assert runs["grouped"][0] != pytest.approx(runs["plain"][0], abs=1e-5)  # other (stratified) points

@@ -123,6 +123,7 @@ class CacheAugmentedLM(nn.Module):
         self.check_finite = check_finite
         self.recompute_loss = True  # recompute each loss chunk's logits in backward (memory); False keeps them (speed)
         self.trace_groups = 1  # > 1: stratified insertion points, each group's passes read only its text (speed)
+        self.trace_chunk = 0  # > 0: the trace passes run C traces per row against a copy of the text keys (speed)
         self.compile_block_masks = False  # FlexAttention block masks built by a compiled create_block_mask (speed)
         self._compiled_pass = None
         self._compile_mode = None
@@ -396,7 +397,23 @@ class CacheAugmentedLM(nn.Module):
     def _traces(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor):
         """Passes (b) and (c) for traces at ``positions`` ``[B, K]`` reading the S text keys of ``prefix_kv``.
         Returns the latents ``[B, K, N_L, D]`` and the decoder's hidden states that predict the targets
-        ``[B, K, N_A, D]`` (last latent, or token p read again with ``reread_last``; then the ahead tokens)."""
+        ``[B, K, N_A, D]`` (last latent, or token p read again with ``reread_last``; then the ahead tokens).
+
+        With ``self.trace_chunk`` = C < K (speed option, cacheaug.speed) the K traces of a sequence run as K/C rows
+        of C traces each, every row against its own copy of the text keys: a trace's queries then meet the text and
+        the C blocks of its row, not all K blocks (the other blocks are masked for it anyway), at the cost of copying
+        the text keys K/C times. Same masks, same results."""
+        B, K = positions.shape
+        C = self.trace_chunk
+        if 0 < C < K and K % C == 0:  # (other K, e.g. an evaluation's: packed, with the same results)
+            n = K // C
+            rows_kv = [(k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)) for k, v in prefix_kv]
+            latents, h = self._traces_packed(ids.repeat_interleave(n, dim=0), rows_kv, positions.reshape(B * n, C))
+            return latents.reshape(B, K, *latents.shape[2:]), h.reshape(B, K, *h.shape[2:])
+        return self._traces_packed(ids, prefix_kv, positions)
+
+    def _traces_packed(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor):
+        """:meth:`_traces` with the K traces of a sequence packed in one row (the blocks after the text keys)."""
         B, K = positions.shape
         S = prefix_kv[0][0].shape[2]
         N_L, N_A, R = self.config.n_latents, self.config.n_ahead, int(self.config.reread_last)

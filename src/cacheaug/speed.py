@@ -11,6 +11,12 @@
   G=2 (measured in docs/performance.md). It changes which points are drawn (evenly spread instead of independent),
   not what is computed for them.
 
+* ``trace_chunk`` C: the trace passes run C traces per row, each row against its own copy of the text keys
+  (model.py, ``_traces``), instead of all K traces of a sequence in one row after the text. Every trace query then
+  meets T + C x L keys instead of T + K x L, of which all but its own block were masked: at K=128 most of the
+  attention work. It costs K/C copies of the text keys per layer. Same masks, same losses (the equivalence tests
+  cover it); it changes nothing about what is trained.
+
 * :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs
   hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
   nothing breaks the graph. Whole decoder layers are not compiled: they take the kv-cache object, and dynamo
@@ -71,24 +77,25 @@ _ATTN = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
 def parse_variant(name: str) -> dict:
     """A speed variant as the throughput benchmark names it: 'flex', 'sdpa' or 'eager', optionally '+masks'
     (compiled block masks), one of '+mlp' (compiled MLPs), '+step' (the whole training pass compiled as one graph)
-    or '+graphs' (that, replayed as CUDA graphs), '+keeplogits' (the loss's logits kept for backward) and '+gN'
-    (N trace groups)."""
+    or '+graphs' (that, replayed as CUDA graphs), '+keeplogits' (the loss's logits kept for backward), '+gN'
+    (N trace groups) and '+cN' (N traces per row)."""
     attn, *flags = name.split("+")
     groups = [f for f in flags if f[:1] == "g" and f[1:].isdigit() and int(f[1:]) >= 1]
-    flags = [f for f in flags if f not in groups]
+    chunks = [f for f in flags if f[:1] == "c" and f[1:].isdigit() and int(f[1:]) >= 1]
+    flags = [f for f in flags if f not in groups and f not in chunks]
     step = [f for f in flags if f in ("step", "graphs")]
     if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits"} or len(step) > 1 or (
-            step and "mlp" in flags) or len(groups) > 1:
+            step and "mlp" in flags) or len(groups) > 1 or len(chunks) > 1:
         raise ValueError(f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
-                         "+graphs; optionally +keeplogits and +gN (N trace groups)")
+                         "+graphs; optionally +keeplogits, +gN (N trace groups) and +cN (N traces per row)")
     return {"attn": _ATTN[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
             "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags,
-            "trace_groups": int(groups[0][1:]) if groups else 1}
+            "trace_groups": int(groups[0][1:]) if groups else 1, "trace_chunk": int(chunks[0][1:]) if chunks else 0}
 
 
 def apply_speed_options(
     model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False, compile_step: str = "off",
-    trace_groups: int = 1,
+    trace_groups: int = 1, trace_chunk: int = 0,
 ) -> None:
     """Turn on the opt-in speed settings above (no-ops with the defaults)."""
     if compile_step not in COMPILE_STEP_MODES:
@@ -96,6 +103,11 @@ def apply_speed_options(
     if hasattr(model, "trace_groups"):
         masks.check_trace_groups(trace_groups, model.config.n_traces)
         model.trace_groups = trace_groups
+    if hasattr(model, "trace_chunk"):
+        per_pass = model.config.n_traces // max(1, trace_groups)
+        if trace_chunk < 0 or (trace_chunk and per_pass % trace_chunk):
+            raise ValueError(f"trace_chunk {trace_chunk} must divide the traces of each trace group ({per_pass})")
+        model.trace_chunk = trace_chunk
     if compile_mlp or compile_masks:
         allow_recompiles()
     if compile_mlp:

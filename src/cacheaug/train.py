@@ -109,6 +109,9 @@ class TrainConfig:
     trace_groups: int = _f(1, "G > 1 draws the K insertion points stratified (K/G in each of G equal segments of the "
                            "sequence) so that each group's passes read only the text before its segment's end: less "
                            "attention work, same losses for those points (GPU speed; docs/performance.md)")
+    trace_chunk: int = _f(0, "C > 0 runs the trace passes C traces per row against a copy of the text keys instead of "
+                          "all K traces in one row: less attention work at large K, same losses (GPU speed; "
+                          "docs/performance.md)")
     compile_cache: str | None = _f(
         None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
         "it to the next process or machine to skip most of the compile (docs/performance.md)")
@@ -148,6 +151,9 @@ class TrainConfig:
                             "decoder's and trains only small adapters: use --parallel ddp")
         if self.trace_groups < 1 or self.n_traces % self.trace_groups:
             problems.append(f"--trace-groups {self.trace_groups} must be a positive divisor of --n-traces {self.n_traces}")
+        elif self.trace_chunk < 0 or (self.trace_chunk and (self.n_traces // self.trace_groups) % self.trace_chunk):
+            problems.append(f"--trace-chunk {self.trace_chunk} must divide the traces of each trace group "
+                            f"({self.n_traces // self.trace_groups}), or be 0 (off)")
         if not problems:
             try:
                 self.coprocessor_config()
@@ -446,7 +452,8 @@ class Trainer:
         model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
         master_fp32(model)
         apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks,
-                            compile_step=cfg.compile_step, trace_groups=cfg.trace_groups)
+                            compile_step=cfg.compile_step, trace_groups=cfg.trace_groups,
+                            trace_chunk=cfg.trace_chunk)
         model.recompute_loss = not cfg.keep_logits
         if cfg.compile_cache and par.main:
             loaded = load_compile_cache(cfg.compile_cache)
