@@ -7,6 +7,9 @@ augmentation's cost in decoding steps; tokens/s at 1, 8 and 32 concurrent reques
     python benchmarks/serve_latency.py --model gemma-3-270m --prompt-lens 1024 4096 --latents 16 64 --out serve.json
     python benchmarks/serve_latency.py --model tiny --prompt-lens 64 --latents 4 --repeats 2     # CPU smoke run
 
+``--model random-270m``: Gemma 3 270M's architecture with random weights (timing only: the same shapes and kernels
+as the real model, no model files needed; the token agreements then compare near-uniform logits).
+
 Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up:
   ttft_<policy>        prompt in -> first token out, per policy (off / sync / async), in requests of --tokens
   t<N>_<policy>        prompt in -> last of the N tokens out (async: the coprocessor runs meanwhile)
@@ -15,6 +18,8 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   decode_token_s       one decoding step after the prompt; ``augment_vs_8_tokens`` = augment_s / (8 x it)
   cot_equiv_s          generating N_L tokens instead (the same number of extra positions as "thinking" text)
   engine_step_s        the engine's own decoding step at batch 1: (t<N>_off - ttft_off) / (N - 1)
+  slab_step_s          the slab's step alone at batch 1 (a CUDA graph replay on a GPU) and the greedy token read to
+                       the host, without the engine loop and its threads: engine_step_s - slab_step_s is the loop's cost
   hf_static_step_s     the same for Hugging Face ``generate(cache_implementation="static")``, greedy, same prompt:
                        the median interval between its new tokens; ``engine_vs_hf_static`` = engine / HF
   augment_in_steps     augment_s / engine_step_s: sync's extra cost in decoding steps
@@ -122,9 +127,37 @@ def hf_static_step_s(base, ids, n_tokens, device, repeats) -> float:
     return statistics.median(steps)
 
 
+def random_270m(device):
+    """Gemma 3 270M's architecture (bf16, sdpa) with random weights: the real model's shapes for timing."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                              query_pre_attn_scalar=256, max_position_embeddings=32768)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
+
+
+def slab_step_s(engine, prompt, device, steps: int = 30) -> float:
+    """Median time of the slab's batch-1 step plus the greedy token's read, on a cache of ``prompt``."""
+    slab = engine.slab
+    cache, logits, _ = engine.prefill(prompt)
+    row = slab.adopt(cache)
+    token, times = int(logits.argmax(-1)), []
+    try:
+        for i in range(steps + 2):
+            _sync(device)
+            t0 = time.perf_counter()
+            token = int(slab.step([row], [token], [slab.length[row]]).argmax(-1))
+            times.append(time.perf_counter() - t0)
+    finally:
+        slab.release(row)
+    return statistics.median(times[2:])  # the first records the graph
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m' or 'tiny'")
+    ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m', 'random-270m' (timing only) or 'tiny'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--latents", type=int, nargs="+", default=[16, 64])
@@ -132,6 +165,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="tokens per timed request (at least 2)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32],
                     help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)")
+    ap.add_argument("--no-dynamic", action="store_true",
+                    help="skip the dynamic-path engine (static_batch=False) rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.tokens < 2:
@@ -139,6 +174,8 @@ def main() -> None:
     device = torch.device(args.device)
     if args.model == "tiny":
         base = tiny_model("gemma3", "sdpa", device=device)
+    elif args.model == "random-270m":
+        base = random_270m(device)
     else:
         base, _ = load_base_model(args.model, device=device)
     vocab = base.get_input_embeddings().weight.shape[0]
@@ -150,12 +187,16 @@ def main() -> None:
             prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
             ids = torch.tensor([prompt], device=device)
             row = {"n_latents": n_latents, "prompt_len": P}
-            for policy in ("off", "sync", "async"):  # whole requests of --tokens tokens: TTFT and total time
-                runs = [request_times(engine, prompt, policy, args.tokens, device) for _ in range(args.repeats + 1)][1:]
-                row[f"ttft_{policy}_s"] = statistics.median(r[0] for r in runs)
-                row[f"t{args.tokens}_{policy}_s"] = statistics.median(r[1] for r in runs)
-                if policy == "async":
-                    row["async_inserted_after_tokens"] = [r[2] for r in runs]
+            runs = {policy: [] for policy in ("off", "sync", "async")}
+            for i in range(args.repeats + 1):  # whole requests of --tokens tokens, the policies interleaved
+                for policy in runs:
+                    result = request_times(engine, prompt, policy, args.tokens, device)
+                    if i:  # the first round warms up
+                        runs[policy].append(result)
+            for policy, results in runs.items():
+                row[f"ttft_{policy}_s"] = statistics.median(r[0] for r in results)
+                row[f"t{args.tokens}_{policy}_s"] = statistics.median(r[1] for r in results)
+            row["async_inserted_after_tokens"] = [r[2] for r in runs["async"]]
             row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - timed(
                 lambda: engine.prefill(prompt), device, args.repeats)
             cache_then_step = lambda: model.decode(  # noqa: E731
@@ -171,16 +212,19 @@ def main() -> None:
             row["hf_static_step_s"] = hf_static_step_s(base, ids, args.tokens, device, args.repeats)
             row["engine_vs_hf_static"] = row["engine_step_s"] / max(row["hf_static_step_s"], 1e-9)
             row["augment_in_steps"] = row["augment_s"] / max(row["engine_step_s"], 1e-9)
-            dynamic = Engine(model, default_deadline_s=60.0, max_batch=engine.scheduler.max_batch, static_batch=False)
-            runs = [request_times(dynamic, prompt, "off", args.tokens, device) for _ in range(args.repeats + 1)][1:]
-            row["engine_dynamic_step_s"] = statistics.median((r[1] - r[0]) / (args.tokens - 1) for r in runs)
+            dynamic = None if args.no_dynamic else Engine(model, default_deadline_s=60.0,
+                                                          max_batch=engine.scheduler.max_batch, static_batch=False)
             static_tokens = engine.generate(prompt, args.tokens, policy="off")[0]
+            if dynamic is not None:
+                runs = [request_times(dynamic, prompt, "off", args.tokens, device) for _ in range(args.repeats + 1)][1:]
+                row["engine_dynamic_step_s"] = statistics.median((r[1] - r[0]) / (args.tokens - 1) for r in runs)
+                row["static_agrees_tokens"] = leading_agreement(static_tokens, dynamic.generate(prompt, args.tokens,
+                                                                                                policy="off")[0])
             hf_tokens = base.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                                       do_sample=False)[0, P:].tolist()
-            row["static_agrees_tokens"] = leading_agreement(static_tokens, dynamic.generate(prompt, args.tokens,
-                                                                                            policy="off")[0])
             row["hf_agrees_tokens"] = leading_agreement(static_tokens, hf_tokens)
             if engine.slab is not None:
+                row["slab_step_s"] = slab_step_s(engine, prompt, device)
                 row["cuda_graphs"], row["graphs_recorded"] = engine.slab.cuda_graphs, len(engine.slab.graphs)
             if n_latents == args.latents[0] and P == args.prompt_lens[0]:
                 for c in args.concurrency:
@@ -190,9 +234,14 @@ def main() -> None:
                         concurrent_tokens_per_s(engine, prompts[:1], policy, 2, device)  # warm-up
                         row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
                                                                                    args.tokens, device)
-                    row[f"tokens_per_s_c{c}_off_dynamic"] = concurrent_tokens_per_s(dynamic, prompts, "off",
-                                                                                    args.tokens, device)
-            dynamic.close()
+                    if dynamic is not None:
+                        row[f"tokens_per_s_c{c}_off_dynamic"] = concurrent_tokens_per_s(dynamic, prompts, "off",
+                                                                                        args.tokens, device)
+                if engine.slab is not None:  # still replaying graphs after the batches grew the slab?
+                    row["cuda_graphs_after_concurrency"] = engine.slab.cuda_graphs
+                    row["graphs_recorded_after_concurrency"] = len(engine.slab.graphs)
+            if dynamic is not None:
+                dynamic.close()
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # after every row: a run cut short keeps what it measured

@@ -101,3 +101,26 @@ def test_engine_static_and_dynamic_paths_agree(model, policy):
     assert engine.slab.steps > 0
     assert sorted(engine.slab.free) == list(range(engine.slab.rows))
     engine.close()
+
+
+def test_rows_grow_while_decoding():
+    """A row that fills up grows the slab (its graphs are recorded again) and decoding goes on exactly."""
+    model = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=2))
+    base, key = model.base, model.family.cache_kwarg
+    ref = _prefill(base, key, 60, 0)
+    slab = Slab(model, max_rows=2, max_length=256)
+    row = slab.adopt(DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in ref.layers]))
+    assert slab.size == 64
+    for token in range(3, 13):
+        n = ref.get_seq_length()
+        got = slab.step([row], [token], [n])[0]
+        want = base(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[n]]), use_cache=True,
+                    **{key: ref}).logits[0, -1]
+        assert torch.allclose(got, want, atol=1e-4)
+    assert slab.size == 128 and slab.length[row] == 70
+    assert Slab(model, max_rows=1, max_length=256).adopt(ref, reserve=200) == 0  # room reserved up front
+    with pytest.raises(RuntimeError, match="full"):
+        small = Slab(model, max_rows=1, max_length=72)
+        r = small.adopt(ref)
+        for token in range(3, 10):
+            small.step([r], [token], [small.length[r]])

@@ -201,7 +201,7 @@ class Scheduler:
             longest = len(req.prompt) + self.engine.model.config.n_inserted + req.max_new_tokens
             if not slab.fits(longest) or not slab.has_room():
                 return False
-            req.slot, req.slab = slab.adopt(req.cache), slab
+            req.slot, req.slab = slab.adopt(req.cache, reserve=longest - len(req.prompt)), slab
             req.cache = None
         elif req._cache is not None and not slab.holds(req.slot, req._cache):
             slab.adopt(req._cache, req.slot)
@@ -213,7 +213,7 @@ class Scheduler:
         """The greedy rows' next tokens, read to the host together (one transfer instead of one per request)."""
         greedy = [i for i, r in enumerate(rows) if r.temperature == 0]
         if greedy:
-            tokens = logits[greedy].argmax(-1).tolist()
+            tokens = (logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).tolist()
             for i, token in zip(greedy, tokens):
                 rows[i].choice = (token, rows[i].logits)
 

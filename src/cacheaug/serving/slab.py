@@ -80,8 +80,9 @@ class Slab:
         self.free: list[int] = []  # rows not in use, lowest first
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        self.inputs = torch.zeros(3, self.max_rows, dtype=torch.long, device=self.device)  # tokens, positions, write
-        self.host = torch.zeros(3, self.max_rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        # tokens, rotary positions, write positions (per row of the slab), and the stepping rows (in order)
+        self.inputs = torch.zeros(4, self.max_rows, dtype=torch.long, device=self.device)
+        self.host = torch.zeros(4, self.max_rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.copied = torch.cuda.Event() if self.device.type == "cuda" else None  # host may be written again after
         self.steps = 0  # steps run, and caches copied in (a request's first, or a replaced one)
         self.adopted = 0
@@ -91,8 +92,10 @@ class Slab:
         """Whether a request reaching ``total_length`` cache entries can hold a row."""
         return total_length < self.max_length  # one position of every row is scratch
 
-    def _ensure(self, rows: int, length: int, like: kv.KV) -> None:
-        """Grow the slab (by doubling, copying what it holds) to at least ``rows`` rows of ``length`` positions."""
+    def _ensure(self, rows: int, length: int, like: kv.KV | None = None) -> None:
+        """Grow the slab (by doubling, copying what it holds) to at least ``rows`` rows of ``length`` positions (the
+        layers' shapes and dtype from ``like``, default the slab's own)."""
+        like = like if like is not None else list(zip(self.keys, self.values))
         new_rows = min(self.max_rows, _pow2(rows)) if rows > self.rows else self.rows
         new_size = min(self.max_length, _pow2(length + 1, self.MIN_LENGTH)) if length + 1 > self.size else self.size
         if (new_rows, new_size) == (self.rows, self.size):
@@ -114,19 +117,22 @@ class Slab:
         self.length += [0] * (new_rows - self.rows)
         self.rows, self.size = new_rows, new_size
         self.graphs.clear()  # recorded against the old tensors
+        self.pool = None  # with its graphs gone, their memory pool is released: the next graphs need a new one
 
-    def adopt(self, cache: DynamicCache, row: int | None = None) -> int:
-        """Copy ``cache`` (batch 1) into ``row`` (default: the lowest free row) and return the row."""
+    def adopt(self, cache: DynamicCache, row: int | None = None, reserve: int = 0) -> int:
+        """Copy ``cache`` (batch 1) into ``row`` (default: the lowest free row) and return the row; with room for
+        ``reserve`` more entries (the slab grows anyway when a row fills up, but each growth records new graphs)."""
         layers, n = kv.layers(cache), kv.length(cache)
         if not self.fits(n + 1):
             raise ValueError(f"a cache of {n} entries does not fit the slab (at most {self.max_length - 2})")
+        room = min(n + 1 + max(0, reserve), self.max_length - 1)
         if row is None:
             if not self.free and self.rows >= self.max_rows:
                 raise RuntimeError("every row of the slab is in use")
-            self._ensure(self.rows + 1 if not self.free else self.rows, n + 1, layers)
+            self._ensure(self.rows + 1 if not self.free else self.rows, room, layers)
             row = self.free.pop(0)
         else:
-            self._ensure(self.rows, n + 1, layers)
+            self._ensure(self.rows, room, layers)
         for layer, (k, v) in enumerate(layers):
             self.keys[layer][row, :, :n] = k[0]
             self.values[layer][row, :, :n] = v[0]
@@ -201,17 +207,22 @@ class Slab:
     def step(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One decoding step of ``rows``: ``tokens[i]`` goes into row ``rows[i]`` at rotary position ``positions[i]``.
         Returns the next-token logits ``[len(rows), V]`` (a copy: later steps do not change it)."""
+        longest = max(self.length[r] for r in rows)
+        if longest + 2 > self.size:  # a row would reach the scratch position: grow
+            if not self.fits(longest + 1):
+                raise RuntimeError(f"a row of {longest} entries is full (the slab holds {self.max_length - 2})")
+            self._ensure(self.rows, longest + 1)
         B = min(self.rows, _pow2(max(rows) + 1))
-        S = min(self.size, _pow2(max(self.length[r] for r in rows) + 1, self.MIN_LENGTH))
+        S = min(self.size, _pow2(longest + 1, self.MIN_LENGTH))
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's inputs have left the pinned buffer
+        n = len(rows)
+        fill = [[0] * B, [0] * B, [self.size - 1] * B, [0] * B]  # rows not stepping write to the scratch position
+        for i, (r, token, position) in enumerate(zip(rows, tokens, positions)):
+            fill[0][r], fill[1][r], fill[2][r] = token, position, self.length[r]
+            fill[3][i] = r
         host = self.host[:, :B]
-        host.zero_()
-        host[2] = self.size - 1  # rows that are not stepping write to the scratch position
-        for r, token, position in zip(rows, tokens, positions):
-            if self.length[r] + 1 >= self.size:
-                raise RuntimeError(f"row {r} is full ({self.length[r]} entries)")
-            host[0, r], host[1, r], host[2, r] = token, position, self.length[r]
+        host.copy_(torch.tensor(fill))
         self.inputs[:, :B].copy_(host, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
@@ -222,7 +233,7 @@ class Slab:
             except Exception as err:  # noqa: BLE001  a backbone that cannot be recorded still decodes, eagerly
                 warnings.warn(f"cacheaug: the decoding step could not be recorded as a CUDA graph "
                               f"({type(err).__name__}: {err}); decoding without CUDA graphs.", stacklevel=2)
-                self.cuda_graphs, self.graphs = False, {}
+                self.cuda_graphs, self.graphs, self.pool = False, {}, None
             else:
                 graph.replay()
         if out is None:
@@ -230,4 +241,6 @@ class Slab:
         for r in rows:
             self.length[r] += 1
         self.steps += 1
-        return out[torch.tensor(rows, device=self.device)]
+        if rows == list(range(n)):
+            return out[:n].clone()
+        return out.index_select(0, self.inputs[3, :n])
