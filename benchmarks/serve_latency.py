@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="tokens per timed request (at least 2)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32],
                     help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)")
+    ap.add_argument("--compile-decode", default=None,
+                    help="torch.compile the slab's step with this backend (e.g. inductor) before recording it")
     ap.add_argument("--no-dynamic", action="store_true",
                     help="skip the dynamic-path engine (static_batch=False) rows")
     ap.add_argument("--out", default=None)
@@ -182,7 +184,8 @@ def main() -> None:
     rows = []
     for n_latents in args.latents:
         model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=n_latents))
-        engine = Engine(model, default_deadline_s=60.0, max_batch=max([16, *args.concurrency]))
+        engine = Engine(model, default_deadline_s=60.0, max_batch=max([16, *args.concurrency]),
+                        compile_decode=args.compile_decode)
         for P in args.prompt_lens:
             prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
             ids = torch.tensor([prompt], device=device)
@@ -248,7 +251,7 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
         engine.close()
     result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "attn": base.config._attn_implementation, "rows": rows}
+              "attn": base.config._attn_implementation, "compile_decode": args.compile_decode, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

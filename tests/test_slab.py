@@ -124,3 +124,24 @@ def test_rows_grow_while_decoding():
         r = small.adopt(ref)
         for token in range(3, 10):
             small.step([r], [token], [small.length[r]])
+
+
+def test_compiled_step_equals_the_eager_step():
+    """The step traced by torch.compile (aot_eager on the CPU; inductor on a GPU) with the slab's cache object: the
+    same logits as the eager step, one graph per step shape."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        model = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=2))
+        base, key = model.base, model.family.cache_kwarg
+        caches = [_prefill(base, key, n, n) for n in (5, 20)]
+        eager, compiled = Slab(model, 2, 256), Slab(model, 2, 256, compile="aot_eager")
+        rows = [(eager.adopt(c), compiled.adopt(c)) for c in caches]
+        for token in range(3, 8):
+            want = eager.step([r for r, _ in rows], [token, token + 1], [eager.length[r] for r, _ in rows])
+            got = compiled.step([r for _, r in rows], [token, token + 1], [compiled.length[r] for _, r in rows])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one shape: one graph, compiled once
+        assert not torch._dynamo.utils.counters["graph_break"]
+    finally:
+        torch._dynamo.reset()

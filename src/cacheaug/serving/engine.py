@@ -93,11 +93,14 @@ class Engine:
             graphs on a GPU; requests longer than ``static_max_len`` entries, or beyond ``max_batch`` at once, and
             backbones with other attention than sdpa or eager take the dynamic path (caches padded per step).
         static_max_len: cache entries (prompt, latents, new tokens) per request in the slab at most.
+        compile_decode: ``torch.compile`` the slab's step with this backend (``"inductor"``) before recording it as a
+            CUDA graph: fused kernels, one compile per step shape (off by default).
     """
 
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
                  hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 64,
-                 max_batch: int = 16, static_batch: bool = True, static_max_len: int = 8192):
+                 max_batch: int = 16, static_batch: bool = True, static_max_len: int = 8192,
+                 compile_decode: str | None = None):
         if not model.arm.has_latents:
             raise ValueError(f"a {model.config.init!r} checkpoint inserts no latents, so there is nothing to augment "
                              "with; serve the frozen model alone (no --coprocessor) or a coprocessor checkpoint")
@@ -117,7 +120,7 @@ class Engine:
                                     on_restart=lambda: self.stats.add(worker_restarts=1))
         self.slab = None
         if static_batch and model.family.attn_implementation in ("sdpa", "eager"):
-            self.slab = Slab(model, max_batch, max_length=static_max_len)
+            self.slab = Slab(model, max_batch, max_length=static_max_len, compile=compile_decode)
         self.scheduler = Scheduler(self, max_batch=max_batch)  # the engine loop: every request's decoding
 
     # -------------------------------------------------------------------------------------------- worker

@@ -60,11 +60,14 @@ class Slab:
         max_length: positions per row at most (prompt, latents and generated tokens); a longer request is decoded
             by the dynamic path instead (:meth:`fits`).
         cuda_graphs: record and replay each step shape as a CUDA graph (default: on CUDA devices).
+        compile: ``torch.compile`` the step with this backend (e.g. ``"inductor"``: fused kernels) before recording it;
+            each step shape then compiles once (tens of seconds for a real model), off by default.
     """
 
     MIN_LENGTH = 64
 
-    def __init__(self, model, max_rows: int, max_length: int = 8192, cuda_graphs: bool | None = None):
+    def __init__(self, model, max_rows: int, max_length: int = 8192, cuda_graphs: bool | None = None,
+                 compile: str | None = None):
         family = model.family
         if family.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"static batched decoding needs sdpa or eager attention, not "
@@ -84,6 +87,12 @@ class Slab:
         self.inputs = torch.zeros(4, self.max_rows, dtype=torch.long, device=self.device)
         self.host = torch.zeros(4, self.max_rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.copied = torch.cuda.Event() if self.device.type == "cuda" else None  # host may be written again after
+        self._step_fn = self._run
+        if compile:
+            from ..speed import allow_recompiles
+
+            allow_recompiles()  # one graph per step shape (rows x keys, powers of two)
+            self._step_fn = torch.compile(self._run, backend=compile, dynamic=False)
         self.steps = 0  # steps run, and caches copied in (a request's first, or a replaced one)
         self.adopted = 0
 
@@ -193,13 +202,13 @@ class Slab:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up (the same inputs: it writes what the step writes)
-                self._run(B, S)
+                self._step_fn(B, S)
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._run(B, S)
+                out = self._step_fn(B, S)
             graph = self.graphs[(B, S)] = (g, out)
         return graph
 
@@ -237,7 +246,7 @@ class Slab:
             else:
                 graph.replay()
         if out is None:
-            out = self._run(B, S)
+            out = self._step_fn(B, S)
         for r in rows:
             self.length[r] += 1
         self.steps += 1
