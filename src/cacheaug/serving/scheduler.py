@@ -86,30 +86,28 @@ class Scheduler:
     def _iteration(self) -> bool:
         progressed, stepping = False, []
         for req in list(self.active):
-            try:
-                moved, needs_step = self._advance(req)
-            except BaseException as err:  # noqa: BLE001  this request fails; the others go on
-                self._finish(req, err)
-                continue
+            moved, needs_step = self._guarded([req], self._advance, req) or (False, False)
             progressed |= moved
             if needs_step:
                 stepping.append(req)
         for i in range(0, len(stepping), self.max_batch):
             rows = stepping[i : i + self.max_batch]
-            try:
-                self._step(rows)
-            except BaseException as err:  # noqa: BLE001  every request of the batch learns of it
-                for req in rows:
-                    self._finish(req, err)
+            if not self._guarded(rows, self._step, rows):  # every request of the batch learns of a failure
                 continue
             for req in rows:  # on to the next token, if it was asked for
                 req.phase = "before"
-                try:
-                    self._advance(req)
-                except BaseException as err:  # noqa: BLE001
-                    self._finish(req, err)
+                self._guarded([req], self._advance, req)
             progressed = True
         return progressed
+
+    def _guarded(self, reqs, fn, *args):
+        """``fn(*args)``, or None after finishing ``reqs`` with its error (they fail; the other requests go on)."""
+        try:
+            return fn(*args) or True
+        except BaseException as err:  # noqa: BLE001
+            for req in reqs:
+                self._finish(req, err)
+            return None
 
     def _advance(self, req) -> tuple[bool, bool]:
         """Run ``req``'s phases until it needs the consumer, its latents or a decoding step; returns (moved, needs a
