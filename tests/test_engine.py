@@ -8,7 +8,7 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
 from cacheaug.serving import CacheStore, Engine
-from cacheaug.testing import perturb_trainable, tiny_model
+from cacheaug.testing import generate_concurrently, perturb_trainable, tiny_model
 
 PROMPT = [2, 17, 40, 9, 33, 81, 5, 66]
 
@@ -263,16 +263,7 @@ def test_concurrent_requests_are_batched_and_exact(model):
     engine = Engine(model, async_grace_s=5.0, max_batch=8)
     prompts = [PROMPT[: 4 + i] for i in range(5)]
     expected = [model.generate(torch.tensor([p]), 8, augment=True, eos_token_id=[])[0, len(p):].tolist() for p in prompts]
-    results = [None] * len(prompts)
-
-    def client(i):
-        results[i] = engine.generate(prompts[i], 8, policy="sync")[0]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = generate_concurrently(engine, prompts, 8, policy="sync")
     assert results == expected
     assert engine.scheduler.rows > engine.scheduler.batches  # some steps really ran together
     engine.close()

@@ -1,7 +1,5 @@
 """Static batched decoding (serving/slab.py) against the unbatched decoder, and through the engine."""
 
-import threading
-
 import pytest
 import torch
 from transformers import DynamicCache
@@ -10,7 +8,7 @@ from cacheaug import CacheAugmentedLM, CoprocessorConfig
 from cacheaug.families import FAMILIES
 from cacheaug.serving import Engine
 from cacheaug.serving.slab import Slab
-from cacheaug.testing import tiny_model
+from cacheaug.testing import generate_concurrently, tiny_model
 
 CASES = [(f, a) for f in FAMILIES for a in ("sdpa", "eager") if a == "eager" or FAMILIES[f].sdpa_exact]
 
@@ -87,16 +85,7 @@ def test_engine_static_and_dynamic_paths_agree(model, policy):
     prompts = [[2 + (7 * i + j) % 120 for j in range(4 + 3 * i)] for i in range(5)] + [list(range(3, 60))]
     expected = [model.generate(torch.tensor([p]), 8, augment=policy != "off", eos_token_id=[])[0, len(p):].tolist()
                 for p in prompts]
-    results = [None] * len(prompts)
-
-    def client(i):
-        results[i] = engine.generate(prompts[i], 8, policy=policy)[0]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = generate_concurrently(engine, prompts, 8, policy=policy)
     assert results == expected
     assert engine.slab.steps > 0
     assert sorted(engine.slab.free) == list(range(engine.slab.rows))

@@ -9,7 +9,7 @@ from cacheaug import CoprocessorConfig, build_model
 from cacheaug import masks
 from cacheaug.masks import group_edges, group_key_lengths, groups_fitting, stratified_positions
 from cacheaug.speed import apply_speed_options
-from cacheaug.testing import max_trace_error, perturb_trainable, tiny_model
+from cacheaug.testing import assert_compiled_pass_is_one_graph, max_trace_error, perturb_trainable, tiny_model
 
 T, N_A = 40, 5  # 35 valid insertion points
 
@@ -116,20 +116,8 @@ def test_sampled_points_are_stratified_and_grouped():
 
 
 def test_compiled_grouped_pass_is_one_graph_equal_to_eager():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    try:
-        model = _model()
-        ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
-        positions = torch.tensor([[0, 19, 20, 34], [5, 6, 22, 30]])
-        eager = model(ids, positions=positions).token_losses.detach()
-        model.compile_training(backend="aot_eager", fullgraph=True)
-        compiled = model(ids, positions=positions)
-        compiled.loss.backward()
-        torch.testing.assert_close(compiled.token_losses, eager, rtol=1e-5, atol=1e-5)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    finally:
-        torch._dynamo.reset()
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
+    assert_compiled_pass_is_one_graph(_model(), ids, torch.tensor([[0, 19, 20, 34], [5, 6, 22, 30]]))
 
 
 def test_lora_decoder_control_draws_the_same_points():

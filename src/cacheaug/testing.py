@@ -69,6 +69,38 @@ def max_trace_error(model, ids: torch.Tensor, positions: torch.Tensor) -> tuple[
     return err.max().item(), out
 
 
+def assert_compiled_pass_is_one_graph(model, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """The training pass compiled whole (aot_eager: no C++ toolchain needed) is one graph, with the eager losses."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        eager = model(ids, positions=positions).token_losses.detach()
+        model.compile_training(backend="aot_eager", fullgraph=True)
+        compiled = model(ids, positions=positions)
+        compiled.loss.backward()
+        torch.testing.assert_close(compiled.token_losses, eager, rtol=1e-5, atol=1e-5)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def generate_concurrently(engine, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """``engine.generate`` of every prompt at once, one thread each (as concurrent clients); the tokens of each."""
+    import threading
+
+    results: list = [None] * len(prompts)
+
+    def client(i):
+        results[i] = engine.generate(prompts[i], max_new_tokens, **kwargs)[0]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
 def tiny_tokenizer(texts: list[str], vocab_size: int = 128):
     """A word-level fast tokenizer over ``texts`` whose ids fit the tiny models (<pad>=0, <eos>=1, <bos>=2)."""
     from collections import Counter
