@@ -119,7 +119,7 @@ class Engine:
         self.worker = LatentsWorker(model, stream, max_batch=max_batch, hard_timeout_s=hard_timeout_s,
                                     on_restart=lambda: self.stats.add(worker_restarts=1))
         self.slab = None
-        if static_batch and model.family.attn_implementation in ("sdpa", "eager"):
+        if static_batch and model.family.attn_implementation in Slab.ATTENTION:
             self.slab = Slab(model, max_batch, max_length=static_max_len, compile=compile_decode)
         self.scheduler = Scheduler(self, max_batch=max_batch)  # the engine loop: every request's decoding
 

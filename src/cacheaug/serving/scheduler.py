@@ -16,6 +16,7 @@ from collections import deque
 
 import torch
 
+from ..sampling import SamplingParams, next_token
 from .batching import batched_step
 from .policies import Step
 
@@ -209,9 +210,9 @@ class Scheduler:
     @staticmethod
     def _greedy_choices(rows, logits) -> None:
         """The greedy rows' next tokens, read to the host together (one transfer instead of one per request)."""
-        greedy = [i for i, r in enumerate(rows) if r.temperature == 0]
+        greedy = [i for i, r in enumerate(rows) if SamplingParams(r.temperature).greedy]
         if greedy:
-            tokens = (logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).tolist()
+            tokens = next_token(logits if len(greedy) == len(rows) else logits[greedy], SamplingParams()).tolist()
             for i, token in zip(greedy, tokens):
                 rows[i].choice = (token, rows[i].logits)
 

@@ -65,11 +65,12 @@ class Slab:
     """
 
     MIN_LENGTH = 64
+    ATTENTION = ("sdpa", "eager")  # backends whose masks the step builds (not flex_attention's block masks)
 
     def __init__(self, model, max_rows: int, max_length: int = 8192, cuda_graphs: bool | None = None,
                  compile: str | None = None):
         family = model.family
-        if family.attn_implementation not in ("sdpa", "eager"):
+        if family.attn_implementation not in self.ATTENTION:
             raise ValueError(f"static batched decoding needs sdpa or eager attention, not "
                              f"{family.attn_implementation!r}")
         self.model, self.base, self.family = model, model.base, family
