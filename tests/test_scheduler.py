@@ -100,3 +100,26 @@ def test_closing_the_engine_ends_open_streams_with_an_error(model):
         list(stream)
     with pytest.raises(RuntimeError, match="engine is closed"):
         next(engine.stream(PROMPT, 5, policy="off"))
+
+
+
+def test_a_token_asked_for_while_the_loop_is_busy_is_not_missed(model, engine):
+    """The reader's ask() can land after the loop found no demand and before its idle wait: the loop must not sleep
+    through it (that lost wake-up cost a whole idle period per token). Forced here: every ask lands exactly then."""
+    sched = engine.scheduler
+    sched.idle_s = 2.0
+    real_ask, real_iteration = sched.ask, sched._iteration
+    sched.ask = lambda req: None  # the reader's own ask is replaced by one that lands at the worst moment:
+
+    def iteration():
+        progressed = real_iteration()
+        for req in list(sched.active):
+            if not progressed and req.phase == "after" and req.demand == 0:
+                real_ask(req)  # after the loop saw no demand, before it decides whether to wait
+        return progressed
+
+    sched._iteration = iteration
+    start = time.perf_counter()
+    tokens = [s.token for s in engine.stream(PROMPT, 6, policy="off")]
+    assert time.perf_counter() - start < 2.0  # five lost wake-ups would take 10 s
+    assert tokens == _plain(engine.model, PROMPT, 6)

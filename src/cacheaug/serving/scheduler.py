@@ -33,6 +33,7 @@ class Scheduler:
         self.cv = threading.Condition()
         self.batches = 0  # decoding steps run, and the rows they held
         self.rows = 0
+        self._signals = 0  # add / ask / wake so far: the loop sleeps only if none came since its iteration began
         self._closed = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="cacheaug-engine-loop")
         self._thread.start()
@@ -43,17 +44,21 @@ class Scheduler:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             self.inbox.append(req)
-            self.cv.notify()
+            self._signal()
 
     def ask(self, req) -> None:
         """The consumer wants ``req``'s next token."""
         with self.cv:
             req.demand += 1
-            self.cv.notify()
+            self._signal()
 
     def wake(self, *_) -> None:
         with self.cv:
-            self.cv.notify()
+            self._signal()
+
+    def _signal(self) -> None:  # with self.cv held
+        self._signals += 1
+        self.cv.notify()
 
     def close(self) -> None:
         with self.cv:
@@ -70,10 +75,11 @@ class Scheduler:
                     break
                 while self.inbox:
                     self.active.append(self.inbox.popleft())
+                seen = self._signals
             progressed = self._iteration()
             if not progressed:
-                with self.cv:
-                    if not self._closed and not self.inbox:
+                with self.cv:  # a signal that came during the iteration (it may have missed it) means: go again
+                    if not self._closed and not self.inbox and self._signals == seen:
                         self.cv.wait(timeout=self._idle_timeout())
         for req in self.active + list(self.inbox):  # consumers still reading learn of it
             if not req.finished:
