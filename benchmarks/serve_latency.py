@@ -14,6 +14,8 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   ttft_<policy>        prompt in -> first token out, per policy (off / sync / async), in requests of --tokens
   t<N>_<policy>        prompt in -> last of the N tokens out (async: the coprocessor runs meanwhile)
   async_inserted_after_tokens   tokens decoded before an async request's latents went in (then replayed)
+  prefill_s            the engine's prefill of the prompt alone (cache + first logits): ttft_off - prefill_s is what the
+                       engine loop, the first token's choice and the hand-off to the reader add
   augment_s            the coprocessor pass + latent insertion alone (sync's extra cost)
   decode_token_s       one decoding step after the prompt; ``augment_vs_8_tokens`` = augment_s / (8 x it)
   cot_equiv_s          generating N_L tokens instead (the same number of extra positions as "thinking" text)
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -167,12 +170,17 @@ def main() -> None:
                     help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)")
     ap.add_argument("--compile-decode", default=None,
                     help="torch.compile the slab's step with this backend (e.g. inductor) before recording it")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval(S) first: how long a Python thread may hold the interpreter while "
+                    "another waits (default 0.005 s); the engine loop and the coprocessor's thread share it")
     ap.add_argument("--no-dynamic", action="store_true",
                     help="skip the dynamic-path engine (static_batch=False) rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.tokens < 2:
         raise SystemExit("--tokens must be at least 2 (the step time is measured between the first and the last)")
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     device = torch.device(args.device)
     if args.model == "tiny":
         base = tiny_model("gemma3", "sdpa", device=device)
@@ -200,12 +208,11 @@ def main() -> None:
                 row[f"ttft_{policy}_s"] = statistics.median(r[0] for r in results)
                 row[f"t{args.tokens}_{policy}_s"] = statistics.median(r[1] for r in results)
             row["async_inserted_after_tokens"] = [r[2] for r in runs["async"]]
-            row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - timed(
-                lambda: engine.prefill(prompt), device, args.repeats)
+            row["prefill_s"] = timed(lambda: engine.prefill(prompt), device, args.repeats)
+            row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - row["prefill_s"]
             cache_then_step = lambda: model.decode(  # noqa: E731
                 engine.prefill(prompt)[0], ids[:, -1:], len(prompt), logits_to_keep=1)
-            row["decode_token_s"] = timed(cache_then_step, device, args.repeats) - timed(
-                lambda: engine.prefill(prompt), device, args.repeats)
+            row["decode_token_s"] = timed(cache_then_step, device, args.repeats) - row["prefill_s"]
             row["cot_equiv_s"] = timed(lambda: base.generate(ids, max_new_tokens=n_latents, min_new_tokens=n_latents,
                                                              do_sample=False), device, args.repeats)
             row["async_overhead_pct"] = 100 * (row["ttft_async_s"] / row["ttft_off_s"] - 1)
@@ -251,7 +258,8 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
         engine.close()
     result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "attn": base.config._attn_implementation, "compile_decode": args.compile_decode, "rows": rows}
+              "attn": base.config._attn_implementation, "compile_decode": args.compile_decode,
+              "switch_interval_s": sys.getswitchinterval(), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

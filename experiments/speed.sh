@@ -8,6 +8,14 @@
 #   bash experiments/speed.sh k128 $OUT    # K=128 traces per sequence, compiled step with CUDA graphs: sdpa with 8
 #                                          # traces per row (trace chunks), batch 8 then 16
 #   bash experiments/speed.sh k128b $OUT   # the same with FlexAttention block masks, then sdpa with 4 traces per row
+#   bash experiments/speed.sh serve16 $OUT # session 16: serving on the real model (the engine loop's wake-up fix,
+#                                          # policies interleaved, 10 repeats), then with the step compiled by inductor
+#   bash experiments/speed.sh k16c $OUT    # session 16: trace chunks in bf16 on the real model (equivalence), K=16
+#                                          # batch 32 with 4 traces per row (its compile artifacts, xz'd and split in
+#                                          # 15 MiB pieces, come back in $OUT for the fresh-machine test), then C=8
+#   bash experiments/speed.sh fresh $OUT   # session 16, on a fresh machine with the pieces staged in ~/cc: the same
+#                                          # K=16 c4 step's first step with the artifacts and empty compiler caches;
+#                                          # then a profile of the K=128 step (trace chunks C=8, batch 8)
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
@@ -35,11 +43,45 @@ case $stage in
     timeout $(left) $TP --variants flex+masks+graphs+keeplogits sdpa+graphs+keeplogits+c4 --batch 8 --traces 128 \
       --steps 5 --warmup 2 --out "$out/k128_flex_c4.json" > "$out/k128_flex_c4.log" 2>&1
     ;;
+  serve16)
+    python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
+      > "$out/convert.log" 2>&1
+    SL="python3 benchmarks/serve_latency.py --prompt-lens 1024 --latents 16 --repeats 10 --tokens 32 --concurrency 1 8 32"
+    timeout $(left) $SL --out "$out/serve.json" > "$out/serve.log" 2>&1
+    timeout $(left) $SL --compile-decode inductor --no-dynamic --out "$out/serve_compiled.json" \
+      > "$out/serve_compiled.log" 2>&1
+    timeout $(left) $SL --compile-decode inductor --no-dynamic --switch-interval 0.0005 \
+      --out "$out/serve_switch.json" > "$out/serve_switch.log" 2>&1
+    ;;
+  k16c)
+    R=/tmp/k16c; mkdir -p $R
+    timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families gemma3 llama \
+      --real gemma-3-270m --trace-chunk 4 --out "$out/eq_chunk.json" > "$out/eq_chunk.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+c4 --batch 32 --traces 16 --steps 10 \
+      --compile-cache $R/cc.bin --out "$out/k16_c4.json" > "$out/k16_c4.log" 2>&1
+    [ -s $R/cc.bin ] && python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.compress(
+      open(sys.argv[1], 'rb').read(), preset=3))" $R/cc.bin $R/cc.bin.xz && split -b 15m -d $R/cc.bin.xz "$out/cc.bin.xz.part"
+    ls -l $R "$out" >> "$out/k16_c4.log"
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+c8 --batch 32 --traces 16 --steps 10 \
+      --out "$out/k16_c8.json" > "$out/k16_c8.log" 2>&1
+    ;;
+  fresh)
+    R=/tmp/fresh; mkdir -p $R; cat ~/cc/cc.bin.xz.part* > $R/cc.bin.xz
+    python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.decompress(open(sys.argv[1], 'rb').read()))" \
+      $R/cc.bin.xz $R/cc.bin; ls -l $R > "$out/fresh.log"
+    TORCHINDUCTOR_CACHE_DIR=$R/inductor TRITON_CACHE_DIR=$R/triton timeout $(left) $TP \
+      --variants sdpa+graphs+keeplogits+c4 --batch 32 --traces 16 --steps 3 --warmup 1 --compile-cache $R/cc.bin \
+      --out "$out/fresh.json" >> "$out/fresh.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+c8 --batch 8 --traces 128 --steps 3 --warmup 2 \
+      --profile "$out/profile_k128_c8.txt" --out "$out/k128_profile.json" > "$out/k128_profile.log" 2>&1
+    ;;
   ddp)
     timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | ddp)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | ddp)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1
 tail -n 5 "$out"/*.log
+# a call brings back at most 8 files: everything but the compile-artifact pieces goes back as one archive
+(cd "$out" && files=$(ls | grep -v '^cc\.bin') && tar czf results.tgz --remove-files $files)
