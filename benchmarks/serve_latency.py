@@ -14,6 +14,9 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   ttft_<policy>        prompt in -> first token out, per policy (off / sync / async), in requests of --tokens
   t<N>_<policy>        prompt in -> last of the N tokens out (async: the coprocessor runs meanwhile)
   async_inserted_after_tokens   tokens decoded before an async request's latents went in (then replayed)
+  async_outcomes, sync_outcomes  augmented / late / failed per request; async_latents_s: the median time from an async
+                       request's coprocessor submission to its end (while the request decodes beside it)
+  (every timed request starts once the coprocessor is idle: an earlier request's call would compete with it)
   prefill_s            the engine's prefill of the prompt alone (cache + first logits): ttft_off - prefill_s is what the
                        engine loop, the first token's choice and the hand-off to the reader add
   augment_s            the coprocessor pass + latent insertion alone (sync's extra cost)
@@ -69,14 +72,23 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(out)
 
 
-def request_times(engine, prompt, policy, n_tokens, device) -> tuple[float, float, int | None]:
-    """(time to the first token, time to the last, tokens decoded before the latents went in) of one request."""
+def request_times(engine, prompt, policy, n_tokens, device) -> tuple[float, float, int | None, dict]:
+    """(time to the first token, time to the last, tokens decoded before the latents went in, the request's info) of
+    one request, started once the coprocessor has nothing left to do (an earlier request's call would compete)."""
+    wait_idle(engine)
     _sync(device)
+    info: dict = {}
     t0 = time.perf_counter()
     first, step = None, None
-    for step in engine.stream(prompt, n_tokens, policy=policy):  # each Step holds a host int: already synced
+    for step in engine.stream(prompt, n_tokens, policy=policy, info=info):  # each Step holds a host int: synced
         first = first if first is not None else time.perf_counter() - t0
-    return first, time.perf_counter() - t0, step.inserted_after if step is not None else None
+    return first, time.perf_counter() - t0, step.inserted_after if step is not None else None, info
+
+
+def wait_idle(engine, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not engine.worker.idle() and time.monotonic() < end:
+        time.sleep(0.001)
 
 
 def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device) -> float:
@@ -208,6 +220,11 @@ def main() -> None:
                 row[f"ttft_{policy}_s"] = statistics.median(r[0] for r in results)
                 row[f"t{args.tokens}_{policy}_s"] = statistics.median(r[1] for r in results)
             row["async_inserted_after_tokens"] = [r[2] for r in runs["async"]]
+            row["async_outcomes"] = [r[3].get("outcome") for r in runs["async"]]
+            row["sync_outcomes"] = [r[3].get("outcome") for r in runs["sync"]]
+            wait_idle(engine)  # the last async call's time, even if its request stopped waiting for it
+            took = [r[3]["latents_s"] for r in runs["async"] if "latents_s" in r[3]]
+            row["async_latents_s"] = statistics.median(took) if took else None
             row["prefill_s"] = timed(lambda: engine.prefill(prompt), device, args.repeats)
             row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - row["prefill_s"]
             cache_then_step = lambda: model.decode(  # noqa: E731
@@ -241,7 +258,8 @@ def main() -> None:
                     prompts = [torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P + i)).tolist()
                                for i in range(c)]
                     for policy in ("off", "async"):
-                        concurrent_tokens_per_s(engine, prompts[:1], policy, 2, device)  # warm-up
+                        concurrent_tokens_per_s(engine, prompts, policy, 2, device)  # warm-up (and this batch shape)
+                        wait_idle(engine)
                         row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
                                                                                    args.tokens, device)
                     if dynamic is not None:

@@ -312,3 +312,46 @@ def test_concurrent_prefixes_run_through_the_coprocessor_as_one_batch(model):
     assert results == expected
     assert engine.worker.rows > engine.worker.batches  # the queued prefixes went through together
     engine.close()
+
+
+def test_the_coprocessor_stream_waits_for_the_submitted_cache(model, monkeypatch):
+    """On a GPU the coprocessor runs on its own stream: it must wait for what the submitting thread queued on its
+    stream (the forked cache's copy) before reading it. Recorded here with stand-ins for the stream and events."""
+    from transformers import DynamicCache
+
+    from cacheaug import kv
+    from cacheaug.serving.batching import LatentsWorker
+
+    log = []
+
+    class Event:
+        def record(self):
+            log.append(("record", threading.current_thread().name, self))
+
+    class Stream:
+        def wait_event(self, event):
+            log.append(("wait", threading.current_thread().name, event))
+
+        def synchronize(self):
+            log.append(("synchronize", threading.current_thread().name, None))
+
+    real = model.compute_latents
+
+    def computing(*args, **kwargs):
+        log.append(("compute", threading.current_thread().name, None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(LatentsWorker, "stream_event", staticmethod(Event))
+    model.compute_latents = computing
+    worker = LatentsWorker(model, Stream())
+    try:
+        cache = DynamicCache()
+        model.decode(cache, torch.tensor([PROMPT]), 0)
+        latents = worker.submit(kv.layers(kv.fork(cache, len(PROMPT))), len(PROMPT), PROMPT[-1]).result(30)
+    finally:
+        worker.close()
+    assert torch.isfinite(latents).all()
+    (record, wait, compute, sync) = log
+    assert record[:2] == ("record", threading.current_thread().name)  # on the submitting thread's stream
+    assert wait[0] == "wait" and wait[2] is record[2] and wait[1] == "cacheaug-coprocessor"
+    assert compute[0] == "compute" and sync[0] == "synchronize"  # the wait comes before the coprocessor reads

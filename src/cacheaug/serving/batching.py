@@ -50,6 +50,11 @@ class LatentsWorker:
     ``hard_timeout_s`` (its futures raise :class:`CoprocessorTimeout`) and :meth:`replace` starts a new thread on
     the same queue, whatever the requests are waiting for; the old thread exits once (if ever) its batch returns.
     A queued job whose future was cancelled is skipped.
+
+    With a ``stream`` (a GPU), the coprocessor runs on it, after the work the submitting thread had queued on its
+    own stream when it submitted (the prefix's cache, copied there): :meth:`submit` records an event on the caller's
+    stream and the worker's stream waits for it. Without that wait the coprocessor could read a cache whose copy had
+    not finished.
     """
 
     def __init__(self, model, stream=None, max_batch: int = 16, hard_timeout_s: float | None = None,
@@ -63,6 +68,7 @@ class LatentsWorker:
         self.restarts = 0
         self._running: dict[int, tuple[float, list]] = {}  # generation -> (start, futures) of the batch it runs
         self._state = threading.Lock()
+        self._outstanding = 0  # submitted and not yet ended or skipped
         self.replace()
         if hard_timeout_s is not None:
             threading.Thread(target=self._watch, daemon=True, name="cacheaug-coprocessor-watchdog").start()
@@ -88,8 +94,23 @@ class LatentsWorker:
 
     def submit(self, layers, length: int, last_token: int | None = None) -> cf.Future:
         future: cf.Future = cf.Future()
-        self.queue.put((layers, length, last_token, future))
+        ready = None
+        if self.stream is not None:  # what the caller queued so far (the cache's copy) comes first
+            ready = self.stream_event()
+            ready.record()
+        with self._state:
+            self._outstanding += 1
+        self.queue.put((layers, length, last_token, ready, future))
         return future
+
+    @staticmethod
+    def stream_event():
+        return torch.cuda.Event()
+
+    def idle(self) -> bool:
+        """No call queued or running (a call the watchdog abandoned counts until its thread returns)."""
+        with self._state:
+            return self._outstanding == 0
 
     def replace(self) -> None:
         self.generation += 1
@@ -105,7 +126,7 @@ class LatentsWorker:
 
     def _run(self, items) -> list[torch.Tensor]:
         if len(items) == 1:  # one prefix: the library's own call
-            layers, length, last, _ = items[0]
+            layers, length, last, _, _ = items[0]
             last = None if last is None else torch.tensor([last], device=self.model.device)
             return [self.model.compute_latents(kv.from_layers(layers), length, last)]
         return self.model.compute_latents_batch([it[0] for it in items], [it[1] for it in items],
@@ -122,7 +143,10 @@ class LatentsWorker:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
+            taken = len(items)
             items = [it for it in items if it[-1].set_running_or_notify_cancel()]
+            with self._state:
+                self._outstanding -= taken - len(items)  # cancelled while queued: skipped
             if not items:
                 continue
             started = time.monotonic()
@@ -134,6 +158,8 @@ class LatentsWorker:
                 if self.stream is None:
                     results = self._run(items)
                 else:
+                    for it in items:
+                        self.stream.wait_event(it[3])
                     with torch.cuda.stream(self.stream):
                         results = self._run(items)
                     self.stream.synchronize()
@@ -142,6 +168,7 @@ class LatentsWorker:
                 outcome = [(it, err) for it in items]
             with self._state:
                 self._running.pop(generation, None)
+                self._outstanding -= len(items)
                 for it, result in outcome:  # a batch the watchdog failed already has its answers
                     if not it[-1].done():
                         (it[-1].set_exception if isinstance(result, BaseException) else it[-1].set_result)(result)

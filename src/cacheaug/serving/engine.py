@@ -173,7 +173,8 @@ class Engine:
         augmentation ``policy`` (:mod:`~cacheaug.serving.policies`: off, sync, async or a registered one). The
         request is advanced by the engine loop, one token per token asked for. With ``cancel`` set the request stops
         before its next token; ``info`` (a dict) receives this request's own ``outcome`` (``augmented``, ``late``,
-        ``failed`` or ``None``), ``cancelled`` and its ``states``."""
+        ``failed`` or ``None``), ``cancelled``, its ``states`` and, once the coprocessor call it started has ended,
+        ``latents_s`` (seconds from submission to its end)."""
         strategy = get_policy(policy)
         if not prompt:
             raise ValueError("the prompt has no tokens")
@@ -212,6 +213,8 @@ class Engine:
         """Queue the coprocessor on ``req``'s prompt (a snapshot of its cache: decoding goes on)."""
         req.future = self.submit_latents(req.cache, len(req.prompt), req.prompt[-1])
         req.submitted = True
+        start, info = self.clock(), req.info  # how long the call took, even if the request stopped waiting for it
+        req.future.add_done_callback(lambda _: info.__setitem__("latents_s", self.clock() - start))
 
     def wait_and_insert(self, req: Request, seconds: float) -> None:
         """Let ``req`` wait at most ``seconds`` for its latents (the engine loop goes on with the other requests),
