@@ -119,3 +119,27 @@ def test_keeping_the_loss_logits_changes_nothing_but_memory():
     kept, g_kept = _losses_and_grads(model, ids, positions)
     assert torch.equal(kept.token_losses, ref.token_losses)
     assert all(torch.allclose(g_kept[n], g_ref[n], rtol=1e-6, atol=1e-7) for n in g_ref)
+
+
+def test_compile_artifacts_saved_compressed_load_back(tmp_path):
+    """``--compile-cache FILE.xz`` writes the artifacts lzma-compressed (to carry them to another machine in one
+    piece) and loads them back; a plain path stays uncompressed."""
+    import lzma
+
+    from cacheaug.speed import load_compile_cache, save_compile_cache
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: torch.sin(x) * 2 + 1, backend="inductor")
+    f(torch.randn(8))
+    plain, packed = tmp_path / "cc.bin", tmp_path / "cc.bin.xz"
+    assert save_compile_cache(plain) == plain.stat().st_size > 0
+    assert save_compile_cache(packed) == packed.stat().st_size > 0
+    assert lzma.decompress(packed.read_bytes()) == plain.read_bytes()
+    assert load_compile_cache(packed) == packed.stat().st_size
+    for bad in (b"not lzma", packed.read_bytes()[:100]):  # garbage, a truncated copy: only a cache, compiled afresh
+        packed.write_bytes(bad)
+        with pytest.warns(UserWarning, match="compiling afresh"):
+            assert load_compile_cache(packed) == 0
+    plain.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="compiling afresh"):
+        assert load_compile_cache(plain) == 0

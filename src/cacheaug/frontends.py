@@ -228,7 +228,10 @@ class ServeConfig(_Checked):
     max_concurrent: int = _f(8, "requests decoding at once (their steps are batched)", min=1)
     max_queue: int = _f(16, "requests waiting before 429", min=0)
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
-
+    compile_decode: str | None = _f(None, "torch.compile the batched decoding step with this backend before its CUDA "
+                                    "graphs are recorded (inductor: 1.5 ms a token at batch 1 instead of 3.8 for Gemma "
+                                    "3 270M on an H200; each new batch shape compiles once, about 25 s)",
+                                    choices=lambda: ("inductor", "aot_eager"))
 
     def _problems(self) -> list[str]:
         from .serving.policies import get_policy
@@ -248,7 +251,7 @@ class ServeConfig(_Checked):
               store_bytes=self.store_mib << 20, store_disk_bytes=self.store_disk_mib << 20,
               max_concurrent=self.max_concurrent, max_queue=self.max_queue, deadline_ms=self.deadline_ms,
               async_grace_ms=self.async_grace_ms, max_stale_tokens=self.max_stale_tokens,
-              hard_timeout_ms=self.hard_timeout_ms, device=self.device)
+              hard_timeout_ms=self.hard_timeout_ms, device=self.device, compile_decode=self.compile_decode)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ the decoder is still frozen and still the same weights.
 
 from __future__ import annotations
 
+import lzma
+import warnings
 from pathlib import Path
 
 import torch.nn as nn
@@ -123,25 +125,37 @@ def apply_speed_options(
 def load_compile_cache(path: str | Path) -> int:
     """Hot-load ``torch.compile`` artifacts saved by :func:`save_compile_cache` (inductor's FX-graph, AOT-autograd and
     autotuning caches), so that a fresh process or machine skips most of the compile; returns the bytes read (0 when
-    the file does not exist yet). Artifacts of another torch version or GPU are ignored by torch (a cache miss)."""
+    the file does not exist yet). Artifacts of another torch version or GPU are ignored by torch (a cache miss). A
+    path ending in ``.xz`` holds them compressed. A file that cannot be read as artifacts is only a cache: a warning,
+    and everything compiles afresh (0 is returned)."""
     path = Path(path)
     if not path.is_file():
         return 0
     import torch.compiler
 
     data = path.read_bytes()
-    torch.compiler.load_cache_artifacts(data)
+    try:
+        info = torch.compiler.load_cache_artifacts(lzma.decompress(data) if path.suffix == ".xz" else data)
+        if info is None:  # torch logs why (a checksum that does not match) and loads nothing
+            raise ValueError("torch could not read it")
+    except Exception as err:  # noqa: BLE001  a truncated copy, another format: compile as if it were absent
+        warnings.warn(f"cacheaug: {path} does not hold torch.compile artifacts ({type(err).__name__}: {err}); "
+                      "compiling afresh (it is overwritten after the first step)", stacklevel=2)
+        return 0
     return len(data)
 
 
 def save_compile_cache(path: str | Path) -> int:
-    """Write every artifact this process's compiles produced to ``path`` (atomically); returns its size in bytes."""
+    """Write every artifact this process's compiles produced to ``path`` (atomically); returns its size in bytes. A
+    path ending in ``.xz`` is compressed (lzma): Triton kernels and generated code shrink about 13x (95 MB of a
+    compiled training step of Gemma 3 270M -> 7.3 MB), small enough to carry to another machine in one piece."""
     import torch.compiler
 
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return 0
     path = Path(path)
+    data = lzma.compress(saved[0], preset=3) if path.suffix == ".xz" else saved[0]
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(path, saved[0])
-    return len(saved[0])
+    atomic.write_bytes(path, data)
+    return len(data)

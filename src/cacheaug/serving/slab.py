@@ -89,6 +89,7 @@ class Slab:
         self.host = torch.zeros(4, self.max_rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.copied = torch.cuda.Event() if self.device.type == "cuda" else None  # host may be written again after
         self._step_fn = self._run
+        self.compile = compile
         if compile:
             from ..speed import allow_recompiles
 
