@@ -16,6 +16,10 @@
 #   bash experiments/speed.sh fresh $OUT   # session 16, on a fresh machine with the pieces staged in ~/cc: the same
 #                                          # K=16 c4 step's first step with the artifacts and empty compiler caches;
 #                                          # then a profile of the K=128 step (trace chunks C=8, batch 8)
+#   bash experiments/speed.sh serve17 $OUT # serving with the step compiled, each request started with the coprocessor
+#                                          # idle (fair async TTFT), async outcomes and the coprocessor's time beside
+#                                          # the loop; then the same with the eager graphs
+#   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
@@ -75,11 +79,23 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+c8 --batch 8 --traces 128 --steps 3 --warmup 2 \
       --profile "$out/profile_k128_c8.txt" --out "$out/k128_profile.json" > "$out/k128_profile.log" 2>&1
     ;;
+  serve17)
+    python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
+      > "$out/convert.log" 2>&1
+    SL="python3 benchmarks/serve_latency.py --prompt-lens 1024 --latents 16 --repeats 10 --tokens 32 --concurrency 1 8 32"
+    timeout $(left) $SL --compile-decode inductor --no-dynamic --out "$out/serve_compiled.json" \
+      > "$out/serve_compiled.log" 2>&1
+    timeout $(left) $SL --tokens 128 --no-dynamic --concurrency --out "$out/serve_128.json" > "$out/serve_128.log" 2>&1
+    ;;
+  k128g)
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+g4+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_g4c8.json" > "$out/k128_g4c8.log" 2>&1
+    ;;
   ddp)
     timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | ddp)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | k128g | ddp)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1
 tail -n 5 "$out"/*.log
