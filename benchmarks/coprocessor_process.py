@@ -12,9 +12,15 @@ kv-cache, against the coprocessor on a thread of the decoder's process (what the
   child_start_s     starting the child and loading its copy of the model (once, and again after each replacement)
   child_weights_gib the child's own weights (decoder and coprocessor; the decoder's process keeps its own)
   max_abs_diff      latents of the child against the decoder's process (the same weights: 0 up to kernels)
+  *_beside_decoding_s   the same two calls while another thread decodes without pause (the engine's slab step at
+                    batch 1, its token read to the host each step, as the engine loop does): what a call costs beside a
+                    busy engine loop, in the process (sharing the interpreter and the GPU) and in the child (sharing
+                    the GPU only); decode_step_s and decode_step_beside_*_s: that thread's step alone and meanwhile
 
     python benchmarks/coprocessor_process.py --prompt-len 1024 --latents 16 --out proc.json
     python benchmarks/coprocessor_process.py --model tiny --device cpu --prompt-len 32 --latents 2   # CPU smoke run
+
+``--compile-decode inductor`` compiles that decoding step as ``cacheaug serve --compile-decode`` does.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +37,7 @@ import torch.multiprocessing as mp
 from transformers import DynamicCache
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, kv, load_base_model
+from cacheaug.serving.slab import Slab
 from cacheaug.testing import perturb_trainable, tiny_model
 
 
@@ -56,6 +64,54 @@ def child(model_name: str, device: str, n_latents: int, inbox, outbox) -> None:
             outbox.put(latents)
 
 
+class Decoding:
+    """A thread that decodes without pause on a copy of the prompt's cache, one token per step read to the host (the
+    engine loop's work at batch 1), while the ``with`` block runs."""
+
+    def __init__(self, model, cache, token: int, compile_decode: str | None):
+        self.slab = Slab(model, 1, max_length=4 * kv.length(cache), compile=compile_decode)
+        self.cache, self.token, self.steps, self.seconds = cache, token, 0, 0.0
+        self.row = self.slab.adopt(cache)
+        self.stop = threading.Event()
+
+    def _step(self) -> None:
+        slab, row = self.slab, self.row
+        if slab.length[row] > 2 * kv.length(self.cache):  # keep the row at about the prompt's length
+            slab.release(row)
+            self.row = row = slab.adopt(self.cache)
+        self.token = int(slab.step([row], [self.token], [slab.length[row]]).argmax(-1))
+
+    def step_time(self, n: int) -> float:
+        for _ in range(3):
+            self._step()  # records (and compiles) the step
+        t = time.perf_counter()
+        for _ in range(n):
+            self._step()
+        return (time.perf_counter() - t) / n
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            t = time.perf_counter()
+            while not self.stop.is_set():
+                self._step()
+                self.steps += 1
+            self.seconds = time.perf_counter() - t
+
+    def __enter__(self):
+        self.stop.clear()
+        self.steps, self.seconds = 0, 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def mean_step(self) -> float:
+        return self.seconds / max(1, self.steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m' or 'tiny'")
@@ -63,6 +119,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--latents", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--compile-decode", default=None, help="torch.compile the decoding thread's step (e.g. inductor)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -107,6 +164,14 @@ def main() -> None:
 
     t_in, lat_in = timed(in_process)
     t_sep, lat_sep = timed(separate)
+    decoding = Decoding(model, cache, int(ids[0, -1]), args.compile_decode)
+    step_alone = decoding.step_time(50)
+    with decoding:
+        t_in_busy, _ = timed(in_process)
+    step_in = decoding.mean_step()
+    with decoding:
+        t_sep_busy, _ = timed(separate)
+    step_sep = decoding.mean_step()
     inbox.put(None)
     proc.join(timeout=60)
     row = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -114,7 +179,10 @@ def main() -> None:
            "separate_s": round(t_sep, 6), "overhead_s": round(t_sep - t_in, 6),
            "overhead_pct": round(100 * (t_sep / t_in - 1), 1), "child_start_s": round(child_start, 2),
            "child_weights_gib": round(child_bytes / 2**30, 3),
-           "max_abs_diff": float((lat_in.float() - lat_sep.float()).abs().max())}
+           "max_abs_diff": float((lat_in.float() - lat_sep.float()).abs().max()),
+           "compile_decode": args.compile_decode, "decode_step_s": round(step_alone, 6),
+           "in_process_beside_decoding_s": round(t_in_busy, 6), "decode_step_beside_in_process_s": round(step_in, 6),
+           "separate_beside_decoding_s": round(t_sep_busy, 6), "decode_step_beside_separate_s": round(step_sep, 6)}
     print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(row, indent=2) + "\n")

@@ -18,7 +18,8 @@
 #                                          # then a profile of the K=128 step (trace chunks C=8, batch 8)
 #   bash experiments/speed.sh serve17 $OUT # serving with the step compiled, each request started with the coprocessor
 #                                          # idle (fair async TTFT), async outcomes and the coprocessor's time beside
-#                                          # the loop; then the same with the eager graphs
+#                                          # the loop; a coprocessor call beside a decoding thread, in the process
+#                                          # and in a child; then 128-token requests with the eager graphs
 #   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
@@ -85,6 +86,8 @@ case $stage in
     SL="python3 benchmarks/serve_latency.py --prompt-lens 1024 --latents 16 --repeats 10 --tokens 32 --concurrency 1 8 32"
     timeout $(left) $SL --compile-decode inductor --no-dynamic --out "$out/serve_compiled.json" \
       > "$out/serve_compiled.log" 2>&1
+    timeout $(left) python3 benchmarks/coprocessor_process.py --prompt-len 1024 --latents 16 --compile-decode inductor \
+      --out "$out/proc_busy.json" > "$out/proc_busy.log" 2>&1
     timeout $(left) $SL --tokens 128 --no-dynamic --concurrency --out "$out/serve_128.json" > "$out/serve_128.log" 2>&1
     ;;
   k128g)

@@ -60,3 +60,6 @@ def test_coprocessor_process_runs_at_toy_size(tmp_path):
     assert row["in_process_s"] > 0 and row["separate_s"] > 0 and row["child_start_s"] > 0
     assert row["max_abs_diff"] <= 1e-5  # the child computes the same latents from the handed-over cache
     assert row["overhead_s"] == pytest.approx(row["separate_s"] - row["in_process_s"], abs=2e-6)
+    # the same calls beside a thread that decoded meanwhile (steps timed alone and beside each)
+    assert all(row[k] > 0 for k in ("decode_step_s", "in_process_beside_decoding_s", "separate_beside_decoding_s",
+                                    "decode_step_beside_in_process_s", "decode_step_beside_separate_s"))
