@@ -4,7 +4,8 @@ In its own process, a CUDA fault of the coprocessor (an illegal access poisons t
 the decoder's process serving, unaugmented. This measures what the isolation costs per call, on a prompt's
 kv-cache, against the coprocessor on a thread of the decoder's process (what the engine does today):
 
-  in_process_s      ``compute_latents`` in the decoder's process (median of --repeats after a warm-up)
+  in_process_s      ``compute_latents`` in the decoder's process, on its own CUDA stream as in the engine (median of
+                    --repeats after a warm-up)
   separate_s        the same call through a child process: the cache handed over through a
                     ``torch.multiprocessing`` queue (CUDA IPC handles on a GPU, shared memory on the CPU: the
                     tensors are not copied), the latents handed back and copied; median round trip
@@ -132,9 +133,15 @@ def main() -> None:
     model.base.get_decoder()(input_ids=ids, **model.cache_kwargs(cache))
     layers, last = kv.layers(cache), int(ids[0, -1])
 
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None  # its own stream, as the engine's worker
+
     def in_process():
-        out = model.compute_latents(cache, args.prompt_len, ids[:, -1])
-        sync()
+        if side is None:
+            return model.compute_latents(cache, args.prompt_len, ids[:, -1])
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            out = model.compute_latents(cache, args.prompt_len, ids[:, -1])
+        side.synchronize()
         return out
 
     ctx = mp.get_context("spawn")

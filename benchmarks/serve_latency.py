@@ -87,7 +87,9 @@ def request_times(engine, prompt, policy, n_tokens, device) -> tuple[float, floa
 
 def wait_idle(engine, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
-    while not engine.worker.idle() and time.monotonic() < end:
+    while not engine.worker.idle():
+        if time.monotonic() > end:
+            raise RuntimeError(f"the coprocessor was still busy after {timeout} s: the timings would not be comparable")
         time.sleep(0.001)
 
 
