@@ -260,8 +260,10 @@ def main() -> None:
                     prompts = [torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P + i)).tolist()
                                for i in range(c)]
                     for policy in ("off", "async"):
+                        t_warm = time.perf_counter()
                         concurrent_tokens_per_s(engine, prompts, policy, 2, device)  # warm-up (and this batch shape)
                         wait_idle(engine)
+                        row[f"warmup_c{c}_{policy}_s"] = time.perf_counter() - t_warm  # a new shape: its compile
                         row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
                                                                                    args.tokens, device)
                     if dynamic is not None:

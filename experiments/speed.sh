@@ -90,6 +90,33 @@ case $stage in
       --out "$out/proc_busy.json" > "$out/proc_busy.log" 2>&1
     timeout $(left) $SL --tokens 128 --no-dynamic --concurrency --out "$out/serve_128.json" > "$out/serve_128.log" 2>&1
     ;;
+  fresh17a)
+    # on a fresh machine with session 16's K=16 c4 artifacts staged in ~/cc: that step's cached first step again (its
+    # spread across fresh machines) and a profile of two steps; then a real `cacheaug train` run (K=16, batch 32,
+    # compiled with graphs, kept logits) that writes its artifacts, xz'd, for the next fresh machine (fresh17b)
+    R=/tmp/fresh; mkdir -p $R; cat ~/cc/cc.bin.xz* > $R/cc.bin.xz; ls -l $R ~/cc > "$out/fresh.log"
+    TORCHINDUCTOR_CACHE_DIR=$R/inductor TRITON_CACHE_DIR=$R/triton timeout $(left) $TP \
+      --variants sdpa+graphs+keeplogits+c4 --batch 32 --traces 16 --steps 5 --warmup 2 --compile-cache $R/cc.bin.xz \
+      --profile "$out/profile_k16_c4.txt" --out "$out/fresh_c4.json" >> "$out/fresh.log" 2>&1
+    timeout $(left) python3 -m cacheaug train --data default --batch-size 32 --max-steps 4 --eval-every 0 \
+      --save-every 0 --compile-step graphs --keep-logits --compile-cache /tmp/t17/cc_train.bin.xz \
+      --out-dir /tmp/t17/run > /tmp/t17_train.log 2>&1
+    tr '\r' '\n' < /tmp/t17_train.log | grep -v "it/s\]$" | tail -n 30 > "$out/train_compile.log"
+    cp /tmp/t17/run/metrics.jsonl "$out/train_compile_metrics.jsonl"
+    [ -s /tmp/t17/cc_train.bin.xz ] && split -b 15m -d /tmp/t17/cc_train.bin.xz "$out/cc_train.bin.xz.part"
+    ;;
+  fresh17b)
+    # on the next fresh machine with fresh17a's train artifacts staged in ~/cc: the same `cacheaug train` run again,
+    # a repeat run's first step (issue: < 30 s); then K=128 with 2 trace groups and chunks C=8 in the time left
+    mkdir -p /tmp/t17; cat ~/cc/cc_train.bin.xz.part* > /tmp/t17/cc_train.bin.xz; ls -l /tmp/t17 > "$out/fresh_train.log"
+    timeout $(left) python3 -m cacheaug train --data default --batch-size 32 --max-steps 4 --eval-every 0 \
+      --save-every 0 --compile-step graphs --keep-logits --compile-cache /tmp/t17/cc_train.bin.xz \
+      --out-dir /tmp/t17/run > /tmp/t17_train.log 2>&1
+    tr '\r' '\n' < /tmp/t17_train.log | grep -v "it/s\]$" | tail -n 30 >> "$out/fresh_train.log"
+    cp /tmp/t17/run/metrics.jsonl "$out/fresh_train_metrics.jsonl"
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+g2+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_g2c8.json" > "$out/k128_g2c8.log" 2>&1
+    ;;
   k128g)
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+g4+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_g4c8.json" > "$out/k128_g4c8.log" 2>&1
@@ -98,9 +125,10 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | k128g | ddp)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | k128g | ddp)" >&2
+     exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1
 tail -n 5 "$out"/*.log
 # a call brings back at most 8 files: everything but the compile-artifact pieces goes back as one archive
-(cd "$out" && files=$(ls | grep -v '^cc\.bin') && tar czf results.tgz --remove-files $files)
+(cd "$out" && files=$(ls | grep -v '^cc\(_train\)\?\.bin') && tar czf results.tgz --remove-files $files)
