@@ -61,7 +61,9 @@ class Slab:
             by the dynamic path instead (:meth:`fits`).
         cuda_graphs: record and replay each step shape as a CUDA graph (default: on CUDA devices).
         compile: ``torch.compile`` the step with this backend (e.g. ``"inductor"``: fused kernels) before recording it;
-            each step shape then compiles once (tens of seconds for a real model), off by default.
+            the first shape compiles for itself, the next with its sizes symbolic (serving every later shape): at
+            most three compiles, tens of seconds each for a real model; off by default. Each (rows, keys) shape is
+            still recorded as its own CUDA graph (milliseconds).
     """
 
     MIN_LENGTH = 64
@@ -93,8 +95,11 @@ class Slab:
         if compile:
             from ..speed import allow_recompiles
 
-            allow_recompiles()  # one graph per step shape (rows x keys, powers of two)
-            self._step_fn = torch.compile(self._run, backend=compile, dynamic=False)
+            allow_recompiles()
+            # the first step shape (rows x keys, powers of two) compiles specialised; the next one that differs
+            # compiles once more with those sizes symbolic, and that graph serves every later shape: at most three
+            # compiles (tens of seconds each for a real model), not one per shape met while serving
+            self._step_fn = torch.compile(self._run, backend=compile, dynamic=True)
         self.steps = 0  # steps run, and caches copied in (a request's first, or a replaced one)
         self.adopted = 0
 
@@ -198,19 +203,26 @@ class Slab:
                         **{self.family.cache_kwarg: _StepCache(self, B, S, write)})
         return out.logits[:, -1]
 
+    def _call(self, B: int, S: int) -> torch.Tensor:
+        if not self.compile:
+            return self._run(B, S)
+        # sizes that happen to be equal (S and the slab's length) are not assumed equal in later steps
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._step_fn(B, S)
+
     def _graph(self, B: int, S: int):
         graph = self.graphs.get((B, S))
         if graph is None:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up (the same inputs: it writes what the step writes)
-                self._step_fn(B, S)
+                self._call(B, S)
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._step_fn(B, S)
+                out = self._call(B, S)
             graph = self.graphs[(B, S)] = (g, out)
         return graph
 
@@ -248,7 +260,7 @@ class Slab:
             else:
                 graph.replay()
         if out is None:
-            out = self._step_fn(B, S)
+            out = self._call(B, S)
         for r in rows:
             self.length[r] += 1
         self.steps += 1
