@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="tokens per timed request (at least 2)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32],
                     help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)")
+    ap.add_argument("--coprocessor-priority", default="normal", choices=("normal", "high"),
+                    help="CUDA priority of the engine's coprocessor stream (Engine(coprocessor_priority=...))")
     ap.add_argument("--compile-decode", default=None,
                     help="torch.compile the slab's step with this backend (e.g. inductor) before recording it")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -207,7 +209,7 @@ def main() -> None:
     for n_latents in args.latents:
         model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=n_latents))
         engine = Engine(model, default_deadline_s=60.0, max_batch=max([16, *args.concurrency]),
-                        compile_decode=args.compile_decode)
+                        compile_decode=args.compile_decode, coprocessor_priority=args.coprocessor_priority)
         for P in args.prompt_lens:
             prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
             ids = torch.tensor([prompt], device=device)
@@ -281,6 +283,7 @@ def main() -> None:
         engine.close()
     result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "attn": base.config._attn_implementation, "compile_decode": args.compile_decode,
+              "coprocessor_priority": args.coprocessor_priority,
               "switch_interval_s": sys.getswitchinterval(), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -95,6 +95,8 @@ def test_async_first_token_never_waits_and_too_late_latents_are_dropped(model):
     engine.close()
     with pytest.raises(ValueError, match="max_stale_tokens"):
         Engine(model, max_stale_tokens=-1)
+    with pytest.raises(ValueError, match="coprocessor_priority must be one of normal, high"):
+        Engine(model, coprocessor_priority="urgent")
 
 
 @pytest.mark.parametrize("error", [RuntimeError("coprocessor died"), SystemExit("coprocessor process killed")])

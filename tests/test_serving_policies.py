@@ -114,19 +114,24 @@ def test_the_plugin_policy_over_the_real_command_line(tmp_path, plugin):
 
 def test_serve_with_the_decoding_step_compiled_answers_the_same(tmp_path):
     """``cacheaug serve --compile-decode BACKEND`` compiles the batched decoding step (aot_eager here, on the CPU;
-    inductor on a GPU) and answers exactly as the server without it; an unknown backend is refused in one line."""
+    inductor on a GPU) and answers exactly as the server without it; an unknown backend or stream priority is
+    refused in one line."""
     model, ckpt = tiny_served_folders(tmp_path, tiny_tokenizer([" ".join(f"w{i}" for i in range(120))]))
     args = ["--model", model, "--coprocessor", ckpt, "--device", "cpu"]
     body = {"model": "m", "prompt": "w1 w2 w3 w4 w5", "max_tokens": 8}
     answers = []
-    for extra in ([], ["--compile-decode", "aot_eager"]):
+    # the coprocessor stream's priority (a CUDA option, accepted and reported on the CPU) changes no answer either
+    for extra in ([], ["--compile-decode", "aot_eager", "--coprocessor-priority", "high"]):
         with ServeCLI(args + extra, tmp_path / f"serve{len(extra)}.log") as url:
             answers.append([httpx.post(f"{url}/v1/completions", json={**body, "augment": policy}, timeout=120).json()
                             ["choices"][0]["text"] for policy in ("off", "sync")])
-            decoding = httpx.get(f"{url}/health", timeout=10).json()["decoding"]
+            health = httpx.get(f"{url}/health", timeout=10).json()
+            decoding = health["decoding"]
             assert decoding["static_batch"] and decoding["steps"] >= 14  # both answers decoded through the slab
             assert decoding["compiled"] == (extra[1] if extra else None)
+            assert health["coprocessor_priority"] == (extra[3] if extra else "normal")
     assert answers[0] == answers[1] and all(answers[0])
-    out = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *args, "--compile-decode", "nope"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "invalid choice: 'nope'" in out.stderr and "Traceback" not in out.stderr
+    for flag in ("--compile-decode", "--coprocessor-priority"):
+        out = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *args, flag, "nope"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "invalid choice: 'nope'" in out.stderr and "Traceback" not in out.stderr

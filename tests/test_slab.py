@@ -134,3 +134,33 @@ def test_compiled_step_equals_the_eager_step():
         assert not torch._dynamo.utils.counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_step_compiles_a_bounded_number_of_times():
+    """Serving meets many step shapes (rows and keys, powers of two, as requests come and go and rows grow): the
+    compiled step traces sizes symbolically, so new shapes reuse it (a real model's compile takes tens of seconds and
+    holds every request meanwhile). At most four graphs (one row or more; keys the slab's whole length or fewer)
+    however many shapes, each step equal to the eager one."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        model = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=2))
+        base, key = model.base, model.family.cache_kwarg
+        caches = [_prefill(base, key, 5 + 7 * i, i) for i in range(6)]
+        eager, compiled = Slab(model, 8, 512), Slab(model, 8, 512, compile="aot_eager")
+        rows = [(eager.adopt(c), compiled.adopt(c)) for c in caches]
+        shapes = set()
+        subsets = [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3, 4], [2, 5], [0, 1, 2, 3, 4, 5]]
+        for step in range(150):  # rows 1..8 and keys 64..256 (the slab grows twice)
+            sub = subsets[step % len(subsets)] if step < 24 else ([0, 1, 2] if step % 3 else [0])
+            token = 3 + step % 90
+            want = eager.step([rows[i][0] for i in sub], [token] * len(sub), [eager.length[rows[i][0]] for i in sub])
+            got = compiled.step([rows[i][1] for i in sub], [token] * len(sub),
+                                [compiled.length[rows[i][1]] for i in sub])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            shapes.add((min(compiled.rows, 1 << max(sub).bit_length()), compiled.size))
+        assert compiled.size >= 256 and len(shapes) >= 8
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+        assert not torch._dynamo.utils.counters["graph_break"]
+    finally:
+        torch._dynamo.reset()

@@ -230,8 +230,13 @@ class ServeConfig(_Checked):
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     compile_decode: str | None = _f(None, "torch.compile the batched decoding step with this backend before its CUDA "
                                     "graphs are recorded (inductor: 1.5 ms a token at batch 1 instead of 3.8 for Gemma "
-                                    "3 270M on an H200; each new batch shape compiles once, about 25 s)",
+                                    "3 270M on an H200; the first batch shape compiles for about 25 s, the next with "
+                                    "symbolic sizes once for up to 3 minutes, then every shape reuses it)",
                                     choices=lambda: ("inductor", "aot_eager"))
+    coprocessor_priority: str = _f("normal", "CUDA priority of the coprocessor's stream: high lets its kernels go "
+                                   "before the decoding steps' (async latents arrive sooner; decoding slows while it "
+                                   "runs); unmeasured so far (docs/performance.md)",
+                                   choices=lambda: ("normal", "high"))
 
     def _problems(self) -> list[str]:
         from .serving.policies import get_policy
@@ -251,7 +256,8 @@ class ServeConfig(_Checked):
               store_bytes=self.store_mib << 20, store_disk_bytes=self.store_disk_mib << 20,
               max_concurrent=self.max_concurrent, max_queue=self.max_queue, deadline_ms=self.deadline_ms,
               async_grace_ms=self.async_grace_ms, max_stale_tokens=self.max_stale_tokens,
-              hard_timeout_ms=self.hard_timeout_ms, device=self.device, compile_decode=self.compile_decode)
+              hard_timeout_ms=self.hard_timeout_ms, device=self.device, compile_decode=self.compile_decode,
+              coprocessor_priority=self.coprocessor_priority)
 
 
 @dataclass(frozen=True)
