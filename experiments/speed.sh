@@ -20,6 +20,12 @@
 #                                          # idle (fair async TTFT), async outcomes and the coprocessor's time beside
 #                                          # the loop; a coprocessor call beside a decoding thread, in the process
 #                                          # and in a child; then 128-token requests with the eager graphs
+#   bash experiments/speed.sh fresh17a $OUT # session 17, fresh machine with ~/cc staged: the K=16 c4 step's cached first
+#                                          # step (profiled); a real `cacheaug train` run writing its artifacts (.xz)
+#   bash experiments/speed.sh fresh17b $OUT # the next fresh machine: that train run again (a repeat run's first step);
+#                                          # K=128 with 2 trace groups and chunks C=8
+#   bash experiments/speed.sh serve18 $OUT # the coprocessor stream at high CUDA priority: 128-token requests (eager
+#                                          # graphs), then 64-token ones compiled at 1 / 8 / 32 requests
 #   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
@@ -117,6 +123,18 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+g2+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_g2c8.json" > "$out/k128_g2c8.log" 2>&1
     ;;
+  serve18)
+    # the coprocessor's stream at the highest CUDA priority: do async latents now arrive while the request decodes?
+    # (session 17: late in every request, the call 2-6x slower beside the loop); and 32 async requests with the
+    # compiled step's symbolic sizes (session 17: 28 tokens/s, new shapes compiling in the timed window)
+    python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
+      > "$out/convert.log" 2>&1
+    SL="python3 benchmarks/serve_latency.py --prompt-lens 1024 --latents 16 --repeats 10 --no-dynamic"
+    timeout $(left) $SL --tokens 128 --concurrency --coprocessor-priority high --out "$out/serve_128_high.json" \
+      > "$out/serve_128_high.log" 2>&1
+    timeout $(left) $SL --tokens 64 --concurrency 1 8 32 --compile-decode inductor --coprocessor-priority high \
+      --out "$out/serve_compiled_high.json" > "$out/serve_compiled_high.log" 2>&1
+    ;;
   k128g)
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+g4+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_g4c8.json" > "$out/k128_g4c8.log" 2>&1
@@ -125,7 +143,7 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | k128g | ddp)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | k128g | ddp)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -39,8 +39,9 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
            "--prompt-lens", "32", "--latents", "2", "--repeats", "1", "--tokens", "4", "--concurrency", "1", "3",
-           "--out", str(out)]
+           "--coprocessor-priority", "high", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    assert json.loads(out.read_text())["coprocessor_priority"] == "high"
     (row,) = json.loads(out.read_text())["rows"]
     assert row["ttft_off_s"] > 0 and row["ttft_sync_s"] > 0 and "augment_vs_8_tokens" in row
     assert row["engine_step_s"] > 0 and row["hf_static_step_s"] > 0  # beside Hugging Face's static-cache generate

@@ -96,9 +96,9 @@ class Slab:
             from ..speed import allow_recompiles
 
             allow_recompiles()
-            # the first step shape (rows x keys, powers of two) compiles specialised; the next one that differs
-            # compiles once more with those sizes symbolic, and that graph serves every later shape: at most three
-            # compiles (tens of seconds each for a real model), not one per shape met while serving
+            # sizes symbolic (dynamic=True; 1 and equal sizes still specialise): a new (rows, keys) shape met while
+            # serving reuses a compiled graph instead of compiling for tens of seconds while every request waits;
+            # at most four compiles (one row or more; keys the slab's whole length or fewer), tests/test_slab.py
             self._step_fn = torch.compile(self._run, backend=compile, dynamic=True)
         self.steps = 0  # steps run, and caches copied in (a request's first, or a replaced one)
         self.adopted = 0
