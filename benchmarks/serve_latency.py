@@ -16,6 +16,9 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   async_inserted_after_tokens   tokens decoded before an async request's latents went in (then replayed)
   async_outcomes, sync_outcomes  augmented / late / failed per request; async_latents_s: the median time from an async
                        request's coprocessor submission to its end (while the request decodes beside it)
+  <policy>_call_queued_s / _launch_s / _device_s   where a call's time went (medians): waiting for the worker thread to
+                       take it, its host side (Python, kernel launches), then until its CUDA stream finished; sync's
+                       calls run alone, async's beside decoding (interpreter contention shows in launch, GPU in device)
   (every timed request starts once the coprocessor is idle: an earlier request's call would compete with it)
   prefill_s            the engine's prefill of the prompt alone (cache + first logits): ttft_off - prefill_s is what the
                        engine loop, the first token's choice and the hand-off to the reader add
@@ -229,6 +232,10 @@ def main() -> None:
             wait_idle(engine)  # the last async call's time, even if its request stopped waiting for it
             took = [r[3]["latents_s"] for r in runs["async"] if "latents_s" in r[3]]
             row["async_latents_s"] = statistics.median(took) if took else None
+            for policy in ("sync", "async"):  # where a coprocessor call's time went, alone (sync) and beside decoding
+                for part in ("queued_s", "launch_s", "device_s"):
+                    got = [r[3][part] for r in runs[policy] if part in r[3]]
+                    row[f"{policy}_call_{part}"] = statistics.median(got) if got else None
             row["prefill_s"] = timed(lambda: engine.prefill(prompt), device, args.repeats)
             row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - row["prefill_s"]
             cache_then_step = lambda: model.decode(  # noqa: E731

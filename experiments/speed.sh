@@ -25,7 +25,8 @@
 #   bash experiments/speed.sh fresh17b $OUT # the next fresh machine: that train run again (a repeat run's first step);
 #                                          # K=128 with 2 trace groups and chunks C=8
 #   bash experiments/speed.sh serve18 $OUT # the coprocessor stream at high CUDA priority: 128-token requests (eager
-#                                          # graphs), then 64-token ones compiled at 1 / 8 / 32 requests
+#                                          # graphs; each call's queued / launch / device time), the coprocessor beside
+#                                          # an eager-graph decoding thread, then 64-token requests compiled at 1 / 8 / 32
 #   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
@@ -132,6 +133,8 @@ case $stage in
     SL="python3 benchmarks/serve_latency.py --prompt-lens 1024 --latents 16 --repeats 10 --no-dynamic"
     timeout $(left) $SL --tokens 128 --concurrency --coprocessor-priority high --out "$out/serve_128_high.json" \
       > "$out/serve_128_high.log" 2>&1
+    timeout $(left) python3 benchmarks/coprocessor_process.py --prompt-len 1024 --latents 16 \
+      --out "$out/proc_busy_eager.json" > "$out/proc_busy_eager.log" 2>&1   # beside eager-graph steps (17: compiled)
     timeout $(left) $SL --tokens 64 --concurrency 1 8 32 --compile-decode inductor --coprocessor-priority high \
       --out "$out/serve_compiled_high.json" > "$out/serve_compiled_high.log" 2>&1
     ;;

@@ -357,3 +357,52 @@ def test_the_coprocessor_stream_waits_for_the_submitted_cache(model, monkeypatch
     assert record[:2] == ("record", threading.current_thread().name)  # on the submitting thread's stream
     assert wait[0] == "wait" and wait[2] is record[2] and wait[1] == "cacheaug-coprocessor"
     assert compute[0] == "compute" and sync[0] == "synchronize"  # the wait comes before the coprocessor reads
+
+
+def test_a_coprocessor_call_says_where_its_time_went(model, monkeypatch):
+    """Why a call is slow beside decoding (benchmarks/serve_latency.py): each call reports how long it waited for the
+    worker thread, its host side (Python, kernel launches) and then its stream (the device). Stand-ins here: a host
+    side of at least 50 ms and a stream that takes 100 ms more; through the engine, the request's own info."""
+    from transformers import DynamicCache
+
+    from cacheaug import kv
+    from cacheaug.serving.batching import LatentsWorker
+
+    class Event:
+        def record(self):
+            pass
+
+    class Stream:
+        def wait_event(self, event):
+            pass
+
+        def synchronize(self):
+            time.sleep(0.1)
+
+    real = model.compute_latents
+
+    def slow_host(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(LatentsWorker, "stream_event", staticmethod(Event))
+    monkeypatch.setattr(model, "compute_latents", slow_host)
+    worker = LatentsWorker(model, Stream())
+    try:
+        cache = DynamicCache()
+        model.decode(cache, torch.tensor([PROMPT]), 0)
+        future = worker.submit(kv.layers(kv.fork(cache, len(PROMPT))), len(PROMPT), PROMPT[-1])
+        future.result(30)
+    finally:
+        worker.close()
+    timing = future.timing
+    assert timing["rows"] == 1 and 0 <= timing["queued_s"] < 0.2  # the idle worker took it at once
+    assert timing["launch_s"] >= 0.05 and timing["device_s"] >= 0.1  # host side, then the stream's wait
+    monkeypatch.undo()
+    engine = Engine(model)
+    info = {}
+    list(engine.stream(PROMPT, 3, policy="sync", info=info))
+    engine.close()
+    assert info["outcome"] == "augmented" and info["rows"] == 1
+    assert 0 <= info["queued_s"] and 0 < info["launch_s"] and 0 <= info["device_s"]
+    assert info["queued_s"] + info["launch_s"] + info["device_s"] <= info["latents_s"] + 1e-3

@@ -55,6 +55,9 @@ class LatentsWorker:
     own stream when it submitted (the prefix's cache, copied there): :meth:`submit` records an event on the caller's
     stream and the worker's stream waits for it. Without that wait the coprocessor could read a cache whose copy had
     not finished.
+
+    A fulfilled future carries ``timing``: ``queued_s`` (submitted until this thread took it), ``launch_s`` (the
+    call's host side: Python and kernel launches), ``device_s`` (then until its stream finished) and ``rows``.
     """
 
     def __init__(self, model, stream=None, max_batch: int = 16, hard_timeout_s: float | None = None,
@@ -100,7 +103,7 @@ class LatentsWorker:
             ready.record()
         with self._state:
             self._outstanding += 1
-        self.queue.put((layers, length, last_token, ready, future))
+        self.queue.put((layers, length, last_token, ready, time.monotonic(), future))
         return future
 
     @staticmethod
@@ -126,7 +129,7 @@ class LatentsWorker:
 
     def _run(self, items) -> list[torch.Tensor]:
         if len(items) == 1:  # one prefix: the library's own call
-            layers, length, last, _, _ = items[0]
+            layers, length, last = items[0][:3]
             last = None if last is None else torch.tensor([last], device=self.model.device)
             return [self.model.compute_latents(kv.from_layers(layers), length, last)]
         return self.model.compute_latents_batch([it[0] for it in items], [it[1] for it in items],
@@ -150,6 +153,8 @@ class LatentsWorker:
             if not items:
                 continue
             started = time.monotonic()
+            queued_s = started - min(it[4] for it in items)  # the longest wait for this thread to pick it up
+            launched = None
             self.batches += 1
             self.rows += len(items)
             with self._state:
@@ -157,15 +162,22 @@ class LatentsWorker:
             try:
                 if self.stream is None:
                     results = self._run(items)
+                    launched = time.monotonic()
                 else:
                     for it in items:
                         self.stream.wait_event(it[3])
                     with torch.cuda.stream(self.stream):
                         results = self._run(items)
+                    launched = time.monotonic()
                     self.stream.synchronize()
                 outcome = list(zip(items, results))
             except BaseException as err:  # noqa: BLE001  every request of the batch falls back
                 outcome = [(it, err) for it in items]
+            if launched is not None:  # where the call's time went (benchmarks/serve_latency.py reports it)
+                timing = {"queued_s": queued_s, "launch_s": launched - started,
+                          "device_s": time.monotonic() - launched, "rows": len(items)}
+                for it in items:
+                    it[-1].timing = timing
             with self._state:
                 self._running.pop(generation, None)
                 self._outstanding -= len(items)

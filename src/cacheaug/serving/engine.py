@@ -229,7 +229,11 @@ class Engine:
         req.future = self.submit_latents(req.cache, len(req.prompt), req.prompt[-1])
         req.submitted = True
         start, info = self.clock(), req.info  # how long the call took, even if the request stopped waiting for it
-        req.future.add_done_callback(lambda _: info.__setitem__("latents_s", self.clock() - start))
+
+        def took(future):  # and where that time went: waiting for the worker, launching its kernels, the device
+            info.update(latents_s=self.clock() - start, **getattr(future, "timing", {}))
+
+        req.future.add_done_callback(took)
 
     def wait_and_insert(self, req: Request, seconds: float) -> None:
         """Let ``req`` wait at most ``seconds`` for its latents (the engine loop goes on with the other requests),
