@@ -76,8 +76,8 @@ class Stats:
             self.by_policy[name] = self.by_policy.get(name, 0) + 1
 
 
-
 STREAM_PRIORITIES = {"normal": 0, "high": -1}  # the coprocessor stream's CUDA priority (engine option)
+
 
 class Engine:
     """Decoding with optional, never-blocking cache augmentation.

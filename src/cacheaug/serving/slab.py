@@ -62,7 +62,7 @@ class Slab:
         cuda_graphs: record and replay each step shape as a CUDA graph (default: on CUDA devices).
         compile: ``torch.compile`` the step with this backend (e.g. ``"inductor"``: fused kernels) before recording it;
             the first shape compiles for itself, the next with its sizes symbolic (serving every later shape): at
-            most three compiles, tens of seconds each for a real model; off by default. Each (rows, keys) shape is
+            most four compiles, tens of seconds to minutes each for a real model; off by default. Each (rows, keys) shape is
             still recorded as its own CUDA graph (milliseconds).
     """
 
@@ -206,8 +206,10 @@ class Slab:
     def _call(self, B: int, S: int) -> torch.Tensor:
         if not self.compile:
             return self._run(B, S)
+        import torch.fx.experimental._config as fx_config
+
         # sizes that happen to be equal (S and the slab's length) are not assumed equal in later steps
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False):
             return self._step_fn(B, S)
 
     def _graph(self, B: int, S: int):
