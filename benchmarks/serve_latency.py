@@ -38,7 +38,10 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
                        near-tie; the exactness itself is tested on the CPU, tests/test_slab.py)
   cuda_graphs, graphs_recorded   whether the slab replayed CUDA graphs, and how many step shapes it recorded
   concurrency          ``--concurrency C ...``: C requests of --tokens tokens at once (policy off and async),
-                       total generated tokens / wall time (tokens_per_s_c<C>_<policy>)
+                       total generated tokens / wall time (tokens_per_s_c<C>_<policy>), after a 2-token warm-up whose
+                       time is warmup_c<C>_<policy>_s (a new compiled shape compiles there); compiles_c<C>_<policy>:
+                       the graphs torch.compile had made in the process after the timed run (one more than after
+                       the previous run means a compile inside the timed window)
 """
 
 from __future__ import annotations
@@ -112,6 +115,14 @@ def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device) -> float:
         t.join()
     _sync(device)
     return sum(counts) / (time.perf_counter() - t0)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (the decoding step's with --compile-decode, and any that
+    Hugging Face's static-cache ``generate`` compiled for the baseline)."""
+    import torch._dynamo
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
@@ -275,6 +286,7 @@ def main() -> None:
                         row[f"warmup_c{c}_{policy}_s"] = time.perf_counter() - t_warm  # a new shape: its compile
                         row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
                                                                                    args.tokens, device)
+                        row[f"compiles_c{c}_{policy}"] = compiled_graphs()
                     if dynamic is not None:
                         row[f"tokens_per_s_c{c}_off_dynamic"] = concurrent_tokens_per_s(dynamic, prompts, "off",
                                                                                         args.tokens, device)

@@ -48,6 +48,8 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     # (the row's figures are rounded to 5 decimals: their ratio is close to, not equal to, the reported one)
     assert row["engine_vs_hf_static"] == pytest.approx(row["engine_step_s"] / row["hf_static_step_s"], rel=0.05)
     assert all(row[f"tokens_per_s_c{c}_{p}"] > 0 for c in (1, 3) for p in ("off", "async", "off_dynamic"))
+    compiles = [row[f"compiles_c{c}_{p}"] for c in (1, 3) for p in ("off", "async")]
+    assert compiles == sorted(compiles) and all(isinstance(n, int) and n >= 0 for n in compiles)
     assert row["engine_dynamic_step_s"] > 0 and row["cuda_graphs"] is False  # the slab, eager on the CPU
     assert row["static_agrees_tokens"] == 4  # fp32 on the CPU: the static and dynamic paths agree on every token
 
