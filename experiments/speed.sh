@@ -35,6 +35,11 @@ set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
 T0=$(date +%s); CALL_S=${CALL_S:-560}
 left() { echo $((CALL_S - ($(date +%s) - T0))); }
+train17() {  # fresh17a / fresh17b: the same real training run, compiling then from the carried artifacts
+  timeout $(left) python3 -m cacheaug train --data default --batch-size 32 --max-steps 4 --eval-every 0 \
+    --save-every 0 --compile-step graphs --keep-logits --compile-cache /tmp/t17/cc_train.bin.xz \
+    --out-dir /tmp/t17/run > /tmp/t17_train.log 2>&1
+}
 TP="python3 benchmarks/train_throughput.py"
 case $stage in
   serve)
@@ -105,9 +110,7 @@ case $stage in
     TORCHINDUCTOR_CACHE_DIR=$R/inductor TRITON_CACHE_DIR=$R/triton timeout $(left) $TP \
       --variants sdpa+graphs+keeplogits+c4 --batch 32 --traces 16 --steps 5 --warmup 2 --compile-cache $R/cc.bin.xz \
       --profile "$out/profile_k16_c4.txt" --out "$out/fresh_c4.json" >> "$out/fresh.log" 2>&1
-    timeout $(left) python3 -m cacheaug train --data default --batch-size 32 --max-steps 4 --eval-every 0 \
-      --save-every 0 --compile-step graphs --keep-logits --compile-cache /tmp/t17/cc_train.bin.xz \
-      --out-dir /tmp/t17/run > /tmp/t17_train.log 2>&1
+    train17
     tr '\r' '\n' < /tmp/t17_train.log | grep -v "it/s\]$" | tail -n 30 > "$out/train_compile.log"
     cp /tmp/t17/run/metrics.jsonl "$out/train_compile_metrics.jsonl"
     [ -s /tmp/t17/cc_train.bin.xz ] && split -b 15m -d /tmp/t17/cc_train.bin.xz "$out/cc_train.bin.xz.part"
@@ -116,9 +119,7 @@ case $stage in
     # on the next fresh machine with fresh17a's train artifacts staged in ~/cc: the same `cacheaug train` run again,
     # a repeat run's first step (issue: < 30 s); then K=128 with 2 trace groups and chunks C=8 in the time left
     mkdir -p /tmp/t17; cat ~/cc/cc_train.bin.xz.part* > /tmp/t17/cc_train.bin.xz; ls -l /tmp/t17 > "$out/fresh_train.log"
-    timeout $(left) python3 -m cacheaug train --data default --batch-size 32 --max-steps 4 --eval-every 0 \
-      --save-every 0 --compile-step graphs --keep-logits --compile-cache /tmp/t17/cc_train.bin.xz \
-      --out-dir /tmp/t17/run > /tmp/t17_train.log 2>&1
+    train17
     tr '\r' '\n' < /tmp/t17_train.log | grep -v "it/s\]$" | tail -n 30 >> "$out/fresh_train.log"
     cp /tmp/t17/run/metrics.jsonl "$out/fresh_train_metrics.jsonl"
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+g2+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
@@ -126,7 +127,7 @@ case $stage in
     ;;
   serve18)
     # the coprocessor's stream at the highest CUDA priority: do async latents now arrive while the request decodes?
-    # (session 17: late in every request, the call 2-6x slower beside the loop); and 32 async requests with the
+    # (session 17: late in every request, the call 78-512 ms beside the loop); and 32 async requests with the
     # compiled step's symbolic sizes (session 17: 28 tokens/s, new shapes compiling in the timed window)
     python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
       > "$out/convert.log" 2>&1
