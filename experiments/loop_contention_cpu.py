@@ -1,7 +1,7 @@
 """Does the engine loop starve a coprocessor call through the interpreter alone? (CPU, GPU stand-ins.)
 
-On the H200 an async request's coprocessor call took 2-6x its time alone while the engine loop decoded beside it
-(docs/performance.md, "Session 17"). This separates the interpreter from the GPU: the engine runs on the CPU with the
+On the H200 an async request's coprocessor call took 78-512 ms while the engine loop decoded beside it, against 40-83 ms
+for the whole sync augmentation alone (docs/performance.md, "Session 17"). This separates the interpreter from the GPU: the engine runs on the CPU with the
 tiny test model, its decoding step followed by a 1.5 ms wait with the GIL released (what a step that waits for the GPU
 does), and a coprocessor call of ``--ops`` small tensor ops with the GIL held (its kernel launches) followed by a 30 ms
 wait with the GIL released (its device time). The call's time is measured alone and beside async requests of
