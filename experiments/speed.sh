@@ -27,6 +27,10 @@
 #   bash experiments/speed.sh serve18 $OUT # the coprocessor stream at high CUDA priority: 128-token requests (eager
 #                                          # graphs; each call's queued / launch / device time), the coprocessor beside
 #                                          # an eager-graph decoding thread, then 64-token requests compiled at 1 / 8 / 32
+#   bash experiments/speed.sh win18a $OUT  # session 18: trace windows (one trace per row, per-layer keys): bf16
+#                                          # equivalence on the real model, one layer's attention in each layout, then
+#                                          # K=128 batch 8 compiled with graphs (profiled)
+#   bash experiments/speed.sh win18b $OUT  # trace windows at K=16 batch 32, then K=128 batch 16
 #   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
@@ -139,6 +143,19 @@ case $stage in
     timeout $(left) $SL --tokens 64 --concurrency 1 8 32 --compile-decode inductor --coprocessor-priority high \
       --out "$out/serve_compiled_high.json" > "$out/serve_compiled_high.log" 2>&1
     ;;
+  win18a)
+    timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
+      --trace-windows --out "$out/eq_windows.json" > "$out/eq_windows.log" 2>&1
+    timeout $(left) python3 benchmarks/trace_attention.py --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+w --batch 8 --traces 128 --steps 5 --warmup 2 \
+      --profile "$out/profile_k128_w.txt" --out "$out/k128_w.json" > "$out/k128_w.log" 2>&1
+    ;;
+  win18b)
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+w --batch 32 --traces 16 --steps 10 \
+      --out "$out/k16_w.json" > "$out/k16_w.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+w --batch 16 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_w16.json" > "$out/k128_w16.log" 2>&1
+    ;;
   k128g)
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+g4+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_g4c8.json" > "$out/k128_g4c8.log" 2>&1
@@ -147,7 +164,7 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | k128g | ddp)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18b | k128g | ddp)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

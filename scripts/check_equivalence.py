@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--trace-chunk", type=int, default=0,
                     help="run every training pass with this many traces per row (trace chunks; 0 = packed; divides 4 "
                     "for the tiny models and 8 for the real one)")
+    ap.add_argument("--trace-windows", action="store_true",
+                    help="run every training pass with trace windows (one trace per row, per-layer keys; sdpa with "
+                    "Gemma-3 or Qwen-2/3 only: other families are skipped)")
     ap.add_argument("--levers", default="", help="coprocessor levers for every case, e.g. "
                     "'position_scheme=shared,reread_last=1,echo_residual=1,readout=pre_norm' (CoprocessorConfig fields)")
     ap.add_argument("--inits", nargs="+", default=["copy"],
@@ -130,10 +133,15 @@ def main() -> None:
                 model = CacheAugmentedLM(tiny_model(family, backend, device=device), cfg)
                 perturb_trainable(model)
                 model.trace_chunk = args.trace_chunk
+                if args.trace_windows:
+                    if backend != "sdpa" or not model.family.dict_masks:
+                        continue  # trace windows run sdpa with per-layer-type masks only (cacheaug.windows)
+                    model.trace_windows = True
                 ids = torch.randint(3, 128, (2, 40), generator=g).to(device)
                 positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]], device=device)
                 record({"model": f"tiny-{family}", "init": init, "backend": backend, "T": 40,
-                        "trace_chunk": args.trace_chunk, **check(model, ids, positions)})
+                        "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
+                        **check(model, ids, positions)})
         if args.real:
             fp32 = backend not in args.real_bf16_only
             dtype = torch.float32 if fp32 else torch.bfloat16
@@ -143,11 +151,13 @@ def main() -> None:
             ids = tok(builtin_text(), return_tensors="pt")["input_ids"][0, : 2 * T].view(2, T).to(device)
             positions = torch.stack([torch.linspace(0, T - 17, 8), torch.linspace(5, T - 40, 8)]).long().to(device)
             model.trace_groups, model.trace_chunk = args.trace_groups, args.trace_chunk
+            model.trace_windows = args.trace_windows
             groups = groups_fitting(positions, T, 16, args.trace_groups)
             if groups != args.trace_groups:
                 raise SystemExit(f"--trace-groups {args.trace_groups}: the fixed insertion points do not fit; use 1, 2 or 4")
             row = {"model": args.real, "backend": backend, "T": T, "n_latents": 16, "n_ahead": 16, "n_traces": 8,
-                   "trace_groups": groups, "trace_chunk": args.trace_chunk, **check(model, ids, positions, fp32)}
+                   "trace_groups": groups, "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
+                   **check(model, ids, positions, fp32)}
             if device.type == "cuda":
                 row["train_step_bf16_autocast"] = train_step_check(model, ids)
             record(row)

@@ -139,9 +139,10 @@ class Coprocessor(nn.Module):
     ) -> torch.Tensor:
         """Latents ``[B, K*N_L, D]`` for ``n_traces`` blocks of soft tokens read against ``prefix_kv``.
 
-        ``prefix_kv`` holds one ``(keys, values)`` pair ``[B, H_kv, S, D_h]`` per layer. With
-        ``position_ids``/``attention_mask`` left None (one trace, inference) the backbone uses its own
-        default positions (S, S+1, ...) and causal mask, so the latents sit right after the prefix.
+        ``prefix_kv`` holds one ``(keys, values)`` pair ``[B, H_kv, S, D_h]`` per layer (None: the masks carry the
+        keys, cacheaug.windows). With ``position_ids``/``attention_mask`` left None (one trace, inference) the
+        backbone uses its own default positions (S, S+1, ...) and causal mask, so the latents sit right after the
+        prefix.
         ``echo`` ``[B, K, D]``: the input embedding of each trace's token p, required with ``echo_residual``.
         """
         x = self.soft_tokens.repeat(n_traces, 1).expand(batch_size, -1, -1)  # [B, K*N_L, D]
@@ -149,13 +150,14 @@ class Coprocessor(nn.Module):
             return self._add_echo(x * self.latent_scale, echo, n_traces)
         if torch.is_autocast_enabled(x.device.type):  # fp32 master weights: compute like the decoder's K/V
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        cache = DynamicCache(ddp_cache_data=prefix_kv)  # a fresh object (kv.from_layers): the decoder's cache stays intact
+        # a fresh cache object (kv.from_layers): the decoder's cache stays intact. None: the keys come with the masks
+        cache = {} if prefix_kv is None else {"use_cache": True,
+                                              self.family.cache_kwarg: DynamicCache(ddp_cache_data=prefix_kv)}
         out = self.backbone(
             inputs_embeds=x,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            use_cache=True,
-            **{self.family.cache_kwarg: cache},
+            **({"use_cache": False} | cache),
         )
         return self._add_echo(out.last_hidden_state * self.latent_scale, echo, n_traces)  # [B, K*N_L, D]
 

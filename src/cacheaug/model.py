@@ -39,6 +39,7 @@ from .families import SLIDING, resolve_family
 from .sampling import SamplingParams, next_token
 from . import kv
 from .masks import attention_masks, group_key_lengths, groups_fitting, stratified_positions, trace_layout
+from . import windows
 
 LOSS_CHUNK_ROWS = 2048  # rows of [*, vocab] logits alive at once in the loss
 
@@ -124,9 +125,23 @@ class CacheAugmentedLM(nn.Module):
         self.recompute_loss = True  # recompute each loss chunk's logits in backward (memory); False keeps them (speed)
         self.trace_groups = 1  # > 1: stratified insertion points, each group's passes read only its text (speed)
         self.trace_chunk = 0  # > 0: the trace passes run C traces per row against a copy of the text keys (speed)
+        self._trace_windows = False  # one trace per row, each layer reading only the keys it can see (speed)
         self.compile_block_masks = False  # FlexAttention block masks built by a compiled create_block_mask (speed)
         self._compiled_pass = None
         self._compile_mode = None
+
+    @property
+    def trace_windows(self) -> bool:
+        """Speed option (cacheaug.windows): the trace passes run one trace per row, each layer reading only the text
+        keys the trace can see. Setting it True checks the family and installs the attention function."""
+        return self._trace_windows
+
+    @trace_windows.setter
+    def trace_windows(self, on: bool) -> None:
+        if on:
+            windows.check_family(self.family)
+            windows.install()
+        self._trace_windows = bool(on)
 
     def compile_training(self, **compile_kwargs) -> "CacheAugmentedLM":
         """``torch.compile`` the training pass (all three passes and the loss, forward and backward) as one graph.
@@ -405,6 +420,8 @@ class CacheAugmentedLM(nn.Module):
         the text keys K/C times. Same masks, same results."""
         B, K = positions.shape
         C = self.trace_chunk
+        if self.trace_windows:
+            return self._traces_packed(ids, prefix_kv, positions, windowed=True)
         if 0 < C < K and K % C == 0:  # (other K, e.g. an evaluation's: packed, with the same results)
             n = K // C
             rows_kv = [(k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)) for k, v in prefix_kv]
@@ -412,15 +429,15 @@ class CacheAugmentedLM(nn.Module):
             return latents.reshape(B, K, *latents.shape[2:]), h.reshape(B, K, *h.shape[2:])
         return self._traces_packed(ids, prefix_kv, positions)
 
-    def _traces_packed(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor):
-        """:meth:`_traces` with the K traces of a sequence packed in one row (the blocks after the text keys)."""
+    def _traces_packed(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor, windowed: bool = False):
+        """:meth:`_traces` with the K traces of a sequence packed in one row (the blocks after the text keys), or
+        with ``windowed`` one trace per row, each layer gathering the text keys the trace can see (cacheaug.windows)."""
         B, K = positions.shape
-        S = prefix_kv[0][0].shape[2]
         N_L, N_A, R = self.config.n_latents, self.config.n_ahead, int(self.config.reread_last)
         embed = self.base.get_input_embeddings()
         dtype = embed.weight.dtype
 
-        latents = self._latents(ids, prefix_kv, positions)  # (b) [B, K, N_L, D]
+        latents = self._latents(ids, prefix_kv, positions, windowed)  # (b) [B, K, N_L, D]
         D = latents.shape[-1]
 
         # (c) frozen decoder over [latents_k ; (token p_k) ; tokens p_k+1 .. p_k+N_A-1], gradients flow to the latents
@@ -428,39 +445,54 @@ class CacheAugmentedLM(nn.Module):
         text = positions[:, :, None] + torch.arange(1 - R, N_A, device=ids.device)  # [B, K, R + N_A - 1]
         ahead = ids.gather(1, text.view(B, -1))
         x = torch.cat([latents.to(dtype), embed(ahead).view(B, K, R + N_A - 1, D)], dim=2)  # [B, K, L, D]
-        dec_layout = trace_layout(positions, S, L)
+        rows = (B * K, L) if windowed else (B, K * L)
+        masks, cache = self._pass_keys(prefix_kv, positions, L, windowed)
         h = self.base.get_decoder()(
-            inputs_embeds=x.view(B, K * L, D),
-            position_ids=self._block_positions(positions, dec_layout),
-            attention_mask=attention_masks(dec_layout, self.family, dtype, self.compile_block_masks),
-            **self.cache_kwargs(kv.from_layers(prefix_kv)),
-        ).last_hidden_state  # [B, K*L, D]
+            inputs_embeds=x.view(*rows, D),
+            position_ids=self._block_positions(positions, L).view(rows),
+            attention_mask=masks,
+            **cache,
+        ).last_hidden_state  # [B, K*L, D] or [B*K, L, D]
         return latents, h.view(B, K, L, D)[:, :, N_L + R - 1 :]
 
-    def _block_positions(self, positions: torch.Tensor, layout) -> torch.Tensor:
-        """Rotary positions ``[B, K*L]`` of the decoder blocks under ``config.position_scheme``. The layout's own
-        positions (the entries' order in the virtual sequence, which the masks use) are the "shifted" scheme's."""
-        scheme = self.config.position_scheme
-        if scheme == "shifted":
-            return layout.position_ids
+    def _pass_keys(self, prefix_kv: list, positions: torch.Tensor, block_len: int, windowed: bool):
+        """The masks and cache keywords of a pass of blocks of ``block_len`` reading the text keys ``prefix_kv``: packed
+        (one dense mask over text and blocks, the text as a cache) or trace windows (per-row keys, no cache)."""
+        if windowed:
+            groups = self.base.config.num_attention_heads // self.base.config.num_key_value_heads
+            return windows.trace_keys(prefix_kv, positions, block_len, self.family, groups), {"use_cache": False}
+        layout = trace_layout(positions, prefix_kv[0][0].shape[2], block_len)
+        dtype = self.base.get_input_embeddings().weight.dtype
+        return (attention_masks(layout, self.family, dtype, self.compile_block_masks),
+                self.cache_kwargs(kv.from_layers(prefix_kv)))
+
+    def _block_positions(self, positions: torch.Tensor, block_len: int) -> torch.Tensor:
+        """Rotary positions ``[B, K*L]`` of the decoder blocks under ``config.position_scheme``. The "shifted"
+        scheme's are the blocks' own positions in their virtual sequences (p_k + 1 + i, which the masks use)."""
         B, K = positions.shape
         N_L, N_A, R = self.config.n_latents, self.config.n_ahead, int(self.config.reread_last)
         device = positions.device
-        lat = torch.zeros(N_L, dtype=torch.long, device=device) if scheme == "shared" \
-            else torch.arange(1, N_L + 1, device=device)  # overlap
-        rel = torch.cat([lat, torch.arange(1 - R, N_A, device=device)])  # token p+j keeps position p+j
+        scheme = self.config.position_scheme
+        if scheme == "shifted":
+            rel = torch.arange(1, block_len + 1, device=device)
+        else:
+            lat = torch.zeros(N_L, dtype=torch.long, device=device) if scheme == "shared" \
+                else torch.arange(1, N_L + 1, device=device)  # overlap
+            rel = torch.cat([lat, torch.arange(1 - R, N_A, device=device)])  # token p+j keeps position p+j
         return (positions[:, :, None] + rel).view(B, K * rel.numel())
 
-    def _latents(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor) -> torch.Tensor:
-        """(b) the coprocessor over K blocks of N_L soft tokens, block k reading text <= p_k: ``[B, K, N_L, D]``."""
+    def _latents(self, ids: torch.Tensor, prefix_kv: list, positions: torch.Tensor, windowed: bool = False):
+        """(b) the coprocessor over K blocks of N_L soft tokens, block k reading text <= p_k: ``[B, K, N_L, D]``
+        (``windowed``: one trace per row, cacheaug.windows)."""
         B, K = positions.shape
-        N_L, S = self.config.n_latents, prefix_kv[0][0].shape[2]
-        cop_layout = trace_layout(positions, S, N_L)
-        dtype = self.base.get_input_embeddings().weight.dtype
-        cop_masks = None if self.coprocessor.backbone is None else attention_masks(
-            cop_layout, self.family, dtype, self.compile_block_masks)
+        N_L = self.config.n_latents
+        rows = (B * K, 1) if windowed else (B, K)
+        q_pos = (positions[:, :, None] + torch.arange(1, N_L + 1, device=positions.device)).view(*rows[:1], -1)
+        masks, cache = (None, None) if self.coprocessor.backbone is None else \
+            self._pass_keys(prefix_kv, positions, N_L, windowed)
         echo = self.base.get_input_embeddings()(ids.gather(1, positions)) if self.config.echo_residual else None
-        latents = self.coprocessor(prefix_kv, B, K, cop_layout.position_ids, cop_masks, echo)  # [B, K*N_L, D]
+        latents = self.coprocessor(None if windowed else prefix_kv, *rows, q_pos, masks,
+                                   None if echo is None else echo.view(*rows, -1))  # [B, K*N_L, D] or [B*K, N_L, D]
         return latents.view(B, K, N_L, latents.shape[-1])
 
     def _token_scores(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

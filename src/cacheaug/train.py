@@ -112,6 +112,9 @@ class TrainConfig:
     trace_chunk: int = _f(0, "C > 0 runs the trace passes C traces per row against a copy of the text keys instead of "
                           "all K traces in one row: less attention work at large K, same losses (GPU speed; "
                           "docs/performance.md)")
+    trace_windows: bool = _f(False, "run the trace passes one trace per row, each layer reading only the text keys the "
+                             "trace can see (its sliding window, or the text): less attention work, same losses; sdpa "
+                             "with Gemma-3 or Qwen-2/3; not with --trace-chunk (GPU speed; docs/performance.md)")
     compile_cache: str | None = _f(
         None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
         "it to the next process or machine to skip most of the compile; a name ending in .xz is compressed (about 13x) "
@@ -155,6 +158,8 @@ class TrainConfig:
         elif self.trace_chunk < 0 or (self.trace_chunk and (self.n_traces // self.trace_groups) % self.trace_chunk):
             problems.append(f"--trace-chunk {self.trace_chunk} must divide the traces of each trace group "
                             f"({self.n_traces // self.trace_groups}), or be 0 (off)")
+        if self.trace_windows and self.trace_chunk:
+            problems.append("--trace-windows and --trace-chunk are two layouts of the trace passes: use one of them")
         if not problems:
             try:
                 self.coprocessor_config()
@@ -454,7 +459,7 @@ class Trainer:
         master_fp32(model)
         apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks,
                             compile_step=cfg.compile_step, trace_groups=cfg.trace_groups,
-                            trace_chunk=cfg.trace_chunk)
+                            trace_chunk=cfg.trace_chunk, trace_windows=cfg.trace_windows)
         model.recompute_loss = not cfg.keep_logits
         if cfg.compile_cache and par.main:
             loaded = load_compile_cache(cfg.compile_cache)

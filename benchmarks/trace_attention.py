@@ -1,0 +1,128 @@
+"""One layer's trace attention alone, forward + backward, in each layout of the trace passes (docs/performance.md).
+
+The shapes are Gemma 3 270M's (4 query heads, 1 key head of 256) at K traces of L queries over T text keys, batch B:
+
+* ``chunk C``: C traces per row against a copy of the text keys (``trace_chunk``; C = K is the packed layout), a
+  dense bool mask, key heads repeated for every query head (what transformers' sdpa does under a mask);
+* ``windows``: one trace per row, the query heads folded into one row of queries, the keys gathered per row from
+  the shared text keys (``trace_windows``, cacheaug.windows): the W-1 before the point on a sliding layer, the
+  whole text on a full one.
+
+Each row also names the sdpa kernel torch picked (the fastest that accepts the inputs: each is tried alone).
+
+    python benchmarks/trace_attention.py --out trace_attention.json             # GPU: the model's shapes
+    python benchmarks/trace_attention.py --batch 1 --traces 16 --device cpu     # orientation only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cacheaug.families import FULL, SLIDING, Family
+from cacheaug.masks import dense_mask, trace_layout
+from cacheaug.windows import TraceKeys, trace_attention, trace_keys
+
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+class _Layer:  # what trace_attention reads from the attention module
+    def __init__(self, layer_idx: int):
+        self.layer_idx = layer_idx
+
+
+def _time(fn, steps: int, device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def _best_kernel(run, steps, device) -> tuple[str, float]:
+    """The fastest sdpa kernel that accepts the inputs, tried one at a time, and its seconds per call."""
+    best = None
+    for name, backend in BACKENDS.items():
+        if device.type != "cuda" and name != "math":
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                s = _time(run, steps, device)
+        except RuntimeError:
+            continue  # this kernel refuses these inputs (mask, head size, dtype)
+        if best is None or s < best[1]:
+            best = (name, s)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--traces", type=int, default=128)
+    ap.add_argument("--block", type=int, nargs="+", default=[31, 16], help="queries per trace (decoder, coprocessor)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[8])
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, T, K, H, H_kv, D = args.batch, args.seq_len, args.traces, 4, 1, 256
+    g = torch.Generator().manual_seed(0)
+    positions = torch.stack([torch.randperm(T - 16, generator=g)[:K].sort().values for _ in range(B)]).to(device)
+    text_k, text_v = (torch.randn(B, H_kv, T, D, generator=g).to(device, dtype) for _ in range(2))
+    rows = []
+    for L in args.block:
+        for layer_type, window in ((SLIDING, args.window), (FULL, None)):
+            family = Family("gemma3_text", (layer_type,), window, True, "sdpa", None, "cache", None)
+            for C in args.chunks:  # C traces per row: the text copied K/C times, keys repeated for every head
+                n = K // C
+                layout = trace_layout(positions.reshape(B * n, C), T, L)
+                mask = dense_mask(layout, window)
+                q = torch.randn(B * n, H, C * L, D, generator=g).to(device, dtype).requires_grad_()
+                blk_k, blk_v = (torch.randn(B * n, H_kv, C * L, D, generator=g).to(device, dtype).requires_grad_()
+                                for _ in range(2))
+
+                def run_chunk():
+                    k = torch.cat([text_k.repeat_interleave(n, 0), blk_k], 2).repeat_interleave(H // H_kv, 1)
+                    v = torch.cat([text_v.repeat_interleave(n, 0), blk_v], 2).repeat_interleave(H // H_kv, 1)
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+
+                kernel, s = _best_kernel(run_chunk, args.steps, device)
+                rows.append({"layout": f"chunk {C}", "layer": layer_type, "L": L, "keys_per_row": T + C * L,
+                             "kernel": kernel, "ms": round(1e3 * s, 3)})
+                print(json.dumps(rows[-1]), flush=True)
+            keys: TraceKeys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv)[layer_type]
+            q = torch.randn(B * K, H, L, D, generator=g).to(device, dtype).requires_grad_()
+            blk_k, blk_v = (torch.randn(B * K, H_kv, L, D, generator=g).to(device, dtype).requires_grad_()
+                            for _ in range(2))
+
+            def run_windows():
+                trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
+
+            kernel, s = _best_kernel(run_windows, args.steps, device)
+            rows.append({"layout": "windows", "layer": layer_type, "L": L, "keys_per_row": keys.mask.shape[-1],
+                         "kernel": kernel, "ms": round(1e3 * s, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Trace windows (speed option): one trace per row, each layer gathering only the text keys the trace can see.
+
+The windowed pass must compute exactly what the packed pass and inference (augment, then plain decoding) compute,
+and must really read fewer keys."""
+
+import pytest
+import torch
+
+from cacheaug import CoprocessorConfig, build_model
+from cacheaug import masks, windows
+from cacheaug.arms import arm_names
+from cacheaug.families import SLIDING, TINY_WINDOW
+from cacheaug.speed import apply_speed_options, parse_variant
+from cacheaug.testing import (FAMILIES, assert_compiled_pass_is_one_graph, attn_for, max_trace_error,
+                              perturb_trainable, tiny_model)
+
+T, N_A, N_L = 40, 5, 3
+POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])  # a repeated point; both extremes; some before the window
+LEVERS = dict(position_scheme="overlap", reread_last=True, echo_residual=True)
+WINDOWED = ["gemma3", "qwen2", "qwen3"]  # sdpa with one mask per layer type
+
+
+def _padded(keys: int) -> int:
+    return -(-keys // windows.KEY_PAD) * windows.KEY_PAD
+
+
+def _model(family="gemma3", init="copy", groups=1, **levers):
+    model = build_model(tiny_model(family, "sdpa"), CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4,
+                                                                      init=init, lora_rank=4, **levers))
+    perturb_trainable(model)
+    apply_speed_options(model, trace_groups=groups, trace_windows=True)
+    return model
+
+
+def _spy_keys(monkeypatch):
+    """(sliding, rows, folded queries, keys) of every windowed attention call."""
+    seen, real = [], windows.trace_attention
+
+    def spy(module, query, key, value, keys, *args, **kwargs):
+        out = real(module, query, key, value, keys, *args, **kwargs)
+        seen.append((module.sliding_window is not None, query.shape[0], keys.mask.shape[2], keys.mask.shape[-1]))
+        return out
+
+    monkeypatch.setattr(windows, "trace_attention", spy)
+    return seen
+
+
+def _compare_with_packed(model, ids, positions):
+    """Losses, latents and gradients of the windowed pass against the same model with the packed layout."""
+    model.zero_grad(set_to_none=True)
+    windowed = model(ids, positions=positions)
+    windowed.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.trace_windows = False
+    model.zero_grad(set_to_none=True)
+    packed = model(ids, positions=positions)
+    packed.loss.backward()
+    model.trace_windows = True
+    torch.testing.assert_close(windowed.token_losses, packed.token_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(windowed.latents, packed.latents, rtol=1e-5, atol=1e-5)
+    assert grads
+    for name, p in model.named_parameters():
+        if p.grad is not None:  # fp32 sums in another order: compare at the gradient's own scale
+            assert (grads[name] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max().clamp_min(1e-3), name
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_windowed_pass_equals_inference_for_every_family(family, monkeypatch):
+    model = _model(family)
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
+    seen = _spy_keys(monkeypatch)
+    worst, out = max_trace_error(model, ids, POSITIONS)
+    assert worst <= 1e-4, f"windowed training pass differs from augment+decode by {worst}"
+    assert (out.token_losses - out.base_token_losses).abs().max() > 1e-2  # the latents matter
+    # every layer of both passes ran windowed: one row per trace, the query heads folded (4 per key head), and a
+    # sliding layer read its W-1 text keys and its block, a full layer the whole text and its block
+    heads = 4 // 2
+    L_dec = N_L + N_A - 1
+    expected = set()
+    for sliding in {layer_type == SLIDING for layer_type in model.family.layer_types}:
+        for L in (N_L, L_dec):
+            expected.add((sliding, 8, heads * L, _padded((TINY_WINDOW - 1 if sliding else T) + L)))
+    assert set(seen) == expected, (set(seen), expected)
+
+
+@pytest.mark.parametrize("init", [a for a in arm_names() if a != "lora-decoder"])
+@pytest.mark.parametrize("levers", [{}, LEVERS], ids=["default", "levers"])
+def test_windowed_pass_for_every_arm_and_lever(init, levers, monkeypatch):
+    model = _model(init=init, **levers)
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(1))
+    seen = _spy_keys(monkeypatch)
+    worst, _ = max_trace_error(model, ids, POSITIONS)
+    assert seen and worst <= 1e-4, (seen[:2], worst)
+    _compare_with_packed(model, ids, POSITIONS)
+
+
+def test_windows_within_trace_groups(monkeypatch):
+    monkeypatch.setattr(masks, "KEY_ALIGN", 4)  # key lengths 20 and 36 of 40 at G=2
+    model = _model(groups=2)
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([[0, 19, 20, 34], [5, 6, 22, 30]])
+    seen = _spy_keys(monkeypatch)
+    worst, _ = max_trace_error(model, ids, positions)
+    full_keys = {keys for sliding, _, _, keys in seen if not sliding}
+    # each group's full layers read only its text (20 and 36 keys), then the block (N_L or N_L + N_A - 1)
+    assert full_keys == {_padded(S + L) for S in (20, 36) for L in (N_L, N_L + N_A - 1)} and worst <= 1e-4
+    _compare_with_packed(model, ids, positions)
+
+
+def test_sdpa_calls_without_trace_keys_are_unchanged():
+    """The installed wrapper hands every other sdpa call to the function registered before it."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    _model()
+    wrapper = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert wrapper._cacheaug_trace_windows
+    windows.install()  # idempotent: no wrapper around the wrapper
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapper
+    base = tiny_model("gemma3", "sdpa")
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        wrapped = base(ids).logits
+        eager = tiny_model("gemma3", "eager")
+        eager.load_state_dict(base.state_dict())
+        torch.testing.assert_close(wrapped, eager(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_windowed_pass_is_one_graph_equal_to_eager():
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
+    assert_compiled_pass_is_one_graph(_model(), ids, POSITIONS)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in WINDOWED])
+def test_families_it_cannot_run_are_refused(family):
+    model = build_model(tiny_model(family, attn_for(family)), CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4))
+    with pytest.raises(ValueError, match="Use trace_chunk instead"):
+        apply_speed_options(model, trace_windows=True)
+    assert not model.trace_windows
+
+
+def test_bad_combinations_are_refused():
+    from cacheaug.train import TrainConfig
+
+    with pytest.raises(ValueError, match="Use trace_chunk instead"):
+        _model_eager = build_model(tiny_model("gemma3", "eager"), CoprocessorConfig(n_latents=N_L, n_traces=4))
+        _model_eager.trace_windows = True
+    with pytest.raises(ValueError, match="use one of them"):
+        apply_speed_options(_model(), trace_chunk=2, trace_windows=True)
+    assert parse_variant("sdpa+graphs+w+keeplogits")["trace_windows"] is True
+    assert parse_variant("sdpa+c8")["trace_windows"] is False
+    for bad in ("sdpa+w+c8", "sdpa+w+w"):
+        with pytest.raises(ValueError, match="bad variant"):
+            parse_variant(bad)
+    with pytest.raises(ValueError, match="--trace-windows and --trace-chunk"):
+        TrainConfig(n_traces=8, trace_chunk=4, trace_windows=True)
