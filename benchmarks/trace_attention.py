@@ -6,7 +6,8 @@ The shapes are Gemma 3 270M's (4 query heads, 1 key head of 256) at K traces of 
   dense bool mask, key heads repeated for every query head (what transformers' sdpa does under a mask);
 * ``windows``: one trace per row, the query heads folded into one row of queries, the keys gathered per row from
   the shared text keys (``trace_windows``, cacheaug.windows): the W-1 before the point on a sliding layer, the
-  whole text on a full one.
+  whole text on a full one; ``windows, chunk C``: a full layer's rows hold C traces (``trace_windows`` with
+  ``trace_chunk`` C).
 
 Each row also names the sdpa kernel torch picked (the fastest that accepts the inputs: each is tried alone).
 
@@ -106,18 +107,19 @@ def main() -> None:
                 rows.append({"layout": f"chunk {C}", "layer": layer_type, "L": L, "keys_per_row": T + C * L,
                              "kernel": kernel, "ms": round(1e3 * s, 3)})
                 print(json.dumps(rows[-1]), flush=True)
-            keys: TraceKeys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv)[layer_type]
-            q = torch.randn(B * K, H, L, D, generator=g).to(device, dtype).requires_grad_()
-            blk_k, blk_v = (torch.randn(B * K, H_kv, L, D, generator=g).to(device, dtype).requires_grad_()
-                            for _ in range(2))
+            for C in [1] + (args.chunks if window is None else []):  # full layers: also C traces per row
+                keys: TraceKeys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C)[layer_type]
+                q = torch.randn(B * K, H, L, D, generator=g).to(device, dtype).requires_grad_()
+                blk_k, blk_v = (torch.randn(B * K, H_kv, L, D, generator=g).to(device, dtype).requires_grad_()
+                                for _ in range(2))
 
-            def run_windows():
-                trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
+                def run_windows():
+                    trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
 
-            kernel, s = _best_kernel(run_windows, args.steps, device)
-            rows.append({"layout": "windows", "layer": layer_type, "L": L, "keys_per_row": keys.mask.shape[-1],
-                         "kernel": kernel, "ms": round(1e3 * s, 3)})
-            print(json.dumps(rows[-1]), flush=True)
+                kernel, s = _best_kernel(run_windows, args.steps, device)
+                rows.append({"layout": "windows" if C == 1 else f"windows, chunk {C}", "layer": layer_type, "L": L,
+                             "keys_per_row": keys.mask.shape[-1], "kernel": kernel, "ms": round(1e3 * s, 3)})
+                print(json.dumps(rows[-1]), flush=True)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows}
     if args.out:

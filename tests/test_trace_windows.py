@@ -24,11 +24,11 @@ def _padded(keys: int) -> int:
     return -(-keys // windows.KEY_PAD) * windows.KEY_PAD
 
 
-def _model(family="gemma3", init="copy", groups=1, **levers):
+def _model(family="gemma3", init="copy", groups=1, chunk=0, **levers):
     model = build_model(tiny_model(family, "sdpa"), CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4,
                                                                       init=init, lora_rank=4, **levers))
     perturb_trainable(model)
-    apply_speed_options(model, trace_groups=groups, trace_windows=True)
+    apply_speed_options(model, trace_groups=groups, trace_chunk=chunk, trace_windows=True)
     return model
 
 
@@ -38,7 +38,7 @@ def _spy_keys(monkeypatch):
 
     def spy(module, query, key, value, keys, *args, **kwargs):
         out = real(module, query, key, value, keys, *args, **kwargs)
-        seen.append((module.sliding_window is not None, query.shape[0], keys.mask.shape[2], keys.mask.shape[-1]))
+        seen.append((module.sliding_window is not None, keys.mask.shape[0], keys.mask.shape[2], keys.mask.shape[-1]))
         return out
 
     monkeypatch.setattr(windows, "trace_attention", spy)
@@ -65,28 +65,30 @@ def _compare_with_packed(model, ids, positions):
 
 
 @pytest.mark.parametrize("family", WINDOWED)
-def test_windowed_pass_equals_inference_for_every_family(family, monkeypatch):
-    model = _model(family)
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_windowed_pass_equals_inference_for_every_family(family, chunk, monkeypatch):
+    model = _model(family, chunk=chunk)
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
     seen = _spy_keys(monkeypatch)
     worst, out = max_trace_error(model, ids, POSITIONS)
     assert worst <= 1e-4, f"windowed training pass differs from augment+decode by {worst}"
     assert (out.token_losses - out.base_token_losses).abs().max() > 1e-2  # the latents matter
-    # every layer of both passes ran windowed: one row per trace, the query heads folded (4 per key head), and a
-    # sliding layer read its W-1 text keys and its block, a full layer the whole text and its block
-    heads = 4 // 2
+    # every layer of both passes ran windowed, the query heads folded (2 per key head): a sliding layer one trace per
+    # row against its W-1 text keys and its block, a full layer C traces per row against the text and their blocks
+    heads, C = 4 // 2, max(chunk, 1)
     L_dec = N_L + N_A - 1
     expected = set()
     for sliding in {layer_type == SLIDING for layer_type in model.family.layer_types}:
         for L in (N_L, L_dec):
-            expected.add((sliding, 8, heads * L, _padded((TINY_WINDOW - 1 if sliding else T) + L)))
+            rows = 1 if sliding else C
+            expected.add((sliding, 8 // rows, heads * rows * L, _padded((TINY_WINDOW - 1 if sliding else T) + rows * L)))
     assert set(seen) == expected, (set(seen), expected)
 
 
 @pytest.mark.parametrize("init", [a for a in arm_names() if a != "lora-decoder"])
 @pytest.mark.parametrize("levers", [{}, LEVERS], ids=["default", "levers"])
 def test_windowed_pass_for_every_arm_and_lever(init, levers, monkeypatch):
-    model = _model(init=init, **levers)
+    model = _model(init=init, chunk=2, **levers)
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(1))
     seen = _spy_keys(monkeypatch)
     worst, _ = max_trace_error(model, ids, POSITIONS)
@@ -96,14 +98,14 @@ def test_windowed_pass_for_every_arm_and_lever(init, levers, monkeypatch):
 
 def test_windows_within_trace_groups(monkeypatch):
     monkeypatch.setattr(masks, "KEY_ALIGN", 4)  # key lengths 20 and 36 of 40 at G=2
-    model = _model(groups=2)
+    model = _model(groups=2, chunk=2)  # 2 traces per group: the full layers run each group as one row
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(2))
     positions = torch.tensor([[0, 19, 20, 34], [5, 6, 22, 30]])
     seen = _spy_keys(monkeypatch)
     worst, _ = max_trace_error(model, ids, positions)
     full_keys = {keys for sliding, _, _, keys in seen if not sliding}
-    # each group's full layers read only its text (20 and 36 keys), then the block (N_L or N_L + N_A - 1)
-    assert full_keys == {_padded(S + L) for S in (20, 36) for L in (N_L, N_L + N_A - 1)} and worst <= 1e-4
+    # each group's full layers read only its text (20 and 36 keys), then the group's two blocks
+    assert full_keys == {_padded(S + 2 * L) for S in (20, 36) for L in (N_L, N_L + N_A - 1)} and worst <= 1e-4
     _compare_with_packed(model, ids, positions)
 
 
@@ -144,12 +146,13 @@ def test_bad_combinations_are_refused():
     with pytest.raises(ValueError, match="Use trace_chunk instead"):
         _model_eager = build_model(tiny_model("gemma3", "eager"), CoprocessorConfig(n_latents=N_L, n_traces=4))
         _model_eager.trace_windows = True
-    with pytest.raises(ValueError, match="use one of them"):
-        apply_speed_options(_model(), trace_chunk=2, trace_windows=True)
+    with pytest.raises(ValueError, match="must divide the traces"):
+        apply_speed_options(_model(), trace_chunk=3, trace_windows=True)
     assert parse_variant("sdpa+graphs+w+keeplogits")["trace_windows"] is True
+    assert parse_variant("sdpa+w+c8") | {} == parse_variant("sdpa+c8+w")  # windows, full layers 8 traces per row
     assert parse_variant("sdpa+c8")["trace_windows"] is False
-    for bad in ("sdpa+w+c8", "sdpa+w+w"):
-        with pytest.raises(ValueError, match="bad variant"):
-            parse_variant(bad)
-    with pytest.raises(ValueError, match="--trace-windows and --trace-chunk"):
-        TrainConfig(n_traces=8, trace_chunk=4, trace_windows=True)
+    with pytest.raises(ValueError, match="bad variant"):
+        parse_variant("sdpa+w+w")
+    assert TrainConfig(n_traces=8, trace_chunk=4, trace_windows=True).trace_windows
+    with pytest.raises(ValueError, match="--trace-chunk 3"):
+        TrainConfig(n_traces=8, trace_chunk=3, trace_windows=True)

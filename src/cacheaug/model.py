@@ -460,7 +460,10 @@ class CacheAugmentedLM(nn.Module):
         (one dense mask over text and blocks, the text as a cache) or trace windows (per-row keys, no cache)."""
         if windowed:
             groups = self.base.config.num_attention_heads // self.base.config.num_key_value_heads
-            return windows.trace_keys(prefix_kv, positions, block_len, self.family, groups), {"use_cache": False}
+            C, K = self.trace_chunk, positions.shape[1]
+            full_chunk = C if 0 < C <= K and K % C == 0 else 1  # full-attention layers: C traces per row
+            return (windows.trace_keys(prefix_kv, positions, block_len, self.family, groups, full_chunk),
+                    {"use_cache": False})
         layout = trace_layout(positions, prefix_kv[0][0].shape[2], block_len)
         dtype = self.base.get_input_embeddings().weight.dtype
         return (attention_masks(layout, self.family, dtype, self.compile_block_masks),

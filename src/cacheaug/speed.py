@@ -17,10 +17,11 @@
   attention work. It costs K/C copies of the text keys per layer. Same masks, same losses (the equivalence tests
   cover it); it changes nothing about what is trained.
 
-* ``trace_windows``: the trace passes run one trace per row, and each layer gathers only the text keys that trace can
-  see (windows.py): the W-1 keys before its insertion point on sliding-window layers, the text on full layers; the
-  query heads sharing a key head are folded into one row of queries. Same masks, same losses (the equivalence tests
-  cover it); sdpa backbones with per-layer-type masks only (Gemma-3, Qwen-2/3). Not with ``trace_chunk``.
+* ``trace_windows``: on sliding-window layers the trace passes run one trace per row against only the W-1 text keys
+  before its insertion point, gathered per row (windows.py); full layers read the text, one trace per row or, with
+  ``trace_chunk`` C, C traces per row; the query heads sharing a key head are folded into one row of queries. Same
+  masks, same losses (the equivalence tests cover it); sdpa backbones with per-layer-type masks only (Gemma-3,
+  Qwen-2/3).
 
 * :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs
   hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
@@ -92,11 +93,10 @@ def parse_variant(name: str) -> dict:
     flags = [f for f in flags if f not in groups and f not in chunks]
     step = [f for f in flags if f in ("step", "graphs")]
     if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits", "w"} or len(step) > 1 or (
-            step and "mlp" in flags) or len(groups) > 1 or len(chunks) > 1 or len(set(flags)) < len(flags) or (
-            chunks and "w" in flags):
+            step and "mlp" in flags) or len(groups) > 1 or len(chunks) > 1 or len(set(flags)) < len(flags):
         raise ValueError(f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
-                         "+graphs; optionally +keeplogits, +gN (N trace groups), and +cN (N traces per row) or +w "
-                         "(trace windows)")
+                         "+graphs; optionally +keeplogits, +gN (N trace groups), +cN (N traces per row) and +w "
+                         "(trace windows; with +cN: N traces per row on full layers)")
     return {"attn": _ATTN[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
             "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags,
             "trace_groups": int(groups[0][1:]) if groups else 1, "trace_chunk": int(chunks[0][1:]) if chunks else 0,
@@ -119,8 +119,6 @@ def apply_speed_options(
             raise ValueError(f"trace_chunk {trace_chunk} must divide the traces of each trace group ({per_pass})")
         model.trace_chunk = trace_chunk
     if trace_windows:
-        if trace_chunk:
-            raise ValueError("trace_windows and trace_chunk are two layouts of the trace passes: use one of them")
         model.trace_windows = True  # refuses a family it cannot run
     if compile_mlp or compile_masks:
         allow_recompiles()

@@ -112,9 +112,9 @@ class TrainConfig:
     trace_chunk: int = _f(0, "C > 0 runs the trace passes C traces per row against a copy of the text keys instead of "
                           "all K traces in one row: less attention work at large K, same losses (GPU speed; "
                           "docs/performance.md)")
-    trace_windows: bool = _f(False, "run the trace passes one trace per row, each layer reading only the text keys the "
-                             "trace can see (its sliding window, or the text): less attention work, same losses; sdpa "
-                             "with Gemma-3 or Qwen-2/3; not with --trace-chunk (GPU speed; docs/performance.md)")
+    trace_windows: bool = _f(False, "sliding-window layers of the trace passes read only the W-1 text keys before each "
+                             "trace (one trace per row; full layers: --trace-chunk traces per row): less attention "
+                             "work, same losses; sdpa with Gemma-3 or Qwen-2/3 (GPU speed; docs/performance.md)")
     compile_cache: str | None = _f(
         None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
         "it to the next process or machine to skip most of the compile; a name ending in .xz is compressed (about 13x) "
@@ -158,8 +158,6 @@ class TrainConfig:
         elif self.trace_chunk < 0 or (self.trace_chunk and (self.n_traces // self.trace_groups) % self.trace_chunk):
             problems.append(f"--trace-chunk {self.trace_chunk} must divide the traces of each trace group "
                             f"({self.n_traces // self.trace_groups}), or be 0 (off)")
-        if self.trace_windows and self.trace_chunk:
-            problems.append("--trace-windows and --trace-chunk are two layouts of the trace passes: use one of them")
         if not problems:
             try:
                 self.coprocessor_config()
