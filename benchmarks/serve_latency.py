@@ -37,6 +37,8 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
                        agrees with the dynamic one, and with HF ``generate`` (bf16 kernels of other shapes may flip a
                        near-tie; the exactness itself is tested on the CPU, tests/test_slab.py)
   cuda_graphs, graphs_recorded   whether the slab replayed CUDA graphs, and how many step shapes it recorded
+  coprocessor_graph_calls, _replays, _buckets   with ``--coprocessor-graphs``: coprocessor calls through the bucketed
+                       path so far, how many were CUDA graph replays (a GPU), and the prefix-length buckets (latent_graphs.py)
   concurrency          ``--concurrency C ...``: C requests of --tokens tokens at once (policy off and async),
                        total generated tokens / wall time (tokens_per_s_c<C>_<policy>), after a 2-token warm-up whose
                        time is warmup_c<C>_<policy>_s (a new compiled shape compiles there); compiles_c<C>_<policy>:
@@ -198,6 +200,8 @@ def main() -> None:
                     help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)")
     ap.add_argument("--coprocessor-priority", default="normal", choices=("normal", "high"),
                     help="CUDA priority of the engine's coprocessor stream (Engine(coprocessor_priority=...))")
+    ap.add_argument("--coprocessor-graphs", action="store_true",
+                    help="run each prefix's coprocessor call as a CUDA graph replay (Engine(coprocessor_graphs=True))")
     ap.add_argument("--compile-decode", default=None,
                     help="torch.compile the slab's step with this backend (e.g. inductor) before recording it")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -223,7 +227,8 @@ def main() -> None:
     for n_latents in args.latents:
         model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=n_latents))
         engine = Engine(model, default_deadline_s=60.0, max_batch=max([16, *args.concurrency]),
-                        compile_decode=args.compile_decode, coprocessor_priority=args.coprocessor_priority)
+                        compile_decode=args.compile_decode, coprocessor_priority=args.coprocessor_priority,
+                        coprocessor_graphs=args.coprocessor_graphs)
         for P in args.prompt_lens:
             prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
             ids = torch.tensor([prompt], device=device)
@@ -295,6 +300,10 @@ def main() -> None:
                     row["graphs_recorded_after_concurrency"] = len(engine.slab.graphs)
             if dynamic is not None:
                 dynamic.close()
+            graphs = engine.worker.graphs  # coprocessor calls replayed as CUDA graphs so far, and their buckets
+            row["coprocessor_graph_calls"] = graphs.calls if graphs is not None else 0
+            row["coprocessor_graph_replays"] = graphs.replays if graphs is not None else 0
+            row["coprocessor_graph_buckets"] = sorted(graphs.buckets) if graphs is not None else []
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # after every row: a run cut short keeps what it measured
@@ -302,7 +311,7 @@ def main() -> None:
         engine.close()
     result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "attn": base.config._attn_implementation, "compile_decode": args.compile_decode,
-              "coprocessor_priority": args.coprocessor_priority,
+              "coprocessor_priority": args.coprocessor_priority, "coprocessor_graphs": args.coprocessor_graphs,
               "switch_interval_s": sys.getswitchinterval(), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -31,6 +31,10 @@
 #                                          # equivalence on the real model, one layer's attention in each layout, then
 #                                          # K=128 batch 8 compiled with graphs (profiled)
 #   bash experiments/speed.sh win18b $OUT  # trace windows at K=16 batch 32, then K=128 batch 16
+#   bash experiments/speed.sh win18c $OUT  # trace windows with full layers chunked (C=8): one layer's attention in every
+#                                          # layout, K=128 batch 8, then K=16 batch 32
+#   bash experiments/speed.sh serve18b $OUT # the coprocessor call as CUDA graphs (--coprocessor-graphs): 128-token
+#                                          # requests on the eager graphs, then 64-token ones compiled (1 request)
 #   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
@@ -156,6 +160,21 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+w --batch 16 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_w16.json" > "$out/k128_w16.log" 2>&1
     ;;
+  win18c)
+    timeout $(left) python3 benchmarks/trace_attention.py --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+w+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_wc8.json" > "$out/k128_wc8.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+w+c8 --batch 32 --traces 16 --steps 10 \
+      --out "$out/k16_wc8.json" > "$out/k16_wc8.log" 2>&1
+    ;;
+  serve18b)
+    python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
+      > "$out/convert.log" 2>&1
+    SL="python3 benchmarks/serve_latency.py --prompt-lens 1024 --latents 16 --repeats 10 --no-dynamic --coprocessor-graphs"
+    timeout $(left) $SL --tokens 128 --concurrency --out "$out/serve_128_graphs.json" > "$out/serve_128_graphs.log" 2>&1
+    timeout $(left) $SL --tokens 64 --concurrency 1 --compile-decode inductor --out "$out/serve_compiled_graphs.json" \
+      > "$out/serve_compiled_graphs.log" 2>&1
+    ;;
   k128g)
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+g4+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_g4c8.json" > "$out/k128_g4c8.log" 2>&1
@@ -164,7 +183,7 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18b | k128g | ddp)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18b | win18c | serve18b | k128g | ddp)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -39,10 +39,14 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
            "--prompt-lens", "32", "--latents", "2", "--repeats", "1", "--tokens", "4", "--concurrency", "1", "3",
-           "--coprocessor-priority", "high", "--out", str(out)]
+           "--coprocessor-priority", "high", "--coprocessor-graphs", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     assert json.loads(out.read_text())["coprocessor_priority"] == "high"
+    assert json.loads(out.read_text())["coprocessor_graphs"] is True
     (row,) = json.loads(out.read_text())["rows"]
+    # every single-prefix call went through the bucketed path (no GPU: run eagerly, no replay)
+    assert row["coprocessor_graph_calls"] >= 2 and row["coprocessor_graph_buckets"] == [256]
+    assert row["coprocessor_graph_replays"] == 0
     assert row["ttft_off_s"] > 0 and row["ttft_sync_s"] > 0 and "augment_vs_8_tokens" in row
     assert row["engine_step_s"] > 0 and row["hf_static_step_s"] > 0  # beside Hugging Face's static-cache generate
     # (the row's figures are rounded to 5 decimals: their ratio is close to, not equal to, the reported one)

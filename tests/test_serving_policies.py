@@ -114,14 +114,14 @@ def test_the_plugin_policy_over_the_real_command_line(tmp_path, plugin):
 
 def test_serve_with_the_decoding_step_compiled_answers_the_same(tmp_path):
     """``cacheaug serve --compile-decode BACKEND`` compiles the batched decoding step (aot_eager here, on the CPU;
-    inductor on a GPU) and answers exactly as the server without it; an unknown backend or stream priority is
-    refused in one line."""
+    inductor on a GPU) and answers exactly as the server without it, with coprocessor graphs too (run eagerly on the
+    CPU); an unknown backend or stream priority is refused in one line."""
     model, ckpt = tiny_served_folders(tmp_path, tiny_tokenizer([" ".join(f"w{i}" for i in range(120))]))
     args = ["--model", model, "--coprocessor", ckpt, "--device", "cpu"]
     body = {"model": "m", "prompt": "w1 w2 w3 w4 w5", "max_tokens": 8}
     answers = []
     # the coprocessor stream's priority (a CUDA option, accepted and reported on the CPU) changes no answer either
-    for extra in ([], ["--compile-decode", "aot_eager", "--coprocessor-priority", "high"]):
+    for extra in ([], ["--compile-decode", "aot_eager", "--coprocessor-priority", "high", "--coprocessor-graphs"]):
         with ServeCLI(args + extra, tmp_path / f"serve{len(extra)}.log") as url:
             answers.append([httpx.post(f"{url}/v1/completions", json={**body, "augment": policy}, timeout=120).json()
                             ["choices"][0]["text"] for policy in ("off", "sync")])
@@ -130,6 +130,7 @@ def test_serve_with_the_decoding_step_compiled_answers_the_same(tmp_path):
             assert decoding["static_batch"] and decoding["steps"] >= 14  # both answers decoded through the slab
             assert decoding["compiled"] == (extra[1] if extra else None)
             assert health["coprocessor_priority"] == (extra[3] if extra else "normal")
+            assert health["coprocessor_graphs"] is bool(extra)
     assert answers[0] == answers[1] and all(answers[0])
     for flag in ("--compile-decode", "--coprocessor-priority"):
         out = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *args, flag, "nope"],

@@ -234,9 +234,12 @@ class ServeConfig(_Checked):
                                     "symbolic sizes once for up to 3 minutes, then every shape reuses it)",
                                     choices=lambda: ("inductor", "aot_eager"))
     coprocessor_priority: str = _f("normal", "CUDA priority of the coprocessor's stream: high lets its kernels go "
-                                   "before the decoding steps' (async latents arrive sooner; decoding slows while it "
-                                   "runs); unmeasured so far (docs/performance.md)",
-                                   choices=lambda: ("normal", "high"))
+                                   "before the decoding steps' (measured: no help, the call's time is its kernel "
+                                   "launches; docs/performance.md)", choices=lambda: ("normal", "high"))
+    coprocessor_graphs: bool = _f(False, "run each prompt's coprocessor call as one CUDA graph replay (a graph per "
+                                  "256-token bucket, captured at its first use): beside the decoding loop the eager "
+                                  "call's kernel launches wait for the interpreter and async latents arrive late "
+                                  "(docs/performance.md); same latents")
 
     def _problems(self) -> list[str]:
         from .serving.policies import get_policy
@@ -257,7 +260,7 @@ class ServeConfig(_Checked):
               max_concurrent=self.max_concurrent, max_queue=self.max_queue, deadline_ms=self.deadline_ms,
               async_grace_ms=self.async_grace_ms, max_stale_tokens=self.max_stale_tokens,
               hard_timeout_ms=self.hard_timeout_ms, device=self.device, compile_decode=self.compile_decode,
-              coprocessor_priority=self.coprocessor_priority)
+              coprocessor_priority=self.coprocessor_priority, coprocessor_graphs=self.coprocessor_graphs)
 
 
 @dataclass(frozen=True)

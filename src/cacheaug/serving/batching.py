@@ -56,13 +56,18 @@ class LatentsWorker:
     stream and the worker's stream waits for it. Without that wait the coprocessor could read a cache whose copy had
     not finished.
 
+    With ``graphs`` (:class:`~cacheaug.serving.latent_graphs.LatentGraphs`) a single prefix that fits runs as one
+    CUDA graph replay: a few Python operations instead of hundreds of kernel launches, each waiting for the
+    interpreter while the engine loop runs.
+
     A fulfilled future carries ``timing``: ``queued_s`` (submitted until this thread took it), ``launch_s`` (the
     call's host side: Python and kernel launches), ``device_s`` (then until its stream finished) and ``rows``.
     """
 
     def __init__(self, model, stream=None, max_batch: int = 16, hard_timeout_s: float | None = None,
-                 on_restart=None):
+                 on_restart=None, graphs=None):
         self.model, self.stream, self.max_batch = model, stream, max_batch
+        self.graphs = graphs  # a LatentGraphs: one prefix at a time as one CUDA graph replay (latent_graphs.py)
         self.hard_timeout_s, self.on_restart = hard_timeout_s, on_restart
         self.queue: queue.Queue = queue.Queue()
         self.generation = 0
@@ -128,6 +133,8 @@ class LatentsWorker:
             thread.join(timeout=1)
 
     def _run(self, items) -> list[torch.Tensor]:
+        if len(items) == 1 and self.graphs is not None and self.graphs.fits(items[0][1]):
+            return [self.graphs(*items[0][:3])]
         if len(items) == 1:  # one prefix: the library's own call
             layers, length, last = items[0][:3]
             last = None if last is None else torch.tensor([last], device=self.model.device)

@@ -46,6 +46,7 @@ from .. import kv
 from ..model import CacheAugmentedLM
 from ..sampling import SamplingParams, next_token
 from .batching import CoprocessorTimeout, LatentsWorker
+from .latent_graphs import LatentGraphs
 from .policies import Request, Step, get_policy, policy_names
 from .scheduler import END, Scheduler
 from .slab import Slab
@@ -100,16 +101,21 @@ class Engine:
             CUDA graph: fused kernels; the first step shape compiles, then one with symbolic sizes serves the others
             (at most four compiles; off by default).
         coprocessor_priority: ``"normal"`` or ``"high"``: the priority of the coprocessor's CUDA stream against the
-            decoding stream. Beside the engine loop a 1k-token prompt's call took 512 ms, against 83 ms for the
-            whole sync augmentation alone (H200, eager CUDA-graph steps), likely because the GPU ran its kernels in the gaps between the loop's steps; ``"high"``
-            lets its kernels go first, at the cost of slower decoding steps while it runs (not yet measured).
-            Ignored on the CPU.
+            decoding stream (``"high"`` lets its kernels go first). Measured on an H200 it does not make async
+            latents arrive: the call's time is its host side (kernel launches waiting for the interpreter), not the
+            GPU's (docs/performance.md, "Session 18"); ``coprocessor_graphs`` addresses that. Ignored on the CPU.
+        coprocessor_graphs: run a single prefix's coprocessor call (up to ``static_max_len`` positions) as a CUDA
+            graph replay, one graph per 256-position bucket (:mod:`~cacheaug.serving.latent_graphs`): beside the
+            engine loop the eager call's hundreds of launches each wait for the interpreter (a 1k-token prompt's
+            call: 136-496 ms there, 27-41 ms alone). Same latents; sdpa or eager attention; without a GPU the same
+            padded call runs eagerly.
     """
 
     def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
                  hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 64,
                  max_batch: int = 16, static_batch: bool = True, static_max_len: int = 8192,
-                 compile_decode: str | None = None, coprocessor_priority: str = "normal"):
+                 compile_decode: str | None = None, coprocessor_priority: str = "normal",
+                 coprocessor_graphs: bool = False):
         if coprocessor_priority not in STREAM_PRIORITIES:
             raise ValueError(f"coprocessor_priority must be one of {', '.join(STREAM_PRIORITIES)}, got "
                              f"{coprocessor_priority!r}")
@@ -131,8 +137,10 @@ class Engine:
         stream = None
         if model.device.type == "cuda":  # CUDA: lower numbers run first; -1 is the highest priority torch offers
             stream = torch.cuda.Stream(device=model.device, priority=STREAM_PRIORITIES[coprocessor_priority])
+        self.coprocessor_graphs = coprocessor_graphs
+        graphs = LatentGraphs(model, max_length=static_max_len) if coprocessor_graphs else None
         self.worker = LatentsWorker(model, stream, max_batch=max_batch, hard_timeout_s=hard_timeout_s,
-                                    on_restart=lambda: self.stats.add(worker_restarts=1))
+                                    on_restart=lambda: self.stats.add(worker_restarts=1), graphs=graphs)
         self.slab = None
         if static_batch and model.family.attn_implementation in Slab.ATTENTION:
             self.slab = Slab(model, max_batch, max_length=static_max_len, compile=compile_decode)

@@ -345,7 +345,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
                     "compiled": slab.compile if slab else None, "steps": slab.steps if slab else 0}
         return {"status": "ok", "model": model_name, "coprocessor": engine.model.enabled,
                 "stored_prefixes": len(engine.store), "decoding": decoding,
-                "coprocessor_priority": engine.coprocessor_priority}
+                "coprocessor_priority": engine.coprocessor_priority,
+                "coprocessor_graphs": engine.coprocessor_graphs}
 
     @app.get("/metrics")
     async def metrics():
@@ -420,7 +421,8 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
           policy: str = "sync", store_dir: str | None = None, store_bytes: int = 1 << 30,
           store_disk_bytes: int = 10 << 30, max_concurrent: int = 8, max_queue: int = 16, deadline_ms: int = 2000,
           async_grace_ms: int = 0, max_stale_tokens: int = 64, hard_timeout_ms: int = 30_000,
-          device: str | None = None, compile_decode: str | None = None, coprocessor_priority: str = "normal") -> None:
+          device: str | None = None, compile_decode: str | None = None, coprocessor_priority: str = "normal",
+          coprocessor_graphs: bool = False) -> None:
     """Load the model (and coprocessor) and serve until interrupted."""
     import uvicorn
 
@@ -455,7 +457,8 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
     try:
         engine = Engine(wrapped, store, default_deadline_s=deadline_ms / 1000, async_grace_s=async_grace_ms / 1000,
                         max_stale_tokens=max_stale_tokens, hard_timeout_s=hard_timeout_ms / 1000,
-                        compile_decode=compile_decode, coprocessor_priority=coprocessor_priority)
+                        compile_decode=compile_decode, coprocessor_priority=coprocessor_priority,
+                        coprocessor_graphs=coprocessor_graphs)
     except ValueError as err:
         raise SystemExit(f"cacheaug serve: {err}") from None
     app = create_app(engine, tokenizer, model_name=model, default_policy=policy, max_concurrent=max_concurrent,
