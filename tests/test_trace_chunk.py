@@ -9,8 +9,8 @@ from cacheaug import CoprocessorConfig, build_model
 from cacheaug import masks
 from cacheaug.arms import arm_names
 from cacheaug.speed import apply_speed_options, parse_variant
-from cacheaug.testing import (FAMILIES, assert_compiled_pass_is_one_graph, attn_for, max_trace_error,
-                              perturb_trainable, tiny_model)
+from cacheaug.testing import (FAMILIES, assert_compiled_pass_is_one_graph, assert_same_as_packed, attn_for,
+                              max_trace_error, perturb_trainable, tiny_model)
 
 T, N_A = 40, 5
 POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])  # a repeated point; both extremes
@@ -38,25 +38,6 @@ def _spy_rows(model):
     return seen
 
 
-def _compare_with_packed(model, ids, positions):
-    """Losses, latents and gradients of the chunked pass against the same model with trace_chunk off."""
-    model.zero_grad(set_to_none=True)
-    chunked = model(ids, positions=positions)
-    chunked.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    chunk, model.trace_chunk = model.trace_chunk, 0
-    model.zero_grad(set_to_none=True)
-    packed = model(ids, positions=positions)
-    packed.loss.backward()
-    model.trace_chunk = chunk
-    torch.testing.assert_close(chunked.token_losses, packed.token_losses, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(chunked.latents, packed.latents, rtol=1e-5, atol=1e-5)
-    assert grads
-    for name, p in model.named_parameters():
-        if p.grad is not None:  # fp32 sums in another order: compare at the gradient's own scale
-            assert (grads[name] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max().clamp_min(1e-3), name
-
-
 @pytest.mark.parametrize("family,attn", CASES)
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_chunked_pass_equals_inference_for_every_family(family, attn, chunk):
@@ -77,7 +58,7 @@ def test_chunked_pass_for_every_arm_and_lever(init, levers):
     seen = _spy_rows(model)
     worst, _ = max_trace_error(model, ids, POSITIONS)
     assert seen and seen[0] == (4, 2) and worst <= 1e-4, (seen, worst)
-    _compare_with_packed(model, ids, POSITIONS)
+    assert_same_as_packed(model, ids, POSITIONS, "trace_chunk", 0)
 
 
 def test_chunks_within_trace_groups(monkeypatch):
@@ -88,7 +69,7 @@ def test_chunks_within_trace_groups(monkeypatch):
     seen = _spy_rows(model)
     worst, _ = max_trace_error(model, ids, positions)
     assert seen[:2] == [(4, 1), (4, 1)] and worst <= 1e-4  # two groups of 2 traces, one trace per row
-    _compare_with_packed(model, ids, positions)
+    assert_same_as_packed(model, ids, positions, "trace_chunk", 0)
 
 
 def test_other_trace_counts_run_packed():

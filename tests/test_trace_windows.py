@@ -11,8 +11,8 @@ from cacheaug import masks, windows
 from cacheaug.arms import arm_names
 from cacheaug.families import SLIDING, TINY_WINDOW
 from cacheaug.speed import apply_speed_options, parse_variant
-from cacheaug.testing import (FAMILIES, assert_compiled_pass_is_one_graph, attn_for, max_trace_error,
-                              perturb_trainable, tiny_model)
+from cacheaug.testing import (FAMILIES, assert_compiled_pass_is_one_graph, assert_same_as_packed, attn_for,
+                              max_trace_error, perturb_trainable, tiny_model)
 
 T, N_A, N_L = 40, 5, 3
 POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])  # a repeated point; both extremes; some before the window
@@ -45,25 +45,6 @@ def _spy_keys(monkeypatch):
     return seen
 
 
-def _compare_with_packed(model, ids, positions):
-    """Losses, latents and gradients of the windowed pass against the same model with the packed layout."""
-    model.zero_grad(set_to_none=True)
-    windowed = model(ids, positions=positions)
-    windowed.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.trace_windows = False
-    model.zero_grad(set_to_none=True)
-    packed = model(ids, positions=positions)
-    packed.loss.backward()
-    model.trace_windows = True
-    torch.testing.assert_close(windowed.token_losses, packed.token_losses, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(windowed.latents, packed.latents, rtol=1e-5, atol=1e-5)
-    assert grads
-    for name, p in model.named_parameters():
-        if p.grad is not None:  # fp32 sums in another order: compare at the gradient's own scale
-            assert (grads[name] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max().clamp_min(1e-3), name
-
-
 @pytest.mark.parametrize("family", WINDOWED)
 @pytest.mark.parametrize("chunk", [0, 2])
 def test_windowed_pass_equals_inference_for_every_family(family, chunk, monkeypatch):
@@ -81,7 +62,8 @@ def test_windowed_pass_equals_inference_for_every_family(family, chunk, monkeypa
     for sliding in {layer_type == SLIDING for layer_type in model.family.layer_types}:
         for L in (N_L, L_dec):
             rows = 1 if sliding else C
-            expected.add((sliding, 8 // rows, heads * rows * L, _padded((TINY_WINDOW - 1 if sliding else T) + rows * L)))
+            keys = _padded((TINY_WINDOW - 1 if sliding else T) + rows * L)
+            expected.add((sliding, 8 // rows, heads * rows * L, keys))
     assert set(seen) == expected, (set(seen), expected)
 
 
@@ -93,7 +75,7 @@ def test_windowed_pass_for_every_arm_and_lever(init, levers, monkeypatch):
     seen = _spy_keys(monkeypatch)
     worst, _ = max_trace_error(model, ids, POSITIONS)
     assert seen and worst <= 1e-4, (seen[:2], worst)
-    _compare_with_packed(model, ids, POSITIONS)
+    assert_same_as_packed(model, ids, POSITIONS, "trace_windows", False)
 
 
 def test_windows_within_trace_groups(monkeypatch):
@@ -106,7 +88,7 @@ def test_windows_within_trace_groups(monkeypatch):
     full_keys = {keys for sliding, _, _, keys in seen if not sliding}
     # each group's full layers read only its text (20 and 36 keys), then the group's two blocks
     assert full_keys == {_padded(S + 2 * L) for S in (20, 36) for L in (N_L, N_L + N_A - 1)} and worst <= 1e-4
-    _compare_with_packed(model, ids, positions)
+    assert_same_as_packed(model, ids, positions, "trace_windows", False)
 
 
 def test_sdpa_calls_without_trace_keys_are_unchanged():

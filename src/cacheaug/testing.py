@@ -84,6 +84,29 @@ def assert_compiled_pass_is_one_graph(model, ids: torch.Tensor, positions: torch
         torch._dynamo.reset()
 
 
+def assert_same_as_packed(model, ids: torch.Tensor, positions: torch.Tensor, option: str, off) -> None:
+    """Losses, latents and gradients of ``model`` as set up against the same model with the speed option ``option``
+    set to ``off`` (the packed layout of the trace passes), then restored."""
+    model.zero_grad(set_to_none=True)
+    tried = model(ids, positions=positions)
+    tried.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    on = getattr(model, option)
+    setattr(model, option, off)
+    try:
+        model.zero_grad(set_to_none=True)
+        packed = model(ids, positions=positions)
+        packed.loss.backward()
+    finally:
+        setattr(model, option, on)
+    torch.testing.assert_close(tried.token_losses, packed.token_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tried.latents, packed.latents, rtol=1e-5, atol=1e-5)
+    assert grads
+    for name, p in model.named_parameters():
+        if p.grad is not None:  # fp32 sums in another order: compare at the gradient's own scale
+            assert (grads[name] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max().clamp_min(1e-3), name
+
+
 def generate_concurrently(engine, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
     """``engine.generate`` of every prompt at once, one thread each (as concurrent clients); the tokens of each."""
     import threading
