@@ -417,7 +417,9 @@ class CacheAugmentedLM(nn.Module):
         With ``self.trace_chunk`` = C < K (speed option, cacheaug.speed) the K traces of a sequence run as K/C rows
         of C traces each, every row against its own copy of the text keys: a trace's queries then meet the text and
         the C blocks of its row, not all K blocks (the other blocks are masked for it anyway), at the cost of copying
-        the text keys K/C times. Same masks, same results."""
+        the text keys K/C times. With ``self.trace_windows`` (cacheaug.windows) each trace is a row of its own on
+        sliding-window layers, reading only the keys it can see, and full layers run C traces per row. Same masks,
+        same results."""
         B, K = positions.shape
         C = self.trace_chunk
         if self.trace_windows:
@@ -491,8 +493,8 @@ class CacheAugmentedLM(nn.Module):
         N_L = self.config.n_latents
         rows = (B * K, 1) if windowed else (B, K)
         q_pos = (positions[:, :, None] + torch.arange(1, N_L + 1, device=positions.device)).view(*rows[:1], -1)
-        masks, cache = (None, None) if self.coprocessor.backbone is None else \
-            self._pass_keys(prefix_kv, positions, N_L, windowed)
+        masks = None if self.coprocessor.backbone is None else \
+            self._pass_keys(prefix_kv, positions, N_L, windowed)[0]  # (the coprocessor builds its own cache)
         echo = self.base.get_input_embeddings()(ids.gather(1, positions)) if self.config.echo_residual else None
         latents = self.coprocessor(None if windowed else prefix_kv, *rows, q_pos, masks,
                                    None if echo is None else echo.view(*rows, -1))  # [B, K*N_L, D] or [B*K, N_L, D]
