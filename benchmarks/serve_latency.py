@@ -39,6 +39,8 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   cuda_graphs, graphs_recorded   whether the slab replayed CUDA graphs, and how many step shapes it recorded
   coprocessor_graph_calls, _replays, _buckets   with ``--coprocessor-graphs``: coprocessor calls through the bucketed
                        path so far, how many were CUDA graph replays (a GPU), and the prefix-length buckets (latent_graphs.py)
+  coprocessor_graphs_max_abs_diff, _rel_diff   the latents of one more call on the prompt against ``compute_latents``
+                       (masked bucket against the causal path: bf16 rounding on a GPU)
   concurrency          ``--concurrency C ...``: C requests of --tokens tokens at once (policy off and async),
                        total generated tokens / wall time (tokens_per_s_c<C>_<policy>), after a 2-token warm-up whose
                        time is warmup_c<C>_<policy>_s (a new compiled shape compiles there); compiles_c<C>_<policy>:
@@ -188,6 +190,21 @@ def slab_step_s(engine, prompt, device, steps: int = 30) -> float:
     return statistics.median(times[2:])  # the first records the graph
 
 
+@torch.no_grad()
+def graph_latents_check(model, graphs, ids, prompt) -> dict:
+    """Max |latents of the graph path - compute_latents| for ``prompt``, and that over the latents' max |value|."""
+    from transformers import DynamicCache
+
+    from cacheaug import kv
+
+    cache = DynamicCache()
+    model.base(ids, use_cache=True, **{model.family.cache_kwarg: cache})
+    ref = model.compute_latents(cache, len(prompt), ids[:, -1]).float()
+    got = graphs(kv.layers(cache), len(prompt), prompt[-1]).float()
+    diff = (got - ref).abs().max().item()
+    return {"coprocessor_graphs_max_abs_diff": diff, "coprocessor_graphs_rel_diff": diff / ref.abs().max().item()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m', 'random-270m' (timing only) or 'tiny'")
@@ -304,6 +321,8 @@ def main() -> None:
             row["coprocessor_graph_calls"] = graphs.calls if graphs is not None else 0
             row["coprocessor_graph_replays"] = graphs.replays if graphs is not None else 0
             row["coprocessor_graph_buckets"] = sorted(graphs.buckets) if graphs is not None else []
+            if graphs is not None:  # the replayed call against the library's own compute_latents, same prompt
+                row.update(graph_latents_check(model, graphs, ids, prompt))
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # after every row: a run cut short keeps what it measured
