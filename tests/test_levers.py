@@ -219,3 +219,32 @@ def test_lm_eval_scores_with_the_schemes_positions(tmp_path):
                                      **model.cache_kwargs(aug.cache)).logits[0])
         ref = F.log_softmax(torch.cat(logits).float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
         assert lp == pytest.approx(ref, abs=1e-4)
+
+
+@pytest.mark.parametrize("lever", ["default", *LEVERS])
+def test_insertion_with_replay_in_one_call_equals_insert_then_decode(lever):
+    """``insert_latents(..., then=tokens)`` (a late insertion's replay, serving) gives the cache and logits of
+    inserting the latents and then decoding the tokens, under every position scheme and lever."""
+    from transformers import DynamicCache
+
+    from cacheaug import kv
+
+    levers = LEVERS.get(lever, {})
+    model = CacheAugmentedLM(tiny_model(), CoprocessorConfig(n_latents=3, n_ahead=4, n_traces=2, **levers))
+    perturb_trainable(model)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(5))
+    tokens = torch.tensor([[7, 9, 11]])
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.base.get_decoder()(input_ids=ids, **model.cache_kwargs(cache))
+        latents = model.compute_latents(cache, last_token=ids[:, -1])
+        two = kv.fork(cache)
+        model.insert_latents(two, latents, ids[:, -1])
+        ref = model.decode(two, tokens, model.next_position(two.get_seq_length())).logits[:, -1]
+        one = kv.fork(cache)
+        got = model.insert_latents(one, latents, ids[:, -1], then=tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert one.get_seq_length() == two.get_seq_length() == 20 + model.config.n_inserted + 3
+    for (k1, v1), (k2, v2) in zip(kv.layers(one), kv.layers(two)):
+        torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-4)

@@ -613,22 +613,29 @@ class CacheAugmentedLM(nn.Module):
 
     @torch.no_grad()
     def insert_latents(self, cache: DynamicCache, latents: torch.Tensor,
-                       last_token: torch.Tensor | None = None) -> torch.Tensor:
+                       last_token: torch.Tensor | None = None, then: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``latents`` to ``cache`` (which holds exactly the prompt, P entries) through the frozen decoder;
         returns the next-token logits ``[B, V]``. ``last_token`` ``[B]``: the prompt's last token id, read again
-        after the latents with ``reread_last``."""
-        dtype = self.base.get_input_embeddings().weight.dtype
-        x, B, P = latents.to(dtype), latents.shape[0], cache.get_seq_length()
+        after the latents with ``reread_last``. ``then`` ``[B, n]``: tokens to decode after the latents in the same
+        pass (a late insertion's replay: one decoder call instead of two); the logits are then those after the last
+        of them."""
+        embed = self.base.get_input_embeddings()
+        x, B, P = latents.to(embed.weight.dtype), latents.shape[0], cache.get_seq_length()
         N_L, cfg = latents.shape[1], self.config
         if cfg.reread_last:
             if last_token is None:
                 raise ValueError("This coprocessor (reread_last) needs `last_token`, the id of the prompt's last token.")
             token = torch.as_tensor(last_token, device=self.device).view(-1, 1).expand(B, 1)
-            x = torch.cat([x, self.base.get_input_embeddings()(token)], dim=1)
+            x = torch.cat([x, embed(token)], dim=1)
+        n = 0 if then is None else then.shape[1]
+        if n:
+            x = torch.cat([x, embed(then.to(self.device))], dim=1)
         pos = None
         if cfg.position_scheme != "shifted":  # token p = P - 1 keeps its position; the text continues at P
             lat = [P - 1] * N_L if cfg.position_scheme == "shared" else list(range(P, P + N_L))
-            pos = torch.tensor([lat + [P - 1] * int(cfg.reread_last)], device=self.device).expand(B, -1)
+            start = self.next_position(P + cfg.n_inserted)  # where decoding after the latents goes on
+            rest = list(range(start, start + n))
+            pos = torch.tensor([lat + [P - 1] * int(cfg.reread_last) + rest], device=self.device).expand(B, -1)
         out = self.base(inputs_embeds=x, position_ids=pos, logits_to_keep=1, **self.cache_kwargs(cache))
         return out.logits[:, -1]
 

@@ -161,9 +161,12 @@ class Engine:
             out = self.model.decode(cache, ids, position, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _insert(self, cache: DynamicCache, latents: torch.Tensor, last_token: int) -> torch.Tensor:
+    def _insert(self, cache: DynamicCache, latents: torch.Tensor, last_token: int,
+                then: list[int] | None = None) -> torch.Tensor:
+        device = self.model.device
         with self.lock:
-            return self.model.insert_latents(cache, latents, torch.tensor([last_token], device=self.model.device))
+            return self.model.insert_latents(cache, latents, torch.tensor([last_token], device=device),
+                                             torch.tensor([then], device=device) if then else None)
 
     @staticmethod
     def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
@@ -283,11 +286,8 @@ class Engine:
     def _insert_and_replay(self, cache: DynamicCache, prompt: list[int], latents: torch.Tensor, tokens: list[int]):
         """A new cache: the prompt's positions of ``cache``, then ``latents``, then ``tokens`` replayed; and the
         next-token logits. Equal to augmenting the prompt and then decoding ``tokens``."""
-        n = len(prompt)
-        fresh = kv.fork(cache, n)
-        logits = self._insert(fresh, latents, prompt[-1])
-        if tokens:
-            logits = self._forward(fresh, torch.tensor([tokens], device=self.model.device), augmented=True)
+        fresh = kv.fork(cache, len(prompt))
+        logits = self._insert(fresh, latents, prompt[-1], tokens)  # the latents and the replay in one decoder call
         self.stats.add(augmented=1)
         return fresh, logits
 
