@@ -63,6 +63,8 @@ def _live_tensor_bytes() -> int:
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
             if isinstance(obj, torch._subclasses.FakeTensor):  # left by torch.compile tests: no real memory
                 continue
+            if torch._C._functorch.is_functorch_wrapped_tensor(obj):  # vmap wrappers (flex block masks): the
+                continue  # storage is the wrapped tensor's, counted on its own
             st = obj.untyped_storage()
             storages[st.data_ptr()] = st.nbytes()
     return sum(storages.values())
