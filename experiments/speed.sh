@@ -30,7 +30,6 @@
 #   bash experiments/speed.sh win18a $OUT  # session 18: trace windows (one trace per row, per-layer keys): bf16
 #                                          # equivalence on the real model, one layer's attention in each layout, then
 #                                          # K=128 batch 8 compiled with graphs (profiled)
-#   bash experiments/speed.sh win18b $OUT  # trace windows at K=16 batch 32, then K=128 batch 16
 #   bash experiments/speed.sh win18c $OUT  # trace windows with full layers chunked (C=8): one layer's attention in every
 #                                          # layout, K=128 batch 8, then K=16 batch 32
 #   bash experiments/speed.sh serve18b $OUT # the coprocessor call as CUDA graphs (--coprocessor-graphs): 128-token
@@ -154,12 +153,6 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+w --batch 8 --traces 128 --steps 5 --warmup 2 \
       --profile "$out/profile_k128_w.txt" --out "$out/k128_w.json" > "$out/k128_w.log" 2>&1
     ;;
-  win18b)
-    timeout $(left) $TP --variants sdpa+graphs+keeplogits+w --batch 32 --traces 16 --steps 10 \
-      --out "$out/k16_w.json" > "$out/k16_w.log" 2>&1
-    timeout $(left) $TP --variants sdpa+graphs+keeplogits+w --batch 16 --traces 128 --steps 5 --warmup 2 \
-      --out "$out/k128_w16.json" > "$out/k128_w16.log" 2>&1
-    ;;
   win18c)
     timeout $(left) python3 benchmarks/trace_attention.py --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+w+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
@@ -183,7 +176,7 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18b | win18c | serve18b | k128g | ddp)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

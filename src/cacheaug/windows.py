@@ -99,13 +99,9 @@ def _gather(text: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float = 0.0, scaling=None, **kwargs):
     """Attention of trace rows: ``query`` ``[N, H, L, D_h]``, ``key``/``value`` the traces' own blocks
     ``[N, H_kv, L, D_h]``; returns ``([N, L, H, D_h], None)`` as transformers' attention functions do."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("trace_windows runs sdpa, which has no attention soft-capping: use trace_chunk")
-    text_k, text_v = keys.prefix[module.layer_idx]
+    text_k, text_v = keys.prefix[module.layer_idx]  # (soft-capping models never get here: sdpa is refused for them)
     N, H, L, D = query.shape
     H_kv, G, C = key.shape[1], keys.groups, keys.chunk
-    if H != H_kv * G:
-        raise ValueError(f"layer {module.layer_idx} has {H} query heads for {H_kv} key heads, the mask {G}")
     R = N // C
 
     def rows(x):  # [N, H_kv, L, D] -> [R, H_kv, C*L, D]: the C blocks of a row one after the other

@@ -37,8 +37,7 @@ class _Bucket:
 
 class LatentGraphs:
     """Latents of batch-1 prefixes of at most ``max_length`` positions, each call one CUDA graph replay (``capture``;
-    default: on a GPU). Graphs are captured at a bucket's first call (about 0.1 s each) or ahead with :meth:`warm`.
-    Calls must come from one thread at a time (the engine's coprocessor worker)."""
+    default: on a GPU). A bucket's graph is captured at its first call. Calls must come from one thread at a time (the engine's coprocessor worker)."""
 
     def __init__(self, model, bucket: int = 256, max_length: int = 8192, capture: bool | None = None):
         if model.family.attn_implementation not in ATTENTION:
@@ -94,12 +93,6 @@ class LatentGraphs:
                 entry.out = run()
             self._pool = entry.graph.pool()
         return entry
-
-    def warm(self, lengths) -> None:
-        """Capture the buckets of ``lengths`` now (a server can warm the ones it expects before taking requests)."""
-        with torch.no_grad():
-            for n in lengths:
-                self._bucket(self.bucket_of(n))
 
     def _bucket(self, S: int) -> _Bucket:
         entry = self.buckets.get(S)
