@@ -165,7 +165,8 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
     from cacheaug.model import CacheAugmentedLM
 
     runs, traces, packed = {}, CacheAugmentedLM._traces, CacheAugmentedLM._traces_packed
-    arms = {"plain": {}, "kept": {"keep_logits": True}, "grouped": {"trace_groups": 2}, "chunked": {"trace_chunk": 1}}
+    arms = {"plain": {}, "kept": {"keep_logits": True}, "grouped": {"trace_groups": 2}, "chunked": {"trace_chunk": 1},
+            "windowed": {"trace_windows": True}}
     for name, opts in arms.items():
         out = tmp_path / name
         seen = []
@@ -174,9 +175,9 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
             _seen.append(prefix_kv[0][0].shape[2])
             return traces(self, ids, prefix_kv, positions)
 
-        def spy_rows(self, ids, prefix_kv, positions, _seen=seen):
-            _seen.append(("traces per row", positions.shape[1]))
-            return packed(self, ids, prefix_kv, positions)
+        def spy_rows(self, ids, prefix_kv, positions, windowed=False, _seen=seen):
+            _seen.append(("windowed", windowed) if windowed else ("traces per row", positions.shape[1]))
+            return packed(self, ids, prefix_kv, positions, windowed)
 
         monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces", spy)
         monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces_packed", spy_rows)
@@ -187,6 +188,8 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
     assert 1 in runs["chunked"][2] and 1 not in runs["plain"][2]  # the option reached the trainer's model
     assert runs["kept"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
     assert runs["chunked"][0] == pytest.approx(runs["plain"][0], abs=1e-5)  # the same points, one trace per row
+    assert True in runs["windowed"][2] and True not in runs["plain"][2]  # trace windows reached the trainer's model
+    assert runs["windowed"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
     assert set(runs["plain"][1]) == {T}
     assert runs["grouped"][1][:2] == [20, 36]  # training steps ran grouped
     assert runs["grouped"][0] != pytest.approx(runs["plain"][0], abs=1e-5)  # other (stratified) points
