@@ -7,7 +7,10 @@ The shapes are Gemma 3 270M's (4 query heads, 1 key head of 256) at K traces of 
 * ``windows``: one trace per row, the query heads folded into one row of queries, the keys gathered per row from
   the shared text keys (``trace_windows``, cacheaug.windows): the W-1 before the point on a sliding layer, the
   whole text on a full one; ``windows, chunk C``: a full layer's rows hold C traces (``trace_windows`` with
-  ``trace_chunk`` C).
+  ``trace_chunk`` C);
+* ``kernel``: the same rows through cacheaug's own kernel (``trace_kernel``, cacheaug.prefix_attention): the text
+  keys read in place, the tiles no query of a row sees skipped, no gradient for the text keys. ``--kernel-tiles``
+  times it at several tile settings (BLOCK_M,BLOCK_N,num_warps,num_stages).
 
 Each row also names the sdpa kernel torch picked (the fastest that accepts the inputs: each is tried alone).
 
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cacheaug import prefix_attention
 from cacheaug.families import FULL, SLIDING, Family
 from cacheaug.masks import dense_mask, trace_layout
 from cacheaug.windows import TraceKeys, trace_attention, trace_keys
@@ -68,6 +72,20 @@ def _best_kernel(run, steps, device) -> tuple[str, float]:
     return best
 
 
+def _kernel_diffs(q, blk_k, blk_v, keys: TraceKeys) -> dict:
+    """Largest differences of the kernel's output and gradients (q, block keys and values) from the sdpa windows'."""
+    out = {}
+    for name, k in (("sdpa", keys), ("kernel", keys)):
+        k = TraceKeys(**{**k.__dict__, "kernel": name == "kernel"})
+        for t in (q, blk_k, blk_v):
+            t.grad = None
+        o = trace_attention(_Layer(0), q, blk_k, blk_v, k)[0]
+        o.float().square().sum().backward()
+        out[name] = [o.detach().float()] + [t.grad.float() for t in (q, blk_k, blk_v)]
+    names = ("out", "dq", "dk_block", "dv_block")
+    return {f"max_abs_diff_{n}": float((a - b).abs().max()) for n, a, b in zip(names, out["kernel"], out["sdpa"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -76,6 +94,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, nargs="+", default=[31, 16], help="queries per trace (decoder, coprocessor)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[8])
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--kernel-tiles", nargs="+", default=["64,64,4,2"],
+                    help="tile settings of the kernel rows: BLOCK_M,BLOCK_N,num_warps,num_stages each")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -120,6 +140,22 @@ def main() -> None:
                 rows.append({"layout": "windows" if C == 1 else f"windows, chunk {C}", "layer": layer_type, "L": L,
                              "keys_per_row": keys.mask.shape[-1], "kernel": kernel, "ms": round(1e3 * s, 3)})
                 print(json.dumps(rows[-1]), flush=True)
+                keys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C, kernel=True)[layer_type]
+                diffs = _kernel_diffs(q, blk_k, blk_v, keys)
+                for tiles in args.kernel_tiles:
+                    bm, bn, warps, stages = (int(x) for x in tiles.split(","))
+                    prefix_attention.CONFIG.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+                    def run_kernel():
+                        trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
+
+                    s = _time(run_kernel, args.steps, device)
+                    rows.append({"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
+                                 "keys_per_row": keys.bias.shape[-1],
+                                 "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1),
+                                 "kernel": ("triton " + tiles) if prefix_attention.kernel_available(q)
+                                 else "torch reference", "ms": round(1e3 * s, 3), **diffs})
+                    print(json.dumps(rows[-1]), flush=True)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows}
     if args.out:

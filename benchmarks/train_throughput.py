@@ -45,7 +45,8 @@ from cacheaug.testing import tiny_model
 from cacheaug.train import master_fp32
 
 PEAK_BF16 = 790e12
-SPEED_KEYS = ("compile_mlp", "compile_masks", "compile_step", "trace_groups", "trace_chunk", "trace_windows")
+SPEED_KEYS = ("compile_mlp", "compile_masks", "compile_step", "trace_groups", "trace_chunk", "trace_windows",
+              "trace_kernel")
 
 
 def step_flops(model: CacheAugmentedLM, B: int, T: int, K: int) -> float:

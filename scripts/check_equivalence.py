@@ -102,12 +102,15 @@ def main() -> None:
     ap.add_argument("--trace-windows", action="store_true",
                     help="run every training pass with trace windows (one trace per row, per-layer keys; sdpa with "
                     "Gemma-3 or Qwen-2/3 only: other families are skipped)")
+    ap.add_argument("--trace-kernel", action="store_true",
+                    help="trace windows through cacheaug's kernel (cacheaug.prefix_attention; implies --trace-windows)")
     ap.add_argument("--levers", default="", help="coprocessor levers for every case, e.g. "
                     "'position_scheme=shared,reread_last=1,echo_residual=1,readout=pre_norm' (CoprocessorConfig fields)")
     ap.add_argument("--inits", nargs="+", default=["copy"],
                     help="arms with latents checked on the tiny models (cacheaug.arms), e.g. copy lora scratch pause")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    args.trace_windows = args.trace_windows or args.trace_kernel
     levers = {}
     for item in filter(None, args.levers.split(",")):
         key, value = item.split("=")
@@ -137,11 +140,12 @@ def main() -> None:
                     if backend != "sdpa" or not model.family.dict_masks:
                         continue  # trace windows run sdpa with per-layer-type masks only (cacheaug.windows)
                     model.trace_windows = True
+                    model.trace_kernel = args.trace_kernel
                 ids = torch.randint(3, 128, (2, 40), generator=g).to(device)
                 positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]], device=device)
                 record({"model": f"tiny-{family}", "init": init, "backend": backend, "T": 40,
                         "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
-                        **check(model, ids, positions)})
+                        "trace_kernel": args.trace_kernel, **check(model, ids, positions)})
         if args.real:
             fp32 = backend not in args.real_bf16_only
             dtype = torch.float32 if fp32 else torch.bfloat16
@@ -152,12 +156,13 @@ def main() -> None:
             positions = torch.stack([torch.linspace(0, T - 17, 8), torch.linspace(5, T - 40, 8)]).long().to(device)
             model.trace_groups, model.trace_chunk = args.trace_groups, args.trace_chunk
             model.trace_windows = args.trace_windows
+            model.trace_kernel = args.trace_kernel
             groups = groups_fitting(positions, T, 16, args.trace_groups)
             if groups != args.trace_groups:
                 raise SystemExit(f"--trace-groups {args.trace_groups}: the fixed insertion points do not fit; use 1, 2 or 4")
             row = {"model": args.real, "backend": backend, "T": T, "n_latents": 16, "n_ahead": 16, "n_traces": 8,
                    "trace_groups": groups, "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
-                   **check(model, ids, positions, fp32)}
+                   "trace_kernel": args.trace_kernel, **check(model, ids, positions, fp32)}
             if device.type == "cuda":
                 row["train_step_bf16_autocast"] = train_step_check(model, ids)
             record(row)

@@ -166,10 +166,15 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
 
     runs, traces, packed = {}, CacheAugmentedLM._traces, CacheAugmentedLM._traces_packed
     arms = {"plain": {}, "kept": {"keep_logits": True}, "grouped": {"trace_groups": 2}, "chunked": {"trace_chunk": 1},
-            "windowed": {"trace_windows": True}}
+            "windowed": {"trace_windows": True}, "kernel": {"trace_kernel": True}}
+    from cacheaug import windows
+
+    op_calls, op = [], windows.prefix_attention
+    monkeypatch.setattr(windows, "prefix_attention", lambda *args: op_calls.append(1) or op(*args))
     for name, opts in arms.items():
         out = tmp_path / name
         seen = []
+        op_calls.clear()
 
         def spy(self, ids, prefix_kv, positions, _seen=seen):
             _seen.append(prefix_kv[0][0].shape[2])
@@ -184,12 +189,14 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
         train(TrainConfig(**small, **opts, out_dir=str(out)), base=tiny_model("gemma3"), tokenizer=tok, progress=False)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         runs[name] = ([r["loss"] for r in rows if "loss" in r], [x for x in seen if isinstance(x, int)],
-                      {x[1] for x in seen if isinstance(x, tuple)})
+                      {x[1] for x in seen if isinstance(x, tuple)}, len(op_calls))
     assert 1 in runs["chunked"][2] and 1 not in runs["plain"][2]  # the option reached the trainer's model
     assert runs["kept"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
     assert runs["chunked"][0] == pytest.approx(runs["plain"][0], abs=1e-5)  # the same points, one trace per row
     assert True in runs["windowed"][2] and True not in runs["plain"][2]  # trace windows reached the trainer's model
     assert runs["windowed"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
+    assert runs["kernel"][3] > 0 and runs["windowed"][3] == 0  # --trace-kernel reached the model: the op ran
+    assert runs["kernel"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
     assert set(runs["plain"][1]) == {T}
     assert runs["grouped"][1][:2] == [20, 36]  # training steps ran grouped
     assert runs["grouped"][0] != pytest.approx(runs["plain"][0], abs=1e-5)  # other (stratified) points

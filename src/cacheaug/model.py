@@ -126,6 +126,7 @@ class CacheAugmentedLM(nn.Module):
         self.trace_groups = 1  # > 1: stratified insertion points, each group's passes read only its text (speed)
         self.trace_chunk = 0  # > 0: the trace passes run C traces per row against a copy of the text keys (speed)
         self._trace_windows = False  # one trace per row, each layer reading only the keys it can see (speed)
+        self._trace_kernel = False  # trace windows through cacheaug's kernel: text keys read in place (speed)
         self.compile_block_masks = False  # FlexAttention block masks built by a compiled create_block_mask (speed)
         self._compiled_pass = None
         self._compile_mode = None
@@ -142,6 +143,19 @@ class CacheAugmentedLM(nn.Module):
             windows.check_family(self.family)
             windows.install()
         self._trace_windows = bool(on)
+
+    @property
+    def trace_kernel(self) -> bool:
+        """Speed option (cacheaug.prefix_attention): trace windows whose attention reads the text keys in place (no
+        per-row copies), skips the text tiles a row cannot see and computes no gradient for the text keys. Setting it
+        True turns on ``trace_windows`` too. Triton kernels on CUDA; a torch reference elsewhere (same results)."""
+        return self._trace_kernel and self._trace_windows
+
+    @trace_kernel.setter
+    def trace_kernel(self, on: bool) -> None:
+        if on:
+            self.trace_windows = True
+        self._trace_kernel = bool(on)
 
     def compile_training(self, **compile_kwargs) -> "CacheAugmentedLM":
         """``torch.compile`` the training pass (all three passes and the loss, forward and backward) as one graph.
@@ -464,8 +478,8 @@ class CacheAugmentedLM(nn.Module):
             groups = self.base.config.num_attention_heads // self.base.config.num_key_value_heads
             C, K = self.trace_chunk, positions.shape[1]
             full_chunk = C if 0 < C <= K and K % C == 0 else 1  # full-attention layers: C traces per row
-            return (windows.trace_keys(prefix_kv, positions, block_len, self.family, groups, full_chunk),
-                    {"use_cache": False})
+            return (windows.trace_keys(prefix_kv, positions, block_len, self.family, groups, full_chunk,
+                                       self.trace_kernel), {"use_cache": False})
         layout = trace_layout(positions, prefix_kv[0][0].shape[2], block_len)
         dtype = self.base.get_input_embeddings().weight.dtype
         return (attention_masks(layout, self.family, dtype, self.compile_block_masks),

@@ -23,6 +23,11 @@
   masks, same losses (the equivalence tests cover it); sdpa backbones with per-layer-type masks only (Gemma-3,
   Qwen-2/3).
 
+* ``trace_kernel``: trace windows whose attention runs cacheaug's own kernel (prefix_attention.py): each row's text
+  keys are read in place from the prefix cache instead of gathered into a copy, text tiles no query of the row may
+  see are skipped, and backward computes no gradient for the text keys (which take none). Same results (the
+  equivalence tests cover it; the Triton kernels are checked under Triton's interpreter on the CPU).
+
 * :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs
   hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
   nothing breaks the graph. Whole decoder layers are not compiled: they take the kv-cache object, and dynamo
@@ -86,26 +91,28 @@ def parse_variant(name: str) -> dict:
     """A speed variant as the throughput benchmark names it: 'flex', 'sdpa' or 'eager', optionally '+masks'
     (compiled block masks), one of '+mlp' (compiled MLPs), '+step' (the whole training pass compiled as one graph)
     or '+graphs' (that, replayed as CUDA graphs), '+keeplogits' (the loss's logits kept for backward), '+gN'
-    (N trace groups), '+cN' (N traces per row) and '+w' (trace windows)."""
+    (N trace groups), '+cN' (N traces per row), '+w' (trace windows) and '+k' (trace windows through cacheaug's
+    kernel)."""
     attn, *flags = name.split("+")
     groups = [f for f in flags if f[:1] == "g" and f[1:].isdigit() and int(f[1:]) >= 1]
     chunks = [f for f in flags if f[:1] == "c" and f[1:].isdigit() and int(f[1:]) >= 1]
     flags = [f for f in flags if f not in groups and f not in chunks]
     step = [f for f in flags if f in ("step", "graphs")]
-    if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits", "w"} or len(step) > 1 or (
+    if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits", "w", "k"} or len(step) > 1 or (
             step and "mlp" in flags) or len(groups) > 1 or len(chunks) > 1 or len(set(flags)) < len(flags):
         raise ValueError(f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
-                         "+graphs; optionally +keeplogits, +gN (N trace groups), +cN (N traces per row) and +w "
-                         "(trace windows; with +cN: N traces per row on full layers)")
+                         "+graphs; optionally +keeplogits, +gN (N trace groups), +cN (N traces per row), +w "
+                         "(trace windows; with +cN: N traces per row on full layers) and +k (trace windows through "
+                         "cacheaug's kernel)")
     return {"attn": _ATTN[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
             "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags,
             "trace_groups": int(groups[0][1:]) if groups else 1, "trace_chunk": int(chunks[0][1:]) if chunks else 0,
-            "trace_windows": "w" in flags}
+            "trace_windows": "w" in flags or "k" in flags, "trace_kernel": "k" in flags}
 
 
 def apply_speed_options(
     model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False, compile_step: str = "off",
-    trace_groups: int = 1, trace_chunk: int = 0, trace_windows: bool = False,
+    trace_groups: int = 1, trace_chunk: int = 0, trace_windows: bool = False, trace_kernel: bool = False,
 ) -> None:
     """Turn on the opt-in speed settings above (no-ops with the defaults)."""
     if compile_step not in COMPILE_STEP_MODES:
@@ -118,8 +125,10 @@ def apply_speed_options(
         if trace_chunk < 0 or (trace_chunk and per_pass % trace_chunk):
             raise ValueError(f"trace_chunk {trace_chunk} must divide the traces of each trace group ({per_pass})")
         model.trace_chunk = trace_chunk
-    if trace_windows:
+    if trace_windows or trace_kernel:
         model.trace_windows = True  # refuses a family it cannot run
+    if trace_kernel:
+        model.trace_kernel = True
     if compile_mlp or compile_masks:
         allow_recompiles()
     if compile_mlp:

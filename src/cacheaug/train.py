@@ -115,6 +115,9 @@ class TrainConfig:
     trace_windows: bool = _f(False, "sliding-window layers of the trace passes read only the W-1 text keys before each "
                              "trace (one trace per row; full layers: --trace-chunk traces per row): less attention "
                              "work, same losses; sdpa with Gemma-3 or Qwen-2/3 (GPU speed; docs/performance.md)")
+    trace_kernel: bool = _f(False, "--trace-windows through cacheaug's own attention kernel (Triton on CUDA): text keys "
+                            "read in place instead of copied per trace, no gradient computed for them; same losses "
+                            "(implies --trace-windows; docs/performance.md)")
     compile_cache: str | None = _f(
         None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
         "it to the next process or machine to skip most of the compile; a name ending in .xz is compressed (about 13x) "
@@ -457,7 +460,8 @@ class Trainer:
         master_fp32(model)
         apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks,
                             compile_step=cfg.compile_step, trace_groups=cfg.trace_groups,
-                            trace_chunk=cfg.trace_chunk, trace_windows=cfg.trace_windows)
+                            trace_chunk=cfg.trace_chunk, trace_windows=cfg.trace_windows,
+                            trace_kernel=cfg.trace_kernel)
         model.recompute_loss = not cfg.keep_logits
         if cfg.compile_cache and par.main:
             loaded = load_compile_cache(cfg.compile_cache)

@@ -15,6 +15,11 @@ instead of L, and the key heads are not repeated G times (what transformers' sdp
 Every entry's mask comes from :func:`cacheaug.masks.allowed`, the one rule, so the results are the packed pass's
 (tests/test_trace_windows.py holds them to inference, trace by trace).
 
+With ``kernel`` (the speed option ``trace_kernel``) the rows run :func:`cacheaug.prefix_attention.prefix_attention`
+instead: the text keys are read in place from the prefix cache (no gathered copies), text tiles no query of a row may
+see are skipped, and backward computes no gradient for the text keys. When the prefix cache requires grad (an arm
+whose decoder trains) or attention dropout is on, those rows take the sdpa path above: the same results.
+
 The attention goes through transformers' attention interface: :func:`install` wraps its ``sdpa`` entry so that a
 call whose "mask" is a :class:`TraceKeys` runs :func:`trace_attention`, and hands every other call, unchanged, to
 the function that was registered before. Only sdpa backbones that take one mask per layer type (Gemma-3, Qwen-2/3)
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 
 from .families import SLIDING, Family
 from .masks import allowed
+from .prefix_attention import prefix_attention
 
 KEY_PAD = 16  # each row's keys are a multiple of this (masked extra keys): aligned masks for sdpa's kernels
 
@@ -45,6 +51,12 @@ class TraceKeys:
     mask: torch.Tensor  # [R, 1, G*C*L, S_w + C*L] additive (0 = attend), query heads folded (head-major)
     groups: int  # G: query heads per key head
     chunk: int  # C: traces per row
+    kernel: bool = False  # run prefix_attention (reading the text in place) where it can
+    bias: torch.Tensor | None = None  # [R, C*L, S_w + C*L] additive, unfolded (the kernel's mask)
+    seq: torch.Tensor | None = None  # [R] the sequence each row reads
+    start: torch.Tensor | None = None  # [R] text position of each row's first text column
+    lo: torch.Tensor | None = None  # [R] int32: text columns outside [lo, hi) are masked for the whole row
+    hi: torch.Tensor | None = None
 
 
 def check_family(family: Family) -> None:
@@ -57,11 +69,12 @@ def check_family(family: Family) -> None:
 
 
 def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family: Family, groups: int,
-               full_chunk: int = 1) -> dict:
+               full_chunk: int = 1, kernel: bool = False) -> dict:
     """``{layer_type: TraceKeys}`` for the B*K traces (trace b*K + k: insertion point ``positions[b, k]``), blocks of
     ``block_len`` reading the S text keys of ``prefix_kv``. Sliding-window layers run one trace per row; full layers
     ``full_chunk`` consecutive traces of a sequence per row (C divides K). Each row's key count is rounded up to a
-    multiple of KEY_PAD with keys the rule masks (sdpa's kernels want aligned masks)."""
+    multiple of KEY_PAD with keys the rule masks (sdpa's kernels want aligned masks). ``kernel``: also what
+    :func:`cacheaug.prefix_attention.prefix_attention` reads (a compiled step drops whichever path is not used)."""
     B, K = positions.shape
     S, device, dtype = prefix_kv[0][0].shape[2], positions.device, prefix_kv[0][0].dtype
     L = block_len
@@ -86,7 +99,15 @@ def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family:
         bias = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, torch.finfo(dtype).min)
         mask = bias[:, None, None].expand(-1, 1, groups, -1, -1).reshape(R, 1, groups * C * L, -1)
         seq = torch.arange(B, device=device).repeat_interleave(K // C)[:, None]  # [R, 1]
-        out[layer_type] = TraceKeys(prefix_kv, seq * S + j.clamp_min(0), mask, groups, C)
+        extra = {}
+        if kernel:
+            seen = ok[:, :, :n].any(1)  # [R, n]: text columns some query of the row sees
+            some = seen.any(1)
+            extra = dict(kernel=True, bias=bias, seq=seq[:, 0], start=j[:, 0] if window is not None and n < S
+                         else torch.zeros(R, dtype=torch.long, device=device),
+                         lo=torch.where(some, seen.int().argmax(1), 0).int(),
+                         hi=torch.where(some, n - seen.flip(1).int().argmax(1), 0).int())
+        out[layer_type] = TraceKeys(prefix_kv, seq * S + j.clamp_min(0), mask, groups, C, **extra)
     return out
 
 
@@ -107,11 +128,16 @@ def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float =
     def rows(x):  # [N, H_kv, L, D] -> [R, H_kv, C*L, D]: the C blocks of a row one after the other
         return x.view(R, C, H_kv, L, D).transpose(1, 2).reshape(R, H_kv, C * L, D)
 
-    k = torch.cat([_gather(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
-    v = torch.cat([_gather(text_v, keys.index), rows(value)], dim=2)
     # queries folded head-major: (g, c, l) for key head kv, with head h = kv * G + g (transformers' repeat_kv order)
     q = query.view(R, C, H_kv, G, L, D).permute(0, 2, 3, 1, 4, 5).reshape(R, H_kv, G * C * L, D)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.mask, dropout_p=dropout, scale=scaling)
+    text_grad = torch.is_grad_enabled() and (text_k.requires_grad or text_v.requires_grad)
+    if keys.kernel and dropout == 0.0 and not text_grad:
+        out, _ = prefix_attention(q, rows(key), rows(value), text_k, text_v, keys.seq, keys.start, keys.bias, keys.lo,
+                                  keys.hi, D ** -0.5 if scaling is None else scaling)
+    else:
+        k = torch.cat([_gather(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
+        v = torch.cat([_gather(text_v, keys.index), rows(value)], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.mask, dropout_p=dropout, scale=scaling)
     out = out.view(R, H_kv, G, C, L, D).permute(0, 3, 4, 1, 2, 5)  # [R, C, L, H_kv, G, D]
     return out.reshape(N, L, H, D), None
 

@@ -1,0 +1,296 @@
+"""Shared-prefix attention of trace rows: the op behind the speed option ``trace_kernel`` (cacheaug.windows).
+
+Each row of the windowed trace passes (windows.py) attends to a range of its sequence's text keys, then to its own
+block of C traces. The sdpa path gathers that range into a copy per row and runs torch's kernel over [copy; block]
+with a dense additive mask; its backward also computes gradients for the copied text keys, which are thrown away
+(the prefix cache of a frozen decoder takes none). This op instead
+
+* reads the text keys and values in place from the prefix cache (no per-row copy),
+* skips the tiles of text columns that no query of the row may see (``lo``/``hi``),
+* computes, in backward, dQ over text and block and dK/dV of the row's block only.
+
+    o, lse = prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale)
+
+=========================  ==========================================================================================
+``q [R, H, M, D]``          queries of row r under key head h; M = G x C x L, the G query heads that share key head h
+                            folded head-major (windows.py), so query m takes mask row ``m % (C x L)``
+``k_blk, v_blk [R,H,CL,D]`` the row's own block keys and values (CL = C x L)
+``text_k, text_v``          the prefix cache ``[B, H, S, D]``; no gradient flows to it
+``seq, start [R]`` (int)    row r's text column j is key ``start[r] + j`` of sequence ``seq[r]`` (out of 0..S-1: masked)
+``bias [R, CL, n + CL]``    additive mask (0: attend; the dtype's min: masked), n text columns then CL block columns
+``lo, hi [R]`` (int)        text columns outside ``[lo, hi)`` are masked for every query of the row
+=========================  ==========================================================================================
+
+Returns ``o`` ``[R, H, M, D]`` (q's dtype) and the log-sum-exp ``lse`` ``[R, H, M]`` (float32, no gradient). The
+result is softmax(q [text; block]^T x scale + bias) [text; block], as sdpa computes it over the gathered keys.
+
+On CUDA (with Triton) it runs the Triton kernels below: one program per (row, tile of queries, key head); forward with
+the online softmax, backward dQ from the saved log-sum-exp; the block's dK/dV are small dense products in torch.
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how the tests check them). Elsewhere a torch
+reference (gather, then dense attention in float32) computes the same values.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install: the reference implementation runs instead
+    triton = None
+
+# Tile sizes and launch settings of the kernels (the benchmark, benchmarks/trace_attention.py, may sweep them).
+CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def kernel_available(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for tensors like ``t``: CUDA with Triton, or CPU under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC: tl.constexpr):
+        """One tile of keys for the forward pass: scores, then the running max, sum and output."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
+        s = tl.where(valid, s, -3.4028234663852886e38)  # finite: a tile with nothing visible makes no NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _dq_step(dq, q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
+        """One tile of keys for dQ: recompute the probabilities from the saved log-sum-exp."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
+        s = tl.where(valid, s, -3.4028234663852886e38)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+    @triton.jit
+    def _prefix_attention_kernel(
+        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, DO, LSE, DELTA, OUT, OUT_LSE,
+        sq_r, sq_h, sq_m, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n,
+        stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
+        M, CL, N, S, scale,
+        D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BACKWARD: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) of one tile of queries of one row."""
+        r = tl.program_id(0).to(tl.int64)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = tl.program_id(2).to(tl.int64)
+        offs_d = tl.arange(0, DP)
+        m_ok = offs_m < M
+        d_ok = offs_d < D
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
+        bias_rows = BIAS + r * sb_r + (offs_m % CL)[:, None] * sb_m
+        b = tl.load(SEQ + r).to(tl.int64)
+        start = tl.load(START + r).to(tl.int64)
+        lo = tl.load(LO + r)
+        hi = tl.load(HI + r)
+        tk = TK + b * stk_b + h * stk_h
+        tv = TV + b * stv_b + h * stv_h
+        kb = KB + r * skb_r + h * skb_h
+        vb = VB + r * svb_r + h * svb_h
+        if BACKWARD:
+            do = tl.load(DO + r * sdo_r + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
+            acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # the text columns some query of the row may see, read in place from the prefix cache
+        for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            pos = start + offs_n
+            n_ok = (offs_n >= lo) & (offs_n < hi) & (pos >= 0) & (pos < S)
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(tk + pos[:, None] * stk_s + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(tv + pos[:, None] * stv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+            valid = m_ok[:, None] & n_ok[None, :]
+            bias = tl.load(bias_rows + offs_n[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
+            if BACKWARD:
+                acc = _dq_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+            else:
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
+        # the row's own block
+        for n0 in range(0, CL, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < CL
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(kb + offs_n[:, None] * skb_n + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vb + offs_n[:, None] * svb_n + offs_d[None, :], mask=kv_mask, other=0.0)
+            valid = m_ok[:, None] & n_ok[None, :]
+            bias = tl.load(bias_rows + (N + offs_n)[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
+            if BACKWARD:
+                acc = _dq_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+            else:
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
+        out = OUT + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :]
+        if BACKWARD:
+            tl.store(out, (acc * scale).to(OUT.dtype.element_ty), mask=q_mask)
+        else:
+            tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=q_mask)
+            tl.store(OUT_LSE + (r * tl.num_programs(2) + h) * M + offs_m, m_i + tl.log(l_i), mask=m_ok)
+
+
+def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, delta=None):
+    """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse``, ``delta``, dQ."""
+    q, kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, kb, vb, tk, tv, bias))
+    seq, start, lo, hi = (x.contiguous() for x in (seq, start, lo, hi))  # read as one value per row
+    R, H, M, D = q.shape
+    CL, S = kb.shape[2], tk.shape[2]
+    backward = do is not None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the strides of q are passed for it too
+    out_lse = torch.empty(R, H, M, dtype=torch.float32, device=q.device)
+    q = q.contiguous()
+    if backward:
+        do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
+    cfg = CONFIG
+    grid = (R, triton.cdiv(M, cfg["BLOCK_M"]), H)
+    _prefix_attention_kernel[grid](
+        q, kb, vb, tk, tv, seq, start, bias, lo, hi,
+        do if backward else q, lse if backward else out_lse, delta if backward else out_lse, out, out_lse,
+        *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
+        *(do.stride()[:3] if backward else q.stride()[:3]),
+        M, CL, bias.shape[-1] - CL, S, float(scale),
+        D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BACKWARD=backward, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out if backward else (out, out_lse)
+
+
+# ---------------------------------------------------------------------------------------------- the torch reference
+def _text(t: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
+    """Row r's n text columns of ``t`` ``[B, H, S, D]``: ``[R, H, n, D]`` (positions outside 0..S-1 clamped: the
+    bias masks them)."""
+    B, H, S, D = t.shape
+    pos = (start[:, None] + torch.arange(n, device=t.device)).clamp(0, S - 1)
+    return t.transpose(1, 2).reshape(B * S, H, D)[seq[:, None] * S + pos].transpose(1, 2)
+
+
+def _dense(q, kb, vb, tk, tv, seq, start, bias, scale):
+    """Float32 scores ``[R, H, M, n + CL]`` and the keys and values they are over."""
+    M, CL = q.shape[2], kb.shape[2]
+    n = bias.shape[-1] - CL
+    k = torch.cat([_text(tk, seq, start, n), kb], dim=2).float()
+    v = torch.cat([_text(tv, seq, start, n), vb], dim=2).float()
+    rows = torch.arange(M, device=q.device) % CL
+    s = torch.matmul(q.float(), k.transpose(-1, -2)) * scale + bias[:, rows].float()[:, None]
+    return s, k, v
+
+
+def reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale):
+    """``(o, lse)`` by gathering the text columns and computing dense attention in float32."""
+    s, _, v = _dense(q, kb, vb, tk, tv, seq, start, bias, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v).to(q.dtype), lse
+
+
+def reference_dq(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta):
+    """dQ over text and block, as the backward kernel computes it."""
+    s, k, v = _dense(q, kb, vb, tk, tv, seq, start, bias, scale)
+    p = torch.exp(s - lse[..., None])
+    ds = p * (torch.matmul(do.float(), v.transpose(-1, -2)) - delta[..., None])
+    return (torch.matmul(ds, k) * scale).to(q.dtype)
+
+
+def block_grads(q, kb, vb, bias, scale, do, lse, delta):
+    """dK and dV of the rows' own blocks (small dense products in float32)."""
+    M, CL = q.shape[2], kb.shape[2]
+    rows = torch.arange(M, device=q.device) % CL
+    s = torch.matmul(q.float(), kb.float().transpose(-1, -2)) * scale + bias[:, rows, -CL:].float()[:, None]
+    p = torch.exp(s - lse[..., None])  # [R, H, M, CL]
+    dv = torch.matmul(p.transpose(-1, -2), do.float())
+    ds = p * (torch.matmul(do.float(), vb.float().transpose(-1, -2)) - delta[..., None])
+    dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
+    return dk.to(kb.dtype), dv.to(vb.dtype)
+
+
+_warned = False
+
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    global _warned
+    if kernel_available(q):
+        return True
+    if q.is_cuda and not _warned:
+        _warned = True
+        warnings.warn("cacheaug: trace_kernel found no Triton; the windowed attention runs the (slow) torch reference")
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ the custom ops
+@torch.library.custom_op("cacheaug::prefix_attention", mutates_args=())
+def _prefix_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
+                      seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_kernel(q):
+        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale)
+    return reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale)
+
+
+@_prefix_attention.register_fake
+def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("cacheaug::prefix_attention_dq", mutates_args=())
+def _prefix_attention_dq(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
+                         seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor,
+                         hi: torch.Tensor, scale: float, do: torch.Tensor, lse: torch.Tensor,
+                         delta: torch.Tensor) -> torch.Tensor:
+    if _use_kernel(q):
+        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta)
+    return reference_dq(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta)
+
+
+@_prefix_attention_dq.register_fake
+def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        raise RuntimeError("prefix_attention computes no gradient for the text keys; use the sdpa path when the "
+                           "prefix cache requires grad")
+    q, kb, vb, tk, tv, seq, start, bias, lo, hi, o, lse = ctx.saved_tensors
+    delta = (do.float() * o.float()).sum(-1)
+    dq = _prefix_attention_dq(q, kb, vb, tk, tv, seq, start, bias, lo, hi, ctx.scale, do, lse, delta)
+    dkb, dvb = block_grads(q, kb, vb, bias, ctx.scale, do, lse, delta)
+    return dq, dkb, dvb, None, None, None, None, None, None, None, None
+
+
+_prefix_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale: float):
+    """Attention of trace rows over their text columns (read in place) and their own block; see the module doc."""
+    if torch.is_grad_enabled() and (text_k.requires_grad or text_v.requires_grad):
+        raise ValueError("prefix_attention computes no gradient for the text keys: detach them, or use the sdpa "
+                         "path (windows.trace_attention does so by itself)")
+    return _prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, float(scale))

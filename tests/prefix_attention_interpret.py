@@ -1,0 +1,99 @@
+"""The Triton kernels of cacheaug.prefix_attention run under Triton's interpreter on the CPU, against the torch
+reference and, inside the model, against the packed training pass. Run by tests/test_prefix_attention.py in a
+process of its own (TRITON_INTERPRET must be set before the kernels are defined); exits non-zero on a mismatch."""
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from cacheaug import prefix_attention as pa  # noqa: E402
+
+
+def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dtype=torch.float32):
+    """Random inputs of the op: rows starting before, inside and past the text, a random mask in which every query
+    sees at least its first block key, and the tightest [lo, hi) of text columns that the mask allows."""
+    CL, M = C * L, G * C * L
+    q = torch.randn(R, H, M, D, generator=g).to(dtype)
+    kb, vb = (torch.randn(R, H, CL, D, generator=g).to(dtype) for _ in range(2))
+    tk, tv = (torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(2))
+    seq = torch.randint(0, B, (R,), generator=g)
+    start = torch.randint(-10, S - n + 5, (R,), generator=g)
+    ok = torch.rand(R, CL, n + CL, generator=g) < 0.4
+    pos = start[:, None] + torch.arange(n)
+    ok[:, :, :n] &= ((pos >= 0) & (pos < S))[:, None]
+    ok[:, :, n] = True
+    seen = ok[:, :, :n].any(1)
+    lo = torch.where(seen.any(1), seen.int().argmax(1), 0).int()
+    hi = torch.where(seen.any(1), n - seen.flip(1).int().argmax(1), 0).int()
+    bias = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)
+    # as the model passes them: blocks as transposed views of [R, CL, H, D], positions as a column of a matrix
+    kb, vb = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kb, vb))
+    start = torch.stack([start, start + 1], dim=1)[:, 0]
+    return q, kb, vb, tk, tv, seq, start, bias, lo, hi, D ** -0.5
+
+
+def check_kernels() -> None:
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (op shapes, tile sizes)
+        (dict(), dict(BLOCK_M=16, BLOCK_N=16)),
+        (dict(C=3, L=7, G=4, D=24, n=50, S=48), dict(BLOCK_M=16, BLOCK_N=16)),  # head size not a power of two,
+        (dict(C=2, L=9, G=1, D=32, n=70, S=64, R=3), dict(BLOCK_M=32, BLOCK_N=16)),  # block over several tiles
+        (dict(L=31, G=4, D=16, n=40, S=40, R=2), dict(BLOCK_M=64, BLOCK_N=64)),  # the default tiles
+    ]  # (float32 only: the interpreter's tl.dot misreads bfloat16; bf16 is checked on the GPU, check_equivalence.py)
+    for shapes, tiles in cases:
+        pa.CONFIG.update(tiles)
+        args = random_case(g, **shapes)
+        tol = dict(rtol=1e-5, atol=1e-5)
+        o, lse = pa._launch(*args)
+        ref_o, ref_lse = pa.reference_forward(*args[:8], args[10])
+        torch.testing.assert_close(o, ref_o, **tol)
+        torch.testing.assert_close(lse, ref_lse, **tol)
+        do = torch.randn(o.shape, generator=g)
+        delta = (do * ref_o).sum(-1)
+        dq = pa._launch(*args, do, ref_lse, delta)
+        ref_dq = pa.reference_dq(*args[:8], args[10], do, ref_lse, delta)
+        torch.testing.assert_close(dq, ref_dq, **tol)
+        # the skipped tiles matter: a row whose [lo, hi) leaves out a column it sees gives another result
+        q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale = args
+        cut = hi.clone()
+        cut[0] = lo[0]
+        if hi[0] > lo[0]:
+            assert not torch.allclose(pa._launch(q, kb, vb, tk, tv, seq, start, bias, lo, cut, scale)[0][0], o[0])
+        print("kernels", shapes, tiles, "ok")
+    pa.CONFIG.update(BLOCK_M=64, BLOCK_N=64)
+
+
+def check_model() -> None:
+    """The training pass with trace_kernel runs the kernels (spied) and equals the packed pass."""
+    from cacheaug import CoprocessorConfig, build_model
+    from cacheaug.speed import apply_speed_options
+    from cacheaug.testing import assert_same_as_packed, perturb_trainable, tiny_model
+
+    launches = []
+    real = pa._launch
+
+    def spy(*args, **kwargs):
+        launches.append("dq" if len(args) > 11 else "forward")
+        return real(*args, **kwargs)
+
+    pa._launch = spy
+    for family in ("gemma3", "qwen3"):
+        model = build_model(tiny_model(family, "sdpa"), CoprocessorConfig(n_latents=3, n_ahead=5, n_traces=4))
+        perturb_trainable(model)
+        apply_speed_options(model, trace_chunk=2, trace_kernel=True)
+        ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+        positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])
+        launches.clear()
+        assert_same_as_packed(model, ids, positions, "trace_windows", False)
+        layers = model.base.config.num_hidden_layers
+        assert launches.count("forward") == 2 * layers and launches.count("dq") == 2 * layers, launches
+        print("model", family, "ok")
+
+
+if __name__ == "__main__":
+    check_kernels()
+    check_model()
+    sys.exit(0)

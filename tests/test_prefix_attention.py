@@ -1,0 +1,201 @@
+"""Trace windows through cacheaug's kernel (speed option ``trace_kernel``, cacheaug.prefix_attention): the text keys
+read in place, the tiles no query of a row sees skipped, no gradient for the text keys.
+
+The pass must compute exactly what the packed pass, the sdpa windows and inference (augment, then plain decoding)
+compute. On the CPU the op runs its torch reference; the Triton kernels themselves run under Triton's interpreter in
+a process of their own (tests/prefix_attention_interpret.py), against the reference and inside the model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cacheaug import CoprocessorConfig, build_model, windows
+from cacheaug import prefix_attention as pa
+from cacheaug.arms import arm_names
+from cacheaug.families import SLIDING
+from cacheaug.masks import allowed
+from cacheaug.speed import apply_speed_options, parse_variant
+from cacheaug.testing import (assert_compiled_pass_is_one_graph, assert_same_as_packed, max_trace_error,
+                              perturb_trainable, tiny_model)
+
+T, N_A, N_L = 40, 5, 3
+POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])  # a repeated point; both extremes; some before the window
+LEVERS = dict(position_scheme="overlap", reread_last=True, echo_residual=True)
+WINDOWED = ["gemma3", "qwen2", "qwen3"]
+
+
+def _model(family="gemma3", init="copy", groups=1, chunk=0, **levers):
+    model = build_model(tiny_model(family, "sdpa"), CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4,
+                                                                      init=init, lora_rank=4, **levers))
+    perturb_trainable(model)
+    apply_speed_options(model, trace_groups=groups, trace_chunk=chunk, trace_kernel=True)
+    return model
+
+
+def _spy_op(monkeypatch):
+    """(rows, folded queries, columns) of every call of the op from the windowed attention."""
+    seen, real = [], windows.prefix_attention
+
+    def spy(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale):
+        seen.append((q.shape[0], q.shape[2], bias.shape[-1]))
+        return real(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale)
+
+    monkeypatch.setattr(windows, "prefix_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_kernel_pass_equals_inference_and_the_other_layouts(family, chunk, monkeypatch):
+    model = _model(family, chunk=chunk)
+    assert model.trace_windows and model.trace_kernel
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
+    seen = _spy_op(monkeypatch)
+    worst, out = max_trace_error(model, ids, POSITIONS)
+    assert worst <= 1e-4, f"kernel training pass differs from augment+decode by {worst}"
+    assert (out.token_losses - out.base_token_losses).abs().max() > 1e-2  # the latents matter
+    assert len(seen) == 2 * model.base.config.num_hidden_layers  # every layer of both trace passes ran the op
+    assert_same_as_packed(model, ids, POSITIONS, "trace_kernel", False)  # = the sdpa windows (gathered copies)
+    assert_same_as_packed(model, ids, POSITIONS, "trace_windows", False)  # = the packed layout
+
+
+@pytest.mark.parametrize("init", [a for a in arm_names() if a != "lora-decoder"])
+@pytest.mark.parametrize("levers", [{}, LEVERS], ids=["default", "levers"])
+def test_kernel_pass_for_every_arm_and_lever(init, levers, monkeypatch):
+    model = _model(init=init, chunk=2, **levers)
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(1))
+    seen = _spy_op(monkeypatch)
+    worst, _ = max_trace_error(model, ids, POSITIONS)
+    assert seen and worst <= 1e-4, (seen[:2], worst)
+    assert_same_as_packed(model, ids, POSITIONS, "trace_windows", False)
+
+
+def test_kernel_within_trace_groups():
+    model = _model(groups=2, chunk=2)
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([[0, 19, 20, 34], [5, 6, 22, 30]])
+    worst, _ = max_trace_error(model, ids, positions)
+    assert worst <= 1e-4
+    assert_same_as_packed(model, ids, positions, "trace_windows", False)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_row_ranges_are_tight_and_skip_what_no_query_sees(chunk):
+    """lo/hi bound exactly the text columns some query of a row may see: on full layers nothing after the row's last
+    point, on sliding ones nothing before the first query's window."""
+    model = _model(chunk=chunk)
+    g = torch.Generator().manual_seed(3)
+    positions = torch.stack([torch.randperm(T - N_A, generator=g)[:8].sort().values for _ in range(2)])
+    prefix = [(torch.randn(2, 2, T, 16, generator=g),) * 2]
+    L = N_L + N_A - 1
+    for layer_type, keys in windows.trace_keys(prefix, positions, L, model.family, 2, chunk, kernel=True).items():
+        window = model.family.sliding_window if layer_type == SLIDING else None
+        R, CL, cols = keys.bias.shape
+        n = cols - CL
+        seen = (keys.bias[:, :, :n] == 0).any(1)  # [R, n]
+        for r in range(R):
+            idx = seen[r].nonzero()[:, 0]
+            assert keys.lo[r] == idx.min() and keys.hi[r] == idx.max() + 1
+            p = positions.reshape(R, -1)[r]
+            text_pos = keys.start[r] + idx
+            assert text_pos.max() == p.max()  # the last text key seen is the row's last insertion point
+            if window is not None:  # the first is the first query's window start (or the text's)
+                assert text_pos.min() == max(0, int(p.min()) + 1 - window + 1)
+        # the masks are the rule's: recompute one row's first query against the text from masks.allowed
+        q_pos = positions.reshape(R, -1)[0, 0] + 1
+        ok = allowed(q_pos, 0, positions.reshape(R, -1)[0, 0], keys.start[0] + torch.arange(n), -1, window)
+        ok &= (keys.start[0] + torch.arange(n)) >= 0
+        assert torch.equal(keys.bias[0, 0, :n] == 0, ok)
+
+
+def test_text_keys_that_take_gradients_run_the_sdpa_path(monkeypatch):
+    """The op computes no gradient for the text keys: where they require one, the rows take the sdpa path."""
+    model = _model(chunk=2)
+    g = torch.Generator().manual_seed(4)
+    positions = POSITIONS
+    text = [(torch.randn(2, 2, T, 16, generator=g).requires_grad_(), torch.randn(2, 2, T, 16, generator=g))]
+    keys = windows.trace_keys(text, positions, N_L, model.family, 2, 2, kernel=True)[SLIDING]
+    seen = _spy_op(monkeypatch)
+
+    class Layer:
+        layer_idx = 0
+
+    q = torch.randn(8, 4, N_L, 16, generator=g)
+    kb, vb = torch.randn(8, 2, N_L, 16, generator=g), torch.randn(8, 2, N_L, 16, generator=g)
+    out = windows.trace_attention(Layer, q, kb, vb, keys)[0]
+    assert not seen
+    out.sum().backward()
+    assert text[0][0].grad.abs().sum() > 0
+    with torch.no_grad():
+        plain = windows.trace_attention(Layer, q, kb, vb, keys)[0]  # no gradient wanted: the op
+    assert len(seen) == 1
+    torch.testing.assert_close(plain, out.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no gradient for the text keys"):
+        pa.prefix_attention(q, kb, vb, text[0][0], text[0][1], keys.seq, keys.start, keys.bias, keys.lo, keys.hi, 1.0)
+
+
+def test_op_gradients_equal_autograd_through_dense_attention():
+    """The custom op's backward (dQ over text and block, dK/dV of the block) against autograd through sdpa on the
+    gathered keys, eager and compiled."""
+    g = torch.Generator().manual_seed(5)
+    R, H, G, C, L, D, B, S, n = 5, 2, 2, 2, 5, 16, 2, 40, 24
+    CL, M = C * L, G * C * L
+    q, kb, vb = (torch.randn(R, H, x, D, generator=g).requires_grad_() for x in (M, CL, CL))
+    tk, tv = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    seq, start = torch.randint(0, B, (R,), generator=g), torch.randint(-10, S - n + 5, (R,), generator=g)
+    ok = torch.rand(R, CL, n + CL, generator=g) < 0.5
+    ok[:, :, n] = True
+    bias = torch.zeros(ok.shape).masked_fill_(~ok, torch.finfo(torch.float32).min)
+    lo, hi = torch.zeros(R, dtype=torch.int32), torch.full((R,), n, dtype=torch.int32)
+    w = torch.randn(R, H, M, D, generator=g)
+
+    def dense(q, kb, vb):
+        k = torch.cat([pa._text(tk, seq, start, n), kb], 2)
+        v = torch.cat([pa._text(tv, seq, start, n), vb], 2)
+        mask = bias[:, torch.arange(M) % CL][:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+
+    def op(q, kb, vb):
+        return pa.prefix_attention(q, kb, vb, tk, tv, seq, start, bias, lo, hi, 0.3)[0]
+
+    want = torch.autograd.grad((dense(q, kb, vb) * w).sum(), (q, kb, vb))
+    compiled = torch.compile(lambda *x: (op(*x) * w).sum(), fullgraph=True)
+    for loss in ((op(q, kb, vb) * w).sum(), compiled(q, kb, vb)):
+        for got, ref in zip(torch.autograd.grad(loss, (q, kb, vb)), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_kernel_pass_is_one_graph_equal_to_eager():
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
+    assert_compiled_pass_is_one_graph(_model(chunk=2), ids, POSITIONS)
+
+
+def test_triton_kernels_under_the_interpreter():
+    """The kernels (forward, dQ) against the reference at several shapes and tiles, and inside the model against the
+    packed pass; in a process of its own with TRITON_INTERPRET=1 (the kernels are defined under it)."""
+    import triton  # noqa: F401  (the test extra installs it: a missing Triton fails here rather than skipping)
+
+    script = Path(__file__).with_name("prefix_attention_interpret.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(" ok") == 6, run.stdout  # four kernel cases, two model families
+
+
+def test_options_and_variants():
+    from cacheaug.train import TrainConfig
+
+    assert parse_variant("sdpa+graphs+keeplogits+k+c8") == {**parse_variant("sdpa+graphs+keeplogits+w+c8"),
+                                                            "trace_kernel": True}
+    assert parse_variant("sdpa+w")["trace_kernel"] is False
+    assert TrainConfig(n_traces=8, trace_chunk=4, trace_kernel=True).trace_kernel
+    model = _model()
+    model.trace_windows = False  # turning windows off turns the kernel off with them
+    assert not model.trace_kernel
+    eager = build_model(tiny_model("gemma3", "eager"), CoprocessorConfig(n_latents=N_L, n_traces=4))
+    with pytest.raises(ValueError, match="Use trace_chunk instead"):
+        apply_speed_options(eager, trace_kernel=True)
