@@ -13,27 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_trace_windows import LEVERS, N_A, N_L, POSITIONS, WINDOWED, T
+from test_trace_windows import _model as _windows_model
+
 from cacheaug import CoprocessorConfig, build_model, windows
 from cacheaug import prefix_attention as pa
 from cacheaug.arms import arm_names
 from cacheaug.families import SLIDING
 from cacheaug.masks import allowed
 from cacheaug.speed import apply_speed_options, parse_variant
-from cacheaug.testing import (assert_compiled_pass_is_one_graph, assert_same_as_packed, max_trace_error,
-                              perturb_trainable, tiny_model)
-
-T, N_A, N_L = 40, 5, 3
-POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])  # a repeated point; both extremes; some before the window
-LEVERS = dict(position_scheme="overlap", reread_last=True, echo_residual=True)
-WINDOWED = ["gemma3", "qwen2", "qwen3"]
+from cacheaug.testing import assert_compiled_pass_is_one_graph, assert_same_as_packed, max_trace_error, tiny_model
 
 
 def _model(family="gemma3", init="copy", groups=1, chunk=0, **levers):
-    model = build_model(tiny_model(family, "sdpa"), CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4,
-                                                                      init=init, lora_rank=4, **levers))
-    perturb_trainable(model)
-    apply_speed_options(model, trace_groups=groups, trace_chunk=chunk, trace_kernel=True)
-    return model
+    return _windows_model(family, init, groups, chunk, kernel=True, **levers)
 
 
 def _spy_op(monkeypatch):
@@ -48,30 +41,33 @@ def _spy_op(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("family", WINDOWED)
-@pytest.mark.parametrize("chunk", [0, 2])
-def test_kernel_pass_equals_inference_and_the_other_layouts(family, chunk, monkeypatch):
-    model = _model(family, chunk=chunk)
-    assert model.trace_windows and model.trace_kernel
-    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
+def _check_pass(model, seed, monkeypatch):
+    """The kernel pass equals augment + decoding trace by trace, every layer of the trace passes ran the op, and it
+    equals the sdpa windows (gathered copies) and the packed layout in losses, latents and gradients."""
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(seed))
     seen = _spy_op(monkeypatch)
     worst, out = max_trace_error(model, ids, POSITIONS)
     assert worst <= 1e-4, f"kernel training pass differs from augment+decode by {worst}"
+    passes = 1 if model.coprocessor.backbone is None else 2  # pause tokens: no coprocessor pass
+    assert len(seen) == passes * model.base.config.num_hidden_layers
+    assert_same_as_packed(model, ids, POSITIONS, "trace_kernel", False)
+    assert_same_as_packed(model, ids, POSITIONS, "trace_windows", False)
+    return out
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_kernel_pass_for_every_family(family, chunk, monkeypatch):
+    model = _model(family, chunk=chunk)
+    assert model.trace_windows and model.trace_kernel
+    out = _check_pass(model, 0, monkeypatch)
     assert (out.token_losses - out.base_token_losses).abs().max() > 1e-2  # the latents matter
-    assert len(seen) == 2 * model.base.config.num_hidden_layers  # every layer of both trace passes ran the op
-    assert_same_as_packed(model, ids, POSITIONS, "trace_kernel", False)  # = the sdpa windows (gathered copies)
-    assert_same_as_packed(model, ids, POSITIONS, "trace_windows", False)  # = the packed layout
 
 
 @pytest.mark.parametrize("init", [a for a in arm_names() if a != "lora-decoder"])
 @pytest.mark.parametrize("levers", [{}, LEVERS], ids=["default", "levers"])
 def test_kernel_pass_for_every_arm_and_lever(init, levers, monkeypatch):
-    model = _model(init=init, chunk=2, **levers)
-    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(1))
-    seen = _spy_op(monkeypatch)
-    worst, _ = max_trace_error(model, ids, POSITIONS)
-    assert seen and worst <= 1e-4, (seen[:2], worst)
-    assert_same_as_packed(model, ids, POSITIONS, "trace_windows", False)
+    _check_pass(_model(init=init, chunk=2, **levers), 1, monkeypatch)
 
 
 def test_kernel_within_trace_groups():

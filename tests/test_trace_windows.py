@@ -24,11 +24,12 @@ def _padded(keys: int) -> int:
     return -(-keys // windows.KEY_PAD) * windows.KEY_PAD
 
 
-def _model(family="gemma3", init="copy", groups=1, chunk=0, **levers):
+def _model(family="gemma3", init="copy", groups=1, chunk=0, kernel=False, **levers):
+    """A tiny model with trace windows (``kernel``: through cacheaug's kernel; tests/test_prefix_attention.py)."""
     model = build_model(tiny_model(family, "sdpa"), CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4,
                                                                       init=init, lora_rank=4, **levers))
     perturb_trainable(model)
-    apply_speed_options(model, trace_groups=groups, trace_chunk=chunk, trace_windows=True)
+    apply_speed_options(model, trace_groups=groups, trace_chunk=chunk, trace_windows=True, trace_kernel=kernel)
     return model
 
 
