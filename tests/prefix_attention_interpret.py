@@ -1,6 +1,7 @@
-"""The Triton kernels of cacheaug.prefix_attention run under Triton's interpreter on the CPU, against the torch
-reference and, inside the model, against the packed training pass. Run by tests/test_prefix_attention.py in a
-process of its own (TRITON_INTERPRET must be set before the kernels are defined); exits non-zero on a mismatch."""
+"""The Triton kernels of cacheaug.prefix_attention (forward; backward: dQ and the block's dK/dV) run under Triton's
+interpreter on the CPU, against the torch reference and, inside the model, against the packed training pass. Run by
+tests/test_prefix_attention.py in a process of its own (TRITON_INTERPRET must be set before the kernels are defined);
+exits non-zero on a mismatch."""
 
 import os
 import sys
@@ -53,9 +54,9 @@ def check_kernels() -> None:
         torch.testing.assert_close(lse, ref_lse, **tol)
         do = torch.randn(o.shape, generator=g)
         delta = (do * ref_o).sum(-1)
-        dq = pa._launch(*args, do, ref_lse, delta)
-        ref_dq = pa.reference_dq(*args[:8], args[10], do, ref_lse, delta)
-        torch.testing.assert_close(dq, ref_dq, **tol)
+        grads = pa._launch(*args, do, ref_lse, delta)
+        for got, want in zip(grads, pa.reference_backward(*args[:8], args[10], do, ref_lse, delta)):
+            torch.testing.assert_close(got, want, **tol)
         # the skipped tiles matter: a row whose [lo, hi) leaves out a column it sees gives another result
         q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale = args
         cut = hi.clone()
@@ -76,7 +77,7 @@ def check_model() -> None:
     real = pa._launch
 
     def spy(*args, **kwargs):
-        launches.append("dq" if len(args) > 11 else "forward")
+        launches.append("backward" if len(args) > 11 else "forward")
         return real(*args, **kwargs)
 
     pa._launch = spy
@@ -89,7 +90,7 @@ def check_model() -> None:
         launches.clear()
         assert_same_as_packed(model, ids, positions, "trace_windows", False)
         layers = model.base.config.num_hidden_layers
-        assert launches.count("forward") == 2 * layers and launches.count("dq") == 2 * layers, launches
+        assert launches.count("forward") == 2 * layers and launches.count("backward") == 2 * layers, launches
         print("model", family, "ok")
 
 

@@ -7,7 +7,8 @@ with a dense additive mask; its backward also computes gradients for the copied 
 
 * reads the text keys and values in place from the prefix cache (no per-row copy),
 * skips the tiles of text columns that no query of the row may see (``lo``/``hi``),
-* computes, in backward, dQ over text and block and dK/dV of the row's block only.
+* computes, in backward, dQ over text and block and dK/dV of the row's block only (added up over the tiles of a
+  row's queries with float32 atomics).
 
     o, lse = prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale)
 
@@ -25,7 +26,7 @@ Returns ``o`` ``[R, H, M, D]`` (q's dtype) and the log-sum-exp ``lse`` ``[R, H, 
 result is softmax(q [text; block]^T x scale + bias) [text; block], as sdpa computes it over the gathered keys.
 
 On CUDA (with Triton) it runs the Triton kernels below: one program per (row, tile of queries, key head); forward with
-the online softmax, backward dQ from the saved log-sum-exp; the block's dK/dV are small dense products in torch.
+the online softmax; backward dQ and the block's dK/dV from the saved log-sum-exp.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how the tests check them). Elsewhere a torch
 reference (gather, then dense attention in float32) computes the same values.
 """
@@ -69,25 +70,27 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _dq_step(dq, q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
-        """One tile of keys for dQ: recompute the probabilities from the saved log-sum-exp."""
+    def _grad_step(dq, q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
+        """One tile of keys for backward: the probabilities again from the saved log-sum-exp, dQ's share, and the
+        probabilities and score gradients (for a block's dK/dV)."""
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
         s = tl.where(valid, s, -3.4028234663852886e38)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC), p, ds
 
     @triton.jit
     def _prefix_attention_kernel(
-        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, DO, LSE, DELTA, OUT, OUT_LSE,
+        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, DO, LSE, DELTA, OUT, OUT_LSE, DKB, DVB,
         sq_r, sq_h, sq_m, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n,
         stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
         M, CL, N, S, scale,
         D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BACKWARD: tl.constexpr, PREC: tl.constexpr,
     ):
-        """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) of one tile of queries of one row."""
+        """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) of one tile of queries of one row, and its
+        share of the row's block dK/dV added to the float32 DKB/DVB (laid out like KB)."""
         r = tl.program_id(0).to(tl.int64)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         h = tl.program_id(2).to(tl.int64)
@@ -125,7 +128,7 @@ if triton is not None:
             valid = m_ok[:, None] & n_ok[None, :]
             bias = tl.load(bias_rows + offs_n[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
             if BACKWARD:
-                acc = _dq_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
             else:
                 acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
         # the row's own block
@@ -138,7 +141,12 @@ if triton is not None:
             valid = m_ok[:, None] & n_ok[None, :]
             bias = tl.load(bias_rows + (N + offs_n)[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
             if BACKWARD:
-                acc = _dq_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+                grad = (r * tl.num_programs(2) + h) * CL * D + offs_n[:, None] * D + offs_d[None, :]
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
+                tl.atomic_add(DVB + grad, dv, mask=kv_mask)  # other tiles of the row's queries add theirs
+                tl.atomic_add(DKB + grad, dk, mask=kv_mask)
             else:
                 acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
         out = OUT + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :]
@@ -150,7 +158,7 @@ if triton is not None:
 
 
 def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, delta=None):
-    """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse``, ``delta``, dQ."""
+    """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse``, ``delta``, backward ``(dq, dk_blk, dv_blk)``."""
     q, kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, kb, vb, tk, tv, bias))
     seq, start, lo, hi = (x.contiguous() for x in (seq, start, lo, hi))  # read as one value per row
     R, H, M, D = q.shape
@@ -159,6 +167,8 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the strides of q are passed for it too
     out_lse = torch.empty(R, H, M, dtype=torch.float32, device=q.device)
     q = q.contiguous()
+    shape = (R, H, CL, D) if backward else (1,)
+    dkb, dvb = (torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed into (atomics)
     if backward:
         do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
     cfg = CONFIG
@@ -166,6 +176,7 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     _prefix_attention_kernel[grid](
         q, kb, vb, tk, tv, seq, start, bias, lo, hi,
         do if backward else q, lse if backward else out_lse, delta if backward else out_lse, out, out_lse,
+        dkb, dvb,
         *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
         *(do.stride()[:3] if backward else q.stride()[:3]),
         M, CL, bias.shape[-1] - CL, S, float(scale),
@@ -173,7 +184,7 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
         BACKWARD=backward, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out if backward else (out, out_lse)
+    return (out, dkb.to(kb.dtype), dvb.to(vb.dtype)) if backward else (out, out_lse)
 
 
 # ---------------------------------------------------------------------------------------------- the torch reference
@@ -203,24 +214,16 @@ def reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale):
     return torch.matmul(torch.exp(s - lse[..., None]), v).to(q.dtype), lse
 
 
-def reference_dq(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta):
-    """dQ over text and block, as the backward kernel computes it."""
+def reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta):
+    """``(dq, dk_blk, dv_blk)`` as the backward kernel computes them: dQ over text and block, dK/dV of the block."""
     s, k, v = _dense(q, kb, vb, tk, tv, seq, start, bias, scale)
     p = torch.exp(s - lse[..., None])
     ds = p * (torch.matmul(do.float(), v.transpose(-1, -2)) - delta[..., None])
-    return (torch.matmul(ds, k) * scale).to(q.dtype)
-
-
-def block_grads(q, kb, vb, bias, scale, do, lse, delta):
-    """dK and dV of the rows' own blocks (small dense products in float32)."""
-    M, CL = q.shape[2], kb.shape[2]
-    rows = torch.arange(M, device=q.device) % CL
-    s = torch.matmul(q.float(), kb.float().transpose(-1, -2)) * scale + bias[:, rows, -CL:].float()[:, None]
-    p = torch.exp(s - lse[..., None])  # [R, H, M, CL]
-    dv = torch.matmul(p.transpose(-1, -2), do.float())
-    ds = p * (torch.matmul(do.float(), vb.float().transpose(-1, -2)) - delta[..., None])
-    dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
-    return dk.to(kb.dtype), dv.to(vb.dtype)
+    dq = torch.matmul(ds, k) * scale
+    CL = kb.shape[2]
+    dk = torch.matmul(ds[..., -CL:].transpose(-1, -2), q.float()) * scale
+    dv = torch.matmul(p[..., -CL:].transpose(-1, -2), do.float())
+    return dq.to(q.dtype), dk.to(kb.dtype), dv.to(vb.dtype)
 
 
 _warned = False
@@ -237,7 +240,9 @@ def _use_kernel(q: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the custom ops
-@torch.library.custom_op("cacheaug::prefix_attention", mutates_args=())
+# The ops' names carry a version: bump it whenever their autograd changes. torch's compile caches (AOTAutograd's, seen
+# with torch 2.13) reuse a compiled backward for an unchanged forward graph, even after the op's backward changed.
+@torch.library.custom_op("cacheaug::prefix_attention_v1", mutates_args=())
 def _prefix_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
                       seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,19 +256,19 @@ def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("cacheaug::prefix_attention_dq", mutates_args=())
-def _prefix_attention_dq(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
-                         seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor,
-                         hi: torch.Tensor, scale: float, do: torch.Tensor, lse: torch.Tensor,
-                         delta: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("cacheaug::prefix_attention_backward_v1", mutates_args=())
+def _prefix_attention_backward(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor,
+                               tv: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor,
+                               lo: torch.Tensor, hi: torch.Tensor, scale: float, do: torch.Tensor, lse: torch.Tensor,
+                               delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_kernel(q):
         return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta)
-    return reference_dq(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta)
+    return reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta)
 
 
-@_prefix_attention_dq.register_fake
+@_prefix_attention_backward.register_fake
 def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, kb, vb))
 
 
 def _setup_context(ctx, inputs, output):
@@ -280,8 +285,7 @@ def _backward(ctx, do, _dlse):
                            "prefix cache requires grad")
     q, kb, vb, tk, tv, seq, start, bias, lo, hi, o, lse = ctx.saved_tensors
     delta = (do.float() * o.float()).sum(-1)
-    dq = _prefix_attention_dq(q, kb, vb, tk, tv, seq, start, bias, lo, hi, ctx.scale, do, lse, delta)
-    dkb, dvb = block_grads(q, kb, vb, bias, ctx.scale, do, lse, delta)
+    dq, dkb, dvb = _prefix_attention_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, ctx.scale, do, lse, delta)
     return dq, dkb, dvb, None, None, None, None, None, None, None, None
 
 
