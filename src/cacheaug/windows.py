@@ -48,7 +48,8 @@ class TraceKeys:
 
     prefix: list  # per layer (keys, values) [B, H_kv, S, D_h] of the text
     index: torch.Tensor  # [R, S_w] flat index (b * S + j) of each row's text keys (R = N / chunk rows)
-    mask: torch.Tensor  # [R, 1, G*C*L, S_w + C*L] additive (0 = attend), query heads folded (head-major)
+    mask: torch.Tensor | None  # [R, 1, G*C*L, S_w + C*L] additive (0 = attend), query heads folded (head-major);
+    # None with ``kernel`` (then folded from ``bias`` only where a row takes the sdpa path)
     groups: int  # G: query heads per key head
     chunk: int  # C: traces per row
     kernel: bool = False  # run prefix_attention (reading the text in place) where it can
@@ -97,7 +98,6 @@ def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family:
                      kv_pos[:, None, :], kv_trace[:, None, :], window)
         ok = ok & (kv_pos >= 0)[:, None, :]  # [R, C*L, n + C*L]: keys before the text's start do not exist
         bias = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, torch.finfo(dtype).min)
-        mask = bias[:, None, None].expand(-1, 1, groups, -1, -1).reshape(R, 1, groups * C * L, -1)
         seq = torch.arange(B, device=device).repeat_interleave(K // C)[:, None]  # [R, 1]
         extra = {}
         if kernel:
@@ -107,8 +107,15 @@ def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family:
                          else torch.zeros(R, dtype=torch.long, device=device),
                          lo=torch.where(some, seen.int().argmax(1), 0).int(),
                          hi=torch.where(some, n - seen.flip(1).int().argmax(1), 0).int())
-        out[layer_type] = TraceKeys(prefix_kv, seq * S + j.clamp_min(0), mask, groups, C, **extra)
+        out[layer_type] = TraceKeys(prefix_kv, seq * S + j.clamp_min(0), None if kernel else _fold(bias, groups),
+                                    groups, C, **extra)
     return out
+
+
+def _fold(bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mask ``[R, C*L, keys]`` for the G query heads folded head-major: ``[R, 1, G*C*L, keys]``."""
+    R, CL, n = bias.shape
+    return bias[:, None, None].expand(-1, 1, groups, -1, -1).reshape(R, 1, groups * CL, n)
 
 
 def _gather(text: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -137,7 +144,8 @@ def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float =
     else:
         k = torch.cat([_gather(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
         v = torch.cat([_gather(text_v, keys.index), rows(value)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.mask, dropout_p=dropout, scale=scaling)
+        mask = keys.mask if keys.mask is not None else _fold(keys.bias, G)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     out = out.view(R, H_kv, G, C, L, D).permute(0, 3, 4, 1, 2, 5)  # [R, C, L, H_kv, G, D]
     return out.reshape(N, L, H, D), None
 
