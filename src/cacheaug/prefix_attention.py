@@ -159,14 +159,13 @@ if triton is not None:
 
 def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, delta=None):
     """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse``, ``delta``, backward ``(dq, dk_blk, dv_blk)``."""
-    q, kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, kb, vb, tk, tv, bias))
-    seq, start, lo, hi = (x.contiguous() for x in (seq, start, lo, hi))  # read as one value per row
+    kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (kb, vb, tk, tv, bias))
+    q, seq, start, lo, hi = (x.contiguous() for x in (q, seq, start, lo, hi))  # seq ... hi: one value per row
     R, H, M, D = q.shape
     CL, S = kb.shape[2], tk.shape[2]
     backward = do is not None
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the strides of q are passed for it too
+    out = torch.empty_like(q)  # laid out as q: the kernel writes it with q's strides
     out_lse = torch.empty(R, H, M, dtype=torch.float32, device=q.device)
-    q = q.contiguous()
     shape = (R, H, CL, D) if backward else (1,)
     dkb, dvb = (torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed into (atomics)
     if backward:
@@ -188,12 +187,17 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
 
 
 # ---------------------------------------------------------------------------------------------- the torch reference
+def gather_rows(text: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``text`` ``[B, H, S, D]`` at flat ``index`` ``[R, n]`` (b * S + position): ``[R, H, n, D]``."""
+    B, H, S, D = text.shape
+    return text.transpose(1, 2).reshape(B * S, H, D)[index].transpose(1, 2)
+
+
 def _text(t: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
     """Row r's n text columns of ``t`` ``[B, H, S, D]``: ``[R, H, n, D]`` (positions outside 0..S-1 clamped: the
     bias masks them)."""
-    B, H, S, D = t.shape
-    pos = (start[:, None] + torch.arange(n, device=t.device)).clamp(0, S - 1)
-    return t.transpose(1, 2).reshape(B * S, H, D)[seq[:, None] * S + pos].transpose(1, 2)
+    S = t.shape[2]
+    return gather_rows(t, seq[:, None] * S + (start[:, None] + torch.arange(n, device=t.device)).clamp(0, S - 1))
 
 
 def _dense(q, kb, vb, tk, tv, seq, start, bias, scale):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .families import SLIDING, Family
 from .masks import allowed
-from .prefix_attention import prefix_attention
+from .prefix_attention import gather_rows, prefix_attention
 
 KEY_PAD = 16  # each row's keys are a multiple of this (masked extra keys): aligned masks for sdpa's kernels
 
@@ -118,12 +118,6 @@ def _fold(bias: torch.Tensor, groups: int) -> torch.Tensor:
     return bias[:, None, None].expand(-1, 1, groups, -1, -1).reshape(R, 1, groups * CL, n)
 
 
-def _gather(text: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of ``text`` ``[B, H_kv, S, D_h]`` at flat ``index`` ``[R, S_w]``: ``[R, H_kv, S_w, D_h]``."""
-    B, H, S, D = text.shape
-    return text.transpose(1, 2).reshape(B * S, H, D)[index].transpose(1, 2)
-
-
 def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float = 0.0, scaling=None, **kwargs):
     """Attention of trace rows: ``query`` ``[N, H, L, D_h]``, ``key``/``value`` the traces' own blocks
     ``[N, H_kv, L, D_h]``; returns ``([N, L, H, D_h], None)`` as transformers' attention functions do."""
@@ -142,8 +136,8 @@ def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float =
         out, _ = prefix_attention(q, rows(key), rows(value), text_k, text_v, keys.seq, keys.start, keys.bias, keys.lo,
                                   keys.hi, D ** -0.5 if scaling is None else scaling)
     else:
-        k = torch.cat([_gather(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
-        v = torch.cat([_gather(text_v, keys.index), rows(value)], dim=2)
+        k = torch.cat([gather_rows(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
+        v = torch.cat([gather_rows(text_v, keys.index), rows(value)], dim=2)
         mask = keys.mask if keys.mask is not None else _fold(keys.bias, G)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     out = out.view(R, H_kv, G, C, L, D).permute(0, 3, 4, 1, 2, 5)  # [R, C, L, H_kv, G, D]
