@@ -157,7 +157,8 @@ def main() -> None:
                                  else "torch reference", "ms": round(1e3 * s, 3), **diffs})
                     print(json.dumps(rows[-1]), flush=True)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows}
+              "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows,
+              "launch_configs": prefix_attention.launch_configs()}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -190,7 +190,20 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k+c8 --batch 32 --traces 16 --steps 10 \
       --out "$out/k16_kc8.json" > "$out/k16_kc8.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b)" >&2
+  kern20a)  # session 20: the kernels with the shared-memory fallback: one layer's attention (bf16 diffs), then the
+            # real-model equivalence (fp32 and a bf16 step)
+    timeout $(left) python3 benchmarks/trace_attention.py --steps 5 --kernel-tiles 64,64,4,2 64,32,4,2 32,64,4,2 \
+      128,64,8,2 --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
+    timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
+      --trace-kernel --trace-chunk 8 --out "$out/eq_kernel.json" > "$out/eq_kernel.log" 2>&1
+    ;;
+  kern20b)  # K=128 compiled with the kernel and chunks C=8 (profiled), then without chunks
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
+      --profile "$out/profile_k128_k.txt" --out "$out/k128_kc8.json" > "$out/k128_kc8.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 8 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_k.json" > "$out/k128_k.log" 2>&1
+    ;;
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

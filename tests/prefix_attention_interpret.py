@@ -67,6 +67,43 @@ def check_kernels() -> None:
     pa.CONFIG.update(BLOCK_M=64, BLOCK_N=64)
 
 
+def check_fallback() -> None:
+    """A launch refused for shared memory (as Triton raises it) falls back to the next smaller settings, gives the
+    same result, and the settings that launched are kept for that shape; a refusal of every setting is raised."""
+    g = torch.Generator().manual_seed(1)
+    args = random_case(g, D=32)
+    want = pa.reference_forward(*args[:8], args[10])[0]
+    real, tried = pa._run, []
+
+    def refuse_wide(cfg, *a):
+        tried.append(cfg["BLOCK_N"])
+        if cfg["BLOCK_N"] > 32:
+            raise pa._OutOfResources(262144, 232448, "shared memory")
+        return real(cfg, *a)
+
+    pa._run = refuse_wide
+    try:
+        pa._CHOSEN.clear()
+        torch.testing.assert_close(pa._launch(*args)[0], want, rtol=1e-5, atol=1e-5)
+        assert tried == [64, 32], tried
+        assert pa.launch_configs()["forward D=32 float32 (requested 64,64,4,2)"]["BLOCK_N"] == 32, pa.launch_configs()
+        tried.clear()
+        torch.testing.assert_close(pa._launch(*args)[0], want, rtol=1e-5, atol=1e-5)
+        assert tried == [32], tried  # the kept settings, tried first and alone
+        pa._run = lambda cfg, *a: refuse_wide({"BLOCK_N": 99}, *a)
+        pa._CHOSEN.clear()
+        try:
+            pa._launch(*args)
+        except pa._OutOfResources:
+            pass
+        else:
+            raise AssertionError("a launch refused at every setting must raise")
+    finally:
+        pa._run = real
+        pa._CHOSEN.clear()
+    print("fallback ok")
+
+
 def check_model() -> None:
     """The training pass with trace_kernel runs the kernels (spied) and equals the packed pass."""
     from cacheaug import CoprocessorConfig, build_model
@@ -96,5 +133,6 @@ def check_model() -> None:
 
 if __name__ == "__main__":
     check_kernels()
+    check_fallback()
     check_model()
     sys.exit(0)

@@ -43,9 +43,29 @@ try:
     import triton.language as tl
 except ImportError:  # the CPU install: the reference implementation runs instead
     triton = None
+try:
+    from triton.runtime.errors import OutOfResources as _OutOfResources
+except ImportError:
+    class _OutOfResources(Exception):
+        """Stands in where Triton is absent or names the error elsewhere."""
 
 # Tile sizes and launch settings of the kernels (the benchmark, benchmarks/trace_attention.py, may sweep them).
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# Smaller settings, tried in order when a launch needs more shared memory than the GPU has (a head size of 256 in
+# the backward pass, or float32, does at CONFIG's tiles on an H200). The first that launches is kept per shape.
+FALLBACK_CONFIGS = (
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
+)
+_CHOSEN: dict = {}  # (pass, head size, dtype, device, CONFIG) -> the settings that launched
+
+
+def launch_configs() -> dict:
+    """The settings each kind of launch ran with so far: ``{"forward/backward D=.. dtype": config}``."""
+    return {f"{'backward' if k[0] else 'forward'} D={k[1]} {str(k[2]).removeprefix('torch.')} (requested "
+            f"{','.join(str(v) for _, v in k[4])})": v for k, v in _CHOSEN.items()}
 
 
 def kernel_available(t: torch.Tensor) -> bool:
@@ -162,7 +182,7 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (kb, vb, tk, tv, bias))
     q, seq, start, lo, hi = (x.contiguous() for x in (q, seq, start, lo, hi))  # seq ... hi: one value per row
     R, H, M, D = q.shape
-    CL, S = kb.shape[2], tk.shape[2]
+    CL = kb.shape[2]
     backward = do is not None
     out = torch.empty_like(q)  # laid out as q: the kernel writes it with q's strides
     out_lse = torch.empty(R, H, M, dtype=torch.float32, device=q.device)
@@ -170,7 +190,24 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     dkb, dvb = (torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed into (atomics)
     if backward:
         do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
-    cfg = CONFIG
+    key = (backward, D, q.dtype, str(q.device), tuple(CONFIG.items()))
+    candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(CONFIG), *FALLBACK_CONFIGS]
+    for i, cfg in enumerate(candidates):
+        try:
+            _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta, out, out_lse, dkb, dvb)
+        except _OutOfResources:  # raised before the launch: nothing was written
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _CHOSEN[key] = cfg
+        break
+    return (out, dkb.to(kb.dtype), dvb.to(vb.dtype)) if backward else (out, out_lse)
+
+
+def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta, out, out_lse, dkb, dvb):
+    backward = do is not None
+    R, H, M, D = q.shape
+    CL, S = kb.shape[2], tk.shape[2]
     grid = (R, triton.cdiv(M, cfg["BLOCK_M"]), H)
     _prefix_attention_kernel[grid](
         q, kb, vb, tk, tv, seq, start, bias, lo, hi,
@@ -183,7 +220,6 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
         BACKWARD=backward, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return (out, dkb.to(kb.dtype), dvb.to(vb.dtype)) if backward else (out, out_lse)
 
 
 # ---------------------------------------------------------------------------------------------- the torch reference
