@@ -10,7 +10,10 @@ The shapes are Gemma 3 270M's (4 query heads, 1 key head of 256) at K traces of 
   ``trace_chunk`` C);
 * ``kernel``: the same rows through cacheaug's own kernel (``trace_kernel``, cacheaug.prefix_attention): the text
   keys read in place, the tiles no query of a row sees skipped, no gradient for the text keys. ``--kernel-tiles``
-  times it at several tile settings (BLOCK_M,BLOCK_N,num_warps,num_stages).
+  times the forward alone at several tile settings (BLOCK_M,BLOCK_N,num_warps,num_stages),
+  ``--kernel-backward-tiles`` forward + backward at several settings of the backward kernel. Each kernel row has the
+  largest differences from the sdpa windows (output, dQ, the block's dK and dV), and the result the settings each
+  launch ran with (``launch_configs``: a setting that needs more shared memory than the GPU has falls back).
 
 Each row also names the sdpa kernel torch picked (the fastest that accepts the inputs: each is tried alone).
 
@@ -83,7 +86,8 @@ def _kernel_diffs(q, blk_k, blk_v, keys: TraceKeys) -> dict:
         o.float().square().sum().backward()
         out[name] = [o.detach().float()] + [t.grad.float() for t in (q, blk_k, blk_v)]
     names = ("out", "dq", "dk_block", "dv_block")
-    return {f"max_abs_diff_{n}": float((a - b).abs().max()) for n, a, b in zip(names, out["kernel"], out["sdpa"])}
+    diffs = {f"max_abs_diff_{n}": float((a - b).abs().max()) for n, a, b in zip(names, out["kernel"], out["sdpa"])}
+    return {**diffs, **{f"max_abs_{n}": float(b.abs().max()) for n, b in zip(names, out["sdpa"])}}  # their scale
 
 
 def main() -> None:
@@ -95,7 +99,11 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[8])
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--kernel-tiles", nargs="+", default=["64,64,4,2"],
-                    help="tile settings of the kernel rows: BLOCK_M,BLOCK_N,num_warps,num_stages each")
+                    help="tile settings of the forward kernel, each timed alone (no gradient): "
+                    "BLOCK_M,BLOCK_N,num_warps,num_stages each")
+    ap.add_argument("--kernel-backward-tiles", nargs="+", default=["64,32,4,2"],
+                    help="tile settings of the backward kernel, each timed as forward + backward with the default "
+                    "forward settings")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -142,20 +150,32 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
                 keys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C, kernel=True)[layer_type]
                 diffs = _kernel_diffs(q, blk_k, blk_v, keys)
-                for tiles in args.kernel_tiles:
+                base = {"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
+                        "keys_per_row": keys.bias.shape[-1],
+                        "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1)}
+                fwd, bwd = dict(prefix_attention.CONFIG), dict(prefix_attention.BACKWARD_CONFIG)
+                sweep = [("forward", t) for t in args.kernel_tiles]
+                sweep += [("forward+backward", t) for t in args.kernel_backward_tiles]
+                for passes, tiles in sweep:  # the forward's tiles timed alone; the backward's with the default forward
                     bm, bn, warps, stages = (int(x) for x in tiles.split(","))
-                    prefix_attention.CONFIG.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                    prefix_attention.CONFIG.update(cfg if passes == "forward" else fwd)
+                    prefix_attention.BACKWARD_CONFIG.update(bwd if passes == "forward" else cfg)
 
                     def run_kernel():
-                        trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
+                        if passes == "forward":
+                            with torch.no_grad():
+                                trace_attention(_Layer(0), q, blk_k, blk_v, keys)
+                        else:
+                            trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
 
                     s = _time(run_kernel, args.steps, device)
-                    rows.append({"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
-                                 "keys_per_row": keys.bias.shape[-1],
-                                 "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1),
+                    rows.append({**base, "pass": passes,
                                  "kernel": ("triton " + tiles) if prefix_attention.kernel_available(q)
                                  else "torch reference", "ms": round(1e3 * s, 3), **diffs})
                     print(json.dumps(rows[-1]), flush=True)
+                prefix_attention.CONFIG.update(fwd)
+                prefix_attention.BACKWARD_CONFIG.update(bwd)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows,
               "launch_configs": prefix_attention.launch_configs()}

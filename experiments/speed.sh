@@ -37,6 +37,10 @@
 #   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
 #   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
 #                                          # per-GPU batch
+#   bash experiments/speed.sh kern20a $OUT # session 20: the trace kernel (--trace-kernel) on one layer (bf16 against
+#                                          # the sdpa windows), then the real-model equivalence; kern20b: K=128 +k(+c8)
+#   bash experiments/speed.sh kern21a $OUT # the kernel's tiles swept per pass, the fastest picked, K=128 +k with them
+#                                          # (profiled); kern21b: K=128 +k at batch 16, K=16 +k at batch 32
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -203,7 +207,29 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 8 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_k.json" > "$out/k128_k.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b)" >&2
+  kern21a)  # session 21: the kernels' tiles swept per pass (forward alone; backward with the default forward), the
+            # fastest summed over the model's layers (experiments/pick_tiles.py, kept in /tmp/tiles.txt for kern21b),
+            # then K=128 +k compiled with them (profiled)
+    timeout $(left) python3 benchmarks/trace_attention.py --steps 3 \
+      --kernel-tiles 64,64,4,2 64,64,8,2 128,64,8,2 64,32,8,2 \
+      --kernel-backward-tiles 64,32,4,2 64,32,8,2 64,64,8,1 32,64,4,2 128,32,8,1 \
+      --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
+    python3 experiments/pick_tiles.py "$out/trace_attention.json" --explain > /tmp/tiles.txt 2> "$out/tiles.log" \
+      || echo "64,64,4,2/64,32,4,2" > /tmp/tiles.txt
+    cp /tmp/tiles.txt "$out/tiles.txt"
+    CACHEAUG_TRACE_KERNEL_TILES=$(cat /tmp/tiles.txt) timeout $(left) $TP --variants sdpa+graphs+keeplogits+k \
+      --batch 8 --traces 128 --steps 5 --warmup 2 --profile "$out/profile_k128_k.txt" --out "$out/k128_k.json" \
+      > "$out/k128_k.log" 2>&1
+    ;;
+  kern21b)  # K=128 +k at batch 16, then K=16 +k at batch 32, with kern21a's tiles when the machine kept them
+    export CACHEAUG_TRACE_KERNEL_TILES=$(cat /tmp/tiles.txt 2>/dev/null || echo "64,64,4,2/64,32,4,2")
+    echo "$CACHEAUG_TRACE_KERNEL_TILES" > "$out/tiles.txt"
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 16 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_k_b16.json" > "$out/k128_k_b16.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 32 --traces 16 --steps 10 \
+      --out "$out/k16_k.json" > "$out/k16_k.log" 2>&1
+    ;;
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -44,8 +44,10 @@ def check_kernels() -> None:
         (dict(C=2, L=9, G=1, D=32, n=70, S=64, R=3), dict(BLOCK_M=32, BLOCK_N=16)),  # block over several tiles
         (dict(L=31, G=4, D=16, n=40, S=40, R=2), dict(BLOCK_M=64, BLOCK_N=64)),  # the default tiles
     ]  # (float32 only: the interpreter's tl.dot misreads bfloat16; bf16 is checked on the GPU, check_equivalence.py)
+    defaults = dict(pa.CONFIG), dict(pa.BACKWARD_CONFIG)
     for shapes, tiles in cases:
         pa.CONFIG.update(tiles)
+        pa.BACKWARD_CONFIG.update(tiles)
         args = random_case(g, **shapes)
         tol = dict(rtol=1e-5, atol=1e-5)
         o, lse = pa._launch(*args)
@@ -64,7 +66,8 @@ def check_kernels() -> None:
         if hi[0] > lo[0]:
             assert not torch.allclose(pa._launch(q, kb, vb, tk, tv, seq, start, bias, lo, cut, scale)[0][0], o[0])
         print("kernels", shapes, tiles, "ok")
-    pa.CONFIG.update(BLOCK_M=64, BLOCK_N=64)
+    pa.CONFIG.update(defaults[0])
+    pa.BACKWARD_CONFIG.update(defaults[1])
 
 
 def check_fallback() -> None:
@@ -87,6 +90,11 @@ def check_fallback() -> None:
         torch.testing.assert_close(pa._launch(*args)[0], want, rtol=1e-5, atol=1e-5)
         assert tried == [64, 32], tried
         assert pa.launch_configs()["forward D=32 float32 (requested 64,64,4,2)"]["BLOCK_N"] == 32, pa.launch_configs()
+        do = torch.randn(want.shape, generator=g)
+        lse = pa.reference_forward(*args[:8], args[10])[1]
+        tried.clear()
+        pa._launch(*args, do, lse, (do * want).sum(-1))
+        assert tried == [32], tried  # the backward's own settings (BACKWARD_CONFIG: 64 x 32) launch at once
         tried.clear()
         torch.testing.assert_close(pa._launch(*args)[0], want, rtol=1e-5, atol=1e-5)
         assert tried == [32], tried  # the kept settings, tried first and alone

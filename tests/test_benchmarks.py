@@ -70,3 +70,26 @@ def test_coprocessor_process_runs_at_toy_size(tmp_path):
     # the same calls beside a thread that decoded meanwhile (steps timed alone and beside each)
     assert all(row[k] > 0 for k in ("decode_step_s", "in_process_beside_decoding_s", "separate_beside_decoding_s",
                                     "decode_step_beside_in_process_s", "decode_step_beside_separate_s"))
+
+
+def test_trace_attention_runs_at_toy_size(tmp_path):
+    """One layer's attention in every layout; the kernel rows (its torch reference on the CPU) per pass and setting,
+    with their differences from the sdpa windows and the scale beside them; pick_tiles refuses a sweep without
+    Triton rows."""
+    out = tmp_path / "a.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "trace_attention.py"), "--device", "cpu", "--steps", "1",
+           "--batch", "1", "--traces", "8", "--seq-len", "96", "--window", "32", "--block", "5", "--chunks", "4",
+           "--kernel-tiles", "64,64,4,2", "32,32,4,1", "--kernel-backward-tiles", "64,32,4,2", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    kernel = [r for r in rows if r["layout"].startswith("kernel")]
+    # sliding: one trace per row; full: one trace per row and chunks of 4; each 2 forward settings, 1 backward
+    assert len(kernel) == 3 * 3 and sorted({r["pass"] for r in kernel}) == ["forward", "forward+backward"]
+    for r in kernel:
+        for name in ("out", "dq", "dk_block", "dv_block"):
+            assert r[f"max_abs_diff_{name}"] <= 1e-4 * max(1.0, r[f"max_abs_{name}"]) and r[f"max_abs_{name}"] > 0
+        assert r["kernel"] == "torch reference" and r["ms"] > 0 and 0 < r["mean_text_keys_read"] <= 96
+    assert {r["layout"] for r in rows} >= {"chunk 4", "windows", "windows, chunk 4", "kernel", "kernel, chunk 4"}
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "pick_tiles.py"), str(out)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0 and "no Triton kernel rows" in run.stderr

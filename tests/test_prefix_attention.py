@@ -5,6 +5,7 @@ The pass must compute exactly what the packed pass, the sdpa windows and inferen
 compute. On the CPU the op runs its torch reference; the Triton kernels themselves run under Triton's interpreter in
 a process of their own (tests/prefix_attention_interpret.py), against the reference and inside the model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -179,7 +180,26 @@ def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 6, run.stdout  # four kernel cases, two model families
+    assert run.stdout.count(" ok") == 7, run.stdout  # four kernel cases, the fallback, two model families
+
+
+def test_tile_settings_from_the_environment():
+    """CACHEAUG_TRACE_KERNEL_TILES sets the kernels' tiles at import (forward/backward, or one for both); a malformed
+    value is refused with the expected form."""
+    fwd, bwd = pa.parse_tiles("128,64,8,2/64,32,8,1")
+    assert fwd == {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    assert bwd == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    assert pa.parse_tiles("32,32,4,1")[0] == pa.parse_tiles("32,32,4,1")[1]
+    for bad in ("64,64,4", "48,64,4,2", "64,64,3,2", "64,64,4,2/64,64,4,2/1,1,1,1", "a,b,c,d"):
+        with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,num_warps,num_stages"):
+            pa.parse_tiles(bad)
+    code = "from cacheaug import prefix_attention as pa; print(pa.CONFIG['BLOCK_M'], pa.BACKWARD_CONFIG['num_warps'])"
+    env = {**os.environ, pa.TILES_ENV: "128,64,8,2/64,32,8,1", "PYTHONPATH": str(Path(pa.__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["128", "8"], run.stdout + run.stderr
+    env[pa.TILES_ENV] = "64x64"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "expected BLOCK_M,BLOCK_N,num_warps,num_stages" in run.stderr
 
 
 def test_options_and_variants():
@@ -195,3 +215,32 @@ def test_options_and_variants():
     eager = build_model(tiny_model("gemma3", "eager"), CoprocessorConfig(n_latents=N_L, n_traces=4))
     with pytest.raises(ValueError, match="Use trace_chunk instead"):
         apply_speed_options(eager, trace_kernel=True)
+
+
+def test_pick_tiles_sums_over_the_models_layers(tmp_path):
+    """experiments/pick_tiles.py: the settings with the least time summed over the model's layers (per pass, only
+    settings timed at every shape), printed as CACHEAUG_TRACE_KERNEL_TILES takes them."""
+    rows = []
+    for layer, ms in (("sliding_attention", {"a": 1.0, "b": 1.2}), ("full_attention", {"a": 3.0, "b": 1.0})):
+        for passes in ("forward", "forward+backward"):
+            for tiles, t in ms.items():
+                cfg = {"a": "64,64,4,2", "b": "128,64,8,2"}[tiles]
+                rows.append({"layout": "kernel", "layer": layer, "L": 31, "pass": passes, "kernel": f"triton {cfg}",
+                             "ms": t if passes == "forward" else 2 * t})
+    rows.append({"layout": "windows", "layer": "full_attention", "L": 31, "kernel": "cudnn", "ms": 0.1})
+    rows.append({"layout": "kernel", "layer": "sliding_attention", "L": 31, "pass": "forward",  # timed at one shape
+                 "kernel": "triton 32,32,4,1", "ms": 0.01})
+    result = tmp_path / "ta.json"
+    result.write_text(json.dumps({"rows": rows}))
+    script = Path(__file__).parents[1] / "experiments" / "pick_tiles.py"
+
+    def pick(*extra):
+        run = subprocess.run([sys.executable, str(script), str(result), *extra], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr
+        spec = run.stdout.strip()
+        assert pa.parse_tiles(spec)  # a value the environment variable takes
+        return spec
+
+    assert pick() == "128,64,8,2/128,64,8,2"  # b: 15 x 1.2 + 3 x 1.0 = 21 against a: 15 x 1.0 + 3 x 3.0 = 24
+    assert pick("--full-layers", "0") == "64,64,4,2/64,64,4,2"  # sliding layers alone: a

@@ -49,16 +49,46 @@ except ImportError:
     class _OutOfResources(Exception):
         """Stands in where Triton is absent or names the error elsewhere."""
 
-# Tile sizes and launch settings of the kernels (the benchmark, benchmarks/trace_attention.py, may sweep them).
+# Tile sizes and launch settings of the forward and the backward kernel, as measured on an H200 at head size 256
+# in bf16 (docs/performance.md, "Session 20"; benchmarks/trace_attention.py sweeps them with --kernel-tiles and
+# --kernel-backward-tiles; the environment variable CACHEAUG_TRACE_KERNEL_TILES sets them). The backward at 64 x 64 asks 256 KiB of shared memory there, more than the GPU has.
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-# Smaller settings, tried in order when a launch needs more shared memory than the GPU has (a head size of 256 in
-# the backward pass, or float32, does at CONFIG's tiles on an H200). The first that launches is kept per shape.
+BACKWARD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+# Smaller settings, tried in order when a launch needs more shared memory than the GPU has (float32, or another GPU).
+# The first that launches is kept per shape.
 FALLBACK_CONFIGS = (
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
 )
+TILES_ENV = "CACHEAUG_TRACE_KERNEL_TILES"  # "BM,BN,warps,stages" (both passes) or "FORWARD/BACKWARD", set at import
+
+
+def parse_tiles(spec: str) -> tuple[dict, dict]:
+    """``"64,64,8,2/64,32,8,2"`` (forward/backward; one setting alone: both) as the (forward, backward) settings."""
+    parts = spec.split("/")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        cfgs = []
+        for part in parts:
+            bm, bn, warps, stages = (int(x) for x in part.split(","))
+            if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
+                raise ValueError
+            cfgs.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
+    except ValueError:
+        raise ValueError(f"trace kernel tiles {spec!r}: expected BLOCK_M,BLOCK_N,num_warps,num_stages (blocks powers "
+                         "of two >= 16, warps 1-16, stages >= 1), optionally FORWARD/BACKWARD, e.g. "
+                         "64,64,8,2/64,32,8,2") from None
+    return cfgs[0], cfgs[-1]
+
+
+if os.environ.get(TILES_ENV):
+    _fwd, _bwd = parse_tiles(os.environ[TILES_ENV])
+    CONFIG.update(_fwd)
+    BACKWARD_CONFIG.update(_bwd)
+
 _CHOSEN: dict = {}  # (pass, head size, dtype, device, CONFIG) -> the settings that launched
 
 
@@ -190,8 +220,9 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     dkb, dvb = (torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed into (atomics)
     if backward:
         do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
-    key = (backward, D, q.dtype, str(q.device), tuple(CONFIG.items()))
-    candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(CONFIG), *FALLBACK_CONFIGS]
+    wanted = BACKWARD_CONFIG if backward else CONFIG
+    key = (backward, D, q.dtype, str(q.device), tuple(wanted.items()))
+    candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(wanted), *FALLBACK_CONFIGS]
     for i, cfg in enumerate(candidates):
         try:
             _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta, out, out_lse, dkb, dvb)

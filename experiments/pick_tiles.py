@@ -1,0 +1,56 @@
+"""The trace kernel's fastest tile settings in a sweep of benchmarks/trace_attention.py, for the whole model.
+
+Each setting's one-layer times (rows of layout ``kernel``: one trace per row) are summed over the model's layers: the
+number of sliding and full layers (Gemma 3 270M: 15 and 3) times each block size the sweep ran (the decoder's and
+the coprocessor's). Prints ``FORWARD/BACKWARD`` as ``CACHEAUG_TRACE_KERNEL_TILES`` takes it, and with ``--explain``
+the totals to stderr.
+
+    python experiments/pick_tiles.py trace_attention.json                  # -> e.g. 64,64,8,2/64,32,8,2
+    export CACHEAUG_TRACE_KERNEL_TILES=$(python experiments/pick_tiles.py trace_attention.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def pick(result: dict, sliding: int = 15, full: int = 3) -> tuple[str, str, dict]:
+    """(forward tiles, backward tiles, {pass: {tiles: summed ms}}) from a trace_attention.py result."""
+    weight = {"sliding_attention": sliding, "full_attention": full}
+    totals: dict = {"forward": defaultdict(float), "forward+backward": defaultdict(float)}
+    shapes: dict = defaultdict(set)
+    for row in result["rows"]:
+        if row["layout"] != "kernel" or not row["kernel"].startswith("triton "):
+            continue
+        tiles = row["kernel"].removeprefix("triton ")
+        totals[row["pass"]][tiles] += weight[row["layer"]] * row["ms"]
+        shapes[(row["pass"], tiles)].add((row["layer"], row["L"]))
+    best = []
+    for name, sums in totals.items():
+        every = max((len(shapes[(name, t)]) for t in sums), default=0)
+        complete = {t: ms for t, ms in sums.items() if len(shapes[(name, t)]) == every}  # a cut sweep: timed rows only
+        if not complete:
+            raise SystemExit(f"pick_tiles: no Triton kernel rows of pass {name!r} in the result (a CPU run, or cut)")
+        best.append(min(complete, key=complete.get))
+    return best[0], best[1], {k: dict(v) for k, v in totals.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("result", help="JSON written by benchmarks/trace_attention.py --out")
+    ap.add_argument("--sliding-layers", type=int, default=15)
+    ap.add_argument("--full-layers", type=int, default=3)
+    ap.add_argument("--explain", action="store_true")
+    args = ap.parse_args()
+    with open(args.result) as f:
+        fwd, bwd, totals = pick(json.load(f), args.sliding_layers, args.full_layers)
+    if args.explain:
+        print(json.dumps(totals, indent=1), file=sys.stderr)
+    print(f"{fwd}/{bwd}")
+
+
+if __name__ == "__main__":
+    main()
