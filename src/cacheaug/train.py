@@ -117,7 +117,8 @@ class TrainConfig:
                              "work, same losses; sdpa with Gemma-3 or Qwen-2/3 (GPU speed; docs/performance.md)")
     trace_kernel: bool = _f(False, "--trace-windows through cacheaug's own attention kernel (Triton on CUDA): text keys "
                             "read in place instead of copied per trace, no gradient computed for them; same losses "
-                            "(implies --trace-windows; docs/performance.md)")
+                            "(implies --trace-windows; fastest without --trace-chunk; tile sizes from "
+                            "CACHEAUG_TRACE_KERNEL_TILES; docs/performance.md)")
     compile_cache: str | None = _f(
         None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
         "it to the next process or machine to skip most of the compile; a name ending in .xz is compressed (about 13x) "
