@@ -149,7 +149,6 @@ def main() -> None:
                              "keys_per_row": keys.mask.shape[-1], "kernel": kernel, "ms": round(1e3 * s, 3)})
                 print(json.dumps(rows[-1]), flush=True)
                 keys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C, kernel=True)[layer_type]
-                diffs = _kernel_diffs(q, blk_k, blk_v, keys)
                 base = {"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
                         "keys_per_row": keys.bias.shape[-1],
                         "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1)}
@@ -170,6 +169,7 @@ def main() -> None:
                             trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
 
                     s = _time(run_kernel, args.steps, device)
+                    diffs = _kernel_diffs(q, blk_k, blk_v, keys)  # at this row's settings
                     rows.append({**base, "pass": passes,
                                  "kernel": ("triton " + tiles) if prefix_attention.kernel_available(q)
                                  else "torch reference", "ms": round(1e3 * s, 3), **diffs})

@@ -51,7 +51,8 @@ except ImportError:
 
 # Tile sizes and launch settings of the forward and the backward kernel, as measured on an H200 at head size 256
 # in bf16 (docs/performance.md, "Session 20"; benchmarks/trace_attention.py sweeps them with --kernel-tiles and
-# --kernel-backward-tiles; the environment variable CACHEAUG_TRACE_KERNEL_TILES sets them). The backward at 64 x 64 asks 256 KiB of shared memory there, more than the GPU has.
+# --kernel-backward-tiles; the environment variable CACHEAUG_TRACE_KERNEL_TILES sets them). The backward at 64 x 64
+# asks 256 KiB of shared memory there, more than the GPU has.
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 BACKWARD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 # Smaller settings, tried in order when a launch needs more shared memory than the GPU has (float32, or another GPU).
@@ -89,7 +90,7 @@ if os.environ.get(TILES_ENV):
     CONFIG.update(_fwd)
     BACKWARD_CONFIG.update(_bwd)
 
-_CHOSEN: dict = {}  # (pass, head size, dtype, device, CONFIG) -> the settings that launched
+_CHOSEN: dict = {}  # (pass, head size, dtype, device, requested settings) -> the settings that launched
 
 
 def launch_configs() -> dict:
