@@ -40,7 +40,8 @@
 #   bash experiments/speed.sh kern20a $OUT # session 20: the trace kernel (--trace-kernel) on one layer (bf16 against
 #                                          # the sdpa windows), then the real-model equivalence; kern20b: K=128 +k(+c8)
 #   bash experiments/speed.sh kern21a $OUT # the kernel's tiles swept per pass, the fastest picked, K=128 +k with them
-#                                          # (profiled); kern21b: K=128 +k at batch 16, K=16 +k at batch 32
+#                                          # (profiled); kern21b: K=128 +k at batch 16, K=16 +k at batch 32;
+#                                          # kern21c: +k's real-model equivalence, then compiled serving with graphs
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -229,7 +230,16 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 32 --traces 16 --steps 10 \
       --out "$out/k16_k.json" > "$out/k16_k.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b)" >&2
+  kern21c)  # the fastest setup (+k: one trace per row on every layer) on the real model (fp32 and a bf16 step), then
+            # serving with the coprocessor as CUDA graphs and the decoding step compiled
+    export CACHEAUG_TRACE_KERNEL_TILES=$(cat /tmp/tiles.txt 2>/dev/null || echo "64,64,4,2/64,32,4,2")
+    timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
+      --trace-kernel --out "$out/eq_kernel_c1.json" > "$out/eq_kernel_c1.log" 2>&1
+    SL="python3 benchmarks/serve_latency.py --prompt-lens 1024 --latents 16 --repeats 10 --no-dynamic --coprocessor-graphs"
+    timeout $(left) $SL --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
+      --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
+    ;;
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1
