@@ -152,13 +152,15 @@ def main() -> None:
                 base = {"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
                         "keys_per_row": keys.bias.shape[-1],
                         "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1)}
-                fwd, bwd = dict(prefix_attention.CONFIG), dict(prefix_attention.BACKWARD_CONFIG)
+                fwd, wide, bwd = (dict(c) for c in (prefix_attention.CONFIG, prefix_attention.WIDE_CONFIG,
+                                                    prefix_attention.BACKWARD_CONFIG))
                 sweep = [("forward", t) for t in args.kernel_tiles]
                 sweep += [("forward+backward", t) for t in args.kernel_backward_tiles]
                 for passes, tiles in sweep:  # the forward's tiles timed alone; the backward's with the default forward
                     bm, bn, warps, stages = (int(x) for x in tiles.split(","))
                     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-                    prefix_attention.CONFIG.update(cfg if passes == "forward" else fwd)
+                    prefix_attention.CONFIG.update(cfg if passes == "forward" else fwd)  # at every row size
+                    prefix_attention.WIDE_CONFIG.update(cfg if passes == "forward" else wide)
                     prefix_attention.BACKWARD_CONFIG.update(bwd if passes == "forward" else cfg)
 
                     def run_kernel():
@@ -175,6 +177,7 @@ def main() -> None:
                                  else "torch reference", "ms": round(1e3 * s, 3), **diffs})
                     print(json.dumps(rows[-1]), flush=True)
                 prefix_attention.CONFIG.update(fwd)
+                prefix_attention.WIDE_CONFIG.update(wide)
                 prefix_attention.BACKWARD_CONFIG.update(bwd)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows,

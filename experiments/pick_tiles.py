@@ -3,7 +3,8 @@
 Each setting's one-layer times (rows of layout ``kernel``: one trace per row) are summed over the model's layers: the
 number of sliding and full layers (Gemma 3 270M: 15 and 3) times each block size the sweep ran (the decoder's and
 the coprocessor's). Prints ``FORWARD/BACKWARD`` as ``CACHEAUG_TRACE_KERNEL_TILES`` takes it, and with ``--explain``
-the totals to stderr.
+the totals and the fastest settings per block size L (the library's defaults pick the forward's by the rows' query
+count: prefix_attention.CONFIG / WIDE_CONFIG) to stderr.
 
     python experiments/pick_tiles.py trace_attention.json                  # -> e.g. 64,64,8,2/64,32,8,2
     export CACHEAUG_TRACE_KERNEL_TILES=$(python experiments/pick_tiles.py trace_attention.json)
@@ -38,6 +39,14 @@ def pick(result: dict, sliding: int = 15, full: int = 3) -> tuple[str, str, dict
     return best[0], best[1], {k: dict(v) for k, v in totals.items()}
 
 
+def per_block_size(result: dict, sliding: int = 15, full: int = 3) -> dict:
+    """{pass: {L: fastest tiles summed over that block size's layers}}."""
+    sizes = sorted({row["L"] for row in result["rows"] if row["layout"] == "kernel"})
+    return {name: {L: best for L in sizes
+                   for best in [pick({"rows": [r for r in result["rows"] if r["L"] == L]}, sliding, full)[i]]}
+            for i, name in enumerate(("forward", "forward+backward"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("result", help="JSON written by benchmarks/trace_attention.py --out")
@@ -46,9 +55,11 @@ def main() -> None:
     ap.add_argument("--explain", action="store_true")
     args = ap.parse_args()
     with open(args.result) as f:
-        fwd, bwd, totals = pick(json.load(f), args.sliding_layers, args.full_layers)
+        result = json.load(f)
+    fwd, bwd, totals = pick(result, args.sliding_layers, args.full_layers)
     if args.explain:
-        print(json.dumps(totals, indent=1), file=sys.stderr)
+        by_size = per_block_size(result, args.sliding_layers, args.full_layers)
+        print(json.dumps({**totals, "fastest per block size L": by_size}, indent=1), file=sys.stderr)
     print(f"{fwd}/{bwd}")
 
 

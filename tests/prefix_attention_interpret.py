@@ -44,9 +44,10 @@ def check_kernels() -> None:
         (dict(C=2, L=9, G=1, D=32, n=70, S=64, R=3), dict(BLOCK_M=32, BLOCK_N=16)),  # block over several tiles
         (dict(L=31, G=4, D=16, n=40, S=40, R=2), dict(BLOCK_M=64, BLOCK_N=64)),  # the default tiles
     ]  # (float32 only: the interpreter's tl.dot misreads bfloat16; bf16 is checked on the GPU, check_equivalence.py)
-    defaults = dict(pa.CONFIG), dict(pa.BACKWARD_CONFIG)
+    defaults = dict(pa.CONFIG), dict(pa.WIDE_CONFIG), dict(pa.BACKWARD_CONFIG)
     for shapes, tiles in cases:
         pa.CONFIG.update(tiles)
+        pa.WIDE_CONFIG.update(tiles)
         pa.BACKWARD_CONFIG.update(tiles)
         args = random_case(g, **shapes)
         tol = dict(rtol=1e-5, atol=1e-5)
@@ -67,7 +68,31 @@ def check_kernels() -> None:
             assert not torch.allclose(pa._launch(q, kb, vb, tk, tv, seq, start, bias, lo, cut, scale)[0][0], o[0])
         print("kernels", shapes, tiles, "ok")
     pa.CONFIG.update(defaults[0])
-    pa.BACKWARD_CONFIG.update(defaults[1])
+    pa.WIDE_CONFIG.update(defaults[1])
+    pa.BACKWARD_CONFIG.update(defaults[2])
+
+
+def check_wide_rows() -> None:
+    """Rows of more queries than CONFIG's tile run the forward at WIDE_CONFIG, rows of at most that many at CONFIG;
+    both give the reference's values."""
+    g = torch.Generator().manual_seed(2)
+    defaults = dict(pa.CONFIG), dict(pa.WIDE_CONFIG)
+    pa.CONFIG.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    pa.WIDE_CONFIG.update(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    try:
+        pa._CHOSEN.clear()
+        for shapes in (dict(C=2, L=7, G=2, D=16, n=30, S=32), dict(C=1, L=4, G=4, D=16, n=30, S=32)):  # M 28, 16
+            args = random_case(g, **shapes)
+            o, lse = pa._launch(*args)
+            ref_o, ref_lse = pa.reference_forward(*args[:8], args[10])
+            torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+        assert sorted(cfg["BLOCK_M"] for cfg in pa.launch_configs().values()) == [16, 32], pa.launch_configs()
+    finally:
+        pa.CONFIG.update(defaults[0])
+        pa.WIDE_CONFIG.update(defaults[1])
+        pa._CHOSEN.clear()
+    print("wide rows ok")
 
 
 def check_fallback() -> None:
@@ -141,6 +166,7 @@ def check_model() -> None:
 
 if __name__ == "__main__":
     check_kernels()
+    check_wide_rows()
     check_fallback()
     check_model()
     sys.exit(0)

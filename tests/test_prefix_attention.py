@@ -180,7 +180,7 @@ def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 7, run.stdout  # four kernel cases, the fallback, two model families
+    assert run.stdout.count(" ok") == 8, run.stdout  # four kernel cases, wide rows, the fallback, two model families
 
 
 def test_tile_settings_from_the_environment():
@@ -193,10 +193,11 @@ def test_tile_settings_from_the_environment():
     for bad in ("64,64,4", "48,64,4,2", "64,64,3,2", "64,64,4,2/64,64,4,2/1,1,1,1", "a,b,c,d"):
         with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,num_warps,num_stages"):
             pa.parse_tiles(bad)
-    code = "from cacheaug import prefix_attention as pa; print(pa.CONFIG['BLOCK_M'], pa.BACKWARD_CONFIG['num_warps'])"
-    env = {**os.environ, pa.TILES_ENV: "128,64,8,2/64,32,8,1", "PYTHONPATH": str(Path(pa.__file__).parents[1])}
+    code = ("from cacheaug import prefix_attention as pa; "
+            "print(pa.CONFIG['BLOCK_M'], pa.WIDE_CONFIG['num_warps'], pa.BACKWARD_CONFIG['num_stages'])")
+    env = {**os.environ, pa.TILES_ENV: "128,64,2,2/64,32,8,1", "PYTHONPATH": str(Path(pa.__file__).parents[1])}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.split() == ["128", "8"], run.stdout + run.stderr
+    assert run.returncode == 0 and run.stdout.split() == ["128", "2", "1"], run.stdout + run.stderr  # every row size
     env[pa.TILES_ENV] = "64x64"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "expected BLOCK_M,BLOCK_N,num_warps,num_stages" in run.stderr
@@ -244,3 +245,13 @@ def test_pick_tiles_sums_over_the_models_layers(tmp_path):
 
     assert pick() == "128,64,8,2/128,64,8,2"  # b: 15 x 1.2 + 3 x 1.0 = 21 against a: 15 x 1.0 + 3 x 3.0 = 24
     assert pick("--full-layers", "0") == "64,64,4,2/64,64,4,2"  # sliding layers alone: a
+    # a second block size at which setting a is faster everywhere: the overall pick shifts, --explain names each size's
+    rows += [{**r, "L": 16, "ms": r["ms"] * (0.01 if r["kernel"] == "triton 64,64,4,2" else 1.0)}
+             for r in rows if r["layout"] == "kernel" and r["kernel"] in ("triton 64,64,4,2", "triton 128,64,8,2")]
+    result.write_text(json.dumps({"rows": rows}))
+    assert pick() == "64,64,4,2/64,64,4,2"  # a: 24 + 0.24 against b: 21 + 21
+    run = subprocess.run([sys.executable, str(script), str(result), "--explain"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    by_size = json.loads(run.stderr)["fastest per block size L"]
+    assert by_size["forward"] == {"16": "64,64,4,2", "31": "128,64,8,2"}, by_size

@@ -50,10 +50,14 @@ except ImportError:
         """Stands in where Triton is absent or names the error elsewhere."""
 
 # Tile sizes and launch settings of the forward and the backward kernel, as measured on an H200 at head size 256
-# in bf16 (docs/performance.md, "Session 20"; benchmarks/trace_attention.py sweeps them with --kernel-tiles and
-# --kernel-backward-tiles; the environment variable CACHEAUG_TRACE_KERNEL_TILES sets them). The backward at 64 x 64
-# asks 256 KiB of shared memory there, more than the GPU has.
+# in bf16 (docs/performance.md, "Session 20" and "Session 21"; benchmarks/trace_attention.py sweeps them with
+# --kernel-tiles and --kernel-backward-tiles; the environment variable CACHEAUG_TRACE_KERNEL_TILES sets them). The
+# forward takes WIDE_CONFIG for rows of more than CONFIG's BLOCK_M queries (M = G x C x L: the decoder's trace rows,
+# 4 x 31 with Gemma 3): one tile of 128 queries reads each key tile once where two of 64 read it twice (a sliding
+# layer 0.64 ms against 0.87); at M = 64 (the coprocessor's rows) a 128-query tile is half empty (0.64 against 0.46).
+# The backward at 64 x 64 asks 256 KiB of shared memory there, more than the GPU has.
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+WIDE_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 BACKWARD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 # Smaller settings, tried in order when a launch needs more shared memory than the GPU has (float32, or another GPU).
 # The first that launches is kept per shape.
@@ -63,7 +67,8 @@ FALLBACK_CONFIGS = (
     {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
 )
-TILES_ENV = "CACHEAUG_TRACE_KERNEL_TILES"  # "BM,BN,warps,stages" (both passes) or "FORWARD/BACKWARD", set at import
+TILES_ENV = "CACHEAUG_TRACE_KERNEL_TILES"  # "BM,BN,warps,stages" (both passes) or "FORWARD/BACKWARD", set at import;
+# the forward's setting then holds for rows of every size (CONFIG and WIDE_CONFIG)
 
 
 def parse_tiles(spec: str) -> tuple[dict, dict]:
@@ -88,6 +93,7 @@ def parse_tiles(spec: str) -> tuple[dict, dict]:
 if os.environ.get(TILES_ENV):
     _fwd, _bwd = parse_tiles(os.environ[TILES_ENV])
     CONFIG.update(_fwd)
+    WIDE_CONFIG.update(_fwd)
     BACKWARD_CONFIG.update(_bwd)
 
 _CHOSEN: dict = {}  # (pass, head size, dtype, device, requested settings) -> the settings that launched
@@ -97,6 +103,11 @@ def launch_configs() -> dict:
     """The settings each kind of launch ran with so far: ``{"forward/backward D=.. dtype": config}``."""
     return {f"{'backward' if k[0] else 'forward'} D={k[1]} {str(k[2]).removeprefix('torch.')} (requested "
             f"{','.join(str(v) for _, v in k[4])})": v for k, v in _CHOSEN.items()}
+
+
+def forward_config(m: int) -> dict:
+    """The forward's settings for rows of ``m`` queries: ``WIDE_CONFIG`` above CONFIG's BLOCK_M, else ``CONFIG``."""
+    return WIDE_CONFIG if m > CONFIG["BLOCK_M"] else CONFIG
 
 
 def kernel_available(t: torch.Tensor) -> bool:
@@ -221,7 +232,7 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     dkb, dvb = (torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed into (atomics)
     if backward:
         do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
-    wanted = BACKWARD_CONFIG if backward else CONFIG
+    wanted = BACKWARD_CONFIG if backward else forward_config(M)
     key = (backward, D, q.dtype, str(q.device), tuple(wanted.items()))
     candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(wanted), *FALLBACK_CONFIGS]
     for i, cfg in enumerate(candidates):
