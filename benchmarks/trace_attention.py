@@ -12,8 +12,9 @@ The shapes are Gemma 3 270M's (4 query heads, 1 key head of 256) at K traces of 
   keys read in place, the tiles no query of a row sees skipped, no gradient for the text keys. ``--kernel-tiles``
   times the forward alone at several tile settings (BLOCK_M,BLOCK_N,num_warps,num_stages),
   ``--kernel-backward-tiles`` forward + backward at several settings of the backward kernel. Each kernel row has the
-  largest differences from the sdpa windows (output, dQ, the block's dK and dV), and the result the settings each
-  launch ran with (``launch_configs``: a setting that needs more shared memory than the GPU has falls back).
+  largest differences from the sdpa windows (output, dQ, the block's dK and dV) and ``launched``, the settings the
+  swept pass ran with (a setting that needs more shared memory than the GPU has falls back to a smaller one;
+  experiments/pick_tiles.py leaves such rows out), and the result every launch's (``launch_configs``).
 
 Each row also names the sdpa kernel torch picked (the fastest that accepts the inputs: each is tried alone).
 
@@ -73,6 +74,15 @@ def _best_kernel(run, steps, device) -> tuple[str, float]:
         if best is None or s < best[1]:
             best = (name, s)
     return best
+
+
+def _launched(kind: str, tiles: str) -> str | None:
+    """The settings a ``kind`` (forward/backward) launch asked at ``tiles`` ran with ("BM,BN,warps,stages"; another
+    than asked where the GPU refused them: prefix_attention.FALLBACK_CONFIGS), None before any such launch."""
+    for key, cfg in prefix_attention.launch_configs().items():
+        if key.startswith(kind + " ") and key.endswith(f"(requested {tiles})"):
+            return ",".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    return None
 
 
 def _kernel_diffs(q, blk_k, blk_v, keys: TraceKeys) -> dict:
@@ -172,9 +182,11 @@ def main() -> None:
 
                     s = _time(run_kernel, args.steps, device)
                     diffs = _kernel_diffs(q, blk_k, blk_v, keys)  # at this row's settings
+                    ran = _launched("forward" if passes == "forward" else "backward", tiles)
                     rows.append({**base, "pass": passes,
                                  "kernel": ("triton " + tiles) if prefix_attention.kernel_available(q)
-                                 else "torch reference", "ms": round(1e3 * s, 3), **diffs})
+                                 else "torch reference", **({"launched": ran} if ran else {}),
+                                 "ms": round(1e3 * s, 3), **diffs})
                     print(json.dumps(rows[-1]), flush=True)
                 prefix_attention.CONFIG.update(fwd)
                 prefix_attention.WIDE_CONFIG.update(wide)

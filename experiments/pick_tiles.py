@@ -27,6 +27,8 @@ def pick(result: dict, sliding: int = 15, full: int = 3) -> tuple[str, str, dict
         if row["layout"] != "kernel" or not row["kernel"].startswith("triton "):
             continue
         tiles = row["kernel"].removeprefix("triton ")
+        if row.get("launched", tiles) != tiles:  # refused at launch, ran at a fallback setting: not what it names
+            continue
         totals[row["pass"]][tiles] += weight[row["layer"]] * row["ms"]
         shapes[(row["pass"], tiles)].add((row["layer"], row["L"]))
     best = []

@@ -245,6 +245,11 @@ def test_pick_tiles_sums_over_the_models_layers(tmp_path):
 
     assert pick() == "128,64,8,2/128,64,8,2"  # b: 15 x 1.2 + 3 x 1.0 = 21 against a: 15 x 1.0 + 3 x 3.0 = 24
     assert pick("--full-layers", "0") == "64,64,4,2/64,64,4,2"  # sliding layers alone: a
+    # a setting the GPU refused ran at a fallback (benchmark's "launched"): its rows time another setting, left out
+    rows += [{**r, "kernel": "triton 32,32,4,1", "launched": "16,16,2,1", "ms": 0.001}
+             for r in rows if r["kernel"] == "triton 64,64,4,2"]
+    result.write_text(json.dumps({"rows": rows}))
+    assert pick() == "128,64,8,2/128,64,8,2"
     # a second block size at which setting a is faster everywhere: the overall pick shifts, --explain names each size's
     rows += [{**r, "L": 16, "ms": r["ms"] * (0.01 if r["kernel"] == "triton 64,64,4,2" else 1.0)}
              for r in rows if r["layout"] == "kernel" and r["kernel"] in ("triton 64,64,4,2", "triton 128,64,8,2")]
