@@ -49,6 +49,70 @@ SPEED_KEYS = ("compile_mlp", "compile_masks", "compile_step", "trace_groups", "t
               "trace_kernel")
 
 
+# Where a profiled step's device time goes: kernel names (torch.profiler's keys; first match wins) -> kind
+PROFILE_KINDS = (
+    ("trace kernel", ("_prefix_attention_kernel",)),
+    ("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("sdpa attention", ("sdpa", "flash", "fmha", "attention")),
+    ("loss (log-softmax)", ("log_softmax",)),
+    ("fused element-wise (Triton)", ("triton_",)),
+)
+
+
+def profile_kind(name: str) -> str | None:
+    """The kind of a profiled kernel, "other" for the rest, None for a region that encloses kernels (a
+    ``## Call CompiledFxGraph`` annotation, a profiler step): counting it too would count its kernels twice."""
+    if name.startswith("## ") or name.startswith("ProfilerStep") or name in ("CompiledFunction", "CompiledFunctionBackward"):
+        return None
+    low = name.lower()
+    return next((kind for kind, keys in PROFILE_KINDS if any(k.lower() in low for k in keys)), "other")
+
+
+def profile_breakdown(times: list[tuple[str, float]], steps: int, total_us: float | None = None) -> dict:
+    """ms per step by kind from (kernel name, self time in us); with ``total_us`` (a table that lists only its top
+    rows) the rest of that total is ``below the listed rows``."""
+    out: dict = {kind: 0.0 for kind, _ in PROFILE_KINDS}
+    out["other"] = 0.0
+    listed = 0.0
+    for name, us in times:
+        kind = profile_kind(name)
+        if kind is not None:
+            out[kind] += us
+            listed += us
+    if total_us is not None:
+        out["below the listed rows"] = max(0.0, total_us - listed)
+    return {k: round(v / steps / 1e3, 2) for k, v in out.items()}
+
+
+def breakdown_of_table(text: str, steps: int = 2) -> dict:
+    """profile_breakdown of a table this benchmark wrote (--profile): its first table's rows by their self device
+    time (self CPU time for a CPU run)."""
+    import re
+
+    def us(field: str) -> float:
+        value = float(re.match(r"[\d.]+", field).group())
+        return value * {"us": 1.0, "ms": 1e3, "s": 1e6}[re.search(r"(us|ms|s)$", field).group()]
+
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("Name"))
+    columns = re.split(r"\s{2,}", lines[header].strip())
+    column = columns.index("Self CUDA") if "Self CUDA" in columns else columns.index("Self CPU")
+    times, total = [], None
+    for line in lines[header + 2:]:
+        if line.startswith("---"):
+            continue
+        if not line.strip():
+            break
+        fields = re.split(r"\s{2,}", line.strip())
+        if len(fields) == len(columns):
+            times.append((fields[0], us(fields[column])))
+    for line in lines:
+        m = re.match(r"Self (CUDA|CPU) time total: (\S+)", line)
+        if m and m.group(1) == ("CUDA" if "Self CUDA" in columns else "CPU"):
+            total = us(m.group(2))
+    return profile_breakdown(times, steps, total)
+
+
 def step_flops(model: CacheAugmentedLM, B: int, T: int, K: int) -> float:
     cfg = model.config
     emb = model.base.get_input_embeddings().weight
@@ -97,6 +161,7 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
         # the warm-up includes compiling and recording CUDA graphs, whose memory pool the timed steps reuse
         warmup_peak = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    breakdown = None
     if profile:  # where the time of a step goes: host (Python, launches) vs device kernels
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -109,8 +174,12 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
                 torch.cuda.synchronize()
         table = prof.key_averages()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        breakdown = profile_breakdown([(e.key, getattr(e, attr, 0.0)) for e in table], steps=2)
         Path(profile).write_text(table.table(sort_by=sort, row_limit=40) + "\n\nby host time:\n"
-                                 + table.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
+                                 + table.table(sort_by="self_cpu_time_total", row_limit=25)
+                                 + "\n\nms per step by kind (" + ("device" if device.type == "cuda" else "host")
+                                 + " time):\n" + json.dumps(breakdown, indent=1) + "\n")
     t0 = time.perf_counter()
     for _ in range(steps):
         one_step()
@@ -118,7 +187,8 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt),
-           "traces_per_s": round(B * K / dt, 1), "first_step_s": round(first_step_s, 2)}  # insertion points trained per second: what the method learns from
+           "traces_per_s": round(B * K / dt, 1), "first_step_s": round(first_step_s, 2),
+           **({"profile_ms_per_step": breakdown} if breakdown else {})}  # insertion points trained per second: what the method learns from
     if model.arm.has_latents:  # the count below is for a coprocessor (pause: N_c ~ 0)
         flops = step_flops(model, B, T, K)
         row.update(counted_gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / dt / 1e12, 4))
@@ -246,7 +316,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[],
                     help="also time the canonical config at these batch sizes (the step is launch-bound: larger "
                     "batches raise tokens/s until the arithmetic takes over)")
-    ap.add_argument("--profile", default=None, help="write a torch.profiler table of two canonical steps here")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of two canonical steps here, and "
+                    "the ms per step by kind (trace kernel, matrix products, loss, ...) in the row")
+    ap.add_argument("--breakdown", default=None, metavar="TABLE",
+                    help="print the ms per step by kind of a table written by --profile (two steps) and exit")
     ap.add_argument("--compile-cache", default=None,
                     help="load torch.compile artifacts from this file first (if it exists) and save this run's there")
     ap.add_argument("--cached-repeat", action="store_true",
@@ -257,6 +330,9 @@ def main() -> None:
                     "one GPU each; CPU: gloo)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.breakdown:
+        print(json.dumps(breakdown_of_table(Path(args.breakdown).read_text()), indent=1))
+        return
     device = torch.device(args.device)
     if args.model == "tiny":
         args.seq_len = min(args.seq_len, 128)

@@ -33,6 +33,30 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     for r in rows:  # traces/s beside text tokens/s: K insertion points per sequence of 64 tokens
         assert abs(r["traces_per_s"] - r["text_tokens_per_s"] * 4 / 64) <= 0.05 * r["traces_per_s"] + 1
     assert "aten::mm" in (tmp_path / "p.txt").read_text()  # the profile table names the kernels
+    # ... and the profiled row says where a step's time went, by kind (host time on the CPU)
+    kinds = rows[1]["profile_ms_per_step"]
+    assert kinds["matrix products"] > 0 and kinds["trace kernel"] == 0 and sum(kinds.values()) > 0
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--breakdown",
+                          str(tmp_path / "p.txt")], check=True, capture_output=True, text=True, timeout=120)
+    table = json.loads(run.stdout)  # the table's top rows, the rest of its total below them
+    assert table["matrix products"] > 0 and table["below the listed rows"] >= 0
+
+
+def test_profile_kinds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tt", ROOT / "benchmarks" / "train_throughput.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    assert tt.profile_kind("_prefix_attention_kernel") == "trace kernel"
+    assert tt.profile_kind("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT") == "matrix products"
+    assert tt.profile_kind("triton_red_fused__log_softmax__log_softmax_backward_3") == "loss (log-softmax)"
+    assert tt.profile_kind("triton_poi_fused__unsafe_view_gelu_mul_57") == "fused element-wise (Triton)"
+    assert tt.profile_kind("## Call CompiledFxGraph fjsed6u7") is None  # encloses kernels: not counted twice
+    got = tt.profile_breakdown([("## Call CompiledFxGraph x", 900.0), ("_prefix_attention_kernel", 4000.0),
+                                ("nvjet_a", 2000.0), ("void at::native::copy", 1000.0)], steps=2, total_us=8000.0)
+    assert got["trace kernel"] == 2.0 and got["matrix products"] == 1.0 and got["other"] == 0.5
+    assert got["below the listed rows"] == 0.5
 
 
 def test_serve_latency_runs_at_toy_size(tmp_path):
