@@ -42,7 +42,7 @@
 #   bash experiments/speed.sh kern21a $OUT # the kernel's tiles swept per pass, the fastest picked, K=128 +k with them
 #                                          # (profiled); kern21b: K=128 +k at batch 16, K=16 +k at batch 32;
 #                                          # kern21c: +k's real-model equivalence, then compiled serving with graphs
-#   bash experiments/speed.sh kern22a $OUT # K=128 +k batch 16 and K=16 +k batch 32 (profiled) at the library's tiles;
+#   bash experiments/speed.sh kern22a $OUT # K=128 +k batch 16 and K=16 +k batch 64 (profiled) at the library's tiles;
 #                                          # serve22: compiled serving with coprocessor graphs, alone in a call
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
@@ -242,11 +242,11 @@ case $stage in
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
   kern22a)  # session 22: K=128 +k at batch 16 with the library's tiles (the forward's by row size), then K=16 +k
-            # at batch 32 (profiled)
+            # at batch 64 (16.3 GiB at 32 in session 21), profiled
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 16 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_k_b16.json" > "$out/k128_k_b16.log" 2>&1
-    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 32 --traces 16 --steps 10 \
-      --profile "$out/profile_k16_k.txt" --out "$out/k16_k.json" > "$out/k16_k.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 64 --traces 16 --steps 6 --warmup 2 \
+      --profile "$out/profile_k16_k.txt" --out "$out/k16_k_b64.json" > "$out/k16_k_b64.log" 2>&1
     ;;
   serve22)  # serving with the coprocessor as CUDA graphs and the decoding step compiled, alone in its call
     python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
