@@ -44,9 +44,8 @@ def pick(result: dict, sliding: int = 15, full: int = 3) -> tuple[str, str, dict
 def per_block_size(result: dict, sliding: int = 15, full: int = 3) -> dict:
     """{pass: {L: fastest tiles summed over that block size's layers}}."""
     sizes = sorted({row["L"] for row in result["rows"] if row["layout"] == "kernel"})
-    return {name: {L: best for L in sizes
-                   for best in [pick({"rows": [r for r in result["rows"] if r["L"] == L]}, sliding, full)[i]]}
-            for i, name in enumerate(("forward", "forward+backward"))}
+    picks = {L: pick({"rows": [r for r in result["rows"] if r["L"] == L]}, sliding, full) for L in sizes}
+    return {name: {L: picks[L][i] for L in sizes} for i, name in enumerate(("forward", "forward+backward"))}
 
 
 def main() -> None:
