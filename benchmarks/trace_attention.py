@@ -14,7 +14,9 @@ The shapes are Gemma 3 270M's (4 query heads, 1 key head of 256) at K traces of 
   ``--kernel-backward-tiles`` forward + backward at several settings of the backward kernel. Each kernel row has the
   largest differences from the sdpa windows (output, dQ, the block's dK and dV) and ``launched``, the settings the
   swept pass ran with (a setting that needs more shared memory than the GPU has falls back to a smaller one;
-  experiments/pick_tiles.py leaves such rows out), and the result every launch's (``launch_configs``).
+  experiments/pick_tiles.py leaves such rows out), and the result every launch's (``launch_configs``). A last row per
+  layer times forward + backward at the default settings with the mask read on every tile (``full`` not given: what
+  the tiles whose columns every query sees save; ``mean_text_keys_unmasked`` per row).
 
 Each row also names the sdpa kernel torch picked (the fastest that accepts the inputs: each is tried alone).
 
@@ -25,6 +27,7 @@ Each row also names the sdpa kernel torch picked (the fastest that accepts the i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -161,12 +164,26 @@ def main() -> None:
                 keys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C, kernel=True)[layer_type]
                 base = {"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
                         "keys_per_row": keys.bias.shape[-1],
-                        "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1)}
+                        "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1),
+                        "mean_text_keys_unmasked": round(float((keys.full[:, 1] - keys.full[:, 0]).float().mean()), 1)}
                 fwd, wide, bwd = (dict(c) for c in (prefix_attention.CONFIG, prefix_attention.WIDE_CONFIG,
                                                     prefix_attention.BACKWARD_CONFIG))
                 sweep = [("forward", t) for t in args.kernel_tiles]
                 sweep += [("forward+backward", t) for t in args.kernel_backward_tiles]
+                sweep += [("forward+backward, mask on every tile", None)]  # the default settings, `full` not given
                 for passes, tiles in sweep:  # the forward's tiles timed alone; the backward's with the default forward
+                    if tiles is None:
+                        run_keys = dataclasses.replace(keys, full=None)
+                        prefix_attention.CONFIG.update(fwd)
+                        prefix_attention.WIDE_CONFIG.update(wide)
+                        prefix_attention.BACKWARD_CONFIG.update(bwd)
+                        s = _time(lambda: trace_attention(_Layer(0), q, blk_k, blk_v, run_keys)[0].sum().backward(),
+                                  args.steps, device)
+                        rows.append({**base, "pass": passes, "kernel": "triton (defaults)" if
+                                     prefix_attention.kernel_available(q) else "torch reference",
+                                     "ms": round(1e3 * s, 3), **_kernel_diffs(q, blk_k, blk_v, run_keys)})
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
                     bm, bn, warps, stages = (int(x) for x in tiles.split(","))
                     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
                     prefix_attention.CONFIG.update(cfg if passes == "forward" else fwd)  # at every row size

@@ -24,8 +24,8 @@ def pick(result: dict, sliding: int = 15, full: int = 3) -> tuple[str, str, dict
     totals: dict = {"forward": defaultdict(float), "forward+backward": defaultdict(float)}
     shapes: dict = defaultdict(set)
     for row in result["rows"]:
-        if row["layout"] != "kernel" or not row["kernel"].startswith("triton "):
-            continue
+        if row["layout"] != "kernel" or not row["kernel"].startswith("triton ") or row["pass"] not in totals:
+            continue  # (also the row with the mask on every tile: another pass)
         tiles = row["kernel"].removeprefix("triton ")
         if row.get("launched", tiles) != tiles:  # refused at launch, ran at a fallback setting: not what it names
             continue

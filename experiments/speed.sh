@@ -42,7 +42,9 @@
 #   bash experiments/speed.sh kern21a $OUT # the kernel's tiles swept per pass, the fastest picked, K=128 +k with them
 #                                          # (profiled); kern21b: K=128 +k at batch 16, K=16 +k at batch 32;
 #                                          # kern21c: +k's real-model equivalence, then compiled serving with graphs
-#   bash experiments/speed.sh kern22a $OUT # K=128 +k batch 16 and K=16 +k batch 64 (profiled) at the library's tiles;
+#   bash experiments/speed.sh kern22a $OUT # one layer with and without the mask skipped on fully seen tiles, real-model
+#                                          # equivalence, K=128 +k batch 8 (profiled); kern22b: K=128 +k batch 16,
+#                                          # K=16 +k batch 64 (profiled);
 #                                          # serve22: compiled serving with coprocessor graphs, alone in a call
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
@@ -241,8 +243,16 @@ case $stage in
     timeout $(left) $SL --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  kern22a)  # session 22: K=128 +k at batch 16 with the library's tiles (the forward's by row size), then K=16 +k
-            # at batch 64 (16.3 GiB at 32 in session 21), profiled
+  kern22a)  # session 22: one layer at the library's tiles with and without the mask skipped where every query sees
+            # (the row "mask on every tile"), the real-model equivalence with it, then K=128 +k at batch 8 (profiled)
+    timeout $(left) python3 benchmarks/trace_attention.py --steps 5 --kernel-tiles 64,64,4,2 128,64,8,2 \
+      --kernel-backward-tiles 64,32,4,2 --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
+    timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
+      --trace-kernel --out "$out/eq_kernel.json" > "$out/eq_kernel.log" 2>&1
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 8 --traces 128 --steps 5 --warmup 2 \
+      --profile "$out/profile_k128_k.txt" --out "$out/k128_k.json" > "$out/k128_k.log" 2>&1
+    ;;
+  kern22b)  # K=128 +k at batch 16, then K=16 +k at batch 64 (16.3 GiB at 32 in session 21), profiled
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 16 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_k_b16.json" > "$out/k128_k_b16.log" 2>&1
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 64 --traces 16 --steps 6 --warmup 2 \
@@ -255,7 +265,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -11,11 +11,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 from cacheaug import prefix_attention as pa  # noqa: E402
+from cacheaug.windows import _seen_by_all  # noqa: E402
 
 
-def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dtype=torch.float32):
+def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dense=(0, 0), dtype=torch.float32):
     """Random inputs of the op: rows starting before, inside and past the text, a random mask in which every query
-    sees at least its first block key, and the tightest [lo, hi) of text columns that the mask allows."""
+    sees at least its first block key and every text column of ``dense`` that exists, and the tightest [lo, hi) of
+    text columns that the mask allows."""
     CL, M = C * L, G * C * L
     q = torch.randn(R, H, M, D, generator=g).to(dtype)
     kb, vb = (torch.randn(R, H, CL, D, generator=g).to(dtype) for _ in range(2))
@@ -23,6 +25,7 @@ def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dtype=torch.f
     seq = torch.randint(0, B, (R,), generator=g)
     start = torch.randint(-10, S - n + 5, (R,), generator=g)
     ok = torch.rand(R, CL, n + CL, generator=g) < 0.4
+    ok[:, :, dense[0]:dense[1]] = True
     pos = start[:, None] + torch.arange(n)
     ok[:, :, :n] &= ((pos >= 0) & (pos < S))[:, None]
     ok[:, :, n] = True
@@ -36,15 +39,23 @@ def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dtype=torch.f
     return q, kb, vb, tk, tv, seq, start, bias, lo, hi, D ** -0.5
 
 
+def full_of(args) -> torch.Tensor:
+    """The ``full`` ranges of a case: each row's first run of text columns every query sees (what windows.py gives)."""
+    kb, bias = args[1], args[7]
+    return _seen_by_all(bias[:, :, :bias.shape[-1] - kb.shape[2]] == 0)
+
+
 def check_kernels() -> None:
     g = torch.Generator().manual_seed(0)
     cases = [  # (op shapes, tile sizes)
         (dict(), dict(BLOCK_M=16, BLOCK_N=16)),
-        (dict(C=3, L=7, G=4, D=24, n=50, S=48), dict(BLOCK_M=16, BLOCK_N=16)),  # head size not a power of two,
-        (dict(C=2, L=9, G=1, D=32, n=70, S=64, R=3), dict(BLOCK_M=32, BLOCK_N=16)),  # block over several tiles
-        (dict(L=31, G=4, D=16, n=40, S=40, R=2), dict(BLOCK_M=64, BLOCK_N=64)),  # the default tiles
+        # a head size not a power of two; columns 5..39 seen by every query (tiles without the mask)
+        (dict(C=3, L=7, G=4, D=24, n=50, S=48, dense=(5, 40)), dict(BLOCK_M=16, BLOCK_N=16)),
+        (dict(C=2, L=9, G=1, D=32, n=70, S=64, R=3, dense=(20, 70)), dict(BLOCK_M=32, BLOCK_N=16)),  # block: 2 tiles
+        (dict(L=31, G=4, D=16, n=140, S=140, R=2, dense=(0, 140)), dict(BLOCK_M=64, BLOCK_N=64)),  # default tiles
     ]  # (float32 only: the interpreter's tl.dot misreads bfloat16; bf16 is checked on the GPU, check_equivalence.py)
     defaults = dict(pa.CONFIG), dict(pa.WIDE_CONFIG), dict(pa.BACKWARD_CONFIG)
+    skips_checked = 0
     for shapes, tiles in cases:
         pa.CONFIG.update(tiles)
         pa.WIDE_CONFIG.update(tiles)
@@ -57,9 +68,23 @@ def check_kernels() -> None:
         torch.testing.assert_close(lse, ref_lse, **tol)
         do = torch.randn(o.shape, generator=g)
         delta = (do * ref_o).sum(-1)
-        grads = pa._launch(*args, do, ref_lse, delta)
-        for got, want in zip(grads, pa.reference_backward(*args[:8], args[10], do, ref_lse, delta)):
+        ref_grads = pa.reference_backward(*args[:8], args[10], do, ref_lse, delta)
+        for got, want in zip(pa._launch(*args, do, ref_lse, delta), ref_grads):
             torch.testing.assert_close(got, want, **tol)
+        # the same with the columns every query sees given (their tiles then skip the mask), forward and backward
+        full = full_of(args)
+        bn = tiles["BLOCK_N"]
+        if shapes.get("dense"):  # some row has a whole tile of such columns
+            assert ((full[:, 1] // bn) > (full[:, 0] + bn - 1) // bn).any(), full
+        o_full, lse_full = pa._launch(*args, full=full)
+        torch.testing.assert_close(o_full, ref_o, **tol)
+        torch.testing.assert_close(lse_full, ref_lse, **tol)
+        for got, want in zip(pa._launch(*args, do, ref_lse, delta, full=full), ref_grads):
+            torch.testing.assert_close(got, want, **tol)
+        wrong = torch.stack([args[8], args[9]], dim=1).int()  # [lo, hi): seen by some query, not by every one
+        if not torch.equal(wrong, full):  # ... and skipping the mask is real: called full there, the result differs
+            assert not torch.allclose(pa._launch(*args, full=wrong)[0], o)
+            skips_checked += 1
         # the skipped tiles matter: a row whose [lo, hi) leaves out a column it sees gives another result
         q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale = args
         cut = hi.clone()
@@ -67,6 +92,7 @@ def check_kernels() -> None:
         if hi[0] > lo[0]:
             assert not torch.allclose(pa._launch(q, kb, vb, tk, tv, seq, start, bias, lo, cut, scale)[0][0], o[0])
         print("kernels", shapes, tiles, "ok")
+    assert skips_checked >= 2, skips_checked
     pa.CONFIG.update(defaults[0])
     pa.WIDE_CONFIG.update(defaults[1])
     pa.BACKWARD_CONFIG.update(defaults[2])
@@ -143,12 +169,16 @@ def check_model() -> None:
     from cacheaug.speed import apply_speed_options
     from cacheaug.testing import assert_same_as_packed, perturb_trainable, tiny_model
 
-    launches = []
+    launches, unmasked = [], []
     real = pa._launch
+    defaults = dict(pa.CONFIG), dict(pa.WIDE_CONFIG), dict(pa.BACKWARD_CONFIG)
+    for cfg in (pa.CONFIG, pa.WIDE_CONFIG, pa.BACKWARD_CONFIG):  # tiles small enough for the rows' full ranges
+        cfg.update(BLOCK_M=16, BLOCK_N=8)
 
-    def spy(*args, **kwargs):
+    def spy(*args, full=None, **kwargs):
         launches.append("backward" if len(args) > 11 else "forward")
-        return real(*args, **kwargs)
+        unmasked.append(bool(((full[:, 1] // 8) > (full[:, 0] + 7) // 8).any()))  # a whole tile without the mask
+        return real(*args, full=full, **kwargs)
 
     pa._launch = spy
     for family in ("gemma3", "qwen3"):
@@ -161,7 +191,12 @@ def check_model() -> None:
         assert_same_as_packed(model, ids, positions, "trace_windows", False)
         layers = model.base.config.num_hidden_layers
         assert launches.count("forward") == 2 * layers and launches.count("backward") == 2 * layers, launches
+        assert any(unmasked), "no row had a whole tile of columns every query sees"
+        unmasked.clear()
         print("model", family, "ok")
+    pa._launch = real
+    for cfg, default in zip((pa.CONFIG, pa.WIDE_CONFIG, pa.BACKWARD_CONFIG), defaults):
+        cfg.update(default)
 
 
 if __name__ == "__main__":

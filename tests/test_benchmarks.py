@@ -107,12 +107,18 @@ def test_trace_attention_runs_at_toy_size(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = json.loads(out.read_text())["rows"]
     kernel = [r for r in rows if r["layout"].startswith("kernel")]
-    # sliding: one trace per row; full: one trace per row and chunks of 4; each 2 forward settings, 1 backward
-    assert len(kernel) == 3 * 3 and sorted({r["pass"] for r in kernel}) == ["forward", "forward+backward"]
+    # sliding: one trace per row; full: one trace per row and chunks of 4; each 2 forward settings, 1 backward, and
+    # forward + backward with the mask on every tile
+    assert len(kernel) == 3 * 4 and sorted({r["pass"] for r in kernel}) == [
+        "forward", "forward+backward", "forward+backward, mask on every tile"]
     for r in kernel:
         for name in ("out", "dq", "dk_block", "dv_block"):
             assert r[f"max_abs_diff_{name}"] <= 1e-4 * max(1.0, r[f"max_abs_{name}"]) and r[f"max_abs_{name}"] > 0
         assert r["kernel"] == "torch reference" and r["ms"] > 0 and 0 < r["mean_text_keys_read"] <= 96
+        # the columns every query sees: a sliding row's last query still sees W - L of its keys (32 - 5 here)
+        assert 0 < r["mean_text_keys_unmasked"] <= r["mean_text_keys_read"]
+        if r["layer"] == "sliding_attention":
+            assert r["mean_text_keys_unmasked"] <= 32 - 5 + 1
     assert {r["layout"] for r in rows} >= {"chunk 4", "windows", "windows, chunk 4", "kernel", "kernel, chunk 4"}
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / "pick_tiles.py"), str(out)], capture_output=True,
                          text=True, timeout=60)

@@ -34,9 +34,10 @@ def _spy_op(monkeypatch):
     """(rows, folded queries, columns) of every call of the op from the windowed attention."""
     seen, real = [], windows.prefix_attention
 
-    def spy(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale):
+    def spy(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, full):
+        assert full is not None and full.shape == (q.shape[0], 2)  # every call says which columns every query sees
         seen.append((q.shape[0], q.shape[2], bias.shape[-1]))
-        return real(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale)
+        return real(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, full)
 
     monkeypatch.setattr(windows, "prefix_attention", spy)
     return seen
@@ -102,6 +103,14 @@ def test_row_ranges_are_tight_and_skip_what_no_query_sees(chunk):
             assert text_pos.max() == p.max()  # the last text key seen is the row's last insertion point
             if window is not None:  # the first is the first query's window start (or the text's)
                 assert text_pos.min() == max(0, int(p.min()) + 1 - window + 1)
+            # full: the columns every query sees (no mask read there), as the rule gives them: on a sliding layer
+            # the last query's window start up to the point, on a full one the text up to the row's first point
+            every = (keys.bias[r, :, :n] == 0).all(0)
+            f_lo, f_hi = (int(x) for x in keys.full[r])
+            assert f_hi > f_lo and every[f_lo:f_hi].all() and not every[:f_lo].any()
+            assert f_hi == n or not every[f_hi]
+            first_seen = max(0, int(p.max()) + L - window + 1) if window is not None else 0
+            assert (keys.start[r] + f_lo, keys.start[r] + f_hi - 1) == (first_seen, p.min())
         # the masks are the rule's: recompute one row's first query against the text from masks.allowed
         q_pos = positions.reshape(R, -1)[0, 0] + 1
         ok = allowed(q_pos, 0, positions.reshape(R, -1)[0, 0], keys.start[0] + torch.arange(n), -1, window)
@@ -229,6 +238,8 @@ def test_pick_tiles_sums_over_the_models_layers(tmp_path):
                 rows.append({"layout": "kernel", "layer": layer, "L": 31, "pass": passes, "kernel": f"triton {cfg}",
                              "ms": t if passes == "forward" else 2 * t})
     rows.append({"layout": "windows", "layer": "full_attention", "L": 31, "kernel": "cudnn", "ms": 0.1})
+    rows.append({"layout": "kernel", "layer": "full_attention", "L": 31, "pass": "forward+backward, mask on every tile",
+                 "kernel": "triton (defaults)", "ms": 0.1})
     rows.append({"layout": "kernel", "layer": "sliding_attention", "L": 31, "pass": "forward",  # timed at one shape
                  "kernel": "triton 32,32,4,1", "ms": 0.01})
     result = tmp_path / "ta.json"

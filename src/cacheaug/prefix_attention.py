@@ -6,11 +6,12 @@ with a dense additive mask; its backward also computes gradients for the copied 
 (the prefix cache of a frozen decoder takes none). This op instead
 
 * reads the text keys and values in place from the prefix cache (no per-row copy),
-* skips the tiles of text columns that no query of the row may see (``lo``/``hi``),
+* skips the tiles of text columns that no query of the row may see (``lo``/``hi``), and the mask on tiles whose
+  columns every query sees (``full``),
 * computes, in backward, dQ over text and block and dK/dV of the row's block only (added up over the tiles of a
   row's queries with float32 atomics).
 
-    o, lse = prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale)
+    o, lse = prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale, full)
 
 =========================  ==========================================================================================
 ``q [R, H, M, D]``          queries of row r under key head h; M = G x C x L, the G query heads that share key head h
@@ -20,6 +21,8 @@ with a dense additive mask; its backward also computes gradients for the copied 
 ``seq, start [R]`` (int)    row r's text column j is key ``start[r] + j`` of sequence ``seq[r]`` (out of 0..S-1: masked)
 ``bias [R, CL, n + CL]``    additive mask (0: attend; the dtype's min: masked), n text columns then CL block columns
 ``lo, hi [R]`` (int)        text columns outside ``[lo, hi)`` are masked for every query of the row
+``full [R, 2]`` (int32)     optional: every query of row r sees text columns ``[full[r, 0], full[r, 1])`` (a range
+                            inside ``[lo, hi)`` whose keys exist): their tiles skip reading and applying the mask
 =========================  ==========================================================================================
 
 Returns ``o`` ``[R, H, M, D]`` (q's dtype) and the log-sum-exp ``lse`` ``[R, H, M]`` (float32, no gradient). The
@@ -120,10 +123,13 @@ def kernel_available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC: tl.constexpr):
-        """One tile of keys for the forward pass: scores, then the running max, sum and output."""
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
-        s = tl.where(valid, s, -3.4028234663852886e38)  # finite: a tile with nothing visible makes no NaN
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, MASKED: tl.constexpr, PREC: tl.constexpr):
+        """One tile of keys for the forward pass: scores (masked unless every query sees every key of the tile), then
+        the running max, sum and output."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if MASKED:
+            s = s + bias
+            s = tl.where(valid, s, -3.4028234663852886e38)  # finite: a tile with nothing visible makes no NaN
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -132,19 +138,47 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _grad_step(dq, q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
+    def _grad_step(dq, q, do, lse, delta, k, v, bias, valid, scale, MASKED: tl.constexpr, PREC: tl.constexpr):
         """One tile of keys for backward: the probabilities again from the saved log-sum-exp, dQ's share, and the
         probabilities and score gradients (for a block's dK/dV)."""
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
-        s = tl.where(valid, s, -3.4028234663852886e38)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if MASKED:
+            s = s + bias
+            s = tl.where(valid, s, -3.4028234663852886e38)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC), p, ds
 
     @triton.jit
+    def _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, first, end, m_ok, d_ok,
+                    offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                    BACKWARD: tl.constexpr, PREC: tl.constexpr):
+        """The text tiles [first, end) of a row, read in place from the prefix cache. Without MASKED every query of
+        the row sees every column of these tiles: no mask is read or applied (the host's ``full`` range)."""
+        for n0 in range(first, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            pos = start + offs_n
+            if MASKED:
+                n_ok = (offs_n >= lo) & (offs_n < hi) & (pos >= 0) & (pos < S)
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                valid = m_ok[:, None] & n_ok[None, :]
+                bias = tl.load(bias_rows + offs_n[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
+            else:
+                kv_mask = (offs_n >= 0)[:, None] & d_ok[None, :]
+                valid = m_ok[:, None]
+                bias = 0.0
+            k = tl.load(tk + pos[:, None] * stk_s + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(tv + pos[:, None] * stv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+            if BACKWARD:
+                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, MASKED, PREC)
+            else:
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, MASKED, PREC)
+        return acc, m_i, l_i
+
+    @triton.jit
     def _prefix_attention_kernel(
-        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, DO, LSE, DELTA, OUT, OUT_LSE, DKB, DVB,
+        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, FULL, DO, LSE, DELTA, OUT, OUT_LSE, DKB, DVB,
         sq_r, sq_h, sq_m, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n,
         stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
         M, CL, N, S, scale,
@@ -166,6 +200,8 @@ if triton is not None:
         start = tl.load(START + r).to(tl.int64)
         lo = tl.load(LO + r)
         hi = tl.load(HI + r)
+        full_lo = tl.load(FULL + 2 * r)
+        full_hi = tl.load(FULL + 2 * r + 1)
         tk = TK + b * stk_b + h * stk_h
         tv = TV + b * stv_b + h * stv_h
         kb = KB + r * skb_r + h * skb_h
@@ -175,24 +211,24 @@ if triton is not None:
             lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+            m_i, l_i = lse, delta  # (not used in backward)
         else:
             acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        # the text columns some query of the row may see, read in place from the prefix cache
-        for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            pos = start + offs_n
-            n_ok = (offs_n >= lo) & (offs_n < hi) & (pos >= 0) & (pos < S)
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(tk + pos[:, None] * stk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(tv + pos[:, None] * stv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-            valid = m_ok[:, None] & n_ok[None, :]
-            bias = tl.load(bias_rows + offs_n[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
-            if BACKWARD:
-                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
-            else:
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
+            do, lse, delta = q, l_i, l_i  # (not used in forward)
+        # the text columns some query of the row may see, read in place from the prefix cache: the tiles inside
+        # [full_lo, full_hi), where every query sees every column, without a mask; the others with it
+        first = (lo // BLOCK_N) * BLOCK_N
+        f0 = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        f1 = (full_hi // BLOCK_N) * BLOCK_N
+        f0, f1 = tl.where(f1 > f0, f0, first), tl.where(f1 > f0, f1, first)
+        acc, m_i, l_i = _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, first, f0,
+                                    m_ok, d_ok, offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N, True, BACKWARD, PREC)
+        acc, m_i, l_i = _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, f0, f1,
+                                    m_ok, d_ok, offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N, False, BACKWARD, PREC)
+        acc, m_i, l_i = _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, f1, hi,
+                                    m_ok, d_ok, offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N, True, BACKWARD, PREC)
         # the row's own block
         for n0 in range(0, CL, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -203,14 +239,14 @@ if triton is not None:
             valid = m_ok[:, None] & n_ok[None, :]
             bias = tl.load(bias_rows + (N + offs_n)[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
             if BACKWARD:
-                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, True, PREC)
                 grad = (r * tl.num_programs(2) + h) * CL * D + offs_n[:, None] * D + offs_d[None, :]
                 dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
                 tl.atomic_add(DVB + grad, dv, mask=kv_mask)  # other tiles of the row's queries add theirs
                 tl.atomic_add(DKB + grad, dk, mask=kv_mask)
             else:
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, True, PREC)
         out = OUT + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :]
         if BACKWARD:
             tl.store(out, (acc * scale).to(OUT.dtype.element_ty), mask=q_mask)
@@ -219,10 +255,12 @@ if triton is not None:
             tl.store(OUT_LSE + (r * tl.num_programs(2) + h) * M + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
 
-def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, delta=None):
-    """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse``, ``delta``, backward ``(dq, dk_blk, dv_blk)``."""
+def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, delta=None, full=None):
+    """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse``, ``delta``, backward ``(dq, dk_blk, dv_blk)``.
+    ``full`` [R, 2]: each row's text columns that every query sees (none: every tile reads the mask)."""
     kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (kb, vb, tk, tv, bias))
-    q, seq, start, lo, hi = (x.contiguous() for x in (q, seq, start, lo, hi))  # seq ... hi: one value per row
+    full = _no_full(hi) if full is None else full
+    q, seq, start, lo, hi, full = (x.contiguous() for x in (q, seq, start, lo, hi, full))  # seq ...: per row
     R, H, M, D = q.shape
     CL = kb.shape[2]
     backward = do is not None
@@ -237,7 +275,8 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(wanted), *FALLBACK_CONFIGS]
     for i, cfg in enumerate(candidates):
         try:
-            _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta, out, out_lse, dkb, dvb)
+            _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, delta, out, out_lse, dkb,
+                 dvb)
         except _OutOfResources:  # raised before the launch: nothing was written
             if i == len(candidates) - 1:
                 raise
@@ -247,13 +286,18 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     return (out, dkb.to(kb.dtype), dvb.to(vb.dtype)) if backward else (out, out_lse)
 
 
-def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta, out, out_lse, dkb, dvb):
+def _no_full(hi: torch.Tensor) -> torch.Tensor:
+    """A ``full`` range of no columns (every tile then reads and applies the mask)."""
+    return torch.stack([hi, hi], dim=1).int()
+
+
+def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, delta, out, out_lse, dkb, dvb):
     backward = do is not None
     R, H, M, D = q.shape
     CL, S = kb.shape[2], tk.shape[2]
     grid = (R, triton.cdiv(M, cfg["BLOCK_M"]), H)
     _prefix_attention_kernel[grid](
-        q, kb, vb, tk, tv, seq, start, bias, lo, hi,
+        q, kb, vb, tk, tv, seq, start, bias, lo, hi, full,
         do if backward else q, lse if backward else out_lse, delta if backward else out_lse, out, out_lse,
         dkb, dvb,
         *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
@@ -325,39 +369,39 @@ def _use_kernel(q: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------------------------ the custom ops
 # The ops' names carry a version: bump it whenever their autograd changes. torch's compile caches (AOTAutograd's, seen
 # with torch 2.13) reuse a compiled backward for an unchanged forward graph, even after the op's backward changed.
-@torch.library.custom_op("cacheaug::prefix_attention_v1", mutates_args=())
+@torch.library.custom_op("cacheaug::prefix_attention_v2", mutates_args=())
 def _prefix_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
                       seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      full: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_kernel(q):
-        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale)
+        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, full=full)
     return reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale)
 
 
 @_prefix_attention.register_fake
-def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale):
+def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("cacheaug::prefix_attention_backward_v1", mutates_args=())
+@torch.library.custom_op("cacheaug::prefix_attention_backward_v2", mutates_args=())
 def _prefix_attention_backward(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor,
                                tv: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor,
-                               lo: torch.Tensor, hi: torch.Tensor, scale: float, do: torch.Tensor, lse: torch.Tensor,
-                               delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               lo: torch.Tensor, hi: torch.Tensor, full: torch.Tensor, scale: float, do: torch.Tensor,
+                               lse: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_kernel(q):
-        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta)
+        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta, full=full)
     return reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta)
 
 
 @_prefix_attention_backward.register_fake
-def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta):
+def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, delta):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, kb, vb))
 
 
 def _setup_context(ctx, inputs, output):
-    q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale = inputs
+    q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, o, lse)
+    ctx.save_for_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, o, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
@@ -366,18 +410,20 @@ def _backward(ctx, do, _dlse):
     if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
         raise RuntimeError("prefix_attention computes no gradient for the text keys; use the sdpa path when the "
                            "prefix cache requires grad")
-    q, kb, vb, tk, tv, seq, start, bias, lo, hi, o, lse = ctx.saved_tensors
+    q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, o, lse = ctx.saved_tensors
     delta = (do.float() * o.float()).sum(-1)
-    dq, dkb, dvb = _prefix_attention_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, ctx.scale, do, lse, delta)
-    return dq, dkb, dvb, None, None, None, None, None, None, None, None
+    dq, dkb, dvb = _prefix_attention_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, ctx.scale, do, lse,
+                                              delta)
+    return dq, dkb, dvb, None, None, None, None, None, None, None, None, None
 
 
 _prefix_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale: float):
+def prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale: float, full=None):
     """Attention of trace rows over their text columns (read in place) and their own block; see the module doc."""
     if torch.is_grad_enabled() and (text_k.requires_grad or text_v.requires_grad):
         raise ValueError("prefix_attention computes no gradient for the text keys: detach them, or use the sdpa "
                          "path (windows.trace_attention does so by itself)")
-    return _prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, float(scale))
+    full = _no_full(hi) if full is None else full
+    return _prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, full, float(scale))

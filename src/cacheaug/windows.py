@@ -58,6 +58,7 @@ class TraceKeys:
     start: torch.Tensor | None = None  # [R] text position of each row's first text column
     lo: torch.Tensor | None = None  # [R] int32: text columns outside [lo, hi) are masked for the whole row
     hi: torch.Tensor | None = None
+    full: torch.Tensor | None = None  # [R, 2] int32: every query of the row sees the text columns [full_lo, full_hi)
 
 
 def check_family(family: Family) -> None:
@@ -106,10 +107,23 @@ def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family:
             extra = dict(kernel=True, bias=bias, seq=seq[:, 0], start=j[:, 0] if window is not None and n < S
                          else torch.zeros(R, dtype=torch.long, device=device),
                          lo=torch.where(some, seen.int().argmax(1), 0).int(),
-                         hi=torch.where(some, n - seen.flip(1).int().argmax(1), 0).int())
+                         hi=torch.where(some, n - seen.flip(1).int().argmax(1), 0).int(),
+                         full=_seen_by_all(ok[:, :, :n]))
         out[layer_type] = TraceKeys(prefix_kv, seq * S + j.clamp_min(0), None if kernel else _fold(bias, groups),
                                     groups, C, **extra)
     return out
+
+
+def _seen_by_all(ok: torch.Tensor) -> torch.Tensor:
+    """``[R, 2]`` int32: the first run of text columns that every query of a row sees (``ok`` ``[R, queries, n]``),
+    empty (0, 0) where there is none. One trace per row on a sliding layer: the W-L keys before its point that its
+    last query still sees; a full layer: the text up to the row's first point."""
+    every = ok.all(1)  # [R, n]
+    any_ = every.any(1)
+    first = torch.where(any_, every.int().argmax(1), 0)
+    after = ~every & (torch.arange(ok.shape[-1], device=ok.device) >= first[:, None])
+    end = torch.where(after.any(1), after.int().argmax(1), ok.shape[-1])
+    return torch.stack([first, torch.where(any_, end, 0)], dim=1).int()
 
 
 def _fold(bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -134,7 +148,7 @@ def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float =
     text_grad = torch.is_grad_enabled() and (text_k.requires_grad or text_v.requires_grad)
     if keys.kernel and dropout == 0.0 and not text_grad:
         out, _ = prefix_attention(q, rows(key), rows(value), text_k, text_v, keys.seq, keys.start, keys.bias, keys.lo,
-                                  keys.hi, D ** -0.5 if scaling is None else scaling)
+                                  keys.hi, D ** -0.5 if scaling is None else scaling, keys.full)
     else:
         k = torch.cat([gather_rows(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
         v = torch.cat([gather_rows(text_v, keys.index), rows(value)], dim=2)
