@@ -81,6 +81,11 @@ def check_kernels() -> None:
         torch.testing.assert_close(lse_full, ref_lse, **tol)
         for got, want in zip(pa._launch(*args, do, ref_lse, delta, full=full), ref_grads):
             torch.testing.assert_close(got, want, **tol)
+        pa._OFFS64_FROM = 0  # the same with 64-bit text offsets (what a long text with a wide cache stride takes)
+        try:
+            torch.testing.assert_close(pa._launch(*args, full=full)[0], ref_o, **tol)
+        finally:
+            pa._OFFS64_FROM = 2**31
         wrong = torch.stack([args[8], args[9]], dim=1).int()  # [lo, hi): seen by some query, not by every one
         if not torch.equal(wrong, full):  # ... and skipping the mask is real: called full there, the result differs
             assert not torch.allclose(pa._launch(*args, full=wrong)[0], o)

@@ -6,8 +6,8 @@ with a dense additive mask; its backward also computes gradients for the copied 
 (the prefix cache of a frozen decoder takes none). This op instead
 
 * reads the text keys and values in place from the prefix cache (no per-row copy),
-* skips the tiles of text columns that no query of the row may see (``lo``/``hi``), and the mask on tiles whose
-  columns every query sees (``full``),
+* skips the tiles of text columns that no query of the row may see (``lo``/``hi``), and does not read the mask on
+  tiles whose columns every query sees (``full``),
 * computes, in backward, dQ over text and block and dK/dV of the row's block only (added up over the tiles of a
   row's queries with float32 atomics).
 
@@ -22,7 +22,7 @@ with a dense additive mask; its backward also computes gradients for the copied 
 ``bias [R, CL, n + CL]``    additive mask (0: attend; the dtype's min: masked), n text columns then CL block columns
 ``lo, hi [R]`` (int)        text columns outside ``[lo, hi)`` are masked for every query of the row
 ``full [R, 2]`` (int32)     optional: every query of row r sees text columns ``[full[r, 0], full[r, 1])`` (a range
-                            inside ``[lo, hi)`` whose keys exist): their tiles skip reading and applying the mask
+                            inside ``[lo, hi)`` whose keys exist): their tiles do not read the mask
 =========================  ==========================================================================================
 
 Returns ``o`` ``[R, H, M, D]`` (q's dtype) and the log-sum-exp ``lse`` ``[R, H, M]`` (float32, no gradient). The
@@ -99,6 +99,7 @@ if os.environ.get(TILES_ENV):
     WIDE_CONFIG.update(_fwd)
     BACKWARD_CONFIG.update(_bwd)
 
+_OFFS64_FROM = 2**31  # text offsets this large (positions x the cache's stride) run the kernel with 64-bit offsets
 _CHOSEN: dict = {}  # (pass, head size, dtype, device, requested settings) -> the settings that launched
 
 
@@ -123,13 +124,10 @@ def kernel_available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, MASKED: tl.constexpr, PREC: tl.constexpr):
-        """One tile of keys for the forward pass: scores (masked unless every query sees every key of the tile), then
-        the running max, sum and output."""
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        if MASKED:
-            s = s + bias
-            s = tl.where(valid, s, -3.4028234663852886e38)  # finite: a tile with nothing visible makes no NaN
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC: tl.constexpr):
+        """One tile of keys for the forward pass: scores, then the running max, sum and output."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
+        s = tl.where(valid, s, -3.4028234663852886e38)  # finite: a tile with nothing visible makes no NaN
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -138,43 +136,15 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _grad_step(dq, q, do, lse, delta, k, v, bias, valid, scale, MASKED: tl.constexpr, PREC: tl.constexpr):
+    def _grad_step(dq, q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
         """One tile of keys for backward: the probabilities again from the saved log-sum-exp, dQ's share, and the
         probabilities and score gradients (for a block's dK/dV)."""
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        if MASKED:
-            s = s + bias
-            s = tl.where(valid, s, -3.4028234663852886e38)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
+        s = tl.where(valid, s, -3.4028234663852886e38)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC), p, ds
-
-    @triton.jit
-    def _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, first, end, m_ok, d_ok,
-                    offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    BACKWARD: tl.constexpr, PREC: tl.constexpr):
-        """The text tiles [first, end) of a row, read in place from the prefix cache. Without MASKED every query of
-        the row sees every column of these tiles: no mask is read or applied (the host's ``full`` range)."""
-        for n0 in range(first, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            pos = start + offs_n
-            if MASKED:
-                n_ok = (offs_n >= lo) & (offs_n < hi) & (pos >= 0) & (pos < S)
-                kv_mask = n_ok[:, None] & d_ok[None, :]
-                valid = m_ok[:, None] & n_ok[None, :]
-                bias = tl.load(bias_rows + offs_n[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
-            else:
-                kv_mask = (offs_n >= 0)[:, None] & d_ok[None, :]
-                valid = m_ok[:, None]
-                bias = 0.0
-            k = tl.load(tk + pos[:, None] * stk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(tv + pos[:, None] * stv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-            if BACKWARD:
-                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, MASKED, PREC)
-            else:
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, MASKED, PREC)
-        return acc, m_i, l_i
 
     @triton.jit
     def _prefix_attention_kernel(
@@ -183,7 +153,7 @@ if triton is not None:
         stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
         M, CL, N, S, scale,
         D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BACKWARD: tl.constexpr, PREC: tl.constexpr,
+        BACKWARD: tl.constexpr, PREC: tl.constexpr, OFFS64: tl.constexpr,
     ):
         """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) of one tile of queries of one row, and its
         share of the row's block dK/dV added to the float32 DKB/DVB (laid out like KB)."""
@@ -197,7 +167,10 @@ if triton is not None:
         q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
         bias_rows = BIAS + r * sb_r + (offs_m % CL)[:, None] * sb_m
         b = tl.load(SEQ + r).to(tl.int64)
-        start = tl.load(START + r).to(tl.int64)
+        if OFFS64:  # a text tile's offsets in 64 bits only where 32 do not hold them (fewer registers, less spilling)
+            start = tl.load(START + r).to(tl.int64)
+        else:
+            start = tl.load(START + r).to(tl.int32)
         lo = tl.load(LO + r)
         hi = tl.load(HI + r)
         full_lo = tl.load(FULL + 2 * r)
@@ -211,24 +184,28 @@ if triton is not None:
             lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
-            m_i, l_i = lse, delta  # (not used in backward)
         else:
             acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            do, lse, delta = q, l_i, l_i  # (not used in forward)
-        # the text columns some query of the row may see, read in place from the prefix cache: the tiles inside
-        # [full_lo, full_hi), where every query sees every column, without a mask; the others with it
-        first = (lo // BLOCK_N) * BLOCK_N
+        # the text columns some query of the row may see, read in place from the prefix cache; the mask is not read
+        # on the tiles inside [full_lo, full_hi), whose columns every query of the row sees (it is 0 there)
         f0 = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         f1 = (full_hi // BLOCK_N) * BLOCK_N
-        f0, f1 = tl.where(f1 > f0, f0, first), tl.where(f1 > f0, f1, first)
-        acc, m_i, l_i = _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, first, f0,
-                                    m_ok, d_ok, offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N, True, BACKWARD, PREC)
-        acc, m_i, l_i = _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, f0, f1,
-                                    m_ok, d_ok, offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N, False, BACKWARD, PREC)
-        acc, m_i, l_i = _text_tiles(acc, m_i, l_i, q, do, lse, delta, tk, tv, bias_rows, start, lo, hi, f1, hi,
-                                    m_ok, d_ok, offs_d, stk_s, stv_s, sb_n, S, scale, BLOCK_N, True, BACKWARD, PREC)
+        for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            pos = start + offs_n
+            n_ok = (offs_n >= lo) & (offs_n < hi) & (pos >= 0) & (pos < S)
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(tk + pos[:, None] * stk_s + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(tv + pos[:, None] * stv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+            valid = m_ok[:, None] & n_ok[None, :]
+            read = (offs_n < f0) | (offs_n >= f1)  # (tiles lie wholly inside or outside [f0, f1))
+            bias = tl.load(bias_rows + offs_n[None, :] * sb_n, mask=valid & read[None, :], other=0.0).to(tl.float32)
+            if BACKWARD:
+                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+            else:
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
         # the row's own block
         for n0 in range(0, CL, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -239,14 +216,14 @@ if triton is not None:
             valid = m_ok[:, None] & n_ok[None, :]
             bias = tl.load(bias_rows + (N + offs_n)[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
             if BACKWARD:
-                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, True, PREC)
+                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
                 grad = (r * tl.num_programs(2) + h) * CL * D + offs_n[:, None] * D + offs_d[None, :]
                 dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
                 tl.atomic_add(DVB + grad, dv, mask=kv_mask)  # other tiles of the row's queries add theirs
                 tl.atomic_add(DKB + grad, dk, mask=kv_mask)
             else:
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, True, PREC)
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
         out = OUT + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :]
         if BACKWARD:
             tl.store(out, (acc * scale).to(OUT.dtype.element_ty), mask=q_mask)
@@ -305,6 +282,7 @@ def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse,
         M, CL, bias.shape[-1] - CL, S, float(scale),
         D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BACKWARD=backward, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        OFFS64=(S + bias.shape[-1]) * max(abs(tk.stride(2)), abs(tv.stride(2))) + D >= _OFFS64_FROM,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 

@@ -1,0 +1,131 @@
+"""The trace kernel's registers, spills and shared memory on an H100/H200 (sm_90a), compiled ahead of time on any
+machine: no GPU needed (docs/performance.md, "Session 21").
+
+Triton compiles ``cacheaug.prefix_attention``'s kernel for the target at each tile setting and ptxas (bundled with
+Triton) reports what a thread uses. At head size 256 the kernels hold 64-256 float32 accumulators a thread; what does
+not fit the 255 registers spills to local memory, which the GPU then reads and writes in the inner loop. The spill
+bytes are a cheap proxy for the kernel's speed while no GPU is at hand (the timing itself is
+benchmarks/trace_attention.py's, on the GPU).
+
+    python benchmarks/kernel_registers.py --out kernel_registers.json      # forward and backward at the defaults
+    python benchmarks/kernel_registers.py --tiles 64,64,4,2 128,64,8,2 --backward-tiles 64,32,4,2 64,32,8,2
+    git show REV:src/cacheaug/prefix_attention.py > /tmp/pa_rev.py      # another version of the kernel, compared
+    python benchmarks/kernel_registers.py --module /tmp/pa_rev.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from cacheaug import prefix_attention as pa
+
+POINTERS = {"SEQ": "*i64", "START": "*i64", "LO": "*i32", "HI": "*i32", "FULL": "*i32", "LSE": "*fp32",
+            "DELTA": "*fp32", "OUT_LSE": "*fp32", "DKB": "*fp32", "DVB": "*fp32"}  # the rest: *DTYPE
+TENSORS = ("Q", "KB", "VB", "TK", "TV", "BIAS", "DO", "OUT")
+
+
+def _ptxas_report(ptx: str, arch: str) -> dict:
+    """Registers and spill bytes of one kernel, from the bundled ptxas that reads this PTX's version."""
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        for tool in ("ptxas-blackwell", "ptxas"):
+            if not (bin_dir / tool).exists():
+                continue
+            run = subprocess.run([str(bin_dir / tool), f"-arch={arch}", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+            text = run.stdout + run.stderr
+            if run.returncode == 0:
+                spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+                regs = re.search(r"Used (\d+) registers", text)
+                return {"registers": int(regs.group(1)), "stack_bytes": int(spill.group(1)),
+                        "spill_store_bytes": int(spill.group(2)), "spill_load_bytes": int(spill.group(3)),
+                        "ptxas": tool}
+    finally:
+        os.unlink(f.name)
+    raise SystemExit(f"kernel_registers: no ptxas in {bin_dir} reads this PTX (install a Triton with the NVIDIA "
+                     "backend)")
+
+
+def compile_report(tiles: str, backward: bool, head_dim: int, dtype: str = "bf16", arch: int = 90,
+                   module=pa) -> dict:
+    """Compile ``module``'s kernel for ``sm_{arch}a`` at ``tiles`` ("BLOCK_M,BLOCK_N,warps,stages") and report its
+    resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bm, bn, warps, stages = (int(x) for x in tiles.split(","))
+    kernel = module._prefix_attention_kernel
+    names = kernel.arg_names
+    const = dict(D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn, BACKWARD=backward,
+                 PREC="ieee" if dtype == "fp32" else "tf32", OFFS64=False)
+    signature = {}
+    for name in names:
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+        elif name in TENSORS:
+            signature[name] = "*" + dtype
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in const.items() if k in names})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return {"pass": "backward" if backward else "forward", "tiles": tiles, "head_dim": head_dim, "dtype": dtype,
+            "arch": f"sm_{arch}a", "shared_bytes": compiled.metadata.shared,
+            "fits_h200_shared": compiled.metadata.shared <= 232448,
+            **_ptxas_report(compiled.asm["ptx"], f"sm_{arch}a")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = ",".join(str(pa.CONFIG[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    wide = ",".join(str(pa.WIDE_CONFIG[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    bwd = ",".join(str(pa.BACKWARD_CONFIG[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    ap.add_argument("--tiles", nargs="*", default=[cfg, wide], help="forward settings (default: the library's)")
+    ap.add_argument("--backward-tiles", nargs="*", default=[bwd], help="backward settings")
+    ap.add_argument("--head-dim", type=int, default=256)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--arch", type=int, default=90, help="90: H100 / H200")
+    ap.add_argument("--module", default=None, help="a file holding another version of cacheaug/prefix_attention.py")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    module = pa
+    if args.module:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("prefix_attention_other", args.module)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    rows = []
+    for backward, settings in ((False, args.tiles), (True, args.backward_tiles)):
+        for tiles in settings:
+            try:
+                rows.append(compile_report(tiles, backward, args.head_dim, args.dtype, args.arch, module))
+            except Exception as err:  # a setting the compiler refuses (shared memory, layouts): say so, go on
+                if isinstance(err, SystemExit):
+                    raise
+                rows.append({"pass": "backward" if backward else "forward", "tiles": tiles,
+                             "error": f"{type(err).__name__}: {err}"[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "module": args.module or "cacheaug.prefix_attention",
+                                              "python": sys.version.split()[0],
+                                              "triton": __import__("triton").__version__}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
