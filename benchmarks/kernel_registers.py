@@ -29,6 +29,7 @@ from cacheaug import prefix_attention as pa
 POINTERS = {"SEQ": "*i64", "START": "*i64", "LO": "*i32", "HI": "*i32", "FULL": "*i32", "LSE": "*fp32",
             "DELTA": "*fp32", "OUT_LSE": "*fp32", "DKB": "*fp32", "DVB": "*fp32"}  # the rest: *DTYPE
 TENSORS = ("Q", "KB", "VB", "TK", "TV", "BIAS", "DO", "OUT")
+PASSES = {False: "forward", True: "backward", "block": "backward, block dK/dV"}
 
 
 def _ptxas_report(ptx: str, arch: str) -> dict:
@@ -57,16 +58,17 @@ def _ptxas_report(ptx: str, arch: str) -> dict:
                      "backend)")
 
 
-def compile_report(tiles: str, backward: bool, head_dim: int, dtype: str = "bf16", arch: int = 90,
+def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str = "bf16", arch: int = 90,
                    module=pa) -> dict:
     """Compile ``module``'s kernel for ``sm_{arch}a`` at ``tiles`` ("BLOCK_M,BLOCK_N,warps,stages") and report its
-    resources."""
+    resources; ``backward="block"``: the backward's second kernel, the block's dK/dV."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     bm, bn, warps, stages = (int(x) for x in tiles.split(","))
-    kernel = module._prefix_attention_kernel
+    block = backward == "block"
+    kernel = module._block_grad_kernel if block else module._prefix_attention_kernel
     names = kernel.arg_names
     const = dict(D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn, BACKWARD=backward,
                  PREC="ieee" if dtype == "fp32" else "tf32", OFFS64=False)
@@ -74,6 +76,8 @@ def compile_report(tiles: str, backward: bool, head_dim: int, dtype: str = "bf16
     for name in names:
         if name in const:
             signature[name] = "constexpr"
+        elif block and name in ("DKB", "DVB"):  # written in the blocks' dtype
+            signature[name] = "*" + dtype
         elif name in POINTERS:
             signature[name] = POINTERS[name]
         elif name in TENSORS:
@@ -84,7 +88,7 @@ def compile_report(tiles: str, backward: bool, head_dim: int, dtype: str = "bf16
                        constexprs={(names.index(k),): v for k, v in const.items() if k in names})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
-    return {"pass": "backward" if backward else "forward", "tiles": tiles, "head_dim": head_dim, "dtype": dtype,
+    return {"pass": PASSES[backward], "tiles": tiles, "head_dim": head_dim, "dtype": dtype,
             "arch": f"sm_{arch}a", "shared_bytes": compiled.metadata.shared,
             "fits_h200_shared": compiled.metadata.shared <= 232448,
             **_ptxas_report(compiled.asm["ptx"], f"sm_{arch}a")}
@@ -97,6 +101,9 @@ def main() -> None:
     bwd = ",".join(str(pa.BACKWARD_CONFIG[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
     ap.add_argument("--tiles", nargs="*", default=[cfg, wide], help="forward settings (default: the library's)")
     ap.add_argument("--backward-tiles", nargs="*", default=[bwd], help="backward settings")
+    blk = ",".join(str(pa.BLOCK_GRAD_CONFIG[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    ap.add_argument("--block-tiles", nargs="*", default=[blk],
+                    help="settings of the backward's block dK/dV kernel (kernels that have one)")
     ap.add_argument("--head-dim", type=int, default=256)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--arch", type=int, default=90, help="90: H100 / H200")
@@ -111,15 +118,15 @@ def main() -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     rows = []
-    for backward, settings in ((False, args.tiles), (True, args.backward_tiles)):
+    block_tiles = args.block_tiles if hasattr(module, "_block_grad_kernel") else []
+    for backward, settings in ((False, args.tiles), (True, args.backward_tiles), ("block", block_tiles)):
         for tiles in settings:
             try:
                 rows.append(compile_report(tiles, backward, args.head_dim, args.dtype, args.arch, module))
             except Exception as err:  # a setting the compiler refuses (shared memory, layouts): say so, go on
                 if isinstance(err, SystemExit):
                     raise
-                rows.append({"pass": "backward" if backward else "forward", "tiles": tiles,
-                             "error": f"{type(err).__name__}: {err}"[:300]})
+                rows.append({"pass": PASSES[backward], "tiles": tiles, "error": f"{type(err).__name__}: {err}"[:300]})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "module": args.module or "cacheaug.prefix_attention",

@@ -246,7 +246,7 @@ case $stage in
   kern22a)  # session 22: one layer at the library's tiles with and without the mask skipped where every query sees
             # (the row "mask on every tile"), the real-model equivalence with it, then K=128 +k at batch 8 (profiled)
     timeout $(left) python3 benchmarks/trace_attention.py --steps 5 --kernel-tiles 64,64,4,2 128,64,8,2 \
-      --kernel-backward-tiles 64,32,4,2 --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
+      --kernel-backward-tiles 64,32,4,2 64,32,8,2 --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
     timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
       --trace-kernel --out "$out/eq_kernel.json" > "$out/eq_kernel.log" 2>&1
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 8 --traces 128 --steps 5 --warmup 2 \

@@ -54,12 +54,14 @@ def check_kernels() -> None:
         (dict(C=2, L=9, G=1, D=32, n=70, S=64, R=3, dense=(20, 70)), dict(BLOCK_M=32, BLOCK_N=16)),  # block: 2 tiles
         (dict(L=31, G=4, D=16, n=140, S=140, R=2, dense=(0, 140)), dict(BLOCK_M=64, BLOCK_N=64)),  # default tiles
     ]  # (float32 only: the interpreter's tl.dot misreads bfloat16; bf16 is checked on the GPU, check_equivalence.py)
-    defaults = dict(pa.CONFIG), dict(pa.WIDE_CONFIG), dict(pa.BACKWARD_CONFIG)
+    defaults = dict(pa.CONFIG), dict(pa.WIDE_CONFIG), dict(pa.BACKWARD_CONFIG), dict(pa.BLOCK_GRAD_CONFIG)
     skips_checked = 0
     for shapes, tiles in cases:
         pa.CONFIG.update(tiles)
         pa.WIDE_CONFIG.update(tiles)
         pa.BACKWARD_CONFIG.update(tiles)
+        # the block's dK/dV over several tiles of block keys and of queries (the last ones partial) where tiles are small
+        pa.BLOCK_GRAD_CONFIG.update(tiles if tiles["BLOCK_N"] == 16 else defaults[3])
         args = random_case(g, **shapes)
         tol = dict(rtol=1e-5, atol=1e-5)
         o, lse = pa._launch(*args)
@@ -101,6 +103,7 @@ def check_kernels() -> None:
     pa.CONFIG.update(defaults[0])
     pa.WIDE_CONFIG.update(defaults[1])
     pa.BACKWARD_CONFIG.update(defaults[2])
+    pa.BLOCK_GRAD_CONFIG.update(defaults[3])
 
 
 def check_wide_rows() -> None:

@@ -8,8 +8,8 @@ with a dense additive mask; its backward also computes gradients for the copied 
 * reads the text keys and values in place from the prefix cache (no per-row copy),
 * skips the tiles of text columns that no query of the row may see (``lo``/``hi``), and does not read the mask on
   tiles whose columns every query sees (``full``),
-* computes, in backward, dQ over text and block and dK/dV of the row's block only (added up over the tiles of a
-  row's queries with float32 atomics).
+* computes, in backward, dQ over text and block, and in a second kernel dK/dV of the row's block only (each
+  program owns a tile of block keys and loops over the row's queries: no atomics).
 
     o, lse = prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale, full)
 
@@ -29,7 +29,8 @@ Returns ``o`` ``[R, H, M, D]`` (q's dtype) and the log-sum-exp ``lse`` ``[R, H, 
 result is softmax(q [text; block]^T x scale + bias) [text; block], as sdpa computes it over the gathered keys.
 
 On CUDA (with Triton) it runs the Triton kernels below: one program per (row, tile of queries, key head); forward with
-the online softmax; backward dQ and the block's dK/dV from the saved log-sum-exp.
+the online softmax; backward dQ from the saved log-sum-exp, then the block's dK/dV (one program per row, tile of
+block keys and key head).
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how the tests check them). Elsewhere a torch
 reference (gather, then dense attention in float32) computes the same values.
 """
@@ -62,6 +63,9 @@ except ImportError:
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 WIDE_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 BACKWARD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+# The backward's second kernel, the block's dK/dV (query tiles of BLOCK_M, block keys of BLOCK_N): small enough for
+# every GPU with Triton (66 KiB of shared memory at head size 256, compiled for sm_90a)
+BLOCK_GRAD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 # Smaller settings, tried in order when a launch needs more shared memory than the GPU has (float32, or another GPU).
 # The first that launches is kept per shape.
 FALLBACK_CONFIGS = (
@@ -148,15 +152,15 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_kernel(
-        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, FULL, DO, LSE, DELTA, OUT, OUT_LSE, DKB, DVB,
+        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, FULL, DO, LSE, DELTA, OUT, OUT_LSE,
         sq_r, sq_h, sq_m, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n,
         stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
         M, CL, N, S, scale,
         D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BACKWARD: tl.constexpr, PREC: tl.constexpr, OFFS64: tl.constexpr,
     ):
-        """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) of one tile of queries of one row, and its
-        share of the row's block dK/dV added to the float32 DKB/DVB (laid out like KB)."""
+        """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) of one tile of queries of one row (the
+        block's dK/dV: _block_grad_kernel)."""
         r = tl.program_id(0).to(tl.int64)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         h = tl.program_id(2).to(tl.int64)
@@ -217,11 +221,6 @@ if triton is not None:
             bias = tl.load(bias_rows + (N + offs_n)[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
             if BACKWARD:
                 acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
-                grad = (r * tl.num_programs(2) + h) * CL * D + offs_n[:, None] * D + offs_d[None, :]
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
-                tl.atomic_add(DVB + grad, dv, mask=kv_mask)  # other tiles of the row's queries add theirs
-                tl.atomic_add(DKB + grad, dk, mask=kv_mask)
             else:
                 acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
         out = OUT + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :]
@@ -230,6 +229,51 @@ if triton is not None:
         else:
             tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=q_mask)
             tl.store(OUT_LSE + (r * tl.num_programs(2) + h) * M + offs_m, m_i + tl.log(l_i), mask=m_ok)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _block_grad_kernel(
+        Q, KB, VB, BIAS, DO, LSE, DELTA, DKB, DVB,
+        sq_r, sq_h, sq_m, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
+        M, CL, N, scale,
+        D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """dK/dV of one tile of a row's block keys (DKB/DVB contiguous [R, H, CL, D]), from every query of the row:
+        the program owns its keys, so nothing is summed across programs (no atomics, no float32 buffers)."""
+        r = tl.program_id(0).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        h = tl.program_id(2).to(tl.int64)
+        offs_d = tl.arange(0, DP)
+        n_ok = offs_n < CL
+        kv_mask = n_ok[:, None] & (offs_d < D)[None, :]
+        k = tl.load(KB + r * skb_r + h * skb_h + offs_n[:, None] * skb_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(VB + r * svb_r + h * svb_h + offs_n[:, None] * svb_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+        bias_cols = BIAS + r * sb_r + (N + offs_n)[None, :] * sb_n
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            q_mask = m_ok[:, None] & (offs_d < D)[None, :]
+            q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + r * sdo_r + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=q_mask,
+                         other=0.0)
+            lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
+            valid = m_ok[:, None] & n_ok[None, :]
+            bias = tl.load(bias_cols + (offs_m % CL)[:, None] * sb_m, mask=valid, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
+            s = tl.where(valid, s, -3.4028234663852886e38)
+            p = tl.exp(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PREC)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
+        out = (r * tl.num_programs(2) + h) * CL * D + offs_n[:, None] * D + offs_d[None, :]  # DKB/DVB: [R, H, CL, D]
+        tl.store(DKB + out, (dk * scale).to(DKB.dtype.element_ty), mask=kv_mask)
+        tl.store(DVB + out, dv.to(DVB.dtype.element_ty), mask=kv_mask)
 
 
 def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, delta=None, full=None):
@@ -243,8 +287,7 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     backward = do is not None
     out = torch.empty_like(q)  # laid out as q: the kernel writes it with q's strides
     out_lse = torch.empty(R, H, M, dtype=torch.float32, device=q.device)
-    shape = (R, H, CL, D) if backward else (1,)
-    dkb, dvb = (torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed into (atomics)
+    dkb, dvb = (torch.empty((R, H, CL, D) if backward else (1,), dtype=x.dtype, device=q.device) for x in (kb, vb))
     if backward:
         do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
     wanted = BACKWARD_CONFIG if backward else forward_config(M)
@@ -254,13 +297,13 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
         try:
             _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, delta, out, out_lse, dkb,
                  dvb)
-        except _OutOfResources:  # raised before the launch: nothing was written
+        except _OutOfResources:  # raised before a launch: a retry writes every output again
             if i == len(candidates) - 1:
                 raise
             continue
         _CHOSEN[key] = cfg
         break
-    return (out, dkb.to(kb.dtype), dvb.to(vb.dtype)) if backward else (out, out_lse)
+    return (out, dkb, dvb) if backward else (out, out_lse)
 
 
 def _no_full(hi: torch.Tensor) -> torch.Tensor:
@@ -276,7 +319,6 @@ def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse,
     _prefix_attention_kernel[grid](
         q, kb, vb, tk, tv, seq, start, bias, lo, hi, full,
         do if backward else q, lse if backward else out_lse, delta if backward else out_lse, out, out_lse,
-        dkb, dvb,
         *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
         *(do.stride()[:3] if backward else q.stride()[:3]),
         M, CL, bias.shape[-1] - CL, S, float(scale),
@@ -285,6 +327,16 @@ def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse,
         OFFS64=(S + bias.shape[-1]) * max(abs(tk.stride(2)), abs(tv.stride(2))) + D >= _OFFS64_FROM,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if backward:  # the block's dK/dV: one program per row, tile of block keys and key head
+        bm, bn = BLOCK_GRAD_CONFIG["BLOCK_M"], BLOCK_GRAD_CONFIG["BLOCK_N"]
+        _block_grad_kernel[(R, triton.cdiv(CL, bn), H)](
+            q, kb, vb, bias, do, lse, delta, dkb, dvb,
+            *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *bias.stride(), *do.stride()[:3],
+            M, CL, bias.shape[-1] - CL, float(scale),
+            D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
+            PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=BLOCK_GRAD_CONFIG["num_warps"], num_stages=BLOCK_GRAD_CONFIG["num_stages"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the torch reference
