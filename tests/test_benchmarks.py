@@ -57,6 +57,13 @@ def test_profile_kinds():
                                 ("nvjet_a", 2000.0), ("void at::native::copy", 1000.0)], steps=2, total_us=8000.0)
     assert got["trace kernel"] == 2.0 and got["matrix products"] == 1.0 and got["other"] == 0.5
     assert got["below the listed rows"] == 0.5
+    # the block keys' gradient kernel is the trace kernel's too; runtime events are no device work
+    assert tt.profile_kind("_block_grad_kernel") == "trace kernel"
+    assert tt.profile_kind("Command Buffer Full") is None and tt.profile_kind("cudaGraphLaunch") is None
+    got = tt.profile_breakdown([("Command Buffer Full", 3e7), ("_prefix_attention_kernel", 4000.0),
+                                ("_block_grad_kernel", 1000.0)], steps=1, total_us=6000.0)
+    assert got["trace kernel"] == 5.0 and got["other"] == 0.0
+    assert got["below the listed rows"] == 1.0  # the table's total (torch's) leaves the runtime events out
 
 
 def test_serve_latency_runs_at_toy_size(tmp_path):
