@@ -11,6 +11,13 @@ benchmarks/trace_attention.py's, on the GPU).
     python benchmarks/kernel_registers.py --tiles 64,64,4,2 128,64,8,2 --backward-tiles 64,32,4,2 64,32,8,2
     git show REV:src/cacheaug/prefix_attention.py > /tmp/pa_rev.py      # another version of the kernel, compared
     python benchmarks/kernel_registers.py --module /tmp/pa_rev.py
+
+The kernel is compiled as a launch specializes it (``--queries-per-trace``): Triton marks an integer argument that is
+a multiple of 16 (and a pointer aligned to 16 bytes) divisible by 16 and turns one equal to 1 into a constant, and
+only then can it vectorize the key and value loads and pipeline them over ``num_stages`` buffers. The arguments are
+those of a real call (one sliding layer of Gemma 3 270M's shapes at K=128, run on the CPU up to the launch), so a
+report matches what the GPU compiles; ``--no-specialize`` compiles without (what this script did before session 22:
+loads not pipelined, ``num_stages`` without effect).
 """
 
 from __future__ import annotations
@@ -30,6 +37,67 @@ POINTERS = {"SEQ": "*i64", "START": "*i64", "LO": "*i32", "HI": "*i32", "FULL": 
             "DELTA": "*fp32", "OUT_LSE": "*fp32", "DKB": "*fp32", "DVB": "*fp32"}  # the rest: *DTYPE
 TENSORS = ("Q", "KB", "VB", "TK", "TV", "BIAS", "DO", "OUT")
 PASSES = {False: "forward", True: "backward", "block": "backward, block dK/dV"}
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` keeps the arguments and launches nothing."""
+
+    def __init__(self):
+        self.args = None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.args = args
+        return launch
+
+
+def runtime_specialization(queries_per_trace: int = 31, head_dim: int = 256, traces: int = 128,
+                           seq_len: int = 1024, window: int = 512) -> dict:
+    """{pass: {argument: "D" (divisible by 16) | 1 (the constant 1) | ""}} of the forward, the backward and the
+    block's dK/dV kernel at a real call: one sliding layer of a row per trace (4 query heads on 1 key head), the
+    library's own path (windows.trace_keys, windows.trace_attention, autograd) run on the CPU up to each launch."""
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from cacheaug.families import SLIDING, Family
+    from cacheaug.windows import trace_attention, trace_keys
+
+    class Layer:  # what trace_attention reads from the attention module
+        layer_idx = 0
+
+    B, T, K, L, D = 2, seq_len, traces, queries_per_trace, head_dim
+    g = torch.Generator().manual_seed(0)
+    positions = torch.stack([torch.randperm(T - 16, generator=g)[:K].sort().values for _ in range(B)])
+    text_k, text_v = (torch.randn(B, 1, T, D, generator=g).bfloat16() for _ in range(2))
+    family = Family("gemma3_text", (SLIDING,), window, True, "sdpa", None, "cache", None)
+    keys = trace_keys([(text_k, text_v)], positions, L, family, 4, 1, kernel=True)[SLIDING]
+    q = torch.randn(B * K, L, 4, D, generator=g).bfloat16().transpose(1, 2).requires_grad_()  # as the model's
+    blk_k, blk_v = (torch.randn(B * K, L, 1, D, generator=g).bfloat16().transpose(1, 2).requires_grad_()
+                    for _ in range(2))
+    saved = pa._use_kernel, pa._prefix_attention_kernel, pa._block_grad_kernel
+    fwd, blk = _Recorder(), _Recorder()
+    try:
+        pa._use_kernel = lambda q: True
+        pa._prefix_attention_kernel, pa._block_grad_kernel = fwd, blk
+        out = trace_attention(Layer(), q, blk_k, blk_v, keys)[0]
+        forward_args, fwd.args = fwd.args, None
+        out.float().sum().backward()
+        backward_args = fwd.args
+    finally:
+        pa._use_kernel, pa._prefix_attention_kernel, pa._block_grad_kernel = saved
+
+    def spec(kernel, args) -> dict:
+        names = kernel.arg_names[:len(args)]  # the launch passes the constexprs by keyword, after these
+        out = {}
+        for name, arg in zip(names, args):
+            kind, key = native_specialize_impl(BaseBackend, arg, False, True, True)
+            out[name] = 1 if kind == "constexpr" else key
+        return out
+
+    return {False: spec(pa._prefix_attention_kernel, forward_args), True: spec(pa._prefix_attention_kernel,
+                                                                             backward_args),
+            "block": spec(pa._block_grad_kernel, blk.args)}
 
 
 def _ptxas_report(ptx: str, arch: str) -> dict:
@@ -59,9 +127,10 @@ def _ptxas_report(ptx: str, arch: str) -> dict:
 
 
 def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str = "bf16", arch: int = 90,
-                   module=pa) -> dict:
+                   module=pa, specialization: dict | None = None) -> dict:
     """Compile ``module``'s kernel for ``sm_{arch}a`` at ``tiles`` ("BLOCK_M,BLOCK_N,warps,stages") and report its
-    resources; ``backward="block"``: the backward's second kernel, the block's dK/dV."""
+    resources; ``backward="block"``: the backward's second kernel, the block's dK/dV. ``specialization``
+    ({argument: "D" | 1 | ""}, runtime_specialization's) compiles it as a launch with those arguments would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -72,8 +141,13 @@ def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str =
     names = kernel.arg_names
     const = dict(D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn, BACKWARD=backward,
                  PREC="ieee" if dtype == "fp32" else "tf32", OFFS64=False)
-    signature = {}
-    for name in names:
+    signature, attrs = {}, {}
+    specialization = specialization or {}
+    for i, name in enumerate(names):
+        if specialization.get(name) == 1 and name not in const:  # Triton makes an argument equal to 1 a constant
+            const[name] = 1
+        elif specialization.get(name) == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
         if name in const:
             signature[name] = "constexpr"
         elif block and name in ("DKB", "DVB"):  # written in the blocks' dtype
@@ -85,11 +159,13 @@ def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str =
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
     source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in const.items() if k in names})
+                       constexprs={(names.index(k),): v for k, v in const.items() if k in names}, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
     return {"pass": PASSES[backward], "tiles": tiles, "head_dim": head_dim, "dtype": dtype,
-            "arch": f"sm_{arch}a", "shared_bytes": compiled.metadata.shared,
+            "arch": f"sm_{arch}a", "specialized": bool(specialization),
+            "pipelined_loads": compiled.asm["ttgir"].count("async_copy_global_to_local"),
+            "shared_bytes": compiled.metadata.shared,
             "fits_h200_shared": compiled.metadata.shared <= 232448,
             **_ptxas_report(compiled.asm["ptx"], f"sm_{arch}a")}
 
@@ -107,6 +183,11 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=256)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--arch", type=int, default=90, help="90: H100 / H200")
+    ap.add_argument("--queries-per-trace", type=int, default=31,
+                    help="the real call whose arguments the kernel is specialized for: 31 (the decoder's rows at "
+                    "n_latents=16, n_ahead=16) or 16 (the coprocessor's)")
+    ap.add_argument("--no-specialize", action="store_true",
+                    help="compile without the launch's specialization (no divisibility known: loads not pipelined)")
     ap.add_argument("--module", default=None, help="a file holding another version of cacheaug/prefix_attention.py")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -117,12 +198,15 @@ def main() -> None:
         spec = importlib.util.spec_from_file_location("prefix_attention_other", args.module)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+    specs = ({} if args.no_specialize else
+             runtime_specialization(args.queries_per_trace, args.head_dim))
     rows = []
     block_tiles = args.block_tiles if hasattr(module, "_block_grad_kernel") else []
     for backward, settings in ((False, args.tiles), (True, args.backward_tiles), ("block", block_tiles)):
         for tiles in settings:
             try:
-                rows.append(compile_report(tiles, backward, args.head_dim, args.dtype, args.arch, module))
+                rows.append(compile_report(tiles, backward, args.head_dim, args.dtype, args.arch, module,
+                                          specs.get(backward)))
             except Exception as err:  # a setting the compiler refuses (shared memory, layouts): say so, go on
                 if isinstance(err, SystemExit):
                     raise

@@ -144,3 +144,23 @@ def test_kernel_registers_compiles_for_the_gpu_without_one(tmp_path):
                                                         ("backward, block dK/dV", "16,16,4,1")]
     for r in rows:
         assert 0 < r["registers"] <= 255 and r["spill_store_bytes"] == 0 and 0 < r["shared_bytes"] <= 232448
+        assert r["specialized"] is True
+
+
+def test_kernel_registers_compiles_as_a_launch_specializes(tmp_path):
+    """Compiled with a real call's arguments (multiples of 16 marked divisible, as a launch does), the key and value
+    loads are pipelined over num_stages buffers; without (--no-specialize) they are not, whatever num_stages says."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kr", ROOT / "benchmarks" / "kernel_registers.py")
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    specs = kr.runtime_specialization(queries_per_trace=31, head_dim=32, traces=16, seq_len=256, window=64)
+    fwd, bwd = specs[False], specs[True]
+    # the cache's sequence stride (head size 32) is a multiple of 16, the row's query count (4 x 31) is not; the
+    # mask's last-dim stride is 1, which Triton makes a constant
+    assert fwd["stk_s"] == "D" and fwd["M"] == "" and fwd["sb_n"] == 1 and fwd["TK"] == "D"
+    assert bwd["sdo_m"] == "D" and specs["block"]["sq_m"] == "D"
+    on = kr.compile_report("16,16,4,2", False, 32, specialization=fwd)
+    off = kr.compile_report("16,16,4,2", False, 32)
+    assert on["pipelined_loads"] > 0 and off["pipelined_loads"] == 0 and on["specialized"] and not off["specialized"]
