@@ -167,7 +167,17 @@ def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str =
             "pipelined_loads": compiled.asm["ttgir"].count("async_copy_global_to_local"),
             "shared_bytes": compiled.metadata.shared,
             "fits_h200_shared": compiled.metadata.shared <= 232448,
-            **_ptxas_report(compiled.asm["ptx"], f"sm_{arch}a")}
+            **(report := _ptxas_report(compiled.asm["ptx"], f"sm_{arch}a")),
+            "programs_per_sm": programs_per_sm(compiled.metadata.shared, report["registers"], warps)}
+
+
+def programs_per_sm(shared_bytes: int, registers: int, warps: int) -> int:
+    """How many programs (thread blocks) of a kernel one H100/H200 SM holds at once: 228 KiB of shared memory (1 KiB
+    of it reserved per block), 64K registers (allocated per warp in units of 256), at most 32 blocks."""
+    by_shared = (233472 // (shared_bytes + 1024)) if shared_bytes else 32
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_registers = 65536 // (regs_per_warp * warps)
+    return min(by_shared, by_registers, 32)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ count: prefix_attention.CONFIG / WIDE_CONFIG) to stderr.
 
     python experiments/pick_tiles.py trace_attention.json                  # -> e.g. 64,64,8,2/64,32,8,2
     export CACHEAUG_TRACE_KERNEL_TILES=$(python experiments/pick_tiles.py trace_attention.json)
+    python experiments/pick_tiles.py trace_attention.json --backward-only  # -> default/64,16,4,2, say
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--sliding-layers", type=int, default=15)
     ap.add_argument("--full-layers", type=int, default=3)
     ap.add_argument("--explain", action="store_true")
+    ap.add_argument("--backward-only", action="store_true",
+                    help="print default/BACKWARD: the library's forward (its tiles by row size), the fastest backward")
     args = ap.parse_args()
     with open(args.result) as f:
         result = json.load(f)
@@ -61,7 +64,7 @@ def main() -> None:
     if args.explain:
         by_size = per_block_size(result, args.sliding_layers, args.full_layers)
         print(json.dumps({**totals, "fastest per block size L": by_size}, indent=1), file=sys.stderr)
-    print(f"{fwd}/{bwd}")
+    print(f"{'default' if args.backward_only else fwd}/{bwd}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@
 #                                          # equivalence, K=128 +k batch 8 (profiled); kern22b: K=128 +k batch 16,
 #                                          # K=16 +k batch 64 (profiled);
 #                                          # serve22: compiled serving with coprocessor graphs, alone in a call
+#   bash experiments/speed.sh kern23a $OUT # one layer at the spill-free two-programs-an-SM settings, the fastest
+#                                          # backward picked, K=128 +k batch 16 with it (profiled)
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -258,6 +260,20 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 64 --traces 16 --steps 6 --warmup 2 \
       --profile "$out/profile_k16_k.txt" --out "$out/k16_k_b64.json" > "$out/k16_k_b64.log" 2>&1
     ;;
+  kern23a)  # session 23: one layer at settings kernel_registers.py (compiled as a launch specializes it) shows with
+            # no spills and two programs an SM (forward 64,32,4,2; backward 64,16,4,2), ten timed steps; the fastest
+            # backward picked (the library's forward by row size kept), then K=128 +k at batch 16 with it (profiled)
+    timeout $(left) python3 benchmarks/trace_attention.py --steps 10 \
+      --kernel-tiles 64,64,4,2 128,64,8,2 64,32,4,2 128,32,8,2 \
+      --kernel-backward-tiles 64,32,4,2 64,16,4,2 64,16,4,3 128,16,8,2 \
+      --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
+    python3 experiments/pick_tiles.py "$out/trace_attention.json" --explain --backward-only > /tmp/tiles.txt \
+      2> "$out/tiles.log" || echo "default/64,32,4,2" > /tmp/tiles.txt
+    cp /tmp/tiles.txt "$out/tiles.txt"
+    CACHEAUG_TRACE_KERNEL_TILES=$(cat /tmp/tiles.txt) timeout $(left) $TP --variants sdpa+graphs+keeplogits+k \
+      --batch 16 --traces 128 --steps 5 --warmup 2 --profile "$out/profile_k128_k_b16.txt" \
+      --out "$out/k128_k_b16.json" > "$out/k128_k_b16.log" 2>&1
+    ;;
   serve22)  # serving with the coprocessor as CUDA graphs and the decoding step compiled, alone in its call
     python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
       > "$out/convert.log" 2>&1
@@ -265,7 +281,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -164,3 +164,6 @@ def test_kernel_registers_compiles_as_a_launch_specializes(tmp_path):
     on = kr.compile_report("16,16,4,2", False, 32, specialization=fwd)
     off = kr.compile_report("16,16,4,2", False, 32)
     assert on["pipelined_loads"] > 0 and off["pipelined_loads"] == 0 and on["specialized"] and not off["specialized"]
+    # occupancy: 255 registers x 128 threads leave room for two blocks of 4 warps, one of 8; shared memory can bind
+    assert kr.programs_per_sm(100 * 1024, 255, 4) == 2 and kr.programs_per_sm(100 * 1024, 255, 8) == 1
+    assert kr.programs_per_sm(135 * 1024, 255, 4) == 1 and kr.programs_per_sm(0, 32, 1) == 32

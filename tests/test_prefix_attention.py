@@ -199,6 +199,8 @@ def test_tile_settings_from_the_environment():
     assert fwd == {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     assert bwd == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
     assert pa.parse_tiles("32,32,4,1")[0] == pa.parse_tiles("32,32,4,1")[1]
+    assert pa.parse_tiles("default/64,16,4,2") == (None, {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4,
+                                                          "num_stages": 2})
     for bad in ("64,64,4", "48,64,4,2", "64,64,3,2", "64,64,4,2/64,64,4,2/1,1,1,1", "a,b,c,d"):
         with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,num_warps,num_stages"):
             pa.parse_tiles(bad)
@@ -207,6 +209,9 @@ def test_tile_settings_from_the_environment():
     env = {**os.environ, pa.TILES_ENV: "128,64,2,2/64,32,8,1", "PYTHONPATH": str(Path(pa.__file__).parents[1])}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["128", "2", "1"], run.stdout + run.stderr  # every row size
+    env[pa.TILES_ENV] = "default/64,16,4,3"  # the library's forward (by row size), the backward set
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == [str(pa.CONFIG["BLOCK_M"]), str(pa.WIDE_CONFIG["num_warps"]), "3"], run.stderr
     env[pa.TILES_ENV] = "64x64"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "expected BLOCK_M,BLOCK_N,num_warps,num_stages" in run.stderr
@@ -256,6 +261,7 @@ def test_pick_tiles_sums_over_the_models_layers(tmp_path):
 
     assert pick() == "128,64,8,2/128,64,8,2"  # b: 15 x 1.2 + 3 x 1.0 = 21 against a: 15 x 1.0 + 3 x 3.0 = 24
     assert pick("--full-layers", "0") == "64,64,4,2/64,64,4,2"  # sliding layers alone: a
+    assert pick("--backward-only") == "default/128,64,8,2"
     # a setting the GPU refused ran at a fallback (benchmark's "launched"): its rows time another setting, left out
     rows += [{**r, "kernel": "triton 32,32,4,1", "launched": "16,16,2,1", "ms": 0.001}
              for r in rows if r["kernel"] == "triton 64,64,4,2"]

@@ -75,17 +75,21 @@ FALLBACK_CONFIGS = (
     {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
 )
 TILES_ENV = "CACHEAUG_TRACE_KERNEL_TILES"  # "BM,BN,warps,stages" (both passes) or "FORWARD/BACKWARD", set at import;
-# the forward's setting then holds for rows of every size (CONFIG and WIDE_CONFIG)
+# the forward's setting then holds for rows of every size (CONFIG and WIDE_CONFIG); a part "default" keeps the library's
 
 
-def parse_tiles(spec: str) -> tuple[dict, dict]:
-    """``"64,64,8,2/64,32,8,2"`` (forward/backward; one setting alone: both) as the (forward, backward) settings."""
+def parse_tiles(spec: str) -> tuple[dict | None, dict | None]:
+    """``"64,64,8,2/64,32,8,2"`` (forward/backward; one setting alone: both) as the (forward, backward) settings;
+    ``"default"`` for a part: None (the library's settings, the forward's by row size)."""
     parts = spec.split("/")
     try:
         if len(parts) > 2:
             raise ValueError
         cfgs = []
         for part in parts:
+            if part.strip() == "default":
+                cfgs.append(None)
+                continue
             bm, bn, warps, stages = (int(x) for x in part.split(","))
             if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
                 raise ValueError
@@ -93,15 +97,17 @@ def parse_tiles(spec: str) -> tuple[dict, dict]:
     except ValueError:
         raise ValueError(f"trace kernel tiles {spec!r}: expected BLOCK_M,BLOCK_N,num_warps,num_stages (blocks powers "
                          "of two >= 16, warps 1-16, stages >= 1), optionally FORWARD/BACKWARD, e.g. "
-                         "64,64,8,2/64,32,8,2") from None
+                         "64,64,8,2/64,32,8,2 or default/64,16,4,2") from None
     return cfgs[0], cfgs[-1]
 
 
 if os.environ.get(TILES_ENV):
     _fwd, _bwd = parse_tiles(os.environ[TILES_ENV])
-    CONFIG.update(_fwd)
-    WIDE_CONFIG.update(_fwd)
-    BACKWARD_CONFIG.update(_bwd)
+    if _fwd is not None:
+        CONFIG.update(_fwd)
+        WIDE_CONFIG.update(_fwd)
+    if _bwd is not None:
+        BACKWARD_CONFIG.update(_bwd)
 
 _OFFS64_FROM = 2**31  # text offsets this large (positions x the cache's stride) run the kernel with 64-bit offsets
 _CHOSEN: dict = {}  # (pass, head size, dtype, device, requested settings) -> the settings that launched
