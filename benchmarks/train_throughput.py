@@ -22,7 +22,8 @@ attention score FLOPs and the optimizer are not counted):
     prefix pass (no grad)                     2 N . B T
     coprocessor forward + backward            6 N_c . B K N_L          (N_c = trainable coprocessor params)
     decoder on [latents; ahead] fwd + bwd-x   4 N . B K (N_L + N_A - 1)
-    LM head on targets (fwd, recompute, bwd-x) 6 V D . B K N_A
+    LM head on targets (fwd, recompute, bwd-x) 6 V D . B K N_A      (4 V D with the logits kept: no recompute;
+                                                                       counted 6 before session 22 here too)
 MFU = counted FLOP/s / 790e12 (the H200's measured dense bf16 rate, see the device notes); on the CPU MFU is
 not reported.
 """
@@ -122,13 +123,15 @@ def breakdown_of_table(text: str, steps: int = 2) -> dict:
 
 
 def step_flops(model: CacheAugmentedLM, B: int, T: int, K: int) -> float:
+    """Counted FLOPs of one step (the module docstring); the LM head's logits are computed again in backward only
+    with ``model.recompute_loss`` (the default; ``--keep-logits`` turns it off)."""
     cfg = model.config
     emb = model.base.get_input_embeddings().weight
     V, D = emb.shape
     N = sum(p.numel() for p in model.base.parameters()) - emb.numel()
     N_c = sum(p.numel() for p in model.trainable_parameters())
     return (2 * N * B * T + 6 * N_c * B * K * cfg.n_latents + 4 * N * B * K * (cfg.n_latents + cfg.n_ahead - 1)
-            + 6 * V * D * B * K * cfg.n_ahead)
+            + (6 if model.recompute_loss else 4) * V * D * B * K * cfg.n_ahead)
 
 
 def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = None, forward=None, seed: int = 0) -> dict:

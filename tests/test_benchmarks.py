@@ -66,6 +66,25 @@ def test_profile_kinds():
     assert got["below the listed rows"] == 1.0  # the table's total (torch's) leaves the runtime events out
 
 
+def test_counted_flops_follow_what_the_step_computes():
+    """The LM head's logits are computed three times (forward, again in backward, the input gradient: 6 V D per
+    target) when recomputed, twice (4 V D) when kept; the rest of the count does not change."""
+    import importlib.util
+
+    from cacheaug import CoprocessorConfig, build_model
+    from cacheaug.testing import tiny_model
+
+    spec = importlib.util.spec_from_file_location("tt", ROOT / "benchmarks" / "train_throughput.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    model = build_model(tiny_model("gemma3"), CoprocessorConfig(n_latents=4, n_ahead=4, n_traces=2))
+    V, D = model.base.get_input_embeddings().weight.shape
+    assert model.recompute_loss
+    recomputed = tt.step_flops(model, B=2, T=32, K=2)
+    model.recompute_loss = False
+    assert recomputed - tt.step_flops(model, B=2, T=32, K=2) == 2 * V * D * 2 * 2 * 4
+
+
 def test_serve_latency_runs_at_toy_size(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
