@@ -293,8 +293,9 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     backward = do is not None
     out = torch.empty_like(q)  # laid out as q: the kernel writes it with q's strides
     out_lse = torch.empty(R, H, M, dtype=torch.float32, device=q.device)
-    dkb, dvb = (torch.empty((R, H, CL, D) if backward else (1,), dtype=x.dtype, device=q.device) for x in (kb, vb))
+    dkb = dvb = None  # the block's dK/dV: written by the backward's block kernel only
     if backward:
+        dkb, dvb = (torch.empty((R, H, CL, D), dtype=x.dtype, device=q.device) for x in (kb, vb))
         do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
     wanted = BACKWARD_CONFIG if backward else forward_config(M)
     key = (backward, D, q.dtype, str(q.device), tuple(wanted.items()))
