@@ -35,8 +35,8 @@
 #   bash experiments/speed.sh serve18b $OUT # the coprocessor call as CUDA graphs (--coprocessor-graphs): 128-token
 #                                          # requests on the eager graphs, then 64-token ones compiled (1 request)
 #   bash experiments/speed.sh k128g $OUT   # K=128 with 4 trace groups (stratified points, an option) and chunks C=8
-#   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 batch 32 on one GPU, then DDP over both at the same
-#                                          # per-GPU batch
+#   bash experiments/speed.sh ddp $OUT     # (two GPUs) K=16 +k batch 64 on one GPU, then DDP over both at the
+#                                          # same per-GPU batch
 #   bash experiments/speed.sh kern20a $OUT # session 20: the trace kernel (--trace-kernel) on one layer (bf16 against
 #                                          # the sdpa windows), then the real-model equivalence; kern20b: K=128 +k(+c8)
 #   bash experiments/speed.sh kern21a $OUT # the kernel's tiles swept per pass, the fastest picked, K=128 +k with them
@@ -183,8 +183,8 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+g4+c8 --batch 8 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_g4c8.json" > "$out/k128_g4c8.log" 2>&1
     ;;
-  ddp)
-    timeout $(left) $TP --variants sdpa+graphs+keeplogits --batch 32 --traces 16 --steps 10 --world 2 \
+  ddp)  # the fastest K=16 step (trace kernel, session 22) on one GPU, then DDP over both at the same per-GPU batch
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 64 --traces 16 --steps 6 --warmup 2 --world 2 \
       --out "$out/ddp.json" > "$out/ddp.log" 2>&1
     ;;
   kern19a)  # cacheaug's trace kernel: exactness on the GPU (fp32 and a bf16 step), one layer's attention, K=128
