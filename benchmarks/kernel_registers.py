@@ -57,8 +57,6 @@ def runtime_specialization(queries_per_trace: int = 31, head_dim: int = 256, tra
     block's dK/dV kernel at a real call: one sliding layer of a row per trace (4 query heads on 1 key head), the
     library's own path (windows.trace_keys, windows.trace_attention, autograd) run on the CPU up to each launch."""
     import torch
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
 
     from cacheaug.families import SLIDING, Family
     from cacheaug.windows import trace_attention, trace_keys
@@ -89,15 +87,27 @@ def runtime_specialization(queries_per_trace: int = 31, head_dim: int = 256, tra
 
     def spec(kernel, args) -> dict:
         names = kernel.arg_names[:len(args)]  # the launch passes the constexprs by keyword, after these
-        out = {}
-        for name, arg in zip(names, args):
-            kind, key = native_specialize_impl(BaseBackend, arg, False, True, True)
-            out[name] = 1 if kind == "constexpr" else key
-        return out
+        return {name: _specialize(arg) for name, arg in zip(names, args)}
 
     return {False: spec(pa._prefix_attention_kernel, forward_args), True: spec(pa._prefix_attention_kernel,
                                                                              backward_args),
             "block": spec(pa._block_grad_kernel, blk.args)}
+
+
+def _specialize(arg) -> str | int:
+    """What a launch makes of one argument: 1 (an integer equal to 1 becomes a constant), "D" (an integer that is a
+    multiple of 16, a tensor whose address is) or "" (Triton's own function where this Triton has it)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:  # an older Triton: the same rule, written out
+        if isinstance(arg, bool) or not isinstance(arg, int) and not hasattr(arg, "data_ptr"):
+            return ""
+        if isinstance(arg, int):
+            return 1 if arg == 1 else ("D" if arg % 16 == 0 else "")
+        return "D" if arg.data_ptr() % 16 == 0 else ""
+    kind, key = native_specialize_impl(BaseBackend, arg, False, True, True)
+    return 1 if kind == "constexpr" else key
 
 
 def _ptxas_report(ptx: str, arch: str) -> dict:
@@ -198,7 +208,9 @@ def main() -> None:
                     "n_latents=16, n_ahead=16) or 16 (the coprocessor's)")
     ap.add_argument("--no-specialize", action="store_true",
                     help="compile without the launch's specialization (no divisibility known: loads not pipelined)")
-    ap.add_argument("--module", default=None, help="a file holding another version of cacheaug/prefix_attention.py")
+    ap.add_argument("--module", default=None,
+                    help="a file holding another version of cacheaug/prefix_attention.py (specialized by argument "
+                    "name, as the library's own call is)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     module = pa

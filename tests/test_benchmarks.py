@@ -174,6 +174,7 @@ def test_kernel_registers_compiles_as_a_launch_specializes(tmp_path):
     spec = importlib.util.spec_from_file_location("kr", ROOT / "benchmarks" / "kernel_registers.py")
     kr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kr)
+    assert [kr._specialize(x) for x in (1, 16, 31)] == [1, "D", ""]  # Triton's rule (or its copy, older Tritons)
     specs = kr.runtime_specialization(queries_per_trace=31, head_dim=32, traces=16, seq_len=256, window=64)
     fwd, bwd = specs[False], specs[True]
     # the cache's sequence stride (head size 32) is a multiple of 16, the row's query count (4 x 31) is not; the
