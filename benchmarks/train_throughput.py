@@ -23,7 +23,7 @@ attention score FLOPs and the optimizer are not counted):
     coprocessor forward + backward            6 N_c . B K N_L          (N_c = trainable coprocessor params)
     decoder on [latents; ahead] fwd + bwd-x   4 N . B K (N_L + N_A - 1)
     LM head on targets (fwd, recompute, bwd-x) 6 V D . B K N_A      (4 V D with the logits kept: no recompute;
-                                                                       counted 6 before session 22 here too)
+                                                                       before commit 5e847a3 counted 6 for both)
 MFU = counted FLOP/s / 790e12 (the H200's measured dense bf16 rate, see the device notes); on the CPU MFU is
 not reported.
 """

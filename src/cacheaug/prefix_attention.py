@@ -146,15 +146,20 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _grad_step(dq, q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
-        """One tile of keys for backward: the probabilities again from the saved log-sum-exp, dQ's share, and the
-        probabilities and score gradients (for a block's dK/dV)."""
+    def _probs_and_grads(q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
+        """One tile of queries x keys in backward: the probabilities again from the saved log-sum-exp, and the
+        scores' gradients."""
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
         s = tl.where(valid, s, -3.4028234663852886e38)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC), p, ds
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
+    def _grad_step(dq, q, do, lse, delta, k, v, bias, valid, scale, PREC: tl.constexpr):
+        """One tile of keys for backward: dQ's share."""
+        _, ds = _probs_and_grads(q, do, lse, delta, k, v, bias, valid, scale, PREC)
+        return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
     @triton.jit
     def _prefix_attention_kernel(
@@ -213,7 +218,7 @@ if triton is not None:
             read = (offs_n < f0) | (offs_n >= f1)  # (tiles lie wholly inside or outside [f0, f1))
             bias = tl.load(bias_rows + offs_n[None, :] * sb_n, mask=valid & read[None, :], other=0.0).to(tl.float32)
             if BACKWARD:
-                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+                acc = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
             else:
                 acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
         # the row's own block
@@ -226,7 +231,7 @@ if triton is not None:
             valid = m_ok[:, None] & n_ok[None, :]
             bias = tl.load(bias_rows + (N + offs_n)[None, :] * sb_n, mask=valid, other=0.0).to(tl.float32)
             if BACKWARD:
-                acc, p, ds = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
+                acc = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
             else:
                 acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
         out = OUT + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :]
@@ -270,11 +275,7 @@ if triton is not None:
             delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             valid = m_ok[:, None] & n_ok[None, :]
             bias = tl.load(bias_cols + (offs_m % CL)[:, None] * sb_m, mask=valid, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
-            s = tl.where(valid, s, -3.4028234663852886e38)
-            p = tl.exp(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
+            p, ds = _probs_and_grads(q, do, lse, delta, k, v, bias, valid, scale, PREC)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PREC)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
         out = (r * tl.num_programs(2) + h) * CL * D + offs_n[:, None] * D + offs_d[None, :]  # DKB/DVB: [R, H, CL, D]
@@ -292,7 +293,7 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     CL = kb.shape[2]
     backward = do is not None
     out = torch.empty_like(q)  # laid out as q: the kernel writes it with q's strides
-    out_lse = torch.empty(R, H, M, dtype=torch.float32, device=q.device)
+    out_lse = None if backward else torch.empty(R, H, M, dtype=torch.float32, device=q.device)
     dkb = dvb = None  # the block's dK/dV: written by the backward's block kernel only
     if backward:
         dkb, dvb = (torch.empty((R, H, CL, D), dtype=x.dtype, device=q.device) for x in (kb, vb))
@@ -325,7 +326,8 @@ def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse,
     grid = (R, triton.cdiv(M, cfg["BLOCK_M"]), H)
     _prefix_attention_kernel[grid](
         q, kb, vb, tk, tv, seq, start, bias, lo, hi, full,
-        do if backward else q, lse if backward else out_lse, delta if backward else out_lse, out, out_lse,
+        do if backward else q, lse if backward else out_lse, delta if backward else out_lse, out,
+        lse if backward else out_lse,  # (OUT_LSE: written by the forward only)
         *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
         *(do.stride()[:3] if backward else q.stride()[:3]),
         M, CL, bias.shape[-1] - CL, S, float(scale),
