@@ -35,7 +35,7 @@ from cacheaug import prefix_attention as pa
 
 POINTERS = {"SEQ": "*i64", "START": "*i64", "LO": "*i32", "HI": "*i32", "FULL": "*i32", "LSE": "*fp32",
             "DELTA": "*fp32", "OUT_LSE": "*fp32", "DKB": "*fp32", "DVB": "*fp32"}  # the rest: *DTYPE
-TENSORS = ("Q", "KB", "VB", "TK", "TV", "BIAS", "DO", "OUT")
+TENSORS = ("Q", "KB", "VB", "TK", "TV", "BIAS", "DO", "O", "OUT")
 PASSES = {False: "forward", True: "backward", "block": "backward, block dK/dV"}
 
 

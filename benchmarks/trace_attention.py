@@ -22,6 +22,10 @@ Each row also names the sdpa kernel torch picked (the fastest that accepts the i
 
     python benchmarks/trace_attention.py --out trace_attention.json             # GPU: the model's shapes
     python benchmarks/trace_attention.py --batch 1 --traces 16 --device cpu     # orientation only
+    python benchmarks/trace_attention.py --kernel-only --kernel-backward-tiles 64,32,4,2 64,16,4,2   # a tile sweep
+
+``--kernel-only`` leaves out the sdpa layouts' timed rows (the kernel rows still carry their differences from the
+sdpa windows). The JSON is written again after every row, so a run cut short keeps what it timed.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ def main() -> None:
     ap.add_argument("--kernel-backward-tiles", nargs="+", default=["64,32,4,2"],
                     help="tile settings of the backward kernel, each timed as forward + backward with the default "
                     "forward settings")
+    ap.add_argument("--kernel-only", action="store_true", help="time the kernel rows alone (no sdpa layouts)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -128,10 +133,22 @@ def main() -> None:
     positions = torch.stack([torch.randperm(T - 16, generator=g)[:K].sort().values for _ in range(B)]).to(device)
     text_k, text_v = (torch.randn(B, H_kv, T, D, generator=g).to(device, dtype) for _ in range(2))
     rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:  # after every row: a run cut short keeps what it timed
+            result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                      "torch": torch.__version__, "batch": B, "seq_len": T, "traces": K, "window": args.window,
+                      "rows": rows, "launch_configs": prefix_attention.launch_configs()}
+            tmp = Path(args.out).with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(args.out)
+
     for L in args.block:
         for layer_type, window in ((SLIDING, args.window), (FULL, None)):
             family = Family("gemma3_text", (layer_type,), window, True, "sdpa", None, "cache", None)
-            for C in args.chunks:  # C traces per row: the text copied K/C times, keys repeated for every head
+            for C in [] if args.kernel_only else args.chunks:  # C traces per row: the text copied K/C times
                 n = K // C
                 layout = trace_layout(positions.reshape(B * n, C), T, L)
                 mask = dense_mask(layout, window)
@@ -145,22 +162,23 @@ def main() -> None:
                     F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
 
                 kernel, s = _best_kernel(run_chunk, args.steps, device)
-                rows.append({"layout": f"chunk {C}", "layer": layer_type, "L": L, "keys_per_row": T + C * L,
-                             "kernel": kernel, "ms": round(1e3 * s, 3)})
-                print(json.dumps(rows[-1]), flush=True)
-            for C in [1] + (args.chunks if window is None else []):  # full layers: also C traces per row
+                emit({"layout": f"chunk {C}", "layer": layer_type, "L": L, "keys_per_row": T + C * L,
+                      "kernel": kernel, "ms": round(1e3 * s, 3)})
+            for C in [1] + (args.chunks if window is None and not args.kernel_only else []):  # full: C a row
                 keys: TraceKeys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C)[layer_type]
-                q = torch.randn(B * K, H, L, D, generator=g).to(device, dtype).requires_grad_()
-                blk_k, blk_v = (torch.randn(B * K, H_kv, L, D, generator=g).to(device, dtype).requires_grad_()
+                # laid out as the model's projections [N, L, heads, D], transposed (as transformers passes them)
+                q = torch.randn(B * K, L, H, D, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+                blk_k, blk_v = (torch.randn(B * K, L, H_kv, D, generator=g).to(device, dtype).transpose(1, 2)
+                                .requires_grad_()
                                 for _ in range(2))
 
                 def run_windows():
                     trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
 
-                kernel, s = _best_kernel(run_windows, args.steps, device)
-                rows.append({"layout": "windows" if C == 1 else f"windows, chunk {C}", "layer": layer_type, "L": L,
-                             "keys_per_row": keys.mask.shape[-1], "kernel": kernel, "ms": round(1e3 * s, 3)})
-                print(json.dumps(rows[-1]), flush=True)
+                if not args.kernel_only:
+                    kernel, s = _best_kernel(run_windows, args.steps, device)
+                    emit({"layout": "windows" if C == 1 else f"windows, chunk {C}", "layer": layer_type, "L": L,
+                          "keys_per_row": keys.mask.shape[-1], "kernel": kernel, "ms": round(1e3 * s, 3)})
                 keys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C, kernel=True)[layer_type]
                 base = {"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
                         "keys_per_row": keys.bias.shape[-1],
@@ -170,7 +188,8 @@ def main() -> None:
                                                     prefix_attention.BACKWARD_CONFIG))
                 sweep = [("forward", t) for t in args.kernel_tiles]
                 sweep += [("forward+backward", t) for t in args.kernel_backward_tiles]
-                sweep += [("forward+backward, mask on every tile", None)]  # the default settings, `full` not given
+                if not args.kernel_only:  # the default settings, `full` not given
+                    sweep += [("forward+backward, mask on every tile", None)]
                 for passes, tiles in sweep:  # the forward's tiles timed alone; the backward's with the default forward
                     if tiles is None:
                         run_keys = dataclasses.replace(keys, full=None)
@@ -179,10 +198,9 @@ def main() -> None:
                         prefix_attention.BACKWARD_CONFIG.update(bwd)
                         s = _time(lambda: trace_attention(_Layer(0), q, blk_k, blk_v, run_keys)[0].sum().backward(),
                                   args.steps, device)
-                        rows.append({**base, "pass": passes, "kernel": "triton (defaults)" if
-                                     prefix_attention.kernel_available(q) else "torch reference",
-                                     "ms": round(1e3 * s, 3), **_kernel_diffs(q, blk_k, blk_v, run_keys)})
-                        print(json.dumps(rows[-1]), flush=True)
+                        emit({**base, "pass": passes, "kernel": "triton (defaults)" if
+                              prefix_attention.kernel_available(q) else "torch reference",
+                              "ms": round(1e3 * s, 3), **_kernel_diffs(q, blk_k, blk_v, run_keys)})
                         continue
                     bm, bn, warps, stages = (int(x) for x in tiles.split(","))
                     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -200,11 +218,9 @@ def main() -> None:
                     s = _time(run_kernel, args.steps, device)
                     diffs = _kernel_diffs(q, blk_k, blk_v, keys)  # at this row's settings
                     ran = _launched("forward" if passes == "forward" else "backward", tiles)
-                    rows.append({**base, "pass": passes,
-                                 "kernel": ("triton " + tiles) if prefix_attention.kernel_available(q)
-                                 else "torch reference", **({"launched": ran} if ran else {}),
-                                 "ms": round(1e3 * s, 3), **diffs})
-                    print(json.dumps(rows[-1]), flush=True)
+                    emit({**base, "pass": passes,
+                          "kernel": ("triton " + tiles) if prefix_attention.kernel_available(q) else "torch reference",
+                          **({"launched": ran} if ran else {}), "ms": round(1e3 * s, 3), **diffs})
                 prefix_attention.CONFIG.update(fwd)
                 prefix_attention.WIDE_CONFIG.update(wide)
                 prefix_attention.BACKWARD_CONFIG.update(bwd)

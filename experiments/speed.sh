@@ -46,8 +46,10 @@
 #                                          # equivalence, K=128 +k batch 8 (profiled); kern22b: K=128 +k batch 16,
 #                                          # K=16 +k batch 64 (profiled);
 #                                          # serve22: compiled serving with coprocessor graphs, alone in a call
-#   bash experiments/speed.sh kern23a $OUT # one layer at the spill-free two-programs-an-SM settings, the fastest
-#                                          # backward picked, K=128 +k batch 16 with it (profiled)
+#   bash experiments/speed.sh kern23a $OUT # the kernel in the model's layout: equivalence, one-layer tile sweep (kernel
+#                                          # rows), the fastest backward kept on the machine (~/tiles23.txt); then
+#                                          # kern23b: K=128 +k batch 16 (library tiles, profiled; picked tiles), batch 24;
+#                                          # kern23c: K=128 +k batch 32, K=16 +k batch 192 (picked tiles)
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -260,21 +262,37 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 64 --traces 16 --steps 6 --warmup 2 \
       --profile "$out/profile_k16_k.txt" --out "$out/k16_k_b64.json" > "$out/k16_k_b64.log" 2>&1
     ;;
-  kern23a)  # session 23: one layer at settings kernel_registers.py (compiled as a launch specializes it) shows with
-            # no spills and two programs an SM (forward 64,32,4,2; backward 64,16,4,2) or 128-query tiles (backward
-            # 128,16,8,2 and 128,32,8,2: 164 and 200 KiB) or 64-key tiles as the forward's (64,64,4,2: 200 KiB since the
-            # block gradient left this kernel; 256 KiB before), ten timed steps; the fastest
-            # backward picked (the library's forward by row size kept), then K=128 +k at batch 16 with it (profiled)
-    timeout $(( $(left) < 300 ? $(left) : 300 )) python3 benchmarks/trace_attention.py --steps 10 \
-      --kernel-tiles 64,64,4,2 128,64,8,2 64,32,4,2 128,32,8,2 \
-      --kernel-backward-tiles 64,32,4,2 64,16,4,2 64,64,4,2 128,16,8,2 128,32,8,2 128,64,8,1 \
+  kern23a)  # session 23: the kernel reads and writes the model's layout (no per-layer copies) and computes rowsum(dO x O)
+            # itself: the real-model equivalence, then one layer (kernel rows only) at forward and backward settings;
+            # the fastest backward (the library's forward kept) stays on the machine for kern23b (~/tiles23.txt)
+    timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
+      --trace-kernel --out "$out/eq_kernel.json" > "$out/eq_kernel.log" 2>&1
+    timeout $(( $(left) - 20 )) python3 benchmarks/trace_attention.py --kernel-only --steps 10 \
+      --kernel-tiles 128,64,8,2 64,64,4,2 64,32,4,2 \
+      --kernel-backward-tiles 64,32,4,2 64,16,4,2 128,16,8,2 128,32,8,2 64,64,4,2 \
       --out "$out/trace_attention.json" > "$out/trace_attention.log" 2>&1
-    python3 experiments/pick_tiles.py "$out/trace_attention.json" --explain --backward-only > /tmp/tiles.txt \
-      2> "$out/tiles.log" || echo "default/64,32,4,2" > /tmp/tiles.txt
-    cp /tmp/tiles.txt "$out/tiles.txt"
-    CACHEAUG_TRACE_KERNEL_TILES=$(cat /tmp/tiles.txt) timeout $(left) $TP --variants sdpa+graphs+keeplogits+k \
-      --batch 16 --traces 128 --steps 5 --warmup 2 --profile "$out/profile_k128_k_b16.txt" \
-      --out "$out/k128_k_b16.json" > "$out/k128_k_b16.log" 2>&1
+    python3 experiments/pick_tiles.py "$out/trace_attention.json" --explain --backward-only > "$out/tiles.txt" \
+      2> "$out/tiles.log" || echo "default" > "$out/tiles.txt"
+    cp "$out/tiles.txt" ~/tiles23.txt
+    ;;
+  kern23b)  # K=128 +k at batch 16 at the library's tiles (this session's kernel against session 22's 7.79k; profiled),
+            # again with kern23a's backward where it picked another, then batch 24 with the pick
+    tiles=$(cat ~/tiles23.txt 2>/dev/null || echo default); echo "$tiles" > "$out/tiles_used.txt"
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 16 --traces 128 --steps 5 --warmup 2 \
+      --profile "$out/profile_k128_b16.txt" --out "$out/k128_b16.json" > "$out/k128_b16.log" 2>&1
+    if [ "$tiles" != "default" ] && [ "$tiles" != "default/64,32,4,2" ]; then
+      CACHEAUG_TRACE_KERNEL_TILES=$tiles timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 16 \
+        --traces 128 --steps 5 --warmup 2 --out "$out/k128_b16_tiles.json" > "$out/k128_b16_tiles.log" 2>&1
+    fi
+    CACHEAUG_TRACE_KERNEL_TILES=$tiles timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 24 \
+      --traces 128 --steps 5 --warmup 2 --out "$out/k128_b24.json" > "$out/k128_b24.log" 2>&1
+    ;;
+  kern23c)  # K=128 +k at batch 32 (85 GiB at 24 in session 22) and K=16 +k at batch 192, with kern23a's backward
+    tiles=$(cat ~/tiles23.txt 2>/dev/null || echo default); echo "$tiles" > "$out/tiles_used.txt"
+    CACHEAUG_TRACE_KERNEL_TILES=$tiles timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 32 \
+      --traces 128 --steps 5 --warmup 2 --out "$out/k128_b32.json" > "$out/k128_b32.log" 2>&1
+    CACHEAUG_TRACE_KERNEL_TILES=$tiles timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 192 \
+      --traces 16 --steps 5 --warmup 2 --out "$out/k16_b192.json" > "$out/k16_b192.log" 2>&1
     ;;
   serve22)  # serving with the coprocessor as CUDA graphs and the decoding step compiled, alone in its call
     python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
@@ -283,7 +301,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -14,12 +14,18 @@ from cacheaug import prefix_attention as pa  # noqa: E402
 from cacheaug.windows import _seen_by_all  # noqa: E402
 
 
-def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dense=(0, 0), dtype=torch.float32):
+def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dense=(0, 0), dtype=torch.float32,
+                model_layout=False):
     """Random inputs of the op: rows starting before, inside and past the text, a random mask in which every query
     sees at least its first block key and every text column of ``dense`` that exists, and the tightest [lo, hi) of
-    text columns that the mask allows."""
+    text columns that the mask allows. ``model_layout``: the queries ``[R, H, G, CL, D]`` as windows.py passes them,
+    a view of the model's projections ``[R x C, L, H x G, D]``."""
     CL, M = C * L, G * C * L
     q = torch.randn(R, H, M, D, generator=g).to(dtype)
+    if model_layout:
+        q = torch.randn(R * C, L, H * G, D, generator=g).to(dtype).view(R, C, L, H, G, D).permute(0, 3, 4, 1, 2, 5)
+        q = q.reshape(R, H, G, CL, D)
+        assert q._base is not None  # a view
     kb, vb = (torch.randn(R, H, CL, D, generator=g).to(dtype) for _ in range(2))
     tk, tv = (torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(2))
     seq = torch.randint(0, B, (R,), generator=g)
@@ -50,8 +56,9 @@ def check_kernels() -> None:
     cases = [  # (op shapes, tile sizes)
         (dict(), dict(BLOCK_M=16, BLOCK_N=16)),
         # a head size not a power of two; columns 5..39 seen by every query (tiles without the mask)
-        (dict(C=3, L=7, G=4, D=24, n=50, S=48, dense=(5, 40)), dict(BLOCK_M=16, BLOCK_N=16)),
+        (dict(C=3, L=7, G=4, D=24, n=50, S=48, dense=(5, 40), model_layout=True), dict(BLOCK_M=16, BLOCK_N=16)),
         (dict(C=2, L=9, G=1, D=32, n=70, S=64, R=3, dense=(20, 70)), dict(BLOCK_M=32, BLOCK_N=16)),  # block: 2 tiles
+        (dict(C=2, L=5, G=3, D=16, n=30, S=32, model_layout=True), dict(BLOCK_M=16, BLOCK_N=16)),
         (dict(L=31, G=4, D=16, n=140, S=140, R=2, dense=(0, 140)), dict(BLOCK_M=64, BLOCK_N=64)),  # default tiles
     ]  # (float32 only: the interpreter's tl.dot misreads bfloat16; bf16 is checked on the GPU, check_equivalence.py)
     defaults = dict(pa.CONFIG), dict(pa.WIDE_CONFIG), dict(pa.BACKWARD_CONFIG), dict(pa.BLOCK_GRAD_CONFIG)
@@ -68,10 +75,12 @@ def check_kernels() -> None:
         ref_o, ref_lse = pa.reference_forward(*args[:8], args[10])
         torch.testing.assert_close(o, ref_o, **tol)
         torch.testing.assert_close(lse, ref_lse, **tol)
-        do = torch.randn(o.shape, generator=g)
-        delta = (do * ref_o).sum(-1)
-        ref_grads = pa.reference_backward(*args[:8], args[10], do, ref_lse, delta)
-        for got, want in zip(pa._launch(*args, do, ref_lse, delta), ref_grads):
+        assert o.stride() == args[0].stride(), (o.stride(), args[0].stride())  # laid out as q (a view's layout too)
+        do = torch.randn(o.shape, generator=g)  # contiguous: strides other than o's where q is the model's view
+        ref_grads = pa.reference_backward(*args[:8], args[10], do, ref_lse, ref_o)
+        grads = pa._launch(*args, do, ref_lse, o)
+        assert grads[0].stride() == args[0].stride()
+        for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, **tol)
         # the same with the columns every query sees given (their tiles then skip the mask), forward and backward
         full = full_of(args)
@@ -81,7 +90,7 @@ def check_kernels() -> None:
         o_full, lse_full = pa._launch(*args, full=full)
         torch.testing.assert_close(o_full, ref_o, **tol)
         torch.testing.assert_close(lse_full, ref_lse, **tol)
-        for got, want in zip(pa._launch(*args, do, ref_lse, delta, full=full), ref_grads):
+        for got, want in zip(pa._launch(*args, do, ref_lse, o, full=full), ref_grads):
             torch.testing.assert_close(got, want, **tol)
         pa._OFFS64_FROM = 0  # the same with 64-bit text offsets (what a long text with a wide cache stride takes)
         try:
@@ -152,7 +161,7 @@ def check_fallback() -> None:
         do = torch.randn(want.shape, generator=g)
         lse = pa.reference_forward(*args[:8], args[10])[1]
         tried.clear()
-        pa._launch(*args, do, lse, (do * want).sum(-1))
+        pa._launch(*args, do, lse, want)
         assert tried == [32], tried  # the backward's own settings (BACKWARD_CONFIG: 64 x 32) launch at once
         tried.clear()
         torch.testing.assert_close(pa._launch(*args)[0], want, rtol=1e-5, atol=1e-5)

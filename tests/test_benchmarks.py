@@ -180,7 +180,10 @@ def test_kernel_registers_compiles_as_a_launch_specializes(tmp_path):
     # the cache's sequence stride (head size 32) is a multiple of 16, the row's query count (4 x 31) is not; the
     # mask's last-dim stride is 1, which Triton makes a constant
     assert fwd["stk_s"] == "D" and fwd["M"] == "" and fwd["sb_n"] == 1 and fwd["TK"] == "D"
-    assert bwd["sdo_m"] == "D" and specs["block"]["sq_m"] == "D"
+    # the queries, their gradients and the forward's output as the model lays them out: head and row strides of
+    # multiples of the head size
+    assert all(bwd[k] == "D" for k in ("sq_g", "sq_i", "sdo_g", "sdo_i", "so_g", "so_i"))
+    assert specs["block"]["sq_i"] == "D" and specs["block"]["sdo_i"] == "D"
     on = kr.compile_report("16,16,4,2", False, 32, specialization=fwd)
     off = kr.compile_report("16,16,4,2", False, 32)
     assert on["pipelined_loads"] > 0 and off["pipelined_loads"] == 0 and on["specialized"] and not off["specialized"]

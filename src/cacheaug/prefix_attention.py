@@ -15,7 +15,9 @@ with a dense additive mask; its backward also computes gradients for the copied 
 
 =========================  ==========================================================================================
 ``q [R, H, M, D]``          queries of row r under key head h; M = G x C x L, the G query heads that share key head h
-                            folded head-major (windows.py), so query m takes mask row ``m % (C x L)``
+                            folded head-major (windows.py), so query m takes mask row ``m % (C x L)``; or the same as
+                            ``[R, H, G, C x L, D]`` with any strides (windows.py passes a view of the model's
+                            ``[N, L, heads, D]`` projections: no copy in, none out)
 ``k_blk, v_blk [R,H,CL,D]`` the row's own block keys and values (CL = C x L)
 ``text_k, text_v``          the prefix cache ``[B, H, S, D]``; no gradient flows to it
 ``seq, start [R]`` (int)    row r's text column j is key ``start[r] + j`` of sequence ``seq[r]`` (out of 0..S-1: masked)
@@ -25,18 +27,20 @@ with a dense additive mask; its backward also computes gradients for the copied 
                             inside ``[lo, hi)`` whose keys exist): their tiles do not read the mask
 =========================  ==========================================================================================
 
-Returns ``o`` ``[R, H, M, D]`` (q's dtype) and the log-sum-exp ``lse`` ``[R, H, M]`` (float32, no gradient). The
+Returns ``o`` (q's shape and dtype, laid out as ``torch.empty_like(q)``) and the log-sum-exp ``lse`` ``[R, H, M]``
+(float32, no gradient). The
 result is softmax(q [text; block]^T x scale + bias) [text; block], as sdpa computes it over the gathered keys.
 
 On CUDA (with Triton) it runs the Triton kernels below: one program per (row, tile of queries, key head); forward with
-the online softmax; backward dQ from the saved log-sum-exp, then the block's dK/dV (one program per row, tile of
-block keys and key head).
+the online softmax; backward dQ from the saved log-sum-exp (and rowsum(dO x O), computed there), then the block's
+dK/dV (one program per row, tile of block keys and key head).
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how the tests check them). Elsewhere a torch
 reference (gather, then dense attention in float32) computes the same values.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 
@@ -163,15 +167,16 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_kernel(
-        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, FULL, DO, LSE, DELTA, OUT, OUT_LSE,
-        sq_r, sq_h, sq_m, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n,
-        stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
-        M, CL, N, S, scale,
+        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, FULL, DO, O, LSE, DELTA, OUT, OUT_LSE,
+        sq_r, sq_h, sq_g, sq_i, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n,
+        stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_g, sdo_i,
+        so_r, so_h, so_g, so_i, M, CL, N, S, scale,
         D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BACKWARD: tl.constexpr, PREC: tl.constexpr, OFFS64: tl.constexpr,
     ):
-        """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) of one tile of queries of one row (the
-        block's dK/dV: _block_grad_kernel)."""
+        """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) and DELTA (rowsum(dO x O), which the
+        block's dK/dV then reads: _block_grad_kernel) of one tile of queries of one row. Query m of a row is
+        (head g, row i of the mask) = (m // CL, m % CL), at g x s_g + i x s_i in Q, DO and O; OUT is laid out as Q."""
         r = tl.program_id(0).to(tl.int64)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         h = tl.program_id(2).to(tl.int64)
@@ -179,8 +184,10 @@ if triton is not None:
         m_ok = offs_m < M
         d_ok = offs_d < D
         q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
-        bias_rows = BIAS + r * sb_r + (offs_m % CL)[:, None] * sb_m
+        g_m, i_m = offs_m // CL, offs_m % CL
+        q_rows = g_m * sq_g + i_m * sq_i  # (OUT: the same)
+        q = tl.load(Q + r * sq_r + h * sq_h + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+        bias_rows = BIAS + r * sb_r + i_m[:, None] * sb_m
         b = tl.load(SEQ + r).to(tl.int64)
         if OFFS64:  # a text tile's offsets in 64 bits only where 32 do not hold them (fewer registers, less spilling)
             start = tl.load(START + r).to(tl.int64)
@@ -195,9 +202,13 @@ if triton is not None:
         kb = KB + r * skb_r + h * skb_h
         vb = VB + r * svb_r + h * svb_h
         if BACKWARD:
-            do = tl.load(DO + r * sdo_r + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + r * sdo_r + h * sdo_h + (g_m * sdo_g + i_m * sdo_i)[:, None] + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            o = tl.load(O + r * so_r + h * so_h + (g_m * so_g + i_m * so_i)[:, None] + offs_d[None, :], mask=q_mask,
+                        other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            tl.store(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, delta, mask=m_ok)
             lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
@@ -234,7 +245,7 @@ if triton is not None:
                 acc = _grad_step(acc, q, do, lse, delta, k, v, bias, valid, scale, PREC)
             else:
                 acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid, scale, PREC)
-        out = OUT + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :]
+        out = OUT + r * sq_r + h * sq_h + q_rows[:, None] + offs_d[None, :]  # laid out as Q
         if BACKWARD:
             tl.store(out, (acc * scale).to(OUT.dtype.element_ty), mask=q_mask)
         else:
@@ -247,12 +258,13 @@ if triton is not None:
     @triton.jit
     def _block_grad_kernel(
         Q, KB, VB, BIAS, DO, LSE, DELTA, DKB, DVB,
-        sq_r, sq_h, sq_m, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_m,
-        M, CL, N, scale,
+        sq_r, sq_h, sq_g, sq_i, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n, sb_r, sb_m, sb_n,
+        sdo_r, sdo_h, sdo_g, sdo_i, M, CL, N, scale,
         D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     ):
         """dK/dV of one tile of a row's block keys (DKB/DVB contiguous [R, H, CL, D]), from every query of the row:
-        the program owns its keys, so nothing is summed across programs (no atomics, no float32 buffers)."""
+        the program owns its keys, so nothing is summed across programs (no atomics, no float32 buffers). DELTA is
+        the dQ kernel's, launched before."""
         r = tl.program_id(0).to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         h = tl.program_id(2).to(tl.int64)
@@ -268,13 +280,15 @@ if triton is not None:
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
             q_mask = m_ok[:, None] & (offs_d < D)[None, :]
-            q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + r * sdo_r + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=q_mask,
-                         other=0.0)
+            g_m, i_m = offs_m // CL, offs_m % CL
+            q = tl.load(Q + r * sq_r + h * sq_h + (g_m * sq_g + i_m * sq_i)[:, None] + offs_d[None, :], mask=q_mask,
+                        other=0.0)
+            do = tl.load(DO + r * sdo_r + h * sdo_h + (g_m * sdo_g + i_m * sdo_i)[:, None] + offs_d[None, :],
+                         mask=q_mask, other=0.0)
             lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             valid = m_ok[:, None] & n_ok[None, :]
-            bias = tl.load(bias_cols + (offs_m % CL)[:, None] * sb_m, mask=valid, other=0.0).to(tl.float32)
+            bias = tl.load(bias_cols + i_m[:, None] * sb_m, mask=valid, other=0.0).to(tl.float32)
             p, ds = _probs_and_grads(q, do, lse, delta, k, v, bias, valid, scale, PREC)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PREC)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
@@ -283,28 +297,41 @@ if triton is not None:
         tl.store(DVB + out, dv.to(DVB.dtype.element_ty), mask=kv_mask)
 
 
-def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, delta=None, full=None):
-    """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse``, ``delta``, backward ``(dq, dk_blk, dv_blk)``.
-    ``full`` [R, 2]: each row's text columns that every query sees (none: every tile reads the mask)."""
+def _heads(x: torch.Tensor, CL: int) -> torch.Tensor:
+    """Queries (or their outputs, gradients) ``[R, H, M, D]`` as ``[R, H, G, CL, D]``, a view (query m: head m // CL,
+    mask row m % CL); a tensor of five dimensions as it is."""
+    return x if x.dim() == 5 else x.unflatten(2, (x.shape[2] // CL, CL))
+
+
+def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=None, o=None, full=None):
+    """Run the kernel: forward ``(o, lse)`` or, given ``do``, ``lse`` and the forward's ``o``, backward
+    ``(dq, dk_blk, dv_blk)``. ``q`` ``[R, H, M, D]`` or ``[R, H, G, CL, D]`` with any strides (``do`` and ``o``: its
+    shape, any strides); ``o`` and ``dq`` come laid out as ``q`` where ``q`` is dense (no copy where the model's
+    attention output is a view). ``full`` [R, 2]: each row's text columns that every query sees (none: every tile
+    reads the mask)."""
     kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (kb, vb, tk, tv, bias))
+    q = q if q.stride() == torch.empty_like(q).stride() else q.contiguous()  # dense (o and dq are laid out as q)
     full = _no_full(hi) if full is None else full
-    q, seq, start, lo, hi, full = (x.contiguous() for x in (q, seq, start, lo, hi, full))  # seq ...: per row
-    R, H, M, D = q.shape
-    CL = kb.shape[2]
+    seq, start, lo, hi, full = (x.contiguous() for x in (seq, start, lo, hi, full))  # per row
+    R, H, CL, D = kb.shape
+    M = q.shape[2:-1].numel()
     backward = do is not None
-    out = torch.empty_like(q)  # laid out as q: the kernel writes it with q's strides
+    out = torch.empty_like(q)  # q's strides: the kernel writes it as it reads q
     out_lse = None if backward else torch.empty(R, H, M, dtype=torch.float32, device=q.device)
-    dkb = dvb = None  # the block's dK/dV: written by the backward's block kernel only
+    dkb = dvb = delta = None  # the block's dK/dV: written by the backward's block kernel only
     if backward:
+        do, o = (x if x.stride(-1) == 1 else x.contiguous() for x in (do, o))
         dkb, dvb = (torch.empty((R, H, CL, D), dtype=x.dtype, device=q.device) for x in (kb, vb))
-        do, lse, delta = do.contiguous(), lse.float().contiguous(), delta.float().contiguous()
+        lse = lse.float().contiguous()
+        delta = torch.empty(R, H, M, dtype=torch.float32, device=q.device)  # rowsum(dO x O): the dQ kernel's
+    q5, out5, do5, o5 = (None if x is None else _heads(x, CL) for x in (q, out, do, o))
     wanted = BACKWARD_CONFIG if backward else forward_config(M)
     key = (backward, D, q.dtype, str(q.device), tuple(wanted.items()))
     candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(wanted), *FALLBACK_CONFIGS]
     for i, cfg in enumerate(candidates):
         try:
-            _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, delta, out, out_lse, dkb,
-                 dvb)
+            _run(cfg, q5, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do5, o5, lse, delta, out5, out_lse,
+                 dkb, dvb)
         except _OutOfResources:  # raised before a launch: a retry writes every output again
             if i == len(candidates) - 1:
                 raise
@@ -319,17 +346,19 @@ def _no_full(hi: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, hi], dim=1).int()
 
 
-def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, delta, out, out_lse, dkb, dvb):
+def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, o, lse, delta, out, out_lse, dkb, dvb):
+    """One launch (two in backward) at ``cfg``; ``q``, ``do``, ``o``, ``out``: ``[R, H, G, CL, D]``."""
     backward = do is not None
-    R, H, M, D = q.shape
-    CL, S = kb.shape[2], tk.shape[2]
+    R, H, G, CL, D = q.shape
+    M, S = G * CL, tk.shape[2]
     grid = (R, triton.cdiv(M, cfg["BLOCK_M"]), H)
     _prefix_attention_kernel[grid](
         q, kb, vb, tk, tv, seq, start, bias, lo, hi, full,
-        do if backward else q, lse if backward else out_lse, delta if backward else out_lse, out,
+        do if backward else q, o if backward else q, lse if backward else out_lse,
+        delta if backward else out_lse, out,
         lse if backward else out_lse,  # (OUT_LSE: written by the forward only)
-        *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
-        *(do.stride()[:3] if backward else q.stride()[:3]),
+        *q.stride()[:4], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
+        *(do.stride()[:4] if backward else q.stride()[:4]), *(o.stride()[:4] if backward else q.stride()[:4]),
         M, CL, bias.shape[-1] - CL, S, float(scale),
         D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BACKWARD=backward, PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -340,7 +369,7 @@ def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse,
         bm, bn = BLOCK_GRAD_CONFIG["BLOCK_M"], BLOCK_GRAD_CONFIG["BLOCK_N"]
         _block_grad_kernel[(R, triton.cdiv(CL, bn), H)](
             q, kb, vb, bias, do, lse, delta, dkb, dvb,
-            *q.stride()[:3], *kb.stride()[:3], *vb.stride()[:3], *bias.stride(), *do.stride()[:3],
+            *q.stride()[:4], *kb.stride()[:3], *vb.stride()[:3], *bias.stride(), *do.stride()[:4],
             M, CL, bias.shape[-1] - CL, float(scale),
             D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
             PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -363,7 +392,7 @@ def _text(t: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, n: int) -> to
 
 
 def _dense(q, kb, vb, tk, tv, seq, start, bias, scale):
-    """Float32 scores ``[R, H, M, n + CL]`` and the keys and values they are over."""
+    """Float32 scores ``[R, H, M, n + CL]`` and the keys and values they are over (``q``: ``[R, H, M, D]``)."""
     M, CL = q.shape[2], kb.shape[2]
     n = bias.shape[-1] - CL
     k = torch.cat([_text(tk, seq, start, n), kb], dim=2).float()
@@ -373,23 +402,32 @@ def _dense(q, kb, vb, tk, tv, seq, start, bias, scale):
     return s, k, v
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[R, H, G, CL, D]`` (or ``[R, H, M, D]``) as ``[R, H, M, D]``."""
+    return x.flatten(2, 3) if x.dim() == 5 else x
+
+
 def reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale):
-    """``(o, lse)`` by gathering the text columns and computing dense attention in float32."""
-    s, _, v = _dense(q, kb, vb, tk, tv, seq, start, bias, scale)
+    """``(o, lse)`` by gathering the text columns and computing dense attention in float32 (``o``: q's shape)."""
+    s, _, v = _dense(_flat(q), kb, vb, tk, tv, seq, start, bias, scale)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v).to(q.dtype), lse
+    return torch.matmul(torch.exp(s - lse[..., None]), v).to(q.dtype).view(q.shape), lse
 
 
-def reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta):
-    """``(dq, dk_blk, dv_blk)`` as the backward kernel computes them: dQ over text and block, dK/dV of the block."""
+def reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, o):
+    """``(dq, dk_blk, dv_blk)`` as the backward kernel computes them from the forward's ``o``: dQ over text and
+    block, dK/dV of the block (``dq``: q's shape)."""
+    shape = q.shape
+    q, do, o = _flat(q), _flat(do), _flat(o)
     s, k, v = _dense(q, kb, vb, tk, tv, seq, start, bias, scale)
     p = torch.exp(s - lse[..., None])
+    delta = (do.float() * o.float()).sum(-1)
     ds = p * (torch.matmul(do.float(), v.transpose(-1, -2)) - delta[..., None])
     dq = torch.matmul(ds, k) * scale
     CL = kb.shape[2]
     dk = torch.matmul(ds[..., -CL:].transpose(-1, -2), q.float()) * scale
     dv = torch.matmul(p[..., -CL:].transpose(-1, -2), do.float())
-    return dq.to(q.dtype), dk.to(kb.dtype), dv.to(vb.dtype)
+    return dq.to(q.dtype).view(shape), dk.to(kb.dtype), dv.to(vb.dtype)
 
 
 _warned = False
@@ -408,33 +446,46 @@ def _use_kernel(q: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------------------------ the custom ops
 # The ops' names carry a version: bump it whenever their autograd changes. torch's compile caches (AOTAutograd's, seen
 # with torch 2.13) reuse a compiled backward for an unchanged forward graph, even after the op's backward changed.
-@torch.library.custom_op("cacheaug::prefix_attention_v2", mutates_args=())
+# Their outputs are laid out as q (torch.empty_like), so a compiled graph must pass q with the strides it was traced
+# with: needs_exact_strides (the default of recent torch; said here for the older ones that have the tag).
+_EXACT = {"tags": (torch.Tag.needs_exact_strides,)} if hasattr(torch.Tag, "needs_exact_strides") and "tags" in \
+    inspect.signature(torch.library.custom_op).parameters else {}
+
+
+def _like(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (q's shape) laid out as the kernel lays its outputs out: ``torch.empty_like(q)``."""
+    return x if x.stride() == torch.empty_like(q).stride() else torch.empty_like(q).copy_(x)
+
+
+@torch.library.custom_op("cacheaug::prefix_attention_v3", mutates_args=(), **_EXACT)
 def _prefix_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
                       seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                       full: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_kernel(q):
         return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, full=full)
-    return reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale)
+    o, lse = reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale)
+    return _like(q, o), lse
 
 
 @_prefix_attention.register_fake
 def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((*q.shape[:2], q.shape[2:-1].numel()), dtype=torch.float32)
 
 
-@torch.library.custom_op("cacheaug::prefix_attention_backward_v2", mutates_args=())
+@torch.library.custom_op("cacheaug::prefix_attention_backward_v3", mutates_args=(), **_EXACT)
 def _prefix_attention_backward(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor,
                                tv: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor,
                                lo: torch.Tensor, hi: torch.Tensor, full: torch.Tensor, scale: float, do: torch.Tensor,
-                               lse: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               lse: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_kernel(q):
-        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, delta, full=full)
-    return reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, delta)
+        return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, o, full=full)
+    dq, dkb, dvb = reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, o)
+    return _like(q, dq), dkb.contiguous(), dvb.contiguous()
 
 
 @_prefix_attention_backward.register_fake
-def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, delta):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, kb, vb))
+def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, lse, o):
+    return (torch.empty_like(q), *(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (kb, vb)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -450,9 +501,8 @@ def _backward(ctx, do, _dlse):
         raise RuntimeError("prefix_attention computes no gradient for the text keys; use the sdpa path when the "
                            "prefix cache requires grad")
     q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, o, lse = ctx.saved_tensors
-    delta = (do.float() * o.float()).sum(-1)
     dq, dkb, dvb = _prefix_attention_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, ctx.scale, do, lse,
-                                              delta)
+                                              o)
     return dq, dkb, dvb, None, None, None, None, None, None, None, None, None
 
 

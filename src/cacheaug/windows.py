@@ -144,16 +144,20 @@ def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float =
         return x.view(R, C, H_kv, L, D).transpose(1, 2).reshape(R, H_kv, C * L, D)
 
     # queries folded head-major: (g, c, l) for key head kv, with head h = kv * G + g (transformers' repeat_kv order)
-    q = query.view(R, C, H_kv, G, L, D).permute(0, 2, 3, 1, 4, 5).reshape(R, H_kv, G * C * L, D)
+    q = query.view(R, C, H_kv, G, L, D).permute(0, 2, 3, 1, 4, 5)  # [R, H_kv, G, C, L, D]
     text_grad = torch.is_grad_enabled() and (text_k.requires_grad or text_v.requires_grad)
     if keys.kernel and dropout == 0.0 and not text_grad:
-        out, _ = prefix_attention(q, rows(key), rows(value), text_k, text_v, keys.seq, keys.start, keys.bias, keys.lo,
-                                  keys.hi, D ** -0.5 if scaling is None else scaling, keys.full)
+        # [R, H_kv, G, C*L, D]: a view of the projections [N, L, H, D] (as transformers passes them); the output comes
+        # laid out as the query, so the permutation back below is a view too (no copy either way)
+        out, _ = prefix_attention(q.reshape(R, H_kv, G, C * L, D), rows(key), rows(value), text_k, text_v, keys.seq,
+                                  keys.start, keys.bias, keys.lo, keys.hi, D ** -0.5 if scaling is None else scaling,
+                                  keys.full)
     else:
         k = torch.cat([gather_rows(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
         v = torch.cat([gather_rows(text_v, keys.index), rows(value)], dim=2)
         mask = keys.mask if keys.mask is not None else _fold(keys.bias, G)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        out = F.scaled_dot_product_attention(q.reshape(R, H_kv, G * C * L, D), k, v, attn_mask=mask,
+                                             dropout_p=dropout, scale=scaling)
     out = out.view(R, H_kv, G, C, L, D).permute(0, 3, 4, 1, 2, 5)  # [R, C, L, H_kv, G, D]
     return out.reshape(N, L, H, D), None
 
