@@ -49,7 +49,8 @@
 #   bash experiments/speed.sh kern23a $OUT # the kernel in the model's layout: equivalence, one-layer tile sweep (kernel
 #                                          # rows), the fastest backward kept on the machine (~/tiles23.txt); then
 #                                          # kern23b: K=128 +k batch 16 (library tiles, profiled; picked tiles), batch 24;
-#                                          # kern23c: K=128 +k batch 32, K=16 +k batch 192 (picked tiles)
+#                                          # kern23c: K=128 +k batch 32, K=16 +k batch 192 (picked tiles);
+#                                          # kern23d: K=128 +k+r batch 16 (rotary tables), profiled
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -294,6 +295,11 @@ case $stage in
     CACHEAUG_TRACE_KERNEL_TILES=$tiles timeout $(left) $TP --variants sdpa+graphs+keeplogits+k --batch 192 \
       --traces 16 --steps 5 --warmup 2 --out "$out/k16_b192.json" > "$out/k16_b192.log" 2>&1
     ;;
+  kern23d)  # K=128 +k+r at batch 16: rotary tables (cacheaug.rope; the step's rotary kernels computed exact cos/sin per
+            # element), profiled, against kern23b's 7.77k without
+    timeout $(left) $TP --variants sdpa+graphs+keeplogits+k+r --batch 16 --traces 128 --steps 5 --warmup 2 \
+      --profile "$out/profile_k128_b16_r.txt" --out "$out/k128_b16_r.json" > "$out/k128_b16_r.log" 2>&1
+    ;;
   serve22)  # serving with the coprocessor as CUDA graphs and the decoding step compiled, alone in its call
     python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
       > "$out/convert.log" 2>&1
@@ -301,7 +307,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

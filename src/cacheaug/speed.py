@@ -28,6 +28,11 @@
   see are skipped, and backward computes no gradient for the text keys (which take none). Same results (the
   equivalence tests cover it; the Triton kernels are checked under Triton's interpreter on the CPU).
 
+* ``rope_table``: the decoder's and the coprocessor's rotary embeddings look cos/sin up in a table of every
+  position (cacheaug.rope) instead of computing them on every call: inside the compiled step inductor otherwise
+  evaluates exact float32 cos and sin per element in every layer's rotary kernels (forward and backward). The table
+  rows are the modules' own outputs, so the results are the same.
+
 * :func:`compile_mlps`: ``torch.compile`` each MLP block of the frozen decoder and of the coprocessor. The MLPs
   hold no cache and no mask, so one graph per input shape serves every layer (three passes: three graphs) and
   nothing breaks the graph. Whole decoder layers are not compiled: they take the kv-cache object, and dynamo
@@ -91,28 +96,29 @@ def parse_variant(name: str) -> dict:
     """A speed variant as the throughput benchmark names it: 'flex', 'sdpa' or 'eager', optionally '+masks'
     (compiled block masks), one of '+mlp' (compiled MLPs), '+step' (the whole training pass compiled as one graph)
     or '+graphs' (that, replayed as CUDA graphs), '+keeplogits' (the loss's logits kept for backward), '+gN'
-    (N trace groups), '+cN' (N traces per row), '+w' (trace windows) and '+k' (trace windows through cacheaug's
-    kernel)."""
+    (N trace groups), '+cN' (N traces per row), '+w' (trace windows), '+k' (trace windows through cacheaug's
+    kernel) and '+r' (rotary tables)."""
     attn, *flags = name.split("+")
     groups = [f for f in flags if f[:1] == "g" and f[1:].isdigit() and int(f[1:]) >= 1]
     chunks = [f for f in flags if f[:1] == "c" and f[1:].isdigit() and int(f[1:]) >= 1]
     flags = [f for f in flags if f not in groups and f not in chunks]
     step = [f for f in flags if f in ("step", "graphs")]
-    if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits", "w", "k"} or len(step) > 1 or (
+    if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits", "w", "k", "r"} or len(step) > 1 or (
             step and "mlp" in flags) or len(groups) > 1 or len(chunks) > 1 or len(set(flags)) < len(flags):
         raise ValueError(f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
                          "+graphs; optionally +keeplogits, +gN (N trace groups), +cN (N traces per row), +w "
-                         "(trace windows; with +cN: N traces per row on full layers) and +k (trace windows through "
-                         "cacheaug's kernel)")
+                         "(trace windows; with +cN: N traces per row on full layers), +k (trace windows through "
+                         "cacheaug's kernel) and +r (rotary tables)")
     return {"attn": _ATTN[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
             "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags,
             "trace_groups": int(groups[0][1:]) if groups else 1, "trace_chunk": int(chunks[0][1:]) if chunks else 0,
-            "trace_windows": "w" in flags or "k" in flags, "trace_kernel": "k" in flags}
+            "trace_windows": "w" in flags or "k" in flags, "trace_kernel": "k" in flags, "rope_table": "r" in flags}
 
 
 def apply_speed_options(
     model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False, compile_step: str = "off",
     trace_groups: int = 1, trace_chunk: int = 0, trace_windows: bool = False, trace_kernel: bool = False,
+    rope_table: bool = False,
 ) -> None:
     """Turn on the opt-in speed settings above (no-ops with the defaults)."""
     if compile_step not in COMPILE_STEP_MODES:
@@ -129,6 +135,10 @@ def apply_speed_options(
         model.trace_windows = True  # refuses a family it cannot run
     if trace_kernel:
         model.trace_kernel = True
+    if rope_table:
+        from .rope import table_rotaries
+
+        table_rotaries(_decoders(model))
     if compile_mlp or compile_masks:
         allow_recompiles()
     if compile_mlp:

@@ -119,6 +119,9 @@ class TrainConfig:
                             "read in place instead of copied per trace, no gradient computed for them; same losses "
                             "(implies --trace-windows; fastest without --trace-chunk; tile sizes from "
                             "CACHEAUG_TRACE_KERNEL_TILES; docs/performance.md)")
+    rope_table: bool = _f(False, "rotary cos/sin looked up in a table of every position instead of computed per "
+                          "call (in the compiled step: per element in every layer); same values (GPU speed; "
+                          "docs/performance.md)")
     compile_cache: str | None = _f(
         None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
         "it to the next process or machine to skip most of the compile; a name ending in .xz is compressed (about 13x) "
@@ -462,7 +465,7 @@ class Trainer:
         apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks,
                             compile_step=cfg.compile_step, trace_groups=cfg.trace_groups,
                             trace_chunk=cfg.trace_chunk, trace_windows=cfg.trace_windows,
-                            trace_kernel=cfg.trace_kernel)
+                            trace_kernel=cfg.trace_kernel, rope_table=cfg.rope_table)
         model.recompute_loss = not cfg.keep_logits
         if cfg.compile_cache and par.main:
             loaded = load_compile_cache(cfg.compile_cache)
