@@ -62,7 +62,7 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
 from cacheaug.serving import Engine
-from cacheaug.testing import tiny_model
+from cacheaug.testing import random_gemma3_270m, tiny_model
 
 
 def _sync(device) -> None:
@@ -162,17 +162,6 @@ def hf_static_step_s(base, ids, n_tokens, device, repeats) -> float:
     return statistics.median(steps)
 
 
-def random_270m(device):
-    """Gemma 3 270M's architecture (bf16, sdpa) with random weights: the real model's shapes for timing."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-                              query_pre_attn_scalar=256, max_position_embeddings=32768)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
-
-
 def slab_step_s(engine, prompt, device, steps: int = 30) -> float:
     """Median time of the slab's batch-1 step plus the greedy token's read, on a cache of ``prompt``."""
     slab = engine.slab
@@ -236,7 +225,7 @@ def main() -> None:
     if args.model == "tiny":
         base = tiny_model("gemma3", "sdpa", device=device)
     elif args.model == "random-270m":
-        base = random_270m(device)
+        base = random_gemma3_270m(device)
     else:
         base, _ = load_base_model(args.model, device=device)
     vocab = base.get_input_embeddings().weight.shape[0]

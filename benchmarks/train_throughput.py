@@ -11,6 +11,9 @@ per-trace loop and the other inits (``--configs``).
 
 CPU smoke run (what CI exercises): python benchmarks/train_throughput.py --model tiny --steps 2 --warmup 1
 
+``--model random-270m``: Gemma 3 270M's architecture at random weights (the same shapes, kernels and counted FLOPs;
+a step's speed does not depend on the weights), so a GPU call needs no staged model.
+
 Also in the same run: ``first_step_s`` of every row (compiling and recording included), ``--cached-repeat`` (the
 best variant again in a fresh process with empty inductor / Triton caches and the compile artifacts this run saved:
 ``first_step_cached_s``, what a repeat run on a fresh machine pays), ``--world 2`` (DDP over two devices at the same
@@ -42,7 +45,7 @@ from cacheaug.evaluate import autocast_for
 from cacheaug.masks import stratified_positions
 from cacheaug import speed
 from cacheaug.speed import allow_recompiles, apply_speed_options
-from cacheaug.testing import tiny_model
+from cacheaug.testing import random_gemma3_270m, tiny_model
 from cacheaug.train import master_fp32
 
 PEAK_BF16 = 790e12
@@ -292,27 +295,11 @@ def parse_variant(name: str) -> dict:
         raise SystemExit(f"--variants: {err}") from None
 
 
-def gemma3_270m_shapes(device, attn):
-    """Gemma 3 270M's architecture (18 layers, 5 sliding of window 512 to 1 full, 4 query heads on 1 key head of 256,
-    width 640, MLP 2048, vocabulary 262,144) at random weights, in the dtype load_base_model picks: a step's speed
-    does not depend on the weights, and no packaged model has to be staged."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
-                              sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=True,
-                              layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
-    return model.to(device).eval()
-
-
 def load(args, device, attn):
     if args.model == "tiny":
         return tiny_model("gemma3", attn, device=device)
-    if args.model == "gemma-3-270m-shapes":
-        return gemma3_270m_shapes(device, attn)
+    if args.model == "random-270m":
+        return random_gemma3_270m(device, attn)
     return load_base_model(args.model, device=device, attn_implementation=attn)[0]
 
 
@@ -326,8 +313,8 @@ def build(base, args, K, init="copy", n_latents=None, keep_logits=False):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m', 'gemma-3-270m-shapes' (its architecture "
-                    "at random weights: nothing to stage) or 'tiny' (random 3-layer Gemma-3)")
+    ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m', 'random-270m' (its architecture at "
+                    "random weights, for timing: nothing to stage) or 'tiny' (random 3-layer Gemma-3)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", nargs="+", default=None,
                     help="implementation variants timed at the first K, e.g. flex sdpa flex+masks flex+masks+mlp "

@@ -51,6 +51,9 @@
 #                                          # kern23b: K=128 +k batch 16 (library tiles, profiled; picked tiles), batch 24;
 #                                          # kern23c: K=128 +k batch 32, K=16 +k batch 192 (picked tiles);
 #                                          # kern23d: K=128 +k+r batch 16 (rotary tables), profiled
+#   PYTHONPATH=$PWD/src bash experiments/speed.sh kern24a $OUT   # no staging (random-270m): K=128 +k+r at batch 32
+#                                          # and 24; kern24b: K=16 +k+r batch 192, K=128 +k+r batch 16 profiled;
+#                                          # serve24: serve22 at random weights
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -300,6 +303,26 @@ case $stage in
     timeout $(left) $TP --variants sdpa+graphs+keeplogits+k+r --batch 16 --traces 128 --steps 5 --warmup 2 \
       --profile "$out/profile_k128_b16_r.txt" --out "$out/k128_b16_r.json" > "$out/k128_b16_r.log" 2>&1
     ;;
+  kern24a)  # session 24, no staging (--model random-270m: the architecture at random weights; run with PYTHONPATH=src
+            # instead of gpu_env.sh): K=128 +k+r at batch 32 (7.97k without tables), then at 24
+    RM="--model random-270m"
+    timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k+r --batch 32 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_r_b32.json" > "$out/k128_r_b32.log" 2>&1
+    timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k+r --batch 24 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_r_b24.json" > "$out/k128_r_b24.log" 2>&1
+    ;;
+  kern24b)  # no staging: K=16 +k+r at batch 192, K=128 +k+r at batch 16 profiled (what the tables left)
+    RM="--model random-270m"
+    timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k+r --batch 192 --traces 16 --steps 5 --warmup 2 \
+      --out "$out/k16_r_b192.json" > "$out/k16_r_b192.log" 2>&1
+    timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k+r --batch 16 --traces 128 --steps 5 --warmup 2 \
+      --profile "$out/profile_k128_r_b16.txt" --out "$out/k128_r_b16.json" > "$out/k128_r_b16.log" 2>&1
+    ;;
+  serve24)  # no staging: serving with coprocessor graphs and the compiled decoding step (serve22's), random weights
+    timeout $(left) python3 benchmarks/serve_latency.py --model random-270m --prompt-lens 1024 --latents 16 \
+      --repeats 10 --no-dynamic --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
+      --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
+    ;;
   serve22)  # serving with the coprocessor as CUDA graphs and the decoding step compiled, alone in its call
     python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
       > "$out/convert.log" 2>&1
@@ -307,7 +330,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | serve24 | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

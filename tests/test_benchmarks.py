@@ -85,6 +85,23 @@ def test_counted_flops_follow_what_the_step_computes():
     assert recomputed - tt.step_flops(model, B=2, T=32, K=2) == 2 * V * D * 2 * 2 * 4
 
 
+def test_random_270m_is_gemma3_270ms_architecture():
+    """The benchmarks' --model random-270m (cacheaug.testing.random_gemma3_270m): Gemma 3 270M's architecture at random
+    weights (its published 268,098,176 parameters; five sliding layers to one full; its two rotary bases)."""
+    import torch
+
+    from cacheaug.testing import random_gemma3_270m
+
+    with torch.device("meta"):
+        model = random_gemma3_270m("meta")
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    cfg = model.config
+    assert cfg.layer_types.count("full_attention") == 3 and cfg.layer_types[5] == "full_attention"
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window) == (4, 1, 256, 512)
+    assert {k: v["rope_theta"] for k, v in cfg.rope_parameters.items()} == {"sliding_attention": 1e4,
+                                                                            "full_attention": 1e6}
+
+
 def test_serve_latency_runs_at_toy_size(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
@@ -149,6 +166,12 @@ def test_trace_attention_runs_at_toy_size(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / "pick_tiles.py"), str(out)], capture_output=True,
                          text=True, timeout=60)
     assert run.returncode != 0 and "no Triton kernel rows" in run.stderr
+    # --kernel-only: the kernel rows of one trace per row alone (no sdpa layout timed), the same differences
+    cmd += ["--kernel-only"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    only = json.loads(out.read_text())["rows"]
+    assert {r["layout"] for r in only} == {"kernel"} and len(only) == 2 * 3
+    assert {r["pass"] for r in only} == {"forward", "forward+backward"}
 
 
 def test_kernel_registers_compiles_for_the_gpu_without_one(tmp_path):

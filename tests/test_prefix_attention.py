@@ -277,3 +277,31 @@ def test_pick_tiles_sums_over_the_models_layers(tmp_path):
     assert run.returncode == 0, run.stderr
     by_size = json.loads(run.stderr)["fastest per block size L"]
     assert by_size["forward"] == {"16": "64,64,4,2", "31": "128,64,8,2"}, by_size
+
+
+def test_queries_and_output_stay_in_the_models_layout(monkeypatch):
+    """The op gets the queries as a view of the attention's [N, L, heads, D] projections (no copy) and its output,
+    laid out as they are, goes back to the layer as a view: the attention output is contiguous [N, L, heads, D]
+    without a copy (eager; a compiled graph hands the op the same strides: its ops need exact strides)."""
+    seen, real = [], windows.prefix_attention
+
+    def spy(q, *args):
+        out = real(q, *args)
+        seen.append((q.dim(), q._base is not None, out[0].stride() == q.stride(), out[0].data_ptr()))
+        return out
+
+    monkeypatch.setattr(windows, "prefix_attention", spy)
+    returned, real_attention = [], windows.trace_attention
+
+    def outer(*args, **kwargs):
+        out = real_attention(*args, **kwargs)
+        returned.append((out[0].is_contiguous(), out[0].data_ptr()))
+        return out
+
+    monkeypatch.setattr(windows, "trace_attention", outer)
+    model = _model(chunk=2)
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
+    model(ids, positions=POSITIONS).loss.backward()
+    assert seen and all(s[:3] == (5, True, True) for s in seen), seen[:3]
+    # the layer gets the op's own output back, contiguous in [N, L, heads, D]: no copy in between
+    assert [r[1] for r in returned] == [s[3] for s in seen] and all(r[0] for r in returned)

@@ -34,6 +34,22 @@ def tiny_model(family: str = "gemma3", attn: str = "sdpa", seed: int = 0, dtype=
     return model.to(device).eval()
 
 
+def random_gemma3_270m(device="cpu", attn: str = "sdpa", dtype=None, seed: int = 0):
+    """Gemma 3 270M's architecture at random weights (its 268,098,176 parameters: 18 layers, five sliding of window
+    512 to one full, 4 query heads on 1 key head of 256, width 640, MLP 2048, vocabulary 262,144), in the dtype
+    load_base_model picks (bf16 on a GPU): the real model's shapes and kernels for timing, nothing to stage."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    device = torch.device(device)
+    config = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+                              sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=True,
+                              layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
+    torch.manual_seed(seed)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).to(device).eval()
+
+
 def perturb_trainable(model, scale: float = 0.05, seed: int = 1) -> None:
     """Move every trainable tensor off its initial value (e.g. LoRA's B = 0), so tests see a generic coprocessor."""
     g = torch.Generator().manual_seed(seed)
