@@ -10,7 +10,9 @@ device, in float32), so a lookup returns exactly what the module would, cast to 
 
 Only rotary types whose frequencies do not depend on the input are tabled ("default", "linear", "llama3", "yarn");
 a module of another type ("dynamic", "longrope", ...) is left as it is. Positions must be below the model's
-``max_position_embeddings`` (what the library's input checks hold).
+``max_position_embeddings`` (what the library's input checks hold). A table holds cos and sin in float32 for every
+position: 64 MiB per layer type at Gemma 3 270M's 32,768 positions and head size 256, and the coprocessor's copy of
+the decoder has its own (256 MiB in all; 0.15 GiB more peak memory measured at K=128, batch 16).
 """
 
 from __future__ import annotations
