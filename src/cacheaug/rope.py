@@ -3,10 +3,11 @@ its cos/sin up in a table of every position, computed once, instead of computing
 
 Transformers computes cos(position x frequency) and sin on every forward. Inside a compiled training step inductor
 fuses that computation into each consumer, so every layer's rotary (forward and backward, queries and keys)
-evaluates float32 cos and sin per element: libdevice's exact functions, about 40 instructions each with their range
-reduction. At Gemma 3 270M's shapes that made the step's rotary kernels compute-bound (docs/performance.md, "Session
-23"). A table row is the module's own output for that position (the module computes the table itself, on the same
-device, in float32), so a lookup returns exactly what the module would, cast to the input's dtype as it casts.
+evaluates float32 cos and sin per element: Triton's accurate functions (not the hardware's approximation), about 80
+instructions an element each with their range reduction. At Gemma 3 270M's shapes that made the step's rotary
+kernels compute-bound (docs/performance.md, "Session 23"). A table row is the module's own output for that position
+(the module computes the table itself, on the same device, in float32), so a lookup returns exactly what the module
+would, cast to the input's dtype as it casts.
 
 Only rotary types whose frequencies do not depend on the input are tabled ("default", "linear", "llama3", "yarn");
 a module of another type ("dynamic", "longrope", ...) is left as it is. Positions must be below the model's
