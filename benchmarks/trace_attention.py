@@ -34,13 +34,12 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cacheaug import prefix_attention
+from cacheaug import atomic, prefix_attention
 from cacheaug.families import FULL, SLIDING, Family
 from cacheaug.masks import dense_mask, trace_layout
 from cacheaug.windows import TraceKeys, trace_attention, trace_keys
@@ -134,16 +133,17 @@ def main() -> None:
     text_k, text_v = (torch.randn(B, H_kv, T, D, generator=g).to(device, dtype) for _ in range(2))
     rows = []
 
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:  # after every row: a run cut short keeps what it timed
+    def save() -> None:
+        if args.out:
             result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "batch": B, "seq_len": T, "traces": K, "window": args.window,
                       "rows": rows, "launch_configs": prefix_attention.launch_configs()}
-            tmp = Path(args.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(args.out)
+            atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save()  # after every row: a run cut short keeps what it timed
 
     for L in args.block:
         for layer_type, window in ((SLIDING, args.window), (FULL, None)):
@@ -224,11 +224,7 @@ def main() -> None:
                 prefix_attention.CONFIG.update(fwd)
                 prefix_attention.WIDE_CONFIG.update(wide)
                 prefix_attention.BACKWARD_CONFIG.update(bwd)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "batch": B, "seq_len": T, "traces": K, "window": args.window, "rows": rows,
-              "launch_configs": prefix_attention.launch_configs()}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save()
 
 
 if __name__ == "__main__":

@@ -310,13 +310,14 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
     attention output is a view). ``full`` [R, 2]: each row's text columns that every query sees (none: every tile
     reads the mask)."""
     kb, vb, tk, tv, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (kb, vb, tk, tv, bias))
-    q = q if q.stride() == torch.empty_like(q).stride() else q.contiguous()  # dense (o and dq are laid out as q)
+    out = torch.empty_like(q)  # q's strides where q is dense: the kernel writes it as it reads q
+    if out.stride() != q.stride():  # not dense: read a contiguous copy (out is contiguous then)
+        q = q.contiguous()
     full = _no_full(hi) if full is None else full
     seq, start, lo, hi, full = (x.contiguous() for x in (seq, start, lo, hi, full))  # per row
     R, H, CL, D = kb.shape
     M = q.shape[2:-1].numel()
     backward = do is not None
-    out = torch.empty_like(q)  # q's strides: the kernel writes it as it reads q
     out_lse = None if backward else torch.empty(R, H, M, dtype=torch.float32, device=q.device)
     dkb = dvb = delta = None  # the block's dK/dV: written by the backward's block kernel only
     if backward:
@@ -454,7 +455,8 @@ _EXACT = {"tags": (torch.Tag.needs_exact_strides,)} if hasattr(torch.Tag, "needs
 
 def _like(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x`` (q's shape) laid out as the kernel lays its outputs out: ``torch.empty_like(q)``."""
-    return x if x.stride() == torch.empty_like(q).stride() else torch.empty_like(q).copy_(x)
+    out = torch.empty_like(q)
+    return x if x.stride() == out.stride() else out.copy_(x)
 
 
 @torch.library.custom_op("cacheaug::prefix_attention_v3", mutates_args=(), **_EXACT)
