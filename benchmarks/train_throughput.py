@@ -14,7 +14,9 @@ CPU smoke run (what CI exercises): python benchmarks/train_throughput.py --model
 ``--model random-270m``: Gemma 3 270M's architecture at random weights (the same shapes, kernels and counted FLOPs;
 a step's speed does not depend on the weights), so a GPU call needs no staged model.
 
-Also in the same run: ``first_step_s`` of every row (compiling and recording included), ``--cached-repeat`` (the
+Also in the same run: ``first_step_s`` of every row (compiling and recording included), ``first_loss`` (the
+first step's loss: a fixed seed draws the same text, points and random weights in every process, so two variants'
+first losses differ only by what their kernels compute), ``--cached-repeat`` (the
 best variant again in a fresh process with empty inductor / Triton caches and the compile artifacts this run saved:
 ``first_step_cached_s``, what a repeat run on a fresh machine pays), ``--world 2`` (DDP over two devices at the same
 per-device batch: ``ddp`` rows with the summed traces/s and the scaling over one device), and on a GPU the peak memory
@@ -151,12 +153,18 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
     def one_step():
         with autocast_for(model):
             if loop:  # the naive baseline: one full three-pass forward per trace
+                total = 0.0
                 for k in range(K):
-                    (forward(ids, positions=positions[:, k : k + 1]).loss / K).backward()
+                    loss = forward(ids, positions=positions[:, k : k + 1]).loss / K
+                    loss.backward()
+                    total = total + loss.detach()
+                loss = total
             else:
-                forward(ids, positions=positions).loss.backward()
+                loss = forward(ids, positions=positions).loss
+                loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def sync():
         if device.type == "cuda":
@@ -164,9 +172,12 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
 
     sync()
     t_first = time.perf_counter()
-    one_step()  # the first step compiles (and records the CUDA graphs) when the variant asks for it
+    first_loss = one_step()  # the first step compiles (and records the CUDA graphs) when the variant asks for it
     sync()
     first_step_s = time.perf_counter() - t_first
+    # the same seed draws the same text, points and (random-270m, tiny) weights in every process: two variants' first
+    # losses differ only by what their kernels compute differently
+    first_loss = float(first_loss)
     for _ in range(warmup - 1):
         one_step()
     warmup_peak = None
@@ -202,6 +213,7 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
     dt = (time.perf_counter() - t0) / steps
     row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt),
            "traces_per_s": round(B * K / dt, 1), "first_step_s": round(first_step_s, 2),
+           "first_loss": round(first_loss, 6),
            **({"profile_ms_per_step": breakdown} if breakdown else {})}  # insertion points trained per second: what the method learns from
     if model.arm.has_latents:  # the count below is for a coprocessor (pause: N_c ~ 0)
         flops = step_flops(model, B, T, K)

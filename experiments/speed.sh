@@ -52,7 +52,7 @@
 #                                          # kern23c: K=128 +k batch 32, K=16 +k batch 192 (picked tiles);
 #                                          # kern23d: K=128 +k+r batch 16 (rotary tables), profiled
 #   PYTHONPATH=$PWD/src bash experiments/speed.sh kern24a $OUT   # no staging (random-270m): K=128 +k+r at batch 32
-#                                          # and 24; kern24b: K=16 +k+r batch 192, K=128 +k+r batch 16 profiled;
+#                                          # and 24; kern24b: K=128 +k+r batch 16 profiled, then +k (losses compared);
 #                                          # serve24: serve22 at random weights
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
@@ -311,12 +311,14 @@ case $stage in
     timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k+r --batch 24 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_r_b24.json" > "$out/k128_r_b24.log" 2>&1
     ;;
-  kern24b)  # no staging: K=16 +k+r at batch 192, K=128 +k+r at batch 16 profiled (what the tables left)
+  kern24b)  # no staging: K=128 +k+r at batch 16 profiled (what the tables left), then +k at batch 16 on the same machine:
+            # the tables' gain measured side by side, and the first-step losses of the two (same seed, same text, points
+            # and weights) compared: the tables' eager cos/sin against the compiled step's own
     RM="--model random-270m"
-    timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k+r --batch 192 --traces 16 --steps 5 --warmup 2 \
-      --out "$out/k16_r_b192.json" > "$out/k16_r_b192.log" 2>&1
     timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k+r --batch 16 --traces 128 --steps 5 --warmup 2 \
       --profile "$out/profile_k128_r_b16.txt" --out "$out/k128_r_b16.json" > "$out/k128_r_b16.log" 2>&1
+    timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k --batch 16 --traces 128 --steps 5 --warmup 2 \
+      --out "$out/k128_b16.json" > "$out/k128_b16.log" 2>&1
     ;;
   serve24)  # no staging: serving with coprocessor graphs and the compiled decoding step (serve22's), random weights
     timeout $(left) python3 benchmarks/serve_latency.py --model random-270m --prompt-lens 1024 --latents 16 \
