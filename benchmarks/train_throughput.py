@@ -18,8 +18,9 @@ Also in the same run: ``first_step_s`` of every row (compiling and recording inc
 first step's loss: a fixed seed draws the same text, points and random weights in every process, so two variants'
 first losses differ only by what their kernels compute), ``--cached-repeat`` (the
 best variant again in a fresh process with empty inductor / Triton caches and the compile artifacts this run saved:
-``first_step_cached_s``, what a repeat run on a fresh machine pays), ``--world 2`` (DDP over two devices at the same
-per-device batch: ``ddp`` rows with the summed traces/s and the scaling over one device), and on a GPU the peak memory
+``first_step_cached_s``, what a repeat run on a fresh machine pays), ``--world 2`` (two devices at the same
+per-device batch, the coprocessor replicated with DDP and/or sharded with FSDP2, ``--parallel ddp fsdp``: ``ddp`` /
+``fsdp`` rows with the summed traces/s and the scaling over one device), and on a GPU the peak memory
 with and without the warm-up (CUDA graphs record their memory pool then) and the memory the allocator reserved.
 
 FLOPs counted per optimizer step (N = non-embedding parameters of the decoder, D = hidden size, V = vocab;
@@ -48,7 +49,7 @@ from cacheaug.masks import stratified_positions
 from cacheaug import speed
 from cacheaug.speed import allow_recompiles, apply_speed_options
 from cacheaug.testing import random_gemma3_270m, tiny_model
-from cacheaug.train import master_fp32
+from cacheaug.train import master_fp32, shard_coprocessor
 
 PEAK_BF16 = 790e12
 SPEED_KEYS = ("compile_mlp", "compile_masks", "compile_step", "trace_groups", "trace_chunk", "trace_windows",
@@ -227,8 +228,10 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
     return row
 
 
-def ddp_worker(rank: int, world: int, port: int, args, variant: str, K: int, out: str) -> None:
-    """One rank of the DDP measurement: the canonical config at the same per-device batch, gradients all-reduced."""
+def ddp_worker(rank: int, world: int, port: int, args, variant: str, K: int, out: str, parallel: str = "ddp") -> None:
+    """One rank of the multi-device measurement: the canonical config at the same per-device batch, the coprocessor
+    replicated with its gradients all-reduced (``ddp``) or sharded per layer with FSDP2 (``fsdp``, as ``cacheaug train
+    --parallel fsdp`` does: ``cacheaug.train.shard_coprocessor``)."""
     import os
 
     import torch.distributed as dist
@@ -245,8 +248,12 @@ def ddp_worker(rank: int, world: int, port: int, args, variant: str, K: int, out
         allow_recompiles()
         model = build(load(args, device, v["attn"]), args, K, keep_logits=v["keep_logits"])
         apply_speed_options(model, **{k: v[k] for k in SPEED_KEYS})
-        ddp = DistributedDataParallel(model, device_ids=[device] if cuda else None)
-        row = measure(model, args.batch, args.seq_len, K, args.steps, args.warmup, forward=ddp, seed=rank)
+        if parallel == "fsdp":
+            shard_coprocessor(model, device)
+            wrapped = model
+        else:
+            wrapped = DistributedDataParallel(model, device_ids=[device] if cuda else None)
+        row = measure(model, args.batch, args.seq_len, K, args.steps, args.warmup, forward=wrapped, seed=rank)
         rows = [None] * world
         dist.all_gather_object(rows, row)
         if rank == 0:
@@ -255,8 +262,9 @@ def ddp_worker(rank: int, world: int, port: int, args, variant: str, K: int, out
         dist.destroy_process_group()
 
 
-def measure_ddp(args, variant: str, K: int, single: dict) -> dict:
-    """DDP over ``args.world`` devices (processes) at the per-device batch of ``single``; traces/s summed."""
+def measure_ddp(args, variant: str, K: int, single: dict, parallel: str = "ddp") -> dict:
+    """DDP or FSDP2 (``parallel``) over ``args.world`` devices (processes) at the per-device batch of ``single``;
+    traces/s summed."""
     import socket
     import tempfile
 
@@ -267,15 +275,17 @@ def measure_ddp(args, variant: str, K: int, single: dict) -> dict:
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "ddp.json")
-        mp.spawn(ddp_worker, args=(args.world, port, args, variant, K, out), nprocs=args.world, join=True)
+        mp.spawn(ddp_worker, args=(args.world, port, args, variant, K, out, parallel), nprocs=args.world, join=True)
         ranks = json.loads(Path(out).read_text())
     dt = max(r["seconds_per_step"] for r in ranks)  # the step ends when the slowest rank's all-reduce does
     traces = round(args.world * args.batch * K / dt, 1)
-    return {"variant": variant, "config": f"copy:{args.n_latents} ddp", "K": K, "world": args.world,
+    return {"variant": variant, "config": f"copy:{args.n_latents} {parallel}", "K": K, "world": args.world,
             "per_device_batch": args.batch, "seconds_per_step": round(dt, 4), "traces_per_s": traces,
             "text_tokens_per_s": round(args.world * args.batch * args.seq_len / dt),
             "scaling_vs_one": round(traces / single["traces_per_s"], 3),
-            "first_step_s": max(r["first_step_s"] for r in ranks)}
+            "first_step_s": max(r["first_step_s"] for r in ranks),
+            **({"peak_mem_incl_warmup_gib": max(r["peak_mem_incl_warmup_gib"] for r in ranks)}
+               if "peak_mem_incl_warmup_gib" in ranks[0] else {})}
 
 
 def cached_repeat(args, variant: str, cache: str) -> dict:
@@ -357,6 +367,10 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=1,
                     help="also time DDP over this many devices (processes) at the same per-device batch (GPU: NCCL, "
                     "one GPU each; CPU: gloo)")
+    ap.add_argument("--parallel", nargs="+", choices=["ddp", "fsdp"], default=["ddp"],
+                    help="with --world > 1: how the coprocessor is spread, each timed in turn: replicated with "
+                    "gradients all-reduced (ddp) and/or sharded per layer with FSDP2 (fsdp; the coprocessor's "
+                    "weights, gradients and optimizer state split over the devices)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.breakdown:
@@ -453,10 +467,15 @@ def main() -> None:
         save(name)
     if args.world > 1:
         base = None
-        row = measure_ddp(args, name, K0, best[1])
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        save(name)
+        for parallel in args.parallel:
+            try:
+                row = measure_ddp(args, name, K0, best[1], parallel)
+            except Exception as err:  # a failed FSDP2 run must not lose the DDP row
+                row = {"variant": name, "config": f"copy:{args.n_latents} {parallel}",
+                       "error": f"{type(err).__name__}: {err}"[:500]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            save(name)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@
 #                                          # kern23d: K=128 +k+r batch 16 (rotary tables), profiled
 #   PYTHONPATH=$PWD/src bash experiments/speed.sh kern24a $OUT   # no staging (random-270m): K=128 +k+r at batch 32
 #                                          # and 24; kern24b: K=128 +k+r batch 16 profiled, then +k (losses compared);
-#                                          # serve24: serve22 at random weights
+#                                          # serve24: serve22 at random weights; ddp24 (two GPUs): K=128 +k+r on one,
+#                                          # then DDP and FSDP2 over both at the same per-GPU batch
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -320,6 +321,11 @@ case $stage in
     timeout $(left) $TP $RM --variants sdpa+graphs+keeplogits+k --batch 16 --traces 128 --steps 5 --warmup 2 \
       --out "$out/k128_b16.json" > "$out/k128_b16.log" 2>&1
     ;;
+  ddp24)  # two GPUs, no staging: K=128 +k+r at batch 16 on one GPU, then over both at the same per-GPU batch, the
+           # coprocessor replicated (DDP: the 1.9x target) and then sharded per layer (FSDP2, measured)
+    timeout $(left) $TP --model random-270m --variants sdpa+graphs+keeplogits+k+r --batch 16 --traces 128 --steps 5 \
+      --warmup 2 --world 2 --parallel ddp fsdp --out "$out/ddp24.json" > "$out/ddp24.log" 2>&1
+    ;;
   serve24)  # no staging: serving with coprocessor graphs and the compiled decoding step (serve22's), random weights
     timeout $(left) python3 benchmarks/serve_latency.py --model random-270m --prompt-lens 1024 --latents 16 \
       --repeats 10 --no-dynamic --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
@@ -332,7 +338,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | serve24 | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | ddp24 | serve24 | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -15,10 +15,10 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--device", "cpu",
            "--batch", "2", "--seq-len", "64", "--traces", "4", "--n-latents", "2", "--n-ahead", "3", "--steps", "1",
            "--warmup", "1", "--compare-loop", "--batches", "3", "--profile", str(tmp_path / "p.txt"), "--out", str(out),
-           "--cached-repeat", "--world", "2"]
+           "--cached-repeat", "--world", "2", "--parallel", "ddp", "fsdp"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
-    rows, ddp = report["rows"][:-1], report["rows"][-1]
+    rows, (ddp, fsdp) = report["rows"][:-2], report["rows"][-2:]
     assert [(r["config"], r["loop"]) for r in rows] == [("copy:2", False), ("copy:2 profiled", False),
                                                         ("copy:2 B=3", False), ("copy:2", True)]
     assert all(r["first_step_s"] > 0 for r in rows)
@@ -29,6 +29,13 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     assert (ddp["config"], ddp["world"], ddp["per_device_batch"]) == ("copy:2 ddp", 2, 2)
     assert abs(ddp["traces_per_s"] - 2 * 2 * 4 / ddp["seconds_per_step"]) <= 1
     assert abs(ddp["scaling_vs_one"] - ddp["traces_per_s"] / rows[0]["traces_per_s"]) <= 1e-3
+    # ... and with the coprocessor sharded by FSDP2 (as `cacheaug train --parallel fsdp`)
+    assert (fsdp["config"], fsdp["world"], "error" in fsdp) == ("copy:2 fsdp", 2, False)
+    assert abs(fsdp["traces_per_s"] - 2 * 2 * 4 / fsdp["seconds_per_step"]) <= 1
+    # the first step's loss: the same seed draws the same text, points and weights, so the profiled row repeats the
+    # first, and the per-trace loop (K passes of one trace, losses / K summed) equals the parallel pass
+    assert rows[1]["first_loss"] == rows[0]["first_loss"]
+    assert abs(rows[3]["first_loss"] - rows[0]["first_loss"]) <= 1e-4 * abs(rows[0]["first_loss"])
     assert all(r["text_tokens_per_s"] > 0 and r["counted_gflop_per_step"] > 0 for r in rows)
     for r in rows:  # traces/s beside text tokens/s: K insertion points per sequence of 64 tokens
         assert abs(r["traces_per_s"] - r["text_tokens_per_s"] * 4 / 64) <= 0.05 * r["traces_per_s"] + 1
