@@ -27,6 +27,7 @@ import torch
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, load_base_model
 from cacheaug.corpus import builtin_text
 from cacheaug.masks import groups_fitting
+from cacheaug.speed import apply_speed_options
 from cacheaug.testing import FAMILIES, attn_for, perturb_trainable, reference_losses, tiny_model
 
 
@@ -104,6 +105,8 @@ def main() -> None:
                     "Gemma-3 or Qwen-2/3 only: other families are skipped)")
     ap.add_argument("--trace-kernel", action="store_true",
                     help="trace windows through cacheaug's kernel (cacheaug.prefix_attention; implies --trace-windows)")
+    ap.add_argument("--rope-table", action="store_true",
+                    help="rotary cos/sin looked up in tables (cacheaug.rope) in every case, training and inference")
     ap.add_argument("--levers", default="", help="coprocessor levers for every case, e.g. "
                     "'position_scheme=shared,reread_last=1,echo_residual=1,readout=pre_norm' (CoprocessorConfig fields)")
     ap.add_argument("--inits", nargs="+", default=["copy"],
@@ -135,6 +138,8 @@ def main() -> None:
                 cfg = CoprocessorConfig(3, 5, 4, init=init, lora_rank=4, **levers)
                 model = CacheAugmentedLM(tiny_model(family, backend, device=device), cfg)
                 perturb_trainable(model)
+                if args.rope_table:  # before the trace settings below (it sets them to their defaults)
+                    apply_speed_options(model, rope_table=True)
                 model.trace_chunk = args.trace_chunk
                 if args.trace_windows:
                     if backend != "sdpa" or not model.family.dict_masks:
@@ -145,12 +150,15 @@ def main() -> None:
                 positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]], device=device)
                 record({"model": f"tiny-{family}", "init": init, "backend": backend, "T": 40,
                         "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
-                        "trace_kernel": args.trace_kernel, **check(model, ids, positions)})
+                        "trace_kernel": args.trace_kernel, "rope_table": args.rope_table,
+                        **check(model, ids, positions)})
         if args.real:
             fp32 = backend not in args.real_bf16_only
             dtype = torch.float32 if fp32 else torch.bfloat16
             base, tok = load_base_model(args.real, device=device, dtype=dtype, attn_implementation=backend)
             model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=16, n_ahead=16, n_traces=8, **levers))
+            if args.rope_table:  # before the trace settings below (it sets them to their defaults)
+                apply_speed_options(model, rope_table=True)
             T = args.real_length
             ids = tok(builtin_text(), return_tensors="pt")["input_ids"][0, : 2 * T].view(2, T).to(device)
             positions = torch.stack([torch.linspace(0, T - 17, 8), torch.linspace(5, T - 40, 8)]).long().to(device)
@@ -162,7 +170,8 @@ def main() -> None:
                 raise SystemExit(f"--trace-groups {args.trace_groups}: the fixed insertion points do not fit; use 1, 2 or 4")
             row = {"model": args.real, "backend": backend, "T": T, "n_latents": 16, "n_ahead": 16, "n_traces": 8,
                    "trace_groups": groups, "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
-                   "trace_kernel": args.trace_kernel, **check(model, ids, positions, fp32)}
+                   "trace_kernel": args.trace_kernel, "rope_table": args.rope_table,
+                   **check(model, ids, positions, fp32)}
             if device.type == "cuda":
                 row["train_step_bf16_autocast"] = train_step_check(model, ids)
             record(row)

@@ -44,6 +44,9 @@ def test_training_writes_checkpoints_logs_and_config(tmp_path, corpus):
         assert (final / f).is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    for r in (r for r in rows if "loss" in r):  # traces (insertion points) per second beside text tokens per second
+        assert r["traces_per_s"] > 0
+        assert abs(r["traces_per_s"] / r["tokens_per_s"] - cfg.n_traces / cfg.seq_len) < 1e-9
     evals = [r for r in rows if "eval_losses" in r]
     assert [r["step"] for r in evals] == [3, 6] and len(evals[-1]["eval_losses"]) == cfg.n_ahead
     run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
