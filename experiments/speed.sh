@@ -55,6 +55,8 @@
 #                                          # and 24; kern24b: K=128 +k+r batch 16 profiled, then +k (losses compared);
 #                                          # serve24: serve22 at random weights; ddp24 (two GPUs): K=128 +k+r on one,
 #                                          # then DDP and FSDP2 over both at the same per-GPU batch
+#   bash experiments/speed.sh real25 $OUT  # (staged, gpu_env.sh) the real model: --trace-kernel --rope-table exact,
+#                                          # then `cacheaug train` at K=128 batch 32 with them (traces/s logged)
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -326,6 +328,16 @@ case $stage in
     timeout $(left) $TP --model random-270m --variants sdpa+graphs+keeplogits+k+r --batch 16 --traces 128 --steps 5 \
       --warmup 2 --world 2 --parallel ddp fsdp --out "$out/ddp24.json" > "$out/ddp24.log" 2>&1
     ;;
+  real25)  # staged (the real model and the default corpus, scripts/gpu_env.sh): the fastest setup's equivalence on the
+            # real model (trace kernel + rotary tables; fp32 and a bf16 step), then a real `cacheaug train` at K=128 with
+            # it (batch 32, 40 steps): the trainer's traces/s in metrics.jsonl against the benchmark's 8.80k
+    timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
+      --trace-kernel --rope-table --out "$out/eq_kernel_rope.json" > "$out/eq_kernel_rope.log" 2>&1
+    timeout $(left) python3 -m cacheaug train --data default --n-traces 128 --batch-size 32 --max-steps 40 \
+      --log-every 10 --eval-every 0 --save-every 0 --compile-step graphs --keep-logits --trace-kernel --rope-table \
+      --out-dir /tmp/t25/run > "$out/train25.log" 2>&1
+    cp /tmp/t25/run/metrics.jsonl "$out/train25_metrics.jsonl" 2>/dev/null
+    ;;
   serve24)  # no staging: serving with coprocessor graphs and the compiled decoding step (serve22's), random weights
     timeout $(left) python3 benchmarks/serve_latency.py --model random-270m --prompt-lens 1024 --latents 16 \
       --repeats 10 --no-dynamic --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
@@ -338,7 +350,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | ddp24 | serve24 | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | ddp24 | real25 | serve24 | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1
