@@ -177,6 +177,31 @@ def check_fallback() -> None:
     finally:
         pa._run = real
         pa._CHOSEN.clear()
+    # the backward's block-gradient kernel falls back on its own (BLOCK_GRAD_FALLBACKS), with the same gradients
+    real_blk, tried = pa._run_block_grad, []
+
+    def refuse_blk(cfg, *a):
+        tried.append(cfg["BLOCK_N"])
+        if cfg["BLOCK_N"] > 16:
+            raise pa._OutOfResources(135168, 101376, "shared memory")
+        return real_blk(cfg, *a)
+
+    do = torch.randn(want.shape, generator=g)
+    o, lse = pa.reference_forward(*args[:8], args[10])
+    ref = pa.reference_backward(*args[:8], args[10], do, lse, o)
+    pa._run_block_grad = refuse_blk
+    try:
+        pa._CHOSEN.clear()
+        for got, ref_g in zip(pa._launch(*args, do, lse, o), ref):
+            torch.testing.assert_close(got, ref_g, rtol=1e-5, atol=1e-5)
+        assert tried == [pa.BLOCK_GRAD_CONFIG["BLOCK_N"], 16], tried
+        assert pa.launch_configs()["block-gradient D=32 float32 (requested 32,32,4,1)"]["BLOCK_N"] == 16
+        tried.clear()
+        pa._launch(*args, do, lse, o)
+        assert tried == [16], tried  # kept
+    finally:
+        pa._run_block_grad = real_blk
+        pa._CHOSEN.clear()
     print("fallback ok")
 
 

@@ -67,9 +67,10 @@ except ImportError:
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 WIDE_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 BACKWARD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-# The backward's second kernel, the block's dK/dV (query tiles of BLOCK_M, block keys of BLOCK_N): small enough for
-# every GPU with Triton (66 KiB of shared memory at head size 256, compiled for sm_90a)
+# The backward's second kernel, the block's dK/dV (query tiles of BLOCK_M, block keys of BLOCK_N): 66 KiB of shared
+# memory at head size 256 in bf16, compiled for sm_90a; BLOCK_GRAD_FALLBACKS where a GPU refuses it (float32 doubles it)
 BLOCK_GRAD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+BLOCK_GRAD_FALLBACKS = ({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},)
 # Smaller settings, tried in order when a launch needs more shared memory than the GPU has (float32, or another GPU).
 # The first that launches is kept per shape.
 FALLBACK_CONFIGS = (
@@ -114,13 +115,31 @@ if os.environ.get(TILES_ENV):
         BACKWARD_CONFIG.update(_bwd)
 
 _OFFS64_FROM = 2**31  # text offsets this large (positions x the cache's stride) run the kernel with 64-bit offsets
-_CHOSEN: dict = {}  # (pass, head size, dtype, device, requested settings) -> the settings that launched
+_CHOSEN: dict = {}  # (pass name, head size, dtype, device, requested settings) -> the settings that launched
 
 
 def launch_configs() -> dict:
-    """The settings each kind of launch ran with so far: ``{"forward/backward D=.. dtype": config}``."""
-    return {f"{'backward' if k[0] else 'forward'} D={k[1]} {str(k[2]).removeprefix('torch.')} (requested "
+    """The settings each kind of launch ran with so far: ``{"forward/backward/block-gradient D=.. dtype (requested
+    ..)": config}``."""
+    return {f"{k[0]} D={k[1]} {str(k[2]).removeprefix('torch.')} (requested "
             f"{','.join(str(v) for _, v in k[4])})": v for k, v in _CHOSEN.items()}
+
+
+def _first_launching(name: str, wanted: dict, fallbacks: tuple, D: int, like: torch.Tensor, launch) -> None:
+    """``launch(cfg)`` at ``wanted``, else at each of ``fallbacks`` in turn while the GPU refuses a setting for its
+    resources (Triton raises that before launching, so a retry writes every output again); the setting that launched
+    is kept per (pass, head size, dtype, device, request) and tried first and alone next time."""
+    key = (name, D, like.dtype, str(like.device), tuple(wanted.items()))
+    candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(wanted), *fallbacks]
+    for i, cfg in enumerate(candidates):
+        try:
+            launch(cfg)
+        except _OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _CHOSEN[key] = cfg
+        return
 
 
 def forward_config(m: int) -> dict:
@@ -326,19 +345,12 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
         lse = lse.float().contiguous()
         delta = torch.empty(R, H, M, dtype=torch.float32, device=q.device)  # rowsum(dO x O): the dQ kernel's
     q5, out5, do5, o5 = (None if x is None else _heads(x, CL) for x in (q, out, do, o))
-    wanted = BACKWARD_CONFIG if backward else forward_config(M)
-    key = (backward, D, q.dtype, str(q.device), tuple(wanted.items()))
-    candidates = [_CHOSEN[key]] if key in _CHOSEN else [dict(wanted), *FALLBACK_CONFIGS]
-    for i, cfg in enumerate(candidates):
-        try:
-            _run(cfg, q5, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do5, o5, lse, delta, out5, out_lse,
-                 dkb, dvb)
-        except _OutOfResources:  # raised before a launch: a retry writes every output again
-            if i == len(candidates) - 1:
-                raise
-            continue
-        _CHOSEN[key] = cfg
-        break
+    _first_launching("backward" if backward else "forward", BACKWARD_CONFIG if backward else forward_config(M),
+                     FALLBACK_CONFIGS, D, q, lambda cfg: _run(cfg, q5, kb, vb, tk, tv, seq, start, bias, lo, hi, full,
+                                                              scale, do5, o5, lse, delta, out5, out_lse))
+    if backward:  # the block's dK/dV, after the dQ kernel (which wrote delta)
+        _first_launching("block-gradient", BLOCK_GRAD_CONFIG, BLOCK_GRAD_FALLBACKS, D, q,
+                         lambda cfg: _run_block_grad(cfg, q5, kb, vb, bias, do5, lse, delta, dkb, dvb, scale))
     return (out, dkb, dvb) if backward else (out, out_lse)
 
 
@@ -347,8 +359,8 @@ def _no_full(hi: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, hi], dim=1).int()
 
 
-def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, o, lse, delta, out, out_lse, dkb, dvb):
-    """One launch (two in backward) at ``cfg``; ``q``, ``do``, ``o``, ``out``: ``[R, H, G, CL, D]``."""
+def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, o, lse, delta, out, out_lse):
+    """The forward, or the backward's dQ (and delta), at ``cfg``; ``q``, ``do``, ``o``, ``out``: ``[R, H, G, CL, D]``."""
     backward = do is not None
     R, H, G, CL, D = q.shape
     M, S = G * CL, tk.shape[2]
@@ -366,16 +378,19 @@ def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, o, l
         OFFS64=(S + bias.shape[-1]) * max(abs(tk.stride(2)), abs(tv.stride(2))) + D >= _OFFS64_FROM,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if backward:  # the block's dK/dV: one program per row, tile of block keys and key head
-        bm, bn = BLOCK_GRAD_CONFIG["BLOCK_M"], BLOCK_GRAD_CONFIG["BLOCK_N"]
-        _block_grad_kernel[(R, triton.cdiv(CL, bn), H)](
-            q, kb, vb, bias, do, lse, delta, dkb, dvb,
-            *q.stride()[:4], *kb.stride()[:3], *vb.stride()[:3], *bias.stride(), *do.stride()[:4],
-            M, CL, bias.shape[-1] - CL, float(scale),
-            D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
-            PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=BLOCK_GRAD_CONFIG["num_warps"], num_stages=BLOCK_GRAD_CONFIG["num_stages"],
-        )
+
+
+def _run_block_grad(cfg, q, kb, vb, bias, do, lse, delta, dkb, dvb, scale):
+    """The backward's block dK/dV at ``cfg``: one program per row, tile of block keys and key head."""
+    R, H, G, CL, D = q.shape
+    _block_grad_kernel[(R, triton.cdiv(CL, cfg["BLOCK_N"]), H)](
+        q, kb, vb, bias, do, lse, delta, dkb, dvb,
+        *q.stride()[:4], *kb.stride()[:3], *vb.stride()[:3], *bias.stride(), *do.stride()[:4],
+        G * CL, CL, bias.shape[-1] - CL, float(scale),
+        D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the torch reference
