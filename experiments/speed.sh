@@ -56,7 +56,7 @@
 #                                          # serve24: serve22 at random weights; ddp24 (two GPUs): K=128 +k+r on one,
 #                                          # then DDP and FSDP2 over both at the same per-GPU batch
 #   bash experiments/speed.sh real25 $OUT  # (staged, gpu_env.sh) the real model: --trace-kernel --rope-table exact,
-#                                          # then `cacheaug train` at K=128 batch 32 with them (traces/s logged)
+#                                          # then `cacheaug train` with configs/gemma3-270m-h200-k128.yaml (traces/s)
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
 set -uo pipefail
 stage=$1; out=${2:-out}; mkdir -p "$out"
@@ -329,13 +329,13 @@ case $stage in
       --warmup 2 --world 2 --parallel ddp fsdp --out "$out/ddp24.json" > "$out/ddp24.log" 2>&1
     ;;
   real25)  # staged (the real model and the default corpus, scripts/gpu_env.sh): the fastest setup's equivalence on the
-            # real model (trace kernel + rotary tables; fp32 and a bf16 step), then a real `cacheaug train` at K=128 with
-            # it (batch 32, 40 steps): the trainer's traces/s in metrics.jsonl against the benchmark's 8.80k
+            # real model (trace kernel + rotary tables; fp32 and a bf16 step), then a real `cacheaug train` with the K=128
+            # config (batch 24, 40 steps): the trainer's traces/s in metrics.jsonl against the benchmark's 8.67k
     timeout $(left) python3 scripts/check_equivalence.py --device cuda --backends sdpa --families --real gemma-3-270m \
       --trace-kernel --rope-table --out "$out/eq_kernel_rope.json" > "$out/eq_kernel_rope.log" 2>&1
-    timeout $(left) python3 -m cacheaug train --data default --n-traces 128 --batch-size 32 --max-steps 40 \
-      --log-every 10 --eval-every 0 --save-every 0 --compile-step graphs --keep-logits --trace-kernel --rope-table \
-      --out-dir /tmp/t25/run > "$out/train25.log" 2>&1
+    timeout $(left) python3 -m cacheaug train --config configs/gemma3-270m-h200-k128.yaml --max-steps 40 \
+      --log-every 10 --eval-every 0 --save-every 0 --out-dir /tmp/t25/run --compile-cache /tmp/t25/cc.bin.xz \
+      > "$out/train25.log" 2>&1
     cp /tmp/t25/run/metrics.jsonl "$out/train25_metrics.jsonl" 2>/dev/null
     ;;
   serve24)  # no staging: serving with coprocessor graphs and the compiled decoding step (serve22's), random weights

@@ -158,6 +158,10 @@ def test_shipped_configs_resolve():
     h200_path = str(Path(__file__).parents[1] / "configs" / "gemma3-270m-h200.yaml")
     h200 = resolve_train_config(build_parser().parse_args(["train", "--config", h200_path]))
     assert (h200.compile_step, h200.keep_logits, h200.trace_groups) == ("graphs", True, 1)
+    assert h200.trace_kernel and h200.rope_table  # the measured fastest setup; neither changes what is trained
+    k128 = resolve_train_config(build_parser().parse_args(["train", "--config", h200_path.replace(".yaml", "-k128.yaml")]))
+    assert (k128.n_traces, k128.trace_kernel, k128.rope_table, k128.trace_groups, k128.trace_chunk) == (128, True, True,
+                                                                                                         1, 0)
 
 
 def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_steps=6, compile_step="off"):
