@@ -138,6 +138,19 @@ def check_wide_rows() -> None:
     print("wide rows ok")
 
 
+def refusing(real, tried: list, above: int, asked: int = 262144, has: int = 232448):
+    """A stand-in for ``real`` (a launcher taking ``cfg`` first) that records each setting's BLOCK_N in ``tried`` and
+    refuses, as Triton does for shared memory, every setting with BLOCK_N above ``above``."""
+
+    def launch(cfg, *a):
+        tried.append(cfg["BLOCK_N"])
+        if cfg["BLOCK_N"] > above:
+            raise pa._OutOfResources(asked, has, "shared memory")
+        return real(cfg, *a)
+
+    return launch
+
+
 def check_fallback() -> None:
     """A launch refused for shared memory (as Triton raises it) falls back to the next smaller settings, gives the
     same result, and the settings that launched are kept for that shape; a refusal of every setting is raised."""
@@ -145,13 +158,7 @@ def check_fallback() -> None:
     args = random_case(g, D=32)
     want = pa.reference_forward(*args[:8], args[10])[0]
     real, tried = pa._run, []
-
-    def refuse_wide(cfg, *a):
-        tried.append(cfg["BLOCK_N"])
-        if cfg["BLOCK_N"] > 32:
-            raise pa._OutOfResources(262144, 232448, "shared memory")
-        return real(cfg, *a)
-
+    refuse_wide = refusing(real, tried, 32)
     pa._run = refuse_wide
     try:
         pa._CHOSEN.clear()
@@ -179,17 +186,10 @@ def check_fallback() -> None:
         pa._CHOSEN.clear()
     # the backward's block-gradient kernel falls back on its own (BLOCK_GRAD_FALLBACKS), with the same gradients
     real_blk, tried = pa._run_block_grad, []
-
-    def refuse_blk(cfg, *a):
-        tried.append(cfg["BLOCK_N"])
-        if cfg["BLOCK_N"] > 16:
-            raise pa._OutOfResources(135168, 101376, "shared memory")
-        return real_blk(cfg, *a)
-
     do = torch.randn(want.shape, generator=g)
     o, lse = pa.reference_forward(*args[:8], args[10])
     ref = pa.reference_backward(*args[:8], args[10], do, lse, o)
-    pa._run_block_grad = refuse_blk
+    pa._run_block_grad = refusing(real_blk, tried, 16, 135168, 101376)
     try:
         pa._CHOSEN.clear()
         for got, ref_g in zip(pa._launch(*args, do, lse, o), ref):
