@@ -220,3 +220,31 @@ def test_kernel_registers_compiles_as_a_launch_specializes(tmp_path):
     # occupancy: 255 registers x 128 threads leave room for two blocks of 4 warps, one of 8; shared memory can bind
     assert kr.programs_per_sm(100 * 1024, 255, 4) == 2 and kr.programs_per_sm(100 * 1024, 255, 8) == 1
     assert kr.programs_per_sm(135 * 1024, 255, 4) == 1 and kr.programs_per_sm(0, 32, 1) == 32
+
+
+def test_throughput_plot_reads_every_session(tmp_path):
+    """experiments/plot_throughput.py keeps the one-GPU K=16/K=128 rows of every results/speedNN report (not the
+    profiled, failed, multi-GPU or per-trace-loop rows) and prints the fastest of each session and K."""
+    def report(path, batch, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"batch": batch, "rows": rows}))
+
+    report(tmp_path / "speed3" / "a" / "k128.json", 8, [
+        {"variant": "v1", "config": "copy:16", "K": 128, "traces_per_s": 5000.0},
+        {"variant": "v1", "config": "copy:16 profiled", "K": 128, "traces_per_s": 9999.0},
+        {"variant": "v1", "config": "copy:16 B=16", "K": 128, "traces_per_s": 5500.0},
+        {"variant": "v2", "error": "OutOfMemoryError"},
+        {"variant": "v1", "config": "copy:16", "K": 128, "loop": True, "traces_per_s": 9999.0}])
+    report(tmp_path / "speed12" / "k16.json", 32, [
+        {"variant": "v3", "config": "copy:16", "K": 16, "traces_per_s": 4000.0},
+        {"variant": "v3", "config": "copy:16 ddp", "K": 16, "world": 2, "traces_per_s": 9999.0},
+        {"variant": "v3", "config": "copy:16", "K": 64, "traces_per_s": 9999.0}])
+    (tmp_path / "speed12" / "serve.json").write_text(json.dumps({"rows": [{"n_latents": 16}]}))  # another benchmark
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "k128.json").write_text(json.dumps({"rows": [{"K": 128, "traces_per_s": 9999.0}]}))
+    out = tmp_path / "plot.png"
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_throughput.py"), "--results", str(tmp_path),
+                          "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    best = [line.split() for line in run.stdout.splitlines() if line.startswith("K=")]
+    assert [(b[0], b[2], b[3], b[6]) for b in best] == [("K=16", "12:", "4,000", "32"), ("K=128", "3:", "5,500", "16")]
+    assert out.stat().st_size > 10_000 and "9,999" not in run.stdout
