@@ -103,3 +103,31 @@ def test_variant_and_config():
                                                            "rope_table": True}
     assert parse_variant("sdpa")["rope_table"] is False
     assert TrainConfig(rope_table=True).rope_table
+
+
+def test_equal_tables_are_kept_once():
+    """The coprocessor's copy of the decoder gets the decoder's tables themselves (one copy in memory); a rotary of
+    other frequencies keeps its own, with its own values."""
+    from cacheaug.rope import table_rotaries
+
+    model = build_model(tiny_model("gemma3", "sdpa"), CoprocessorConfig(n_latents=3, n_ahead=5, n_traces=4))
+    apply_speed_options(model, rope_table=True)
+    dec, cop = _rotaries(model)
+    assert dec is not cop and dec._cacheaug_rope_tables.keys() == cop._cacheaug_rope_tables.keys()
+    for key, (cos, sin) in dec._cacheaug_rope_tables.items():
+        assert cop._cacheaug_rope_tables[key][0] is cos and cop._cacheaug_rope_tables[key][1] is sin
+    local, full = (dec._cacheaug_rope_tables[(t,)][0] for t in ("sliding_attention", "full_attention"))
+    assert local is not full  # the layer types' frequencies differ: two tables
+
+    first, second = (_rotaries(tiny_model("gemma3", "sdpa"))[0] for _ in range(2))
+    with torch.no_grad():
+        for buf in second.buffers():
+            if buf.is_floating_point():
+                buf.mul_(2)
+    plain = copy.deepcopy(second)
+    assert table_rotaries([first, second]) == 2
+    for key, (cos, _) in second._cacheaug_rope_tables.items():
+        assert cos is not first._cacheaug_rope_tables[key][0]
+    pos, x = torch.tensor([[0, 5, 255, 17]]), torch.zeros(1, 4, 8)
+    for got, want in zip(second(x, pos, "full_attention"), plain(x, pos, "full_attention")):
+        assert torch.equal(got, want)
