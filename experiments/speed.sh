@@ -54,7 +54,8 @@
 #   PYTHONPATH=$PWD/src bash experiments/speed.sh kern24a $OUT   # no staging (random-270m): K=128 +k+r at batch 32
 #                                          # and 24; kern24b: K=128 +k+r batch 16 profiled, then +k (losses compared);
 #                                          # serve24: serve22 at random weights; ddp24 (two GPUs): K=128 +k+r on one,
-#                                          # then DDP and FSDP2 over both at the same per-GPU batch
+#                                          # then DDP and FSDP2 over both at the same per-GPU batch; fsdp24: FSDP2
+#                                          # with the step compiled without CUDA graphs (+step)
 #   bash experiments/speed.sh real25 $OUT  # (staged, gpu_env.sh) the real model: --trace-kernel --rope-table exact,
 #                                          # then `cacheaug train` with configs/gemma3-270m-h200-k128.yaml (traces/s)
 # Every job is cut at the call's time (CALL_S seconds, default 560) and writes its JSON after every row.
@@ -328,6 +329,11 @@ case $stage in
     timeout $(left) $TP --model random-270m --variants sdpa+graphs+keeplogits+k+r --batch 16 --traces 128 --steps 5 \
       --warmup 2 --world 2 --parallel ddp fsdp --out "$out/ddp24.json" > "$out/ddp24.log" 2>&1
     ;;
+  fsdp24)  # two GPUs, no staging, after ddp24: FSDP2 with the step compiled but not replayed as CUDA graphs (+step), in
+            # case FSDP2's collectives do not go into ddp24's graphs; one GPU first at the same variant for the scaling
+    timeout $(left) $TP --model random-270m --variants sdpa+step+keeplogits+k+r --batch 16 --traces 128 --steps 5 \
+      --warmup 2 --world 2 --parallel fsdp --out "$out/fsdp24.json" > "$out/fsdp24.log" 2>&1
+    ;;
   real25)  # staged (the real model and the default corpus, scripts/gpu_env.sh): the fastest setup's equivalence on the
             # real model (trace kernel + rotary tables; fp32 and a bf16 step), then a real `cacheaug train` with the K=128
             # config (batch 24, 40 steps): the trainer's traces/s in metrics.jsonl against the benchmark's 8.67k
@@ -350,7 +356,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | ddp24 | real25 | serve24 | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | ddp24 | fsdp24 | real25 | serve24 | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1
