@@ -16,6 +16,9 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   async_inserted_after_tokens   tokens decoded before an async request's latents went in (then replayed)
   async_outcomes, sync_outcomes  augmented / late / failed per request; async_latents_s: the median time from an async
                        request's coprocessor submission to its end (while the request decodes beside it)
+  async_insert_s       the median time an async request's insertion (latents and the tokens replayed) held the
+                       engine loop's thread; at --concurrency: augmented_c<C>_async (requests augmented),
+                       insert_s_c<C>_async (median) and insert_total_s_c<C>_async (summed: the loop's time on them)
   <policy>_call_queued_s / _launch_s / _device_s   where a call's time went (medians): waiting for the worker thread to
                        take it, its host side (Python, kernel launches), then until its CUDA stream finished; sync's
                        calls run alone, async's beside decoding (interpreter contention shows in launch, GPU in device)
@@ -103,12 +106,14 @@ def wait_idle(engine, timeout: float = 30.0) -> None:
         time.sleep(0.001)
 
 
-def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device) -> float:
-    """``len(prompts)`` requests of ``n_tokens`` at once (one reader thread each): generated tokens per second."""
-    counts = [0] * len(prompts)
+def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device, infos: list | None = None) -> float:
+    """``len(prompts)`` requests of ``n_tokens`` at once (one reader thread each): generated tokens per second;
+    each request's ``info`` appended to ``infos`` when given."""
+    counts, got = [0] * len(prompts), [None] * len(prompts)
 
     def client(i):
-        counts[i] = len(engine.generate(prompts[i], n_tokens, policy=policy)[0])
+        tokens, got[i] = engine.generate(prompts[i], n_tokens, policy=policy)
+        counts[i] = len(tokens)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     _sync(device)
@@ -118,7 +123,10 @@ def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device) -> float:
     for t in threads:
         t.join()
     _sync(device)
-    return sum(counts) / (time.perf_counter() - t0)
+    took = time.perf_counter() - t0
+    if infos is not None:
+        infos.extend(got)
+    return sum(counts) / took
 
 
 def compiled_graphs() -> int:
@@ -254,6 +262,8 @@ def main() -> None:
             wait_idle(engine)  # the last async call's time, even if its request stopped waiting for it
             took = [r[3]["latents_s"] for r in runs["async"] if "latents_s" in r[3]]
             row["async_latents_s"] = statistics.median(took) if took else None
+            inserts = [r[3]["insert_s"] for r in runs["async"] if "insert_s" in r[3]]
+            row["async_insert_s"] = statistics.median(inserts) if inserts else None
             for policy in ("sync", "async"):  # where a coprocessor call's time went, alone (sync) and beside decoding
                 for part in ("queued_s", "launch_s", "device_s"):
                     got = [r[3][part] for r in runs[policy] if part in r[3]]
@@ -295,8 +305,14 @@ def main() -> None:
                         concurrent_tokens_per_s(engine, prompts, policy, 2, device)  # warm-up (and this batch shape)
                         wait_idle(engine)
                         row[f"warmup_c{c}_{policy}_s"] = time.perf_counter() - t_warm  # a new shape: its compile
+                        infos = []
                         row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
-                                                                                   args.tokens, device)
+                                                                                   args.tokens, device, infos)
+                        if policy == "async":  # how many went in, and what each insertion cost the loop
+                            inserts = [i["insert_s"] for i in infos if "insert_s" in i]
+                            row[f"augmented_c{c}_async"] = sum(i.get("outcome") == "augmented" for i in infos)
+                            row[f"insert_s_c{c}_async"] = statistics.median(inserts) if inserts else None
+                            row[f"insert_total_s_c{c}_async"] = sum(inserts)
                         row[f"compiles_c{c}_{policy}"] = compiled_graphs()
                     if dynamic is not None:
                         row[f"tokens_per_s_c{c}_off_dynamic"] = concurrent_tokens_per_s(dynamic, prompts, "off",

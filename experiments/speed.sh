@@ -349,6 +349,12 @@ case $stage in
       --repeats 10 --no-dynamic --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
+  serve25)  # no staging: serve24 again with each async insertion's time on the loop's thread (insert_s: at batch 1 and
+            # at 8 / 32 requests, with how many were augmented): where 32 async requests' 426 tokens/s (off: 1,338) go
+    timeout $(left) python3 benchmarks/serve_latency.py --model random-270m --prompt-lens 1024 --latents 16 \
+      --repeats 10 --no-dynamic --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
+      --out "$out/serve_insert.json" > "$out/serve_insert.log" 2>&1
+    ;;
   serve22)  # serving with the coprocessor as CUDA graphs and the decoding step compiled, alone in its call
     python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cuda')" \
       > "$out/convert.log" 2>&1
@@ -356,7 +362,7 @@ case $stage in
       --coprocessor-graphs --tokens 64 --concurrency 1 8 32 --compile-decode inductor \
       --out "$out/serve_compiled_graphs.json" > "$out/serve_compiled_graphs.log" 2>&1
     ;;
-  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | ddp24 | fsdp24 | real25 | serve24 | serve22)" >&2
+  *) echo "unknown stage $stage (serve | k128 | k128b | serve16 | k16c | fresh | serve17 | fresh17a | fresh17b | serve18 | win18a | win18c | serve18b | k128g | ddp | kern19a | kern19b | kern20a | kern20b | kern21a | kern21b | kern21c | kern22a | kern22b | kern23a | kern23b | kern23c | kern23d | kern24a | kern24b | ddp24 | fsdp24 | real25 | serve24 | serve25 | serve22)" >&2
      exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv > "$out/gpus.csv" 2>&1

@@ -130,6 +130,13 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     assert compiles == sorted(compiles) and all(isinstance(n, int) and n >= 0 for n in compiles)
     assert row["engine_dynamic_step_s"] > 0 and row["cuda_graphs"] is False  # the slab, eager on the CPU
     assert row["static_agrees_tokens"] == 4  # fp32 on the CPU: the static and dynamic paths agree on every token
+    # what the async insertions cost the loop: one figure per augmented request, at batch 1 and at each concurrency
+    augmented = [o == "augmented" for o in row["async_outcomes"]]
+    assert (row["async_insert_s"] is not None) == any(augmented) and (row["async_insert_s"] or 0) >= 0
+    for c in (1, 3):
+        assert 0 <= row[f"augmented_c{c}_async"] <= c
+        assert (row[f"insert_s_c{c}_async"] is None) == (row[f"augmented_c{c}_async"] == 0)
+        assert row[f"insert_total_s_c{c}_async"] >= (row[f"insert_s_c{c}_async"] or 0)
 
 
 def test_coprocessor_process_runs_at_toy_size(tmp_path):

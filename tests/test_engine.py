@@ -44,7 +44,7 @@ def test_policies_match_the_library(model):
     assert _expected(model, True) != _expected(model, False)
 
 
-def _async_with_latents_after(model, engine, n_tokens: int, ready_after: int = 3) -> list:
+def _async_with_latents_after(model, engine, n_tokens: int, ready_after: int = 3, info: dict | None = None) -> list:
     """Stream an async request whose coprocessor is held back until ``ready_after`` tokens are out."""
     release, done, real = threading.Event(), threading.Event(), model.compute_latents
 
@@ -56,7 +56,7 @@ def _async_with_latents_after(model, engine, n_tokens: int, ready_after: int = 3
 
     model.compute_latents = slow
     steps = []
-    for step in engine.stream(PROMPT, n_tokens, policy="async"):
+    for step in engine.stream(PROMPT, n_tokens, policy="async", info=info):
         steps.append(step)
         if len(steps) == ready_after:
             release.set()
@@ -67,9 +67,12 @@ def _async_with_latents_after(model, engine, n_tokens: int, ready_after: int = 3
 
 def test_async_late_latents_go_in_at_their_place_and_the_tokens_are_replayed(model):
     engine = Engine(model, default_deadline_s=10, max_batch=1)
-    steps = _async_with_latents_after(model, engine, 10)
+    info: dict = {}
+    steps = _async_with_latents_after(model, engine, 10, info=info)
     generated = [s.token for s in steps]
     assert not steps[0].augmented and steps[-1].augmented and steps[-1].inserted_after == 3
+    # the insertion's time on the loop's thread, reported with the request (the serving benchmark's insert_s)
+    assert info["outcome"] == "augmented" and 0 < info["insert_s"] < info["latents_s"] + 5
     assert generated[:3] == _expected(model, False)[:3]  # chosen before the latents existed
     # from then on exactly a sync request that produced the same first 3 tokens: augment the prompt, then the
     # 3 tokens through the decoder, then greedy decoding

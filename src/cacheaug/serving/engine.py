@@ -264,13 +264,16 @@ class Engine:
         req.future = None
         if latents is None:
             return
+        start = self.clock()
         if req.n == 0:
             req.logits = self._insert(req.cache, latents, req.prompt[-1])
             self.stats.add(augmented=1)
         else:
             req.cache, req.logits = self._insert_and_replay(req.cache, req.prompt, latents, req.generated)
         req.augmented, req.inserted_after = True, req.n
-        req.info["outcome"] = "augmented"
+        # the insertion's time on the engine loop's thread (its host side: launches, and any wait for the device),
+        # which every other request of the loop waits through
+        req.info.update(outcome="augmented", insert_s=self.clock() - start)
 
     def give_up(self, req: Request) -> None:
         """Drop ``req``'s pending coprocessor call (skipped by the worker if still queued) and count it late."""
