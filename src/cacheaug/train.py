@@ -535,8 +535,6 @@ class Trainer:
             if par.main:
                 print(f"cacheaug: resumed from {checkpoints[-1]} at step {self.step_count}")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * par.world
-        # what the method learns from: insertion points (traces) trained per step, over every rank
-        self.traces_per_step = cfg.batch_size * cfg.n_traces * cfg.grad_accum * par.world
         self.stopped_early = False
 
     # ------------------------------------------------------------------------------------------------ parts
@@ -631,7 +629,8 @@ class Trainer:
                                                  "--soft-token-lr.")
                     now = time.perf_counter()
                     tps = (self.tokens_seen - tokens_last) / (now - t_last)
-                    traces_s = tps / self.tokens_per_step * self.traces_per_step
+                    # what the method learns from: insertion points (traces), K per sequence of T tokens
+                    traces_s = tps * cfg.n_traces / cfg.seq_len
                     t_last, tokens_last = now, self.tokens_seen
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", traces_s=f"{traces_s:,.0f}")
                     self.log.write(step, loss=loss, tokens=self.tokens_seen, tokens_per_s=tps,
