@@ -18,7 +18,8 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
                        request's coprocessor submission to its end (while the request decodes beside it)
   async_insert_s       the median time an async request's insertion (latents and the tokens replayed) held the
                        engine loop's thread; at --concurrency: augmented_c<C>_async (requests augmented),
-                       insert_s_c<C>_async (median) and insert_total_s_c<C>_async (summed: the loop's time on them)
+                       insert_s_c<C>_async (median) and insert_total_s_c<C>_async (summed: the loop's time on them);
+                       augmented_steps_c<C>_async counts the same requests from their tokens (a cross-check)
   <policy>_call_queued_s / _launch_s / _device_s   where a call's time went (medians): waiting for the worker thread to
                        take it, its host side (Python, kernel launches), then until its CUDA stream finished; sync's
                        calls run alone, async's beside decoding (interpreter contention shows in launch, GPU in device)
@@ -54,6 +55,7 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -108,11 +110,13 @@ def wait_idle(engine, timeout: float = 30.0) -> None:
 
 def concurrent_tokens_per_s(engine, prompts, policy, n_tokens, device, infos: list | None = None) -> float:
     """``len(prompts)`` requests of ``n_tokens`` at once (one reader thread each): generated tokens per second;
-    each request's ``info`` appended to ``infos`` when given."""
-    counts, got = [0] * len(prompts), [None] * len(prompts)
+    each request's own ``info`` (its outcome, insert_s...; :meth:`Engine.stream`), with ``augmented`` from its
+    last token's step beside it, appended to ``infos`` when given."""
+    counts, got = [0] * len(prompts), [{} for _ in prompts]
 
     def client(i):
-        tokens, got[i] = engine.generate(prompts[i], n_tokens, policy=policy)
+        tokens, summary = engine.generate(prompts[i], n_tokens, policy=policy, info=got[i])
+        got[i]["augmented"] = summary["augmented"]
         counts[i] = len(tokens)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
@@ -311,6 +315,12 @@ def main() -> None:
                         if policy == "async":  # how many went in, and what each insertion cost the loop
                             inserts = [i["insert_s"] for i in infos if "insert_s" in i]
                             row[f"augmented_c{c}_async"] = sum(i.get("outcome") == "augmented" for i in infos)
+                            row[f"augmented_steps_c{c}_async"] = sum(i["augmented"] for i in infos)  # the same, seen
+                            # from the tokens: the last one came from an augmented cache
+                            row[f"outcomes_c{c}_async"] = dict(collections.Counter(str(i.get("outcome"))
+                                                                                   for i in infos))
+                            took = [i["latents_s"] for i in infos if "latents_s" in i]
+                            row[f"latents_s_c{c}_async"] = statistics.median(took) if took else None
                             row[f"insert_s_c{c}_async"] = statistics.median(inserts) if inserts else None
                             row[f"insert_total_s_c{c}_async"] = sum(inserts)
                         row[f"compiles_c{c}_{policy}"] = compiled_graphs()
