@@ -19,7 +19,9 @@ Measured through the engine (no HTTP), median of ``--repeats`` after one warm-up
   async_insert_s       the median time an async request's insertion (latents and the tokens replayed) held the
                        engine loop's thread; at --concurrency: augmented_c<C>_async (requests augmented),
                        insert_s_c<C>_async (median) and insert_total_s_c<C>_async (summed: the loop's time on them);
-                       augmented_steps_c<C>_async counts the same requests from their tokens (a cross-check)
+                       augmented_steps_c<C>_async counts the same requests from their tokens (a cross-check);
+                       insert_calls_c<C>_async: the decoder calls that inserted them (requests whose latents the
+                       loop found ready together share one; insert_s is each request's share of its call)
   <policy>_call_queued_s / _launch_s / _device_s   where a call's time went (medians): waiting for the worker thread to
                        take it, its host side (Python, kernel launches), then until its CUDA stream finished; sync's
                        calls run alone, async's beside decoding (interpreter contention shows in launch, GPU in device)
@@ -309,7 +311,7 @@ def main() -> None:
                         concurrent_tokens_per_s(engine, prompts, policy, 2, device)  # warm-up (and this batch shape)
                         wait_idle(engine)
                         row[f"warmup_c{c}_{policy}_s"] = time.perf_counter() - t_warm  # a new shape: its compile
-                        infos = []
+                        infos, calls = [], engine.stats.insert_calls
                         row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
                                                                                    args.tokens, device, infos)
                         if policy == "async":  # how many went in, and what each insertion cost the loop
@@ -319,6 +321,9 @@ def main() -> None:
                             # from the tokens: the last one came from an augmented cache
                             row[f"outcomes_c{c}_async"] = dict(collections.Counter(str(i.get("outcome"))
                                                                                    for i in infos))
+                            # the decoder calls that inserted them (requests whose latents the loop found ready
+                            # together, after as many tokens, share one)
+                            row[f"insert_calls_c{c}_async"] = engine.stats.insert_calls - calls
                             took = [i["latents_s"] for i in infos if "latents_s" in i]
                             row[f"latents_s_c{c}_async"] = statistics.median(took) if took else None
                             row[f"insert_s_c{c}_async"] = statistics.median(inserts) if inserts else None

@@ -136,6 +136,8 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     for c in (1, 3):  # counted from each request's own outcome, and again from its tokens' steps
         assert 0 <= row[f"augmented_c{c}_async"] <= c
         assert row[f"augmented_c{c}_async"] == row[f"augmented_steps_c{c}_async"]
+        calls = row[f"insert_calls_c{c}_async"]  # requests whose latents were ready together share one
+        assert (row[f"augmented_c{c}_async"] > 0) == (0 < calls <= row[f"augmented_c{c}_async"])
         assert (row[f"insert_s_c{c}_async"] is None) == (row[f"augmented_c{c}_async"] == 0)
         assert row[f"insert_total_s_c{c}_async"] >= (row[f"insert_s_c{c}_async"] or 0)
     assert row["augmented_c1_async"] + row["augmented_c3_async"] >= 1  # (all 4 on a CPU: the latents come in 2 tokens)

@@ -319,6 +319,107 @@ def test_concurrent_prefixes_run_through_the_coprocessor_as_one_batch(model):
     engine.close()
 
 
+BLOCKER = [3, 3, 3]
+
+
+def _hold_the_loop(engine, monkeypatch):
+    """Hold the engine loop inside a request's prefill until the returned event is set: whatever arrives meanwhile,
+    the loop's next pass finds all at once."""
+    held, release, prefill = threading.Event(), threading.Event(), engine.prefill
+
+    def holding(prompt):
+        if prompt == BLOCKER:
+            held.set()
+            release.wait(10)
+        return prefill(prompt)
+
+    monkeypatch.setattr(engine, "prefill", holding)
+    thread = threading.Thread(target=lambda: engine.generate(BLOCKER, 1, policy="off"))
+    thread.start()
+    assert held.wait(10)
+    return release, thread
+
+
+def _gate_the_coprocessor(model):
+    gate, real = threading.Event(), model.coprocessor.forward
+
+    def gated(*args, **kwargs):
+        gate.wait(10)
+        return real(*args, **kwargs)
+
+    model.coprocessor.forward = gated
+    return gate
+
+
+def _wait_for(condition, seconds=10.0):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_latents_that_arrive_together_go_in_with_one_decoder_call(model, monkeypatch):
+    engine = Engine(model, max_batch=8, default_deadline_s=30)
+    gate = _gate_the_coprocessor(model)
+    prompts = [PROMPT[: 4 + i] for i in range(4)]  # different lengths: the rows are left-padded
+    infos, results = [{} for _ in prompts], [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, engine.generate(prompts[i], 6, policy="sync", info=infos[i])[0])) for i in range(4)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: all("waiting_for_latents" in i.get("states", ()) for i in infos))
+    release, blocker = _hold_the_loop(engine, monkeypatch)
+    gate.set()
+    _wait_for(engine.worker.idle)  # every request's latents are in while the loop is held
+    release.set()
+    for t in [*threads, blocker]:
+        t.join(60)
+    del model.coprocessor.forward
+    expected = [model.generate(torch.tensor([p]), 6, augment=True, eos_token_id=[])[0, len(p):].tolist()
+                for p in prompts]
+    assert results == expected
+    assert engine.stats.augmented == 4 and engine.stats.insert_calls == 1
+    assert all(i["outcome"] == "augmented" and i["insert_rows"] == 4 and i["insert_s"] > 0 for i in infos)
+
+
+def test_late_latents_of_several_requests_go_in_together_with_their_replays(model, monkeypatch):
+    engine = Engine(model, max_batch=8, default_deadline_s=30)
+    gate = _gate_the_coprocessor(model)
+    prompts = [PROMPT[: 5 + i] for i in range(3)]
+    infos = [{} for _ in prompts]
+    streams = [engine.stream(p, 7, policy="async", info=info) for p, info in zip(prompts, infos)]
+    steps = [[next(s), next(s)] for s in streams]  # two tokens each; the coprocessor calls wait at the gate
+    release, blocker = _hold_the_loop(engine, monkeypatch)
+    gate.set()
+    _wait_for(engine.worker.idle)
+    readers = [threading.Thread(target=lambda i=i: steps[i].extend(streams[i])) for i in range(3)]
+    for t in readers:  # each asks for its third token while the loop is held: the loop decodes the second, then
+        # finds the latents of all three
+        t.start()
+    time.sleep(0.3)
+    release.set()
+    for t in [*readers, blocker]:
+        t.join(60)
+    del model.coprocessor.forward
+    assert engine.stats.augmented == 3 and engine.stats.insert_calls == 1  # the three replays in one call
+    for prompt, got, info in zip(prompts, steps, infos):
+        tokens = [s.token for s in got]
+        plain = model.generate(torch.tensor([prompt]), 7, augment=False, eos_token_id=[])[0, len(prompt):].tolist()
+        assert tokens[:2] == plain[:2]  # chosen before the latents went in
+        # in before the third token: the two tokens replayed after them
+        assert not got[1].augmented and got[2].augmented and got[2].inserted_after == 2 and info["insert_rows"] == 3
+        # then exactly a request that was augmented before decoding these two tokens
+        aug = model.augment(torch.tensor([prompt]))
+        pos = torch.arange(aug.next_position, aug.next_position + 2)[None]
+        logits = model.base(input_ids=torch.tensor([tokens[:2]]), position_ids=pos,
+                            **model.cache_kwargs(aug.cache)).logits[:, -1]
+        for i, token in enumerate(tokens[2:]):
+            assert token == int(logits.argmax(-1))
+            pos = torch.tensor([[aug.next_position + 2 + i]])
+            logits = model.base(input_ids=torch.tensor([[token]]), position_ids=pos,
+                                **model.cache_kwargs(aug.cache)).logits[:, -1]
+
+
 def test_the_coprocessor_stream_waits_for_the_submitted_cache(model, monkeypatch):
     """On a GPU the coprocessor runs on its own stream: it must wait for what the submitting thread queued on its
     stream (the forked cache's copy) before reading it. Recorded here with stand-ins for the stream and events."""

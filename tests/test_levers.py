@@ -221,6 +221,45 @@ def test_lm_eval_scores_with_the_schemes_positions(tmp_path):
         assert lp == pytest.approx(ref, abs=1e-4)
 
 
+@pytest.mark.parametrize("family,lever", [("gemma3", "default"), ("qwen2", "default"), ("llama", "default"),
+                                          *(("gemma3", lever) for lever in LEVERS)])
+def test_insertions_of_several_prompts_in_one_call_equal_each_alone(family, lever):
+    """``insert_latents_rows`` (serving: the requests whose latents arrived together) gives every row the cache and
+    logits of its own ``insert_latents``, for prompts of different lengths around the sliding window, with and
+    without replayed tokens, under every position scheme and lever."""
+    from transformers import DynamicCache
+
+    from cacheaug import kv
+
+    levers = LEVERS.get(lever, {})
+    model = CacheAugmentedLM(tiny_model(family), CoprocessorConfig(n_latents=3, n_ahead=4, n_traces=2, **levers))
+    perturb_trainable(model, scale=1.0)
+    caches, latents, lasts = [], [], []
+    with torch.no_grad():
+        for i, P in enumerate((5, 13, 9)):  # the tiny models' sliding window is 8
+            ids = torch.randint(3, 128, (1, P), generator=torch.Generator().manual_seed(i))
+            cache = DynamicCache()
+            model.base.get_decoder()(input_ids=ids, **model.cache_kwargs(cache))
+            caches.append(cache)
+            latents.append(model.compute_latents(cache, last_token=ids[:, -1]))
+            lasts.append(int(ids[0, -1]))
+        for then in (None, torch.tensor([[7, 9], [11, 3], [40, 41]])):
+            before = [[k.clone() for k, _ in kv.layers(c)] for c in caches]
+            got_caches, got = model.insert_latents_rows(caches, torch.cat(latents), torch.tensor(lasts), then)
+            for i, cache in enumerate(caches):
+                assert all(torch.equal(k, b) for (k, _), b in zip(kv.layers(cache), before[i]))  # left unchanged
+                alone = kv.fork(cache)
+                want = model.insert_latents(alone, latents[i], torch.tensor([lasts[i]]),
+                                            None if then is None else then[i : i + 1])
+                torch.testing.assert_close(got[i : i + 1], want, rtol=1e-4, atol=1e-4)
+                assert kv.length(got_caches[i]) == kv.length(alone)
+                for (k1, v1), (k2, v2) in zip(kv.layers(got_caches[i]), kv.layers(alone)):
+                    torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="2 caches for 3 rows"):
+        model.insert_latents_rows(caches[:2], torch.cat(latents), torch.tensor(lasts))
+
+
 @pytest.mark.parametrize("lever", ["default", *LEVERS])
 def test_insertion_with_replay_in_one_call_equals_insert_then_decode(lever):
     """``insert_latents(..., then=tokens)`` (a late insertion's replay, serving) gives the cache and logits of

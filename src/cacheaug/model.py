@@ -633,25 +633,61 @@ class CacheAugmentedLM(nn.Module):
         after the latents with ``reread_last``. ``then`` ``[B, n]``: tokens to decode after the latents in the same
         pass (a late insertion's replay: one decoder call instead of two); the logits are then those after the last
         of them."""
+        x, P = self._insertion_inputs(latents, last_token, then), cache.get_seq_length()
+        pos = None
+        if self.config.position_scheme != "shifted":  # the default positions (the cache's own) are the shifted ones
+            n = 0 if then is None else then.shape[1]
+            pos = torch.tensor([self._insertion_positions(P, latents.shape[1], n)], device=self.device)
+            pos = pos.expand(x.shape[0], -1)
+        out = self.base(inputs_embeds=x, position_ids=pos, logits_to_keep=1, **self.cache_kwargs(cache))
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def insert_latents_rows(self, caches: list[DynamicCache], latents: torch.Tensor,
+                            last_tokens: torch.Tensor | None = None,
+                            then: torch.Tensor | None = None) -> tuple[list[DynamicCache], torch.Tensor]:
+        """:meth:`insert_latents` for several prompts of different lengths in one decoder call (serving: the requests
+        whose latents arrived together). ``caches``: one batch-1 cache per row, each holding exactly its prompt (left
+        unchanged); ``latents`` ``[G, N_L, D]``; ``last_tokens`` ``[G]``; ``then`` ``[G, n]`` (the same number of
+        tokens replayed in every row). The caches are left-padded to the longest, which keeps every row's
+        query-to-key distances (sliding windows mask as unbatched), and each row is at its own positions. Returns one
+        new cache per row (its prompt, the latents, then its tokens) and the next-token logits ``[G, V]``."""
+        if len(caches) != latents.shape[0]:
+            raise ValueError(f"{len(caches)} caches for {latents.shape[0]} rows of latents")
+        x = self._insertion_inputs(latents, last_tokens, then)
+        lengths, m = [kv.length(c) for c in caches], x.shape[1]
+        n = 0 if then is None else then.shape[1]
+        padded, mask = kv.left_pad([kv.layers(c) for c in caches], lengths, m)
+        batch = kv.from_layers(padded)
+        pos = torch.tensor([self._insertion_positions(P, latents.shape[1], n) for P in lengths], device=self.device)
+        out = self.base(inputs_embeds=x, position_ids=pos, attention_mask=mask, logits_to_keep=1,
+                        **self.cache_kwargs(batch))
+        return kv.unpad_rows(batch, [P + m for P in lengths]), out.logits[:, -1]
+
+    def _insertion_inputs(self, latents: torch.Tensor, last_token, then) -> torch.Tensor:
+        """The decoder's input embeddings for an insertion: the latents, the prompt's last token again with
+        ``reread_last``, then the tokens replayed (``then``)."""
         embed = self.base.get_input_embeddings()
-        x, B, P = latents.to(embed.weight.dtype), latents.shape[0], cache.get_seq_length()
-        N_L, cfg = latents.shape[1], self.config
-        if cfg.reread_last:
+        x, B = latents.to(embed.weight.dtype), latents.shape[0]
+        if self.config.reread_last:
             if last_token is None:
                 raise ValueError("This coprocessor (reread_last) needs `last_token`, the id of the prompt's last token.")
             token = torch.as_tensor(last_token, device=self.device).view(-1, 1).expand(B, 1)
             x = torch.cat([x, embed(token)], dim=1)
-        n = 0 if then is None else then.shape[1]
-        if n:
+        if then is not None and then.shape[1]:
             x = torch.cat([x, embed(then.to(self.device))], dim=1)
-        pos = None
-        if cfg.position_scheme != "shifted":  # token p = P - 1 keeps its position; the text continues at P
-            lat = [P - 1] * N_L if cfg.position_scheme == "shared" else list(range(P, P + N_L))
-            start = self.next_position(P + cfg.n_inserted)  # where decoding after the latents goes on
-            rest = list(range(start, start + n))
-            pos = torch.tensor([lat + [P - 1] * int(cfg.reread_last) + rest], device=self.device).expand(B, -1)
-        out = self.base(inputs_embeds=x, position_ids=pos, logits_to_keep=1, **self.cache_kwargs(cache))
-        return out.logits[:, -1]
+        return x
+
+    def _insertion_positions(self, P: int, n_latents: int, n: int) -> list[int]:
+        """Rotary positions of an insertion's inputs after a prompt of ``P`` tokens: ``n_latents`` latents, the
+        reread token, ``n`` replayed tokens."""
+        cfg = self.config
+        m = n_latents + int(cfg.reread_last) + n
+        if cfg.position_scheme == "shifted":  # everything at its cache index
+            return list(range(P, P + m))
+        lat = [P - 1] * n_latents if cfg.position_scheme == "shared" else list(range(P, P + n_latents))
+        start = self.next_position(P + cfg.n_inserted)  # token p = P - 1 keeps its position; the text goes on here
+        return lat + [P - 1] * int(cfg.reread_last) + list(range(start, start + n))
 
     @torch.no_grad()
     def augment(self, prompt_ids: torch.Tensor, past_key_values=None, *, stale_by: int = 0) -> AugmentOutput:

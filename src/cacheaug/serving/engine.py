@@ -21,7 +21,9 @@ a system prompt) in a :class:`~cacheaug.serving.store.CacheStore`; a later reque
 continues from it without running the coprocessor.
 
 One engine loop (:mod:`~cacheaug.serving.scheduler`, a thread) owns every active request: it prefills, runs the
-policy hooks, inserts latents and runs the decoding steps of all requests as one batch, in caches preallocated as
+policy hooks, inserts latents (those of every request whose latents it found ready in one iteration, and that has
+decoded as many tokens, in one decoder call) and runs the decoding steps of all requests as one batch, in caches
+preallocated as
 one slab per layer (:mod:`~cacheaug.serving.slab`; replayed CUDA graphs on a GPU); :meth:`Engine.stream` only asks it
 for tokens. A request waiting for its latents, or for a slow reader, never holds the others. The coprocessor
 runs on a single worker thread (its own CUDA stream on a GPU). A watchdog abandons a call that overruns the hard timeout
@@ -63,6 +65,7 @@ class Stats:
     fallbacks: int = 0
     cancelled: int = 0
     store_hits: int = 0
+    insert_calls: int = 0  # decoder calls that inserted latents (several requests' at once where they were ready)
     worker_restarts: int = 0
     by_policy: dict = field(default_factory=lambda: {name: 0 for name in policy_names()})
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -199,8 +202,9 @@ class Engine:
         augmentation ``policy`` (:mod:`~cacheaug.serving.policies`: off, sync, async or a registered one). The
         request is advanced by the engine loop, one token per token asked for. With ``cancel`` set the request stops
         before its next token; ``info`` (a dict) receives this request's own ``outcome`` (``augmented``, ``late``,
-        ``failed`` or ``None``), ``cancelled``, its ``states`` and, once the coprocessor call it started has ended,
-        ``latents_s`` (seconds from submission to its end)."""
+        ``failed`` or ``None``), ``cancelled``, its ``states``, once the coprocessor call it started has ended
+        ``latents_s`` (seconds from submission to its end), and once its latents went in ``insert_s`` and
+        ``insert_rows`` (:meth:`insert_pending`)."""
         strategy = get_policy(policy)
         if not prompt:
             raise ValueError("the prompt has no tokens")
@@ -256,24 +260,45 @@ class Engine:
         req.future.add_done_callback(self.scheduler.wake)
 
     def insert_if_ready(self, req: Request) -> None:
-        """If ``req``'s latents have arrived, insert them at their true place (right after the prompt), replaying
-        the tokens decoded since; a failed call is counted and the request goes on unaugmented."""
+        """If ``req``'s latents have arrived, have them inserted at their true place (right after the prompt),
+        replaying the tokens decoded since: the engine loop inserts them before the request's next token, in one
+        decoder call with those of the other requests it found ready (:meth:`insert_pending`), and sets
+        ``req.augmented`` then. A failed call is counted and the request goes on unaugmented."""
         if req.future is None or not req.future.done():
             return
         latents = self._latents_or_none(req.future, req.info)
         req.future = None
-        if latents is None:
-            return
-        start = self.clock()
-        if req.n == 0:
-            req.logits = self._insert(req.cache, latents, req.prompt[-1])
-            self.stats.add(augmented=1)
+        req.latents = latents
+
+    def insert_pending(self, reqs: list[Request]) -> None:
+        """Insert the arrived latents of ``reqs`` (requests that decoded the same number of tokens) in one decoder
+        call: each cache becomes its prompt, its latents, then its tokens replayed, as if inserted alone
+        (:meth:`CacheAugmentedLM.insert_latents_rows`). Each request's ``info["insert_s"]`` is its share of the
+        call's time on the engine loop's thread (host side: launches, any wait for the device), which every other
+        request of the loop waits through; ``insert_rows`` the requests that shared it."""
+        start, n, device = self.clock(), reqs[0].n, self.model.device
+        if any(r.n != n for r in reqs):
+            raise ValueError("latents go in together only for requests that decoded the same number of tokens")
+        if len(reqs) == 1:
+            (req,) = reqs
+            if n == 0:
+                req.logits = self._insert(req.cache, req.latents, req.prompt[-1])
+            else:
+                req.cache, req.logits = self._insert_and_replay(req.cache, req.prompt, req.latents, req.generated)
         else:
-            req.cache, req.logits = self._insert_and_replay(req.cache, req.prompt, latents, req.generated)
-        req.augmented, req.inserted_after = True, req.n
-        # the insertion's time on the engine loop's thread (its host side: launches, and any wait for the device),
-        # which every other request of the loop waits through
-        req.info.update(outcome="augmented", insert_s=self.clock() - start)
+            caches = [kv.fork(r.cache, len(r.prompt)) for r in reqs]
+            then = torch.tensor([r.generated for r in reqs], device=device) if n else None
+            with self.lock:
+                new, logits = self.model.insert_latents_rows(caches, torch.cat([r.latents for r in reqs]),
+                                                             torch.tensor([r.prompt[-1] for r in reqs], device=device),
+                                                             then)
+            for i, (req, cache) in enumerate(zip(reqs, new)):
+                req.cache, req.logits = cache, logits[i : i + 1]
+        share = (self.clock() - start) / len(reqs)
+        for req in reqs:
+            req.latents, req.augmented, req.inserted_after = None, True, n
+            req.info.update(outcome="augmented", insert_s=share, insert_rows=len(reqs))
+        self.stats.add(augmented=len(reqs), insert_calls=1)
 
     def give_up(self, req: Request) -> None:
         """Drop ``req``'s pending coprocessor call (skipped by the worker if still queued) and count it late."""
@@ -291,7 +316,6 @@ class Engine:
         next-token logits. Equal to augmenting the prompt and then decoding ``tokens``."""
         fresh = kv.fork(cache, len(prompt))
         logits = self._insert(fresh, latents, prompt[-1], tokens)  # the latents and the replay in one decoder call
-        self.stats.add(augmented=1)
         return fresh, logits
 
     def _latents_or_none(self, future: cf.Future, info: dict):

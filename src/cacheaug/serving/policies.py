@@ -83,6 +83,7 @@ class Request:
     inserted_after: int | None = None  # tokens decoded before they went in (0: before the first token)
     wants: bool = False  # the policy may augment: a coprocessor is loaded and the prompt was not in the store
     future: cf.Future | None = None  # a pending coprocessor call
+    latents: torch.Tensor | None = None  # arrived and checked, to be inserted by the engine loop with the others'
     submitted: bool = False
     generated: list[int] = field(default_factory=list)
     history: list[str] = field(default_factory=list)  # the states it went through, in order

@@ -5,8 +5,9 @@ this loop, phase by phase: prefill (and the policy's ``after_prefill``), ``befor
 token the consumer asked for: a slow reader holds its request, never the others), ``after_token``, then the decoding
 step, batched with every other request that needs one (:func:`~cacheaug.serving.batching.batched_step`, up to
 ``max_batch`` rows). A request waiting for its latents (``wait_and_insert``) waits without blocking anyone: the
-loop looks again when the coprocessor answers or the wait ends, inserts the latents, calls ``after_wait`` and goes
-on. A cancelled request (its ``cancel`` event, or a consumer that stopped reading) leaves at the next iteration.
+loop looks again when the coprocessor answers or the wait ends, calls ``after_wait`` and goes on. Latents that
+arrived (``insert_if_ready``) go in before the request's next token: after each pass over the requests, those of
+all requests that decoded as many tokens in one decoder call (``Engine.insert_pending``, up to ``max_batch`` rows). A cancelled request (its ``cancel`` event, or a consumer that stopped reading) leaves at the next iteration.
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ class Scheduler:
             progressed |= moved
             if needs_step:
                 stepping.append(req)
+        for req in self._insert_ready():  # then on to their next token
+            progressed = True
+            moved, needs_step = self._guarded([req], self._advance, req) or (False, False)
+            if needs_step:
+                stepping.append(req)
         for i in range(0, len(stepping), self.max_batch):
             rows = stepping[i : i + self.max_batch]
             if not self._guarded(rows, self._step, rows):  # every request of the batch learns of a failure
@@ -106,6 +112,21 @@ class Scheduler:
                 self._guarded([req], self._advance, req)
             progressed = True
         return progressed
+
+    def _insert_ready(self) -> list:
+        """Insert the arrived latents of the active requests, one decoder call per number of tokens decoded (up to
+        ``max_batch`` rows each); returns the requests whose latents went in."""
+        groups: dict[int, list] = {}
+        for req in self.active:
+            if req.latents is not None and not req.finished:
+                groups.setdefault(req.n, []).append(req)
+        done = []
+        for group in groups.values():
+            for i in range(0, len(group), self.max_batch):
+                rows = group[i : i + self.max_batch]
+                if self._guarded(rows, self.engine.insert_pending, rows):  # a failure fails these requests only
+                    done += rows
+        return done
 
     def _guarded(self, reqs, fn, *args):
         """``fn(*args)``, or None after finishing ``reqs`` with its error (they fail; the other requests go on)."""
@@ -124,6 +145,8 @@ class Scheduler:
             if req.abandoned or (req.cancel is not None and req.cancel.is_set()):
                 self._finish(req, cancelled=True)
                 return True, False
+            if req.latents is not None:  # they go in with the other requests' (_insert_ready), then on
+                return moved, False
             if req.state == "waiting_for_latents":
                 if req.future is not None and not req.future.done() and engine.clock() < req.wait_until:
                     return moved, False
