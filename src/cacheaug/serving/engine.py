@@ -23,9 +23,8 @@ continues from it without running the coprocessor.
 One engine loop (:mod:`~cacheaug.serving.scheduler`, a thread) owns every active request: it prefills, runs the
 policy hooks, inserts latents (those of every request whose latents it found ready in one iteration, and that has
 decoded as many tokens, in one decoder call) and runs the decoding steps of all requests as one batch, in caches
-preallocated as
-one slab per layer (:mod:`~cacheaug.serving.slab`; replayed CUDA graphs on a GPU); :meth:`Engine.stream` only asks it
-for tokens. A request waiting for its latents, or for a slow reader, never holds the others. The coprocessor
+preallocated as one slab per layer (:mod:`~cacheaug.serving.slab`; replayed CUDA graphs on a GPU);
+:meth:`Engine.stream` only asks it for tokens. A request waiting for its latents, or for a slow reader, never holds the others. The coprocessor
 runs on a single worker thread (its own CUDA stream on a GPU). A watchdog abandons a call that overruns the hard timeout
 and replaces the worker, whatever the requests' deadlines, so a hung coprocessor cannot block later requests;
 the requests waiting for it count it as late. A request can be cancelled (``cancel``, a ``threading.Event``):

@@ -7,7 +7,8 @@ step, batched with every other request that needs one (:func:`~cacheaug.serving.
 ``max_batch`` rows). A request waiting for its latents (``wait_and_insert``) waits without blocking anyone: the
 loop looks again when the coprocessor answers or the wait ends, calls ``after_wait`` and goes on. Latents that
 arrived (``insert_if_ready``) go in before the request's next token: after each pass over the requests, those of
-all requests that decoded as many tokens in one decoder call (``Engine.insert_pending``, up to ``max_batch`` rows). A cancelled request (its ``cancel`` event, or a consumer that stopped reading) leaves at the next iteration.
+all requests that decoded as many tokens in one decoder call (``Engine.insert_pending``, up to ``max_batch`` rows).
+A cancelled request (its ``cancel`` event, or a consumer that stopped reading) leaves at the next iteration.
 """
 
 from __future__ import annotations
