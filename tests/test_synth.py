@@ -2,13 +2,14 @@
 
 import json
 import random
+import re
 
 import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
 from cacheaug.cli import main
 from cacheaug.synth import (FAMILIES, SynthConfig, build_rows, generate_check, generate_synth, is_heldout_instance,
-                            make_instance, marker_positions, read_heldout, score_instances)
+                            make_instance, mcnemar, marker_positions, read_heldout, score_instances)
 from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer
 
 
@@ -23,7 +24,9 @@ def test_answers_are_right_and_sides_disjoint(tmp_path):
         assert int(ans) == list(ops[:-1]).count(ops[-1])
     out = generate_synth(SynthConfig(out=str(tmp_path / "s"), train_docs=40, problems_per_doc=8, heldout_per_level=5))
     held = read_heldout(out / "heldout.jsonl")
-    assert {r["family"] for r in held} == set(FAMILIES) and len(held) == 5 * 16
+    # 1-digit multiplication has 55 problems up to order, 3 of them on the held-out side: left out, and said so
+    assert {r["family"] for r in held} == set(FAMILIES) and len(held) == 5 * 15
+    assert list(json.loads((out / "meta.json").read_text())["heldout_left_out"]) == ["mul 1"]
     train_text = "".join(json.loads(x)["text"] for x in (out / "train" / "synth.jsonl").read_text().splitlines())
     train_lines = set(train_text.splitlines())
     assert len(train_lines) > 250
@@ -31,6 +34,42 @@ def test_answers_are_right_and_sides_disjoint(tmp_path):
     # same seed, same corpus
     again = generate_synth(SynthConfig(out=str(tmp_path / "t"), train_docs=40, problems_per_doc=8, heldout_per_level=5))
     assert (again / "heldout.jsonl").read_text() == (out / "heldout.jsonl").read_text()
+
+
+def _twin_key(line: str) -> tuple:
+    """What decides a problem's answer, read back from its text (independently of the generator's own key):
+    operands up to order, a list's multiset, a count list's multiset and target, a word problem's numbers and
+    operations without its names and things."""
+    q = line.split(" Answer:")[0]
+    nums = [int(x) for x in re.findall(r"\d+", q)]
+    if m := re.match(r"(What is|Add|Compute|Multiply) \d+ (plus|and|\+|times|by|\*) \d+", q):
+        return ("add" if m.group(2) in ("plus", "and", "+") else "mul", *sorted(nums))
+    if q.startswith("Sort"):
+        return ("sort", *sorted(nums))
+    if q.startswith("In the list"):
+        items = q[len("In the list "):q.index(", how many")].split(", ")
+        return ("count", *sorted(items), q.split("does ")[1].split(" appear")[0])
+    ops = re.findall(r"gets (\d+) more|gives away (\d+)|buys (\d+) bags of (\d+)", q)
+    return ("word", nums[0], *ops)
+
+
+def test_no_heldout_problem_has_an_answer_equivalent_twin_in_training(tmp_path):
+    """b+a for a+b, a permutation of a list, a reordered count list or the same word problem with other names: none
+    of a held-out problem's twins occurs in training (keys read back from the text, not from the generator)."""
+    out = generate_synth(SynthConfig(out=str(tmp_path / "s"), train_docs=1500, problems_per_doc=16,
+                                     heldout_per_level=30, add_digits=(1, 2), sort_lengths=(2, 3),
+                                     count_lengths=(3, 5), word_steps=(1,)))
+    train = {_twin_key(x) for d in (out / "train" / "synth.jsonl").read_text().splitlines()
+             for x in json.loads(d)["text"].splitlines()}
+    held = [_twin_key(f"{r['question']} Answer: {r['answer']}") for r in read_heldout(out / "heldout.jsonl")]
+    assert len(held) == 8 * 30 and len(train) > 5000
+    assert len(set(held)) == len(held)  # distinct held-out problems
+    assert not set(held) & train
+    # the keys do find twins: a and b swapped, a list permuted, names changed
+    assert _twin_key("What is 12 plus 34? Answer: 46") == _twin_key("Add 34 and 12. Answer: 46")
+    assert _twin_key("Sort 3, 1, 2 from smallest to largest.") == _twin_key("Sort 2, 3, 1 from smallest to largest.")
+    assert (_twin_key("Anna has 10 coins. Then Anna gets 3 more. How many coins does Anna have now?")
+            == _twin_key("Ben has 10 cards. Then Ben gets 3 more. How many cards does Ben have now?"))
 
 
 def test_heldout_side_is_decided_by_operands():
@@ -74,7 +113,15 @@ def test_exact_match_of_the_parallel_pass_equals_generate(tmp_path):
     assert all(scores["base_em"][i] == v for i, v in gen_base.items())
 
 
-def test_synth_train_and_eval_commands(tmp_path, monkeypatch):
+def test_mcnemar_exact():
+    assert mcnemar([0] * 10, [1] * 10) == {"a_only": 0, "b_only": 10, "diff_points": 100.0, "p": 2 / 1024}
+    same = mcnemar([1, 0, 1], [1, 0, 1])
+    assert same["p"] == 1.0 and same["diff_points"] == 0
+    t = mcnemar([1, 1, 0, 0, 1], [0, 1, 1, 1, 1])  # 1 vs 2 discordant: p = 2 * (1 + 3) / 8 > 1 -> 1
+    assert (t["a_only"], t["b_only"], t["p"]) == (1, 2, 1.0)
+
+
+def test_synth_train_and_eval_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     main(["data", "synth", "--out", str(tmp_path / "s"), "--families", "add", "sort", "--train-docs", "60",
           "--problems-per-doc", "6", "--heldout-per-level", "2", "--add-digits", "2", "3", "--sort-lengths", "3"])
@@ -84,12 +131,23 @@ def test_synth_train_and_eval_commands(tmp_path, monkeypatch):
     main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "s" / "train"), "--insertion", "marker",
           "--seq-len", "48", "--batch-size", "2", "--n-latents", "2", "--n-ahead", "4", "--n-traces", "4",
           "--max-steps", "2", "--warmup-steps", "1", "--eval-sequences", "1", "--heldout-pct", "10", "--device", "cpu",
-          "--out-dir", str(tmp_path / "copro")])
+          "--save-every", "1", "--out-dir", str(tmp_path / "copro")])
     report_file = tmp_path / "synth.json"
-    main(["eval", "synth", "--model", str(tmp_path / "base"), "--checkpoint", str(tmp_path / "copro" / "step_000002"),
+    capsys.readouterr()
+    # no --model: the base recorded in the first checkpoint
+    main(["eval", "synth", "--checkpoint", str(tmp_path / "copro" / "step_000001"), str(tmp_path / "copro"),
           "--heldout", str(tmp_path / "s" / "heldout.jsonl"), "--check-generate", "3", "--device", "cpu",
           "--out", str(report_file)])
+    printed = capsys.readouterr().out
+    assert "generate() on 3 answers" in printed and "exact McNemar" in printed
     report = json.loads(report_file.read_text())
+    names = list(report["arms"])
+    assert len(names) == 3 and all(len(a["hits"]) == report["instances"] for a in report["arms"].values())
+    assert set(report["paired"]) == {f"{names[1]} vs frozen", f"{names[2]} vs frozen", f"{names[2]} vs {names[1]}"}
+    for pair, t in report["paired"].items():  # the discordant counts are those of the per-instance hits
+        b, a = (report["arms"][x]["hits"] for x in pair.split(" vs "))
+        assert (t["a_only"], t["b_only"]) == (sum(x > y for x, y in zip(a, b)), sum(y > x for x, y in zip(a, b)))
+        assert 100 * sum(a) / len(a) == report["arms"][pair.split(" vs ")[1]]["overall"]["em"]
     assert set(report["by_family"] if "by_family" in report else report["arms"]["frozen"]["by_family"]) == {"add", "sort"}
     arm = next(a for k, a in report["arms"].items() if k != "frozen")
     assert arm["generate_check"]["agree_with_parallel_pass"] == 100.0

@@ -158,7 +158,7 @@ class EvalSynthConfig(_Checked):
 
     checkpoint: tuple[str, ...] = _f((), "checkpoint or run folders (coprocessors and controls)", required=True)
     heldout: str = _f("", "heldout.jsonl written by `cacheaug data synth`", required=True)
-    model: str = _f("gemma-3-270m", "the frozen decoder they were trained on")
+    model: str | None = _f(None, "the frozen decoder they were trained on (default: the first checkpoint's base)")
     per_row: int = _f(8, "problems per evaluated sequence (earlier ones are context)", min=1)
     check_generate: int = _f(0, "also decode this many answers with generate() (the augment path) and report "
                              "agreement with the parallel pass", min=0)

@@ -7,8 +7,13 @@ multiplication, sorting a list, counting items, and word problems of several ste
     What is 4821 plus 377? Answer: 5198
 
 Difficulty knobs per family (digits, list length, steps) are fields of :class:`SynthConfig`. Training and
-held-out instances are disjoint by construction: an instance's operands decide its side by hash, so no
-held-out operand set ever appears in training, whatever the seed or size. The output folder holds
+held-out instances are disjoint by what decides the answer (:func:`answer_key`): the unordered operands of an
+addition or multiplication, the multiset of a list to sort, the multiset of a counting list plus its target, the
+start and operations of a word problem without its names and things. That key decides a problem's side by hash,
+so no held-out problem has an answer-equivalent twin (b+a for a+b, a permutation of the list, other names) in
+training, whatever the seed or size. Held-out problems are distinct by that key; a level whose held-out side has
+fewer than ``heldout_per_level`` distinct problems (1-digit multiplication: 55 problems in all) is left out of the
+held-out file, and ``meta.json`` says so. The output folder holds
 ``train/synth.jsonl`` (documents of ``problems_per_doc`` problems of one family, for ``--data DIR/train``),
 optionally ``train/general.jsonl`` (general text mixed in at ``mix_ratio`` of the characters, from the train
 side of its sources), ``heldout.jsonl`` (one instance per line with its family, level, question and answer)
@@ -137,8 +142,20 @@ def make_instance(family: str, level: int, rng: random.Random) -> tuple[tuple, s
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
+def answer_key(family: str, operands: tuple) -> tuple:
+    """What decides a problem's answer, up to the choices that do not change it: problems with the same key are
+    answer-equivalent twins (``a+b`` and ``b+a``; a list and its permutations; a word problem with other names)."""
+    if family in ("add", "mul", "sort"):
+        return tuple(sorted(operands))
+    if family == "count":
+        return (*sorted(operands[:-1]), operands[-1])
+    if family == "word":
+        return tuple(operands[2:])  # the start and the operations, without the name and the thing
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
 def is_heldout_instance(family: str, operands: tuple, share: int) -> bool:
-    key = json.dumps([family, *operands]).encode()
+    key = json.dumps([family, *answer_key(family, operands)]).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % share == 0
 
 
@@ -149,7 +166,22 @@ def sample(family: str, level: int, rng: random.Random, heldout: bool, share: in
         if is_heldout_instance(family, operands, share) == heldout:
             return operands, q, a
     raise ValueError(f"Could not draw a {'held-out' if heldout else 'training'} instance of {family} level {level}: "
-                     "the operand space is too small for --heldout-share.")
+                     "the problem space is too small for --heldout-share.")
+
+
+def sample_heldout(family: str, level: int, n: int, rng: random.Random, share: int) -> list[tuple[str, str]]:
+    """Up to ``n`` held-out ``(question, answer)`` pairs with distinct answer keys; fewer when the level's held-out
+    side has fewer distinct problems (the draws stop after ``100 n + 10,000`` tries)."""
+    seen, rows = set(), []
+    for _ in range(100 * n + 10_000):
+        operands, q, a = make_instance(family, level, rng)
+        key = answer_key(family, operands)
+        if key not in seen and is_heldout_instance(family, operands, share):
+            seen.add(key)
+            rows.append((q, a))
+            if len(rows) == n:
+                break
+    return rows
 
 
 def line(question: str, answer: str) -> str:
@@ -191,19 +223,27 @@ def generate_synth(cfg: SynthConfig) -> Path:
                         mixed += len(doc)
         (out / "train" / "general.jsonl.part").replace(out / "train" / "general.jsonl")
 
-    rows = []
+    rows, left_out = [], {}
     for family in cfg.families:
         for level in cfg.levels(family):
-            for _ in range(cfg.heldout_per_level):
-                _, q, a = sample(family, level, rng, True, cfg.heldout_share)
-                rows.append({"family": family, "level": level, "question": q, "answer": a})
+            drawn = sample_heldout(family, level, cfg.heldout_per_level, rng, cfg.heldout_share)
+            if len(drawn) < cfg.heldout_per_level:
+                left_out[f"{family} {level}"] = (f"only {len(drawn)} distinct held-out problems (answer-equivalent "
+                                                 f"twins counted once) for --heldout-per-level {cfg.heldout_per_level}")
+                continue
+            rows += [{"family": family, "level": level, "question": q, "answer": a} for q, a in drawn]
+    if not rows:
+        raise ValueError("No level has enough distinct held-out problems: lower --heldout-per-level or raise the "
+                         "difficulty levels")
     (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = {"config": _config_dict(cfg), "marker": MARKER, "train_chars": n_chars, "general_chars": mixed,
-            "heldout_instances": len(rows)}
+    meta = {"config": _config_dict(cfg), "marker": MARKER, "split": "answer_key", "train_chars": n_chars,
+            "general_chars": mixed, "heldout_instances": len(rows), "heldout_left_out": left_out}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"cacheaug: wrote {cfg.train_docs} training documents ({n_chars:,} characters"
           f"{f', plus {mixed:,} of general text' if mixed else ''}) to {out / 'train'} and {len(rows)} held-out "
           f"instances to {out / 'heldout.jsonl'}")
+    for level, why in left_out.items():
+        print(f"cacheaug: level {level} left out of the held-out file: {why} (it stays in training)")
     return out
 
 
@@ -269,13 +309,14 @@ def build_rows(tokenizer, instances: list[dict], per_row: int = 8):
 
 
 @torch.no_grad()
-def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8) -> dict:
+def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, progress: bool = False) -> dict:
     """Per instance (lists in ``instances`` order): mean answer-token loss and exact match, for ``model`` and for the
     frozen decoder, plus per-offset losses ``[n, N]`` (NaN beyond an answer's length)."""
     from .evaluate import autocast_for
 
     rows, spans = build_rows(tokenizer, instances, per_row)
     n_ahead = max(s for row in spans for _, _, s in row)
+    trained_ahead = model.config.n_ahead
     model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # only sets which targets are scored
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     n = len(instances)
@@ -283,8 +324,11 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8) -
     offsets = {k: torch.full((n, n_ahead), math.nan, dtype=torch.float64) for k in ("loss", "base_loss")}
     was_training = model.training
     model.eval()
+    from tqdm.auto import tqdm
+
     with autocast_for(model):
-        for ids, row_spans in zip(rows, spans):
+        for ids, row_spans in tqdm(list(zip(rows, spans)), desc="eval synth", unit="row", leave=False,
+                                   disable=not progress):
             ids = torch.cat([ids, torch.full((n_ahead,), pad)])[None].to(model.device)  # room for the last answer
             res = model.score_targets(ids, positions=[p for _, p, _ in row_spans])
             for k, (i, _, s) in enumerate(row_spans):
@@ -294,7 +338,9 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8) -
                     out[f"{name}em"][i] = float(res[f"{name}hits"][0, k, :s].all())
                     offsets[f"{name}loss"][i, :s] = losses
     model.train(was_training)
+    model.config = dataclasses.replace(model.config, n_ahead=trained_ahead)
     out["offset_loss"], out["base_offset_loss"] = offsets["loss"], offsets["base_loss"]
+    out["answer_tokens"] = n_ahead
     return out
 
 
@@ -326,6 +372,17 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (100 * (mid - half) / (1 + z * z / n), 100 * (mid + half) / (1 + z * z / n))
 
 
+def mcnemar(a: list[float], b: list[float]) -> dict:
+    """Exact McNemar test of two arms' hits on the same items: ``b_only`` / ``a_only`` discordant counts, the
+    difference in exact match (points) and the two-sided binomial p-value."""
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    n = a_only + b_only
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "diff_points": 100 * (sum(b) - sum(a)) / max(len(a), 1),
+            "p": min(1.0, 2 * tail)}
+
+
 def summarise(instances: list[dict], em: list[float], loss: list[float], n_boot: int = 1000, seed: int = 0) -> dict:
     """Exact match (percent, Wilson 95%) and mean answer-token loss (bootstrap 95%) overall, by family and level."""
     def stats(idx: list[int]) -> dict:
@@ -347,38 +404,62 @@ def summarise(instances: list[dict], em: list[float], loss: list[float], n_boot:
     return report
 
 
-def evaluate_synth(checkpoints: list[str], heldout: str, *, model_name: str = "gemma-3-270m", per_row: int = 8,
+def evaluate_synth(checkpoints: list[str], heldout: str, *, model_name: str | None = None, per_row: int = 8,
                    check_generate: int = 0, device: str | None = None, out: str | None = None, base=None,
-                   tokenizer=None) -> dict:
+                   tokenizer=None, progress: bool = True) -> dict:
     """``cacheaug eval synth``: answer loss and exact match on held-out instances for the frozen decoder and each
-    checkpoint (coprocessors and controls), by family and difficulty."""
+    checkpoint (coprocessors and controls), by family and difficulty, each arm's per-instance hits and exact
+    McNemar tests between arms on the same instances. ``model_name`` defaults to the first checkpoint's base."""
     from .base import load_base_model
     from .model import CacheAugmentedLM
 
     instances = read_heldout(heldout)
     if base is None:
-        base, tokenizer = load_base_model(model_name, device=device)
+        base, tokenizer = load_base_model(model_name or base_model_of(checkpoints), device=device)
     report = {"heldout": str(heldout), "instances": len(instances), "per_row": per_row, "arms": {}}
+    hits = {}
     for ckpt in checkpoints:
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
-        scores = score_instances(model, tokenizer, instances, per_row)
+        scores = score_instances(model, tokenizer, instances, per_row, progress=progress)
+        if scores["answer_tokens"] > model.config.n_ahead:
+            print(f"cacheaug: warning: {ckpt} was trained with --n-ahead {model.config.n_ahead}, but answers here "
+                  f"take up to {scores['answer_tokens']} tokens: its latents never saw an answer's tail")
         if "frozen" not in report["arms"]:
             report["arms"]["frozen"] = summarise(instances, scores["base_em"], scores["base_loss"])
             report["arms"]["frozen"]["offset_loss"] = _offset_means(scores["base_offset_loss"])
+            report["arms"]["frozen"]["hits"] = hits["frozen"] = [int(x) for x in scores["base_em"]]
         arm = summarise(instances, scores["em"], scores["loss"])
+        name = _arm_name(ckpt, model.config, report["arms"])
         arm.update(checkpoint=str(ckpt), init=model.config.init, n_latents=model.config.n_latents,
-                   offset_loss=_offset_means(scores["offset_loss"]))
+                   n_ahead=model.config.n_ahead, offset_loss=_offset_means(scores["offset_loss"]),
+                   hits=[int(x) for x in scores["em"]])
+        hits[name] = arm["hits"]
         if check_generate:
             gen = generate_check(model, tokenizer, instances, check_generate, per_row)
             arm["generate_check"] = {"n": len(gen), "em_generate": 100 * sum(gen.values()) / len(gen),
                                      "agree_with_parallel_pass": 100 * sum(v == scores["em"][i] for i, v in gen.items())
                                      / len(gen)}
-        report["arms"][_arm_name(ckpt, model.config, report["arms"])] = arm
+        report["arms"][name] = arm
         del model
+    names = list(hits)
+    report["paired"] = {f"{b} vs {a}": mcnemar(hits[a], hits[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     _print_synth(report)
     if out:
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        from . import atomic
+
+        atomic.write_file(Path(out), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     return report
+
+
+def base_model_of(checkpoints: list[str]) -> str:
+    """The base model the first checkpoint was trained on (its recorded name or folder), for ``--model``'s default."""
+    from .checkpoint import read_config
+
+    name = read_config(checkpoints[0])["base_model"].get("name_or_path") if checkpoints else None
+    if not name:
+        raise ValueError(f"{checkpoints[0] if checkpoints else 'no checkpoint'} does not record its base model's name: "
+                         "pass --model (the base model it was trained on)")
+    return name
 
 
 def _offset_means(offset_loss: torch.Tensor) -> list[float]:
@@ -402,3 +483,12 @@ def _print_synth(report: dict) -> None:
         o = a["overall"]
         cells = " | ".join(f"{a['by_family'][f]['em']:>7.1f}%" for f in families)
         print(f"{name[:40]:<40} | {o['em']:>5.1f}% [{o['em_lo']:>4.1f},{o['em_hi']:>5.1f}] | {cells} | {o['loss']:.3f}")
+    for name, a in arms.items():
+        if "generate_check" in a:
+            g = a["generate_check"]
+            print(f"generate() on {g['n']} answers of {name}: exact match {g['em_generate']:.1f}%, agreeing with the "
+                  f"parallel pass on {g['agree_with_parallel_pass']:.1f}%")
+    if report.get("paired"):
+        print("Paired on the same instances (exact McNemar): difference in points, instances only B / only A got, p")
+        for pair, t in report["paired"].items():
+            print(f"  {pair}: {t['diff_points']:+.1f} ({t['b_only']} / {t['a_only']}), p={t['p']:.2g}")

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Skills without regressions (docs/results.md): the mechanism test on the strict split (no held-out problem has an
+# answer-equivalent twin in training), answers supervised to their end (--n-ahead 32 covers the longest answer,
+# a sorted list of 7 numbers), and the levers at an equal budget beside pause tokens and a LoRA decoder.
+# On the one-GPU machine, after `source scripts/gpu_env.sh`, three calls back to back (results under $OUT):
+#   bash experiments/skills.sh a $OUT   # corpora (synthetic; synthetic + general text); copro, pause, LoRA decoder,
+#                                       # copro at 3x the learning rate: four compiled arms on one GPU
+#   bash experiments/skills.sh b $OUT   # copro N_L=64 and copro on the mixed corpus; eval synth of round a
+#   bash experiments/skills.sh c $OUT   # eval synth of round b; general-text perplexity of the copro arms
+# Budget: STEPS (1500) steps of batch 32 x 256 tokens, K=16 insertion points at the answer marker; MINUTES guards the
+# call's limit (an arm stopped by it still leaves its last checkpoint, and the report says how many steps it ran).
+# A CPU dry run of the whole script: STEPS=2 DOCS=40 BATCH=2 COMPILE= SEQS=1 bash experiments/skills.sh a /tmp/sk (b, c)
+set -uo pipefail
+stage=$1; out=${2:-out}; R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
+STEPS=${STEPS:-1500}; MINUTES=${MINUTES:-6.5}; DOCS=${DOCS:-48000}; BATCH=${BATCH:-32}; AHEAD=${AHEAD:-32}
+C="python3 -m cacheaug"
+TR="--model gemma-3-270m --seq-len 256 --n-ahead $AHEAD --n-traces 16 --batch-size $BATCH --insertion marker \
+--max-steps $STEPS --max-minutes $MINUTES --warmup-steps 100 --eval-every 0 --save-every 500 --keep-last 4 \
+--log-every 10 ${COMPILE---compile-step graphs --keep-logits}"
+arm() {  # the same command resumes an arm stopped by --max-minutes (compile artifacts kept: it restarts in seconds)
+  name=$1; data=$2; shift 2; echo "$data $*" > "$R/s_$name.args"
+  $C train $TR --data "$R/$data/train" "$@" --compile-cache "$R/cc_$name" --out-dir "$R/s_$name" >> "$R/s_$name.log" 2>&1
+}
+finish() {  # resume, side by side, every named arm whose last checkpoint is short of STEPS
+  for a in "$@"; do
+    last=$(ls -d "$R/s_$a"/step_* 2>/dev/null | tail -1); last=${last##*step_}
+    [ "$((10#${last:-0}))" -lt "$STEPS" ] && { read -r data args < "$R/s_$a.args"; arm "$a" "$data" $args & }
+  done
+  wait
+}
+evaluate() {  # the last checkpoint of each named arm, on the strict held-out file
+  tag=$1; shift
+  ckpts=$(for a in "$@"; do ls -d "$R/s_$a"/step_* | tail -1; done)
+  $C eval synth --checkpoint $ckpts --heldout "$R/synth/heldout.jsonl" --check-generate 40 \
+    --out "$out/synth_eval_$tag.json" > "$R/eval_$tag.log" 2>&1
+  tr '\r' '\n' < "$R/eval_$tag.log" | grep -v "^eval synth" | tail -n 40 > "$out/eval_$tag.log"
+}
+summary() {  # per arm: steps run, last logged loss, traces/s (the metrics files stay on the machine)
+  for a in "$@"; do
+    python3 -c "import json, sys; rows = [json.loads(l) for l in open(sys.argv[1])]; r = [x for x in rows if 'loss' in x][-1]; \
+print(json.dumps({'arm': sys.argv[2], 'step': r.get('step'), 'loss': r.get('loss'), 'traces_per_s': r.get('traces_per_s')}))" \
+      "$R/s_$a/metrics.jsonl" "$a"
+  done
+}
+case $stage in
+a)
+  $C data synth --out "$R/synth" --train-docs "$DOCS" --heldout-per-level 100 > "$R/synth.log" 2>&1
+  $C data synth --out "$R/synthmix" --train-docs "$DOCS" --heldout-per-level 100 --mix-sources default \
+    --mix-ratio 0.5 > "$R/synthmix.log" 2>&1
+  cmp -s "$R/synth/heldout.jsonl" "$R/synthmix/heldout.jsonl" || echo "skills: the two corpora's held-out files differ" >&2
+  cp "$R/synth/meta.json" "$out/synth_meta.json"; cp "$R/synthmix/meta.json" "$out/synthmix_meta.json"
+  python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cpu')"  # convert once
+  python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import build_token_files as b; \
+[b(t(), [f'$R/{d}/train'], 1.0) for d in ('synth', 'synthmix')]" > /dev/null 2>&1
+  arm copy-nl16 synth --n-latents 16 &
+  arm pause-nl16 synth --init pause --n-latents 16 &
+  arm lora-decoder synth --init lora-decoder &
+  arm copy-nl16-lr3 synth --n-latents 16 --lr 3e-4 &
+  wait
+  summary copy-nl16 pause-nl16 lora-decoder copy-nl16-lr3 > "$out/train_a.jsonl"
+  for a in copy-nl16 pause-nl16 lora-decoder copy-nl16-lr3; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done \
+    > "$out/train_a.log" ;;
+b)
+  arm copy-nl64 synth --n-latents 64 &
+  arm copy-nl16-mix synthmix --n-latents 16 &
+  { finish copy-nl16 pause-nl16 lora-decoder copy-nl16-lr3; evaluate a copy-nl16 pause-nl16 lora-decoder copy-nl16-lr3; } &
+  wait
+  summary copy-nl16 pause-nl16 lora-decoder copy-nl16-lr3 copy-nl64 copy-nl16-mix > "$out/train_b.jsonl"
+  for a in copy-nl64 copy-nl16-mix; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_b.log" ;;
+c)
+  finish copy-nl64 copy-nl16-mix
+  evaluate b copy-nl64 copy-nl16-mix &
+  last() { ls -d "$R/s_$1"/step_* | tail -1; }
+  $C eval ppl --checkpoint "$(last copy-nl16)" "$(last copy-nl16-mix)" "$(last pause-nl16)" --data default \
+    --sequences ${SEQS:-32} --offsets 1 2 4 8 16 32 --out "$out/general_ppl.json" > "$R/ppl.log" 2>&1
+  tr '\r' '\n' < "$R/ppl.log" | tail -n 30 > "$out/general_ppl.log"
+  wait ;;
+*) echo "usage: $0 a|b|c OUT" >&2; exit 2 ;;
+esac
