@@ -2,9 +2,10 @@
 # Skills without regressions (docs/results.md): the mechanism test on the strict split (no held-out problem has an
 # answer-equivalent twin in training), answers supervised to their end (--n-ahead 32 covers the longest answer,
 # a sorted list of 7 numbers), and the levers at an equal budget beside pause tokens and a LoRA decoder.
-# On the one-GPU machine, after `source scripts/gpu_env.sh`, three calls back to back (results under $OUT):
-#   bash experiments/skills.sh a $OUT   # corpora (synthetic; synthetic + general text); copro, pause, LoRA decoder,
-#                                       # copro at 3x the learning rate: four compiled arms on one GPU
+# On the one-GPU machine, after `source scripts/gpu_env.sh`, four calls back to back (results under $OUT):
+#   bash experiments/skills.sh prep $OUT  # corpora (synthetic; synthetic + general text), token files
+#   bash experiments/skills.sh a $OUT   # copro, pause, LoRA decoder, copro at 3x the learning rate: four compiled
+#                                       # arms on one GPU
 #   bash experiments/skills.sh b $OUT   # copro N_L=64 and copro on the mixed corpus; eval synth of round a
 #   bash experiments/skills.sh c $OUT   # eval synth of round b; general-text perplexity of the copro arms
 # Budget: STEPS (1500) steps of batch 32 x 256 tokens, K=16 insertion points at the answer marker; MINUTES guards the
@@ -12,7 +13,7 @@
 # A CPU dry run of the whole script: STEPS=2 DOCS=40 BATCH=2 COMPILE= SEQS=1 bash experiments/skills.sh a /tmp/sk (b, c)
 set -uo pipefail
 stage=$1; out=${2:-out}; R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
-STEPS=${STEPS:-1500}; MINUTES=${MINUTES:-6.5}; DOCS=${DOCS:-48000}; BATCH=${BATCH:-32}; AHEAD=${AHEAD:-32}
+STEPS=${STEPS:-1500}; MINUTES=${MINUTES:-8}; DOCS=${DOCS:-48000}; BATCH=${BATCH:-32}; AHEAD=${AHEAD:-32}
 C="python3 -m cacheaug"
 TR="--model gemma-3-270m --seq-len 256 --n-ahead $AHEAD --n-traces 16 --batch-size $BATCH --insertion marker \
 --max-steps $STEPS --max-minutes $MINUTES --warmup-steps 100 --eval-every 0 --save-every 500 --keep-last 4 \
@@ -43,7 +44,7 @@ print(json.dumps({'arm': sys.argv[2], 'step': r.get('step'), 'loss': r.get('loss
   done
 }
 case $stage in
-a)
+prep)
   $C data synth --out "$R/synth" --train-docs "$DOCS" --heldout-per-level 100 > "$R/synth.log" 2>&1
   $C data synth --out "$R/synthmix" --train-docs "$DOCS" --heldout-per-level 100 --mix-sources default \
     --mix-ratio 0.5 > "$R/synthmix.log" 2>&1
@@ -51,7 +52,8 @@ a)
   cp "$R/synth/meta.json" "$out/synth_meta.json"; cp "$R/synthmix/meta.json" "$out/synthmix_meta.json"
   python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cpu')"  # convert once
   python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import build_token_files as b; \
-[b(t(), [f'$R/{d}/train'], 1.0) for d in ('synth', 'synthmix')]" > /dev/null 2>&1
+[b(t(), [f'$R/{d}/train'], 1.0) for d in ('synth', 'synthmix')]" > /dev/null 2>&1 ;;
+a)
   arm copy-nl16 synth --n-latents 16 &
   arm pause-nl16 synth --init pause --n-latents 16 &
   arm lora-decoder synth --init lora-decoder &
