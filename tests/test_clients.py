@@ -4,6 +4,7 @@ must get 422, never 500."""
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 import time
 
@@ -32,8 +33,11 @@ def served(tmp_path_factory):
 def test_openai_sdk(served):
     url, name, tok = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
-    assert [m.id for m in client.models.list()] == [name]
-    assert client.models.retrieve(name).id == name
+    served = Path(name).name  # a local folder is announced by its name, and answers to its path too
+    assert [m.id for m in client.models.list()] == [served]
+    assert client.models.retrieve(served).id == served and client.models.retrieve(name).id == served
+    with pytest.raises(openai.NotFoundError, match="model_not_found"):
+        client.completions.create(model="gpt-4", prompt="w5", max_tokens=2)
 
     out = client.completions.create(model=name, prompt="w5 w17 w40", max_tokens=6, extra_body={"augment": "sync"})
     prompt_tokens = len(tok("w5 w17 w40")["input_ids"])

@@ -180,3 +180,62 @@ def test_concurrent_clients_and_overload(stack):
     # bounded memory: more rounds of concurrent requests leave no tensors behind (caches, latents, queues)
     after = [round_of_clients() for _ in range(3)]
     assert not errors and max(after) - after[0] <= 16 << 10, after  # a leaked cache per request adds ~56 KB a round
+
+
+def test_off_is_the_frozen_model_even_after_an_augmented_prefix_is_stored(stack):
+    """Issue 38.3: ``augment: "off"`` took the longest stored (augmented) prefix whatever the policy."""
+    model, tok, engine, server = stack
+    assert httpx.post(f"{server.url}/v1/augment", json={"prompt": "w5 w17 w40 w9"}, timeout=30).status_code == 200
+    off = _complete(server.url, augment="off").json()
+    assert off["choices"][0]["text"] == _library(model, tok, False)
+    assert not off["augmentation"]["augmented"] and engine.stats.store_hits == 0
+
+
+def test_tiny_temperatures_are_greedy_and_odd_fields_are_4xx(stack):
+    """Issue 38.4 / 38.6 / 38.10: a temperature of 1e-45 overflowed logits / T (500); a lone surrogate in ``model``
+    gave 500; an unknown route or method answered FastAPI's ``{"detail": ...}``."""
+    model, tok, engine, server = stack
+    greedy = _complete(server.url, augment="off").json()["choices"][0]["text"]
+    for t in (1e-45, 5e-324, 1e-6):
+        r = _complete(server.url, augment="off", temperature=t)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
+    bad = httpx.post(f"{server.url}/v1/completions", timeout=30, headers={"content-type": "application/json"},
+                     content=json.dumps({"prompt": PROMPT, "model": "\ud800"}).encode())  # ASCII-escaped surrogate
+    assert bad.status_code == 422 and "Unicode" in bad.json()["error"]["message"]
+    unknown = _complete(server.url, model="gpt-4")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert _complete(server.url, model="cacheaug").status_code == 200
+    for r, code in ((httpx.get(f"{server.url}/nope"), 404), (httpx.get(f"{server.url}/v1/completions"), 405),
+                    (httpx.post(f"{server.url}/v1/completions", content=b"{not json"), 422)):
+        assert r.status_code == code and set(r.json()) == {"error"}, r.text
+
+
+def test_a_stream_sends_its_finish_reason_once(stack):
+    """Issue 38.7: a stream ending on end of text or a stop string sent ``finish_reason`` twice."""
+    model, tok, engine, server = stack
+    text = _library(model, tok, True)
+    stop = text.split()[2]  # a word the stream reaches
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=30,
+                      json={"prompt": PROMPT, "max_tokens": 8, "stream": True, "stop": stop}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    reasons = [e["choices"][0]["finish_reason"] for e in events]
+    assert reasons.count("stop") == 1 and reasons[-1] == "stop" and set(reasons[:-1]) == {None}
+
+
+def test_augment_endpoint_without_a_coprocessor_is_refused(tmp_path):
+    """Issue 38.2: a server without a coprocessor ran a placeholder for /v1/augment and stored its latents."""
+    model = CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(init="pause", n_latents=3))
+    model.enabled = False  # what `cacheaug serve` without --coprocessor builds
+    tok = tiny_tokenizer([WORDS])
+    engine = Engine(model, CacheStore(directory=tmp_path / "store", fingerprint="t"))
+    server = Server(create_app(engine, tok))
+    try:
+        r = httpx.post(f"{server.url}/v1/augment", json={"prompt": "w5 w17 w40 w9"}, timeout=30)
+        assert r.status_code == 400 and "--coprocessor" in r.json()["error"]["message"]
+        assert len(engine.store) == 0
+        sync = _complete(server.url, augment="sync").json()
+        assert sync["choices"][0]["text"] == tok.decode(
+            model.generate(torch.tensor([tok(PROMPT)["input_ids"]]), 8, augment=False, eos_token_id=[])[0, -8:])
+    finally:
+        server.stop()
+        engine.close()

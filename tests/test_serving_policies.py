@@ -98,7 +98,7 @@ def test_the_plugin_policy_over_the_real_command_line(tmp_path, plugin):
     args = ["--model", model, "--coprocessor", ckpt, "--device", "cpu", "--policy", "after-two"]
     env = {"CACHEAUG_PLUGINS": "my_policies", "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
     with ServeCLI(args, tmp_path / "serve.log", env) as url:
-        body = {"model": "m", "prompt": "w1 w2 w3 w4 w5", "max_tokens": 6}
+        body = {"prompt": "w1 w2 w3 w4 w5", "max_tokens": 6}
         default = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()  # --policy after-two
         assert default["augmentation"] == {"policy": "after-two", "augmented": True, "inserted_after": 2}
         off = httpx.post(f"{url}/v1/completions", json={**body, "augment": "off"}, timeout=60).json()
@@ -118,7 +118,7 @@ def test_serve_with_the_decoding_step_compiled_answers_the_same(tmp_path):
     CPU); an unknown backend or stream priority is refused in one line."""
     model, ckpt = tiny_served_folders(tmp_path, tiny_tokenizer([" ".join(f"w{i}" for i in range(120))]))
     args = ["--model", model, "--coprocessor", ckpt, "--device", "cpu"]
-    body = {"model": "m", "prompt": "w1 w2 w3 w4 w5", "max_tokens": 8}
+    body = {"prompt": "w1 w2 w3 w4 w5", "max_tokens": 8}
     answers = []
     # the coprocessor stream's priority (a CUDA option, accepted and reported on the CPU) changes no answer either
     for extra in ([], ["--compile-decode", "aot_eager", "--coprocessor-priority", "high", "--coprocessor-graphs"]):

@@ -79,8 +79,43 @@ def test_keyboard_interrupt_saves_and_stops(tmp_path, corpus, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
-    final, _ = _run(tmp_path, corpus, "int", save_every=0)
+    final, cfg = _run(tmp_path, corpus, "int", save_every=0)
     assert final.name == "step_000003" and (final / "trainer_state.json").is_file()
+    # the interrupted step's batch was read again on resume: the data position is that after 3 steps
+    assert json.loads((final / "trainer_state.json").read_text())["data"]["cursor"] == 3 * cfg.batch_size
+
+
+@pytest.mark.parametrize("sig, at", [("SIGINT", [2]), ("SIGTERM", [1, 4])])
+def test_signal_then_resume_is_the_uninterrupted_run(tmp_path, corpus, monkeypatch, sig, at):
+    """Issue 38.12: a Ctrl-C / SIGTERM inside a step saved the data cursor one batch ahead, so the resumed run
+    differed from the uninterrupted one. The signal now ends the step in flight, then saves; each resume lands on
+    the uninterrupted run's weights exactly."""
+    import signal
+
+    from cacheaug.data import PackedSequences
+
+    straight, _ = _run(tmp_path, corpus, "straight")
+    real, reads = PackedSequences.next_batch, {"n": 0}
+    targets = set(at)
+
+    def read_then_signal(self, batch_size):
+        batch = real(self, batch_size)
+        reads["n"] += 1
+        if reads["n"] in targets:  # inside step `reads["n"]`, after its batch was read
+            os.kill(os.getpid(), getattr(signal, sig))
+        return batch
+
+    monkeypatch.setattr(PackedSequences, "next_batch", read_then_signal)
+    for stop in at:
+        final, cfg = _run(tmp_path, corpus, "cut")
+        reads["n"] = final_step = int(final.name.split("_")[1])
+        assert final_step == stop
+        state = json.loads((final / "trainer_state.json").read_text())
+        assert state["step"] == stop and state["data"]["cursor"] == stop * cfg.batch_size
+    final, _ = _run(tmp_path, corpus, "cut")
+    assert final.name == "step_000006"
+    a, b = _weights(straight), _weights(final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_max_minutes_stops_early_evaluates_and_saves(tmp_path, corpus):

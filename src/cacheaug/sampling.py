@@ -7,10 +7,13 @@ from dataclasses import dataclass
 import torch
 
 
+MIN_TEMPERATURE = 1e-4  # below it, logits / T overflows float32 (1e-45 gives inf): such temperatures are greedy
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to choose the next token. ``temperature`` 0 is greedy (argmax); otherwise logits are divided by it and
-    filtered to the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``."""
+    """How to choose the next token. ``temperature`` 0 (or below ``MIN_TEMPERATURE``) is greedy (argmax); otherwise
+    logits are divided by it and filtered to the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``."""
 
     temperature: float = 0.0
     top_k: int | None = None
@@ -26,7 +29,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams = SamplingParams(),

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -529,6 +530,7 @@ class Trainer:
         self.opt = make_optimizer(model, cfg)
         self.peak_lr = [g["lr"] for g in self.opt.param_groups]
         self.step_count, self.tokens_seen = 0, 0
+        self._phase = "between"  # of a step: "batches" (read, forward, backward), "update", "between"
         if checkpoints:
             state = load_trainer_state(checkpoints[-1], self.opt, self.data, rank=par.rank, world=par.world)
             self.step_count, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -546,6 +548,8 @@ class Trainer:
         for g, p in zip(self.opt.param_groups, self.peak_lr):
             g["lr"] = p * mult
         total = torch.zeros((), device=par.device)
+        self._data_at_step_start = self.data.state_dict()  # an interrupt inside the step rolls back to it
+        self._phase = "batches"
         for micro in range(cfg.grad_accum):
             ids, keys = self.data.next_batch(cfg.batch_size)
             positions = insertion_points(keys, cfg, ids, self.marker_ids)  # on the CPU: no device sync
@@ -559,10 +563,12 @@ class Trainer:
             total += out.loss.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+        self._phase = "update"  # from here to the step count, an interrupt leaves weights and step count apart
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step_count += 1
         self.tokens_seen += self.tokens_per_step
+        self._phase = "between"
         return total
 
     def evaluate(self) -> list[float] | None:
@@ -594,12 +600,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, par = self.cfg, self.par
-        interrupted = False
+        interrupted, requested = False, []
 
-        def on_sigterm(signum, frame):  # torchrun/cluster shutdown: save like Ctrl-C
-            raise KeyboardInterrupt
+        def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish the step in flight, save, stop; a second one: now
+            if requested:
+                raise KeyboardInterrupt
+            requested.append(signal.Signals(signum).name)
 
-        old_handler = signal.signal(signal.SIGTERM, on_sigterm) if par.main and par.world == 1 else None
+        handlers = {}
+        if par.world == 1 and threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.max_steps, initial=self.step_count, desc="train", unit="step",
                    disable=not (self.progress and par.main))
         running = torch.zeros((), device=par.device)
@@ -644,14 +654,22 @@ class Trainer:
                     self.stopped_early = True
                     bar.write(f"cacheaug: --max-minutes {cfg.max_minutes} reached at step {step} of {cfg.max_steps}")
                     break
+                if requested and step < cfg.max_steps:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             interrupted = True
-            bar.write(f"cacheaug: interrupted at step {self.step_count}; saving a checkpoint (resume with the same "
+            if self._phase == "update":  # stopped inside the optimizer update: weights and step count disagree
+                self.log.close()
+                raise SystemExit(f"cacheaug: stopped inside the update of step {self.step_count + 1}; nothing saved "
+                                 "since the last checkpoint (resume with the same command)") from None
+            if self._phase == "batches":  # the step in flight never happened: its batches are read again
+                self.data.load_state_dict(self._data_at_step_start)
+            bar.write(f"cacheaug: interrupted after step {self.step_count}; saving a checkpoint (resume with the same "
                       "command)")
         finally:
             bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         if not interrupted:
             self._evaluate_and_print(bar)
         final = self.save()

@@ -174,10 +174,11 @@ class Engine:
     def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
         return int(next_token(logits, SamplingParams(temperature, None, top_p), generator)[0])
 
-    def prefill(self, prompt: list[int]) -> tuple[DynamicCache, torch.Tensor, bool]:
-        """Cache and next-token logits for ``prompt``, starting from the longest stored augmented prefix."""
+    def prefill(self, prompt: list[int], use_store: bool = True) -> tuple[DynamicCache, torch.Tensor, bool]:
+        """Cache and next-token logits for ``prompt``, starting from the longest stored augmented prefix (unless
+        ``use_store`` is off: a policy that never augments must give the frozen model's output)."""
         ids = torch.tensor([prompt], device=self.model.device)
-        hit = self.store.longest_prefix(prompt)
+        hit = self.store.longest_prefix(prompt) if use_store else None
         if hit is not None:
             try:
                 cache, logits, n = self.store.load(hit, self.model.device, n_layers=self.base.config.num_hidden_layers,

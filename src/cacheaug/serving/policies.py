@@ -132,6 +132,7 @@ class Policy:
 
     name: str = ""
     summary: str = ""
+    augments: bool = True  # False: the frozen model bit for bit (no stored augmented prefix is read either)
 
     def after_prefill(self, engine: Engine, req: Request) -> None:
         pass
@@ -147,7 +148,7 @@ class Policy:
 
 
 class Off(Policy):
-    name, summary = "off", "plain decoding by the frozen model"
+    name, summary, augments = "off", "plain decoding by the frozen model", False
 
 
 class Sync(Policy):

@@ -158,7 +158,7 @@ class Scheduler:
                 continue
             if req.phase == "prefill":
                 req.enter("prefilling")
-                req.cache, req.logits, from_store = engine.prefill(req.prompt)
+                req.cache, req.logits, from_store = engine.prefill(req.prompt, strategy.augments)
                 if from_store:
                     req.augmented, req.inserted_after = True, 0
                 req.wants = engine.model.enabled and not from_store

@@ -20,6 +20,7 @@ import json
 import threading
 import time
 import uuid
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, Literal
@@ -27,6 +28,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .engine import Engine
@@ -58,9 +60,9 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int = Field(default=16, ge=1, le=4096)
-    temperature: float = Float(default=0.0, ge=0.0, le=5.0)
+    temperature: float = Float(default=0.0, ge=0.0, le=5.0)  # below MIN_TEMPERATURE: greedy (sampling.py)
     top_p: float = Float(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
@@ -127,7 +129,8 @@ def _metrics():
     }
 
 
-def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", default_policy: str = "sync",
+def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", aliases: tuple[str, ...] = (),
+               default_policy: str = "sync",
                max_concurrent: int = 8, max_queue: int = 16, queue_timeout_s: float = 60.0,
                max_body_bytes: int = 4 << 20) -> FastAPI:
     app = FastAPI(title="cacheaug", version="1")
@@ -157,6 +160,12 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
         return "".join(f"{msg['role']}: {msg['content']}\n" for msg in msgs) + "assistant:", False
+
+    def check_model(name: str | None) -> None:
+        """The served model's id (or the name it was started with); another is a 404, as the OpenAI API answers."""
+        if name is not None and name not in (model_name, *aliases):
+            raise HTTPException(404, f"no model {name!r} here; this server serves {model_name!r}",
+                                headers={"x-error-code": "model_not_found"})
 
     async def acquire() -> None:
         """A decoding slot, waiting on the event loop: 429 when ``max_queue`` requests already wait, 503 when none
@@ -198,6 +207,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
             m["augment"].labels(info["outcome"]).inc()
 
     async def complete(body, prompt_ids: list[int], endpoint: str, chat: bool, request: Request):
+        check_model(body.model)
         loop = asyncio.get_running_loop()
         await acquire()
         release = partial(loop.call_soon_threadsafe, slots.release)  # from the decoding thread, once
@@ -213,7 +223,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             obj = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
-            return {"id": rid, "object": obj, "created": created, "model": body.model or model_name,
+            return {"id": rid, "object": obj, "created": created, "model": model_name,
                     "choices": [choice], **(extra or {})}
 
         def usage(n_tokens: int) -> dict:
@@ -247,7 +257,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
                         if kind == "piece":
                             finish = fin or finish
                             n_tokens += 1
-                            yield f"data: {json.dumps(envelope(piece, fin))}\n\n"
+                            yield f"data: {json.dumps(envelope(piece, None))}\n\n"  # the reason: in the last chunk
                         elif kind == "error":
                             yield f"data: {json.dumps({'error': {'message': piece}})}\n\n"
                             break
@@ -315,6 +325,9 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
 
     @app.post("/v1/augment")
     async def augment(body: AugmentRequest):
+        if not engine.model.enabled:
+            raise HTTPException(400, "this server has no coprocessor, so it cannot augment a prefix: start it with "
+                                "`cacheaug serve --coprocessor CHECKPOINT`")
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(None, encode, body.prompt, 0)
         deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
@@ -334,8 +347,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
 
     @app.get("/v1/models/{name:path}")
     async def model_info(name: str):
-        if name != model_name:
-            raise HTTPException(404, f"no model {name!r} here; this server serves {model_name!r}")
+        check_model(name)
         return {"id": model_name, "object": "model", "created": started, "owned_by": "cacheaug"}
 
     @app.get("/health")
@@ -362,10 +374,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", defau
         m["requests"].labels(request.url.path, "-", "422").inc()
         return JSONResponse({"error": {"message": _validation_message(exc), "code": 422}}, status_code=422)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's own, and the router's 404 / 405
+    async def http_error(request: Request, exc: StarletteHTTPException):
         m["requests"].labels(request.url.path, "-", str(exc.status_code)).inc()
-        return JSONResponse({"error": {"message": exc.detail, "code": exc.status_code}}, status_code=exc.status_code)
+        code = (exc.headers or {}).get("x-error-code", exc.status_code)
+        return JSONResponse({"error": {"message": exc.detail, "code": code}}, status_code=exc.status_code)
 
     return app
 
@@ -417,6 +430,12 @@ def _stop_at(text: str, stops: list[str]) -> str | None:
     return text[: min(hits)] if hits else None
 
 
+def served_id(model: str) -> str:
+    """The id a server announces for ``model``: a local folder's name (not its absolute path), else the name given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
+
 def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           policy: str = "sync", store_dir: str | None = None, store_bytes: int = 1 << 30,
           store_disk_bytes: int = 10 << 30, max_concurrent: int = 8, max_queue: int = 16, deadline_ms: int = 2000,
@@ -461,6 +480,6 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
                         coprocessor_graphs=coprocessor_graphs)
     except ValueError as err:
         raise SystemExit(f"cacheaug serve: {err}") from None
-    app = create_app(engine, tokenizer, model_name=model, default_policy=policy, max_concurrent=max_concurrent,
+    app = create_app(engine, tokenizer, model_name=served_id(model), aliases=(model,), default_policy=policy, max_concurrent=max_concurrent,
                      max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level="info")
