@@ -149,3 +149,40 @@ def test_every_subcommand_reads_its_options_from_a_dataclass(tmp_path):
                         (["quickstart", "--steps", "0"], "cacheaug quickstart: --steps must be at least 1")):
         with pytest.raises(SystemExit, match=match):
             main(argv)
+
+
+def _cli_error(argv, capsys) -> str:
+    """The one line `cacheaug ARGV` exits with (in-process: the CLI's own error path)."""
+    from cacheaug.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    text = str(exc.value.code) if exc.value.code not in (None, 0) else capsys.readouterr().err
+    assert "Traceback" not in text
+    return text
+
+
+def test_user_errors_are_one_line_naming_the_fix(tmp_path, capsys, monkeypatch):
+    """Issue 38.20: tracebacks for --device cuda without CUDA, a YAML syntax error, a wrongly typed YAML value,
+    `--lr inf`, `serve --model ./nope`."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "doc.txt").write_text("some text " * 50)
+    data = ["--data", str(tmp_path / "doc.txt")]
+    assert "no CUDA GPU" in _cli_error(["train", *data, "--device", "cuda", "--model", str(tmp_path)], capsys)
+    assert "no CUDA GPU" in _cli_error(["serve", "--device", "cuda", "--model", str(tmp_path)], capsys)
+    (tmp_path / "bad.yaml").write_text("lr: 1e-4\nn_latents: [1, 2\n")
+    assert "not valid YAML (line 3" in _cli_error(["train", "--config", str(tmp_path / "bad.yaml")], capsys)
+    (tmp_path / "typed.yaml").write_text("max_steps: ten\n")
+    assert "key 'max_steps' must be of type int, got 'ten'" in _cli_error(
+        ["train", "--config", str(tmp_path / "typed.yaml")], capsys)
+    assert "--lr must be a finite number" in _cli_error(["train", *data, "--lr", "inf"], capsys)
+    assert "is not a folder" in _cli_error(["serve", "--model", "./nope", "--device", "cpu"], capsys)
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string; a config file's learning rate must still be a float."""
+    from cacheaug.cli import build_parser, resolve_train_config
+
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nwarmup_steps: '5'\ndata: [a, b]\n")
+    cfg = resolve_train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml")]))
+    assert (cfg.lr, cfg.warmup_steps, cfg.data) == (1e-4, 5, ("a", "b"))

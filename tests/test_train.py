@@ -260,3 +260,15 @@ def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path, corpus):
     mp.spawn(_ddp_worker, args=(2, port(), data, out, home, "fsdp"), nprocs=2)
     c = _weights(tmp_path / "fsdp" / "step_000006")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_wrongly_typed_state_and_a_run_shorter_than_its_warm_up(tmp_path, corpus, capsys):
+    """Issue 38.20 / 38.21: a string in trainer_state.json failed with "'<' not supported between 'str' and 'int'";
+    a run shorter than its warm-up never reaches its learning rate, silently."""
+    final, _ = _run(tmp_path, corpus, "w", max_steps=1, warmup_steps=4, save_every=0, eval_every=0)
+    assert "ends inside the 4-step warm-up" in capsys.readouterr().out
+    state = json.loads((final / "trainer_state.json").read_text())
+    state["data"]["cursor"] = "2"
+    (final / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"trainer_state.json: key 'data.cursor' must be a non-negative integer"):
+        _run(tmp_path, corpus, "w", max_steps=2, warmup_steps=4)

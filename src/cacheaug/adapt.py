@@ -133,7 +133,9 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .base import resolve_device
+
+    device = resolve_device(cfg.device)
     if base is None:
         base, tokenizer = load_base_model(cfg.model, device=device, for_training=True)
     model = _trainable(base, cfg)

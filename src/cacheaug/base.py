@@ -88,6 +88,22 @@ def _convert_gemma3_gguf(folder: Path) -> None:
         atomic.move_into(staged, folder)  # config.json last: marks it done
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (default: cuda if available, else cpu); a CUDA device on a machine without one is
+    a ValueError saying so (one line at the command line), not torch's traceback at the first tensor."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+                         "use --device cpu (or leave --device out)")
+    return device
+
+
+def check_model_name(model: str) -> None:
+    """A ``--model`` that looks like a local path must be a folder (else Hugging Face's repo-id rule answers)."""
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise ValueError(f"--model {model} is not a folder; use 'gemma-3-270m', a Hugging Face id or a model folder")
+
+
 def load_base_model(
     name_or_path: str = GEMMA_3_270M,
     *,
@@ -111,7 +127,9 @@ def load_base_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
+    if name_or_path != GEMMA_3_270M:
+        check_model_name(name_or_path)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if name_or_path == GEMMA_3_270M:
         folder = cache_home() / GEMMA_3_270M

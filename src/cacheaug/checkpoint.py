@@ -115,7 +115,8 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
                 f"The coprocessor in {path} was trained for base model {want.get('name_or_path')!r} "
                 f"({want.get('architecture')}, fingerprint {want['fingerprint']}), but the given base model "
                 f"{getattr(base.config, '_name_or_path', '')!r} ({type(base).__name__}) has fingerprint {got}. "
-                "Load the base model it was trained with, or pass check_base=False if you are sure."
+                f"Pass --model {want.get('name_or_path') or 'BASE'} (the base it was trained on); in Python, "
+                "CacheAugmentedLM.from_pretrained(..., check_base=False) skips this check."
             )
     wants = get_arm(config.init).model_class()  # the arm's own class (e.g. the LoRA-decoder control)
     if not issubclass(cls, wants):

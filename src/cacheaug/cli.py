@@ -61,12 +61,19 @@ def resolve_config(cls, args: argparse.Namespace, prog: str = "cacheaug"):
         path = Path(args.config)
         if not path.is_file():
             raise SystemExit(f"cacheaug: --config {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            raise SystemExit(f"cacheaug: --config {path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"cacheaug: --config {path} must be a mapping of option: value, got {type(loaded).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(loaded) - known)
         if unknown:
             raise SystemExit(f"cacheaug: unknown keys in {path}: {unknown}; valid keys are the options of this command")
-        values.update(loaded)
+        values.update({k: _typed(cls, k, v, path) for k, v in loaded.items()})
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
@@ -78,6 +85,47 @@ def resolve_config(cls, args: argparse.Namespace, prog: str = "cacheaug"):
         return cls(**values)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"{prog}: {err}") from err
+
+
+def _typed(cls, key: str, value, where) -> object:
+    """A YAML value as its option's type (YAML reads ``1e-4`` as a string); a value that does not fit names the key and
+    the file."""
+    hint = typing.get_type_hints(cls)[key]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    want = args[0] if typing.get_origin(hint) is tuple or (args and typing.get_origin(hint) is not typing.Literal
+                                                            and len(args) == 1) else hint
+    if typing.get_origin(hint) is typing.Literal:
+        return value
+    try:
+        if typing.get_origin(hint) is tuple:
+            items = [value] if isinstance(value, str) else list(value)
+            return tuple(_coerce(want, v) for v in items)
+        return _coerce(want, value)
+    except (TypeError, ValueError):
+        name = getattr(want, "__name__", str(want))
+        kind = f"a list of {name}" if typing.get_origin(hint) is tuple else name
+        raise SystemExit(f"cacheaug: {where}: key {key!r} must be of type {kind}, got {value!r}") from None
+
+
+def _coerce(want, value):
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if want in (int, float):
+        if isinstance(value, bool):
+            raise TypeError
+        got = want(value) if not isinstance(value, str) or want is float else int(value.strip())
+        if want is int and isinstance(value, float) and value != int(value):
+            raise ValueError
+        return got
+    if want is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TypeError
+        return str(value)
+    return value
 
 
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:

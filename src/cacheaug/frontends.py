@@ -56,11 +56,19 @@ def _checkpoints(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _base_of(model: str | None, checkpoints: list[str]) -> str:
+    """``--model`` if given, else the base model recorded in the first checkpoint."""
+    from .synth import base_model_of
+
+    return model or base_model_of(checkpoints)
+
+
 @dataclass(frozen=True)
 class _Split(_Checked):
     """The held-out split of the text sources (must match training's)."""
 
-    model: str = _f("gemma-3-270m", "the frozen decoder (the checkpoints' base)")
+    model: str | None = _f(None, "the frozen decoder (default: the base recorded in the first checkpoint; "
+                           "gemma-3-270m for commands without one)")
     data: tuple[str, ...] = _f(("default",), "text sources (their held-out split is used)")
     heldout_pct: float = _f(1.0, "must match training's split")
     adapt_pct: float = _f(0.0, "must match training's split")
@@ -84,7 +92,8 @@ class PplConfig(_Split):
     def run(self):
         from .evaluate import evaluate_ppl
 
-        return evaluate_ppl(list(_checkpoints(self.checkpoint)), model_name=self.model, data=self.data,
+        checkpoints = list(_checkpoints(self.checkpoint))
+        return evaluate_ppl(checkpoints, model_name=_base_of(self.model, checkpoints), data=self.data,
                             heldout_pct=self.heldout_pct, adapt_pct=self.adapt_pct,
                             heldout_sources=self.heldout_sources, seq_len=self.seq_len, sequences=self.sequences,
                             stride=self.stride, offsets=self.offsets, n_boot=self.bootstrap, device=self.device,
@@ -121,7 +130,7 @@ class InsertionCostConfig(_Split):
     def run(self):
         from .diagnostics import insertion_cost
 
-        return insertion_cost(model_name=self.model, data=self.data, heldout_pct=self.heldout_pct,
+        return insertion_cost(model_name=self.model or "gemma-3-270m", data=self.data, heldout_pct=self.heldout_pct,
                               adapt_pct=self.adapt_pct, heldout_sources=self.heldout_sources, kinds=self.kinds,
                               latents=self.latents, offsets=self.offsets, schemes=self.position_schemes,
                               reread=tuple(r == "on" for r in self.reread), seq_len=self.seq_len,
@@ -147,7 +156,8 @@ class StaleConfig(_Split):
 
         (checkpoint,) = _checkpoints((self.checkpoint,))
         return evaluate_staleness(checkpoint, delays=self.delays, offsets=self.offsets, sequences=self.sequences,
-                                  points=self.points, seq_len=self.seq_len, model_name=self.model, data=self.data,
+                                  points=self.points, seq_len=self.seq_len,
+                                  model_name=_base_of(self.model, [checkpoint]), data=self.data,
                                   heldout_pct=self.heldout_pct, n_boot=self.bootstrap, device=self.device,
                                   out=self.out)
 

@@ -147,6 +147,10 @@ class TrainConfig:
         if self.seq_len < self.n_traces + self.n_ahead:
             problems.append(f"--seq-len {self.seq_len} is too short for --n-traces {self.n_traces} insertion points with "
                             f"--n-ahead {self.n_ahead} targets each: use --seq-len >= {self.n_traces + self.n_ahead}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         for name in ("lr", "soft_token_lr"):
             if not getattr(self, name) > 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive")
@@ -310,6 +314,12 @@ def load_trainer_state(path: Path, opt, data, *, rank: int = 0, world: int = 1) 
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path / STATE_JSON} is corrupt ({type(err).__name__}: {err}); delete {path} to resume "
                          "from the checkpoint before it.") from err
+    for key, value in [("step", state["step"]), ("tokens_seen", state.get("tokens_seen", 0)),
+                       *((f"data.{k}", v) for k, v in (state["data"] if isinstance(state["data"], dict) else
+                                                       {"": None}).items())]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path / STATE_JSON}: key {key!r} must be a non-negative integer, got {value!r}; delete "
+                             f"{path} to resume from the checkpoint before it.")
     sharded = state.get("sharded_optimizer", False)
     if sharded and state.get("world_size") != world:
         raise ValueError(f"{path} holds optimizer shards of {state.get('world_size')} ranks; resume it on as many "
@@ -390,7 +400,9 @@ class ParallelContext:
         on ``device`` (default: CUDA when available)."""
         rank, world, local_rank = distributed_env()
         if world == 1:
-            return cls(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+            from .base import resolve_device
+
+            return cls(0, 1, resolve_device(device))
         import torch.distributed as dist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -642,7 +654,7 @@ class Trainer:
                     # what the method learns from: insertion points (traces), K per sequence of T tokens
                     traces_s = tps * cfg.n_traces / cfg.seq_len
                     t_last, tokens_last = now, self.tokens_seen
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", traces_s=f"{traces_s:,.0f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", traces_s=f"{traces_s:,.{0 if traces_s >= 10 else 2}f}")
                     self.log.write(step, loss=loss, tokens=self.tokens_seen, tokens_per_s=tps,
                                    traces_per_s=traces_s, lr=self.opt.param_groups[-1]["lr"])
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -689,4 +701,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
 
     ``base``/``tokenizer`` may be passed in (tests, notebooks); else ``cfg.model`` is loaded.
     """
+    if cfg.max_steps < cfg.warmup_steps:
+        print(f"cacheaug: warning: --max-steps {cfg.max_steps} ends inside the {cfg.warmup_steps}-step warm-up: the "
+              f"learning rate reaches only {100 * lr_multiplier(cfg.max_steps - 1, cfg):.0f}% of --lr; lower "
+              "--warmup-steps for a short run")
     return Trainer(cfg, base=base, tokenizer=tokenizer, progress=progress).fit()
