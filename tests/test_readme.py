@@ -12,10 +12,12 @@ import pytest
 from cacheaug.cli import build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = README.parent / "docs" / "guide.md"
 
 
 def readme_commands() -> list[str]:
-    text = README.read_text()
+    """The commands of the README, then of the guide (docs/guide.md), in order."""
+    text = README.read_text() + "\n" + GUIDE.read_text()
     lines: list[str] = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -76,3 +78,19 @@ def test_readme_command_is_accepted(line, monkeypatch):
         module = __import__(cls, fromlist=[config])
         monkeypatch.chdir(README.parent)  # --config paths are relative to the repo root, as the README runs them
         cli.resolve_config(getattr(module, config), args)
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python block, as written, with the default model swapped for a tiny one of its family (the slow
+    tier loads the real model for the commands)."""
+    import cacheaug
+    from cacheaug.testing import tiny_model, tiny_tokenizer
+
+    block = re.search(r"```python\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    tok = tiny_tokenizer(["The Congress shall make no law respecting an establishment of religion"])
+    monkeypatch.setattr(cacheaug, "load_base_model", lambda name, **kw: (tiny_model("gemma3"), tok))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["out"].loss.isfinite() and (tmp_path / "ckpt" / "model.safetensors").is_file()
+    assert scope["text"].shape[1] == scope["ids"].shape[1] + 8

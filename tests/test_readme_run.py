@@ -1,5 +1,6 @@
-"""Every command the README shows runs as written on a CPU machine, in README order, in a fresh folder (slow: the
-real Gemma 3 270M; 31 minutes on 2 cores, 6 of them the main job).
+"""Every command the README and the guide (docs/guide.md) show runs as written on a CPU machine, in their order (the
+README's first), in a fresh folder (slow tier: the real Gemma 3 270M; about 31 minutes on 2 cores, 6 of them the main
+job).
 
 How each line is checked:
 * ``cacheaug train ...`` / ``cacheaug adapt ...`` (up to thousands of steps: hours on a CPU) run until their first
@@ -34,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP_DONE = re.compile(r"(train|adapt):\s+\d+%\|[^|]*\|\s*[1-9]\d*/\d+")
 
 
+DOCS = (ROOT / "README.md", ROOT / "docs" / "guide.md")
+
+
 def runnable_lines() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(doc.read_text() for doc in DOCS)
     lines = []
     for gpu_marker, block in re.findall(r"(<!-- gpu-only[^\n]*\n)?```bash\n(.*?)```", text, flags=re.S):
         if gpu_marker:
