@@ -175,3 +175,43 @@ def test_token_key_of_default_names_its_parts():
     finally:
         data.DEFAULT_PACKAGES.clear()
         data.DEFAULT_PACKAGES.update(saved)
+
+
+def test_a_long_text_file_is_cut_into_documents_and_non_data_files_are_skipped(tmp_path, capsys):
+    """Issue 38.13 / 38.20: a user's corpus as one big .txt was one document (no held-out split, silently); a LICENSE
+    or README in a data folder made the whole folder refused."""
+    from cacheaug.corpus import DOC_CHARS
+
+    paragraphs = [f"Paragraph {i}. " + "word " * (50 + i % 200) for i in range(1000)]
+    book = tmp_path / "corpus" / "book.txt"
+    book.parent.mkdir()
+    book.write_text("\n\n".join(paragraphs))
+    (tmp_path / "corpus" / "LICENSE").write_text("Apache-2.0")
+    (tmp_path / "corpus" / "README").write_text("my corpus")
+    (tmp_path / "corpus" / ".DS_Store").write_bytes(b"\x00\x01")
+    docs = list(iter_documents(str(tmp_path / "corpus")))
+    assert "skipped 2 file(s) that are not data: LICENSE, README" in capsys.readouterr().err
+    assert len(docs) > 20 and all(len(d) <= DOC_CHARS + 2000 for d in docs)
+    assert "\n\n".join(docs) == "\n\n".join(paragraphs)  # nothing lost, order kept
+    short = tmp_path / "short.txt"
+    short.write_text("one\n\ntwo")
+    assert list(iter_documents(str(short))) == ["one\n\ntwo"]  # a short file stays one document
+    tok = tiny_tokenizer(paragraphs[:50])
+    meta = json.loads((build_token_files(tok, [str(tmp_path / "corpus")], 10.0) / "meta.json").read_text())
+    assert meta["heldout_docs"] > 0 and meta["train_docs"] > meta["heldout_docs"]
+
+
+def test_an_empty_heldout_split_names_its_cause(tmp_path, monkeypatch):
+    """Issue 38.13: 60 files at --heldout-pct 1 got no held-out document, and the message said to lower --seq-len."""
+    import torch
+
+    from cacheaug.evaluate import heldout_sequences
+
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    texts = tiny_corpus(tmp_path / "corpus", n_docs=60)
+    tok = tiny_tokenizer(texts)
+    data = [str(tmp_path / "corpus")]
+    assert not any(is_heldout(t, 1.0) for t in texts)  # the tiny corpus is seeded: none of its 60 is held out
+    with pytest.raises(ValueError, match=r"held-out split is empty: 60 document\(s\) in all.*raise --heldout-pct"):
+        heldout_sequences(tok, data, 1.0, 32, 4)
+    assert isinstance(heldout_sequences(tok, data, 30.0, 32, 4), torch.Tensor)

@@ -8,7 +8,9 @@ Sources (``--data``, several allowed):
                        an encyclopedic glossary (``jargon``, the Jargon File, Debian) and a manual (``debref``,
                        the Debian Reference, Debian); about 20.9M Gemma tokens
   ``default:NAME``     one named source of it (``sotu``, ``pydoc``, ``gcide``, ``nlp``, ``moby``, ``jargon``, ``debref``)
-  a file or folder     ``.txt`` (one document per file), ``.jsonl`` (field ``text``), ``.parquet`` (column ``text``)
+  a file or folder     ``.txt`` (one document per file; a file over 20,000 characters is cut at blank lines into
+                       documents of about that size), files of other types in a folder (LICENSE, ...) are skipped
+                       and named, ``.jsonl`` (field ``text``), ``.parquet`` (column ``text``)
   ``hf:NAME[:SPLIT]``  a Hugging Face ``datasets`` dataset with a ``text`` column (local, or the hub with network)
 
 What becomes of the documents (splits, token files, packing) is :mod:`cacheaug.data`.
@@ -20,8 +22,10 @@ import gzip
 import importlib
 import inspect
 import json
+import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import warnings
@@ -258,9 +262,36 @@ def _read_file(path: Path) -> Iterator[str]:
         table = pq.read_table(path, columns=["text"])
         yield from (t for t in table.column("text").to_pylist() if t)
     elif name.endswith((".txt", ".md", ".rst")):
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield from split_plain_text(path.read_text(encoding="utf-8", errors="replace"))
     else:
         raise ValueError(f"{path}: unsupported file type; use .txt, .md, .rst, .jsonl[.gz] or .parquet")
+
+
+DOC_CHARS = 20_000  # a plain-text file longer than this is cut, at blank lines, into documents of about this size
+
+
+def split_plain_text(text: str, max_chars: int = DOC_CHARS) -> Iterator[str]:
+    """A plain-text file as documents: whole if at most ``max_chars`` long, else its paragraphs (blocks between blank
+    lines) gathered in order into documents of up to about ``max_chars`` (a longer paragraph is one document), so
+    that a book or a corpus dumped into one ``.txt`` gets a held-out split and an unbiased one."""
+    if len(text) <= max_chars:
+        yield text
+        return
+    doc: list[str] = []
+    size = 0
+    for para in re.split(r"\n[ \t]*\n", text):
+        if not para.strip():
+            continue
+        if doc and size + len(para) > max_chars:
+            yield "\n\n".join(doc)
+            doc, size = [], 0
+        doc.append(para)
+        size += len(para) + 2
+    if doc:
+        yield "\n\n".join(doc)
+
+
+DATA_SUFFIXES = (".txt", ".md", ".rst", ".jsonl", ".jsonl.gz", ".parquet")
 
 
 def iter_named_documents(source: str) -> Iterator[tuple[str, str]]:
@@ -298,9 +329,14 @@ def _iter_source(source: str) -> Iterator[str]:
         return
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [p for p in found if p.name.lower().endswith(DATA_SUFFIXES)]
         if not files:
-            raise ValueError(f"Data folder {path} holds no files.")
+            raise ValueError(f"Data folder {path} holds no data files ({', '.join(DATA_SUFFIXES)}).")
+        skipped = [str(p.relative_to(path)) for p in found if p not in files]
+        if skipped:
+            print(f"cacheaug: {path}: skipped {len(skipped)} file(s) that are not data: "
+                  f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
         for f in files:
             yield from _read_file(f)
     elif path.is_file():

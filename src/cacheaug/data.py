@@ -28,7 +28,7 @@ import torch
 from .base import cache_home
 from .corpus import DEFAULT_PACKAGES, iter_named_documents
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: a long plain-text file is cut into documents (corpus.split_plain_text)
 SPLITS = ("train", "heldout", "adapt", "unseen")
 
 
@@ -145,7 +145,12 @@ def build_token_files(tokenizer, sources: list[str], splits: Splits | float = 1.
         f.close()
     if counts["train"][0] == 0 and counts["adapt"][0] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"The data sources {sources} gave no text (for training; held-out sources: {list(splits.heldout_sources)}).")
+        held = counts["heldout"][1] + counts["unseen"][1]
+        if held:
+            raise ValueError(f"The data sources {sources} gave {held} document(s), all in the held-out split, none for "
+                             f"training: give more documents (a long .txt is cut at blank lines into documents) or "
+                             f"lower --heldout-pct ({splits.heldout_pct})")
+        raise ValueError(f"The data sources {sources} gave no text (held-out sources: {list(splits.heldout_sources)}).")
     meta = {"sources": sources, **splits.key(), "tokenizer": tokenizer_fingerprint(tokenizer), "format": _FORMAT_VERSION}
     for s in SPLITS:
         meta[f"{s}_tokens"], meta[f"{s}_docs"] = counts[s]

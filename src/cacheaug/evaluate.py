@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,9 +95,24 @@ def heldout_sequences(tokenizer, data, splits, seq_len: int, n: int, split: str 
     tokens = load_tokens(token_dir, split)
     held = PackedSequences(tokens, seq_len, seed=0, bos_id=tokenizer.bos_token_id) if len(tokens) > seq_len else []
     if len(held) == 0:
-        fix = "raise --heldout-pct" if split == "heldout" else "name larger sources in --heldout-sources"
-        raise ValueError(f"The {split} split has fewer than {seq_len} tokens: {fix} or lower --seq-len.")
+        raise ValueError(empty_split_message(token_dir, split, seq_len))
     return held.spread(n)
+
+
+def empty_split_message(token_dir, split: str, seq_len: int) -> str:
+    """Why a split gives no sequence of ``seq_len`` tokens, from the token files' counts, and what to change."""
+    meta = json.loads((Path(token_dir) / "meta.json").read_text())
+    docs, tokens = meta.get(f"{split}_docs", 0), meta.get(f"{split}_tokens", 0)
+    total = sum(meta.get(f"{s}_docs", 0) for s in ("train", "heldout", "adapt"))
+    if split == "heldout" and docs == 0:
+        return (f"the held-out split is empty: {total} document(s) in all, and --heldout-pct {meta.get('heldout_pct')} "
+                f"holds out about {total * meta.get('heldout_pct', 1) / 100:.1f} of them: raise --heldout-pct (e.g. 10), "
+                "or give more, smaller documents (a long .txt is cut at blank lines into documents)")
+    if split == "heldout":
+        return (f"the held-out split has {docs} document(s), {tokens} tokens, fewer than one sequence of --seq-len "
+                f"{seq_len}: raise --heldout-pct or lower --seq-len")
+    return (f"the {split} split has {docs} document(s), {tokens} tokens, fewer than one sequence of --seq-len {seq_len}: "
+            "name larger sources in --heldout-sources or lower --seq-len")
 
 
 def evaluation_sets(tokenizer, data, splits, seq_len: int, n: int) -> dict[str, torch.Tensor]:

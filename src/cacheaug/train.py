@@ -516,6 +516,10 @@ class Trainer:
         n_eval = min(cfg.eval_sequences, max(0, len(heldout_tokens) - 1) // cfg.seq_len)
         heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0, bos_id=bos) if n_eval else None
         self.eval_seqs = heldout.spread(n_eval) if n_eval else None
+        if n_eval == 0 and cfg.eval_every and par.main:
+            from .evaluate import empty_split_message
+
+            print(f"cacheaug: warning: no held-out evaluation in this run: {empty_split_message(token_dir, 'heldout', cfg.seq_len)}")
 
     def _setup_optimizer(self) -> None:
         """Resume weights (before any sharding: full tensors into full parameters), spread over ranks, optimizer,
