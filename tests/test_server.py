@@ -239,3 +239,47 @@ def test_augment_endpoint_without_a_coprocessor_is_refused(tmp_path):
     finally:
         server.stop()
         engine.close()
+
+
+class _Bytes:
+    """A tokenizer whose tokens are UTF-8 bytes (as byte-fallback vocabularies spell rare characters)."""
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _stream(tokens, stops=(), eos_at=None):
+    from cacheaug.serving.server import TextStream
+
+    out, pieces = TextStream(_Bytes(), list(stops)), []
+    for i, t in enumerate(tokens):
+        piece, stopped = out.push(t, end=i == eos_at)
+        pieces.append(piece)
+        if stopped:
+            return pieces, True
+    return pieces + [out.flush()], False
+
+
+def test_characters_spelled_as_byte_tokens_come_out_whole():
+    """Issue 38.1: each piece kept the U+FFFD of an incomplete character and skipped the completed one."""
+    text = "𓀀𓀁𓀂 ok 😀 é"
+    pieces, _ = _stream(list(text.encode()))
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    cut, _ = _stream(list("𓀀𓀁".encode())[:-1])  # ends inside a character: given out as decoded, at the end
+    assert "".join(cut) == "𓀀\ufffd"
+
+
+def test_a_stop_string_across_tokens_ends_the_text_right_before_it():
+    """Issue 38.8: a stop string beginning inside one token and ending in the next left its head in the text."""
+    pieces, stopped = _stream(list(b"hello world, bye"), stops=["o w"])
+    assert stopped and "".join(pieces) == "hell"
+    pieces, stopped = _stream(list(b"a stop-ish end"), stops=["stopper"])  # a head that never completes
+    assert not stopped and "".join(pieces) == "a stop-ish end"
+
+
+def test_stop_strings_are_bounded(stack):
+    model, tok, engine, server = stack
+    assert _complete(server.url, stop=[f"s{i}" for i in range(5)]).status_code == 422
+    assert _complete(server.url, stop="x" * 257).status_code == 422
+    assert _complete(server.url, stop=["w1", "w2", "w3", "w4"]).status_code == 200

@@ -66,7 +66,8 @@ class _Sampling(BaseModel):
     top_p: float = Float(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
-    stop: list[Text] | Text | None = None
+    stop: Annotated[list[Annotated[Text, Field(max_length=256)]], Field(max_length=4)] | \
+        Annotated[Text, Field(max_length=256)] | None = None  # as OpenAI's API: at most 4
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     augment: PolicyName | None = None  # a registered policy (cacheaug.serving.policies): off, sync, async, ...
     deadline_ms: int | None = Field(default=None, ge=0, le=600_000)
@@ -181,28 +182,29 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
             waiting["n"] -= 1
 
     def run(body, prompt_ids: list[int], cancel: threading.Event):
-        """Token stream for one request (the caller holds a slot)."""
+        """``(piece, finish, step)`` for one request (the caller holds a slot); ``step`` is None for the text held
+        back until the end (an incomplete character, a possible stop string's head), which is no token of its own."""
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         policy = body.augment or default_policy
         deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
         info: dict = {}
         t0 = time.monotonic()
-        text, first, ids = "", True, []
+        out, first = TextStream(tokenizer, stops), True
         for step in engine.stream(prompt_ids, body.max_tokens, policy=policy, deadline_s=deadline,
                                   temperature=body.temperature, top_p=body.top_p, stop_ids=(eos,) if eos is not None else (),
                                   seed=body.seed, cancel=cancel, info=info):
             if first:
                 m["ttft"].labels(policy).observe(time.monotonic() - t0)
                 first = False
-            ids.append(step.token)
-            # decode the whole continuation and emit the difference: single-token decodes lose spaces
-            piece = tokenizer.decode(ids, skip_special_tokens=True)[len(text):]
-            cut = _stop_at(text + piece, stops)
-            if cut is not None:
-                yield cut[len(text):], "stop", step
+            piece, stopped = out.push(step.token, end=step.token == eos)
+            if stopped:
+                yield piece, "stop", step
                 break
-            text += piece
             yield piece, ("stop" if step.token == eos else None), step
+        else:
+            rest = out.flush()
+            if rest:
+                yield rest, None, None
         if info.get("outcome"):  # this request's own outcome (not a diff of counters other requests move too)
             m["augment"].labels(info["outcome"]).inc()
 
@@ -235,8 +237,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
 
             def produce():
                 try:
-                    for piece, finish, _ in run(body, prompt_ids, cancel):
-                        loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece, finish))
+                    for piece, finish, step in run(body, prompt_ids, cancel):
+                        loop.call_soon_threadsafe(queue.put_nowait, ("piece" if step else "rest", piece, finish))
                     loop.call_soon_threadsafe(queue.put_nowait, ("end", None, None))
                 except Exception as err:  # surfaced to the client as an SSE error event
                     loop.call_soon_threadsafe(queue.put_nowait, ("error", str(err), None))
@@ -254,9 +256,9 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
                 try:
                     while True:
                         kind, piece, fin = await queue.get()
-                        if kind == "piece":
+                        if kind in ("piece", "rest"):
                             finish = fin or finish
-                            n_tokens += 1
+                            n_tokens += kind == "piece"
                             yield f"data: {json.dumps(envelope(piece, None))}\n\n"  # the reason: in the last chunk
                         elif kind == "error":
                             yield f"data: {json.dumps({'error': {'message': piece}})}\n\n"
@@ -281,7 +283,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
                 pieces, finish, last, n = [], "length", None, 0
                 for piece, fin, step in run(body, prompt_ids, cancel):
                     pieces.append(piece)
-                    last, n = step, n + 1
+                    if step is not None:
+                        last, n = step, n + 1
                     if fin:
                         finish = fin
                 return "".join(pieces), finish, last, n
@@ -422,6 +425,51 @@ class _BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class TextStream:
+    """The text of a growing list of token ids, given out in pieces that never need taking back: the whole
+    continuation is decoded each time (single-token decodes lose spaces and split characters), and its tail is held
+    back while it may still change: an incomplete UTF-8 character (decoded as U+FFFD: a character spelled as byte
+    tokens) or the head of a stop string. ``push`` returns ``(piece, stopped)``; with ``stopped`` the piece ends right
+    before the first stop string. ``flush`` gives what was held back at the end."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int, end: bool = False) -> tuple[str, bool]:
+        self.ids.append(token)
+        full = self._text()
+        cut = _stop_at(full, self.stops)
+        if cut is not None:
+            piece = cut[len(self.sent):] if cut.startswith(self.sent) else ""
+            self.sent = cut
+            return piece, True
+        safe = full if end else full[: len(full) - self._held(full)]
+        piece = safe[len(self.sent):] if safe.startswith(self.sent) else ""
+        self.sent = self.sent + piece
+        return piece, False
+
+    def flush(self) -> str:
+        full = self._text()
+        rest = full[len(self.sent):] if full.startswith(self.sent) else ""
+        self.sent += rest
+        return rest
+
+    def _held(self, text: str) -> int:
+        """How many characters at the end of ``text`` may still change."""
+        keep = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        return keep
 
 
 def _stop_at(text: str, stops: list[str]) -> str | None:
