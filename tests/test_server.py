@@ -283,3 +283,23 @@ def test_stop_strings_are_bounded(stack):
     assert _complete(server.url, stop=[f"s{i}" for i in range(5)]).status_code == 422
     assert _complete(server.url, stop="x" * 257).status_code == 422
     assert _complete(server.url, stop=["w1", "w2", "w3", "w4"]).status_code == 200
+
+
+def test_chat_content_parts_developer_role_and_checked_stream_options(stack):
+    """Issue 38.10: the official SDK sends content as a list of parts and the `developer` role (both were 422);
+    stream_options was an unchecked dict ({"include_usage": "no"} turned usage on)."""
+    model, tok, engine, server = stack
+    url = f"{server.url}/v1/chat/completions"
+
+    def chat(**body):
+        return httpx.post(url, timeout=30, json={"max_tokens": 4, **body})
+
+    plain = chat(messages=[{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w3 w4"}]).json()
+    parts = chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "w1 "}, {"type": "text", "text": "w2"}]},
+                           {"role": "user", "content": [{"type": "text", "text": "w3 w4"}]}]).json()
+    assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert parts["usage"] == plain["usage"]
+    msgs = [{"role": "user", "content": "w3"}]
+    assert chat(messages=msgs, stream=True, stream_options={"include_usage": "no"}).status_code == 422
+    assert chat(messages=msgs, stream=True, stream_options={"include_usage": True, "x": 1}).status_code == 422
+    assert chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]).status_code == 422

@@ -29,7 +29,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 from .engine import Engine
 from .policies import get_policy
@@ -65,7 +65,7 @@ class _Sampling(BaseModel):
     temperature: float = Float(default=0.0, ge=0.0, le=5.0)  # below MIN_TEMPERATURE: greedy (sampling.py)
     top_p: float = Float(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    stream_options: StreamOptions | None = None  # {"include_usage": true}: a last chunk with the usage
     stop: Annotated[list[Annotated[Text, Field(max_length=256)]], Field(max_length=4)] | \
         Annotated[Text, Field(max_length=256)] | None = None  # as OpenAI's API: at most 4
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -85,12 +85,32 @@ class CompletionRequest(_Sampling):
     best_of: Literal[1, None] = None
 
 
-class ChatMessage(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: Text
-    name: str | None = None
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    """A chat message; ``content`` a string or a list of text parts (what the official SDK sends); ``developer`` is
+    OpenAI's newer name of ``system`` and reaches the template as ``system``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    name: Text | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
 
 
 class ChatRequest(_Sampling):
@@ -157,7 +177,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
     def chat_text(messages: list[ChatMessage]) -> tuple[str, bool]:
         """The prompt of a chat: the tokenizer's chat template when it has one (its text carries its own special
         tokens), else plain ``role: content`` lines ending in ``assistant:``."""
-        msgs = [{"role": msg.role, "content": msg.content} for msg in messages]
+        msgs = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text} for msg in messages]
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
         return "".join(f"{msg['role']}: {msg['content']}\n" for msg in msgs) + "assistant:", False
@@ -265,7 +285,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
                             break
                         else:
                             yield f"data: {json.dumps(envelope('', finish or 'length'))}\n\n"
-                            if (body.stream_options or {}).get("include_usage"):
+                            if body.stream_options is not None and body.stream_options.include_usage:
                                 yield f"data: {json.dumps({**envelope('', None), 'choices': [], 'usage': usage(n_tokens)})}\n\n"
                             break
                     yield "data: [DONE]\n\n"
