@@ -272,3 +272,11 @@ def test_wrongly_typed_state_and_a_run_shorter_than_its_warm_up(tmp_path, corpus
     (final / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"trainer_state.json: key 'data.cursor' must be a non-negative integer"):
         _run(tmp_path, corpus, "w", max_steps=2, warmup_steps=4)
+
+
+def test_another_coprocessor_in_the_same_out_dir_names_the_option(tmp_path, corpus):
+    """Issue 38.16: rerunning into the same --out-dir with another --n-latents failed with "tensor soft_tokens has
+    shape (4, 576), expected (8, 576)"."""
+    _run(tmp_path, corpus, "same", max_steps=1, save_every=0, eval_every=0)
+    with pytest.raises(ValueError, match=r"--n-latents 3 \(it holds 2\).*another --out-dir"):
+        _run(tmp_path, corpus, "same", max_steps=2, n_latents=3)

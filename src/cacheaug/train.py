@@ -533,6 +533,15 @@ class Trainer:
                     f"{checkpoints[-1]} was trained on base model {trained_on.get('name_or_path')!r} (fingerprint "
                     f"{trained_on['fingerprint']}), but this run's --model {cfg.model!r} has fingerprint "
                     f"{self.base_fingerprint}: resume with the same --model, or train into a new --out-dir.")
+            saved = read_config(checkpoints[-1])["coprocessor"]
+            changed = {k: (saved[k], v) for k, v in cfg.coprocessor_config().to_dict().items()
+                       if k in saved and saved[k] != v}
+            if changed:
+                said = ", ".join(f"--{k.replace('_', '-')} {new} (it holds {old})" for k, (old, new) in changed.items())
+                raise ValueError(
+                    f"--out-dir {cfg.out_dir} holds a run of another coprocessor, and the same command resumes it: "
+                    f"this command says {said}. Train into another --out-dir to start afresh, or repeat the run's "
+                    "options to resume it.")
             load_trainable(model, checkpoints[-1])
         self.sharded = par.world > 1 and cfg.parallel == "fsdp"
         self.ddp_model = model
