@@ -186,3 +186,21 @@ def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("lr: 1e-4\nwarmup_steps: '5'\ndata: [a, b]\n")
     cfg = resolve_train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml")]))
     assert (cfg.lr, cfg.warmup_steps, cfg.data) == (1e-4, 5, ("a", "b"))
+
+
+def test_eval_on_another_split_than_training_warns(tmp_path, capsys):
+    """Issue 38.14: `eval ppl` accepted a split other than the checkpoint's and scored trained-on documents."""
+    import json
+    from types import SimpleNamespace
+
+    from cacheaug.frontends import _warn_split_mismatch
+
+    (tmp_path / "run" / "step_000002").mkdir(parents=True)
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps(
+        {"train": {"data": ["corpus"], "heldout_pct": 10.0, "adapt_pct": 0.0, "heldout_sources": []}}))
+    same = SimpleNamespace(data=("corpus",), heldout_pct=10.0, adapt_pct=0.0, heldout_sources=())
+    _warn_split_mismatch(same, [str(tmp_path / "run" / "step_000002")])
+    assert capsys.readouterr().out == ""
+    other = SimpleNamespace(data=("corpus",), heldout_pct=1.0, adapt_pct=0.0, heldout_sources=())
+    _warn_split_mismatch(other, [str(tmp_path / "run" / "step_000002")])
+    assert "--heldout-pct 1.0 (trained with 10.0)" in capsys.readouterr().out

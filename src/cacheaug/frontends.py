@@ -56,6 +56,27 @@ def _checkpoints(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _warn_split_mismatch(cfg, checkpoints: list[str]) -> None:
+    """Warn when the split asked for is not the one the checkpoints trained with (their run_config.json): its
+    held-out documents may then be documents they trained on."""
+    import json
+
+    for ckpt in checkpoints:
+        run = Path(ckpt).parent / "run_config.json"
+        if not run.is_file():
+            continue
+        trained = json.loads(run.read_text()).get("train", {})
+        asked = {"data": list(cfg.data), "heldout_pct": cfg.heldout_pct, "adapt_pct": cfg.adapt_pct,
+                 "heldout_sources": list(cfg.heldout_sources)}
+        differ = [f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v} (trained with "
+                  f"{' '.join(map(str, trained[k])) if isinstance(trained[k], list) else trained[k]})"
+                  for k, v in asked.items() if k in trained and trained[k] != v]
+        if differ:
+            print(f"cacheaug: warning: {ckpt} was trained on another split than this evaluation's: "
+                  f"{'; '.join(differ)}; its held-out documents may include documents it trained on. Pass the "
+                  "training run's split options.")
+
+
 def _base_of(model: str | None, checkpoints: list[str]) -> str:
     """``--model`` if given, else the base model recorded in the first checkpoint."""
     from .synth import base_model_of
@@ -93,6 +114,7 @@ class PplConfig(_Split):
         from .evaluate import evaluate_ppl
 
         checkpoints = list(_checkpoints(self.checkpoint))
+        _warn_split_mismatch(self, checkpoints)
         return evaluate_ppl(checkpoints, model_name=_base_of(self.model, checkpoints), data=self.data,
                             heldout_pct=self.heldout_pct, adapt_pct=self.adapt_pct,
                             heldout_sources=self.heldout_sources, seq_len=self.seq_len, sequences=self.sequences,
@@ -155,6 +177,7 @@ class StaleConfig(_Split):
         from .evaluate import evaluate_staleness
 
         (checkpoint,) = _checkpoints((self.checkpoint,))
+        _warn_split_mismatch(self, [checkpoint])
         return evaluate_staleness(checkpoint, delays=self.delays, offsets=self.offsets, sequences=self.sequences,
                                   points=self.points, seq_len=self.seq_len,
                                   model_name=_base_of(self.model, [checkpoint]), data=self.data,
