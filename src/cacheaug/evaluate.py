@@ -53,8 +53,11 @@ def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, b
     aug, base = [], []
     was_training = model.training
     model.eval()
+    from tqdm.auto import tqdm
+
     with autocast_for(model):
-        for i in range(0, len(seqs), batch):
+        for i in tqdm(range(0, len(seqs), batch), desc="eval ppl", unit="batch", leave=False,
+                      disable=len(seqs) <= batch):
             out = model(seqs[i : i + batch].to(model.device), positions=positions, return_base_losses=True)
             aug.append(out.token_losses.double().sum(1).cpu())  # [b, N_A]
             base.append(out.base_token_losses.double().sum(1).cpu())
@@ -216,8 +219,10 @@ def staleness_sums(model: CacheAugmentedLM, seqs: torch.Tensor, delays: list[int
     positions = torch.linspace(max(T // 8, max(delays)), T - 1 - n_ahead, n_points).long().tolist()
     out = {d: torch.zeros(len(seqs), n_ahead, dtype=torch.float64) for d in delays}
     frozen = torch.zeros(len(seqs), n_ahead, dtype=torch.float64)
+    from tqdm.auto import tqdm
+
     with autocast_for(model):
-        for i, seq in enumerate(seqs):
+        for i, seq in enumerate(tqdm(seqs, desc="eval stale", unit="seq", leave=False)):
             ids = seq[None].to(model.device)
             logits = model.base(input_ids=ids).logits[0].float()
             nll = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
