@@ -91,3 +91,20 @@ def test_a_run_folder_resolves_to_its_newest_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="nor a training run folder"):
         _check_checkpoints([str(tmp_path / "empty")])
+
+
+def test_weights_only_export_loads_and_is_smaller(tmp_path):
+    """Issue 38.21: checkpoints carry the optimizer state (two thirds of their size); `cacheaug export` writes a
+    weights-only copy, bf16 on request, that loads like any checkpoint."""
+    from cacheaug.cli import main
+    from cacheaug.testing import perturb_trainable
+
+    base = tiny_model("llama")
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=3, n_ahead=4))
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    back = CacheAugmentedLM.from_pretrained(tmp_path / "bf16", base=base)
+    for (name, a), b in zip(model.trainable_state_dict().items(), back.trainable_state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), name

@@ -201,3 +201,18 @@ def test_harness_refuses_cuda_on_a_cpu_machine_in_one_line(tmp_path):
                "cacheaug_arc_easy", "--include_path", str(tasks), "--limit", "2", "--device", "cuda", cwd=tmp_path)
     assert res.returncode != 0 and "no CUDA GPU: pass --device cpu" in res.stderr.strip().splitlines()[-1]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_the_guides_python_route_runs_as_written(tmp_path, monkeypatch):
+    """Issue 38.19: the documented Python route to lm-eval failed ("not a registered task") without the task folder
+    on the include path. The guide's block, exactly, with the real default model (slow tier)."""
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    block = re.search(r"<!-- lm-eval-python[^\n]*\n```python\n(.*?)```", guide, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "docs/guide.md", "exec"), scope)
+    assert 0 <= scope["results"]["results"]["cacheaug_arc_easy"]["acc,none"] <= 1

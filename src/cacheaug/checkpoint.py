@@ -148,3 +148,20 @@ def load_trainable(model: "CacheAugmentedLM", path: str | Path) -> None:
             if state[name].shape != p.shape:
                 raise ValueError(f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
             p.copy_(state[name])
+
+
+def export_weights(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
+    """A weights-only copy of a checkpoint for sharing: its ``coprocessor_config.json`` and ``model.safetensors``
+    (cast to ``dtype``: ``float32`` or ``bfloat16``, half the size), without the optimizer state that a training
+    checkpoint carries (two thirds of its size). Loads like any checkpoint; it cannot resume training."""
+    src, dst = resolve_checkpoint(src), Path(dst)
+    meta = read_config(src)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    tensors = load_file(str(src / WEIGHTS_NAME))
+    tensors = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / CONFIG_NAME).unlink(missing_ok=True)
+    atomic.write_file(dst / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic.write_file(dst / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    return dst

@@ -321,3 +321,21 @@ class QuickstartConfig(_Checked):
         from .quickstart import run_quickstart
 
         return run_quickstart(steps=self.steps, out_dir=self.out, device=self.device)
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Checked):
+    """``cacheaug export``: a weights-only copy of a checkpoint for sharing (no optimizer state; optionally bf16)."""
+
+    checkpoint: str = _f("", "a checkpoint or run folder", required=True)
+    out: str = _f("", "the folder to write", required=True)
+    dtype: str = _f("float32", "float32, or bfloat16 for half the size", choices=lambda: ("float32", "bfloat16"))
+
+    def run(self):
+        from .checkpoint import export_weights
+
+        (checkpoint,) = _checkpoints((self.checkpoint,))
+        out = export_weights(checkpoint, self.out, self.dtype)
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"cacheaug: wrote {out} ({size / 2**20:.1f} MiB): loads with --checkpoint {out}; it cannot resume training")
+        return out

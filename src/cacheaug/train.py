@@ -132,7 +132,8 @@ class TrainConfig:
     eval_sequences: int = _f(32, "held-out sequences per evaluation")
     log_every: int = _f(10, "steps between log lines (the only host syncs of the loop)")
     save_every: int = _f(500, "steps between checkpoints (0 = only at the end)")
-    keep_last: int = _f(3, "checkpoints kept")
+    keep_last: int = _f(3, "checkpoints kept (each holds the weights and twice as much optimizer state: `cacheaug "
+                   "export` writes a weights-only copy for sharing)")
     resume: bool = _f(True, "continue from the newest complete checkpoint in out_dir")
     seed: int = _f(0, "seed for data order, insertion points and init")
 
