@@ -303,3 +303,25 @@ def test_chat_content_parts_developer_role_and_checked_stream_options(stack):
     assert chat(messages=msgs, stream=True, stream_options={"include_usage": "no"}).status_code == 422
     assert chat(messages=msgs, stream=True, stream_options={"include_usage": True, "x": 1}).status_code == 422
     assert chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]).status_code == 422
+
+
+def test_store_write_failures_are_a_clear_507_and_serving_goes_on(stack, tmp_path, monkeypatch):
+    """Issue 38.5: a full disk or a read-only store made /v1/augment a bare 500; a store folder deleted while serving
+    failed every later write."""
+    import shutil
+
+    from cacheaug import atomic
+
+    model, tok, engine, server = stack
+    shutil.rmtree(tmp_path / "store")  # deleted while serving: made again
+    ok = httpx.post(f"{server.url}/v1/augment", json={"prompt": "w5 w17"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["cache_id"] in CacheStore(directory=tmp_path / "store", fingerprint="t")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic, "write_file", full)
+    r = httpx.post(f"{server.url}/v1/augment", json={"prompt": "w9 w33 w81"}, timeout=30)
+    assert r.status_code == 507 and "No space left on device" in r.json()["error"]["message"]
+    assert len(engine.store) == 1  # nothing stored
+    assert _complete(server.url, augment="sync").status_code == 200

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -33,6 +34,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 from .engine import Engine
 from .policies import get_policy
+
+
+log = logging.getLogger("cacheaug.serve")
 
 
 def _utf8(text: str) -> str:
@@ -359,6 +363,10 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
             cache_id = await loop.run_in_executor(decoders, partial(engine.augment_prefix, ids, deadline_s=deadline))
         except (FloatingPointError, TimeoutError) as err:
             raise HTTPException(503, str(err)) from None
+        except OSError as err:  # disk full, a read-only store: nothing stored, the server keeps serving
+            log.warning("cacheaug serve: the prefix store could not be written: %s", err)
+            raise HTTPException(507, f"the prefix store could not be written ({err.strerror or err}); nothing was "
+                                "stored and the server keeps serving: free space in --store-dir or make it writable") from None
         finally:
             slots.release()
         return {"cache_id": cache_id, "tokens": len(ids)}

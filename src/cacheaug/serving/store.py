@@ -77,7 +77,8 @@ class CacheStore:
         if self.directory:
             path = self.directory / f"{cache_id}.safetensors"
             meta = {"n_tokens": str(len(tokens)), "fingerprint": self.fingerprint}
-            atomic.write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            self.directory.mkdir(parents=True, exist_ok=True)  # deleted while serving: made again
+            atomic.write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # OSError: nothing stored
         with self._lock:
             self._index[cache_id] = len(tokens)
             self._remember(cache_id, tensors, len(tokens), size)
