@@ -325,3 +325,15 @@ def test_store_write_failures_are_a_clear_507_and_serving_goes_on(stack, tmp_pat
     assert r.status_code == 507 and "No space left on device" in r.json()["error"]["message"]
     assert len(engine.store) == 1  # nothing stored
     assert _complete(server.url, augment="sync").status_code == 200
+
+
+def test_exactly_max_concurrent_plus_max_queue_requests_are_all_served(stack):
+    """Issue 38.9: at exactly max_concurrent + max_queue requests one spurious 429 came in about one burst of ten
+    (a waiter handed a freed slot still counted as waiting). Twelve bursts of 2 + 4 requests: every one served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok, engine, server = stack
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(12):
+            codes = list(pool.map(lambda _: _complete(server.url, augment="off", max_tokens=3).status_code, range(6)))
+            assert codes == [200] * 6

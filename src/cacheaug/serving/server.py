@@ -163,7 +163,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     registry, m = _metrics()
     slots = asyncio.Semaphore(max_concurrent)  # taken and given back on the event loop only
-    waiting = {"n": 0}
+    admitted = {"n": 0}  # requests holding or waiting for a slot
     decoders = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="cacheaug-request")
     max_context = getattr(engine.base.config, "max_position_embeddings", None)
     n_latents = engine.model.config.n_latents
@@ -193,17 +193,25 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
                                 headers={"x-error-code": "model_not_found"})
 
     async def acquire() -> None:
-        """A decoding slot, waiting on the event loop: 429 when ``max_queue`` requests already wait, 503 when none
-        frees within ``queue_timeout_s``."""
-        if slots.locked() and waiting["n"] >= max_queue:
+        """A decoding slot, waiting on the event loop: 429 when ``max_concurrent + max_queue`` requests already hold
+        or wait for one (counted from admission to :func:`give_back`, so a waiter handed a freed slot is never
+        counted twice), 503 when none frees within ``queue_timeout_s``."""
+        if admitted["n"] >= max_concurrent + max_queue:
             raise HTTPException(429, f"server busy: {max_queue} requests already waiting; retry later")
-        waiting["n"] += 1
+        admitted["n"] += 1
         try:
             await asyncio.wait_for(slots.acquire(), queue_timeout_s)
         except TimeoutError:
+            admitted["n"] -= 1
             raise HTTPException(503, f"no decoding slot within {queue_timeout_s} s") from None
-        finally:
-            waiting["n"] -= 1
+        except BaseException:
+            admitted["n"] -= 1
+            raise
+
+    def give_back() -> None:
+        """A slot back (on the event loop)."""
+        admitted["n"] -= 1
+        slots.release()
 
     def run(body, prompt_ids: list[int], cancel: threading.Event):
         """``(piece, finish, step)`` for one request (the caller holds a slot); ``step`` is None for the text held
@@ -236,7 +244,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
         check_model(body.model)
         loop = asyncio.get_running_loop()
         await acquire()
-        release = partial(loop.call_soon_threadsafe, slots.release)  # from the decoding thread, once
+        if await request.is_disconnected():  # the client left while queued: no prefill, no decoding for it
+            give_back()
+            m["requests"].labels(endpoint, body.augment or default_policy, "cancelled").inc()
+            raise HTTPException(499, "the client closed the request")
+        release = partial(loop.call_soon_threadsafe, give_back)  # from the decoding thread, once
         cancel = threading.Event()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -272,7 +284,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
             try:
                 decoders.submit(produce)
             except BaseException:
-                slots.release()
+                give_back()
                 raise
 
             async def events():
@@ -318,7 +330,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
         try:
             job = asyncio.wrap_future(decoders.submit(whole))
         except BaseException:
-            slots.release()
+            give_back()
             raise
         while True:  # a client that disconnects (or times out) cancels its request
             done, _ = await asyncio.wait({job}, timeout=0.05)
@@ -368,7 +380,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
             raise HTTPException(507, f"the prefix store could not be written ({err.strerror or err}); nothing was "
                                 "stored and the server keeps serving: free space in --store-dir or make it writable") from None
         finally:
-            slots.release()
+            give_back()
         return {"cache_id": cache_id, "tokens": len(ids)}
 
     @app.get("/v1/models")
