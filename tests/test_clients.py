@@ -127,3 +127,25 @@ def test_serve_refuses_bad_options_in_one_line(option):
                          timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("cacheaug serve: " + option[0])
+
+
+def test_sigterm_with_an_open_stream_exits_within_the_grace_period(tmp_path):
+    """Issue 38.11: SIGTERM with open streams waited for them with no limit."""
+    import signal
+
+    tok = tiny_tokenizer([WORDS])
+    model, ckpt = tiny_served_folders(tmp_path, tok)
+    cli = ServeCLI(["--model", model, "--coprocessor", ckpt, "--device", "cpu", "--shutdown-grace-s", "1"],
+                   tmp_path / "serve.log")
+    url = cli.__enter__()
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"prompt": "w5 w17", "max_tokens": 4096, "stream": True}) as r:
+            next(r.iter_lines())  # one chunk read; the reader then stalls and the request stays open
+            t0 = time.monotonic()
+            cli.proc.send_signal(signal.SIGTERM)
+            cli.proc.wait(30)
+        assert time.monotonic() - t0 < 15
+    finally:
+        if cli.proc.poll() is None:
+            cli.proc.kill()

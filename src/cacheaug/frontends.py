@@ -258,6 +258,8 @@ class ServeConfig(_Checked):
     store_disk_mib: int = _f(10240, "disk budget of --store-dir (least recently used files are deleted past it)",
                              min=0)
     hard_timeout_ms: int = _f(30000, "a coprocessor call running longer is abandoned and its worker replaced", min=1)
+    shutdown_grace_s: float = _f(10.0, "on SIGTERM / Ctrl-C, open requests get this long to finish, then the server "
+                                 "closes them and exits", min=0)
     max_concurrent: int = _f(8, "requests decoding at once (their steps are batched)", min=1)
     max_queue: int = _f(16, "requests waiting before 429", min=0)
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
@@ -293,7 +295,8 @@ class ServeConfig(_Checked):
               max_concurrent=self.max_concurrent, max_queue=self.max_queue, deadline_ms=self.deadline_ms,
               async_grace_ms=self.async_grace_ms, max_stale_tokens=self.max_stale_tokens,
               hard_timeout_ms=self.hard_timeout_ms, device=self.device, compile_decode=self.compile_decode,
-              coprocessor_priority=self.coprocessor_priority, coprocessor_graphs=self.coprocessor_graphs)
+              coprocessor_priority=self.coprocessor_priority, coprocessor_graphs=self.coprocessor_graphs,
+              shutdown_grace_s=self.shutdown_grace_s)
 
 
 @dataclass(frozen=True)

@@ -529,7 +529,7 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
           store_disk_bytes: int = 10 << 30, max_concurrent: int = 8, max_queue: int = 16, deadline_ms: int = 2000,
           async_grace_ms: int = 0, max_stale_tokens: int = 64, hard_timeout_ms: int = 30_000,
           device: str | None = None, compile_decode: str | None = None, coprocessor_priority: str = "normal",
-          coprocessor_graphs: bool = False) -> None:
+          coprocessor_graphs: bool = False, shutdown_grace_s: float = 10.0) -> None:
     """Load the model (and coprocessor) and serve until interrupted."""
     import uvicorn
 
@@ -570,4 +570,6 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
         raise SystemExit(f"cacheaug serve: {err}") from None
     app = create_app(engine, tokenizer, model_name=served_id(model), aliases=(model,), default_policy=policy, max_concurrent=max_concurrent,
                      max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # SIGTERM / Ctrl-C: stop accepting, give open requests (streams too) shutdown_grace_s to finish, then close them
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace_s)
+    engine.close()
