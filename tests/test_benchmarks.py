@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # slow tier: a benchmark end to end
 def test_train_throughput_runs_at_toy_size(tmp_path):
     out = tmp_path / "t.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--device", "cpu",
@@ -109,6 +110,7 @@ def test_random_270m_is_gemma3_270ms_architecture():
                                                                             "full_attention": 1e6}
 
 
+@pytest.mark.slow  # slow tier: a benchmark end to end
 def test_serve_latency_runs_at_toy_size(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
@@ -143,6 +145,7 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
     assert row["augmented_c1_async"] + row["augmented_c3_async"] >= 1  # (all 4 on a CPU: the latents come in 2 tokens)
 
 
+@pytest.mark.slow  # slow tier: a benchmark end to end
 def test_coprocessor_process_runs_at_toy_size(tmp_path):
     out = tmp_path / "p.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "coprocessor_process.py"), "--model", "tiny", "--device", "cpu",
@@ -157,6 +160,7 @@ def test_coprocessor_process_runs_at_toy_size(tmp_path):
                                     "decode_step_beside_in_process_s", "decode_step_beside_separate_s"))
 
 
+@pytest.mark.slow  # slow tier: a benchmark end to end
 def test_trace_attention_runs_at_toy_size(tmp_path):
     """One layer's attention in every layout; the kernel rows (its torch reference on the CPU) per pass and setting,
     with their differences from the sdpa windows and the scale beside them; pick_tiles refuses a sweep without

@@ -29,9 +29,14 @@ def _losses_and_grads(model, ids, positions):
 LEVERS = dict(position_scheme="shared", reread_last=True, echo_residual=True, readout="pre_norm", offset_decay=0.7)
 
 
-@pytest.mark.parametrize("family,init,levers", [("gemma3", "copy", {}), ("qwen3", "copy", {}),
-                                                ("gemma3", "lora-decoder", {}), ("gemma3", "copy", LEVERS),
-                                                ("gemma3", "lora", LEVERS), ("gemma3", "pause", {**LEVERS, "readout": "final_norm"})])
+_SLOW = pytest.mark.slow  # the fast tier keeps one compiled arm; the slow tier every arm, family and lever
+
+
+@pytest.mark.parametrize("family,init,levers", [
+    ("gemma3", "copy", {}),
+    pytest.param("qwen3", "copy", {}, marks=_SLOW), pytest.param("gemma3", "lora-decoder", {}, marks=_SLOW),
+    pytest.param("gemma3", "copy", LEVERS, marks=_SLOW), pytest.param("gemma3", "lora", LEVERS, marks=_SLOW),
+    pytest.param("gemma3", "pause", {**LEVERS, "readout": "final_norm"}, marks=_SLOW)])
 def test_compiled_training_pass_is_one_graph_equal_to_eager(family, init, levers):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -75,6 +80,7 @@ def test_speed_options_are_checked():
             parse_variant(bad)
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_training_with_the_compiled_step_follows_the_eager_run(tmp_path, monkeypatch):
     """The trainer path (gradient accumulation, eager evaluation under no_grad, checkpoints) with compile_step."""
     import json

@@ -50,6 +50,7 @@ def test_bucketed_call_equals_compute_latents(family, levers):
                                    model.compute_latents(cache2, 12, ids2[:, 11]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_bad_calls_are_refused():
     model = _model(echo_residual=True)
     graphs = LatentGraphs(model, bucket=16, max_length=40)

@@ -93,6 +93,7 @@ def _fake_olmo(root):
                                             "perplexity_context": f"w{doc} w5 Answer:"}}) + "\n")
 
 
+@pytest.mark.slow  # slow tier: lm-eval end to end
 def test_tasks_run_through_lm_eval(setup, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -165,6 +166,7 @@ def _cli(*argv, cwd):
                           timeout=600)
 
 
+@pytest.mark.slow  # slow tier: lm-eval end to end
 def test_harness_command_line_as_users_type_it(tmp_path):
     """`cacheaug eval harness` takes lm-eval's own options verbatim (no `--`), picks the CPU on a CPU machine, and
     takes batch_size/device/max_length from the command line or from --model_args; results match the Python API."""
@@ -195,6 +197,7 @@ def test_harness_command_line_as_users_type_it(tmp_path):
     assert res.returncode == 0 and "cacheaug_arc_easy" in res.stdout, res.stderr[-2000:]
 
 
+@pytest.mark.slow  # slow tier: lm-eval end to end
 def test_harness_refuses_cuda_on_a_cpu_machine_in_one_line(tmp_path):
     model, ckpt, tasks = _tiny_folders(tmp_path)
     res = _cli("eval", "harness", "--model", "cacheaug", "--model_args", f"pretrained={model}", "--tasks",

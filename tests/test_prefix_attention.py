@@ -175,11 +175,13 @@ def test_op_gradients_equal_autograd_through_dense_attention():
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # slow tier: interpreter / compile
 def test_compiled_kernel_pass_is_one_graph_equal_to_eager():
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
     assert_compiled_pass_is_one_graph(_model(chunk=2), ids, POSITIONS)
 
 
+@pytest.mark.slow  # slow tier: interpreter / compile
 def test_triton_kernels_under_the_interpreter():
     """The kernels (forward, dQ) against the reference at several shapes and tiles, and inside the model against the
     packed pass; in a process of its own with TRITON_INTERPRET=1 (the kernels are defined under it)."""
@@ -192,6 +194,7 @@ def test_triton_kernels_under_the_interpreter():
     assert run.stdout.count(" ok") == 9, run.stdout  # five kernel cases, wide rows, the fallback, two model families
 
 
+@pytest.mark.slow  # slow tier: interpreter / compile
 def test_tile_settings_from_the_environment():
     """CACHEAUG_TRACE_KERNEL_TILES sets the kernels' tiles at import (forward/backward, or one for both); a malformed
     value is refused with the expected form."""

@@ -58,6 +58,7 @@ def test_training_pass_with_tables_is_unchanged_and_equals_inference(family):
     assert worst <= 1e-4, worst
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_compiled_pass_computes_no_cos_with_tables():
     """Compiled, the training pass with tables holds no cos/sin (the table lookups instead), and is one graph."""
     import torch._dynamo

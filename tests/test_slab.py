@@ -115,6 +115,7 @@ def test_rows_grow_while_decoding():
             small.step([r], [token], [small.length[r]])
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_compiled_step_equals_the_eager_step():
     """The step traced by torch.compile (aot_eager on the CPU; inductor on a GPU) with the slab's cache object: the
     same logits as the eager step, one graph per step shape."""
@@ -136,6 +137,7 @@ def test_compiled_step_equals_the_eager_step():
         torch._dynamo.reset()
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_compiled_step_compiles_a_bounded_number_of_times():
     """Serving meets many step shapes (rows and keys, powers of two, as requests come and go and rows grow): the
     compiled step traces sizes symbolically, so new shapes reuse it (a real model's compile takes tens of seconds and

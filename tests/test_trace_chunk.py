@@ -80,6 +80,7 @@ def test_other_trace_counts_run_packed():
     assert seen[0] == (1, 3) and worst <= 1e-4
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_compiled_chunked_pass_is_one_graph_equal_to_eager():
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
     assert_compiled_pass_is_one_graph(_model(chunk=2), ids, POSITIONS)

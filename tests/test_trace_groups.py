@@ -115,6 +115,7 @@ def test_sampled_points_are_stratified_and_grouped():
     assert (out.positions[:, :2] < 17).all() and (out.positions[:, 2:] >= 17).all()
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_compiled_grouped_pass_is_one_graph_equal_to_eager():
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
     assert_compiled_pass_is_one_graph(_model(), ids, torch.tensor([[0, 19, 20, 34], [5, 6, 22, 30]]))

@@ -110,6 +110,7 @@ def test_sdpa_calls_without_trace_keys_are_unchanged():
         torch.testing.assert_close(wrapped, eager(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # slow tier: torch.compile
 def test_compiled_windowed_pass_is_one_graph_equal_to_eager():
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
     assert_compiled_pass_is_one_graph(_model(), ids, POSITIONS)

@@ -85,7 +85,7 @@ def test_keyboard_interrupt_saves_and_stops(tmp_path, corpus, monkeypatch):
     assert json.loads((final / "trainer_state.json").read_text())["data"]["cursor"] == 3 * cfg.batch_size
 
 
-@pytest.mark.parametrize("sig, at", [("SIGINT", [2]), ("SIGTERM", [1, 4])])
+@pytest.mark.parametrize("sig, at", [("SIGINT", [2]), pytest.param("SIGTERM", [1, 4], marks=pytest.mark.slow)])
 def test_signal_then_resume_is_the_uninterrupted_run(tmp_path, corpus, monkeypatch, sig, at):
     """Issue 38.12: a Ctrl-C / SIGTERM inside a step saved the data cursor one batch ahead, so the resumed run
     differed from the uninterrupted one. The signal now ends the step in flight, then saves; each resume lands on
@@ -208,6 +208,7 @@ def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_step
     train(cfg, base=tiny_model("gemma3"), tokenizer=tiny_tokenizer(texts), progress=False)
 
 
+@pytest.mark.slow  # slow tier: two processes
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path, corpus):
     data, _ = corpus
     with socket.socket() as s:
@@ -222,6 +223,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert logged("ddp") == pytest.approx(logged("single"), abs=1e-5)  # the global batch's loss, not rank 0's half
 
 
+@pytest.mark.slow  # slow tier: two processes
 def test_ddp_with_the_compiled_step_matches_one_eager_process(tmp_path, corpus):
     """torchrun + --compile-step: DDP's gradient hooks still fire after the compiled backward."""
     data, _ = corpus
@@ -237,6 +239,7 @@ def test_ddp_with_the_compiled_step_matches_one_eager_process(tmp_path, corpus):
     assert all(torch.allclose(a[k], b[k], atol=3e-5, rtol=1e-4) for k in a)
 
 
+@pytest.mark.slow  # slow tier: two processes
 def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path, corpus):
     data, _ = corpus
     home = os.environ["CACHEAUG_HOME"]
