@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cacheaug.corpus import iter_documents
-from cacheaug.data import PackedSequences, Splits, build_token_files, is_heldout, load_tokens
+from cacheaug.data import PackedSequences, Splits, build_token_files, is_heldout, load_tokens, start_token
 from cacheaug.testing import tiny_corpus, tiny_tokenizer
 
 
@@ -215,3 +215,21 @@ def test_an_empty_heldout_split_names_its_cause(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"held-out split is empty: 60 document\(s\) in all.*raise --heldout-pct"):
         heldout_sequences(tok, data, 1.0, 32, 4)
     assert isinstance(heldout_sequences(tok, data, 30.0, 32, 4), torch.Tensor)
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_document_starts_as_its_tokenizer_starts_a_prompt(tmp_path, add_bos):
+    """Issue 38.22: training put <bos> before every document while the server (the tokenizer's own encoding) did
+    not, for tokenizers that never add their bos_token (SmolLM2). Now a training document is the tokenizer's
+    encoding of its text plus <eos>, as a served prompt is, whether the tokenizer adds <bos> (Gemma) or not."""
+    texts = tiny_corpus(tmp_path / "corpus", n_docs=20)
+    tok = tiny_tokenizer(texts, add_bos=add_bos)
+    assert (tok("w1")["input_ids"][0] == tok.bos_token_id) == add_bos and tok.bos_token_id is not None
+    folder = build_token_files(tok, [str(tmp_path / "corpus")], 20.0, root=tmp_path / "tok")
+    expected = []
+    for t in texts:
+        if not is_heldout(t, 20.0):
+            expected += tok(t)["input_ids"] + [tok.eos_token_id]  # what the server encodes, then <eos>
+    assert np.array_equal(np.asarray(load_tokens(folder, "train")), np.asarray(expected, dtype=np.uint32))
+    seqs = PackedSequences(load_tokens(folder, "train"), 16, bos_id=start_token(tok)).spread(4)
+    assert all((s[0] == tok.bos_token_id) == add_bos for s in seqs.tolist())

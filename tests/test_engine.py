@@ -327,11 +327,11 @@ def _hold_the_loop(engine, monkeypatch):
     the loop's next pass finds all at once."""
     held, release, prefill = threading.Event(), threading.Event(), engine.prefill
 
-    def holding(prompt):
+    def holding(prompt, use_store=True):
         if prompt == BLOCKER:
             held.set()
             release.wait(10)
-        return prefill(prompt)
+        return prefill(prompt, use_store)
 
     monkeypatch.setattr(engine, "prefill", holding)
     thread = threading.Thread(target=lambda: engine.generate(BLOCKER, 1, policy="off"))

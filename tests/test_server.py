@@ -52,7 +52,7 @@ def stack(tmp_path):
 def _library(model, tok, augment, n=8):
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     out = model.generate(ids, n, augment=augment, eos_token_id=[])[0, ids.shape[1]:]
-    return tok.decode(out)
+    return tok.decode(out, skip_special_tokens=True)  # as the server gives text
 
 
 def _live_tensor_bytes() -> int:
@@ -135,7 +135,7 @@ def test_offline_prefix_is_reused_and_persisted(stack, tmp_path):
     model, tok, engine, server = stack
     doc = "w5 w17 w40 w9"
     r = httpx.post(f"{server.url}/v1/augment", json={"prompt": doc}, timeout=30).json()
-    assert r["tokens"] == 4 and r["cache_id"] in engine.store
+    assert r["tokens"] == len(tok(doc)["input_ids"]) == 5 and r["cache_id"] in engine.store  # <bos> + 4 words
     out = _complete(server.url, augment="sync").json()  # PROMPT starts with doc
     assert out["augmentation"]["augmented"] and engine.stats.store_hits == 1
     assert "cacheaug_store_hits 1.0" in httpx.get(f"{server.url}/metrics").text

@@ -127,7 +127,7 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     from tqdm.auto import tqdm
 
     from .base import load_base_model
-    from .data import PackedSequences, build_token_files, load_tokens
+    from .data import PackedSequences, build_token_files, load_tokens, start_token
     from .evaluate import autocast_for
 
     out = Path(cfg.out_dir)
@@ -146,7 +146,7 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
         p.data = p.data.float()
     token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())
     split = "adapt" if cfg.adapt_pct > 0 else "train"
-    data = PackedSequences(load_tokens(token_dir, split), cfg.seq_len, cfg.seed, bos_id=tokenizer.bos_token_id)
+    data = PackedSequences(load_tokens(token_dir, split), cfg.seq_len, cfg.seed, bos_id=start_token(tokenizer))
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
 

@@ -5,7 +5,8 @@ Where documents come from (``--data``: ``default``, ``default:NAME``, files and 
 order: ``heldout`` (``heldout_pct``: the same mix as training, never trained on), ``adapt`` (``adapt_pct`` of the
 rest: what ``cacheaug adapt`` fine-tunes the decoder on, never seen by the coprocessor) and ``train`` (the
 rest). Whole sources named in ``heldout_sources`` go to ``unseen`` only: no run ever trains on them. Each
-split is tokenised once, ``<bos> doc <eos>`` per document, into a ``uint32`` file under
+split is tokenised once, ``<bos> doc <eos>`` per document (``<bos>`` only where the tokenizer itself starts a
+text with it: :func:`start_token`), into a ``uint32`` file under
 ``$CACHEAUG_HOME/tokens/<key>/`` where the key hashes the tokenizer, the sources and the split rule; later
 runs reuse it. :class:`PackedSequences` cuts the stream into
 non-overlapping windows of T tokens and visits them in a seeded permutation per epoch; its position is
@@ -94,6 +95,17 @@ def token_key(tokenizer, sources: list[str], splits: Splits | float) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
+def start_token(tokenizer) -> int | None:
+    """The token a text starts with when the tokenizer encodes it (Gemma's and Llama's ``<bos>``), else None (Qwen;
+    SmolLM2, whose ``bos_token`` it never adds). Training, evaluation and serving all start a text this way, so a
+    served prompt meets the model as its training documents did."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def build_token_files(tokenizer, sources: list[str], splits: Splits | float = 1.0, root: Path | None = None,
                       batch_docs: int = 256) -> Path:
     """Tokenise every document once into ``<split>.bin`` (uint32; splits ``train``, ``heldout``, ``adapt``,
@@ -104,7 +116,7 @@ def build_token_files(tokenizer, sources: list[str], splits: Splits | float = 1.
     folder = Path(root or cache_home() / "tokens") / token_key(tokenizer, sources, splits)
     if (folder / "meta.json").is_file():
         return folder
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = start_token(tokenizer), tokenizer.eos_token_id
     if eos is None:
         raise ValueError("The tokenizer has no eos token; cacheaug packs documents as <bos> doc <eos>.")
     if len(tokenizer) >= 2**32:

@@ -92,11 +92,11 @@ def heldout_sequences(tokenizer, data, splits, seq_len: int, n: int, split: str 
     """``n`` sequences ``[n, T]`` of a split of ``data`` that no run trains on (``heldout``: documents held out of
     the training sources; ``unseen``: the held-out sources), spread evenly over its stream
     (:meth:`PackedSequences.spread`). ``splits``: a :class:`~cacheaug.data.Splits` or the held-out percent."""
-    from .data import PackedSequences, build_token_files, load_tokens
+    from .data import PackedSequences, build_token_files, load_tokens, start_token
 
     token_dir = build_token_files(tokenizer, list(data), splits)
     tokens = load_tokens(token_dir, split)
-    held = PackedSequences(tokens, seq_len, seed=0, bos_id=tokenizer.bos_token_id) if len(tokens) > seq_len else []
+    held = PackedSequences(tokens, seq_len, seed=0, bos_id=start_token(tokenizer)) if len(tokens) > seq_len else []
     if len(held) == 0:
         raise ValueError(empty_split_message(token_dir, split, seq_len))
     return held.spread(n)

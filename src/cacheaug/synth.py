@@ -287,7 +287,9 @@ def build_rows(tokenizer, instances: list[dict], per_row: int = 8):
     last token) and answer span (the tokens after it, through the line's end). Returns ``(rows, spans)``: a list of
     1-D id tensors and, per row, a list of ``(instance index, p, span length)``."""
     marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    from .data import start_token
+
+    bos = [start_token(tokenizer)] if start_token(tokenizer) is not None else []
     by_family: dict[str, list[int]] = {}
     for i, r in enumerate(instances):
         by_family.setdefault(r["family"], []).append(i)

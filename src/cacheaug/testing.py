@@ -140,11 +140,12 @@ def generate_concurrently(engine, prompts: list[list[int]], max_new_tokens: int,
     return results
 
 
-def tiny_tokenizer(texts: list[str], vocab_size: int = 128):
-    """A word-level fast tokenizer over ``texts`` whose ids fit the tiny models (<pad>=0, <eos>=1, <bos>=2)."""
+def tiny_tokenizer(texts: list[str], vocab_size: int = 128, add_bos: bool = True):
+    """A word-level fast tokenizer over ``texts`` whose ids fit the tiny models (<pad>=0, <eos>=1, <bos>=2); it starts
+    a text with <bos> as Gemma's does (``add_bos=False``: it never adds its bos_token, as SmolLM2's)."""
     from collections import Counter
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -153,6 +154,8 @@ def tiny_tokenizer(texts: list[str], vocab_size: int = 128):
     vocab = {w: i for i, w in enumerate(specials + words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if add_bos:  # as Gemma's: a text starts with <bos>
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
                                    bos_token="<bos>", unk_token="<unk>")
 

@@ -498,7 +498,7 @@ class Trainer:
                 indent=2) + "\n")
 
     def _setup_data(self) -> None:
-        from .data import PackedSequences, build_token_files, load_tokens
+        from .data import PackedSequences, build_token_files, load_tokens, start_token
 
         cfg, par, tokenizer = self.cfg, self.par, self.tokenizer
         if par.main:
@@ -510,7 +510,7 @@ class Trainer:
             raise ValueError("--insertion marker places the points itself: use --trace-groups 1")
         self.marker_ids = tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] \
             if cfg.insertion == "marker" else None
-        bos = tokenizer.bos_token_id
+        bos = start_token(tokenizer)
         self.data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, par.rank, par.world,
                                     bos_id=bos)
         heldout_tokens = load_tokens(token_dir, "heldout")

@@ -169,9 +169,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
     n_latents = engine.model.config.n_latents
     eos = tokenizer.eos_token_id
 
+    special = set(tokenizer.all_special_ids)
+
     def encode(text: str, max_tokens: int, templated: bool = False) -> list[int]:
         ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-        if not ids:
+        if not set(ids) - special:  # nothing but the <bos> the tokenizer adds
             raise HTTPException(422, "the prompt has no tokens after tokenisation: send some text")
         if max_context is not None and len(ids) + n_latents + max_tokens > max_context:
             raise HTTPException(400, f"prompt of {len(ids)} tokens + {max_tokens} new tokens + {n_latents} latents "
