@@ -10,7 +10,8 @@ How each line is checked:
 * ``curl`` lines must get a JSON answer without an error;
 * every other line must finish with exit status 0;
 * ``NAME="..."`` lines set shell variables for the lines after them.
-``bash scripts/main.sh`` runs at the repository's root, as a user of a fresh clone types it; every other line runs in
+``bash scripts/main.sh`` and ``pip install -e ...`` run at the repository's root, as a user of a fresh clone types
+them; every other line runs in
 a fresh folder (what it writes, runs/ and the rest, stays out of the checkout).
 Blocks marked ``<!-- gpu-only`` need CUDA; tests/test_readme.py checks them with the real parsers. The README's
 second line (``bash scripts/test.sh``) is the command that runs this test, so it is not run again here.
@@ -107,7 +108,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
                 continue
             argv = shlex.split(line)
             long_run = argv[:2] in (["cacheaug", "train"], ["cacheaug", "adapt"]) and "--help" not in argv
-            proc = Proc(preamble, line, ROOT if argv[:2] == ["bash", "scripts/main.sh"] else tmp_path)
+            at_root = argv[:2] == ["bash", "scripts/main.sh"] or argv[:3] == ["pip", "install", "-e"]  # as from a clone
+            proc = Proc(preamble, line, ROOT if at_root else tmp_path)
             if long_run:
                 deadline = time.monotonic() + 1800
                 while not STEP_DONE.search(proc.text()):

@@ -628,10 +628,12 @@ class Trainer:
         cfg, par = self.cfg, self.par
         interrupted, requested = False, []
 
-        def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish the step in flight, save, stop; a second one: now
-            if requested:
-                raise KeyboardInterrupt
+        def on_signal(signum, frame):
+            """Ctrl-C / SIGTERM: stop at once (the step in flight is dropped: its batches are read again on resume),
+            except inside the optimizer update, which finishes first; then save."""
             requested.append(signal.Signals(signum).name)
+            if self._phase != "update" or len(requested) > 1:
+                raise KeyboardInterrupt
 
         handlers = {}
         if par.world == 1 and threading.current_thread() is threading.main_thread():
