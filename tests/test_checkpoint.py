@@ -40,8 +40,10 @@ def test_fingerprint_ignores_dtype_but_not_weights():
 
 def test_loading_onto_another_base_is_refused(tmp_path):
     CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=2)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="fingerprint"):
+    with pytest.raises(ValueError, match="fingerprint") as wrong:
         CacheAugmentedLM.from_pretrained(tmp_path, base=tiny_model("llama", seed=1))
+    # issue 38.18: the fix a command-line user can apply (no command offers check_base=False)
+    assert "Pass --model" in str(wrong.value) and "if you are sure" not in str(wrong.value)
     other_family = tiny_model("gemma3")
     with pytest.raises(ValueError, match="trained for base model"):
         CacheAugmentedLM.from_pretrained(tmp_path, base=other_family)

@@ -118,3 +118,19 @@ def test_staleness_study_zero_delay_matches_the_training_pass(tmp_path, monkeypa
                              data=(str(tmp_path / "corpus"),), heldout_pct=30.0, n_boot=20, base=model.base,
                              tokenizer=tok)
     assert set(rep["by_delay"]) == {"0", "2"} and len(rep["by_delay"]["2"]["change"]) == 2
+
+
+def test_eval_commands_default_to_the_checkpoints_base_and_show_progress(tmp_path, capfd):
+    """Issue 38.15 / 38.17: eval commands loaded gemma-3-270m whatever the checkpoint's base, and printed nothing
+    for minutes."""
+    from cacheaug.evaluate import offset_loss_sums
+    from cacheaug.frontends import _base_of
+
+    base = tiny_model("llama")
+    base.config._name_or_path = str(tmp_path / "my-model")
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=2))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert _base_of(None, [str(tmp_path / "ckpt")]) == str(tmp_path / "my-model")
+    assert _base_of("other", [str(tmp_path / "ckpt")]) == "other"
+    offset_loss_sums(model, torch.randint(3, 100, (8, 24)), stride=4, batch=2)
+    assert "eval ppl" in capfd.readouterr().err

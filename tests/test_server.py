@@ -337,3 +337,26 @@ def test_exactly_max_concurrent_plus_max_queue_requests_are_all_served(stack):
         for _ in range(12):
             codes = list(pool.map(lambda _: _complete(server.url, augment="off", max_tokens=3).status_code, range(6)))
             assert codes == [200] * 6
+
+
+def test_a_client_that_leaves_while_queued_gets_no_prefill(stack, monkeypatch):
+    """Issue 38.9: clients that left while queued still got a prefill and ~15 decoding steps each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok, engine, server = stack  # max_concurrent=2
+    real = model.coprocessor.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.coprocessor, "forward", slow)  # two sync requests hold both slots for 1.5 s
+    with ThreadPoolExecutor(2) as pool:
+        holders = [pool.submit(_complete, server.url, augment="sync", deadline_ms=5000, max_tokens=2) for _ in range(2)]
+        time.sleep(0.5)
+        with pytest.raises(httpx.TimeoutException):  # queued behind them, the client gives up
+            httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8}, timeout=0.3)
+        assert [h.result().status_code for h in holders] == [200, 200]
+    time.sleep(0.5)  # the left client's turn has come and gone
+    assert engine.stats.requests == 2  # it never reached the engine
+    assert _complete(server.url, augment="off").status_code == 200
