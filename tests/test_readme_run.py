@@ -52,13 +52,20 @@ def runnable_lines() -> list[str]:
     return lines
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it, even when this test runs in a background job (which starts with SIGINT
+    ignored, and a Python started so keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Proc:
     """A command run through bash (``exec``: signals reach it), its output collected while it runs."""
 
     def __init__(self, preamble: str, line: str, cwd: Path):
         self.line = line
         self.p = subprocess.Popen(["bash", "-c", f"{preamble}exec {line}"], cwd=cwd, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+                                  stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+                                  preexec_fn=_default_sigint)
         self.out: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -192,11 +192,12 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     model.train()
     running, t_last, tokens = 0.0, time.perf_counter(), 0
 
-    def on_sigterm(signum, frame):  # a cluster's shutdown: stop like Ctrl-C
+    def on_signal(signum, frame):  # Ctrl-C, or a cluster's shutdown: stop, save
         raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    # SIGINT too: a process started in the background inherits it ignored, and Ctrl-C must still stop it
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     interrupted = False
     try:
         with open(out / "adapt_metrics.jsonl", "a") as log:
@@ -230,8 +231,8 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
         interrupted = True
         bar.write(f"cacheaug: adaptation interrupted at step {step}; saving (rerun the same command to continue)")
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     bar.close()
     save()
     if cfg.gradient_checkpointing:
