@@ -64,14 +64,18 @@ class Proc:
     def __init__(self, preamble: str, line: str, cwd: Path):
         self.line = line
         self.p = subprocess.Popen(["bash", "-c", f"{preamble}exec {line}"], cwd=cwd, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-                                  preexec_fn=_default_sigint)
+                                  stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sigint)
         self.out: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
-        for chunk in iter(lambda: self.p.stdout.read(256), ""):
-            self.out.append(chunk)
+        """Whatever the command has written, as soon as it is written (a progress bar's first step is seen at once,
+        not when 256 characters have piled up: the Ctrl-C of a training line then comes right after its first step)."""
+        import codecs
+
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        for chunk in iter(lambda: os.read(self.p.stdout.fileno(), 4096), b""):
+            self.out.append(decode(chunk))
 
     def text(self) -> str:
         return "".join(self.out)
