@@ -10,7 +10,7 @@
 #   bash experiments/skills.sh c $OUT   # eval synth of round b; general-text perplexity of the copro arms
 # Budget: STEPS (1500) steps of batch 32 x 256 tokens, K=16 insertion points at the answer marker; MINUTES guards the
 # call's limit (an arm stopped by it still leaves its last checkpoint, and the report says how many steps it ran).
-# A CPU dry run of the whole script: STEPS=2 DOCS=40 BATCH=2 COMPILE= SEQS=1 bash experiments/skills.sh a /tmp/sk (b, c)
+# A CPU dry run: STEPS=2 DOCS=40 BATCH=2 COMPILE= SEQS=1 MINUTES=2 bash experiments/skills.sh prep /tmp/sk (then a, b, c)
 set -uo pipefail
 stage=$1; out=${2:-out}; R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
 STEPS=${STEPS:-1500}; MINUTES=${MINUTES:-8}; DOCS=${DOCS:-48000}; BATCH=${BATCH:-32}; AHEAD=${AHEAD:-32}
