@@ -91,21 +91,18 @@ def _typed(cls, key: str, value, where) -> object:
     """A YAML value as its option's type (YAML reads ``1e-4`` as a string); a value that does not fit names the key and
     the file."""
     hint = typing.get_type_hints(cls)[key]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if value is None and type(None) in typing.get_args(hint):
-        return None
-    want = args[0] if typing.get_origin(hint) is tuple or (args and typing.get_origin(hint) is not typing.Literal
-                                                            and len(args) == 1) else hint
-    if typing.get_origin(hint) is typing.Literal:
-        return value
+    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is typing.Literal or (value is None and type(None) in typing.get_args(hint)):
+        return value  # a choice (argparse and the dataclass check it), or an explicit null
+    want = args[0] if args else hint  # tuple[X, ...] -> X, X | None -> X, X -> X
     try:
-        if typing.get_origin(hint) is tuple:
+        if origin is tuple:
             items = [value] if isinstance(value, str) else list(value)
             return tuple(_coerce(want, v) for v in items)
         return _coerce(want, value)
     except (TypeError, ValueError):
         name = getattr(want, "__name__", str(want))
-        kind = f"a list of {name}" if typing.get_origin(hint) is tuple else name
+        kind = f"a list of {name}" if origin is tuple else name
         raise SystemExit(f"cacheaug: {where}: key {key!r} must be of type {kind}, got {value!r}") from None
 
 

@@ -289,7 +289,8 @@ def build_rows(tokenizer, instances: list[dict], per_row: int = 8):
     marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
     from .data import start_token
 
-    bos = [start_token(tokenizer)] if start_token(tokenizer) is not None else []
+    start = start_token(tokenizer)
+    bos = [start] if start is not None else []
     by_family: dict[str, list[int]] = {}
     for i, r in enumerate(instances):
         by_family.setdefault(r["family"], []).append(i)
