@@ -11,6 +11,15 @@
 # Budget: STEPS (1500) steps of batch 32 x 256 tokens, K=16 insertion points at the answer marker; MINUTES guards the
 # call's limit (an arm stopped by it still leaves its last checkpoint, and the report says how many steps it ran).
 # A CPU dry run: STEPS=2 DOCS=40 BATCH=2 COMPILE= SEQS=1 MINUTES=2 bash experiments/skills.sh prep /tmp/sk (then a, b, c)
+#
+# Second round (the gate): three calls back to back after the staging calls,
+#   source scripts/gpu_env.sh && STEPS=2000 MINUTES=7 bash experiments/skills.sh r2a $OUT/a  # corpora; copy lr 3e-4
+#                                             # and a LoRA-rank coprocessor (r=32, lr 1e-3, the size that can ship)
+#   STEPS=2000 MINUTES=4 bash experiments/skills.sh r2b $OUT/b   # both resumed (same budget), then in the same call
+#   bash experiments/skills.sh r2c $OUT/c   # gates fitted on problems + general text (State of the Union left out
+#                                           # of everything: the unseen source), eval synth always-on and gated,
+#                                           # general-text perplexity in-source and unseen, the LoRA arm exported
+# CPU dry run: STEPS=2 DOCS=40 BATCH=2 COMPILE= SEQS=1 MINUTES=2 GATE_SEQS=8 bash experiments/skills.sh r2a /tmp/sk
 set -uo pipefail
 stage=$1; out=${2:-out}; R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
 STEPS=${STEPS:-1500}; MINUTES=${MINUTES:-8}; DOCS=${DOCS:-48000}; BATCH=${BATCH:-32}; AHEAD=${AHEAD:-32}
@@ -77,5 +86,38 @@ c)
     --sequences ${SEQS:-32} --offsets 1 2 4 8 16 32 --out "$out/general_ppl.json" > "$R/ppl.log" 2>&1
   tr '\r' '\n' < "$R/ppl.log" | tail -n 30 > "$out/general_ppl.log"
   wait ;;
-*) echo "usage: $0 a|b|c OUT" >&2; exit 2 ;;
+r2a)
+  $C data synth --out "$R/synth" --train-docs "$DOCS" --heldout-per-level 100 > "$R/synth.log" 2>&1
+  $C data synth --out "$R/synthmix2" --train-docs "$DOCS" --heldout-per-level 100 --mix-ratio 0.5 --mix-sources \
+    default:pydoc default:gcide default:nlp default:moby default:jargon default:debref > "$R/synthmix2.log" 2>&1
+  cp "$R/synth/meta.json" "$out/synth_meta.json"; cp "$R/synthmix2/meta.json" "$out/synthmix2_meta.json"
+  md5sum "$R/synth/heldout.jsonl" > "$out/heldout.md5"
+  python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cpu')"  # convert once
+  python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import build_token_files as b; \
+b(t(), ['$R/synth/train'], 1.0)" > /dev/null 2>&1
+  arm copy-lr3-long synth --n-latents 16 --lr 3e-4 &
+  arm lora32 synth --init lora --lora-rank 32 --n-latents 16 --lr 1e-3 &
+  wait
+  summary copy-lr3-long lora32 > "$out/train_r2a.jsonl"
+  for a in copy-lr3-long lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2a.log" ;;
+r2b)
+  finish copy-lr3-long lora32
+  summary copy-lr3-long lora32 > "$out/train_r2b.jsonl"
+  for a in copy-lr3-long lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2b.log" ;;
+r2c)
+  last() { ls -d "$R/s_$1"/step_* | tail -1; }
+  for a in copy-lr3-long lora32; do
+    $C train-gate --checkpoint "$(last $a)" --data "$R/synthmix2/train" --seq-len 256 --sequences ${GATE_SEQS:-2048} \
+      --n-traces 16 --batch-size 32 --out "$out/gate_$a.json" > "$R/gate_$a.log" 2>&1
+    tr '\r' '\n' < "$R/gate_$a.log" | grep -v "scoring positions" | tail -n 12 > "$out/gate_$a.log"
+  done
+  evaluate r2 copy-lr3-long lora32 &
+  $C eval ppl --checkpoint "$(last copy-lr3-long)" "$(last lora32)" --data default --heldout-sources sotu \
+    --sequences ${SEQS:-32} --seq-len 1024 --offsets 1 2 4 8 16 32 --out "$out/general_ppl_r2.json" > "$R/ppl_r2.log" 2>&1
+  tr '\r' '\n' < "$R/ppl_r2.log" | grep -v "^eval ppl" | tail -n 40 > "$out/general_ppl_r2.log"
+  wait
+  $C export --checkpoint "$(last lora32)" --out "$R/ship" --dtype bfloat16 > /dev/null
+  tar czf "$R/r2c.tgz" -C "$out" . && rm -rf "${out:?}"/* && mv "$R/r2c.tgz" "$out/"  # a call brings back 8 files
+  tar cf - -C "$R" ship | split -b 15m -d - "$out/ship.tar." ;;
+*) echo "usage: $0 prep|a|b|c|r2a|r2b|r2c OUT" >&2; exit 2 ;;
 esac

@@ -360,3 +360,21 @@ def test_a_client_that_leaves_while_queued_gets_no_prefill(stack, monkeypatch):
     time.sleep(0.5)  # the left client's turn has come and gone
     assert engine.stats.requests == 2  # it never reached the engine
     assert _complete(server.url, augment="off").status_code == 200
+
+
+def test_the_gate_policy_over_http(stack):
+    """`augment: "gate"` without a gate: 400 naming `train-gate`; with a gate that never fires: the frozen model's
+    text; with one that always fires: sync's."""
+    from cacheaug.gate import Gate, GateConfig
+
+    model, tok, engine, server = stack
+    r = _complete(server.url, augment="gate")
+    assert r.status_code == 400 and "train-gate" in r.json()["error"]["message"]
+    model.gate = Gate(GateConfig(hidden_size=model.base.config.hidden_size))
+    try:
+        for bias, want in ((-50.0, _library(model, tok, False)), (50.0, _library(model, tok, True))):
+            model.gate.linear.bias.data.fill_(bias)
+            r = _complete(server.url, augment="gate", temperature=0)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    finally:
+        model.gate = None

@@ -3,6 +3,7 @@
     ckpt/
       coprocessor_config.json   CoprocessorConfig, cacheaug version, the base model's identity + fingerprint
       model.safetensors         the coprocessor's trainable tensors only (never the frozen base)
+      gate_config.json, gate.safetensors   optional: the gate fitted by `cacheaug train-gate` (cacheaug.gate)
 
 Files are written to a temporary name and renamed into place (config last), so a crash never leaves a
 folder that looks complete but is not.
@@ -75,6 +76,8 @@ def save_coprocessor(model: "CacheAugmentedLM", path: str | Path, tensors: dict 
     (path / CONFIG_NAME).unlink(missing_ok=True)  # the config marks a complete checkpoint: it goes last
     atomic.write_file(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic.write_file(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    if getattr(model, "gate", None) is not None:
+        model.gate.save(path)
     return path
 
 
@@ -123,6 +126,10 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
         cls = wants
     model = cls(base, config, check_finite=check_finite, _calibrate=False)
     load_trainable(model, path)
+    from .gate import Gate
+
+    gate = Gate.load(path, getattr(base.config, "hidden_size", None))
+    model.gate = None if gate is None else gate.to(model.device)
     return model
 
 
@@ -164,4 +171,9 @@ def export_weights(src: str | Path, dst: str | Path, dtype: str = "float32") -> 
     (dst / CONFIG_NAME).unlink(missing_ok=True)
     atomic.write_file(dst / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic.write_file(dst / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    from .gate import Gate
+
+    gate = Gate.load(src)
+    if gate is not None:
+        gate.save(dst)
     return dst

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .adapt import AdaptConfig
 from .frontends import (EvalSynthConfig, ExportConfig, InsertionCostConfig, PplConfig, PrepareConfig, QuickstartConfig,
-                        ServeConfig, StaleConfig, TasksConfig)
+                        ServeConfig, StaleConfig, TasksConfig, TrainGateConfig)
 from .frontends import check_checkpoints as _check_checkpoints  # noqa: F401  (the name tests and scripts use)
 from .synth import SynthConfig
 from .train import TrainConfig
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_options(p, cls)
         p.set_defaults(func=lambda args: resolve_config(cls, args, prog).run())
         return p
+
+    command(sub, "train-gate", TrainGateConfig, "fit the gate that decides where a coprocessor augments; saved in its "
+            "checkpoint folder", "cacheaug train-gate")
 
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -40,17 +40,18 @@ def relative_ppl_change(losses: dict) -> list[float]:
 # ------------------------------------------------------------------------------------ perplexity by offset
 @torch.no_grad()
 def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, batch: int = 4,
-                     positions: torch.Tensor | None = None):
+                     positions: torch.Tensor | None = None, with_gate: bool = False):
     """Per-sequence sums of augmented and frozen losses per offset, augmenting densely.
 
     Every ``stride``-th token from T/8 on is an insertion point (the paper augments after every token;
     ``stride=1`` does that), unless ``positions`` ``[K]`` names them. Returns ``(aug [N, N_A], base [N, N_A],
-    points_per_sequence)`` in float64.
+    points_per_sequence)`` in float64; ``with_gate`` (the model has a gate) adds the sums with the gate deciding at
+    each point (its frozen losses where it does not fire) ``[N, N_A]`` and how often it fired per sequence ``[N]``.
     """
     T, N_A = seqs.shape[1], model.config.n_ahead
     if positions is None:
         positions = torch.arange(min(T // 8, T - 1 - N_A), T - N_A, stride)
-    aug, base = [], []
+    aug, base, gated, fires = [], [], [], []
     was_training = model.training
     model.eval()
     from tqdm.auto import tqdm
@@ -58,10 +59,18 @@ def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, b
     with autocast_for(model):
         for i in tqdm(range(0, len(seqs), batch), desc="eval ppl", unit="batch", leave=False,
                       disable=len(seqs) <= batch):
-            out = model(seqs[i : i + batch].to(model.device), positions=positions, return_base_losses=True)
+            ids = seqs[i : i + batch].to(model.device)
+            out = model(ids, positions=positions, return_base_losses=True)
             aug.append(out.token_losses.double().sum(1).cpu())  # [b, N_A]
             base.append(out.base_token_losses.double().sum(1).cpu())
+            if with_gate:
+                fire = model.gate_fires(model.gate_states(ids, positions))  # [b, K]
+                pick = torch.where(fire[:, :, None], out.token_losses, out.base_token_losses)
+                gated.append(pick.double().sum(1).cpu())
+                fires.append(fire.double().sum(1).cpu())
     model.train(was_training)
+    if with_gate:
+        return torch.cat(aug), torch.cat(base), len(positions), torch.cat(gated), torch.cat(fires)
     return torch.cat(aug), torch.cat(base), len(positions)
 
 
@@ -135,6 +144,12 @@ def _print_table(offsets, columns: dict[str, dict], frozen_ppl: list[float] | No
         print(f"{o:>6} | " + (f"{frozen_ppl[j]:>10.2f} | " if frozen_ppl else "") + " | ".join(f"{c:>24}" for c in cells))
 
 
+def _run_name(ckpt: str) -> str:
+    gate = ckpt.endswith(" + gate")
+    path = Path(ckpt[: -len(" + gate")] if gate else ckpt)
+    return (path.parent.name or str(path)) + (" + gate" if gate else "")
+
+
 def evaluate_ppl(
     checkpoints: list[str],
     *,
@@ -174,12 +189,19 @@ def evaluate_ppl(
     for ckpt in checkpoints:
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
         model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # N_A only sets which targets are scored
+        gated = model.gated()
         for split, seqs in sets.items():
-            aug, frozen, points = offset_loss_sums(model, seqs, stride)
+            sums = offset_loss_sums(model, seqs, stride, with_gate=gated)
+            aug, frozen, points = sums[:3]
             stats = bootstrap_rel_change(aug, frozen, points, n_boot)
             pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}
             run = {"init": model.config.init, "n_latents": model.config.n_latents, "points": points * len(seqs), **pick}
             report.setdefault(split, {})[str(ckpt)] = run
+            if gated:  # the same coprocessor, inserted only where its gate fires
+                stats = bootstrap_rel_change(sums[3], frozen, points, n_boot)
+                run = {**run, **{k: [v[o - 1] for o in offsets] for k, v in stats.items()}, "gate": True,
+                       "gate_fire_rate": 100 * sums[4].sum().item() / (points * len(seqs))}
+                report[split][f"{ckpt} + gate"] = run
         del model
     report["runs"] = report["heldout"]  # the in-source results under their old key
     for split, title in (("heldout", "in-source held-out documents"), ("unseen", f"unseen sources {list(heldout_sources)}")):
@@ -189,7 +211,10 @@ def evaluate_ppl(
         first = next(iter(runs.values()))
         print(f"\nPerplexity change vs the frozen decoder on {title} ({len(sets[split])} sequences of {seq_len}, an "
               f"insertion every {stride} tokens, 95% bootstrap interval over sequences):")
-        _print_table(offsets, {Path(c).parent.name or c: r for c, r in runs.items()}, frozen_ppl=first["base_ppl"])
+        _print_table(offsets, {_run_name(c): r for c, r in runs.items()}, frozen_ppl=first["base_ppl"])
+        for c, r in runs.items():
+            if "gate_fire_rate" in r:
+                print(f"  the gate of {_run_name(c)} fired at {r['gate_fire_rate']:.2f}% of the insertion points")
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -213,6 +213,49 @@ class EvalSynthConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class TrainGateConfig(_Checked):
+    """``cacheaug train-gate``: fit the gate that decides where a coprocessor augments (a logistic head on the frozen
+    decoder's state at a position, from whether augmenting there lowered the loss of the next tokens), and save it
+    into the checkpoint folder. Fit it on a mixture of where augmenting should and should not happen (e.g. a
+    `data synth --mix-sources default` corpus)."""
+
+    checkpoint: str = _f("", "checkpoint or run folder of a coprocessor (its newest step_*)", required=True)
+    data: tuple[str, ...] = _f(("default",), "corpora to score positions on (their training split)")
+    model: str | None = _f(None, "the frozen decoder it was trained on (default: the checkpoint's base)")
+    heldout_pct: float = _f(1.0, "the training run's --heldout-pct (positions come from its training split)", min=0)
+    seq_len: int = _f(256, "tokens per scored sequence", min=4)
+    sequences: int = _f(1024, "sequences scored (the first 80% fit the gate, the rest report it)", min=2)
+    n_traces: int = _f(16, "positions per sequence: the ends of --marker, filled up with uniform points", min=1)
+    marker: str = _f(" Answer:", "text after which positions are always scored (empty: uniform points only)")
+    margin: float = _f(0.0, "nats: a positive is a position where augmenting lowered the mean loss of the next N_A "
+                       "tokens by more than this", min=0)
+    threshold: float = _f(0.5, "the gate fires at probability >= this (saved as its default)", min=0)
+    batch_size: int = _f(8, "sequences per scoring pass", min=1)
+    seed: int = _f(0, "seed for the uniform positions")
+    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
+    out: str | None = _f(None, "also write the report as JSON here")
+
+    def _problems(self) -> list[str]:
+        return [f"--threshold must be at most 1, got {self.threshold}"] if self.threshold > 1 else []
+
+    def run(self):
+        import json
+
+        from .gate import train_gate
+
+        (path,) = _checkpoints((self.checkpoint,))
+        report = train_gate(path, self.data, model_name=_base_of(self.model, [path]), seq_len=self.seq_len,
+                            sequences=self.sequences, n_traces=self.n_traces, marker=self.marker, margin=self.margin,
+                            threshold=self.threshold, batch=self.batch_size, heldout_pct=self.heldout_pct,
+                            seed=self.seed, device=self.device)
+        if self.out:
+            from . import atomic
+
+            atomic.write_text(self.out, json.dumps(report, indent=2) + "\n")
+        return report
+
+
+@dataclass(frozen=True)
 class TasksConfig(_Checked):
     """``cacheaug eval tasks``: write lm-eval task YAMLs over the local benchmark files; print the folder."""
 

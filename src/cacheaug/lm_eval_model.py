@@ -34,7 +34,8 @@ class CacheAugEvalLM(HFLM):
     """lm-eval's ``HFLM`` for a frozen decoder with a cacheaug coprocessor.
 
     Args (``--model_args``): ``pretrained`` (default ``gemma-3-270m``: the offline registry model; or an HF id /
-    folder), ``coprocessor`` (a checkpoint folder), ``augment`` (default true), ``device``, ``dtype``
+    folder), ``coprocessor`` (a checkpoint folder), ``augment`` (default true), ``gate`` (default: the checkpoint's
+    gate decides at each context's end when it has one; false: always augment), ``device``, ``dtype``
     (``float32``/``bfloat16``), ``max_length``. From Python, ``base=`` and ``tokenizer=`` take loaded objects.
 
     ``self.model`` is the frozen base model (HFLM's convention), ``self.augmented`` the
@@ -43,7 +44,7 @@ class CacheAugEvalLM(HFLM):
     replaced: requests are grouped by context, and each context runs its prefill and the coprocessor once.
     """
 
-    def __init__(self, pretrained: str = "gemma-3-270m", coprocessor: str | None = None, augment=True,
+    def __init__(self, pretrained: str = "gemma-3-270m", coprocessor: str | None = None, augment=True, gate=None,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
                  batch_size: int | str = 1, base=None, tokenizer=None, **kwargs):
         if base is None:
@@ -70,6 +71,9 @@ class CacheAugEvalLM(HFLM):
         self.kind = self.augmented.config.init if self.augmented is not None else "frozen"
         self.latents = self.augment and self.augmented.arm.has_latents
         self.n_latents = self.augmented.config.n_inserted if self.latents else 0
+        self.use_gate = None if gate is None or str(gate).lower() in ("", "none", "auto") else _flag(gate)
+        if self.latents:
+            self.augmented.gated(self.use_gate)  # gate=true without a gate: the error says how to fit one
         self.cache_kw = cache_kwarg(base)
 
     @classmethod
@@ -117,7 +121,7 @@ class CacheAugEvalLM(HFLM):
         augmenting)."""
         ids = torch.tensor([context], device=self.device)
         if self.latents:
-            aug = self.augmented.augment(ids)
+            aug = self.augmented.augment(ids, use_gate=self.use_gate)  # where the gate says no: the frozen model's
             return aug.cache, aug.logits, aug.next_position
         cache = DynamicCache()
         out = self._scorer()(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
@@ -188,7 +192,8 @@ class CacheAugEvalLM(HFLM):
             ids = torch.tensor([self.tok_encode(context)[-(self.max_length - max_new - self.n_latents):]],
                                device=self.device)
             if self.augmented is not None:
-                gen = self.augmented.generate(ids, max_new, augment=self.augment)
+                gate = {"use_gate": self.use_gate} if self.latents else {}
+                gen = self.augmented.generate(ids, max_new, augment=self.augment, **gate)
             else:
                 gen = self.base.generate(ids, max_new_tokens=max_new, do_sample=False)
             text = self.tok_decode(gen[0, ids.shape[1]:].tolist())

@@ -76,13 +76,16 @@ class AugmentOutput:
         prompt_length: number of prompt tokens P (the cache holds P + N_L entries, + 1 with ``reread_last``).
         next_position: rotary position of the next token to decode from ``cache`` (pass it as ``position_ids``, or
             use :meth:`CacheAugmentedLM.decode`); equal to the cache length under the default "shifted" scheme.
+        inserted: False when the gate (``CacheAugmentedLM.gate``) said no: then ``cache`` holds the prompt alone,
+            ``logits`` are the frozen model's and ``latents`` is None.
     """
 
     cache: DynamicCache
     logits: torch.Tensor
-    latents: torch.Tensor
+    latents: torch.Tensor | None
     prompt_length: int
     next_position: int = -1
+    inserted: bool = True
 
 
 class CacheAugmentedLM(nn.Module):
@@ -130,6 +133,8 @@ class CacheAugmentedLM(nn.Module):
         self.compile_block_masks = False  # FlexAttention block masks built by a compiled create_block_mask (speed)
         self._compiled_pass = None
         self._compile_mode = None
+        self.gate = None  # a fitted cacheaug.gate.Gate (loaded with its checkpoint): augment only where it fires
+        self.gate_threshold: float | None = None  # None: the gate's own threshold
 
     @property
     def trace_windows(self) -> bool:
@@ -554,6 +559,41 @@ class CacheAugmentedLM(nn.Module):
         ]
         return torch.cat(out).view(targets.shape)
 
+    # ------------------------------------------------------------------ the gate (cacheaug.gate)
+    def gated(self, use_gate: bool | None = None) -> bool:
+        """Whether the gate decides (``use_gate`` None: whenever a gate is loaded)."""
+        if use_gate and self.gate is None:
+            raise ValueError("this coprocessor has no gate: fit one with `cacheaug train-gate --checkpoint CKPT --data "
+                             "...`, or augment without it")
+        return self.gate is not None and use_gate is not False
+
+    @torch.no_grad()
+    def gate_states(self, input_ids: torch.Tensor, positions) -> torch.Tensor:
+        """The frozen decoder's last hidden states at ``positions`` ``[K]`` or ``[B, K]`` of ``input_ids`` ``[B, T]``:
+        ``[B, K, D]``, what the gate reads there (the same states ``augment`` reads at a prompt's last token)."""
+        ids = self._check_ids(input_ids, "input_ids")
+        positions = torch.as_tensor(positions, device=self.device).long()
+        if positions.dim() == 1:
+            positions = positions[None].expand(ids.shape[0], -1)
+        h, _ = self._prefix_pass(ids)
+        return h.gather(1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
+
+    @torch.no_grad()
+    def gate_probs(self, input_ids: torch.Tensor, positions) -> torch.Tensor:
+        """``[B, K]`` the gate's probability that augmenting after each of ``positions`` pays (needs a gate)."""
+        self.gated(True)
+        return self.gate(self.gate_states(input_ids, positions))
+
+    def gate_fires(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[...]`` bool: the gate's decision for the decoder's last hidden states ``hidden`` ``[..., D]``."""
+        return self.gate.fires(hidden, self.gate_threshold)
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The frozen LM head (with the family's final soft-cap) on hidden states ``[B, D]``: next-token logits."""
+        logits = self.base.get_output_embeddings()(hidden[:, None])[:, 0]  # [B, 1, D]: as the model's own last row
+        cap = self.family.final_logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     # ------------------------------------------------------------------ inference
     def _check_cache(self, cache, prompt_len: int, batch: int) -> DynamicCache:
         cfg = self.base.config
@@ -690,7 +730,8 @@ class CacheAugmentedLM(nn.Module):
         return lat + [P - 1] * int(cfg.reread_last) + list(range(start, start + n))
 
     @torch.no_grad()
-    def augment(self, prompt_ids: torch.Tensor, past_key_values=None, *, stale_by: int = 0) -> AugmentOutput:
+    def augment(self, prompt_ids: torch.Tensor, past_key_values=None, *, stale_by: int = 0,
+                use_gate: bool | None = None) -> AugmentOutput:
         """Run the coprocessor once at the end of ``prompt_ids`` ``[B, P]`` and insert its latents.
 
         Args:
@@ -700,6 +741,10 @@ class CacheAugmentedLM(nn.Module):
             stale_by: compute the latents from the first P - stale_by tokens only, as if they had been
                 computed that many tokens earlier and arrived late (the staleness study; asynchronous serving).
                 They are still inserted after the whole prompt.
+            use_gate: let the gate (``self.gate``, fitted by ``cacheaug train-gate``) decide whether to insert;
+                None (default): whenever there is one. Where it says no, the output is the frozen model's
+                (``inserted=False``); a batch whose rows it decides differently is refused (augment them apart, or
+                use :meth:`generate`, which splits them).
 
         Returns an :class:`AugmentOutput` whose ``cache`` (prompt + latents) the unmodified base model decodes
         from, the next token at rotary position ``next_position`` (with the default "shifted" scheme that is the
@@ -713,9 +758,21 @@ class CacheAugmentedLM(nn.Module):
         self._check_context(P - 1 + self.config.n_inserted, f"A prompt of {P} tokens with {self.config.n_latents} latents")
         if past_key_values is None:
             cache = DynamicCache()
-            self.base.get_decoder()(input_ids=ids, **self.cache_kwargs(cache))
+            h = self.base.get_decoder()(input_ids=ids, **self.cache_kwargs(cache)).last_hidden_state[:, -1]
         else:
             cache = self._check_cache(past_key_values, P, B)
+            h = None
+        if self.gated(use_gate):
+            if h is None:  # the state at the prompt's last token, from the stored cache of the tokens before it
+                h = self.base.get_decoder()(input_ids=ids[:, -1:], position_ids=torch.full((B, 1), P - 1, device=self.device),
+                                            **self.cache_kwargs(kv.fork(cache, P - 1))).last_hidden_state[:, -1]
+            fire = self.gate_fires(h)
+            if not fire.any():
+                return AugmentOutput(cache=cache, logits=self._head_logits(h), latents=None, prompt_length=P,
+                                     next_position=P, inserted=False)
+            if not fire.all():
+                raise ValueError(f"the gate augments rows {fire.nonzero()[:, 0].tolist()} of this batch and not the "
+                                 "others: augment the rows apart, or use generate(), which splits them")
         latents = self.compute_latents(cache, P - stale_by, ids[:, P - 1 - stale_by])  # [B, N_L, D]
         logits = self.insert_latents(cache, latents, ids[:, P - 1])
         return AugmentOutput(cache=cache, logits=logits, latents=latents, prompt_length=P,
@@ -728,6 +785,7 @@ class CacheAugmentedLM(nn.Module):
         max_new_tokens: int = 32,
         *,
         augment: bool = True,
+        use_gate: bool | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -740,7 +798,10 @@ class CacheAugmentedLM(nn.Module):
 
         With ``augment=True`` the coprocessor runs once at the end of the prompt and the base model decodes
         from the augmented cache. With ``augment=False``, ``enabled = False``, or when the coprocessor raises
-        (a warning says so), this is exactly ``base.generate``.
+        (a warning says so), this is exactly ``base.generate``. With a gate (``self.gate``; ``use_gate`` None: whenever
+        there is one) each row is augmented only where the gate fires at its prompt's end; the other rows are
+        exactly ``base.generate`` (rows of a batch the gate decides differently are decoded apart and padded, as
+        ``base.generate`` pads rows that ended early).
         """
         ids = self._check_ids(prompt_ids, "prompt_ids")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -757,9 +818,25 @@ class CacheAugmentedLM(nn.Module):
             hf_kwargs["pad_token_id"] = pad_token_id
         if not augment or not self.enabled:
             return self.base.generate(ids, **hf_kwargs)
+        if self.gated(use_gate):
+            with torch.no_grad():
+                fire = self.gate_fires(self.base.get_decoder()(input_ids=ids).last_hidden_state[:, -1])
+            if not fire.any():
+                return self.base.generate(ids, **hf_kwargs)
+            if not fire.all():
+                kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+                parts = {True: self.generate(ids[fire], use_gate=False, **kw),
+                         False: self.base.generate(ids[~fire], **hf_kwargs)}
+                width = max(t.shape[1] for t in parts.values())
+                fill = pad if pad is not None else (eos if isinstance(eos, int) else (list(eos or [0]) or [0])[0])
+                out = torch.full((ids.shape[0], width), int(fill), dtype=ids.dtype, device=ids.device)
+                for flag, t in parts.items():
+                    out[(fire if flag else ~fire).nonzero()[:, 0], : t.shape[1]] = t
+                return out
         self._check_context(ids.shape[1] + self.config.n_inserted + max_new_tokens - 1, "Generation")
         try:
-            aug = self.augment(ids)
+            aug = self.augment(ids, use_gate=False)
         except Exception as err:  # the decoder must keep working when the coprocessor fails
             warnings.warn(f"Coprocessor failed ({type(err).__name__}: {err}); decoding without augmentation.", stacklevel=2)
             return self.base.generate(ids, **hf_kwargs)

@@ -314,7 +314,8 @@ def build_rows(tokenizer, instances: list[dict], per_row: int = 8):
 @torch.no_grad()
 def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, progress: bool = False) -> dict:
     """Per instance (lists in ``instances`` order): mean answer-token loss and exact match, for ``model`` and for the
-    frozen decoder, plus per-offset losses ``[n, N]`` (NaN beyond an answer's length)."""
+    frozen decoder, plus per-offset losses ``[n, N]`` (NaN beyond an answer's length); with a gate
+    (``model.gate``), whether it fires at each marker (``gate_fire``)."""
     from .evaluate import autocast_for
 
     rows, spans = build_rows(tokenizer, instances, per_row)
@@ -323,7 +324,8 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, p
     model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # only sets which targets are scored
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     n = len(instances)
-    out = {k: [math.nan] * n for k in ("loss", "em", "base_loss", "base_em")}
+    gated = model.gated()
+    out = {k: [math.nan] * n for k in ("loss", "em", "base_loss", "base_em") + (("gate_fire",) if gated else ())}
     offsets = {k: torch.full((n, n_ahead), math.nan, dtype=torch.float64) for k in ("loss", "base_loss")}
     was_training = model.training
     model.eval()
@@ -334,7 +336,10 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, p
                                    disable=not progress):
             ids = torch.cat([ids, torch.full((n_ahead,), pad)])[None].to(model.device)  # room for the last answer
             res = model.score_targets(ids, positions=[p for _, p, _ in row_spans])
+            fire = model.gate_fires(model.gate_states(ids, [p for _, p, _ in row_spans]))[0] if gated else None
             for k, (i, _, s) in enumerate(row_spans):
+                if gated:
+                    out["gate_fire"][i] = float(fire[k])
                 for name in ("", "base_"):
                     losses = res[f"{name}losses"][0, k, :s].double().cpu()
                     out[f"{name}loss"][i] = losses.mean().item()
@@ -348,10 +353,11 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, p
 
 
 @torch.no_grad()
-def generate_check(model, tokenizer, instances: list[dict], n: int, per_row: int = 8) -> dict[int, float]:
+def generate_check(model, tokenizer, instances: list[dict], n: int, per_row: int = 8,
+                   use_gate: bool | None = None) -> dict[int, float]:
     """Exact match through ``model.generate`` (greedy; the coprocessor runs once, after the marker: the path serving
-    uses) for about ``n`` instances spread over the set, each in the same row context as :func:`score_instances`.
-    Returns ``{instance index: 1.0 or 0.0}``."""
+    uses; with a gate, only where it fires, unless ``use_gate=False``) for about ``n`` instances spread over the set,
+    each in the same row context as :func:`score_instances`. Returns ``{instance index: 1.0 or 0.0}``."""
     from .evaluate import autocast_for
 
     rows, spans = build_rows(tokenizer, instances, per_row)
@@ -361,7 +367,8 @@ def generate_check(model, tokenizer, instances: list[dict], n: int, per_row: int
     with autocast_for(model):
         for ids, (i, p, s) in picked:
             prompt = ids[None, : p + 1].to(model.device)
-            got = model.generate(prompt, max_new_tokens=s)[0, p + 1 :].cpu()
+            gate = {} if use_gate is None else {"use_gate": use_gate}  # (the controls' generate has no gate)
+            got = model.generate(prompt, max_new_tokens=s, **gate)[0, p + 1 :].cpu()
             em[i] = float(torch.equal(got, ids[p + 1 : p + 1 + s]))
     return em
 
@@ -438,11 +445,31 @@ def evaluate_synth(checkpoints: list[str], heldout: str, *, model_name: str | No
                    hits=[int(x) for x in scores["em"]])
         hits[name] = arm["hits"]
         if check_generate:
-            gen = generate_check(model, tokenizer, instances, check_generate, per_row)
+            gen = generate_check(model, tokenizer, instances, check_generate, per_row,
+                                 use_gate=False if model.gated() else None)
             arm["generate_check"] = {"n": len(gen), "em_generate": 100 * sum(gen.values()) / len(gen),
                                      "agree_with_parallel_pass": 100 * sum(v == scores["em"][i] for i, v in gen.items())
                                      / len(gen)}
         report["arms"][name] = arm
+        if "gate_fire" in scores:  # the same coprocessor, inserted only where its gate fires
+            fire = scores["gate_fire"]
+            pick = [(a if f else b) for a, b, f in zip(scores["em"], scores["base_em"], fire)]
+            gated = summarise(instances, pick, [(a if f else b) for a, b, f in
+                                                zip(scores["loss"], scores["base_loss"], fire)])
+            gated.update(checkpoint=str(ckpt), init=model.config.init, n_latents=model.config.n_latents, gate=True,
+                         gate_threshold=model.gate_threshold if model.gate_threshold is not None
+                         else model.gate.config.threshold,
+                         gate_fire_rate=100 * sum(fire) / len(fire),
+                         gate_fire_by_family={f: 100 * sum(fire[i] for i in ix) / len(ix) for f, ix in
+                                              _by_family(instances).items()},
+                         hits=[int(x) for x in pick])
+            if check_generate:
+                gen = generate_check(model, tokenizer, instances, check_generate, per_row)
+                gated["generate_check"] = {"n": len(gen), "em_generate": 100 * sum(gen.values()) / len(gen),
+                                           "agree_with_parallel_pass": 100 * sum(v == pick[i] for i, v in gen.items())
+                                           / len(gen)}
+            hits[f"{name} + gate"] = gated["hits"]
+            report["arms"][f"{name} + gate"] = gated
         del model
     names = list(hits)
     report["paired"] = {f"{b} vs {a}": mcnemar(hits[a], hits[b]) for i, a in enumerate(names) for b in names[i + 1:]}
@@ -452,6 +479,13 @@ def evaluate_synth(checkpoints: list[str], heldout: str, *, model_name: str | No
 
         atomic.write_file(Path(out), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     return report
+
+
+def _by_family(instances: list[dict]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, r in enumerate(instances):
+        out.setdefault(r["family"], []).append(i)
+    return out
 
 
 def base_model_of(checkpoints: list[str]) -> str:
@@ -485,7 +519,9 @@ def _print_synth(report: dict) -> None:
     for name, a in arms.items():
         o = a["overall"]
         cells = " | ".join(f"{a['by_family'][f]['em']:>7.1f}%" for f in families)
-        print(f"{name[:40]:<40} | {o['em']:>5.1f}% [{o['em_lo']:>4.1f},{o['em_hi']:>5.1f}] | {cells} | {o['loss']:.3f}")
+        fires = f" (gate fires on {a['gate_fire_rate']:.1f}%)" if "gate_fire_rate" in a else ""
+        print(f"{name[:40]:<40} | {o['em']:>5.1f}% [{o['em_lo']:>4.1f},{o['em_hi']:>5.1f}] | {cells} | {o['loss']:.3f}"
+              f"{fires}")
     for name, a in arms.items():
         if "generate_check" in a:
             g = a["generate_check"]

@@ -206,6 +206,9 @@ class Engine:
         ``latents_s`` (seconds from submission to its end), and once its latents went in ``insert_s`` and
         ``insert_rows`` (:meth:`insert_pending`)."""
         strategy = get_policy(policy)
+        if strategy.needs_gate and not self.has_gate:
+            raise ValueError(f"the {policy!r} policy needs a coprocessor with a gate: fit one with `cacheaug train-gate "
+                             "--checkpoint CKPT --data ...` and serve that checkpoint")
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_new_tokens < 1:
@@ -238,6 +241,24 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- policy primitives
     clock = staticmethod(time.monotonic)
+
+    @property
+    def has_gate(self) -> bool:
+        return self.model.enabled and self.model.gate is not None
+
+    def gate_fires(self, req: Request) -> bool:
+        """The gate's decision at the end of ``req``'s prompt (just prefilled): the frozen decoder's last hidden state
+        there, from one decoder call on the prompt's last token over the cache of the tokens before it."""
+        P = len(req.prompt)
+        device = self.model.device
+        with self.lock, torch.no_grad():
+            h = self.base.get_decoder()(
+                input_ids=torch.tensor([req.prompt[-1:]], device=device),
+                position_ids=torch.tensor([[P - 1]], device=device),
+                **self.model.cache_kwargs(kv.fork(req.cache, P - 1))).last_hidden_state[:, -1]
+            fire = bool(self.model.gate_fires(h)[0])
+        req.info["gate"] = fire
+        return fire
 
     def submit(self, req: Request) -> None:
         """Queue the coprocessor on ``req``'s prompt (a snapshot of its cache: decoding goes on)."""

@@ -133,6 +133,7 @@ class Policy:
     name: str = ""
     summary: str = ""
     augments: bool = True  # False: the frozen model bit for bit (no stored augmented prefix is read either)
+    needs_gate: bool = False  # True: only for a coprocessor with a gate (cacheaug.gate; `cacheaug train-gate`)
 
     def after_prefill(self, engine: Engine, req: Request) -> None:
         pass
@@ -186,6 +187,15 @@ class Async(Policy):
             engine.submit(req)
 
 
+class Gated(Sync):
+    name, summary, needs_gate = "gate", ("augment the prompt as sync only where the coprocessor's gate fires at its "
+                                         "end; elsewhere the frozen model's decoding"), True
+
+    def after_prefill(self, engine, req):
+        if req.wants and engine.gate_fires(req):
+            super().after_prefill(engine, req)
+
+
 _POLICIES: dict[str, Policy] = {}
 
 
@@ -208,5 +218,5 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown augmentation policy {name!r}; choose one of {', '.join(policy_names())}") from None
 
 
-for _p in (Off(), Sync(), Async()):
+for _p in (Off(), Sync(), Async(), Gated()):
     register_policy(_p)

@@ -244,6 +244,9 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
 
     async def complete(body, prompt_ids: list[int], endpoint: str, chat: bool, request: Request):
         check_model(body.model)
+        if get_policy(body.augment or default_policy).needs_gate and not engine.has_gate:
+            raise HTTPException(400, f"augment {body.augment or default_policy!r} needs a coprocessor with a gate: fit "
+                                "one with `cacheaug train-gate --checkpoint CKPT --data ...` and serve that checkpoint")
         loop = asyncio.get_running_loop()
         await acquire()
         if await request.is_disconnected():  # the client left while queued: no prefill, no decoding for it
@@ -561,6 +564,9 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
 
         wrapped = CacheAugmentedLM(base, CoprocessorConfig(init="pause"))
         wrapped.enabled = False  # no coprocessor: plain decoding whatever the policy
+    if get_policy(policy).needs_gate and (not coprocessor or wrapped.gate is None):
+        raise SystemExit(f"cacheaug serve: --policy {policy} needs a coprocessor with a gate: fit one with `cacheaug "
+                         "train-gate --checkpoint CKPT --data ...` and pass --coprocessor CKPT")
     store = CacheStore(store_bytes, store_dir, fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}",
                        max_disk_bytes=store_disk_bytes)
     try:
