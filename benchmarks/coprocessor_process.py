@@ -181,15 +181,25 @@ def main() -> None:
     step_sep = decoding.mean_step()
     inbox.put(None)
     proc.join(timeout=60)
-    row = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "prompt_len": args.prompt_len, "n_latents": args.latents, "in_process_s": round(t_in, 6),
-           "separate_s": round(t_sep, 6), "overhead_s": round(t_sep - t_in, 6),
-           "overhead_pct": round(100 * (t_sep / t_in - 1), 1), "child_start_s": round(child_start, 2),
-           "child_weights_gib": round(child_bytes / 2**30, 3),
-           "max_abs_diff": float((lat_in.float() - lat_sep.float()).abs().max()),
-           "compile_decode": args.compile_decode, "decode_step_s": round(step_alone, 6),
-           "in_process_beside_decoding_s": round(t_in_busy, 6), "decode_step_beside_in_process_s": round(step_in, 6),
-           "separate_beside_decoding_s": round(t_sep_busy, 6), "decode_step_beside_separate_s": round(step_sep, 6)}
+    row = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "prompt_len": args.prompt_len,
+        "n_latents": args.latents,
+        "in_process_s": round(t_in, 6),
+        "separate_s": round(t_sep, 6),
+        "overhead_s": round(t_sep - t_in, 6),
+        "overhead_pct": round(100 * (t_sep / t_in - 1), 1),
+        "child_start_s": round(child_start, 2),
+        "child_weights_gib": round(child_bytes / 2**30, 3),
+        "max_abs_diff": float((lat_in.float() - lat_sep.float()).abs().max()),
+        "compile_decode": args.compile_decode,
+        "decode_step_s": round(step_alone, 6),
+        "in_process_beside_decoding_s": round(t_in_busy, 6),
+        "decode_step_beside_in_process_s": round(step_in, 6),
+        "separate_beside_decoding_s": round(t_sep_busy, 6),
+        "decode_step_beside_separate_s": round(step_sep, 6),
+    }
     print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(row, indent=2) + "\n")

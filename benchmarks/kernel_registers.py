@@ -33,8 +33,18 @@ from pathlib import Path
 
 from cacheaug import prefix_attention as pa
 
-POINTERS = {"SEQ": "*i64", "START": "*i64", "LO": "*i32", "HI": "*i32", "FULL": "*i32", "LSE": "*fp32",
-            "DELTA": "*fp32", "OUT_LSE": "*fp32", "DKB": "*fp32", "DVB": "*fp32"}  # the rest: *DTYPE
+POINTERS = {
+    "SEQ": "*i64",
+    "START": "*i64",
+    "LO": "*i32",
+    "HI": "*i32",
+    "FULL": "*i32",
+    "LSE": "*fp32",
+    "DELTA": "*fp32",
+    "OUT_LSE": "*fp32",
+    "DKB": "*fp32",
+    "DVB": "*fp32",
+}  # the rest: *DTYPE
 TENSORS = ("Q", "KB", "VB", "TK", "TV", "BIAS", "DO", "O", "OUT")
 PASSES = {False: "forward", True: "backward", "block": "backward, block dK/dV"}
 
@@ -48,11 +58,13 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.args = args
+
         return launch
 
 
-def runtime_specialization(queries_per_trace: int = 31, head_dim: int = 256, traces: int = 128,
-                           seq_len: int = 1024, window: int = 512) -> dict:
+def runtime_specialization(
+    queries_per_trace: int = 31, head_dim: int = 256, traces: int = 128, seq_len: int = 1024, window: int = 512
+) -> dict:
     """{pass: {argument: "D" (divisible by 16) | 1 (the constant 1) | ""}} of the forward, the backward and the
     block's dK/dV kernel at a real call: one sliding layer of a row per trace (4 query heads on 1 key head), the
     library's own path (windows.trace_keys, windows.trace_attention, autograd) run on the CPU up to each launch."""
@@ -71,8 +83,9 @@ def runtime_specialization(queries_per_trace: int = 31, head_dim: int = 256, tra
     family = Family("gemma3_text", (SLIDING,), window, True, "sdpa", None, "cache", None)
     keys = trace_keys([(text_k, text_v)], positions, L, family, 4, 1, kernel=True)[SLIDING]
     q = torch.randn(B * K, L, 4, D, generator=g).bfloat16().transpose(1, 2).requires_grad_()  # as the model's
-    blk_k, blk_v = (torch.randn(B * K, L, 1, D, generator=g).bfloat16().transpose(1, 2).requires_grad_()
-                    for _ in range(2))
+    blk_k, blk_v = (
+        torch.randn(B * K, L, 1, D, generator=g).bfloat16().transpose(1, 2).requires_grad_() for _ in range(2)
+    )
     saved = pa._use_kernel, pa._prefix_attention_kernel, pa._block_grad_kernel
     fwd, blk = _Recorder(), _Recorder()
     try:
@@ -86,12 +99,14 @@ def runtime_specialization(queries_per_trace: int = 31, head_dim: int = 256, tra
         pa._use_kernel, pa._prefix_attention_kernel, pa._block_grad_kernel = saved
 
     def spec(kernel, args) -> dict:
-        names = kernel.arg_names[:len(args)]  # the launch passes the constexprs by keyword, after these
+        names = kernel.arg_names[: len(args)]  # the launch passes the constexprs by keyword, after these
         return {name: _specialize(arg) for name, arg in zip(names, args)}
 
-    return {False: spec(pa._prefix_attention_kernel, forward_args), True: spec(pa._prefix_attention_kernel,
-                                                                             backward_args),
-            "block": spec(pa._block_grad_kernel, blk.args)}
+    return {
+        False: spec(pa._prefix_attention_kernel, forward_args),
+        True: spec(pa._prefix_attention_kernel, backward_args),
+        "block": spec(pa._block_grad_kernel, blk.args),
+    }
 
 
 def _specialize(arg) -> str | int:
@@ -121,23 +136,36 @@ def _ptxas_report(ptx: str, arch: str) -> dict:
         for tool in ("ptxas-blackwell", "ptxas"):
             if not (bin_dir / tool).exists():
                 continue
-            run = subprocess.run([str(bin_dir / tool), f"-arch={arch}", "-v", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
+            run = subprocess.run(
+                [str(bin_dir / tool), f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True
+            )
             text = run.stdout + run.stderr
             if run.returncode == 0:
                 spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
                 regs = re.search(r"Used (\d+) registers", text)
-                return {"registers": int(regs.group(1)), "stack_bytes": int(spill.group(1)),
-                        "spill_store_bytes": int(spill.group(2)), "spill_load_bytes": int(spill.group(3)),
-                        "ptxas": tool}
+                return {
+                    "registers": int(regs.group(1)),
+                    "stack_bytes": int(spill.group(1)),
+                    "spill_store_bytes": int(spill.group(2)),
+                    "spill_load_bytes": int(spill.group(3)),
+                    "ptxas": tool,
+                }
     finally:
         os.unlink(f.name)
-    raise SystemExit(f"kernel_registers: no ptxas in {bin_dir} reads this PTX (install a Triton with the NVIDIA "
-                     "backend)")
+    raise SystemExit(
+        f"kernel_registers: no ptxas in {bin_dir} reads this PTX (install a Triton with the NVIDIA backend)"
+    )
 
 
-def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str = "bf16", arch: int = 90,
-                   module=pa, specialization: dict | None = None) -> dict:
+def compile_report(
+    tiles: str,
+    backward: bool | str,
+    head_dim: int,
+    dtype: str = "bf16",
+    arch: int = 90,
+    module=pa,
+    specialization: dict | None = None,
+) -> dict:
     """Compile ``module``'s kernel for ``sm_{arch}a`` at ``tiles`` ("BLOCK_M,BLOCK_N,warps,stages") and report its
     resources; ``backward="block"``: the backward's second kernel, the block's dK/dV. ``specialization``
     ({argument: "D" | 1 | ""}, runtime_specialization's) compiles it as a launch with those arguments would."""
@@ -149,8 +177,15 @@ def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str =
     block = backward == "block"
     kernel = module._block_grad_kernel if block else module._prefix_attention_kernel
     names = kernel.arg_names
-    const = dict(D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn, BACKWARD=backward,
-                 PREC="ieee" if dtype == "fp32" else "tf32", OFFS64=False)
+    const = dict(
+        D=head_dim,
+        DP=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BACKWARD=backward,
+        PREC="ieee" if dtype == "fp32" else "tf32",
+        OFFS64=False,
+    )
     signature, attrs = {}, {}
     specialization = specialization or {}
     for i, name in enumerate(names):
@@ -168,17 +203,28 @@ def compile_report(tiles: str, backward: bool | str, head_dim: int, dtype: str =
             signature[name] = "*" + dtype
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in const.items() if k in names}, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    return {"pass": PASSES[backward], "tiles": tiles, "head_dim": head_dim, "dtype": dtype,
-            "arch": f"sm_{arch}a", "specialized": bool(specialization),
-            "pipelined_loads": compiled.asm["ttgir"].count("async_copy_global_to_local"),
-            "shared_bytes": compiled.metadata.shared,
-            "fits_h200_shared": compiled.metadata.shared <= 232448,
-            **(report := _ptxas_report(compiled.asm["ptx"], f"sm_{arch}a")),
-            "programs_per_sm": programs_per_sm(compiled.metadata.shared, report["registers"], warps)}
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in const.items() if k in names},
+        attrs=attrs,
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    return {
+        "pass": PASSES[backward],
+        "tiles": tiles,
+        "head_dim": head_dim,
+        "dtype": dtype,
+        "arch": f"sm_{arch}a",
+        "specialized": bool(specialization),
+        "pipelined_loads": compiled.asm["ttgir"].count("async_copy_global_to_local"),
+        "shared_bytes": compiled.metadata.shared,
+        "fits_h200_shared": compiled.metadata.shared <= 232448,
+        **(report := _ptxas_report(compiled.asm["ptx"], f"sm_{arch}a")),
+        "programs_per_sm": programs_per_sm(compiled.metadata.shared, report["registers"], warps),
+    }
 
 
 def programs_per_sm(shared_bytes: int, registers: int, warps: int) -> int:
@@ -198,19 +244,33 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="*", default=[cfg, wide], help="forward settings (default: the library's)")
     ap.add_argument("--backward-tiles", nargs="*", default=[bwd], help="backward settings")
     blk = ",".join(str(pa.BLOCK_GRAD_CONFIG[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-    ap.add_argument("--block-tiles", nargs="*", default=[blk],
-                    help="settings of the backward's block dK/dV kernel (kernels that have one)")
+    ap.add_argument(
+        "--block-tiles",
+        nargs="*",
+        default=[blk],
+        help="settings of the backward's block dK/dV kernel (kernels that have one)",
+    )
     ap.add_argument("--head-dim", type=int, default=256)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--arch", type=int, default=90, help="90: H100 / H200")
-    ap.add_argument("--queries-per-trace", type=int, default=31,
-                    help="the real call whose arguments the kernel is specialized for: 31 (the decoder's rows at "
-                    "n_latents=16, n_ahead=16) or 16 (the coprocessor's)")
-    ap.add_argument("--no-specialize", action="store_true",
-                    help="compile without the launch's specialization (no divisibility known: loads not pipelined)")
-    ap.add_argument("--module", default=None,
-                    help="a file holding another version of cacheaug/prefix_attention.py (specialized by argument "
-                    "name, as the library's own call is)")
+    ap.add_argument(
+        "--queries-per-trace",
+        type=int,
+        default=31,
+        help="the real call whose arguments the kernel is specialized for: 31 (the decoder's rows at "
+        "n_latents=16, n_ahead=16) or 16 (the coprocessor's)",
+    )
+    ap.add_argument(
+        "--no-specialize",
+        action="store_true",
+        help="compile without the launch's specialization (no divisibility known: loads not pipelined)",
+    )
+    ap.add_argument(
+        "--module",
+        default=None,
+        help="a file holding another version of cacheaug/prefix_attention.py (specialized by argument "
+        "name, as the library's own call is)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     module = pa
@@ -220,24 +280,33 @@ def main() -> None:
         spec = importlib.util.spec_from_file_location("prefix_attention_other", args.module)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    specs = ({} if args.no_specialize else
-             runtime_specialization(args.queries_per_trace, args.head_dim))
+    specs = {} if args.no_specialize else runtime_specialization(args.queries_per_trace, args.head_dim)
     rows = []
     block_tiles = args.block_tiles if hasattr(module, "_block_grad_kernel") else []
     for backward, settings in ((False, args.tiles), (True, args.backward_tiles), ("block", block_tiles)):
         for tiles in settings:
             try:
-                rows.append(compile_report(tiles, backward, args.head_dim, args.dtype, args.arch, module,
-                                          specs.get(backward)))
+                rows.append(
+                    compile_report(tiles, backward, args.head_dim, args.dtype, args.arch, module, specs.get(backward))
+                )
             except Exception as err:  # a setting the compiler refuses (shared memory, layouts): say so, go on
                 if isinstance(err, SystemExit):
                     raise
                 rows.append({"pass": PASSES[backward], "tiles": tiles, "error": f"{type(err).__name__}: {err}"[:300]})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "module": args.module or "cacheaug.prefix_attention",
-                                              "python": sys.version.split()[0],
-                                              "triton": __import__("triton").__version__}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "module": args.module or "cacheaug.prefix_attention",
+                    "python": sys.version.split()[0],
+                    "triton": __import__("triton").__version__,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -169,8 +169,14 @@ def hf_static_step_s(base, ids, n_tokens, device, repeats) -> float:
     steps = []
     for i in range(repeats + 1):  # the first one warms up
         clock = Clock()
-        base.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-                      cache_implementation="static", streamer=clock)
+        base.generate(
+            ids,
+            max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens,
+            do_sample=False,
+            cache_implementation="static",
+            streamer=clock,
+        )
         if i:  # put() sees the prompt first, then each new token
             steps += [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
     return statistics.median(steps)
@@ -216,19 +222,37 @@ def main() -> None:
     ap.add_argument("--latents", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=16, help="tokens per timed request (at least 2)")
-    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32],
-                    help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)")
-    ap.add_argument("--coprocessor-priority", default="normal", choices=("normal", "high"),
-                    help="CUDA priority of the engine's coprocessor stream (Engine(coprocessor_priority=...))")
-    ap.add_argument("--coprocessor-graphs", action="store_true",
-                    help="run each prefix's coprocessor call as a CUDA graph replay (Engine(coprocessor_graphs=True))")
-    ap.add_argument("--compile-decode", default=None,
-                    help="torch.compile the slab's step with this backend (e.g. inductor) before recording it")
-    ap.add_argument("--switch-interval", type=float, default=None,
-                    help="sys.setswitchinterval(S) first: how long a Python thread may hold the interpreter while "
-                    "another waits (default 0.005 s); the engine loop and the coprocessor's thread share it")
-    ap.add_argument("--no-dynamic", action="store_true",
-                    help="skip the dynamic-path engine (static_batch=False) rows")
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="*",
+        default=[1, 8, 32],
+        help="concurrent requests for the tokens/s rows (at the first prompt length and N_L)",
+    )
+    ap.add_argument(
+        "--coprocessor-priority",
+        default="normal",
+        choices=("normal", "high"),
+        help="CUDA priority of the engine's coprocessor stream (Engine(coprocessor_priority=...))",
+    )
+    ap.add_argument(
+        "--coprocessor-graphs",
+        action="store_true",
+        help="run each prefix's coprocessor call as a CUDA graph replay (Engine(coprocessor_graphs=True))",
+    )
+    ap.add_argument(
+        "--compile-decode",
+        default=None,
+        help="torch.compile the slab's step with this backend (e.g. inductor) before recording it",
+    )
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval(S) first: how long a Python thread may hold the interpreter while "
+        "another waits (default 0.005 s); the engine loop and the coprocessor's thread share it",
+    )
+    ap.add_argument("--no-dynamic", action="store_true", help="skip the dynamic-path engine (static_batch=False) rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.tokens < 2:
@@ -246,9 +270,14 @@ def main() -> None:
     rows = []
     for n_latents in args.latents:
         model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=n_latents))
-        engine = Engine(model, default_deadline_s=60.0, max_batch=max([16, *args.concurrency]),
-                        compile_decode=args.compile_decode, coprocessor_priority=args.coprocessor_priority,
-                        coprocessor_graphs=args.coprocessor_graphs)
+        engine = Engine(
+            model,
+            default_deadline_s=60.0,
+            max_batch=max([16, *args.concurrency]),
+            compile_decode=args.compile_decode,
+            coprocessor_priority=args.coprocessor_priority,
+            coprocessor_graphs=args.coprocessor_graphs,
+        )
         for P in args.prompt_lens:
             prompt = torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P)).tolist()
             ids = torch.tensor([prompt], device=device)
@@ -276,11 +305,17 @@ def main() -> None:
                     row[f"{policy}_call_{part}"] = statistics.median(got) if got else None
             row["prefill_s"] = timed(lambda: engine.prefill(prompt), device, args.repeats)
             row["augment_s"] = timed(lambda: model.augment(ids), device, args.repeats) - row["prefill_s"]
-            cache_then_step = lambda: model.decode(  # noqa: E731
-                engine.prefill(prompt)[0], ids[:, -1:], len(prompt), logits_to_keep=1)
+            cache_then_step = (
+                lambda: model.decode(  # noqa: E731
+                    engine.prefill(prompt)[0], ids[:, -1:], len(prompt), logits_to_keep=1
+                )
+            )
             row["decode_token_s"] = timed(cache_then_step, device, args.repeats) - row["prefill_s"]
-            row["cot_equiv_s"] = timed(lambda: base.generate(ids, max_new_tokens=n_latents, min_new_tokens=n_latents,
-                                                             do_sample=False), device, args.repeats)
+            row["cot_equiv_s"] = timed(
+                lambda: base.generate(ids, max_new_tokens=n_latents, min_new_tokens=n_latents, do_sample=False),
+                device,
+                args.repeats,
+            )
             row["async_overhead_pct"] = 100 * (row["ttft_async_s"] / row["ttft_off_s"] - 1)
             row["async_total_overhead_pct"] = 100 * (row[f"t{args.tokens}_async_s"] / row[f"t{args.tokens}_off_s"] - 1)
             row["augment_vs_8_tokens"] = row["augment_s"] / (8 * max(row["decode_token_s"], 1e-9))
@@ -288,39 +323,48 @@ def main() -> None:
             row["hf_static_step_s"] = hf_static_step_s(base, ids, args.tokens, device, args.repeats)
             row["engine_vs_hf_static"] = row["engine_step_s"] / max(row["hf_static_step_s"], 1e-9)
             row["augment_in_steps"] = row["augment_s"] / max(row["engine_step_s"], 1e-9)
-            dynamic = None if args.no_dynamic else Engine(model, default_deadline_s=60.0,
-                                                          max_batch=engine.scheduler.max_batch, static_batch=False)
+            dynamic = (
+                None
+                if args.no_dynamic
+                else Engine(model, default_deadline_s=60.0, max_batch=engine.scheduler.max_batch, static_batch=False)
+            )
             static_tokens = engine.generate(prompt, args.tokens, policy="off")[0]
             if dynamic is not None:
                 runs = [request_times(dynamic, prompt, "off", args.tokens, device) for _ in range(args.repeats + 1)][1:]
                 row["engine_dynamic_step_s"] = statistics.median((r[1] - r[0]) / (args.tokens - 1) for r in runs)
-                row["static_agrees_tokens"] = leading_agreement(static_tokens, dynamic.generate(prompt, args.tokens,
-                                                                                                policy="off")[0])
-            hf_tokens = base.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                      do_sample=False)[0, P:].tolist()
+                row["static_agrees_tokens"] = leading_agreement(
+                    static_tokens, dynamic.generate(prompt, args.tokens, policy="off")[0]
+                )
+            hf_tokens = base.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)[
+                0, P:
+            ].tolist()
             row["hf_agrees_tokens"] = leading_agreement(static_tokens, hf_tokens)
             if engine.slab is not None:
                 row["slab_step_s"] = slab_step_s(engine, prompt, device)
                 row["cuda_graphs"], row["graphs_recorded"] = engine.slab.cuda_graphs, len(engine.slab.graphs)
             if n_latents == args.latents[0] and P == args.prompt_lens[0]:
                 for c in args.concurrency:
-                    prompts = [torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P + i)).tolist()
-                               for i in range(c)]
+                    prompts = [
+                        torch.randint(3, vocab, (P,), generator=torch.Generator().manual_seed(P + i)).tolist()
+                        for i in range(c)
+                    ]
                     for policy in ("off", "async"):
                         t_warm = time.perf_counter()
                         concurrent_tokens_per_s(engine, prompts, policy, 2, device)  # warm-up (and this batch shape)
                         wait_idle(engine)
                         row[f"warmup_c{c}_{policy}_s"] = time.perf_counter() - t_warm  # a new shape: its compile
                         infos, calls = [], engine.stats.insert_calls
-                        row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(engine, prompts, policy,
-                                                                                   args.tokens, device, infos)
+                        row[f"tokens_per_s_c{c}_{policy}"] = concurrent_tokens_per_s(
+                            engine, prompts, policy, args.tokens, device, infos
+                        )
                         if policy == "async":  # how many went in, and what each insertion cost the loop
                             inserts = [i["insert_s"] for i in infos if "insert_s" in i]
                             row[f"augmented_c{c}_async"] = sum(i.get("outcome") == "augmented" for i in infos)
                             row[f"augmented_steps_c{c}_async"] = sum(i["augmented"] for i in infos)  # the same, seen
                             # from the tokens: the last one came from an augmented cache
-                            row[f"outcomes_c{c}_async"] = dict(collections.Counter(str(i.get("outcome"))
-                                                                                   for i in infos))
+                            row[f"outcomes_c{c}_async"] = dict(
+                                collections.Counter(str(i.get("outcome")) for i in infos)
+                            )
                             # the decoder calls that inserted them (requests whose latents the loop found ready
                             # together, after as many tokens, share one)
                             row[f"insert_calls_c{c}_async"] = engine.stats.insert_calls - calls
@@ -330,8 +374,9 @@ def main() -> None:
                             row[f"insert_total_s_c{c}_async"] = sum(inserts)
                         row[f"compiles_c{c}_{policy}"] = compiled_graphs()
                     if dynamic is not None:
-                        row[f"tokens_per_s_c{c}_off_dynamic"] = concurrent_tokens_per_s(dynamic, prompts, "off",
-                                                                                        args.tokens, device)
+                        row[f"tokens_per_s_c{c}_off_dynamic"] = concurrent_tokens_per_s(
+                            dynamic, prompts, "off", args.tokens, device
+                        )
                 if engine.slab is not None:  # still replaying graphs after the batches grew the slab?
                     row["cuda_graphs_after_concurrency"] = engine.slab.cuda_graphs
                     row["graphs_recorded_after_concurrency"] = len(engine.slab.graphs)
@@ -348,10 +393,16 @@ def main() -> None:
             if args.out:  # after every row: a run cut short keeps what it measured
                 Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
         engine.close()
-    result = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "attn": base.config._attn_implementation, "compile_decode": args.compile_decode,
-              "coprocessor_priority": args.coprocessor_priority, "coprocessor_graphs": args.coprocessor_graphs,
-              "switch_interval_s": sys.getswitchinterval(), "rows": rows}
+    result = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "attn": base.config._attn_implementation,
+        "compile_decode": args.compile_decode,
+        "coprocessor_priority": args.coprocessor_priority,
+        "coprocessor_graphs": args.coprocessor_graphs,
+        "switch_interval_s": sys.getswitchinterval(),
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

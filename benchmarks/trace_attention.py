@@ -44,8 +44,12 @@ from cacheaug.families import FULL, SLIDING, Family
 from cacheaug.masks import dense_mask, trace_layout
 from cacheaug.windows import TraceKeys, trace_attention, trace_keys
 
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 class _Layer:  # what trace_attention reads from the attention module
@@ -57,6 +61,7 @@ def _time(fn, steps: int, device) -> float:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
     fn()
     sync()
     t0 = time.perf_counter()
@@ -114,12 +119,19 @@ def main() -> None:
     ap.add_argument("--block", type=int, nargs="+", default=[31, 16], help="queries per trace (decoder, coprocessor)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[8])
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--kernel-tiles", nargs="+", default=["64,64,4,2"],
-                    help="tile settings of the forward kernel, each timed alone (no gradient): "
-                    "BLOCK_M,BLOCK_N,num_warps,num_stages each")
-    ap.add_argument("--kernel-backward-tiles", nargs="+", default=["64,32,4,2"],
-                    help="tile settings of the backward kernel, each timed as forward + backward with the default "
-                    "forward settings")
+    ap.add_argument(
+        "--kernel-tiles",
+        nargs="+",
+        default=["64,64,4,2"],
+        help="tile settings of the forward kernel, each timed alone (no gradient): "
+        "BLOCK_M,BLOCK_N,num_warps,num_stages each",
+    )
+    ap.add_argument(
+        "--kernel-backward-tiles",
+        nargs="+",
+        default=["64,32,4,2"],
+        help="tile settings of the backward kernel, each timed as forward + backward with the default forward settings",
+    )
     ap.add_argument("--kernel-only", action="store_true", help="time the kernel rows alone (no sdpa layouts)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,9 +147,16 @@ def main() -> None:
 
     def save() -> None:
         if args.out:
-            result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "torch": torch.__version__, "batch": B, "seq_len": T, "traces": K, "window": args.window,
-                      "rows": rows, "launch_configs": prefix_attention.launch_configs()}
+            result = {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "batch": B,
+                "seq_len": T,
+                "traces": K,
+                "window": args.window,
+                "rows": rows,
+                "launch_configs": prefix_attention.launch_configs(),
+            }
             atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     def emit(row: dict) -> None:
@@ -153,8 +172,9 @@ def main() -> None:
                 layout = trace_layout(positions.reshape(B * n, C), T, L)
                 mask = dense_mask(layout, window)
                 q = torch.randn(B * n, H, C * L, D, generator=g).to(device, dtype).requires_grad_()
-                blk_k, blk_v = (torch.randn(B * n, H_kv, C * L, D, generator=g).to(device, dtype).requires_grad_()
-                                for _ in range(2))
+                blk_k, blk_v = (
+                    torch.randn(B * n, H_kv, C * L, D, generator=g).to(device, dtype).requires_grad_() for _ in range(2)
+                )
 
                 def run_chunk():
                     k = torch.cat([text_k.repeat_interleave(n, 0), blk_k], 2).repeat_interleave(H // H_kv, 1)
@@ -162,30 +182,53 @@ def main() -> None:
                     F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
 
                 kernel, s = _best_kernel(run_chunk, args.steps, device)
-                emit({"layout": f"chunk {C}", "layer": layer_type, "L": L, "keys_per_row": T + C * L,
-                      "kernel": kernel, "ms": round(1e3 * s, 3)})
+                emit(
+                    {
+                        "layout": f"chunk {C}",
+                        "layer": layer_type,
+                        "L": L,
+                        "keys_per_row": T + C * L,
+                        "kernel": kernel,
+                        "ms": round(1e3 * s, 3),
+                    }
+                )
             for C in [1] + (args.chunks if window is None and not args.kernel_only else []):  # full: C a row
                 keys: TraceKeys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C)[layer_type]
                 # laid out as the model's projections [N, L, heads, D], transposed (as transformers passes them)
                 q = torch.randn(B * K, L, H, D, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
-                blk_k, blk_v = (torch.randn(B * K, L, H_kv, D, generator=g).to(device, dtype).transpose(1, 2)
-                                .requires_grad_()
-                                for _ in range(2))
+                blk_k, blk_v = (
+                    torch.randn(B * K, L, H_kv, D, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+                    for _ in range(2)
+                )
 
                 def run_windows():
                     trace_attention(_Layer(0), q, blk_k, blk_v, keys)[0].sum().backward()
 
                 if not args.kernel_only:
                     kernel, s = _best_kernel(run_windows, args.steps, device)
-                    emit({"layout": "windows" if C == 1 else f"windows, chunk {C}", "layer": layer_type, "L": L,
-                          "keys_per_row": keys.mask.shape[-1], "kernel": kernel, "ms": round(1e3 * s, 3)})
+                    emit(
+                        {
+                            "layout": "windows" if C == 1 else f"windows, chunk {C}",
+                            "layer": layer_type,
+                            "L": L,
+                            "keys_per_row": keys.mask.shape[-1],
+                            "kernel": kernel,
+                            "ms": round(1e3 * s, 3),
+                        }
+                    )
                 keys = trace_keys([(text_k, text_v)], positions, L, family, H // H_kv, C, kernel=True)[layer_type]
-                base = {"layout": "kernel" if C == 1 else f"kernel, chunk {C}", "layer": layer_type, "L": L,
-                        "keys_per_row": keys.bias.shape[-1],
-                        "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1),
-                        "mean_text_keys_unmasked": round(float((keys.full[:, 1] - keys.full[:, 0]).float().mean()), 1)}
-                fwd, wide, bwd = (dict(c) for c in (prefix_attention.CONFIG, prefix_attention.WIDE_CONFIG,
-                                                    prefix_attention.BACKWARD_CONFIG))
+                base = {
+                    "layout": "kernel" if C == 1 else f"kernel, chunk {C}",
+                    "layer": layer_type,
+                    "L": L,
+                    "keys_per_row": keys.bias.shape[-1],
+                    "mean_text_keys_read": round(float((keys.hi - keys.lo).float().mean()), 1),
+                    "mean_text_keys_unmasked": round(float((keys.full[:, 1] - keys.full[:, 0]).float().mean()), 1),
+                }
+                fwd, wide, bwd = (
+                    dict(c)
+                    for c in (prefix_attention.CONFIG, prefix_attention.WIDE_CONFIG, prefix_attention.BACKWARD_CONFIG)
+                )
                 sweep = [("forward", t) for t in args.kernel_tiles]
                 sweep += [("forward+backward", t) for t in args.kernel_backward_tiles]
                 if not args.kernel_only:  # the default settings, `full` not given
@@ -196,11 +239,22 @@ def main() -> None:
                         prefix_attention.CONFIG.update(fwd)
                         prefix_attention.WIDE_CONFIG.update(wide)
                         prefix_attention.BACKWARD_CONFIG.update(bwd)
-                        s = _time(lambda: trace_attention(_Layer(0), q, blk_k, blk_v, run_keys)[0].sum().backward(),
-                                  args.steps, device)
-                        emit({**base, "pass": passes, "kernel": "triton (defaults)" if
-                              prefix_attention.kernel_available(q) else "torch reference",
-                              "ms": round(1e3 * s, 3), **_kernel_diffs(q, blk_k, blk_v, run_keys)})
+                        s = _time(
+                            lambda: trace_attention(_Layer(0), q, blk_k, blk_v, run_keys)[0].sum().backward(),
+                            args.steps,
+                            device,
+                        )
+                        emit(
+                            {
+                                **base,
+                                "pass": passes,
+                                "kernel": "triton (defaults)"
+                                if prefix_attention.kernel_available(q)
+                                else "torch reference",
+                                "ms": round(1e3 * s, 3),
+                                **_kernel_diffs(q, blk_k, blk_v, run_keys),
+                            }
+                        )
                         continue
                     bm, bn, warps, stages = (int(x) for x in tiles.split(","))
                     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -218,9 +272,18 @@ def main() -> None:
                     s = _time(run_kernel, args.steps, device)
                     diffs = _kernel_diffs(q, blk_k, blk_v, keys)  # at this row's settings
                     ran = _launched("forward" if passes == "forward" else "backward", tiles)
-                    emit({**base, "pass": passes,
-                          "kernel": ("triton " + tiles) if prefix_attention.kernel_available(q) else "torch reference",
-                          **({"launched": ran} if ran else {}), "ms": round(1e3 * s, 3), **diffs})
+                    emit(
+                        {
+                            **base,
+                            "pass": passes,
+                            "kernel": ("triton " + tiles)
+                            if prefix_attention.kernel_available(q)
+                            else "torch reference",
+                            **({"launched": ran} if ran else {}),
+                            "ms": round(1e3 * s, 3),
+                            **diffs,
+                        }
+                    )
                 prefix_attention.CONFIG.update(fwd)
                 prefix_attention.WIDE_CONFIG.update(wide)
                 prefix_attention.BACKWARD_CONFIG.update(bwd)

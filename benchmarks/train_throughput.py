@@ -43,17 +43,24 @@ from pathlib import Path
 
 import torch
 
-from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model, load_base_model
+from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model, load_base_model, speed
 from cacheaug.evaluate import autocast_for
 from cacheaug.masks import stratified_positions
-from cacheaug import speed
 from cacheaug.speed import allow_recompiles, apply_speed_options
 from cacheaug.testing import random_gemma3_270m, tiny_model
 from cacheaug.train import master_fp32, shard_coprocessor
 
 PEAK_BF16 = 790e12
-SPEED_KEYS = ("compile_mlp", "compile_masks", "compile_step", "trace_groups", "trace_chunk", "trace_windows",
-              "trace_kernel", "rope_table")
+SPEED_KEYS = (
+    "compile_mlp",
+    "compile_masks",
+    "compile_step",
+    "trace_groups",
+    "trace_chunk",
+    "trace_windows",
+    "trace_kernel",
+    "rope_table",
+)
 
 
 # Where a profiled step's device time goes: kernel names (torch.profiler's keys; first match wins) -> kind
@@ -75,7 +82,11 @@ def profile_kind(name: str) -> str | None:
     """The kind of a profiled kernel, "other" for the rest, None for a region that encloses kernels (a
     ``## Call CompiledFxGraph`` annotation, a profiler step: counting it too would count its kernels twice) and for
     a CUDA runtime event (``cuda*`` calls, ``HOST_EVENTS``), which is no device work."""
-    if name.startswith("## ") or name.startswith("ProfilerStep") or name in ("CompiledFunction", "CompiledFunctionBackward"):
+    if (
+        name.startswith("## ")
+        or name.startswith("ProfilerStep")
+        or name in ("CompiledFunction", "CompiledFunctionBackward")
+    ):
         return None
     if name in HOST_EVENTS or name.startswith("cuda"):
         return None
@@ -113,7 +124,7 @@ def breakdown_of_table(text: str, steps: int = 2) -> dict:
     columns = re.split(r"\s{2,}", lines[header].strip())
     column = columns.index("Self CUDA") if "Self CUDA" in columns else columns.index("Self CPU")
     times, total = [], None
-    for line in lines[header + 2:]:
+    for line in lines[header + 2 :]:
         if line.startswith("---"):
             continue
         if not line.strip():
@@ -136,8 +147,12 @@ def step_flops(model: CacheAugmentedLM, B: int, T: int, K: int) -> float:
     V, D = emb.shape
     N = sum(p.numel() for p in model.base.parameters()) - emb.numel()
     N_c = sum(p.numel() for p in model.trainable_parameters())
-    return (2 * N * B * T + 6 * N_c * B * K * cfg.n_latents + 4 * N * B * K * (cfg.n_latents + cfg.n_ahead - 1)
-            + (6 if model.recompute_loss else 4) * V * D * B * K * cfg.n_ahead)
+    return (
+        2 * N * B * T
+        + 6 * N_c * B * K * cfg.n_latents
+        + 4 * N * B * K * (cfg.n_latents + cfg.n_ahead - 1)
+        + (6 if model.recompute_loss else 4) * V * D * B * K * cfg.n_ahead
+    )
 
 
 # the fastest setup measured on one H200 (docs/performance.md, "Session 24"): the compiled step replayed as CUDA graphs,
@@ -207,20 +222,32 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         breakdown = profile_breakdown([(e.key, getattr(e, attr, 0.0)) for e in table], steps=2)
-        Path(profile).write_text(table.table(sort_by=sort, row_limit=120) + "\n\nby host time:\n"
-                                 + table.table(sort_by="self_cpu_time_total", row_limit=25)
-                                 + "\n\nms per step by kind (" + ("device" if device.type == "cuda" else "host")
-                                 + " time):\n" + json.dumps(breakdown, indent=1) + "\n")
+        Path(profile).write_text(
+            table.table(sort_by=sort, row_limit=120)
+            + "\n\nby host time:\n"
+            + table.table(sort_by="self_cpu_time_total", row_limit=25)
+            + "\n\nms per step by kind ("
+            + ("device" if device.type == "cuda" else "host")
+            + " time):\n"
+            + json.dumps(breakdown, indent=1)
+            + "\n"
+        )
     t0 = time.perf_counter()
     for _ in range(steps):
         one_step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    row = {"K": K, "loop": loop, "seconds_per_step": round(dt, 4), "text_tokens_per_s": round(B * T / dt),
-           "traces_per_s": round(B * K / dt, 1), "first_step_s": round(first_step_s, 2),
-           "first_loss": round(first_loss, 6),
-           **({"profile_ms_per_step": breakdown} if breakdown else {})}  # insertion points trained per second: what the method learns from
+    row = {
+        "K": K,
+        "loop": loop,
+        "seconds_per_step": round(dt, 4),
+        "text_tokens_per_s": round(B * T / dt),
+        "traces_per_s": round(B * K / dt, 1),
+        "first_step_s": round(first_step_s, 2),
+        "first_loss": round(first_loss, 6),
+        **({"profile_ms_per_step": breakdown} if breakdown else {}),
+    }  # insertion points trained per second: what the method learns from
     if model.arm.has_latents:  # the count below is for a coprocessor (pause: N_c ~ 0)
         flops = step_flops(model, B, T, K)
         row.update(counted_gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / dt / 1e12, 4))
@@ -284,13 +311,23 @@ def measure_ddp(args, variant: str, K: int, single: dict, parallel: str = "ddp")
         ranks = json.loads(Path(out).read_text())
     dt = max(r["seconds_per_step"] for r in ranks)  # the step ends when the slowest rank's all-reduce does
     traces = round(args.world * args.batch * K / dt, 1)
-    return {"variant": variant, "config": f"copy:{args.n_latents} {parallel}", "K": K, "world": args.world,
-            "per_device_batch": args.batch, "seconds_per_step": round(dt, 4), "traces_per_s": traces,
-            "text_tokens_per_s": round(args.world * args.batch * args.seq_len / dt),
-            "scaling_vs_one": round(traces / single["traces_per_s"], 3),
-            "first_step_s": max(r["first_step_s"] for r in ranks),
-            **({"peak_mem_incl_warmup_gib": max(r["peak_mem_incl_warmup_gib"] for r in ranks)}
-               if "peak_mem_incl_warmup_gib" in ranks[0] else {})}
+    return {
+        "variant": variant,
+        "config": f"copy:{args.n_latents} {parallel}",
+        "K": K,
+        "world": args.world,
+        "per_device_batch": args.batch,
+        "seconds_per_step": round(dt, 4),
+        "traces_per_s": traces,
+        "text_tokens_per_s": round(args.world * args.batch * args.seq_len / dt),
+        "scaling_vs_one": round(traces / single["traces_per_s"], 3),
+        "first_step_s": max(r["first_step_s"] for r in ranks),
+        **(
+            {"peak_mem_incl_warmup_gib": max(r["peak_mem_incl_warmup_gib"] for r in ranks)}
+            if "peak_mem_incl_warmup_gib" in ranks[0]
+            else {}
+        ),
+    }
 
 
 def cached_repeat(args, variant: str, cache: str) -> dict:
@@ -303,12 +340,39 @@ def cached_repeat(args, variant: str, cache: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "repeat.json"
-        cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--variants", variant,
-               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--traces", str(args.traces[0]),
-               "--n-latents", str(args.n_latents), "--n-ahead", str(args.n_ahead), "--steps", "1", "--warmup", "1",
-               "--compile-cache", cache, "--out", str(out)]
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
-               "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--variants",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--seq-len",
+            str(args.seq_len),
+            "--traces",
+            str(args.traces[0]),
+            "--n-latents",
+            str(args.n_latents),
+            "--n-ahead",
+            str(args.n_ahead),
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--compile-cache",
+            cache,
+            "--out",
+            str(out),
+        ]
+        env = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
+            "TRITON_CACHE_DIR": str(Path(tmp) / "triton"),
+        }
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
         report = json.loads(out.read_text())
     row = report["rows"][0]
@@ -340,13 +404,21 @@ def build(base, args, K, init="copy", n_latents=None, keep_logits=False):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m', 'random-270m' (its architecture at "
-                    "random weights, for timing: nothing to stage) or 'tiny' (random 3-layer Gemma-3)")
+    ap.add_argument(
+        "--model",
+        default="gemma-3-270m",
+        help="'gemma-3-270m', 'random-270m' (its architecture at "
+        "random weights, for timing: nothing to stage) or 'tiny' (random 3-layer Gemma-3)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", nargs="+", default=None,
-                    help="implementation variants timed at the first K, e.g. flex sdpa flex+masks flex+masks+mlp "
-                    "(default: on a GPU the fastest setup measured, sdpa+graphs+keeplogits+k+r; on the CPU sdpa); the "
-                    "fastest one runs everything else")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="implementation variants timed at the first K, e.g. flex sdpa flex+masks flex+masks+mlp "
+        "(default: on a GPU the fastest setup measured, sdpa+graphs+keeplogits+k+r; on the CPU sdpa); the "
+        "fastest one runs everything else",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--traces", type=int, nargs="+", default=[16])
@@ -355,28 +427,60 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compare-loop", action="store_true", help="also time a per-trace loop at the first K")
-    ap.add_argument("--configs", nargs="*", default=[],
-                    help="also time other inits at the first K, as INIT:N_L (e.g. pause:16 lora-decoder:16 copy:64): "
-                    "the step times the evaluation runs are sized from")
-    ap.add_argument("--batches", type=int, nargs="*", default=[],
-                    help="also time the canonical config at these batch sizes (the step is launch-bound: larger "
-                    "batches raise tokens/s until the arithmetic takes over)")
-    ap.add_argument("--profile", default=None, help="write a torch.profiler table of two canonical steps here, and "
-                    "the ms per step by kind (trace kernel, matrix products, loss, ...) in the row")
-    ap.add_argument("--breakdown", default=None, metavar="TABLE",
-                    help="print the ms per step by kind of a table written by --profile (two steps) and exit")
-    ap.add_argument("--compile-cache", default=None,
-                    help="load torch.compile artifacts from this file first (if it exists) and save this run's there")
-    ap.add_argument("--cached-repeat", action="store_true",
-                    help="time the best variant's first step again in a fresh process with empty compiler caches and "
-                    "this run's compile artifacts (--compile-cache, or a temporary file)")
-    ap.add_argument("--world", type=int, default=1,
-                    help="also time DDP over this many devices (processes) at the same per-device batch (GPU: NCCL, "
-                    "one GPU each; CPU: gloo)")
-    ap.add_argument("--parallel", nargs="+", choices=["ddp", "fsdp"], default=["ddp"],
-                    help="with --world > 1: how the coprocessor is spread, each timed in turn: replicated with "
-                    "gradients all-reduced (ddp) and/or sharded per layer with FSDP2 (fsdp; the coprocessor's "
-                    "weights, gradients and optimizer state split over the devices)")
+    ap.add_argument(
+        "--configs",
+        nargs="*",
+        default=[],
+        help="also time other inits at the first K, as INIT:N_L (e.g. pause:16 lora-decoder:16 copy:64): "
+        "the step times the evaluation runs are sized from",
+    )
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the canonical config at these batch sizes (the step is launch-bound: larger "
+        "batches raise tokens/s until the arithmetic takes over)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="write a torch.profiler table of two canonical steps here, and "
+        "the ms per step by kind (trace kernel, matrix products, loss, ...) in the row",
+    )
+    ap.add_argument(
+        "--breakdown",
+        default=None,
+        metavar="TABLE",
+        help="print the ms per step by kind of a table written by --profile (two steps) and exit",
+    )
+    ap.add_argument(
+        "--compile-cache",
+        default=None,
+        help="load torch.compile artifacts from this file first (if it exists) and save this run's there",
+    )
+    ap.add_argument(
+        "--cached-repeat",
+        action="store_true",
+        help="time the best variant's first step again in a fresh process with empty compiler caches and "
+        "this run's compile artifacts (--compile-cache, or a temporary file)",
+    )
+    ap.add_argument(
+        "--world",
+        type=int,
+        default=1,
+        help="also time DDP over this many devices (processes) at the same per-device batch (GPU: NCCL, "
+        "one GPU each; CPU: gloo)",
+    )
+    ap.add_argument(
+        "--parallel",
+        nargs="+",
+        choices=["ddp", "fsdp"],
+        default=["ddp"],
+        help="with --world > 1: how the coprocessor is spread, each timed in turn: replicated with "
+        "gradients all-reduced (ddp) and/or sharded per layer with FSDP2 (fsdp; the coprocessor's "
+        "weights, gradients and optimizer state split over the devices)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.breakdown:
@@ -386,9 +490,15 @@ def main() -> None:
     if args.model == "tiny":
         args.seq_len = min(args.seq_len, 128)
     variants = args.variants or ([FASTEST] if device.type == "cuda" else ["sdpa"])
-    meta = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "batch": args.batch, "seq_len": args.seq_len, "n_latents": args.n_latents, "n_ahead": args.n_ahead,
-            "torch": torch.__version__}
+    meta = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "n_latents": args.n_latents,
+        "n_ahead": args.n_ahead,
+        "torch": torch.__version__,
+    }
 
     def save(best_name=None):  # after every row: a run cut short by a time limit keeps what it measured
         if args.out:
@@ -411,8 +521,11 @@ def main() -> None:
             model = build(base, args, K0, keep_logits=v["keep_logits"])
             apply_speed_options(model, **{k: v[k] for k in SPEED_KEYS})
             t0 = time.perf_counter()
-            row = {"variant": name, "config": f"copy:{args.n_latents}",
-                   **measure(model, args.batch, args.seq_len, K0, args.steps, args.warmup)}
+            row = {
+                "variant": name,
+                "config": f"copy:{args.n_latents}",
+                **measure(model, args.batch, args.seq_len, K0, args.steps, args.warmup),
+            }
             row["wall_s_incl_compile"] = round(time.perf_counter() - t0, 1)
         except Exception as err:  # one broken variant must not lose the others' figures
             row = {"variant": name, "error": f"{type(err).__name__}: {err}"[:500]}
@@ -431,8 +544,11 @@ def main() -> None:
     def timed(K, init="copy", n_latents=None, label="", **kw):
         model = build(base, args, K, init, n_latents, keep_logits=v["keep_logits"])
         apply_speed_options(model, **{k: v[k] for k in SPEED_KEYS})
-        row = {"variant": name, "config": f"{init}:{n_latents or args.n_latents}{label}",
-               **measure(model, args.batch, args.seq_len, K, **kw)}
+        row = {
+            "variant": name,
+            "config": f"{init}:{n_latents or args.n_latents}{label}",
+            **measure(model, args.batch, args.seq_len, K, **kw),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
         save(name)
@@ -477,8 +593,11 @@ def main() -> None:
             try:
                 row = measure_ddp(args, name, K0, best[1], parallel)
             except Exception as err:  # a failed FSDP2 run must not lose the DDP row
-                row = {"variant": name, "config": f"copy:{args.n_latents} {parallel}",
-                       "error": f"{type(err).__name__}: {err}"[:500]}
+                row = {
+                    "variant": name,
+                    "config": f"copy:{args.n_latents} {parallel}",
+                    "error": f"{type(err).__name__}: {err}"[:500],
+                }
             print(json.dumps(row), flush=True)
             rows.append(row)
             save(name)

@@ -1,6 +1,6 @@
 """Documents, characters and Gemma 3 tokens per source of the built default corpus (the README's table).
 
-    cacheaug data prepare && python experiments/corpus_stats.py
+cacheaug data prepare && python experiments/corpus_stats.py
 """
 
 import gzip
@@ -13,8 +13,9 @@ tok = load_gemma3_tokenizer()
 total = [0, 0, 0]
 for name in DEFAULT_PACKAGES:
     docs = [json.loads(line)["text"] for line in gzip.open(default_dir() / f"{name}.jsonl.gz", "rt")]
-    tokens = sum(sum(map(len, tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]))
-                 for i in range(0, len(docs), 256))
+    tokens = sum(
+        sum(map(len, tok(docs[i : i + 256], add_special_tokens=False)["input_ids"])) for i in range(0, len(docs), 256)
+    )
     row = [len(docs), sum(map(len, docs)), tokens]
     total = [a + b for a, b in zip(total, row)]
     print(f"{name:8s} documents {row[0]:6d}  characters {row[1]:11,d}  tokens {row[2]:11,d}")

@@ -62,14 +62,25 @@ def main() -> None:
     cfg = CoprocessorConfig(3, 4, 4) if args.model == "tiny" else CoprocessorConfig(16, 16, 16)  # canonical N_L, N_A, K
     g = torch.Generator().manual_seed(0)
     vocab = base.get_input_embeddings().weight.shape[0]
-    batches = [(torch.randint(3, vocab, (args.batch, args.seq_len), generator=g).to(device),
-                stratified_positions(args.batch, args.seq_len - cfg.n_ahead, cfg.n_traces, args.trace_groups, g))
-               for _ in range(args.steps)]
+    batches = [
+        (
+            torch.randint(3, vocab, (args.batch, args.seq_len), generator=g).to(device),
+            stratified_positions(args.batch, args.seq_len - cfg.n_ahead, cfg.n_traces, args.trace_groups, g),
+        )
+        for _ in range(args.steps)
+    ]
     model = build_model(base, cfg, check_finite=False)
     master_fp32(model)
     apply_speed_options(model, trace_groups=args.trace_groups)
     start = copy.deepcopy(model.coprocessor.state_dict())
-    res = {"model": args.model, "trace_groups": args.trace_groups, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "torch": torch.__version__}
+    res = {
+        "model": args.model,
+        "trace_groups": args.trace_groups,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "torch": torch.__version__,
+    }
     t0 = time.perf_counter()
     res["eager"] = {"losses": run(model, batches, args.lr), "seconds": round(time.perf_counter() - t0, 1)}
     final = {k: v.detach().clone() for k, v in model.coprocessor.state_dict().items()}
@@ -85,9 +96,13 @@ def main() -> None:
         params = model.coprocessor.state_dict()
         diff = max(float((params[k].float() - final[k].float()).abs().max()) for k in final)
         scale = max(float(final[k].float().abs().max()) for k in final)
-        res[mode] = {"losses": losses, "seconds_incl_compile": round(time.perf_counter() - t0, 1),
-                     "max_loss_diff_vs_eager": max(abs(a - b) for a, b in zip(losses, res["eager"]["losses"])),
-                     "max_param_diff_vs_eager": diff, "max_abs_param": scale}
+        res[mode] = {
+            "losses": losses,
+            "seconds_incl_compile": round(time.perf_counter() - t0, 1),
+            "max_loss_diff_vs_eager": max(abs(a - b) for a, b in zip(losses, res["eager"]["losses"])),
+            "max_param_diff_vs_eager": diff,
+            "max_abs_param": scale,
+        }
         print(mode, res[mode], flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 

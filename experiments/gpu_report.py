@@ -36,11 +36,33 @@ RUNS = {
     "scratch16": ({"init": "scratch", "n_latents": 16}, "scratch:16"),
     "lora16": ({"init": "lora", "n_latents": 16, "lora_rank": 64, "lr": 3e-4}, "lora:16"),
 }
-COMMON = {"model": "gemma-3-270m", "data": ["default"], "seq_len": 1024, "batch_size": 8, "n_traces": 16,
-          "n_ahead": 16, "lr": 1e-4, "soft_token_lr": 1e-2, "eval_sequences": 32, "log_every": 10, "save_every": 0,
-          "keep_last": 1, "seed": 0}
-DOWNSTREAM = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "piqa", "boolq", "mmlu", "gsm8k",
-              "minerva_math_algebra", "minerva_math_prealgebra"]
+COMMON = {
+    "model": "gemma-3-270m",
+    "data": ["default"],
+    "seq_len": 1024,
+    "batch_size": 8,
+    "n_traces": 16,
+    "n_ahead": 16,
+    "lr": 1e-4,
+    "soft_token_lr": 1e-2,
+    "eval_sequences": 32,
+    "log_every": 10,
+    "save_every": 0,
+    "keep_last": 1,
+    "seed": 0,
+}
+DOWNSTREAM = [
+    "arc_easy",
+    "arc_challenge",
+    "hellaswag",
+    "winogrande",
+    "piqa",
+    "boolq",
+    "mmlu",
+    "gsm8k",
+    "minerva_math_algebra",
+    "minerva_math_prealgebra",
+]
 
 
 def _flag(name: str) -> str:
@@ -83,9 +105,15 @@ def plan_steps(calib: Path | None, budget_s: float, gain: float, gpus: int = 1) 
     bench = json.loads(calib.read_text())
     name = bench["best_variant"]
     v = parse_variant(name)
-    variant = {"attn_implementation": v["attn"], **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step", "trace_groups")}}
-    times = {r["config"]: r["seconds_per_step"] for r in bench["rows"]
-             if r.get("variant") == name and not r.get("loop") and r.get("K") == 16 and "seconds_per_step" in r}
+    variant = {
+        "attn_implementation": v["attn"],
+        **{k: v[k] for k in ("compile_mlp", "compile_masks", "compile_step", "trace_groups")},
+    }
+    times = {
+        r["config"]: r["seconds_per_step"]
+        for r in bench["rows"]
+        if r.get("variant") == name and not r.get("loop") and r.get("K") == 16 and "seconds_per_step" in r
+    }
     times = {cfg: times.get(cfg, max(times.values())) for _, cfg in RUNS.values()}
     placement = assign_gpus(times, gpus)
     busiest = max(sum(times[RUNS[r][1]] for r in RUNS if placement[r] == g) for g in set(placement.values()))
@@ -101,26 +129,45 @@ def train_all(args) -> None:
         steps = args.steps
     runs_dir = WORK / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    plan = {"steps": steps, "tokens_per_run": steps * COMMON["batch_size"] * COMMON["seq_len"], "variant": variant,
-            "step_times_alone_s": times, "budget_s": args.budget_s, "gain": args.gain, "gpus": gpus,
-            "placement": placement, "runs": {}}
+    plan = {
+        "steps": steps,
+        "tokens_per_run": steps * COMMON["batch_size"] * COMMON["seq_len"],
+        "variant": variant,
+        "step_times_alone_s": times,
+        "budget_s": args.budget_s,
+        "gain": args.gain,
+        "gpus": gpus,
+        "placement": placement,
+        "runs": {},
+    }
     procs = {}
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     overrides = dict(kv.split("=", 1) for kv in args.set)
     for name, (opts, _) in RUNS.items():
         if args.only and name not in args.only:
             continue
-        cfg = {**COMMON, **variant, **opts, **overrides, "out_dir": str(runs_dir / name), "max_steps": steps,
-               "warmup_steps": max(10, steps // 10), "eval_every": max(10, steps // 5),
-               "max_minutes": args.budget_s / 60}
+        cfg = {
+            **COMMON,
+            **variant,
+            **opts,
+            **overrides,
+            "out_dir": str(runs_dir / name),
+            "max_steps": steps,
+            "warmup_steps": max(10, steps // 10),
+            "eval_every": max(10, steps // 5),
+            "max_minutes": args.budget_s / 60,
+        }
         plan["runs"][name] = cfg
         cmd = [sys.executable, "-m", "cacheaug", "train", *_train_cmd(cfg)]
         log = open(runs_dir / f"{name}.log", "w")
         run_env = {**env, "CUDA_VISIBLE_DEVICES": str(placement[name])} if gpus > 1 else env
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env), log)
     print(f"train: placement {placement}")
-    print(f"train: {len(procs)} runs of {steps} steps ({plan['tokens_per_run'] / 1e6:.2f}M tokens each), "
-          f"variant {variant}", flush=True)
+    print(
+        f"train: {len(procs)} runs of {steps} steps ({plan['tokens_per_run'] / 1e6:.2f}M tokens each), "
+        f"variant {variant}",
+        flush=True,
+    )
     deadline = time.time() + args.budget_s + args.grace_s
     while any(p.poll() is None for p, _ in procs.values()) and time.time() < deadline:
         time.sleep(5)
@@ -144,16 +191,28 @@ def collect_runs(plan: dict, runs_dir: Path, out: Path) -> None:
         d = runs_dir / name
         ckpts = sorted(d.glob("step_*/trainer_state.json"))
         state = json.loads(ckpts[-1].read_text()) if ckpts else {}
-        metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] if (d / "metrics.jsonl").is_file() else []
+        metrics = (
+            [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            if (d / "metrics.jsonl").is_file()
+            else []
+        )
         log = (runs_dir / f"{name}.log").read_text(errors="replace") if (runs_dir / f"{name}.log").is_file() else ""
-        report["results"][name] = {"checkpoint": str(ckpts[-1].parent) if ckpts else None, "step": state.get("step"),
-                                   "tokens_seen": state.get("tokens_seen"), "stopped_early": state.get("stopped_early"),
-                                   "metrics": metrics, "log_tail": log[-3000:]}
+        report["results"][name] = {
+            "checkpoint": str(ckpts[-1].parent) if ckpts else None,
+            "step": state.get("step"),
+            "tokens_seen": state.get("tokens_seen"),
+            "stopped_early": state.get("stopped_early"),
+            "metrics": metrics,
+            "log_tail": log[-3000:],
+        }
         last = [m for m in metrics if "loss" in m][-1:] or [{}]
         ev = [m for m in metrics if "eval_loss" in m][-1:] or [{}]
-        print(f"{name:10s} step {state.get('step')} tokens {state.get('tokens_seen')} loss {last[0].get('loss')} "
-              f"tok/s {last[0].get('tokens_per_s')} eval offsets 1/4/16: "
-              f"{[round(ev[0].get(f'eval_rel_ppl_offset_{o}', float('nan')), 1) for o in (1, 4, 16)]}", flush=True)
+        print(
+            f"{name:10s} step {state.get('step')} tokens {state.get('tokens_seen')} loss {last[0].get('loss')} "
+            f"tok/s {last[0].get('tokens_per_s')} eval offsets 1/4/16: "
+            f"{[round(ev[0].get(f'eval_rel_ppl_offset_{o}', float('nan')), 1) for o in (1, 4, 16)]}",
+            flush=True,
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_runs.json").write_text(json.dumps(report, indent=1) + "\n")
 
@@ -185,14 +244,21 @@ def downstream(args) -> None:
         from lm_eval.tasks import TaskManager
 
         task_names = [f"cacheaug_{t}" if (folder / f"{t}.yaml").is_file() else f"cacheaug_{t}_bpb" for t in names]
-        res = simple_evaluate(model=lm, tasks=task_names, task_manager=TaskManager(include_path=str(folder)),
-                              log_samples=False)
+        res = simple_evaluate(
+            model=lm, tasks=task_names, task_manager=TaskManager(include_path=str(folder)), log_samples=False
+        )
         results, how = res["results"], "lm_eval.simple_evaluate"
     except ImportError as err:
         print(f"downstream: lm-eval cannot load its datasets ({err}); scoring directly", flush=True)
         results, how = score_tasks_directly(lm, folder, names), "cacheaug.tasks.score_tasks_directly"
-    out = {"name": args.name, "checkpoint": args.ckpt, "scored_by": how, "seconds": round(time.perf_counter() - t0),
-           "torch": torch.__version__, "results": results}
+    out = {
+        "name": args.name,
+        "checkpoint": args.ckpt,
+        "scored_by": how,
+        "seconds": round(time.perf_counter() - t0),
+        "torch": torch.__version__,
+        "results": results,
+    }
     Path(args.out_json).write_text(json.dumps(out, indent=1, default=str) + "\n")
 
 
@@ -204,14 +270,29 @@ def eval_all(args) -> None:
     ckpts = _final_checkpoints()
     print(f"eval: checkpoints {ckpts}", flush=True)
     # downstream tasks: one process per model, concurrently, while this process does perplexity and staleness
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(WORK / "hf_datasets")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_CACHE": str(WORK / "hf_datasets"),
+    }
     procs = {}
     gpus = n_gpus()
     if args.tasks_dir:
         for i, name in enumerate(["frozen", *[n for n in args.downstream if n in ckpts]]):
-            cmd = [sys.executable, __file__, "downstream", "--name", name, "--tasks-dir", args.tasks_dir,
-                   "--out-json", str(WORK / f"ds_{name}.json")]
+            cmd = [
+                sys.executable,
+                __file__,
+                "downstream",
+                "--name",
+                name,
+                "--tasks-dir",
+                args.tasks_dir,
+                "--out-json",
+                str(WORK / f"ds_{name}.json"),
+            ]
             if name != "frozen":
                 cmd += ["--ckpt", ckpts[name]]
             log = open(WORK / f"ds_{name}.log", "w")
@@ -219,16 +300,28 @@ def eval_all(args) -> None:
             procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env), log)
     t0 = time.perf_counter()
     try:
-        evaluate_ppl(list(ckpts.values()), sequences=args.sequences, stride=args.stride, n_boot=1000, seq_len=args.seq_len,
-                     out=str(out / "ppl.json"))
+        evaluate_ppl(
+            list(ckpts.values()),
+            sequences=args.sequences,
+            stride=args.stride,
+            n_boot=1000,
+            seq_len=args.seq_len,
+            out=str(out / "ppl.json"),
+        )
     except Exception as err:  # keep going: the other parts are independent
         print(f"eval: ppl failed: {type(err).__name__}: {err}", flush=True)
     print(f"eval: ppl done in {time.perf_counter() - t0:.0f} s", flush=True)
     if "nl16" in ckpts:
         try:
-            evaluate_staleness(ckpts["nl16"], delays=(0, 4, 16, 64), offsets=(1, 2, 4, 8, 16),
-                               sequences=args.stale_sequences, points=16, seq_len=args.seq_len,
-                               out=str(out / "stale.json"))
+            evaluate_staleness(
+                ckpts["nl16"],
+                delays=(0, 4, 16, 64),
+                offsets=(1, 2, 4, 8, 16),
+                sequences=args.stale_sequences,
+                points=16,
+                seq_len=args.seq_len,
+                out=str(out / "stale.json"),
+            )
         except Exception as err:
             print(f"eval: staleness failed: {type(err).__name__}: {err}", flush=True)
     print(f"eval: staleness done at {time.perf_counter() - t0:.0f} s", flush=True)
@@ -242,14 +335,26 @@ def eval_all(args) -> None:
             print(f"eval: downstream {name} timed out", flush=True)
         log.close()
         f = WORK / f"ds_{name}.json"
-        downstream_results[name] = json.loads(f.read_text()) if f.is_file() else {
-            "error": (WORK / f"ds_{name}.log").read_text(errors="replace")[-2000:]}
+        downstream_results[name] = (
+            json.loads(f.read_text())
+            if f.is_file()
+            else {"error": (WORK / f"ds_{name}.log").read_text(errors="replace")[-2000:]}
+        )
     (out / "downstream.json").write_text(json.dumps(downstream_results, indent=1) + "\n")
     for name, r in downstream_results.items():
         res = r.get("results", {})
-        print(name, r.get("scored_by"), r.get("seconds"),
-              {k: round(v.get("acc,none", v.get("bits_per_byte,none", float("nan"))), 3) for k, v in res.items()
-               if isinstance(v, dict)} or r.get("error", "")[-300:], flush=True)
+        print(
+            name,
+            r.get("scored_by"),
+            r.get("seconds"),
+            {
+                k: round(v.get("acc,none", v.get("bits_per_byte,none", float("nan"))), 3)
+                for k, v in res.items()
+                if isinstance(v, dict)
+            }
+            or r.get("error", "")[-300:],
+            flush=True,
+        )
 
 
 def _train_cmd(cfg: dict) -> list[str]:
@@ -270,22 +375,59 @@ def ddp_check(args) -> None:
     import torch
 
     _, variant, _ = plan_steps(Path(args.calib) if args.calib else None, 1.0, 1.0)
-    cfg = {**COMMON, **variant, **RUNS["nl16"][0], "max_steps": args.steps, "warmup_steps": 10, "log_every": 5,
-           "eval_every": 0, "eval_sequences": 8, "max_minutes": args.max_minutes, **dict(kv.split("=", 1) for kv in args.set)}
+    cfg = {
+        **COMMON,
+        **variant,
+        **RUNS["nl16"][0],
+        "max_steps": args.steps,
+        "warmup_steps": 10,
+        "log_every": 5,
+        "eval_every": 0,
+        "eval_sequences": 8,
+        "max_minutes": args.max_minutes,
+        **dict(kv.split("=", 1) for kv in args.set),
+    }
     out, report = Path(args.out), {"steps": args.steps, "variant": variant, "runs": {}}
     env = {**os.environ, "OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false"}
     world = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2  # CPU: gloo (smoke runs)
     for name, nproc in (("one_gpu", 1), (f"{world}_gpus", world)):
         d = WORK / "ddp" / name
         run = {**cfg, "out_dir": str(d), "batch_size": int(cfg["batch_size"]) // nproc}
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    "-m", "cacheaug"] if nproc > 1 else [sys.executable, "-m", "cacheaug"]
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                "-m",
+                "cacheaug",
+            ]
+            if nproc > 1
+            else [sys.executable, "-m", "cacheaug"]
+        )
         t0 = time.perf_counter()
-        p = subprocess.run([*launcher, "train", *_train_cmd(run)], env=env, capture_output=True, text=True, check=False,
-                           timeout=args.timeout_s)
-        metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] if (d / "metrics.jsonl").is_file() else []
-        report["runs"][name] = {"world": nproc, "batch_per_gpu": run["batch_size"], "wall_s": round(time.perf_counter() - t0),
-                                "returncode": p.returncode, "metrics": metrics, "log_tail": (p.stdout + p.stderr)[-2500:]}
+        p = subprocess.run(
+            [*launcher, "train", *_train_cmd(run)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=args.timeout_s,
+        )
+        metrics = (
+            [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            if (d / "metrics.jsonl").is_file()
+            else []
+        )
+        report["runs"][name] = {
+            "world": nproc,
+            "batch_per_gpu": run["batch_size"],
+            "wall_s": round(time.perf_counter() - t0),
+            "returncode": p.returncode,
+            "metrics": metrics,
+            "log_tail": (p.stdout + p.stderr)[-2500:],
+        }
         losses = [(m["step"], round(m["loss"], 4), round(m.get("tokens_per_s", 0))) for m in metrics if "loss" in m]
         print(f"ddp: {name} rc={p.returncode} (step, loss, tok/s): {losses}", flush=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,14 +69,25 @@ def main() -> None:
         info: dict = {}
         t = time.monotonic()
         steps = list(engine.stream(prompt, args.tokens, policy="async", info=info))
-        beside.append({**{k: info.get(k) for k in PARTS}, "request_s": time.monotonic() - t,
-                       "step_s": (time.monotonic() - t) / len(steps), "inserted_after": steps[-1].inserted_after})
+        beside.append(
+            {
+                **{k: info.get(k) for k in PARTS},
+                "request_s": time.monotonic() - t,
+                "step_s": (time.monotonic() - t) / len(steps),
+                "inserted_after": steps[-1].inserted_after,
+            }
+        )
     engine.close()
     med = lambda rows, k: round(statistics.median(r[k] for r in rows), 4)  # noqa: E731
-    result = {"torch": torch.__version__, "ops": args.ops, "tokens": args.tokens, "repeats": args.repeats,
-              "alone": {k: med(alone, k) for k in PARTS},
-              "beside_decoding": {k: med(beside, k) for k in (*PARTS, "request_s", "step_s")},
-              "inserted_after_tokens": [r["inserted_after"] for r in beside]}
+    result = {
+        "torch": torch.__version__,
+        "ops": args.ops,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "alone": {k: med(alone, k) for k in PARTS},
+        "beside_decoding": {k: med(beside, k) for k in (*PARTS, "request_s", "step_s")},
+        "inserted_after_tokens": [r["inserted_after"] for r in beside],
+    }
     result["slowdown"] = round(result["beside_decoding"]["latents_s"] / result["alone"]["latents_s"], 3)
     print(json.dumps(result, indent=2))
     if args.out:

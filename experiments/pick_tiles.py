@@ -55,8 +55,11 @@ def main() -> None:
     ap.add_argument("--sliding-layers", type=int, default=15)
     ap.add_argument("--full-layers", type=int, default=3)
     ap.add_argument("--explain", action="store_true")
-    ap.add_argument("--backward-only", action="store_true",
-                    help="print default/BACKWARD: the library's forward (its tiles by row size), the fastest backward")
+    ap.add_argument(
+        "--backward-only",
+        action="store_true",
+        help="print default/BACKWARD: the library's forward (its tiles by row size), the fastest backward",
+    )
     args = ap.parse_args()
     with open(args.result) as f:
         result = json.load(f)

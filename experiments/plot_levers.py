@@ -36,8 +36,14 @@ def curves(results: list[Path], shapes: dict[str, tuple[int, int]] | None = None
                 arm = Path(ckpt).parent.name.removeprefix("l_")
                 step = int(re.search(r"step_(\d+)", ckpt).group(1))
                 batch, traces = shapes.get(arm, (BATCH, TRACES))
-                point = {"step": step, "traces": step * batch * traces, "tokens": step * batch * SEQ,
-                         "change": run["change"], "lo": run["lo"], "hi": run["hi"]}
+                point = {
+                    "step": step,
+                    "traces": step * batch * traces,
+                    "tokens": step * batch * SEQ,
+                    "change": run["change"],
+                    "lo": run["lo"],
+                    "hi": run["hi"],
+                }
                 out["arms"].setdefault(arm, {}).setdefault(split, []).append(point)
     for arm in out["arms"].values():
         for split, points in list(arm.items()):
@@ -90,8 +96,13 @@ def plot(data: dict, out: Path, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", nargs="+", default=["results/levers"])
-    ap.add_argument("--shape", nargs="*", default=[], metavar="ARM=BxK",
-                    help="an arm's sequences per step and traces per sequence, e.g. reg-k128=8x128 (default 32x16)")
+    ap.add_argument(
+        "--shape",
+        nargs="*",
+        default=[],
+        metavar="ARM=BxK",
+        help="an arm's sequences per step and traces per sequence, e.g. reg-k128=8x128 (default 32x16)",
+    )
     ap.add_argument("--out", default="docs/levers_offset1_curve.png")
     ap.add_argument("--title", default="Adapted frozen Gemma 3 270M: offset-1 change vs traces, N_L=16 unless named")
     args = ap.parse_args()

@@ -27,13 +27,18 @@ def curves(results: Path) -> dict:
                 continue
             run = Path(arm["checkpoint"]).parent.name.removeprefix("b_")
             step = int(re.search(r"step_(\d+)", arm["checkpoint"]).group(1))
-            point = {"step": step, "traces": step * BATCH * TRACES,
-                     "overall": {k: arm["overall"][k] for k in ("em", "em_lo", "em_hi")},
-                     "by_family": {fam: {k: v[k] for k in ("em", "em_lo", "em_hi")} for fam, v in arm["by_family"].items()}}
+            point = {
+                "step": step,
+                "traces": step * BATCH * TRACES,
+                "overall": {k: arm["overall"][k] for k in ("em", "em_lo", "em_hi")},
+                "by_family": {fam: {k: v[k] for k in ("em", "em_lo", "em_hi")} for fam, v in arm["by_family"].items()},
+            }
             out.setdefault(run, {})[step] = point
     arms = {run: [pts[s] for s in sorted(pts)] for run, pts in sorted(out.items())}
-    base = {"overall": {k: frozen["overall"][k] for k in ("em", "em_lo", "em_hi")},
-            "by_family": {fam: {k: v[k] for k in ("em", "em_lo", "em_hi")} for fam, v in frozen["by_family"].items()}}
+    base = {
+        "overall": {k: frozen["overall"][k] for k in ("em", "em_lo", "em_hi")},
+        "by_family": {fam: {k: v[k] for k in ("em", "em_lo", "em_hi")} for fam, v in frozen["by_family"].items()},
+    }
     return {"frozen": base, "arms": arms}
 
 
@@ -60,7 +65,9 @@ def plot(data: dict, path: Path) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("traces seen (millions)")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Mechanism test, Gemma 3 270M frozen: exact match vs traces (95% Wilson bands; insertion at the marker)")
+    fig.suptitle(
+        "Mechanism test, Gemma 3 270M frozen: exact match vs traces (95% Wilson bands; insertion at the marker)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -18,12 +18,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-LABELS = {"nl4": "coprocessor N_L=4", "nl16": "coprocessor N_L=16", "nl64": "coprocessor N_L=64",
-          "pause16": "pause tokens (16)", "loradec": "LoRA decoder (r=64)", "scratch16": "random-init coprocessor (16)",
-          "lora16": "LoRA coprocessor (r=64, 16)", "frozen": "frozen Gemma 3 270M"}
+LABELS = {
+    "nl4": "coprocessor N_L=4",
+    "nl16": "coprocessor N_L=16",
+    "nl64": "coprocessor N_L=64",
+    "pause16": "pause tokens (16)",
+    "loradec": "LoRA decoder (r=64)",
+    "scratch16": "random-init coprocessor (16)",
+    "lora16": "LoRA coprocessor (r=64, 16)",
+    "frozen": "frozen Gemma 3 270M",
+}
 # the paper's Table 1 (Gemma-2 2B trained on its own pretraining mix), N_L=16 and N_L=64
-PAPER = {16: {1: -2.48, 2: -2.41, 4: -1.98, 8: -1.56, 16: -1.08, 32: -0.64},
-         64: {1: -3.94, 2: -3.70, 4: -3.17, 8: -2.61, 16: -1.88, 32: -1.20}}
+PAPER = {
+    16: {1: -2.48, 2: -2.41, 4: -1.98, 8: -1.56, 16: -1.08, 32: -0.64},
+    64: {1: -3.94, 2: -3.70, 4: -3.17, 8: -2.61, 16: -1.88, 32: -1.20},
+}
 
 
 def _name(path: str) -> str:
@@ -56,7 +65,11 @@ def curve_figure(train: dict, out: Path, offsets=(1, 4, 16)) -> None:
     fig, axes = plt.subplots(1, len(offsets), figsize=(12, 3.8), sharey=False)
     for ax, o in zip(axes, offsets):
         for name, r in train["results"].items():
-            pts = [(m["tokens"] / 1e6, m[f"eval_rel_ppl_offset_{o}"]) for m in r["metrics"] if f"eval_rel_ppl_offset_{o}" in m]
+            pts = [
+                (m["tokens"] / 1e6, m[f"eval_rel_ppl_offset_{o}"])
+                for m in r["metrics"]
+                if f"eval_rel_ppl_offset_{o}" in m
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=LABELS.get(name, name))
         ax.axhline(0, color="grey", lw=0.8)
@@ -101,8 +114,12 @@ def tables(res: Path) -> str:
     if (res / "ppl.json").is_file():
         ppl = json.loads((res / "ppl.json").read_text())
         runs = {_name(c): r for c, r in ppl["runs"].items()}
-        lines += ["| offset | frozen ppl | " + " | ".join(LABELS.get(n, n) for n in runs)
-                  + " | paper N_L=16 | paper N_L=64 |", "|---" * (len(runs) + 4) + "|"]
+        lines += [
+            "| offset | frozen ppl | "
+            + " | ".join(LABELS.get(n, n) for n in runs)
+            + " | paper N_L=16 | paper N_L=64 |",
+            "|---" * (len(runs) + 4) + "|",
+        ]
         first = next(iter(runs.values()))
         for i, o in enumerate(ppl["offsets"]):
             cells = [_fmt(r["change"][i], r["lo"][i], r["hi"][i]) for r in runs.values()]
@@ -111,17 +128,23 @@ def tables(res: Path) -> str:
         lines.append("")
     if (res / "stale.json").is_file():
         st = json.loads((res / "stale.json").read_text())
-        lines += ["| delay d | " + " | ".join(f"offset {o}" for o in st["offsets"]) + " |",
-                  "|---" * (len(st["offsets"]) + 1) + "|"]
+        lines += [
+            "| delay d | " + " | ".join(f"offset {o}" for o in st["offsets"]) + " |",
+            "|---" * (len(st["offsets"]) + 1) + "|",
+        ]
         for d, r in st["by_delay"].items():
-            lines.append(f"| {d} | " + " | ".join(_fmt(m, a, b) for m, a, b in zip(r["change"], r["lo"], r["hi"])) + " |")
+            lines.append(
+                f"| {d} | " + " | ".join(_fmt(m, a, b) for m, a, b in zip(r["change"], r["lo"], r["hi"])) + " |"
+            )
         lines.append("")
     if (res / "downstream.json").is_file():
         ds = json.loads((res / "downstream.json").read_text())
         models = [m for m in ds if "results" in ds[m]]
         tasks = sorted({t for m in models for t in ds[m]["results"] if isinstance(ds[m]["results"][t], dict)})
-        lines += ["| task (metric) | " + " | ".join(LABELS.get(m, m) for m in models) + " |",
-                  "|---" * (len(models) + 1) + "|"]
+        lines += [
+            "| task (metric) | " + " | ".join(LABELS.get(m, m) for m in models) + " |",
+            "|---" * (len(models) + 1) + "|",
+        ]
         for t in tasks:
             for metric in ("acc", "acc_norm", "bits_per_byte"):
                 cells, seen = [], False

@@ -33,13 +33,26 @@ def rows(results: Path) -> list[dict]:
             continue  # another kind of result (serving, equivalence, kernel sweeps)
         for r in report["rows"]:
             config = str(r.get("config", ""))
-            if (r.get("K") not in TARGETS or not r.get("traces_per_s") or r.get("loop") or "error" in r
-                    or "profiled" in config or "world" in r):
+            if (
+                r.get("K") not in TARGETS
+                or not r.get("traces_per_s")
+                or r.get("loop")
+                or "error" in r
+                or "profiled" in config
+                or "world" in r
+            ):
                 continue
             batch = re.search(r"B=(\d+)", config)
-            out.append({"session": int(session.group(1)), "K": r["K"], "traces_per_s": float(r["traces_per_s"]),
-                        "batch": int(batch.group(1)) if batch else report.get("batch"), "variant": r.get("variant"),
-                        "file": str(f.relative_to(results))})
+            out.append(
+                {
+                    "session": int(session.group(1)),
+                    "K": r["K"],
+                    "traces_per_s": float(r["traces_per_s"]),
+                    "batch": int(batch.group(1)) if batch else report.get("batch"),
+                    "variant": r.get("variant"),
+                    "file": str(f.relative_to(results)),
+                }
+            )
     return out
 
 
@@ -63,10 +76,16 @@ def plot(points: list[dict], path: Path) -> None:
     colors = {128: "tab:blue", 16: "tab:orange"}
     for K, best in best_per_session(points).items():
         mine = [p for p in points if p["K"] == K]
-        ax.scatter([p["session"] for p in mine], [p["traces_per_s"] / 1e3 for p in mine], s=14, alpha=0.4,
-                   color=colors[K])
-        ax.plot([p["session"] for p in best], [p["traces_per_s"] / 1e3 for p in best], marker="o", color=colors[K],
-                label=f"K={K}, fastest of the session")
+        ax.scatter(
+            [p["session"] for p in mine], [p["traces_per_s"] / 1e3 for p in mine], s=14, alpha=0.4, color=colors[K]
+        )
+        ax.plot(
+            [p["session"] for p in best],
+            [p["traces_per_s"] / 1e3 for p in best],
+            marker="o",
+            color=colors[K],
+            label=f"K={K}, fastest of the session",
+        )
         ax.axhline(TARGETS[K] / 1e3, ls="--", lw=1, color=colors[K], label=f"K={K} target")
     ax.set_xlabel("GPU session (results/speedNN)")
     ax.set_ylabel("training traces/s (thousands), one H200")
@@ -85,12 +104,16 @@ def main() -> None:
     args = ap.parse_args()
     points = rows(Path(args.results))
     if not points:
-        raise SystemExit(f"no throughput rows under {args.results}/speedNN/: run benchmarks/train_throughput.py "
-                         "with --out there first")
+        raise SystemExit(
+            f"no throughput rows under {args.results}/speedNN/: run benchmarks/train_throughput.py "
+            "with --out there first"
+        )
     for K, best in best_per_session(points).items():
         for p in best:
-            print(f"K={K:<4} session {p['session']:>2}: {p['traces_per_s']:>8,.0f} traces/s  batch {p['batch']:<4} "
-                  f"{p['variant']}  ({p['file']})")
+            print(
+                f"K={K:<4} session {p['session']:>2}: {p['traces_per_s']:>8,.0f} traces/s  batch {p['batch']:<4} "
+                f"{p['variant']}  ({p['file']})"
+            )
     plot(points, Path(args.out))
     print(f"wrote {args.out}")
 

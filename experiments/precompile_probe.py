@@ -55,15 +55,24 @@ def case(mode: str, precompile: bool, cache: str, n_latents: int) -> dict:
     except Exception as err:  # noqa: BLE001  what torch does with a stored trace that does not fit
         return {"mode": mode, "precompile": precompile, "error": f"{type(err).__name__}: {err}"[:300]}
     first = time.perf_counter() - t0
-    grad_err = max(float((p.grad - e).abs().max() / e.abs().max().clamp_min(1e-12))
-                   for p, e in zip(model.trainable_parameters(), eager_grads))
+    grad_err = max(
+        float((p.grad - e).abs().max() / e.abs().max().clamp_min(1e-12))
+        for p, e in zip(model.trainable_parameters(), eager_grads)
+    )
     from torch._dynamo.utils import counters
 
-    return {"mode": mode, "precompile": precompile, "n_latents": n_latents, "first_call_s": round(first, 3),
-            "loss_vs_eager": abs(loss.item() - eager.item()), "grad_rel_err_vs_eager": grad_err,
-            "artifacts_loaded_bytes": loaded, "artifacts_saved_bytes": save_compile_cache(cache) if mode == "save" else 0,
-            "frames_traced": counters["frames"].get("total", 0),
-            "dynamo_cache": dict(counters.get("dynamo_cache", {}))}
+    return {
+        "mode": mode,
+        "precompile": precompile,
+        "n_latents": n_latents,
+        "first_call_s": round(first, 3),
+        "loss_vs_eager": abs(loss.item() - eager.item()),
+        "grad_rel_err_vs_eager": grad_err,
+        "artifacts_loaded_bytes": loaded,
+        "artifacts_saved_bytes": save_compile_cache(cache) if mode == "save" else 0,
+        "frames_traced": counters["frames"].get("total", 0),
+        "dynamo_cache": dict(counters.get("dynamo_cache", {})),
+    }
 
 
 def main() -> None:
@@ -81,13 +90,27 @@ def main() -> None:
             cache = str(Path(tmp) / f"cc{precompile}.bin")
             for mode, n_latents in (("save", 2), ("load", 2), ("other", 3)):
                 fresh = Path(tmp) / f"{mode}{precompile}"  # empty compiler caches: a fresh machine
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor"),
-                       "TRITON_CACHE_DIR": str(fresh / "triton")}
-                res = subprocess.run([sys.executable, __file__, "--case", mode, precompile, cache, str(n_latents)],
-                                     env=env, capture_output=True, text=True)
+                env = {
+                    **os.environ,
+                    "TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor"),
+                    "TRITON_CACHE_DIR": str(fresh / "triton"),
+                }
+                res = subprocess.run(
+                    [sys.executable, __file__, "--case", mode, precompile, cache, str(n_latents)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
-                row = json.loads(lines[-1]) if lines else {"mode": mode, "precompile": precompile == "1",
-                                                           "error": res.stderr.strip().splitlines()[-1][:300]}
+                row = (
+                    json.loads(lines[-1])
+                    if lines
+                    else {
+                        "mode": mode,
+                        "precompile": precompile == "1",
+                        "error": res.stderr.strip().splitlines()[-1][:300],
+                    }
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     import torch

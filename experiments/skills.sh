@@ -13,9 +13,9 @@
 # A CPU dry run: STEPS=2 DOCS=40 BATCH=2 COMPILE= SEQS=1 MINUTES=2 bash experiments/skills.sh prep /tmp/sk (then a, b, c)
 #
 # Second round (the gate): three calls back to back after the staging calls,
-#   source scripts/gpu_env.sh && STEPS=2000 MINUTES=7 bash experiments/skills.sh r2a $OUT/a  # corpora; copy lr 3e-4
+#   source scripts/gpu_env.sh && MINUTES=6 bash experiments/skills.sh r2a $OUT/a  # corpora; copy N_L=32 at lr 3e-4
 #                                             # and a LoRA-rank coprocessor (r=32, lr 1e-3, the size that can ship)
-#   STEPS=2000 MINUTES=4 bash experiments/skills.sh r2b $OUT/b   # both resumed (same budget), then in the same call
+#   MINUTES=2.5 bash experiments/skills.sh r2b $OUT/b   # both resumed to 1,500 steps (round 1's budget), then
 #   bash experiments/skills.sh r2c $OUT/c   # gates fitted on problems + general text (State of the Union left out
 #                                           # of everything: the unseen source), eval synth always-on and gated,
 #                                           # general-text perplexity in-source and unseen, the LoRA arm exported
@@ -95,24 +95,24 @@ r2a)
   python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cpu')"  # convert once
   python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import build_token_files as b; \
 b(t(), ['$R/synth/train'], 1.0)" > /dev/null 2>&1
-  arm copy-lr3-long synth --n-latents 16 --lr 3e-4 &
+  arm copy-nl32-lr3 synth --n-latents 32 --lr 3e-4 &
   arm lora32 synth --init lora --lora-rank 32 --n-latents 16 --lr 1e-3 &
   wait
-  summary copy-lr3-long lora32 > "$out/train_r2a.jsonl"
-  for a in copy-lr3-long lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2a.log" ;;
+  summary copy-nl32-lr3 lora32 > "$out/train_r2a.jsonl"
+  for a in copy-nl32-lr3 lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2a.log" ;;
 r2b)
-  finish copy-lr3-long lora32
-  summary copy-lr3-long lora32 > "$out/train_r2b.jsonl"
-  for a in copy-lr3-long lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2b.log" ;;
+  finish copy-nl32-lr3 lora32
+  summary copy-nl32-lr3 lora32 > "$out/train_r2b.jsonl"
+  for a in copy-nl32-lr3 lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2b.log" ;;
 r2c)
   last() { ls -d "$R/s_$1"/step_* | tail -1; }
-  for a in copy-lr3-long lora32; do
+  for a in copy-nl32-lr3 lora32; do
     $C train-gate --checkpoint "$(last $a)" --data "$R/synthmix2/train" --seq-len 256 --sequences ${GATE_SEQS:-2048} \
       --n-traces 16 --batch-size 32 --out "$out/gate_$a.json" > "$R/gate_$a.log" 2>&1
     tr '\r' '\n' < "$R/gate_$a.log" | grep -v "scoring positions" | tail -n 12 > "$out/gate_$a.log"
   done
-  evaluate r2 copy-lr3-long lora32 &
-  $C eval ppl --checkpoint "$(last copy-lr3-long)" "$(last lora32)" --data default --heldout-sources sotu \
+  evaluate r2 copy-nl32-lr3 lora32 &
+  $C eval ppl --checkpoint "$(last copy-nl32-lr3)" "$(last lora32)" --data default --heldout-sources sotu \
     --sequences ${SEQS:-32} --seq-len 1024 --offsets 1 2 4 8 16 32 --out "$out/general_ppl_r2.json" > "$R/ppl_r2.log" 2>&1
   tr '\r' '\n' < "$R/ppl_r2.log" | grep -v "^eval ppl" | tail -n 40 > "$out/general_ppl_r2.log"
   wait

@@ -36,7 +36,10 @@ def both_paths(model, ids, positions) -> tuple[torch.Tensor, torch.Tensor, objec
     """Training-pass and reference losses, each ``[B, K, N_A]`` float32."""
     out = model(ids, positions=positions, return_base_losses=True)
     ref = torch.stack(
-        [torch.stack([reference_losses(model, ids[b : b + 1], p) for p in positions[b].tolist()]) for b in range(len(ids))]
+        [
+            torch.stack([reference_losses(model, ids[b : b + 1], p) for p in positions[b].tolist()])
+            for b in range(len(ids))
+        ]
     )
     return out.token_losses, ref, out
 
@@ -50,9 +53,12 @@ def check(model, ids, positions, fp32: bool = True) -> dict:
     t0 = time.perf_counter()
     if not fp32:  # bf16 only: the two paths against each other
         train16, ref16, out = both_paths(model.to(torch.bfloat16), ids, positions)
-        return {"bf16_train_vs_ref": _stats(train16 - ref16), "mean_loss": round(out.token_losses.mean().item(), 4),
-                "mean_base_loss": round(out.base_token_losses.mean().item(), 4),
-                "seconds": round(time.perf_counter() - t0, 2)}
+        return {
+            "bf16_train_vs_ref": _stats(train16 - ref16),
+            "mean_loss": round(out.token_losses.mean().item(), 4),
+            "mean_base_loss": round(out.base_token_losses.mean().item(), 4),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     train32, ref32, out = both_paths(model, ids, positions)
     model.to(torch.bfloat16)
     train16, ref16, _ = both_paths(model, ids, positions)
@@ -92,38 +98,77 @@ def main() -> None:
     ap.add_argument("--families", nargs="*", default=list(FAMILIES))
     ap.add_argument("--real", default=None, help="also check a real model, e.g. gemma-3-270m")
     ap.add_argument("--real-length", type=int, default=1024, help="T for the real model (> its sliding window)")
-    ap.add_argument("--real-bf16-only", nargs="*", default=["flex_attention"],
-                    help="backends for which the real model is checked in bf16 only (flex in fp32 at head_dim 256 "
-                    "ran over 8 minutes on an H200)")
-    ap.add_argument("--trace-groups", type=int, default=1,
-                    help="run the real model's training pass with this many trace groups (its points fit G=2 and 4)")
-    ap.add_argument("--trace-chunk", type=int, default=0,
-                    help="run every training pass with this many traces per row (trace chunks; 0 = packed; divides 4 "
-                    "for the tiny models and 8 for the real one)")
-    ap.add_argument("--trace-windows", action="store_true",
-                    help="run every training pass with trace windows (one trace per row, per-layer keys; sdpa with "
-                    "Gemma-3 or Qwen-2/3 only: other families are skipped)")
-    ap.add_argument("--trace-kernel", action="store_true",
-                    help="trace windows through cacheaug's kernel (cacheaug.prefix_attention; implies --trace-windows)")
-    ap.add_argument("--rope-table", action="store_true",
-                    help="rotary cos/sin looked up in tables (cacheaug.rope) in every case, training and inference")
-    ap.add_argument("--levers", default="", help="coprocessor levers for every case, e.g. "
-                    "'position_scheme=shared,reread_last=1,echo_residual=1,readout=pre_norm' (CoprocessorConfig fields)")
-    ap.add_argument("--inits", nargs="+", default=["copy"],
-                    help="arms with latents checked on the tiny models (cacheaug.arms), e.g. copy lora scratch pause")
+    ap.add_argument(
+        "--real-bf16-only",
+        nargs="*",
+        default=["flex_attention"],
+        help="backends for which the real model is checked in bf16 only (flex in fp32 at head_dim 256 "
+        "ran over 8 minutes on an H200)",
+    )
+    ap.add_argument(
+        "--trace-groups",
+        type=int,
+        default=1,
+        help="run the real model's training pass with this many trace groups (its points fit G=2 and 4)",
+    )
+    ap.add_argument(
+        "--trace-chunk",
+        type=int,
+        default=0,
+        help="run every training pass with this many traces per row (trace chunks; 0 = packed; divides 4 "
+        "for the tiny models and 8 for the real one)",
+    )
+    ap.add_argument(
+        "--trace-windows",
+        action="store_true",
+        help="run every training pass with trace windows (one trace per row, per-layer keys; sdpa with "
+        "Gemma-3 or Qwen-2/3 only: other families are skipped)",
+    )
+    ap.add_argument(
+        "--trace-kernel",
+        action="store_true",
+        help="trace windows through cacheaug's kernel (cacheaug.prefix_attention; implies --trace-windows)",
+    )
+    ap.add_argument(
+        "--rope-table",
+        action="store_true",
+        help="rotary cos/sin looked up in tables (cacheaug.rope) in every case, training and inference",
+    )
+    ap.add_argument(
+        "--levers",
+        default="",
+        help="coprocessor levers for every case, e.g. "
+        "'position_scheme=shared,reread_last=1,echo_residual=1,readout=pre_norm' (CoprocessorConfig fields)",
+    )
+    ap.add_argument(
+        "--inits",
+        nargs="+",
+        default=["copy"],
+        help="arms with latents checked on the tiny models (cacheaug.arms), e.g. copy lora scratch pause",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     args.trace_windows = args.trace_windows or args.trace_kernel
     levers = {}
     for item in filter(None, args.levers.split(",")):
         key, value = item.split("=")
-        levers[key] = bool(int(value)) if key in ("reread_last", "echo_residual") else \
-            float(value) if key == "offset_decay" else value
+        levers[key] = (
+            bool(int(value))
+            if key in ("reread_last", "echo_residual")
+            else float(value)
+            if key == "offset_decay"
+            else value
+        )
     torch._dynamo.config.recompile_limit = 256  # flex recompiles per new length; never fall back silently
     torch._dynamo.config.accumulated_recompile_limit = 4096
     device = torch.device(args.device)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "levers": levers,
-               "torch": torch.__version__, "transformers": __import__("transformers").__version__, "cases": []}
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "levers": levers,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "cases": [],
+    }
     g = torch.Generator().manual_seed(0)
 
     def record(row):
@@ -148,10 +193,19 @@ def main() -> None:
                     model.trace_kernel = args.trace_kernel
                 ids = torch.randint(3, 128, (2, 40), generator=g).to(device)
                 positions = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]], device=device)
-                record({"model": f"tiny-{family}", "init": init, "backend": backend, "T": 40,
-                        "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
-                        "trace_kernel": args.trace_kernel, "rope_table": args.rope_table,
-                        **check(model, ids, positions)})
+                record(
+                    {
+                        "model": f"tiny-{family}",
+                        "init": init,
+                        "backend": backend,
+                        "T": 40,
+                        "trace_chunk": args.trace_chunk,
+                        "trace_windows": args.trace_windows,
+                        "trace_kernel": args.trace_kernel,
+                        "rope_table": args.rope_table,
+                        **check(model, ids, positions),
+                    }
+                )
         if args.real:
             fp32 = backend not in args.real_bf16_only
             dtype = torch.float32 if fp32 else torch.bfloat16
@@ -167,11 +221,23 @@ def main() -> None:
             model.trace_kernel = args.trace_kernel
             groups = groups_fitting(positions, T, 16, args.trace_groups)
             if groups != args.trace_groups:
-                raise SystemExit(f"--trace-groups {args.trace_groups}: the fixed insertion points do not fit; use 1, 2 or 4")
-            row = {"model": args.real, "backend": backend, "T": T, "n_latents": 16, "n_ahead": 16, "n_traces": 8,
-                   "trace_groups": groups, "trace_chunk": args.trace_chunk, "trace_windows": args.trace_windows,
-                   "trace_kernel": args.trace_kernel, "rope_table": args.rope_table,
-                   **check(model, ids, positions, fp32)}
+                raise SystemExit(
+                    f"--trace-groups {args.trace_groups}: the fixed insertion points do not fit; use 1, 2 or 4"
+                )
+            row = {
+                "model": args.real,
+                "backend": backend,
+                "T": T,
+                "n_latents": 16,
+                "n_ahead": 16,
+                "n_traces": 8,
+                "trace_groups": groups,
+                "trace_chunk": args.trace_chunk,
+                "trace_windows": args.trace_windows,
+                "trace_kernel": args.trace_kernel,
+                "rope_table": args.rope_table,
+                **check(model, ids, positions, fp32),
+            }
             if device.type == "cuda":
                 row["train_step_bf16_autocast"] = train_step_check(model, ids)
             record(row)

@@ -14,8 +14,9 @@ from cacheaug import prefix_attention as pa  # noqa: E402
 from cacheaug.windows import _seen_by_all  # noqa: E402
 
 
-def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dense=(0, 0), dtype=torch.float32,
-                model_layout=False):
+def random_case(
+    g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dense=(0, 0), dtype=torch.float32, model_layout=False
+):
     """Random inputs of the op: rows starting before, inside and past the text, a random mask in which every query
     sees at least its first block key and every text column of ``dense`` that exists, and the tightest [lo, hi) of
     text columns that the mask allows. ``model_layout``: the queries ``[R, H, G, CL, D]`` as windows.py passes them,
@@ -31,7 +32,7 @@ def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dense=(0, 0),
     seq = torch.randint(0, B, (R,), generator=g)
     start = torch.randint(-10, S - n + 5, (R,), generator=g)
     ok = torch.rand(R, CL, n + CL, generator=g) < 0.4
-    ok[:, :, dense[0]:dense[1]] = True
+    ok[:, :, dense[0] : dense[1]] = True
     pos = start[:, None] + torch.arange(n)
     ok[:, :, :n] &= ((pos >= 0) & (pos < S))[:, None]
     ok[:, :, n] = True
@@ -42,13 +43,13 @@ def random_case(g, R=5, H=2, G=2, C=1, L=5, D=16, B=2, S=40, n=24, dense=(0, 0),
     # as the model passes them: blocks as transposed views of [R, CL, H, D], positions as a column of a matrix
     kb, vb = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kb, vb))
     start = torch.stack([start, start + 1], dim=1)[:, 0]
-    return q, kb, vb, tk, tv, seq, start, bias, lo, hi, D ** -0.5
+    return q, kb, vb, tk, tv, seq, start, bias, lo, hi, D**-0.5
 
 
 def full_of(args) -> torch.Tensor:
     """The ``full`` ranges of a case: each row's first run of text columns every query sees (what windows.py gives)."""
     kb, bias = args[1], args[7]
-    return _seen_by_all(bias[:, :, :bias.shape[-1] - kb.shape[2]] == 0)
+    return _seen_by_all(bias[:, :, : bias.shape[-1] - kb.shape[2]] == 0)
 
 
 def check_kernels() -> None:

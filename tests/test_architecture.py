@@ -27,7 +27,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     def visit(node, stack):
         for dep in sorted(graph[node]):
             if dep in stack:
-                found.append(stack[stack.index(dep):] + [dep])
+                found.append(stack[stack.index(dep) :] + [dep])
             elif dep not in done:
                 visit(dep, stack + [dep])
         done.add(node)

@@ -45,9 +45,23 @@ def test_an_arm_registered_from_outside_is_exact_trains_and_evaluates(two_layer_
     assert "two-layer" in build_parser().parse_args(["train", "--init", "two-layer"]).init  # the CLI's choices
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
-    tc = TrainConfig(data=(str(tmp_path / "corpus"),), out_dir=str(tmp_path / "run"), init="two-layer", seq_len=32,
-                     batch_size=2, n_latents=2, n_ahead=3, n_traces=4, max_steps=4, warmup_steps=1, eval_every=0,
-                     eval_sequences=2, log_every=1, save_every=0, heldout_pct=20.0)
+    tc = TrainConfig(
+        data=(str(tmp_path / "corpus"),),
+        out_dir=str(tmp_path / "run"),
+        init="two-layer",
+        seq_len=32,
+        batch_size=2,
+        n_latents=2,
+        n_ahead=3,
+        n_traces=4,
+        max_steps=4,
+        warmup_steps=1,
+        eval_every=0,
+        eval_sequences=2,
+        log_every=1,
+        save_every=0,
+        heldout_pct=20.0,
+    )
     final = train(tc, base=tiny_model("gemma3"), tokenizer=tok, progress=False)
     loaded = CacheAugmentedLM.from_pretrained(final, base=tiny_model("gemma3"))
     assert loaded.config.init == "two-layer" and len(loaded.coprocessor.backbone.layers) == 2
@@ -65,6 +79,11 @@ def test_no_caller_compares_init_strings():
     """What differs between arms is read from the registry: no module outside arms.py dispatches on an init name."""
     src = Path(__file__).parent.parent / "src" / "cacheaug"
     pattern = re.compile(r"""init\s*(==|!=|in)\s*[("']|["'](pause|lora-decoder|copy|scratch)["']\s*(==|!=)""")
-    offenders = [f"{p.name}:{i + 1}" for p in src.rglob("*.py") if p.name != "arms.py"
-                 for i, line in enumerate(p.read_text().splitlines()) if pattern.search(line)]
+    offenders = [
+        f"{p.name}:{i + 1}"
+        for p in src.rglob("*.py")
+        if p.name != "arms.py"
+        for i, line in enumerate(p.read_text().splitlines())
+        if pattern.search(line)
+    ]
     assert not offenders, offenders

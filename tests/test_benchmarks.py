@@ -13,15 +13,50 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow  # slow tier: a benchmark end to end
 def test_train_throughput_runs_at_toy_size(tmp_path):
     out = tmp_path / "t.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--device", "cpu",
-           "--batch", "2", "--seq-len", "64", "--traces", "4", "--n-latents", "2", "--n-ahead", "3", "--steps", "1",
-           "--warmup", "1", "--compare-loop", "--batches", "3", "--profile", str(tmp_path / "p.txt"), "--out", str(out),
-           "--cached-repeat", "--world", "2", "--parallel", "ddp", "fsdp"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_throughput.py"),
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--seq-len",
+        "64",
+        "--traces",
+        "4",
+        "--n-latents",
+        "2",
+        "--n-ahead",
+        "3",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--compare-loop",
+        "--batches",
+        "3",
+        "--profile",
+        str(tmp_path / "p.txt"),
+        "--out",
+        str(out),
+        "--cached-repeat",
+        "--world",
+        "2",
+        "--parallel",
+        "ddp",
+        "fsdp",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
     rows, (ddp, fsdp) = report["rows"][:-2], report["rows"][-2:]
-    assert [(r["config"], r["loop"]) for r in rows] == [("copy:2", False), ("copy:2 profiled", False),
-                                                        ("copy:2 B=3", False), ("copy:2", True)]
+    assert [(r["config"], r["loop"]) for r in rows] == [
+        ("copy:2", False),
+        ("copy:2 profiled", False),
+        ("copy:2 B=3", False),
+        ("copy:2", True),
+    ]
     assert all(r["first_step_s"] > 0 for r in rows)
     # the first step again, in a fresh process with empty compiler caches (sdpa compiles nothing: no artifacts)
     assert report["first_step_cold_s"] == rows[0]["first_step_s"] and report["first_step_cached_s"] > 0
@@ -44,8 +79,13 @@ def test_train_throughput_runs_at_toy_size(tmp_path):
     # ... and the profiled row says where a step's time went, by kind (host time on the CPU)
     kinds = rows[1]["profile_ms_per_step"]
     assert kinds["matrix products"] > 0 and kinds["trace kernel"] == 0 and sum(kinds.values()) > 0
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--breakdown",
-                          str(tmp_path / "p.txt")], check=True, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--breakdown", str(tmp_path / "p.txt")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     table = json.loads(run.stdout)  # the table's top rows, the rest of its total below them
     assert table["matrix products"] > 0 and table["below the listed rows"] >= 0
 
@@ -61,15 +101,26 @@ def test_profile_kinds():
     assert tt.profile_kind("triton_red_fused__log_softmax__log_softmax_backward_3") == "loss (log-softmax)"
     assert tt.profile_kind("triton_poi_fused__unsafe_view_gelu_mul_57") == "fused element-wise (Triton)"
     assert tt.profile_kind("## Call CompiledFxGraph fjsed6u7") is None  # encloses kernels: not counted twice
-    got = tt.profile_breakdown([("## Call CompiledFxGraph x", 900.0), ("_prefix_attention_kernel", 4000.0),
-                                ("nvjet_a", 2000.0), ("void at::native::copy", 1000.0)], steps=2, total_us=8000.0)
+    got = tt.profile_breakdown(
+        [
+            ("## Call CompiledFxGraph x", 900.0),
+            ("_prefix_attention_kernel", 4000.0),
+            ("nvjet_a", 2000.0),
+            ("void at::native::copy", 1000.0),
+        ],
+        steps=2,
+        total_us=8000.0,
+    )
     assert got["trace kernel"] == 2.0 and got["matrix products"] == 1.0 and got["other"] == 0.5
     assert got["below the listed rows"] == 0.5
     # the block keys' gradient kernel is the trace kernel's too; runtime events are no device work
     assert tt.profile_kind("_block_grad_kernel") == "trace kernel"
     assert tt.profile_kind("Command Buffer Full") is None and tt.profile_kind("cudaGraphLaunch") is None
-    got = tt.profile_breakdown([("Command Buffer Full", 3e7), ("_prefix_attention_kernel", 4000.0),
-                                ("_block_grad_kernel", 1000.0)], steps=1, total_us=6000.0)
+    got = tt.profile_breakdown(
+        [("Command Buffer Full", 3e7), ("_prefix_attention_kernel", 4000.0), ("_block_grad_kernel", 1000.0)],
+        steps=1,
+        total_us=6000.0,
+    )
     assert got["trace kernel"] == 5.0 and got["other"] == 0.0
     assert got["below the listed rows"] == 1.0  # the table's total (torch's) leaves the runtime events out
 
@@ -106,16 +157,39 @@ def test_random_270m_is_gemma3_270ms_architecture():
     cfg = model.config
     assert cfg.layer_types.count("full_attention") == 3 and cfg.layer_types[5] == "full_attention"
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window) == (4, 1, 256, 512)
-    assert {k: v["rope_theta"] for k, v in cfg.rope_parameters.items()} == {"sliding_attention": 1e4,
-                                                                            "full_attention": 1e6}
+    assert {k: v["rope_theta"] for k, v in cfg.rope_parameters.items()} == {
+        "sliding_attention": 1e4,
+        "full_attention": 1e6,
+    }
 
 
 @pytest.mark.slow  # slow tier: a benchmark end to end
 def test_serve_latency_runs_at_toy_size(tmp_path):
     out = tmp_path / "s.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", "tiny", "--device", "cpu",
-           "--prompt-lens", "32", "--latents", "2", "--repeats", "1", "--tokens", "4", "--concurrency", "1", "3",
-           "--coprocessor-priority", "high", "--coprocessor-graphs", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "serve_latency.py"),
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompt-lens",
+        "32",
+        "--latents",
+        "2",
+        "--repeats",
+        "1",
+        "--tokens",
+        "4",
+        "--concurrency",
+        "1",
+        "3",
+        "--coprocessor-priority",
+        "high",
+        "--coprocessor-graphs",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     assert json.loads(out.read_text())["coprocessor_priority"] == "high"
     assert json.loads(out.read_text())["coprocessor_graphs"] is True
@@ -148,16 +222,38 @@ def test_serve_latency_runs_at_toy_size(tmp_path):
 @pytest.mark.slow  # slow tier: a benchmark end to end
 def test_coprocessor_process_runs_at_toy_size(tmp_path):
     out = tmp_path / "p.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "coprocessor_process.py"), "--model", "tiny", "--device", "cpu",
-           "--prompt-len", "32", "--latents", "2", "--repeats", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "coprocessor_process.py"),
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "32",
+        "--latents",
+        "2",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     row = json.loads(out.read_text())
     assert row["in_process_s"] > 0 and row["separate_s"] > 0 and row["child_start_s"] > 0
     assert row["max_abs_diff"] <= 1e-5  # the child computes the same latents from the handed-over cache
     assert row["overhead_s"] == pytest.approx(row["separate_s"] - row["in_process_s"], abs=2e-6)
     # the same calls beside a thread that decoded meanwhile (steps timed alone and beside each)
-    assert all(row[k] > 0 for k in ("decode_step_s", "in_process_beside_decoding_s", "separate_beside_decoding_s",
-                                    "decode_step_beside_in_process_s", "decode_step_beside_separate_s"))
+    assert all(
+        row[k] > 0
+        for k in (
+            "decode_step_s",
+            "in_process_beside_decoding_s",
+            "separate_beside_decoding_s",
+            "decode_step_beside_in_process_s",
+            "decode_step_beside_separate_s",
+        )
+    )
 
 
 @pytest.mark.slow  # slow tier: a benchmark end to end
@@ -166,16 +262,43 @@ def test_trace_attention_runs_at_toy_size(tmp_path):
     with their differences from the sdpa windows and the scale beside them; pick_tiles refuses a sweep without
     Triton rows."""
     out = tmp_path / "a.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "trace_attention.py"), "--device", "cpu", "--steps", "1",
-           "--batch", "1", "--traces", "8", "--seq-len", "96", "--window", "32", "--block", "5", "--chunks", "4",
-           "--kernel-tiles", "64,64,4,2", "32,32,4,1", "--kernel-backward-tiles", "64,32,4,2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "trace_attention.py"),
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--traces",
+        "8",
+        "--seq-len",
+        "96",
+        "--window",
+        "32",
+        "--block",
+        "5",
+        "--chunks",
+        "4",
+        "--kernel-tiles",
+        "64,64,4,2",
+        "32,32,4,1",
+        "--kernel-backward-tiles",
+        "64,32,4,2",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = json.loads(out.read_text())["rows"]
     kernel = [r for r in rows if r["layout"].startswith("kernel")]
     # sliding: one trace per row; full: one trace per row and chunks of 4; each 2 forward settings, 1 backward, and
     # forward + backward with the mask on every tile
     assert len(kernel) == 3 * 4 and sorted({r["pass"] for r in kernel}) == [
-        "forward", "forward+backward", "forward+backward, mask on every tile"]
+        "forward",
+        "forward+backward",
+        "forward+backward, mask on every tile",
+    ]
     for r in kernel:
         for name in ("out", "dq", "dk_block", "dv_block"):
             assert r[f"max_abs_diff_{name}"] <= 1e-4 * max(1.0, r[f"max_abs_{name}"]) and r[f"max_abs_{name}"] > 0
@@ -185,8 +308,12 @@ def test_trace_attention_runs_at_toy_size(tmp_path):
         if r["layer"] == "sliding_attention":
             assert r["mean_text_keys_unmasked"] <= 32 - 5 + 1
     assert {r["layout"] for r in rows} >= {"chunk 4", "windows", "windows, chunk 4", "kernel", "kernel, chunk 4"}
-    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "pick_tiles.py"), str(out)], capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "pick_tiles.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode != 0 and "no Triton kernel rows" in run.stderr
     # --kernel-only: the kernel rows of one trace per row alone (no sdpa layout timed), the same differences
     cmd += ["--kernel-only"]
@@ -200,12 +327,27 @@ def test_kernel_registers_compiles_for_the_gpu_without_one(tmp_path):
     """benchmarks/kernel_registers.py compiles the trace kernel for sm_90a on this CPU machine and reports what a
     thread uses (ptxas) for the forward and both backward kernels; a small head size does not spill."""
     out = tmp_path / "k.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), "--head-dim", "32", "--tiles", "16,16,4,1",
-           "--backward-tiles", "16,16,4,1", "--block-tiles", "16,16,4,1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "kernel_registers.py"),
+        "--head-dim",
+        "32",
+        "--tiles",
+        "16,16,4,1",
+        "--backward-tiles",
+        "16,16,4,1",
+        "--block-tiles",
+        "16,16,4,1",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["pass"], r["tiles"]) for r in rows] == [("forward", "16,16,4,1"), ("backward", "16,16,4,1"),
-                                                        ("backward, block dK/dV", "16,16,4,1")]
+    assert [(r["pass"], r["tiles"]) for r in rows] == [
+        ("forward", "16,16,4,1"),
+        ("backward", "16,16,4,1"),
+        ("backward, block dK/dV", "16,16,4,1"),
+    ]
     for r in rows:
         assert 0 < r["registers"] <= 255 and r["spill_store_bytes"] == 0 and 0 < r["shared_bytes"] <= 232448
         assert r["specialized"] is True
@@ -240,26 +382,49 @@ def test_kernel_registers_compiles_as_a_launch_specializes(tmp_path):
 def test_throughput_plot_reads_every_session(tmp_path):
     """experiments/plot_throughput.py keeps the one-GPU K=16/K=128 rows of every results/speedNN report (not the
     profiled, failed, multi-GPU or per-trace-loop rows) and prints the fastest of each session and K."""
+
     def report(path, batch, rows):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"batch": batch, "rows": rows}))
 
-    report(tmp_path / "speed3" / "a" / "k128.json", 8, [
-        {"variant": "v1", "config": "copy:16", "K": 128, "traces_per_s": 5000.0},
-        {"variant": "v1", "config": "copy:16 profiled", "K": 128, "traces_per_s": 9999.0},
-        {"variant": "v1", "config": "copy:16 B=16", "K": 128, "traces_per_s": 5500.0},
-        {"variant": "v2", "error": "OutOfMemoryError"},
-        {"variant": "v1", "config": "copy:16", "K": 128, "loop": True, "traces_per_s": 9999.0}])
-    report(tmp_path / "speed12" / "k16.json", 32, [
-        {"variant": "v3", "config": "copy:16", "K": 16, "traces_per_s": 4000.0},
-        {"variant": "v3", "config": "copy:16 ddp", "K": 16, "world": 2, "traces_per_s": 9999.0},
-        {"variant": "v3", "config": "copy:16", "K": 64, "traces_per_s": 9999.0}])
+    report(
+        tmp_path / "speed3" / "a" / "k128.json",
+        8,
+        [
+            {"variant": "v1", "config": "copy:16", "K": 128, "traces_per_s": 5000.0},
+            {"variant": "v1", "config": "copy:16 profiled", "K": 128, "traces_per_s": 9999.0},
+            {"variant": "v1", "config": "copy:16 B=16", "K": 128, "traces_per_s": 5500.0},
+            {"variant": "v2", "error": "OutOfMemoryError"},
+            {"variant": "v1", "config": "copy:16", "K": 128, "loop": True, "traces_per_s": 9999.0},
+        ],
+    )
+    report(
+        tmp_path / "speed12" / "k16.json",
+        32,
+        [
+            {"variant": "v3", "config": "copy:16", "K": 16, "traces_per_s": 4000.0},
+            {"variant": "v3", "config": "copy:16 ddp", "K": 16, "world": 2, "traces_per_s": 9999.0},
+            {"variant": "v3", "config": "copy:16", "K": 64, "traces_per_s": 9999.0},
+        ],
+    )
     (tmp_path / "speed12" / "serve.json").write_text(json.dumps({"rows": [{"n_latents": 16}]}))  # another benchmark
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "k128.json").write_text(json.dumps({"rows": [{"K": 128, "traces_per_s": 9999.0}]}))
     out = tmp_path / "plot.png"
-    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_throughput.py"), "--results", str(tmp_path),
-                          "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "plot_throughput.py"),
+            "--results",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     best = [line.split() for line in run.stdout.splitlines() if line.startswith("K=")]
     assert [(b[0], b[2], b[3], b[6]) for b in best] == [("K=16", "12:", "4,000", "32"), ("K=128", "3:", "5,500", "16")]
     assert out.stat().st_size > 10_000 and "9,999" not in run.stdout

@@ -83,7 +83,8 @@ def test_a_run_folder_resolves_to_its_newest_checkpoint(tmp_path):
     for step in (100, 300, 200):
         (tmp_path / "run" / f"step_{step:06d}").mkdir(parents=True)
         (tmp_path / "run" / f"step_{step:06d}" / "coprocessor_config.json").write_text(
-            '{"coprocessor": {}, "base_model": {"fingerprint": "f"}}')
+            '{"coprocessor": {}, "base_model": {"fingerprint": "f"}}'
+        )
     (tmp_path / "run" / "step_000400").mkdir()  # an interrupted save: no config, never chosen
     assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "step_000300"
     assert resolve_checkpoint(tmp_path / "run" / "step_000100") == tmp_path / "run" / "step_000100"
@@ -106,7 +107,9 @@ def test_weights_only_export_loads_and_is_smaller(tmp_path):
     perturb_trainable(model)
     model.save_pretrained(tmp_path / "ckpt")
     main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
-    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "ckpt" / "model.safetensors"
+    ).stat().st_size
     back = CacheAugmentedLM.from_pretrained(tmp_path / "bf16", base=base)
     for (name, a), b in zip(model.trainable_state_dict().items(), back.trainable_state_dict().values()):
         assert torch.equal(a.to(torch.bfloat16).float(), b), name

@@ -4,9 +4,9 @@ must get 422, never 500."""
 
 import json
 import subprocess
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,8 +15,10 @@ import pytest
 from cacheaug.testing import ServeCLI, tiny_served_folders, tiny_tokenizer
 
 WORDS = " ".join(f"w{i}" for i in range(120))
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +47,23 @@ def test_openai_sdk(served):
     assert out.usage.prompt_tokens == prompt_tokens and 1 <= out.usage.completion_tokens <= 6
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
     text = out.choices[0].text
-    chunks = list(client.completions.create(model=name, prompt="w5 w17 w40", max_tokens=6, stream=True,
-                                            extra_body={"augment": "sync"}))
+    chunks = list(
+        client.completions.create(
+            model=name, prompt="w5 w17 w40", max_tokens=6, stream=True, extra_body={"augment": "sync"}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text  # greedy: the same text streamed
 
     messages = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w3 w4 w5"}]
     chat = client.chat.completions.create(model=name, messages=messages, max_tokens=5)
     templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chat.usage.prompt_tokens == len(tok(templated, add_special_tokens=False)["input_ids"])  # one <bos>, templated
+    assert chat.usage.prompt_tokens == len(
+        tok(templated, add_special_tokens=False)["input_ids"]
+    )  # one <bos>, templated
     assert chat.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model=name, messages=messages, max_tokens=5, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
     assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
@@ -66,21 +74,24 @@ def test_openai_sdk(served):
         client.completions.create(model=name, prompt="w1", max_tokens=2, logprobs=3)
 
 
-@pytest.mark.parametrize("raw", [
-    '{"prompt": "w1 w2", "temperature": NaN}',
-    '{"prompt": "w1 w2", "top_p": Infinity}',
-    '{"prompt": "w1 w2", "deadline_ms": NaN}',
-    '{"prompt": "w1 \\ud800 w2"}',
-    '{"prompt": "w1", "seed": 123456789012345678901234567890}',
-    '{"prompt": "w1", "seed": 123456789012345678901234567890, "stream": true}',
-    '{"prompt": "w1", "echo": true}',
-    '{"prompt": "w1", "best_of": 3}',
-    '{"prompt": "w1", "frobnicate": 1}',
-    '{"prompt": "   "}',
-    '{"prompt": ""}',
-    '[1, 2]',
-    '{"prompt": "w1"',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"prompt": "w1 w2", "temperature": NaN}',
+        '{"prompt": "w1 w2", "top_p": Infinity}',
+        '{"prompt": "w1 w2", "deadline_ms": NaN}',
+        '{"prompt": "w1 \\ud800 w2"}',
+        '{"prompt": "w1", "seed": 123456789012345678901234567890}',
+        '{"prompt": "w1", "seed": 123456789012345678901234567890, "stream": true}',
+        '{"prompt": "w1", "echo": true}',
+        '{"prompt": "w1", "best_of": 3}',
+        '{"prompt": "w1", "frobnicate": 1}',
+        '{"prompt": "   "}',
+        '{"prompt": ""}',
+        "[1, 2]",
+        '{"prompt": "w1"',
+    ],
+)
 def test_malformed_completions_get_422(served, raw):
     url, _, _ = served
     with httpx.Client() as client:  # one keep-alive connection: a bad request must not break the next
@@ -91,12 +102,15 @@ def test_malformed_completions_get_422(served, raw):
         assert ok.status_code == 200
 
 
-@pytest.mark.parametrize("raw", [
-    '{"messages": [{"role": "user", "content": "w1 \\ud800"}]}',
-    '{"messages": [{"role": "robot", "content": "w1"}]}',
-    '{"messages": []}',
-    '{"messages": [{"role": "user", "content": "w1"}], "n": 3}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"messages": [{"role": "user", "content": "w1 \\ud800"}]}',
+        '{"messages": [{"role": "robot", "content": "w1"}]}',
+        '{"messages": []}',
+        '{"messages": [{"role": "user", "content": "w1"}], "n": 3}',
+    ],
+)
 def test_malformed_chat_gets_422(served, raw):
     url, _, _ = served
     r = httpx.post(f"{url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
@@ -107,8 +121,12 @@ def test_malformed_chat_gets_422(served, raw):
 def test_huge_body_gets_413_and_the_server_stays_responsive(served):
     url, _, _ = served
     t0 = time.monotonic()
-    r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "' + b"w1 " * (2 << 20) + b'"}',
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{url}/v1/completions",
+        content=b'{"prompt": "' + b"w1 " * (2 << 20) + b'"}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 413 and time.monotonic() - t0 < 10
 
     def chunked():  # no Content-Length: the limit holds on the bytes as they arrive
@@ -124,8 +142,9 @@ def test_huge_body_gets_413_and_the_server_stays_responsive(served):
 
 @pytest.mark.parametrize("option", [["--max-concurrent", "0"], ["--store-mib", "-1"], ["--max-queue", "-2"]])
 def test_serve_refuses_bad_options_in_one_line(option):
-    res = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *option], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "cacheaug", "serve", *option], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("cacheaug serve: " + option[0])
 
@@ -136,12 +155,14 @@ def test_sigterm_with_an_open_stream_exits_within_the_grace_period(tmp_path):
 
     tok = tiny_tokenizer([WORDS])
     model, ckpt = tiny_served_folders(tmp_path, tok)
-    cli = ServeCLI(["--model", model, "--coprocessor", ckpt, "--device", "cpu", "--shutdown-grace-s", "1"],
-                   tmp_path / "serve.log")
+    cli = ServeCLI(
+        ["--model", model, "--coprocessor", ckpt, "--device", "cpu", "--shutdown-grace-s", "1"], tmp_path / "serve.log"
+    )
     url = cli.__enter__()
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
-                          json={"prompt": "w5 w17", "max_tokens": 4096, "stream": True}) as r:
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", timeout=60, json={"prompt": "w5 w17", "max_tokens": 4096, "stream": True}
+        ) as r:
             next(r.iter_lines())  # one chunk read; the reader then stalls and the request stays open
             t0 = time.monotonic()
             cli.proc.send_signal(signal.SIGTERM)

@@ -11,6 +11,7 @@ def _fresh_dynamo():
     yield
     torch._dynamo.reset()
 
+
 from cacheaug import CoprocessorConfig, build_model
 from cacheaug.speed import apply_speed_options
 from cacheaug.testing import perturb_trainable, tiny_model
@@ -32,11 +33,17 @@ LEVERS = dict(position_scheme="shared", reread_last=True, echo_residual=True, re
 _SLOW = pytest.mark.slow  # the fast tier keeps one compiled arm; the slow tier every arm, family and lever
 
 
-@pytest.mark.parametrize("family,init,levers", [
-    ("gemma3", "copy", {}),
-    pytest.param("qwen3", "copy", {}, marks=_SLOW), pytest.param("gemma3", "lora-decoder", {}, marks=_SLOW),
-    pytest.param("gemma3", "copy", LEVERS, marks=_SLOW), pytest.param("gemma3", "lora", LEVERS, marks=_SLOW),
-    pytest.param("gemma3", "pause", {**LEVERS, "readout": "final_norm"}, marks=_SLOW)])
+@pytest.mark.parametrize(
+    "family,init,levers",
+    [
+        ("gemma3", "copy", {}),
+        pytest.param("qwen3", "copy", {}, marks=_SLOW),
+        pytest.param("gemma3", "lora-decoder", {}, marks=_SLOW),
+        pytest.param("gemma3", "copy", LEVERS, marks=_SLOW),
+        pytest.param("gemma3", "lora", LEVERS, marks=_SLOW),
+        pytest.param("gemma3", "pause", {**LEVERS, "readout": "final_norm"}, marks=_SLOW),
+    ],
+)
 def test_compiled_training_pass_is_one_graph_equal_to_eager(family, init, levers):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -72,7 +79,12 @@ def test_speed_options_are_checked():
 
     v = parse_variant("flex+masks+graphs+keeplogits")
     assert (v["attn"], v["compile_masks"], v["compile_step"], v["keep_logits"], v["compile_mlp"]) == (
-        "flex_attention", True, "graphs", True, False)
+        "flex_attention",
+        True,
+        "graphs",
+        True,
+        False,
+    )
     assert parse_variant("sdpa+graphs+g2+keeplogits")["trace_groups"] == 2
     assert parse_variant("sdpa")["trace_groups"] == 1
     for bad in ("sdpa+step+graphs", "sdpa+mlp+step", "fast", "sdpa+bogus", "sdpa+g2+g4", "sdpa+g0", "sdpa+gx"):
@@ -90,16 +102,33 @@ def test_training_with_the_compiled_step_follows_the_eager_run(tmp_path, monkeyp
 
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
-    small = dict(data=(str(tmp_path / "corpus"),), seq_len=32, batch_size=2, grad_accum=2, n_latents=2, n_ahead=3,
-                 n_traces=4, max_steps=3, warmup_steps=1, eval_every=0, eval_sequences=2, log_every=1, save_every=0,
-                 heldout_pct=20.0)
+    small = dict(
+        data=(str(tmp_path / "corpus"),),
+        seq_len=32,
+        batch_size=2,
+        grad_accum=2,
+        n_latents=2,
+        n_ahead=3,
+        n_traces=4,
+        max_steps=3,
+        warmup_steps=1,
+        eval_every=0,
+        eval_sequences=2,
+        log_every=1,
+        save_every=0,
+        heldout_pct=20.0,
+    )
     logs = {}
     for mode in ("off", "step"):
         torch._dynamo.reset()
         out = tmp_path / mode
         cache = str(tmp_path / "compile_cache.bin") if mode == "step" else None
-        train(TrainConfig(**small, out_dir=str(out), compile_step=mode, compile_cache=cache), base=tiny_model("gemma3"),
-              tokenizer=tok, progress=False)
+        train(
+            TrainConfig(**small, out_dir=str(out), compile_step=mode, compile_cache=cache),
+            base=tiny_model("gemma3"),
+            tokenizer=tok,
+            progress=False,
+        )
         logs[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in logs[mode] if "first_step_s" in r] == [1]  # the compile's time, logged once
     # the compiled run's artifacts were written after its first step and load into a fresh process's caches

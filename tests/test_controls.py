@@ -55,7 +55,9 @@ def test_lora_decoder_checkpoint_round_trip(tmp_path):
     ids, pos = _ids(2), torch.tensor([2, 10, 15])
     assert torch.equal(loaded(ids, positions=pos).token_losses, model(ids, positions=pos).token_losses)
     prompt = ids[:1, :6]
-    assert torch.equal(loaded.generate(prompt, 5, augment=False), base.generate(prompt, max_new_tokens=5, do_sample=False))
+    assert torch.equal(
+        loaded.generate(prompt, 5, augment=False), base.generate(prompt, max_new_tokens=5, do_sample=False)
+    )
 
 
 def test_pause_tokens_go_through_the_coprocessor_path():
@@ -88,9 +90,19 @@ def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
         m = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3, init=init))
         perturb_trainable(m)
         m.save_pretrained(tmp_path / init)
-    rep = evaluate_ppl([str(tmp_path / "copy"), str(tmp_path / "pause")], data=(str(tmp_path / "corpus"),),
-                       heldout_pct=30.0, seq_len=32, sequences=4, stride=4, offsets=(1, 2, 4), n_boot=50,
-                       base=base, tokenizer=tok, out=str(tmp_path / "r.json"))
+    rep = evaluate_ppl(
+        [str(tmp_path / "copy"), str(tmp_path / "pause")],
+        data=(str(tmp_path / "corpus"),),
+        heldout_pct=30.0,
+        seq_len=32,
+        sequences=4,
+        stride=4,
+        offsets=(1, 2, 4),
+        n_boot=50,
+        base=base,
+        tokenizer=tok,
+        out=str(tmp_path / "r.json"),
+    )
     runs = list(rep["runs"].values())
     assert [r["init"] for r in runs] == ["copy", "pause"] and all(len(r["change"]) == 3 for r in runs)
     assert runs[0]["base_ppl"] == runs[1]["base_ppl"]  # same frozen reference tokens
@@ -114,9 +126,19 @@ def test_staleness_study_zero_delay_matches_the_training_pass(tmp_path, monkeypa
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=80))
     model.save_pretrained(tmp_path / "ckpt")
-    rep = evaluate_staleness(str(tmp_path / "ckpt"), delays=(0, 2), offsets=(1, 2), sequences=2, points=2, seq_len=32,
-                             data=(str(tmp_path / "corpus"),), heldout_pct=30.0, n_boot=20, base=model.base,
-                             tokenizer=tok)
+    rep = evaluate_staleness(
+        str(tmp_path / "ckpt"),
+        delays=(0, 2),
+        offsets=(1, 2),
+        sequences=2,
+        points=2,
+        seq_len=32,
+        data=(str(tmp_path / "corpus"),),
+        heldout_pct=30.0,
+        n_boot=20,
+        base=model.base,
+        tokenizer=tok,
+    )
     assert set(rep["by_delay"]) == {"0", "2"} and len(rep["by_delay"]["2"]["change"]) == 2
 
 

@@ -141,14 +141,19 @@ def test_default_corpus_extractors_keep_prose_and_drop_tables(tmp_path):
     from cacheaug.corpus import DEFAULT_PACKAGES, _chunked, _moby_docs, _prose_paragraphs
 
     assert {"moby", "jargon", "debref"} <= set(DEFAULT_PACKAGES)  # a novel, a glossary, a manual
-    manual = ("Contents\n\n    1. Intro\n    1.1. Scope\n    1.2. Terms\n\n"
-              "    This manual explains\n    how to configure the network.\n\n"
-              "    |cmd |what it does|\n    |----+------------|\n    |ls  |list files  |\n\n"
-              "   ┌────┬────┐\n   │ a  │ b  │\n   └────┴────┘\n\n"
-              "   :foo: n.\n\n   A word\xa0for a thing, used in examples.")
+    manual = (
+        "Contents\n\n    1. Intro\n    1.1. Scope\n    1.2. Terms\n\n"
+        "    This manual explains\n    how to configure the network.\n\n"
+        "    |cmd |what it does|\n    |----+------------|\n    |ls  |list files  |\n\n"
+        "   ┌────┬────┐\n   │ a  │ b  │\n   └────┴────┘\n\n"
+        "   :foo: n.\n\n   A word\xa0for a thing, used in examples."
+    )
     paras = list(_prose_paragraphs(manual))
-    assert paras == ["This manual explains\nhow to configure the network.", ":foo: n.",
-                     "A word for a thing, used in examples."]
+    assert paras == [
+        "This manual explains\nhow to configure the network.",
+        ":foo: n.",
+        "A word for a thing, used in examples.",
+    ]
     docs = list(_chunked(iter(["a" * 30, "b" * 30, "c" * 10]), chars_per_doc=50))
     assert docs == ["a" * 30 + "\n\n" + "b" * 30, "c" * 10]
 

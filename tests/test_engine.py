@@ -31,7 +31,7 @@ def close_engines(monkeypatch):
 
 def _expected(model, augment):
     ids = torch.tensor([PROMPT])
-    return model.generate(ids, 10, augment=augment, eos_token_id=[])[0, len(PROMPT):].tolist()
+    return model.generate(ids, 10, augment=augment, eos_token_id=[])[0, len(PROMPT) :].tolist()
 
 
 def test_policies_match_the_library(model):
@@ -193,7 +193,9 @@ def test_bad_store_files_are_skipped_and_bad_entries_recomputed(model, tmp_path)
     (tmp_path / "empty.safetensors").write_bytes(b"")
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file at all" * 10)
     (tmp_path / "folder.safetensors").mkdir()
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "meta.safetensors"), metadata={"n_tokens": "many", "fingerprint": "m"})
+    save_file(
+        {"x": torch.zeros(1)}, str(tmp_path / "meta.safetensors"), metadata={"n_tokens": "many", "fingerprint": "m"}
+    )
     with pytest.warns(UserWarning, match="skipping unreadable"):
         store = CacheStore(directory=tmp_path, fingerprint="m")
     assert cache_id in store and len(store) == 1
@@ -203,7 +205,9 @@ def test_bad_store_files_are_skipped_and_bad_entries_recomputed(model, tmp_path)
         for i in range(model.base.config.num_hidden_layers):
             k = torch.zeros(1, 2, 3 if corrupt == "shape" else len(doc) + 3, 8)
             tensors[f"k.{i}"], tensors[f"v.{i}"] = k, (k * float("nan") if corrupt == "nan" else k.clone())
-        save_file(tensors, str(tmp_path / f"{cache_id}.safetensors"), metadata={"n_tokens": str(len(doc)), "fingerprint": "m"})
+        save_file(
+            tensors, str(tmp_path / f"{cache_id}.safetensors"), metadata={"n_tokens": str(len(doc)), "fingerprint": "m"}
+        )
         engine = Engine(model, CacheStore(directory=tmp_path, fingerprint="m"))
         with pytest.warns(UserWarning, match="discarding entry"):
             tokens, _ = engine.generate(doc + PROMPT[6:], 5, policy="sync")
@@ -267,7 +271,9 @@ def test_batched_steps_equal_single_steps():
 def test_concurrent_requests_are_batched_and_exact(model):
     engine = Engine(model, async_grace_s=5.0, max_batch=8)
     prompts = [PROMPT[: 4 + i] for i in range(5)]
-    expected = [model.generate(torch.tensor([p]), 8, augment=True, eos_token_id=[])[0, len(p):].tolist() for p in prompts]
+    expected = [
+        model.generate(torch.tensor([p]), 8, augment=True, eos_token_id=[])[0, len(p) :].tolist() for p in prompts
+    ]
     results = generate_concurrently(engine, prompts, 8, policy="sync")
     assert results == expected
     assert engine.scheduler.rows > engine.scheduler.batches  # some steps really ran together
@@ -304,8 +310,12 @@ def test_concurrent_prefixes_run_through_the_coprocessor_as_one_batch(model):
     model.coprocessor.forward = gated
     prompts = [PROMPT[: 4 + i] for i in range(4)]
     results = [None] * 4
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], 6,
-                                policy="sync", deadline_s=10)[0])) for i in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], 6, policy="sync", deadline_s=10)[0])
+        )
+        for i in range(4)
+    ]
     for t in threads:
         t.start()
     time.sleep(0.5)
@@ -313,7 +323,7 @@ def test_concurrent_prefixes_run_through_the_coprocessor_as_one_batch(model):
     for t in threads:
         t.join(60)
     del model.coprocessor.forward
-    expected = [model.generate(torch.tensor([p]), 6, eos_token_id=[])[0, len(p):].tolist() for p in prompts]
+    expected = [model.generate(torch.tensor([p]), 6, eos_token_id=[])[0, len(p) :].tolist() for p in prompts]
     assert results == expected
     assert engine.worker.rows > engine.worker.batches  # the queued prefixes went through together
     engine.close()
@@ -363,8 +373,12 @@ def test_latents_that_arrive_together_go_in_with_one_decoder_call(model, monkeyp
     gate = _gate_the_coprocessor(model)
     prompts = [PROMPT[: 4 + i] for i in range(4)]  # different lengths: the rows are left-padded
     infos, results = [{} for _ in prompts], [None] * 4
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-        i, engine.generate(prompts[i], 6, policy="sync", info=infos[i])[0])) for i in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], 6, policy="sync", info=infos[i])[0])
+        )
+        for i in range(4)
+    ]
     for t in threads:
         t.start()
     _wait_for(lambda: all("waiting_for_latents" in i.get("states", ()) for i in infos))
@@ -375,8 +389,9 @@ def test_latents_that_arrive_together_go_in_with_one_decoder_call(model, monkeyp
     for t in [*threads, blocker]:
         t.join(60)
     del model.coprocessor.forward
-    expected = [model.generate(torch.tensor([p]), 6, augment=True, eos_token_id=[])[0, len(p):].tolist()
-                for p in prompts]
+    expected = [
+        model.generate(torch.tensor([p]), 6, augment=True, eos_token_id=[])[0, len(p) :].tolist() for p in prompts
+    ]
     assert results == expected
     assert engine.stats.augmented == 4 and engine.stats.insert_calls == 1
     assert all(i["outcome"] == "augmented" and i["insert_rows"] == 4 and i["insert_s"] > 0 for i in infos)
@@ -404,20 +419,22 @@ def test_late_latents_of_several_requests_go_in_together_with_their_replays(mode
     assert engine.stats.augmented == 3 and engine.stats.insert_calls == 1  # the three replays in one call
     for prompt, got, info in zip(prompts, steps, infos):
         tokens = [s.token for s in got]
-        plain = model.generate(torch.tensor([prompt]), 7, augment=False, eos_token_id=[])[0, len(prompt):].tolist()
+        plain = model.generate(torch.tensor([prompt]), 7, augment=False, eos_token_id=[])[0, len(prompt) :].tolist()
         assert tokens[:2] == plain[:2]  # chosen before the latents went in
         # in before the third token: the two tokens replayed after them
         assert not got[1].augmented and got[2].augmented and got[2].inserted_after == 2 and info["insert_rows"] == 3
         # then exactly a request that was augmented before decoding these two tokens
         aug = model.augment(torch.tensor([prompt]))
         pos = torch.arange(aug.next_position, aug.next_position + 2)[None]
-        logits = model.base(input_ids=torch.tensor([tokens[:2]]), position_ids=pos,
-                            **model.cache_kwargs(aug.cache)).logits[:, -1]
+        logits = model.base(
+            input_ids=torch.tensor([tokens[:2]]), position_ids=pos, **model.cache_kwargs(aug.cache)
+        ).logits[:, -1]
         for i, token in enumerate(tokens[2:]):
             assert token == int(logits.argmax(-1))
             pos = torch.tensor([[aug.next_position + 2 + i]])
-            logits = model.base(input_ids=torch.tensor([[token]]), position_ids=pos,
-                                **model.cache_kwargs(aug.cache)).logits[:, -1]
+            logits = model.base(
+                input_ids=torch.tensor([[token]]), position_ids=pos, **model.cache_kwargs(aug.cache)
+            ).logits[:, -1]
 
 
 def test_the_coprocessor_stream_waits_for_the_submitted_cache(model, monkeypatch):

@@ -79,7 +79,9 @@ def test_foreign_cache_is_refused():
     other = tiny_model("llama")
     other.config.num_hidden_layers = 2
     cache = DynamicCache()
-    AutoModelForCausalLM.from_config(other.config)(input_ids=prompt, use_cache=True, **{model.family.cache_kwarg: cache})
+    AutoModelForCausalLM.from_config(other.config)(
+        input_ids=prompt, use_cache=True, **{model.family.cache_kwarg: cache}
+    )
     with pytest.raises(ValueError, match="layers"):
         model.augment(prompt, past_key_values=cache)
     own = DynamicCache()
@@ -141,12 +143,13 @@ def test_every_subcommand_reads_its_options_from_a_dataclass(tmp_path):
     (tmp_path / "serve.yaml").write_text("bogus: 1\n")
     with pytest.raises(SystemExit, match="unknown keys .*bogus"):
         main(["serve", "--config", str(tmp_path / "serve.yaml")])
-    for argv, match in ((["serve", "--port", "70000"], "cacheaug serve: --port must be in 0..65535"),
-                        (["eval", "insertion-cost", "--offsets", "0"], "--offsets must be at least 1"),
-                        (["eval", "stale", "--checkpoint", "x", "--delays", "-1"], "--delays must be at least 0"),
-                        (["eval", "synth", "--checkpoint", "x", "--heldout", str(tmp_path / "none.jsonl")],
-                         "no such file"),
-                        (["quickstart", "--steps", "0"], "cacheaug quickstart: --steps must be at least 1")):
+    for argv, match in (
+        (["serve", "--port", "70000"], "cacheaug serve: --port must be in 0..65535"),
+        (["eval", "insertion-cost", "--offsets", "0"], "--offsets must be at least 1"),
+        (["eval", "stale", "--checkpoint", "x", "--delays", "-1"], "--delays must be at least 0"),
+        (["eval", "synth", "--checkpoint", "x", "--heldout", str(tmp_path / "none.jsonl")], "no such file"),
+        (["quickstart", "--steps", "0"], "cacheaug quickstart: --steps must be at least 1"),
+    ):
         with pytest.raises(SystemExit, match=match):
             main(argv)
 
@@ -174,7 +177,8 @@ def test_user_errors_are_one_line_naming_the_fix(tmp_path, capsys, monkeypatch):
     assert "not valid YAML (line 3" in _cli_error(["train", "--config", str(tmp_path / "bad.yaml")], capsys)
     (tmp_path / "typed.yaml").write_text("max_steps: ten\n")
     assert "key 'max_steps' must be of type int, got 'ten'" in _cli_error(
-        ["train", "--config", str(tmp_path / "typed.yaml")], capsys)
+        ["train", "--config", str(tmp_path / "typed.yaml")], capsys
+    )
     assert "--lr must be a finite number" in _cli_error(["train", *data, "--lr", "inf"], capsys)
     assert "is not a folder" in _cli_error(["serve", "--model", "./nope", "--device", "cpu"], capsys)
 
@@ -196,8 +200,9 @@ def test_eval_on_another_split_than_training_warns(tmp_path, capsys):
     from cacheaug.frontends import _warn_split_mismatch
 
     (tmp_path / "run" / "step_000002").mkdir(parents=True)
-    (tmp_path / "run" / "run_config.json").write_text(json.dumps(
-        {"train": {"data": ["corpus"], "heldout_pct": 10.0, "adapt_pct": 0.0, "heldout_sources": []}}))
+    (tmp_path / "run" / "run_config.json").write_text(
+        json.dumps({"train": {"data": ["corpus"], "heldout_pct": 10.0, "adapt_pct": 0.0, "heldout_sources": []}})
+    )
     same = SimpleNamespace(data=("corpus",), heldout_pct=10.0, adapt_pct=0.0, heldout_sources=())
     _warn_split_mismatch(same, [str(tmp_path / "run" / "step_000002")])
     assert capsys.readouterr().out == ""

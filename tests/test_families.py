@@ -40,13 +40,27 @@ def test_a_family_registered_from_outside_is_exact_trains_and_evaluates(phi3, tm
 
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
-    cfg = TrainConfig(data=(str(tmp_path / "corpus"),), out_dir=str(tmp_path / "run"), seq_len=32, batch_size=2,
-                      n_latents=2, n_ahead=3, n_traces=4, max_steps=4, warmup_steps=1, eval_every=0,
-                      eval_sequences=2, log_every=1, save_every=0, heldout_pct=20.0)
+    cfg = TrainConfig(
+        data=(str(tmp_path / "corpus"),),
+        out_dir=str(tmp_path / "run"),
+        seq_len=32,
+        batch_size=2,
+        n_latents=2,
+        n_ahead=3,
+        n_traces=4,
+        max_steps=4,
+        warmup_steps=1,
+        eval_every=0,
+        eval_sequences=2,
+        log_every=1,
+        save_every=0,
+        heldout_pct=20.0,
+    )
     final = train(cfg, base=tiny_model("phi3"), tokenizer=tok, progress=False)
     loaded = CacheAugmentedLM.from_pretrained(final, base=tiny_model("phi3"))
-    losses = heldout_losses(loaded, torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(1)),
-                            n_points=4)
+    losses = heldout_losses(
+        loaded, torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(1)), n_points=4
+    )
     assert len(relative_ppl_change(losses)) == cfg.n_ahead
     prompt = torch.tensor([[2, 5, 9, 14, 20]])
     assert loaded.generate(prompt, 4, augment=True, eos_token_id=[]).shape == (1, 9)

@@ -113,13 +113,30 @@ def test_the_gate_is_saved_loaded_and_exported(tmp_path):
 
 
 def test_train_gate_then_every_evaluation_reports_the_gated_arm(tmp_path, monkeypatch, capsys):
-    from cacheaug.synth import read_heldout
-
     from test_synth import _tokenizer
 
+    from cacheaug.synth import read_heldout
+
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
-    main(["data", "synth", "--out", str(tmp_path / "s"), "--families", "add", "--train-docs", "40",
-          "--problems-per-doc", "6", "--heldout-per-level", "3", "--add-digits", "2", "3"])
+    main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "s"),
+            "--families",
+            "add",
+            "--train-docs",
+            "40",
+            "--problems-per-doc",
+            "6",
+            "--heldout-per-level",
+            "3",
+            "--add-digits",
+            "2",
+            "3",
+        ]
+    )
     tok = _tokenizer(tmp_path / "s")
     base = tiny_model("gemma3")
     base.save_pretrained(tmp_path / "base")
@@ -128,9 +145,29 @@ def test_train_gate_then_every_evaluation_reports_the_gated_arm(tmp_path, monkey
     perturb_trainable(model, scale=0.5)
     model.save_pretrained(tmp_path / "ckpt")
     capsys.readouterr()
-    main(["train-gate", "--checkpoint", str(tmp_path / "ckpt"), "--model", str(tmp_path / "base"), "--data", str(tmp_path / "s" / "train"),
-          "--seq-len", "40", "--sequences", "10", "--n-traces", "4", "--batch-size", "4", "--device", "cpu",
-          "--out", str(tmp_path / "gate.json")])
+    main(
+        [
+            "train-gate",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--model",
+            str(tmp_path / "base"),
+            "--data",
+            str(tmp_path / "s" / "train"),
+            "--seq-len",
+            "40",
+            "--sequences",
+            "10",
+            "--n-traces",
+            "4",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "gate.json"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "gate saved in" in printed and "at_marker" in printed
     report = json.loads((tmp_path / "gate.json").read_text())
@@ -138,8 +175,24 @@ def test_train_gate_then_every_evaluation_reports_the_gated_arm(tmp_path, monkey
     saved = json.loads((tmp_path / "ckpt" / "gate_config.json").read_text())
     assert saved["fit"]["sequences"] == 10 and saved["n_ahead"] == 4
     # eval synth: the coprocessor always on and with its gate, side by side, paired
-    main(["eval", "synth", "--checkpoint", str(tmp_path / "ckpt"), "--model", str(tmp_path / "base"), "--heldout", str(tmp_path / "s" / "heldout.jsonl"),
-          "--device", "cpu", "--check-generate", "6", "--out", str(tmp_path / "synth.json")])
+    main(
+        [
+            "eval",
+            "synth",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--model",
+            str(tmp_path / "base"),
+            "--heldout",
+            str(tmp_path / "s" / "heldout.jsonl"),
+            "--device",
+            "cpu",
+            "--check-generate",
+            "6",
+            "--out",
+            str(tmp_path / "synth.json"),
+        ]
+    )
     synth = json.loads((tmp_path / "synth.json").read_text())
     gated = next(a for k, a in synth["arms"].items() if k.endswith("+ gate"))
     always = next(a for k, a in synth["arms"].items() if k not in ("frozen",) and not k.endswith("+ gate"))
@@ -200,7 +253,6 @@ def test_the_servers_gate_policy():
 
 
 def test_lm_eval_with_a_gate(tmp_path):
-    import torch.nn.functional as F
 
     from cacheaug.lm_eval_model import CacheAugEvalLM
     from cacheaug.testing import tiny_tokenizer
@@ -216,12 +268,16 @@ def test_lm_eval_with_a_gate(tmp_path):
         model.save_pretrained(tmp_path / f"ckpt{fire}")
         lm = CacheAugEvalLM(coprocessor=str(tmp_path / f"ckpt{fire}"), base=model.base, tokenizer=tok)
         scores[fire] = [lp for lp, _ in lm._loglikelihood_tokens([(None, ctx, c) for c in conts], disable_tqdm=True)]
-        ungated = CacheAugEvalLM(coprocessor=str(tmp_path / f"ckpt{fire}"), base=model.base, tokenizer=tok, gate="false")
-        scores[f"always{fire}"] = [lp for lp, _ in ungated._loglikelihood_tokens([(None, ctx, c) for c in conts],
-                                                                                  disable_tqdm=True)]
+        ungated = CacheAugEvalLM(
+            coprocessor=str(tmp_path / f"ckpt{fire}"), base=model.base, tokenizer=tok, gate="false"
+        )
+        scores[f"always{fire}"] = [
+            lp for lp, _ in ungated._loglikelihood_tokens([(None, ctx, c) for c in conts], disable_tqdm=True)
+        ]
     frozen = CacheAugEvalLM(coprocessor=str(tmp_path / "ckptFalse"), base=model.base, tokenizer=tok, augment=False)
-    assert scores[False] == [lp for lp, _ in frozen._loglikelihood_tokens([(None, ctx, c) for c in conts],
-                                                                          disable_tqdm=True)]
+    assert scores[False] == [
+        lp for lp, _ in frozen._loglikelihood_tokens([(None, ctx, c) for c in conts], disable_tqdm=True)
+    ]
     assert scores[True] == scores["alwaysTrue"] == scores["alwaysFalse"] != scores[False]
     model.gate = None
     model.save_pretrained(tmp_path / "plain")

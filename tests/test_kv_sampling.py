@@ -12,8 +12,11 @@ from cacheaug.testing import tiny_model
 
 def _cache(base, n, seed=0):
     cache = DynamicCache()
-    base(input_ids=torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed)), use_cache=True,
-         **{cache_kwarg(base): cache})
+    base(
+        input_ids=torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed)),
+        use_cache=True,
+        **{cache_kwarg(base): cache},
+    )
     return cache
 
 

@@ -46,8 +46,12 @@ def test_bucketed_call_equals_compute_latents(family, levers):
     # a longer prefix after a shorter one in the same bucket: the stale positions stay masked
     ids2, cache2 = _prefix(model, seed=1)
     with torch.no_grad():
-        torch.testing.assert_close(graphs(kv.layers(cache2), 12, int(ids2[0, 11])),
-                                   model.compute_latents(cache2, 12, ids2[:, 11]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            graphs(kv.layers(cache2), 12, int(ids2[0, 11])),
+            model.compute_latents(cache2, 12, ids2[:, 11]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.slow  # slow tier: torch.compile

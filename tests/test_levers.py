@@ -15,8 +15,9 @@ LEVERS = {
     "shared": dict(position_scheme="shared"),
     "overlap+reread": dict(position_scheme="overlap", reread_last=True),
     "shifted+reread+echo": dict(reread_last=True, echo_residual=True),
-    "shared+reread+echo+pre_norm": dict(position_scheme="shared", reread_last=True, echo_residual=True,
-                                        readout="pre_norm"),
+    "shared+reread+echo+pre_norm": dict(
+        position_scheme="shared", reread_last=True, echo_residual=True, readout="pre_norm"
+    ),
 }
 
 
@@ -78,8 +79,13 @@ def test_reread_predicts_offset_one_from_token_p():
 
 def test_next_position_follows_the_scheme():
     ids = _ids(5, batch=1)[:, :10]
-    cases = {("shifted", False): 13, ("shifted", True): 14, ("shared", False): 10, ("shared", True): 10,
-             ("overlap", True): 10}
+    cases = {
+        ("shifted", False): 13,
+        ("shifted", True): 14,
+        ("shared", False): 10,
+        ("shared", True): 10,
+        ("overlap", True): 10,
+    }
     for (scheme, reread), expected in cases.items():
         aug = _model(position_scheme=scheme, reread_last=reread).augment(ids)
         assert aug.next_position == expected, (scheme, reread)
@@ -125,8 +131,9 @@ def test_offset_decay_weights_the_loss():
 
 
 def test_checkpoints_keep_the_levers(tmp_path):
-    model = _model(position_scheme="overlap", reread_last=True, echo_residual=True, readout="pre_norm",
-                   offset_decay=0.8)
+    model = _model(
+        position_scheme="overlap", reread_last=True, echo_residual=True, readout="pre_norm", offset_decay=0.8
+    )
     model.save_pretrained(tmp_path / "c")
     loaded = CacheAugmentedLM.from_pretrained(tmp_path / "c", base=model.base)
     assert loaded.config == model.config
@@ -134,12 +141,18 @@ def test_checkpoints_keep_the_levers(tmp_path):
     assert torch.equal(loaded(ids, positions=POSITIONS).token_losses, model(ids, positions=POSITIONS).token_losses)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(position_scheme="middle"), "position_scheme"), (dict(readout="mean"), "readout"),
-    (dict(offset_decay=0.0), "offset_decay"), (dict(offset_decay=1.5), "offset_decay"),
-    (dict(reread_last=1), "reread_last"), (dict(init="pause", readout="pre_norm"), "backbone"),
-    (dict(init="lora-decoder", position_scheme="shared"), "lora-decoder.* inserts no latents"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(position_scheme="middle"), "position_scheme"),
+        (dict(readout="mean"), "readout"),
+        (dict(offset_decay=0.0), "offset_decay"),
+        (dict(offset_decay=1.5), "offset_decay"),
+        (dict(reread_last=1), "reread_last"),
+        (dict(init="pause", readout="pre_norm"), "backbone"),
+        (dict(init="lora-decoder", position_scheme="shared"), "lora-decoder.* inserts no latents"),
+    ],
+)
 def test_bad_lever_values_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         CoprocessorConfig(**bad)
@@ -165,8 +178,9 @@ def _greedy_reference(model, prompt, n):
     for i in range(n):
         token = int(logits.argmax(-1))
         out.append(token)
-        step = model.base(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos + i]]),
-                          **model.cache_kwargs(cache))
+        step = model.base(
+            input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos + i]]), **model.cache_kwargs(cache)
+        )
         logits = step.logits[:, -1]
     return out
 
@@ -176,7 +190,7 @@ def test_generate_and_serving_decode_with_the_schemes_positions(tmp_path):
 
     model = _model("llama", **LEVER_MODEL)
     expected = _greedy_reference(model, PROMPT, 10)
-    assert model.generate(torch.tensor([PROMPT]), 10, eos_token_id=[])[0, len(PROMPT):].tolist() == expected
+    assert model.generate(torch.tensor([PROMPT]), 10, eos_token_id=[])[0, len(PROMPT) :].tolist() == expected
     for max_batch in (1, 4):  # unbatched steps and the step batcher
         engine = Engine(model, async_grace_s=5.0, max_batch=max_batch)
         try:
@@ -215,14 +229,19 @@ def test_lm_eval_scores_with_the_schemes_positions(tmp_path):
         logits = [aug.logits]
         if len(cont) > 1:
             pos = torch.arange(aug.next_position, aug.next_position + len(cont) - 1)[None]
-            logits.append(model.base(input_ids=torch.tensor([cont[:-1]]), position_ids=pos,
-                                     **model.cache_kwargs(aug.cache)).logits[0])
+            logits.append(
+                model.base(
+                    input_ids=torch.tensor([cont[:-1]]), position_ids=pos, **model.cache_kwargs(aug.cache)
+                ).logits[0]
+            )
         ref = F.log_softmax(torch.cat(logits).float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
         assert lp == pytest.approx(ref, abs=1e-4)
 
 
-@pytest.mark.parametrize("family,lever", [("gemma3", "default"), ("qwen2", "default"), ("llama", "default"),
-                                          *(("gemma3", lever) for lever in LEVERS)])
+@pytest.mark.parametrize(
+    "family,lever",
+    [("gemma3", "default"), ("qwen2", "default"), ("llama", "default"), *(("gemma3", lever) for lever in LEVERS)],
+)
 def test_insertions_of_several_prompts_in_one_call_equal_each_alone(family, lever):
     """``insert_latents_rows`` (serving: the requests whose latents arrived together) gives every row the cache and
     logits of its own ``insert_latents``, for prompts of different lengths around the sliding window, with and
@@ -249,8 +268,9 @@ def test_insertions_of_several_prompts_in_one_call_equal_each_alone(family, leve
             for i, cache in enumerate(caches):
                 assert all(torch.equal(k, b) for (k, _), b in zip(kv.layers(cache), before[i]))  # left unchanged
                 alone = kv.fork(cache)
-                want = model.insert_latents(alone, latents[i], torch.tensor([lasts[i]]),
-                                            None if then is None else then[i : i + 1])
+                want = model.insert_latents(
+                    alone, latents[i], torch.tensor([lasts[i]]), None if then is None else then[i : i + 1]
+                )
                 torch.testing.assert_close(got[i : i + 1], want, rtol=1e-4, atol=1e-4)
                 assert kv.length(got_caches[i]) == kv.length(alone)
                 for (k1, v1), (k2, v2) in zip(kv.layers(got_caches[i]), kv.layers(alone)):

@@ -3,11 +3,10 @@
 import gzip
 import json
 
+import lm_eval  # noqa: E402,F401  (installed by scripts/setup.sh: the `eval` extra)
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lm_eval  # noqa: E402,F401  (installed by scripts/setup.sh: the `eval` extra)
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig, build_model  # noqa: E402
 from cacheaug.lm_eval_model import CacheAugEvalLM  # noqa: E402
@@ -34,7 +33,9 @@ def _reference(base, model, ctx, cont, augment):
         first, cache = aug.logits, aug.cache
     else:
         out = base(input_ids=torch.tensor([ctx + cont[:-1]]))
-        return F.log_softmax(out.logits[0, len(ctx) - 1 :].float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
+        return (
+            F.log_softmax(out.logits[0, len(ctx) - 1 :].float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
+        )
     logits = [first]
     if len(cont) > 1:
         logits.append(base(input_ids=torch.tensor([cont[:-1]]), **{model.family.cache_kwarg: cache}).logits[0])
@@ -61,7 +62,7 @@ def test_lora_decoder_control_scores_with_the_adapted_decoder(tmp_path):
     model.save_pretrained(tmp_path / "lora")
     lm = CacheAugEvalLM(coprocessor=str(tmp_path / "lora"), base=base, tokenizer=tok)
     ctx, cont = [2, 10, 11, 12], [13, 14]
-    (lp, _), = lm._loglikelihood_tokens([(None, ctx, cont)], disable_tqdm=True)
+    ((lp, _),) = lm._loglikelihood_tokens([(None, ctx, cont)], disable_tqdm=True)
     logits = model.coprocessor(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1 :].float()
     assert lp == pytest.approx(F.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
 
@@ -72,10 +73,22 @@ def _fake_olmo(root):
     for doc in range(6):
         ctx = f"w{doc} w{doc + 1} w{doc + 2} Answer:"
         for c, cont in enumerate([f" w{doc + 3}", f" w{doc + 40}", f" w{doc + 50} w1"]):
-            rows.append({"request_type": "loglikelihood", "doc_id": doc, "label": doc % 3,
-                         "request": {"context": ctx, "continuation": cont}})
-    rows.append({"request_type": "loglikelihood", "doc_id": 1_000_000, "label": 0,
-                 "request": {"context": "Answer:", "continuation": " w1"}})
+            rows.append(
+                {
+                    "request_type": "loglikelihood",
+                    "doc_id": doc,
+                    "label": doc % 3,
+                    "request": {"context": ctx, "continuation": cont},
+                }
+            )
+    rows.append(
+        {
+            "request_type": "loglikelihood",
+            "doc_id": 1_000_000,
+            "label": 0,
+            "request": {"context": "Answer:", "continuation": " w1"},
+        }
+    )
     (root / "arc_easy" / "test_rc_5shot").mkdir(parents=True)
     with gzip.open(root / "arc_easy" / "test_rc_5shot" / "requests.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -83,14 +96,35 @@ def _fake_olmo(root):
     with gzip.open(root / "winogrande" / "rc_5shot" / "requests.jsonl.gz", "wt") as f:
         for doc in range(6):
             for option in (doc + 1, doc + 30):
-                f.write(json.dumps({"request_type": "loglikelihood", "doc_id": doc, "label": doc % 2,
-                                    "request": {"context": f"w{doc} w{option}", "continuation": " w5 w6"}}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "request_type": "loglikelihood",
+                            "doc_id": doc,
+                            "label": doc % 2,
+                            "request": {"context": f"w{doc} w{option}", "continuation": " w5 w6"},
+                        }
+                    )
+                    + "\n"
+                )
     (root / "gsm8k" / "gold_bpb_5shot").mkdir(parents=True)
     with gzip.open(root / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz", "wt") as f:
         for doc in range(4):
-            f.write(json.dumps({"request_type": "generate_until_and_loglikelihood", "doc_id": doc, "label": "1",
-                                "request": {"context": f"w{doc} w5 Answer:", "continuation": f" w{doc + 9} w3",
-                                            "perplexity_context": f"w{doc} w5 Answer:"}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "request_type": "generate_until_and_loglikelihood",
+                        "doc_id": doc,
+                        "label": "1",
+                        "request": {
+                            "context": f"w{doc} w5 Answer:",
+                            "continuation": f" w{doc + 9} w3",
+                            "perplexity_context": f"w{doc} w5 Answer:",
+                        },
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.mark.slow  # slow tier: lm-eval end to end
@@ -106,8 +140,12 @@ def test_tasks_run_through_lm_eval(setup, tmp_path):
     wino = [json.loads(line) for line in (folder / "winogrande.jsonl").read_text().splitlines()]
     assert wino[1] == {"contexts": ["w1 w2", "w1 w31"], "continuation": " w5 w6", "gold": 1}
     lm = CacheAugEvalLM(coprocessor=str(ckpt), base=base, tokenizer=tok)
-    res = simple_evaluate(model=lm, tasks=["cacheaug_arc_easy", "cacheaug_winogrande", "cacheaug_gsm8k_bpb"],
-                          task_manager=TaskManager(include_path=str(folder)), log_samples=True)
+    res = simple_evaluate(
+        model=lm,
+        tasks=["cacheaug_arc_easy", "cacheaug_winogrande", "cacheaug_gsm8k_bpb"],
+        task_manager=TaskManager(include_path=str(folder)),
+        log_samples=True,
+    )
     # Winogrande: lm-eval scored each option's own context before the shared continuation (two distinct scores)
     for sample in res["samples"]["cacheaug_winogrande"]:
         assert sample["arguments"][0][0] != sample["arguments"][1][0]
@@ -162,8 +200,9 @@ def _cli(*argv, cwd):
     import sys
 
     env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}  # as on a CPU machine
-    return subprocess.run([sys.executable, "-m", "cacheaug", *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "cacheaug", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow  # slow tier: lm-eval end to end
@@ -172,14 +211,48 @@ def test_harness_command_line_as_users_type_it(tmp_path):
     takes batch_size/device/max_length from the command line or from --model_args; results match the Python API."""
     model, ckpt, tasks = _tiny_folders(tmp_path)
     runs = {
-        "plain": ["--model", "cacheaug", "--model_args", f"pretrained={model},coprocessor={ckpt}",
-                  "--tasks", "cacheaug_arc_easy,cacheaug_gsm8k_bpb", "--include_path", str(tasks), "--limit", "4"],
-        "options": ["--model", "cacheaug", "--model_args",
-                    f"pretrained={model},coprocessor={ckpt},batch_size=2,device=cpu,max_length=256,dtype=float32",
-                    "--tasks", "cacheaug_arc_easy,cacheaug_gsm8k_bpb", "--include_path", str(tasks), "--limit", "4"],
-        "cli_batch": ["run", "--model", "cacheaug", "--model_args", f"pretrained={model},coprocessor={ckpt}",
-                      "--tasks", "cacheaug_arc_easy", "cacheaug_gsm8k_bpb", "--include_path", str(tasks),
-                      "--limit", "4", "--batch_size", "3", "--device", "cpu"],
+        "plain": [
+            "--model",
+            "cacheaug",
+            "--model_args",
+            f"pretrained={model},coprocessor={ckpt}",
+            "--tasks",
+            "cacheaug_arc_easy,cacheaug_gsm8k_bpb",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            "4",
+        ],
+        "options": [
+            "--model",
+            "cacheaug",
+            "--model_args",
+            f"pretrained={model},coprocessor={ckpt},batch_size=2,device=cpu,max_length=256,dtype=float32",
+            "--tasks",
+            "cacheaug_arc_easy,cacheaug_gsm8k_bpb",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            "4",
+        ],
+        "cli_batch": [
+            "run",
+            "--model",
+            "cacheaug",
+            "--model_args",
+            f"pretrained={model},coprocessor={ckpt}",
+            "--tasks",
+            "cacheaug_arc_easy",
+            "cacheaug_gsm8k_bpb",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            "4",
+            "--batch_size",
+            "3",
+            "--device",
+            "cpu",
+        ],
     }
     got = {}
     for name, argv in runs.items():
@@ -200,8 +273,23 @@ def test_harness_command_line_as_users_type_it(tmp_path):
 @pytest.mark.slow  # slow tier: lm-eval end to end
 def test_harness_refuses_cuda_on_a_cpu_machine_in_one_line(tmp_path):
     model, ckpt, tasks = _tiny_folders(tmp_path)
-    res = _cli("eval", "harness", "--model", "cacheaug", "--model_args", f"pretrained={model}", "--tasks",
-               "cacheaug_arc_easy", "--include_path", str(tasks), "--limit", "2", "--device", "cuda", cwd=tmp_path)
+    res = _cli(
+        "eval",
+        "harness",
+        "--model",
+        "cacheaug",
+        "--model_args",
+        f"pretrained={model}",
+        "--tasks",
+        "cacheaug_arc_easy",
+        "--include_path",
+        str(tasks),
+        "--limit",
+        "2",
+        "--device",
+        "cuda",
+        cwd=tmp_path,
+    )
     assert res.returncode != 0 and "no CUDA GPU: pass --device cpu" in res.stderr.strip().splitlines()[-1]
     assert "Traceback" not in res.stderr
 

@@ -74,8 +74,10 @@ def test_copy_and_scratch_differ_and_copy_matches_decoder():
     assert copy.coprocessor.backbone.layers[1].mlp.up_proj.weight is not w
     assert not torch.allclose(scratch.coprocessor.backbone.layers[1].mlp.up_proj.weight, w)
     again = CacheAugmentedLM(base, CoprocessorConfig(init="scratch"))  # seeded: repeatable
-    assert torch.equal(again.coprocessor.backbone.layers[1].mlp.up_proj.weight,
-                       scratch.coprocessor.backbone.layers[1].mlp.up_proj.weight)
+    assert torch.equal(
+        again.coprocessor.backbone.layers[1].mlp.up_proj.weight,
+        scratch.coprocessor.backbone.layers[1].mlp.up_proj.weight,
+    )
 
 
 def test_sampled_positions_are_distinct_sorted_and_valid():
@@ -168,7 +170,9 @@ def test_pause_control_is_context_free():
     b = model.augment(_ids(b=1, t=13, seed=1)).latents
     assert torch.equal(a, b)
     copro = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=3, n_ahead=4))
-    assert not torch.equal(copro.augment(_ids(b=1, t=8, seed=0)).latents, copro.augment(_ids(b=1, t=13, seed=1)).latents)
+    assert not torch.equal(
+        copro.augment(_ids(b=1, t=8, seed=0)).latents, copro.augment(_ids(b=1, t=13, seed=1)).latents
+    )
 
 
 def test_stale_latents_are_those_of_the_shorter_prefix_inserted_later():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_trace_windows import LEVERS, N_A, N_L, POSITIONS, WINDOWED, T
 from test_trace_windows import _model as _windows_model
 
@@ -202,13 +201,17 @@ def test_tile_settings_from_the_environment():
     assert fwd == {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     assert bwd == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
     assert pa.parse_tiles("32,32,4,1")[0] == pa.parse_tiles("32,32,4,1")[1]
-    assert pa.parse_tiles("default/64,16,4,2") == (None, {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4,
-                                                          "num_stages": 2})
+    assert pa.parse_tiles("default/64,16,4,2") == (
+        None,
+        {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
+    )
     for bad in ("64,64,4", "48,64,4,2", "64,64,3,2", "64,64,4,2/64,64,4,2/1,1,1,1", "a,b,c,d"):
         with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,num_warps,num_stages"):
             pa.parse_tiles(bad)
-    code = ("from cacheaug import prefix_attention as pa; "
-            "print(pa.CONFIG['BLOCK_M'], pa.WIDE_CONFIG['num_warps'], pa.BACKWARD_CONFIG['num_stages'])")
+    code = (
+        "from cacheaug import prefix_attention as pa; "
+        "print(pa.CONFIG['BLOCK_M'], pa.WIDE_CONFIG['num_warps'], pa.BACKWARD_CONFIG['num_stages'])"
+    )
     env = {**os.environ, pa.TILES_ENV: "128,64,2,2/64,32,8,1", "PYTHONPATH": str(Path(pa.__file__).parents[1])}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["128", "2", "1"], run.stdout + run.stderr  # every row size
@@ -223,8 +226,10 @@ def test_tile_settings_from_the_environment():
 def test_options_and_variants():
     from cacheaug.train import TrainConfig
 
-    assert parse_variant("sdpa+graphs+keeplogits+k+c8") == {**parse_variant("sdpa+graphs+keeplogits+w+c8"),
-                                                            "trace_kernel": True}
+    assert parse_variant("sdpa+graphs+keeplogits+k+c8") == {
+        **parse_variant("sdpa+graphs+keeplogits+w+c8"),
+        "trace_kernel": True,
+    }
     assert parse_variant("sdpa+w")["trace_kernel"] is False
     assert TrainConfig(n_traces=8, trace_chunk=4, trace_kernel=True).trace_kernel
     model = _model()
@@ -243,20 +248,45 @@ def test_pick_tiles_sums_over_the_models_layers(tmp_path):
         for passes in ("forward", "forward+backward"):
             for tiles, t in ms.items():
                 cfg = {"a": "64,64,4,2", "b": "128,64,8,2"}[tiles]
-                rows.append({"layout": "kernel", "layer": layer, "L": 31, "pass": passes, "kernel": f"triton {cfg}",
-                             "ms": t if passes == "forward" else 2 * t})
+                rows.append(
+                    {
+                        "layout": "kernel",
+                        "layer": layer,
+                        "L": 31,
+                        "pass": passes,
+                        "kernel": f"triton {cfg}",
+                        "ms": t if passes == "forward" else 2 * t,
+                    }
+                )
     rows.append({"layout": "windows", "layer": "full_attention", "L": 31, "kernel": "cudnn", "ms": 0.1})
-    rows.append({"layout": "kernel", "layer": "full_attention", "L": 31, "pass": "forward+backward, mask on every tile",
-                 "kernel": "triton (defaults)", "ms": 0.1})
-    rows.append({"layout": "kernel", "layer": "sliding_attention", "L": 31, "pass": "forward",  # timed at one shape
-                 "kernel": "triton 32,32,4,1", "ms": 0.01})
+    rows.append(
+        {
+            "layout": "kernel",
+            "layer": "full_attention",
+            "L": 31,
+            "pass": "forward+backward, mask on every tile",
+            "kernel": "triton (defaults)",
+            "ms": 0.1,
+        }
+    )
+    rows.append(
+        {
+            "layout": "kernel",
+            "layer": "sliding_attention",
+            "L": 31,
+            "pass": "forward",  # timed at one shape
+            "kernel": "triton 32,32,4,1",
+            "ms": 0.01,
+        }
+    )
     result = tmp_path / "ta.json"
     result.write_text(json.dumps({"rows": rows}))
     script = Path(__file__).parents[1] / "experiments" / "pick_tiles.py"
 
     def pick(*extra):
-        run = subprocess.run([sys.executable, str(script), str(result), *extra], capture_output=True, text=True,
-                             timeout=60)
+        run = subprocess.run(
+            [sys.executable, str(script), str(result), *extra], capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 0, run.stderr
         spec = run.stdout.strip()
         assert pa.parse_tiles(spec)  # a value the environment variable takes
@@ -266,17 +296,24 @@ def test_pick_tiles_sums_over_the_models_layers(tmp_path):
     assert pick("--full-layers", "0") == "64,64,4,2/64,64,4,2"  # sliding layers alone: a
     assert pick("--backward-only") == "default/128,64,8,2"
     # a setting the GPU refused ran at a fallback (benchmark's "launched"): its rows time another setting, left out
-    rows += [{**r, "kernel": "triton 32,32,4,1", "launched": "16,16,2,1", "ms": 0.001}
-             for r in rows if r["kernel"] == "triton 64,64,4,2"]
+    rows += [
+        {**r, "kernel": "triton 32,32,4,1", "launched": "16,16,2,1", "ms": 0.001}
+        for r in rows
+        if r["kernel"] == "triton 64,64,4,2"
+    ]
     result.write_text(json.dumps({"rows": rows}))
     assert pick() == "128,64,8,2/128,64,8,2"
     # a second block size at which setting a is faster everywhere: the overall pick shifts, --explain names each size's
-    rows += [{**r, "L": 16, "ms": r["ms"] * (0.01 if r["kernel"] == "triton 64,64,4,2" else 1.0)}
-             for r in rows if r["layout"] == "kernel" and r["kernel"] in ("triton 64,64,4,2", "triton 128,64,8,2")]
+    rows += [
+        {**r, "L": 16, "ms": r["ms"] * (0.01 if r["kernel"] == "triton 64,64,4,2" else 1.0)}
+        for r in rows
+        if r["layout"] == "kernel" and r["kernel"] in ("triton 64,64,4,2", "triton 128,64,8,2")
+    ]
     result.write_text(json.dumps({"rows": rows}))
     assert pick() == "64,64,4,2/64,64,4,2"  # a: 24 + 0.24 against b: 21 + 21
-    run = subprocess.run([sys.executable, str(script), str(result), "--explain"], capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(script), str(result), "--explain"], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     by_size = json.loads(run.stderr)["fastest per block size L"]
     assert by_size["forward"] == {"16": "64,64,4,2", "31": "128,64,8,2"}, by_size

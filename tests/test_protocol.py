@@ -29,10 +29,33 @@ def setup(tmp_path, monkeypatch):
 
 def test_adapt_then_augment_then_evaluate_with_unseen_sources(setup, capsys):
     tmp, common = setup
-    adapt = ["adapt", "--model", str(tmp / "base"), *common, "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
-             "--warmup-steps", "1", "--log-every", "1", "--save-every", "2", "--device", "cpu", "--out-dir", str(tmp / "adapted")]
+    adapt = [
+        "adapt",
+        "--model",
+        str(tmp / "base"),
+        *common,
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--log-every",
+        "1",
+        "--save-every",
+        "2",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp / "adapted"),
+    ]
     main(adapt)
-    adapted, base = load_file(str(tmp / "adapted" / "model.safetensors")), load_file(str(tmp / "base" / "model.safetensors"))
+    adapted, base = (
+        load_file(str(tmp / "adapted" / "model.safetensors")),
+        load_file(str(tmp / "base" / "model.safetensors")),
+    )
     assert (tmp / "adapted" / "tokenizer.json").is_file() and set(adapted) == set(base)
     changed = [k for k in base if not torch.equal(adapted[k], base[k])]
     assert changed and all("proj" in k for k in changed)  # LoRA merged into the linear layers only
@@ -41,14 +64,62 @@ def test_adapt_then_augment_then_evaluate_with_unseen_sources(setup, capsys):
     again = load_file(str(tmp / "adapted" / "model.safetensors"))
     assert all(torch.equal(again[k], adapted[k]) for k in adapted)
 
-    main(["train", "--model", str(tmp / "adapted"), *common, "--seq-len", "32", "--batch-size", "2", "--n-latents", "2",
-          "--n-ahead", "3", "--n-traces", "4", "--max-steps", "2", "--warmup-steps", "1", "--eval-sequences", "2",
-          "--device", "cpu", "--out-dir", str(tmp / "copro")])
+    main(
+        [
+            "train",
+            "--model",
+            str(tmp / "adapted"),
+            *common,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--n-latents",
+            "2",
+            "--n-ahead",
+            "3",
+            "--n-traces",
+            "4",
+            "--max-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--eval-sequences",
+            "2",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp / "copro"),
+        ]
+    )
     ckpt = tmp / "copro" / "step_000002"
     out = tmp / "ppl.json"
-    main(["eval", "ppl", "--model", str(tmp / "adapted"), "--checkpoint", str(ckpt), *common, "--seq-len", "32",
-          "--sequences", "3", "--stride", "4", "--offsets", "1", "2", "--bootstrap", "20", "--device", "cpu",
-          "--out", str(out)])
+    main(
+        [
+            "eval",
+            "ppl",
+            "--model",
+            str(tmp / "adapted"),
+            "--checkpoint",
+            str(ckpt),
+            *common,
+            "--seq-len",
+            "32",
+            "--sequences",
+            "3",
+            "--stride",
+            "4",
+            "--offsets",
+            "1",
+            "2",
+            "--bootstrap",
+            "20",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert set(report["sequences"]) == {"heldout", "unseen"}
     ins, uns = report["heldout"][str(ckpt)], report["unseen"][str(ckpt)]
@@ -60,9 +131,39 @@ def test_adapt_then_augment_then_evaluate_with_unseen_sources(setup, capsys):
 def test_insertion_cost_command(setup):
     tmp, common = setup
     out = tmp / "cost.json"
-    main(["eval", "insertion-cost", "--model", str(tmp / "base"), *common, "--latents", "1", "3", "--seq-len", "32",
-          "--sequences", "2", "--points", "3", "--offsets", "1", "2", "--bootstrap", "20", "--device", "cpu",
-          "--position-schemes", "shifted", "shared", "--reread", "off", "on", "--out", str(out)])
+    main(
+        [
+            "eval",
+            "insertion-cost",
+            "--model",
+            str(tmp / "base"),
+            *common,
+            "--latents",
+            "1",
+            "3",
+            "--seq-len",
+            "32",
+            "--sequences",
+            "2",
+            "--points",
+            "3",
+            "--offsets",
+            "1",
+            "2",
+            "--bootstrap",
+            "20",
+            "--device",
+            "cpu",
+            "--position-schemes",
+            "shifted",
+            "shared",
+            "--reread",
+            "off",
+            "on",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     for split in ("heldout", "unseen"):
         for kind in ("echo", "pause", "coprocessor"):
@@ -124,9 +225,17 @@ def _fake_registry(texts: list[str]):
     return {
         "sotu": ("tgz", {f"package/data/{i}.json": enc({"text": t}) for i, t in enumerate(take(10))}),
         "nlp": ("tgz", {"package/builds/doc-0.json": enc(" ".join(take(10)).split(". "))}),
-        "moby": ("tgz", {f"package/data/chapter_{i + 1}.json": enc({"chapter": str(i + 1), "title": "T.", "text": t})
-                         for i, t in enumerate(take(10))}),
-        "pydoc": ("deb", {f"usr/share/doc/python3.11/html/_sources/{i}.rst.txt": t.encode() for i, t in enumerate(take(10))}),
+        "moby": (
+            "tgz",
+            {
+                f"package/data/chapter_{i + 1}.json": enc({"chapter": str(i + 1), "title": "T.", "text": t})
+                for i, t in enumerate(take(10))
+            },
+        ),
+        "pydoc": (
+            "deb",
+            {f"usr/share/doc/python3.11/html/_sources/{i}.rst.txt": t.encode() for i, t in enumerate(take(10))},
+        ),
         "gcide": ("deb", {"usr/share/dictd/gcide.dict.dz": gzip.compress("\n\n".join(take(10)).encode())}),
         "jargon": ("deb", {"usr/share/doc/jargon-text/jargon.txt.gz": gzip.compress(prose(take(10)))}),
         "debref": ("deb", {"usr/share/debian-reference/debian-reference.en.txt.gz": gzip.compress(prose(take(10)))}),
@@ -160,16 +269,85 @@ def test_data_prepare_then_adapt_train_and_evaluate_on_the_default_corpus(tmp_pa
     tiny_model("gemma3").save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     split = ["--data", "default", "--adapt-pct", "50", "--heldout-pct", "20", "--heldout-sources", "moby"]
-    main(["adapt", "--model", str(tmp_path / "base"), *split, "--seq-len", "32", "--batch-size", "2", "--max-steps",
-          "2", "--warmup-steps", "1", "--device", "cpu", "--out-dir", str(tmp_path / "adapted")])
-    main(["train", "--model", str(tmp_path / "adapted"), *split, "--seq-len", "32", "--batch-size", "2", "--n-latents",
-          "2", "--n-ahead", "3", "--n-traces", "4", "--max-steps", "2", "--warmup-steps", "1", "--eval-sequences", "2",
-          "--position-scheme", "shared", "--echo-residual", "--reread-last", "--device", "cpu",
-          "--out-dir", str(tmp_path / "copro")])
+    main(
+        [
+            "adapt",
+            "--model",
+            str(tmp_path / "base"),
+            *split,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "adapted"),
+        ]
+    )
+    main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "adapted"),
+            *split,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--n-latents",
+            "2",
+            "--n-ahead",
+            "3",
+            "--n-traces",
+            "4",
+            "--max-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--eval-sequences",
+            "2",
+            "--position-scheme",
+            "shared",
+            "--echo-residual",
+            "--reread-last",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "copro"),
+        ]
+    )
     out = tmp_path / "ppl.json"
-    main(["eval", "ppl", "--model", str(tmp_path / "adapted"), *split, "--checkpoint", str(tmp_path / "copro" / "step_000002"),
-          "--seq-len", "32", "--sequences", "2", "--stride", "4", "--offsets", "1", "2", "--bootstrap", "20",
-          "--device", "cpu", "--out", str(out)])
+    main(
+        [
+            "eval",
+            "ppl",
+            "--model",
+            str(tmp_path / "adapted"),
+            *split,
+            "--checkpoint",
+            str(tmp_path / "copro" / "step_000002"),
+            "--seq-len",
+            "32",
+            "--sequences",
+            "2",
+            "--stride",
+            "4",
+            "--offsets",
+            "1",
+            "2",
+            "--bootstrap",
+            "20",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert set(report["sequences"]) == {"heldout", "unseen"} and report["heldout_sources"] == ["moby"]
     assert "unseen sources ['moby']" in capsys.readouterr().out

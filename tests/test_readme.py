@@ -74,7 +74,9 @@ def test_readme_command_is_accepted(line, monkeypatch):
     if config:
         from cacheaug import cli
 
-        cls = {"TrainConfig": "cacheaug.train", "AdaptConfig": "cacheaug.adapt", "SynthConfig": "cacheaug.synth"}[config]
+        cls = {"TrainConfig": "cacheaug.train", "AdaptConfig": "cacheaug.adapt", "SynthConfig": "cacheaug.synth"}[
+            config
+        ]
         module = __import__(cls, fromlist=[config])
         monkeypatch.chdir(README.parent)  # --config paths are relative to the repo root, as the README runs them
         cli.resolve_config(getattr(module, config), args)

@@ -36,8 +36,9 @@ def test_tables_give_the_modules_own_values(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_pass_with_tables_is_unchanged_and_equals_inference(family):
-    model = build_model(tiny_model(family, attn_for(family)),
-                        CoprocessorConfig(n_latents=3, n_ahead=5, n_traces=4, lora_rank=4))
+    model = build_model(
+        tiny_model(family, attn_for(family)), CoprocessorConfig(n_latents=3, n_ahead=5, n_traces=4, lora_rank=4)
+    )
     perturb_trainable(model)
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
     plain = copy.deepcopy(model)
@@ -67,8 +68,14 @@ def test_compiled_pass_computes_no_cos_with_tables():
         seen = []
 
         def backend(gm, example_inputs):
-            seen.append(sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method")
-                            and getattr(n.target, "__name__", n.target) in ("cos", "sin")))
+            seen.append(
+                sum(
+                    1
+                    for n in gm.graph.nodes
+                    if n.op in ("call_function", "call_method")
+                    and getattr(n.target, "__name__", n.target) in ("cos", "sin")
+                )
+            )
             return gm.forward
 
         torch._dynamo.reset()
@@ -100,8 +107,10 @@ def test_input_dependent_rotaries_are_left_alone():
 def test_variant_and_config():
     from cacheaug.train import TrainConfig
 
-    assert parse_variant("sdpa+graphs+keeplogits+k+r") == {**parse_variant("sdpa+graphs+keeplogits+k"),
-                                                           "rope_table": True}
+    assert parse_variant("sdpa+graphs+keeplogits+k+r") == {
+        **parse_variant("sdpa+graphs+keeplogits+k"),
+        "rope_table": True,
+    }
     assert parse_variant("sdpa")["rope_table"] is False
     assert TrainConfig(rope_table=True).rope_table
 

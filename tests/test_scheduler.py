@@ -20,7 +20,7 @@ def engine(model):
 
 
 def _plain(model, prompt, n):
-    return model.generate(torch.tensor([prompt]), n, augment=False, eos_token_id=[])[0, len(prompt):].tolist()
+    return model.generate(torch.tensor([prompt]), n, augment=False, eos_token_id=[])[0, len(prompt) :].tolist()
 
 
 def test_every_decoder_call_runs_on_the_engine_loop(model, engine):
@@ -100,7 +100,6 @@ def test_closing_the_engine_ends_open_streams_with_an_error(model):
         list(stream)
     with pytest.raises(RuntimeError, match="engine is closed"):
         next(engine.stream(PROMPT, 5, policy="off"))
-
 
 
 def test_a_token_asked_for_while_the_loop_is_busy_is_not_missed(model, engine):

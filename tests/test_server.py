@@ -51,7 +51,7 @@ def stack(tmp_path):
 
 def _library(model, tok, augment, n=8):
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    out = model.generate(ids, n, augment=augment, eos_token_id=[])[0, ids.shape[1]:]
+    out = model.generate(ids, n, augment=augment, eos_token_id=[])[0, ids.shape[1] :]
     return tok.decode(out, skip_special_tokens=True)  # as the server gives text
 
 
@@ -88,14 +88,18 @@ def test_policies_over_http(stack):
 
 def test_streaming_and_chat(stack):
     model, tok, engine, server = stack
-    with httpx.stream("POST", f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "stream": True},
-                      timeout=30) as r:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "stream": True}, timeout=30
+    ) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
     assert text == _library(model, tok, True)
-    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
-                      json={"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 4}).json()
+    chat = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 4},
+    ).json()
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -199,14 +203,21 @@ def test_tiny_temperatures_are_greedy_and_odd_fields_are_4xx(stack):
     for t in (1e-45, 5e-324, 1e-6):
         r = _complete(server.url, augment="off", temperature=t)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
-    bad = httpx.post(f"{server.url}/v1/completions", timeout=30, headers={"content-type": "application/json"},
-                     content=json.dumps({"prompt": PROMPT, "model": "\ud800"}).encode())  # ASCII-escaped surrogate
+    bad = httpx.post(
+        f"{server.url}/v1/completions",
+        timeout=30,
+        headers={"content-type": "application/json"},
+        content=json.dumps({"prompt": PROMPT, "model": "\ud800"}).encode(),
+    )  # ASCII-escaped surrogate
     assert bad.status_code == 422 and "Unicode" in bad.json()["error"]["message"]
     unknown = _complete(server.url, model="gpt-4")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert _complete(server.url, model="cacheaug").status_code == 200
-    for r, code in ((httpx.get(f"{server.url}/nope"), 404), (httpx.get(f"{server.url}/v1/completions"), 405),
-                    (httpx.post(f"{server.url}/v1/completions", content=b"{not json"), 422)):
+    for r, code in (
+        (httpx.get(f"{server.url}/nope"), 404),
+        (httpx.get(f"{server.url}/v1/completions"), 405),
+        (httpx.post(f"{server.url}/v1/completions", content=b"{not json"), 422),
+    ):
         assert r.status_code == code and set(r.json()) == {"error"}, r.text
 
 
@@ -215,9 +226,15 @@ def test_a_stream_sends_its_finish_reason_once(stack):
     model, tok, engine, server = stack
     text = _library(model, tok, True)
     stop = text.split()[2]  # a word the stream reaches
-    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=30,
-                      json={"prompt": PROMPT, "max_tokens": 8, "stream": True, "stop": stop}) as r:
-        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/completions",
+        timeout=30,
+        json={"prompt": PROMPT, "max_tokens": 8, "stream": True, "stop": stop},
+    ) as r:
+        events = [
+            json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"
+        ]
     reasons = [e["choices"][0]["finish_reason"] for e in events]
     assert reasons.count("stop") == 1 and reasons[-1] == "stop" and set(reasons[:-1]) == {None}
 
@@ -235,7 +252,8 @@ def test_augment_endpoint_without_a_coprocessor_is_refused(tmp_path):
         assert len(engine.store) == 0
         sync = _complete(server.url, augment="sync").json()
         assert sync["choices"][0]["text"] == tok.decode(
-            model.generate(torch.tensor([tok(PROMPT)["input_ids"]]), 8, augment=False, eos_token_id=[])[0, -8:])
+            model.generate(torch.tensor([tok(PROMPT)["input_ids"]]), 8, augment=False, eos_token_id=[])[0, -8:]
+        )
     finally:
         server.stop()
         engine.close()
@@ -295,8 +313,12 @@ def test_chat_content_parts_developer_role_and_checked_stream_options(stack):
         return httpx.post(url, timeout=30, json={"max_tokens": 4, **body})
 
     plain = chat(messages=[{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w3 w4"}]).json()
-    parts = chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "w1 "}, {"type": "text", "text": "w2"}]},
-                           {"role": "user", "content": [{"type": "text", "text": "w3 w4"}]}]).json()
+    parts = chat(
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "w1 "}, {"type": "text", "text": "w2"}]},
+            {"role": "user", "content": [{"type": "text", "text": "w3 w4"}]},
+        ]
+    ).json()
     assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
     assert parts["usage"] == plain["usage"]
     msgs = [{"role": "user", "content": "w3"}]

@@ -60,8 +60,9 @@ def test_burst_at_the_default_limits_gets_only_200_and_429_in_bounded_time(tmp_p
     statuses, t0 = [], time.monotonic()
 
     def client():
-        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 32, "augment": "sync"},
-                       timeout=60)
+        r = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 32, "augment": "sync"}, timeout=60
+        )
         statuses.append(r.status_code)
 
     threads = [threading.Thread(target=client) for _ in range(40)]
@@ -117,8 +118,9 @@ def test_hung_coprocessor_is_replaced_in_the_real_order_of_timeouts(tmp_path, st
     with pytest.warns(UserWarning, match="worker was replaced"):
         while time.monotonic() - t_start < 10 and not any(augmented):
             t0 = time.monotonic()
-            r = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "augment": "sync"},
-                           timeout=30).json()
+            r = httpx.post(
+                f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "augment": "sync"}, timeout=30
+            ).json()
             assert time.monotonic() - t0 < 2.0  # never more than the deadline (plus decoding)
             augmented.append(r["augmentation"]["augmented"])
     assert augmented[0] is False and augmented[-1] is True  # replaced within the hard timeout, then working again
@@ -136,16 +138,18 @@ def test_augment_endpoint_has_a_deadline_and_never_wedges_the_server(tmp_path, s
 
     def augment():
         t0 = time.monotonic()
-        result["r"] = httpx.post(f"{server.url}/v1/augment", json={"prompt": "w5 w17 w40", "deadline_ms": 800},
-                                 timeout=30)
+        result["r"] = httpx.post(
+            f"{server.url}/v1/augment", json={"prompt": "w5 w17 w40", "deadline_ms": 800}, timeout=30
+        )
         result["s"] = time.monotonic() - t0
 
     t = threading.Thread(target=augment)
     t.start()
     time.sleep(0.2)  # the augmentation is waiting for the coprocessor now
     t0 = time.monotonic()
-    off = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "augment": "off"},
-                     timeout=10)
+    off = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "augment": "off"}, timeout=10
+    )
     assert off.status_code == 200 and time.monotonic() - t0 < 2  # the decoder is not held
     t.join(10)
     assert result["r"].status_code == 503 and result["s"] < 3
@@ -160,8 +164,9 @@ def test_augmentation_metrics_count_each_request_once(tmp_path, stacks):
     _, engine, server = stacks[-1]
 
     def client(policy):
-        httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "augment": policy},
-                   timeout=60)
+        httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "augment": policy}, timeout=60
+        )
 
     threads = [threading.Thread(target=client, args=("sync" if i % 2 else "off",)) for i in range(12)]
     for t in threads:
@@ -193,17 +198,31 @@ def test_store_disk_budget_deletes_least_recently_used_files(tmp_path):
         CacheStore(max_bytes=-1)
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                     max_leaves=6)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
 _FIELD = {
-    "prompt": st.text(max_size=20) | _JSON, "max_tokens": st.integers(-3, 12) | _JSON,
-    "temperature": st.floats() | _JSON, "top_p": st.floats() | _JSON, "seed": st.integers(-2**70, 2**70) | _JSON,
+    "prompt": st.text(max_size=20) | _JSON,
+    "max_tokens": st.integers(-3, 12) | _JSON,
+    "temperature": st.floats() | _JSON,
+    "top_p": st.floats() | _JSON,
+    "seed": st.integers(-(2**70), 2**70) | _JSON,
     "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=3) | _JSON,
-    "augment": st.sampled_from(["off", "sync", "async", "x"]) | _JSON, "deadline_ms": st.integers(-5, 700_000) | _JSON,
-    "stream": st.booleans() | _JSON, "n": st.integers(0, 3) | _JSON, "logprobs": _JSON, "echo": _JSON,
-    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
-                                                "content": st.text(max_size=12) | _JSON}), max_size=2) | _JSON,
+    "augment": st.sampled_from(["off", "sync", "async", "x"]) | _JSON,
+    "deadline_ms": st.integers(-5, 700_000) | _JSON,
+    "stream": st.booleans() | _JSON,
+    "n": st.integers(0, 3) | _JSON,
+    "logprobs": _JSON,
+    "echo": _JSON,
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "bot"]), "content": st.text(max_size=12) | _JSON}
+        ),
+        max_size=2,
+    )
+    | _JSON,
     "unknown_field": _JSON,
 }
 
@@ -217,12 +236,15 @@ def shared_server(tmp_path_factory):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(endpoint=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/augment"]),
-       body=st.fixed_dictionaries({}, optional=_FIELD) | _JSON)
+@given(
+    endpoint=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/augment"]),
+    body=st.fixed_dictionaries({}, optional=_FIELD) | _JSON,
+)
 def test_random_bodies_never_get_a_server_error(shared_server, endpoint, body):
     raw = json.dumps(body, allow_nan=True)  # NaN and Infinity too, as a careless client sends them
-    r = httpx.post(f"{shared_server.url}{endpoint}", content=raw, headers={"Content-Type": "application/json"},
-                   timeout=30)
+    r = httpx.post(
+        f"{shared_server.url}{endpoint}", content=raw, headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert r.status_code < 500, (r.status_code, r.text[:300])
     if r.status_code >= 400 and not r.headers.get("content-type", "").startswith("text/event-stream"):
         assert isinstance(r.json()["error"]["message"], str)  # one clear line, not a traceback

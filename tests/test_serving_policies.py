@@ -6,15 +6,14 @@ decodes what the library says it should. Requests go through the documented stat
 import json
 import os
 import subprocess
-import textwrap
 import sys
+import textwrap
 
 import httpx
 import pytest
 import torch
 
-from cacheaug.serving import Engine
-from cacheaug.serving import policies
+from cacheaug.serving import Engine, policies
 from cacheaug.serving.policies import Policy, get_policy, policy_names, register_policy
 from cacheaug.testing import ServeCLI, tiny_served_folders, tiny_tokenizer
 
@@ -59,8 +58,10 @@ def test_built_in_policies_are_registry_entries():
 def test_requests_go_through_the_documented_states(model):
     engine = Engine(model, max_batch=1)
     try:
-        for policy, states in [("off", ["waiting", "prefilling", "decoding", "done"]),
-                               ("sync", ["waiting", "prefilling", "waiting_for_latents", "decoding", "done"])]:
+        for policy, states in [
+            ("off", ["waiting", "prefilling", "decoding", "done"]),
+            ("sync", ["waiting", "prefilling", "waiting_for_latents", "decoding", "done"]),
+        ]:
             info: dict = {}
             list(engine.stream(PROMPT, 4, policy=policy, info=info))
             assert info["states"] == states, policy
@@ -85,7 +86,7 @@ def test_a_policy_from_a_plugin_file_decodes_what_the_library_says(model, plugin
     finally:
         engine.close()
     tokens = [s.token for s in steps]
-    plain = model.generate(torch.tensor([PROMPT]), 8, augment=False, eos_token_id=[])[0, len(PROMPT):].tolist()
+    plain = model.generate(torch.tensor([PROMPT]), 8, augment=False, eos_token_id=[])[0, len(PROMPT) :].tolist()
     assert tokens[:2] == plain[:2] and not steps[1].augmented  # chosen before the latents existed
     assert all(s.augmented and s.inserted_after == 2 for s in steps[2:])
     assert tokens[2:] == _sync_after(model, tokens[:2], 6)  # latents at their true place, two tokens replayed
@@ -96,7 +97,10 @@ def test_a_policy_from_a_plugin_file_decodes_what_the_library_says(model, plugin
 def test_the_plugin_policy_over_the_real_command_line(tmp_path, plugin):
     model, ckpt = tiny_served_folders(tmp_path, tiny_tokenizer([" ".join(f"w{i}" for i in range(120))]))
     args = ["--model", model, "--coprocessor", ckpt, "--device", "cpu", "--policy", "after-two"]
-    env = {"CACHEAUG_PLUGINS": "my_policies", "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        "CACHEAUG_PLUGINS": "my_policies",
+        "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]),
+    }
     with ServeCLI(args, tmp_path / "serve.log", env) as url:
         body = {"prompt": "w1 w2 w3 w4 w5", "max_tokens": 6}
         default = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()  # --policy after-two
@@ -106,8 +110,13 @@ def test_the_plugin_policy_over_the_real_command_line(tmp_path, plugin):
         bad = httpx.post(f"{url}/v1/completions", json={**body, "augment": "nope"}, timeout=60)
         assert bad.status_code == 422 and "after-two" in json.dumps(bad.json())
     # without the plugin the same command line is refused in one line
-    out = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *map(str, args)], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": env["PYTHONPATH"]})
+    out = subprocess.run(
+        [sys.executable, "-m", "cacheaug", "serve", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": env["PYTHONPATH"]},
+    )
     assert out.returncode != 0 and "invalid choice: 'after-two'" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -123,8 +132,14 @@ def test_serve_with_the_decoding_step_compiled_answers_the_same(tmp_path):
     # the coprocessor stream's priority (a CUDA option, accepted and reported on the CPU) changes no answer either
     for extra in ([], ["--compile-decode", "aot_eager", "--coprocessor-priority", "high", "--coprocessor-graphs"]):
         with ServeCLI(args + extra, tmp_path / f"serve{len(extra)}.log") as url:
-            answers.append([httpx.post(f"{url}/v1/completions", json={**body, "augment": policy}, timeout=120).json()
-                            ["choices"][0]["text"] for policy in ("off", "sync")])
+            answers.append(
+                [
+                    httpx.post(f"{url}/v1/completions", json={**body, "augment": policy}, timeout=120).json()[
+                        "choices"
+                    ][0]["text"]
+                    for policy in ("off", "sync")
+                ]
+            )
             health = httpx.get(f"{url}/health", timeout=10).json()
             decoding = health["decoding"]
             assert decoding["static_batch"] and decoding["steps"] >= 14  # both answers decoded through the slab
@@ -133,6 +148,10 @@ def test_serve_with_the_decoding_step_compiled_answers_the_same(tmp_path):
             assert health["coprocessor_graphs"] is bool(extra)
     assert answers[0] == answers[1] and all(answers[0])
     for flag in ("--compile-decode", "--coprocessor-priority"):
-        out = subprocess.run([sys.executable, "-m", "cacheaug", "serve", *args, flag, "nope"],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "cacheaug", "serve", *args, flag, "nope"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode != 0 and "invalid choice: 'nope'" in out.stderr and "Traceback" not in out.stderr

@@ -41,8 +41,9 @@ def test_slab_steps_equal_unbatched_steps(family, attn):
         positions = [refs[n].get_seq_length() - shift[n] for n in names]
         got = slab.step([rows[n] for n in names], tokens, positions)
         for i, (n, t, p) in enumerate(zip(names, tokens, positions)):
-            want = base(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), use_cache=True,
-                        **{key: refs[n]}).logits[0, -1]
+            want = base(
+                input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), use_cache=True, **{key: refs[n]}
+            ).logits[0, -1]
             assert torch.allclose(got[i], want, atol=1e-4), (family, attn, n, (got[i] - want).abs().max())
 
     admit("a", 5, 0)
@@ -83,8 +84,10 @@ def test_engine_static_and_dynamic_paths_agree(model, policy):
     (static_max_len) takes the dynamic path beside them; every row is free again afterwards."""
     engine = Engine(model, async_grace_s=5.0, max_batch=4, static_max_len=64)
     prompts = [[2 + (7 * i + j) % 120 for j in range(4 + 3 * i)] for i in range(5)] + [list(range(3, 60))]
-    expected = [model.generate(torch.tensor([p]), 8, augment=policy != "off", eos_token_id=[])[0, len(p):].tolist()
-                for p in prompts]
+    expected = [
+        model.generate(torch.tensor([p]), 8, augment=policy != "off", eos_token_id=[])[0, len(p) :].tolist()
+        for p in prompts
+    ]
     results = generate_concurrently(engine, prompts, 8, policy=policy)
     assert results == expected
     assert engine.slab.steps > 0
@@ -103,8 +106,9 @@ def test_rows_grow_while_decoding():
     for token in range(3, 13):
         n = ref.get_seq_length()
         got = slab.step([row], [token], [n])[0]
-        want = base(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[n]]), use_cache=True,
-                    **{key: ref}).logits[0, -1]
+        want = base(
+            input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[n]]), use_cache=True, **{key: ref}
+        ).logits[0, -1]
         assert torch.allclose(got, want, atol=1e-4)
     assert slab.size == 128 and slab.length[row] == 70
     assert Slab(model, max_rows=1, max_length=256).adopt(ref, reserve=200) == 0  # room reserved up front
@@ -157,8 +161,9 @@ def test_compiled_step_compiles_a_bounded_number_of_times():
             sub = subsets[step % len(subsets)] if step < 24 else ([0, 1, 2] if step % 3 else [0])
             token = 3 + step % 90
             want = eager.step([rows[i][0] for i in sub], [token] * len(sub), [eager.length[rows[i][0]] for i in sub])
-            got = compiled.step([rows[i][1] for i in sub], [token] * len(sub),
-                                [compiled.length[rows[i][1]] for i in sub])
+            got = compiled.step(
+                [rows[i][1] for i in sub], [token] * len(sub), [compiled.length[rows[i][1]] for i in sub]
+            )
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             shapes.add((min(compiled.rows, 1 << max(sub).bit_length()), compiled.size))
         assert compiled.size >= 256 and len(shapes) >= 8

@@ -8,8 +8,19 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
 from cacheaug.cli import main
-from cacheaug.synth import (FAMILIES, SynthConfig, build_rows, generate_check, generate_synth, is_heldout_instance,
-                            make_instance, mcnemar, marker_positions, read_heldout, score_instances)
+from cacheaug.synth import (
+    FAMILIES,
+    SynthConfig,
+    build_rows,
+    generate_check,
+    generate_synth,
+    is_heldout_instance,
+    make_instance,
+    marker_positions,
+    mcnemar,
+    read_heldout,
+    score_instances,
+)
 from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer
 
 
@@ -47,7 +58,7 @@ def _twin_key(line: str) -> tuple:
     if q.startswith("Sort"):
         return ("sort", *sorted(nums))
     if q.startswith("In the list"):
-        items = q[len("In the list "):q.index(", how many")].split(", ")
+        items = q[len("In the list ") : q.index(", how many")].split(", ")
         return ("count", *sorted(items), q.split("does ")[1].split(" appear")[0])
     ops = re.findall(r"gets (\d+) more|gives away (\d+)|buys (\d+) bags of (\d+)", q)
     return ("word", nums[0], *ops)
@@ -56,11 +67,23 @@ def _twin_key(line: str) -> tuple:
 def test_no_heldout_problem_has_an_answer_equivalent_twin_in_training(tmp_path):
     """b+a for a+b, a permutation of a list, a reordered count list or the same word problem with other names: none
     of a held-out problem's twins occurs in training (keys read back from the text, not from the generator)."""
-    out = generate_synth(SynthConfig(out=str(tmp_path / "s"), train_docs=1500, problems_per_doc=16,
-                                     heldout_per_level=30, add_digits=(1, 2), sort_lengths=(2, 3),
-                                     count_lengths=(3, 5), word_steps=(1,)))
-    train = {_twin_key(x) for d in (out / "train" / "synth.jsonl").read_text().splitlines()
-             for x in json.loads(d)["text"].splitlines()}
+    out = generate_synth(
+        SynthConfig(
+            out=str(tmp_path / "s"),
+            train_docs=1500,
+            problems_per_doc=16,
+            heldout_per_level=30,
+            add_digits=(1, 2),
+            sort_lengths=(2, 3),
+            count_lengths=(3, 5),
+            word_steps=(1,),
+        )
+    )
+    train = {
+        _twin_key(x)
+        for d in (out / "train" / "synth.jsonl").read_text().splitlines()
+        for x in json.loads(d)["text"].splitlines()
+    }
     held = [_twin_key(f"{r['question']} Answer: {r['answer']}") for r in read_heldout(out / "heldout.jsonl")]
     assert len(held) == 8 * 30 and len(train) > 5000
     assert len(set(held)) == len(held)  # distinct held-out problems
@@ -68,8 +91,9 @@ def test_no_heldout_problem_has_an_answer_equivalent_twin_in_training(tmp_path):
     # the keys do find twins: a and b swapped, a list permuted, names changed
     assert _twin_key("What is 12 plus 34? Answer: 46") == _twin_key("Add 34 and 12. Answer: 46")
     assert _twin_key("Sort 3, 1, 2 from smallest to largest.") == _twin_key("Sort 2, 3, 1 from smallest to largest.")
-    assert (_twin_key("Anna has 10 coins. Then Anna gets 3 more. How many coins does Anna have now?")
-            == _twin_key("Ben has 10 cards. Then Ben gets 3 more. How many cards does Ben have now?"))
+    assert _twin_key("Anna has 10 coins. Then Anna gets 3 more. How many coins does Anna have now?") == _twin_key(
+        "Ben has 10 cards. Then Ben gets 3 more. How many cards does Ben have now?"
+    )
 
 
 def test_heldout_side_is_decided_by_operands():
@@ -94,8 +118,11 @@ def _tokenizer(folder):
 
 
 def test_exact_match_of_the_parallel_pass_equals_generate(tmp_path):
-    out = generate_synth(SynthConfig(out=str(tmp_path / "s"), families=("add", "count"), train_docs=20,
-                                     problems_per_doc=6, heldout_per_level=3))
+    out = generate_synth(
+        SynthConfig(
+            out=str(tmp_path / "s"), families=("add", "count"), train_docs=20, problems_per_doc=6, heldout_per_level=3
+        )
+    )
     tok = _tokenizer(out)
     held = read_heldout(out / "heldout.jsonl")
     base = tiny_model("gemma3")
@@ -123,21 +150,86 @@ def test_mcnemar_exact():
 
 def test_synth_train_and_eval_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
-    main(["data", "synth", "--out", str(tmp_path / "s"), "--families", "add", "sort", "--train-docs", "60",
-          "--problems-per-doc", "6", "--heldout-per-level", "2", "--add-digits", "2", "3", "--sort-lengths", "3"])
+    main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "s"),
+            "--families",
+            "add",
+            "sort",
+            "--train-docs",
+            "60",
+            "--problems-per-doc",
+            "6",
+            "--heldout-per-level",
+            "2",
+            "--add-digits",
+            "2",
+            "3",
+            "--sort-lengths",
+            "3",
+        ]
+    )
     tok = _tokenizer(tmp_path / "s")
     tiny_model("gemma3").save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "s" / "train"), "--insertion", "marker",
-          "--seq-len", "48", "--batch-size", "2", "--n-latents", "2", "--n-ahead", "4", "--n-traces", "4",
-          "--max-steps", "2", "--warmup-steps", "1", "--eval-sequences", "1", "--heldout-pct", "10", "--device", "cpu",
-          "--save-every", "1", "--out-dir", str(tmp_path / "copro")])
+    main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "base"),
+            "--data",
+            str(tmp_path / "s" / "train"),
+            "--insertion",
+            "marker",
+            "--seq-len",
+            "48",
+            "--batch-size",
+            "2",
+            "--n-latents",
+            "2",
+            "--n-ahead",
+            "4",
+            "--n-traces",
+            "4",
+            "--max-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--eval-sequences",
+            "1",
+            "--heldout-pct",
+            "10",
+            "--device",
+            "cpu",
+            "--save-every",
+            "1",
+            "--out-dir",
+            str(tmp_path / "copro"),
+        ]
+    )
     report_file = tmp_path / "synth.json"
     capsys.readouterr()
     # no --model: the base recorded in the first checkpoint
-    main(["eval", "synth", "--checkpoint", str(tmp_path / "copro" / "step_000001"), str(tmp_path / "copro"),
-          "--heldout", str(tmp_path / "s" / "heldout.jsonl"), "--check-generate", "3", "--device", "cpu",
-          "--out", str(report_file)])
+    main(
+        [
+            "eval",
+            "synth",
+            "--checkpoint",
+            str(tmp_path / "copro" / "step_000001"),
+            str(tmp_path / "copro"),
+            "--heldout",
+            str(tmp_path / "s" / "heldout.jsonl"),
+            "--check-generate",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(report_file),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "generate() on 3 answers" in printed and "exact McNemar" in printed
     report = json.loads(report_file.read_text())
@@ -148,7 +240,10 @@ def test_synth_train_and_eval_commands(tmp_path, monkeypatch, capsys):
         b, a = (report["arms"][x]["hits"] for x in pair.split(" vs "))
         assert (t["a_only"], t["b_only"]) == (sum(x > y for x, y in zip(a, b)), sum(y > x for x, y in zip(a, b)))
         assert 100 * sum(a) / len(a) == report["arms"][pair.split(" vs ")[1]]["overall"]["em"]
-    assert set(report["by_family"] if "by_family" in report else report["arms"]["frozen"]["by_family"]) == {"add", "sort"}
+    assert set(report["by_family"] if "by_family" in report else report["arms"]["frozen"]["by_family"]) == {
+        "add",
+        "sort",
+    }
     arm = next(a for k, a in report["arms"].items() if k != "frozen")
     assert arm["generate_check"]["agree_with_parallel_pass"] == 100.0
     assert set(arm["by_family"]["add"]["by_level"]) == {"2", "3"}

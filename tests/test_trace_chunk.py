@@ -5,12 +5,18 @@ The chunked pass must compute exactly what the packed pass (all K traces in one 
 import pytest
 import torch
 
-from cacheaug import CoprocessorConfig, build_model
-from cacheaug import masks
+from cacheaug import CoprocessorConfig, build_model, masks
 from cacheaug.arms import arm_names
 from cacheaug.speed import apply_speed_options, parse_variant
-from cacheaug.testing import (FAMILIES, assert_compiled_pass_is_one_graph, assert_same_as_packed, attn_for,
-                              max_trace_error, perturb_trainable, tiny_model)
+from cacheaug.testing import (
+    FAMILIES,
+    assert_compiled_pass_is_one_graph,
+    assert_same_as_packed,
+    attn_for,
+    max_trace_error,
+    perturb_trainable,
+    tiny_model,
+)
 
 T, N_A = 40, 5
 POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])  # a repeated point; both extremes
@@ -19,8 +25,10 @@ CASES = [(f, a) for f in FAMILIES for a in ("sdpa", "eager") if a != "sdpa" or a
 
 
 def _model(family="gemma3", attn="sdpa", init="copy", chunk=2, groups=1, **levers):
-    model = build_model(tiny_model(family, attn), CoprocessorConfig(n_latents=3, n_ahead=N_A, n_traces=4, init=init,
-                                                                    lora_rank=4, **levers))
+    model = build_model(
+        tiny_model(family, attn),
+        CoprocessorConfig(n_latents=3, n_ahead=N_A, n_traces=4, init=init, lora_rank=4, **levers),
+    )
     perturb_trainable(model)
     apply_speed_options(model, trace_groups=groups, trace_chunk=chunk)
     return model

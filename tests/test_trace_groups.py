@@ -5,8 +5,7 @@ The grouped pass must compute exactly what the ungrouped pass and inference comp
 import pytest
 import torch
 
-from cacheaug import CoprocessorConfig, build_model
-from cacheaug import masks
+from cacheaug import CoprocessorConfig, build_model, masks
 from cacheaug.masks import group_edges, group_key_lengths, groups_fitting, stratified_positions
 from cacheaug.speed import apply_speed_options
 from cacheaug.testing import assert_compiled_pass_is_one_graph, max_trace_error, perturb_trainable, tiny_model
@@ -20,8 +19,10 @@ def _small_key_align(monkeypatch):
 
 
 def _model(family="gemma3", attn="sdpa", init="copy", groups=2, n_traces=4, **levers):
-    model = build_model(tiny_model(family, attn), CoprocessorConfig(n_latents=3, n_ahead=N_A, n_traces=n_traces,
-                                                                    init=init, lora_rank=4, **levers))
+    model = build_model(
+        tiny_model(family, attn),
+        CoprocessorConfig(n_latents=3, n_ahead=N_A, n_traces=n_traces, init=init, lora_rank=4, **levers),
+    )
     perturb_trainable(model)
     apply_speed_options(model, trace_groups=groups)
     return model
@@ -67,9 +68,16 @@ def test_key_lengths_cover_each_group():
 LEVERS = dict(position_scheme="overlap", reread_last=True, echo_residual=True)
 
 
-@pytest.mark.parametrize("family,attn,init,levers", [
-    ("gemma3", "sdpa", "copy", {}), ("gemma3", "eager", "copy", {}), ("llama", "sdpa", "copy", {}),
-    ("gemma3", "sdpa", "pause", {}), ("gemma3", "sdpa", "copy", LEVERS)])
+@pytest.mark.parametrize(
+    "family,attn,init,levers",
+    [
+        ("gemma3", "sdpa", "copy", {}),
+        ("gemma3", "eager", "copy", {}),
+        ("llama", "sdpa", "copy", {}),
+        ("gemma3", "sdpa", "pause", {}),
+        ("gemma3", "sdpa", "copy", LEVERS),
+    ],
+)
 def test_grouped_pass_equals_ungrouped_pass_and_inference(family, attn, init, levers):
     model = _model(family, attn, init, **levers)
     ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(0))
@@ -161,13 +169,32 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
-    small = dict(data=(str(tmp_path / "corpus"),), seq_len=40, batch_size=2, n_latents=2, n_ahead=N_A, n_traces=4,
-                 max_steps=2, warmup_steps=1, eval_every=0, eval_sequences=2, log_every=1, save_every=0, heldout_pct=20.0)
+    small = dict(
+        data=(str(tmp_path / "corpus"),),
+        seq_len=40,
+        batch_size=2,
+        n_latents=2,
+        n_ahead=N_A,
+        n_traces=4,
+        max_steps=2,
+        warmup_steps=1,
+        eval_every=0,
+        eval_sequences=2,
+        log_every=1,
+        save_every=0,
+        heldout_pct=20.0,
+    )
     from cacheaug.model import CacheAugmentedLM
 
     runs, traces, packed = {}, CacheAugmentedLM._traces, CacheAugmentedLM._traces_packed
-    arms = {"plain": {}, "kept": {"keep_logits": True}, "grouped": {"trace_groups": 2}, "chunked": {"trace_chunk": 1},
-            "windowed": {"trace_windows": True}, "kernel": {"trace_kernel": True}}
+    arms = {
+        "plain": {},
+        "kept": {"keep_logits": True},
+        "grouped": {"trace_groups": 2},
+        "chunked": {"trace_chunk": 1},
+        "windowed": {"trace_windows": True},
+        "kernel": {"trace_kernel": True},
+    }
     from cacheaug import windows
 
     op_calls, op = [], windows.prefix_attention
@@ -189,8 +216,12 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
         monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces_packed", spy_rows)
         train(TrainConfig(**small, **opts, out_dir=str(out)), base=tiny_model("gemma3"), tokenizer=tok, progress=False)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = ([r["loss"] for r in rows if "loss" in r], [x for x in seen if isinstance(x, int)],
-                      {x[1] for x in seen if isinstance(x, tuple)}, len(op_calls))
+        runs[name] = (
+            [r["loss"] for r in rows if "loss" in r],
+            [x for x in seen if isinstance(x, int)],
+            {x[1] for x in seen if isinstance(x, tuple)},
+            len(op_calls),
+        )
     assert 1 in runs["chunked"][2] and 1 not in runs["plain"][2]  # the option reached the trainer's model
     assert runs["kept"][0] == pytest.approx(runs["plain"][0], abs=1e-5)
     assert runs["chunked"][0] == pytest.approx(runs["plain"][0], abs=1e-5)  # the same points, one trace per row

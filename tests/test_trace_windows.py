@@ -6,13 +6,19 @@ and must really read fewer keys."""
 import pytest
 import torch
 
-from cacheaug import CoprocessorConfig, build_model
-from cacheaug import masks, windows
+from cacheaug import CoprocessorConfig, build_model, masks, windows
 from cacheaug.arms import arm_names
 from cacheaug.families import SLIDING, TINY_WINDOW
 from cacheaug.speed import apply_speed_options, parse_variant
-from cacheaug.testing import (FAMILIES, assert_compiled_pass_is_one_graph, assert_same_as_packed, attn_for,
-                              max_trace_error, perturb_trainable, tiny_model)
+from cacheaug.testing import (
+    FAMILIES,
+    assert_compiled_pass_is_one_graph,
+    assert_same_as_packed,
+    attn_for,
+    max_trace_error,
+    perturb_trainable,
+    tiny_model,
+)
 
 T, N_A, N_L = 40, 5, 3
 POSITIONS = torch.tensor([[0, 7, 20, 34], [3, 12, 12, 30]])  # a repeated point; both extremes; some before the window
@@ -26,8 +32,10 @@ def _padded(keys: int) -> int:
 
 def _model(family="gemma3", init="copy", groups=1, chunk=0, kernel=False, **levers):
     """A tiny model with trace windows (``kernel``: through cacheaug's kernel; tests/test_prefix_attention.py)."""
-    model = build_model(tiny_model(family, "sdpa"), CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4,
-                                                                      init=init, lora_rank=4, **levers))
+    model = build_model(
+        tiny_model(family, "sdpa"),
+        CoprocessorConfig(n_latents=N_L, n_ahead=N_A, n_traces=4, init=init, lora_rank=4, **levers),
+    )
     perturb_trainable(model)
     apply_speed_options(model, trace_groups=groups, trace_chunk=chunk, trace_windows=True, trace_kernel=kernel)
     return model

@@ -15,8 +15,20 @@ from cacheaug.cli import build_parser, check_sources_and_model, resolve_train_co
 from cacheaug.testing import tiny_corpus, tiny_model, tiny_tokenizer
 from cacheaug.train import TrainConfig, complete_checkpoints, insertion_points, lr_multiplier, train
 
-SMALL = dict(seq_len=32, batch_size=2, n_latents=2, n_ahead=3, n_traces=4, max_steps=6, warmup_steps=2,
-             eval_every=3, eval_sequences=2, log_every=1, save_every=3, heldout_pct=20.0)
+SMALL = dict(
+    seq_len=32,
+    batch_size=2,
+    n_latents=2,
+    n_ahead=3,
+    n_traces=4,
+    max_steps=6,
+    warmup_steps=2,
+    eval_every=3,
+    eval_sequences=2,
+    log_every=1,
+    save_every=3,
+    heldout_pct=20.0,
+)
 
 
 @pytest.fixture
@@ -195,17 +207,35 @@ def test_shipped_configs_resolve():
     h200 = resolve_train_config(build_parser().parse_args(["train", "--config", h200_path]))
     assert (h200.compile_step, h200.keep_logits, h200.trace_groups) == ("graphs", True, 1)
     assert h200.trace_kernel and h200.rope_table  # the measured fastest setup; neither changes what is trained
-    k128 = resolve_train_config(build_parser().parse_args(["train", "--config", h200_path.replace(".yaml", "-k128.yaml")]))
-    assert (k128.n_traces, k128.trace_kernel, k128.rope_table, k128.trace_groups, k128.trace_chunk) == (128, True, True,
-                                                                                                         1, 0)
+    k128 = resolve_train_config(
+        build_parser().parse_args(["train", "--config", h200_path.replace(".yaml", "-k128.yaml")])
+    )
+    assert (k128.n_traces, k128.trace_kernel, k128.rope_table, k128.trace_groups, k128.trace_chunk) == (
+        128,
+        True,
+        True,
+        1,
+        0,
+    )
 
 
 def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_steps=6, compile_step="off"):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), CACHEAUG_HOME=home)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CACHEAUG_HOME=home,
+    )
     texts = tiny_corpus(os.path.dirname(data) + f"/scratch{rank}", n_docs=80)  # same texts: same seed
-    cfg = TrainConfig(data=(data,), out_dir=out_dir, parallel=parallel, compile_step=compile_step,
-                      **{**SMALL, "batch_size": 1, "eval_every": 3, "max_steps": max_steps})
+    cfg = TrainConfig(
+        data=(data,),
+        out_dir=out_dir,
+        parallel=parallel,
+        compile_step=compile_step,
+        **{**SMALL, "batch_size": 1, "eval_every": 3, "max_steps": max_steps},
+    )
     train(cfg, base=tiny_model("gemma3"), tokenizer=tiny_tokenizer(texts), progress=False)
 
 
@@ -219,8 +249,9 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0)
     a, b = _weights(tmp_path / "ddp" / "step_000006"), _weights(single)
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
-    logged = lambda run: [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-                          if "loss" in r]  # noqa: E731
+    logged = lambda run: [
+        r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]  # noqa: E731
     assert logged("ddp") == pytest.approx(logged("single"), abs=1e-5)  # the global batch's loss, not rank 0's half
 
 
@@ -231,8 +262,11 @@ def test_ddp_with_the_compiled_step_matches_one_eager_process(tmp_path, corpus):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, data, str(tmp_path / "ddp"), os.environ["CACHEAUG_HOME"], "ddp", 4, "step"),
-             nprocs=2)
+    mp.spawn(
+        _ddp_worker,
+        args=(2, port, data, str(tmp_path / "ddp"), os.environ["CACHEAUG_HOME"], "ddp", 4, "step"),
+        nprocs=2,
+    )
     single, _ = _run(tmp_path, corpus, "single", batch_size=2, eval_every=0, max_steps=4)
     a, b = _weights(tmp_path / "ddp" / "step_000004"), _weights(single)
     # inductor vs eager rounding moves single weights by up to ~1.5e-5 after 4 AdamW steps; training on one rank's
@@ -256,7 +290,9 @@ def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path, corpus):
     a, b = _weights(tmp_path / "fsdp" / "step_000006"), _weights(single)
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
     assert sorted(p.name for p in (tmp_path / "fsdp" / "step_000006").glob("trainer_state.rank*")) == [
-        "trainer_state.rank0.safetensors", "trainer_state.rank1.safetensors"]
+        "trainer_state.rank0.safetensors",
+        "trainer_state.rank1.safetensors",
+    ]
     # resume the sharded run from step 3 and land on the same weights
     import shutil
 

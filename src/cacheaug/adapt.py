@@ -52,8 +52,11 @@ class AdaptConfig:
     method: Literal["lora", "full"] = _f("lora", "LoRA adapters merged into the weights, or a full fine-tune")
     lora_rank: int = _f(64, "LoRA rank (method lora)")
     heldout_pct: float = _f(1.0, "percent of documents held out (by hash); use the same value for train and eval")
-    adapt_pct: float = _f(50.0, "percent of the other documents this adapts on; the coprocessor trains on the rest "
-                          "(0: adapt on the whole training split)")
+    adapt_pct: float = _f(
+        50.0,
+        "percent of the other documents this adapts on; the coprocessor trains on the rest "
+        "(0: adapt on the whole training split)",
+    )
     heldout_sources: tuple[str, ...] = _f((), "whole sources kept out (evaluated as unseen)")
     seq_len: int = _f(1024, "tokens per packed sequence")
     batch_size: int = _f(16, "sequences per step")
@@ -66,8 +69,11 @@ class AdaptConfig:
     save_every: int = _f(200, "steps between checkpoints (0 = only at the end)")
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     seed: int = _f(0, "seed for the data order and the adapters")
-    gradient_checkpointing: bool = _f(True, "recompute each layer's activations in backward (memory of one layer's "
-                                      "activations instead of all: batch 16 x 1024 fits a 16 GB CPU machine)")
+    gradient_checkpointing: bool = _f(
+        True,
+        "recompute each layer's activations in backward (memory of one layer's "
+        "activations instead of all: batch 16 x 1024 fits a 16 GB CPU machine)",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,8 +105,9 @@ def _trainable(model: nn.Module, cfg: AdaptConfig) -> nn.Module:
 
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_decoder().named_modules() if isinstance(m, nn.Linear)})
     torch.manual_seed(cfg.seed)
-    return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0,
-                                            target_modules=targets))
+    return get_peft_model(
+        model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
+    )
 
 
 def _lm_loss(base: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -117,8 +124,10 @@ def _lm_loss(base: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> torch.Ten
             logits = cap * torch.tanh(logits / cap)
         return F.cross_entropy(logits, tt, reduction="sum")
 
-    total = sum(torch.utils.checkpoint.checkpoint(ce, h[i : i + chunk], t[i : i + chunk], use_reentrant=False)
-                for i in range(0, h.shape[0], chunk))
+    total = sum(
+        torch.utils.checkpoint.checkpoint(ce, h[i : i + chunk], t[i : i + chunk], use_reentrant=False)
+        for i in range(0, h.shape[0], chunk)
+    )
     return total / t.numel()
 
 
@@ -157,17 +166,26 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
             state = json.loads((done[-1] / STATE).read_text())
             tensors = load_file(str(done[-1] / "adapt_state.safetensors"))
         except Exception as err:
-            raise ValueError(f"{done[-1]}: the adapt checkpoint is corrupt ({err}); delete it to resume from an "
-                             "earlier one.") from err
+            raise ValueError(
+                f"{done[-1]}: the adapt checkpoint is corrupt ({err}); delete it to resume from an earlier one."
+            ) from err
         if state["config"]["model"] != cfg.model or state["config"]["method"] != cfg.method:
-            raise ValueError(f"{done[-1]} adapts {state['config']['model']!r} with {state['config']['method']}, not "
-                             f"{cfg.model!r} with {cfg.method}: use another --out-dir.")
+            raise ValueError(
+                f"{done[-1]} adapts {state['config']['model']!r} with {state['config']['method']}, not "
+                f"{cfg.model!r} with {cfg.method}: use another --out-dir."
+            )
         with torch.no_grad():
             for n, p in zip(names, params):
                 p.copy_(tensors[f"w.{n}"])
-        opt.load_state_dict({"state": {i: {k.split(".", 2)[2]: v for k, v in tensors.items()
-                                           if k.startswith(f"opt.{i}.")} for i in range(len(params))},
-                             "param_groups": state["param_groups"]})
+        opt.load_state_dict(
+            {
+                "state": {
+                    i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+                    for i in range(len(params))
+                },
+                "param_groups": state["param_groups"],
+            }
+        )
         data.load_state_dict(state["data"])
         step = state["step"]
         print(f"cacheaug: resumed adaptation from {done[-1]} at step {step}")
@@ -175,9 +193,15 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     def save() -> None:
         tensors = {f"w.{n}": p.detach().cpu().contiguous() for n, p in zip(names, params)}
         sd = opt.state_dict()
-        tensors.update({f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()})
-        state = {"step": step, "data": data.state_dict(), "param_groups": sd["param_groups"],
-                 "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}}
+        tensors.update(
+            {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+        )
+        state = {
+            "step": step,
+            "data": data.state_dict(),
+            "param_groups": sd["param_groups"],
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+        }
 
         def write(tmp: Path) -> None:
             save_file(tensors, str(tmp / "adapt_state.safetensors"))
@@ -255,6 +279,8 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
     write_model(staged)
     atomic.move_into(staged, out)  # config.json last: marks it complete
     staged.rmdir()
-    print(f"cacheaug: adapted decoder{f' (step {step} of {cfg.max_steps})' if interrupted else ''} written to {out} "
-          f"(use it as --model {out})")
+    print(
+        f"cacheaug: adapted decoder{f' (step {step} of {cfg.max_steps})' if interrupted else ''} written to {out} "
+        f"(use it as --model {out})"
+    )
     return out

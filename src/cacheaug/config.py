@@ -105,14 +105,23 @@ class CoprocessorConfig:
         for name in ("reread_last", "echo_residual"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"`{name}` must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.offset_decay, bool) or not isinstance(self.offset_decay, (int, float)) \
-                or not 0 < self.offset_decay <= 1:
+        if (
+            isinstance(self.offset_decay, bool)
+            or not isinstance(self.offset_decay, (int, float))
+            or not 0 < self.offset_decay <= 1
+        ):
             problems.append(f"`offset_decay` must be a number in (0, 1], got {self.offset_decay!r}")
         if self.readout == "pre_norm" and arm is not None and arm.backbone is None and arm.has_latents:
-            problems.append(f"`readout='pre_norm'` needs a backbone; init={self.init!r} has none (use "
-                            "readout='final_norm')")
-        levers = {"position_scheme": "shifted", "reread_last": False, "echo_residual": False,
-                  "readout": "final_norm", "offset_decay": 1.0}
+            problems.append(
+                f"`readout='pre_norm'` needs a backbone; init={self.init!r} has none (use readout='final_norm')"
+            )
+        levers = {
+            "position_scheme": "shifted",
+            "reread_last": False,
+            "echo_residual": False,
+            "readout": "final_norm",
+            "offset_decay": 1.0,
+        }
         changed = [k for k, v in levers.items() if getattr(self, k) != v]
         if arm is not None and not arm.has_latents and changed:
             problems.append(f"init={self.init!r} inserts no latents: {changed} do not apply to it")

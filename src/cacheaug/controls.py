@@ -35,7 +35,9 @@ class LoraDecoderLM(CacheAugmentedLM):
         shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
         adapted = copy.deepcopy(base, shared)
         # the decoder's linear layers by name (q_proj, ..., down_proj); the LM head is not among them
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in adapted.get_decoder().named_modules() if isinstance(m, nn.Linear)})
+        targets = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in adapted.get_decoder().named_modules() if isinstance(m, nn.Linear)}
+        )
         return inject_lora(adapted, self.config, base.get_input_embeddings().weight, targets)
 
     @property
@@ -77,4 +79,3 @@ class LoraDecoderLM(CacheAugmentedLM):
         model = self.coprocessor if augment and self.enabled else self.base
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "generator"}
         return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=kwargs.pop("do_sample", False), **kwargs)
-

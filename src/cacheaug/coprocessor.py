@@ -27,7 +27,6 @@ from .arms import get_arm
 from .config import CoprocessorConfig
 from .families import Family
 
-
 _SCRATCH_SEED = 0x5EED  # offset so a scratch coprocessor never replays the RNG stream that built its decoder
 
 
@@ -66,8 +65,7 @@ def scratch_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module
 def lora_backbone(decoder: nn.Module, config: CoprocessorConfig) -> nn.Module:
     """The ``lora`` arm: the decoder's module tree over its own (frozen, shared) tensors, with PEFT LoRA layers of
     rank ``lora_rank`` injected into every linear layer; only the adapters train."""
-    return inject_lora(_no_embedding_copy(decoder, share_tensors=True), config,
-                       next(decoder.parameters()))
+    return inject_lora(_no_embedding_copy(decoder, share_tensors=True), config, next(decoder.parameters()))
 
 
 def inject_lora(module: nn.Module, config: CoprocessorConfig, like: torch.Tensor, targets=None) -> nn.Module:
@@ -78,8 +76,9 @@ def inject_lora(module: nn.Module, config: CoprocessorConfig, like: torch.Tensor
 
     if targets is None:
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, lora_dropout=0.0,
-                      target_modules=targets)
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, lora_dropout=0.0, target_modules=targets
+    )
     with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
         torch.manual_seed(config.init_seed)
         module = inject_adapter_in_model(lora, module)
@@ -116,7 +115,9 @@ class Coprocessor(nn.Module):
         with torch.no_grad():
             soft = emb(ids)  # [N_L, D], already scaled like real inputs (Gemma multiplies by sqrt(D))
         self.soft_tokens = nn.Parameter(soft.detach().clone())
-        self.latent_scale = nn.Parameter(torch.ones(1, dtype=soft.dtype, device=soft.device))  # [1]: FSDP2 shards no scalars
+        self.latent_scale = nn.Parameter(
+            torch.ones(1, dtype=soft.dtype, device=soft.device)
+        )  # [1]: FSDP2 shards no scalars
         if config.echo_residual:  # latents start as copies of token p: the read-out's share grows from 0
             self.latent_scale.data.zero_()
         elif init_scale and self.backbone is not None:
@@ -151,8 +152,11 @@ class Coprocessor(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # fp32 master weights: compute like the decoder's K/V
             x = x.to(torch.get_autocast_dtype(x.device.type))
         # a fresh cache object (kv.from_layers): the decoder's cache stays intact. None: the keys come with the masks
-        cache = {} if prefix_kv is None else {"use_cache": True,
-                                              self.family.cache_kwarg: DynamicCache(ddp_cache_data=prefix_kv)}
+        cache = (
+            {}
+            if prefix_kv is None
+            else {"use_cache": True, self.family.cache_kwarg: DynamicCache(ddp_cache_data=prefix_kv)}
+        )
         out = self.backbone(
             inputs_embeds=x,
             position_ids=position_ids,
@@ -165,7 +169,9 @@ class Coprocessor(nn.Module):
         if not self.config.echo_residual:
             return latents
         if echo is None or echo.shape[:2] != (latents.shape[0], n_traces):
-            raise ValueError("echo_residual needs the input embedding of each trace's last token ([B, K, D]); at "
-                             "inference pass `last_token` to compute_latents.")
+            raise ValueError(
+                "echo_residual needs the input embedding of each trace's last token ([B, K, D]); at "
+                "inference pass `last_token` to compute_latents."
+            )
         n_latents = self.config.n_latents
         return latents + echo[:, :, None].expand(-1, -1, n_latents, -1).reshape(latents.shape).to(latents.dtype)

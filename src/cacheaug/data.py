@@ -73,7 +73,11 @@ class Splits:
         return [f"default:{s}" if s in DEFAULT_PACKAGES else s for s in self.heldout_sources]
 
     def key(self) -> dict:
-        return {"heldout_pct": self.heldout_pct, "adapt_pct": self.adapt_pct, "heldout_sources": list(self.heldout_sources)}
+        return {
+            "heldout_pct": self.heldout_pct,
+            "adapt_pct": self.adapt_pct,
+            "heldout_sources": list(self.heldout_sources),
+        }
 
 
 def as_splits(splits: "Splits | float") -> Splits:
@@ -90,8 +94,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def token_key(tokenizer, sources: list[str], splits: Splits | float) -> str:
     # "default" names its parts, so token files of an earlier, smaller default corpus are never reused
     sources = ["default:" + "+".join(DEFAULT_PACKAGES) if s == "default" else s for s in sources]
-    spec = json.dumps({"tok": tokenizer_fingerprint(tokenizer), "sources": sources, **as_splits(splits).key(),
-                       "v": _FORMAT_VERSION}, sort_keys=True)
+    spec = json.dumps(
+        {"tok": tokenizer_fingerprint(tokenizer), "sources": sources, **as_splits(splits).key(), "v": _FORMAT_VERSION},
+        sort_keys=True,
+    )
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -106,8 +112,9 @@ def start_token(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def build_token_files(tokenizer, sources: list[str], splits: Splits | float = 1.0, root: Path | None = None,
-                      batch_docs: int = 256) -> Path:
+def build_token_files(
+    tokenizer, sources: list[str], splits: Splits | float = 1.0, root: Path | None = None, batch_docs: int = 256
+) -> Path:
     """Tokenise every document once into ``<split>.bin`` (uint32; splits ``train``, ``heldout``, ``adapt``,
     ``unseen``: see :class:`Splits`; a float is the held-out percent) + ``meta.json``; cached by key."""
     from tqdm.auto import tqdm
@@ -159,11 +166,18 @@ def build_token_files(tokenizer, sources: list[str], splits: Splits | float = 1.
         shutil.rmtree(tmp, ignore_errors=True)
         held = counts["heldout"][1] + counts["unseen"][1]
         if held:
-            raise ValueError(f"The data sources {sources} gave {held} document(s), all in the held-out split, none for "
-                             f"training: give more documents (a long .txt is cut at blank lines into documents) or "
-                             f"lower --heldout-pct ({splits.heldout_pct})")
+            raise ValueError(
+                f"The data sources {sources} gave {held} document(s), all in the held-out split, none for "
+                f"training: give more documents (a long .txt is cut at blank lines into documents) or "
+                f"lower --heldout-pct ({splits.heldout_pct})"
+            )
         raise ValueError(f"The data sources {sources} gave no text (held-out sources: {list(splits.heldout_sources)}).")
-    meta = {"sources": sources, **splits.key(), "tokenizer": tokenizer_fingerprint(tokenizer), "format": _FORMAT_VERSION}
+    meta = {
+        "sources": sources,
+        **splits.key(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "format": _FORMAT_VERSION,
+    }
     for s in SPLITS:
         meta[f"{s}_tokens"], meta[f"{s}_docs"] = counts[s]
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -194,8 +208,15 @@ class PackedSequences:
     checkpoints. With ``world_size`` > 1 each rank takes every ``world_size``-th window of the same permutation.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 bos_id: int | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        bos_id: int | None = None,
+    ):
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.rank, self.world_size, self.bos_id = rank, world_size, bos_id
         self.stride = seq_len - 1 if bos_id is not None else seq_len

@@ -29,15 +29,25 @@ from .model import CacheAugmentedLM
 KINDS = ("echo", "pause", "coprocessor")
 
 
-def fixed_latents_model(base, kind: str, n_latents: int, n_ahead: int, position_scheme: str = "shifted",
-                        reread_last: bool = False) -> CacheAugmentedLM:
+def fixed_latents_model(
+    base, kind: str, n_latents: int, n_ahead: int, position_scheme: str = "shifted", reread_last: bool = False
+) -> CacheAugmentedLM:
     if kind not in KINDS:
         raise ValueError(f"unknown latent kind {kind!r}: choose from {KINDS}")
     init = "copy" if kind == "coprocessor" else "pause"
     # echo: the untrained echo-residual start (token p's embedding + 0 x the pause tokens), the same at inference
-    return CacheAugmentedLM(base, CoprocessorConfig(n_latents=n_latents, n_ahead=n_ahead, n_traces=1, init=init,
-                                                    position_scheme=position_scheme, reread_last=reread_last,
-                                                    echo_residual=kind == "echo"))
+    return CacheAugmentedLM(
+        base,
+        CoprocessorConfig(
+            n_latents=n_latents,
+            n_ahead=n_ahead,
+            n_traces=1,
+            init=init,
+            position_scheme=position_scheme,
+            reread_last=reread_last,
+            echo_residual=kind == "echo",
+        ),
+    )
 
 
 def setting_name(kind: str, scheme: str, reread: bool) -> str:
@@ -46,12 +56,27 @@ def setting_name(kind: str, scheme: str, reread: bool) -> str:
     return f"{kind}@{scheme}" + ("+reread" if reread else "")
 
 
-def insertion_cost(*, model_name: str = "gemma-3-270m", data: tuple[str, ...] = ("default",), heldout_pct: float = 1.0,
-                   adapt_pct: float = 0.0, heldout_sources: tuple[str, ...] = (), kinds: tuple[str, ...] = KINDS,
-                   latents: tuple[int, ...] = (1, 4, 16, 64), offsets: tuple[int, ...] = (1, 2, 4, 8),
-                   schemes: tuple[str, ...] = ("shifted",), reread: tuple[bool, ...] = (False,),
-                   seq_len: int = 400, sequences: int = 24, points: int = 10, n_boot: int = 1000,
-                   device: str | None = None, out: str | None = None, base=None, tokenizer=None) -> dict:
+def insertion_cost(
+    *,
+    model_name: str = "gemma-3-270m",
+    data: tuple[str, ...] = ("default",),
+    heldout_pct: float = 1.0,
+    adapt_pct: float = 0.0,
+    heldout_sources: tuple[str, ...] = (),
+    kinds: tuple[str, ...] = KINDS,
+    latents: tuple[int, ...] = (1, 4, 16, 64),
+    offsets: tuple[int, ...] = (1, 2, 4, 8),
+    schemes: tuple[str, ...] = ("shifted",),
+    reread: tuple[bool, ...] = (False,),
+    seq_len: int = 400,
+    sequences: int = 24,
+    points: int = 10,
+    n_boot: int = 1000,
+    device: str | None = None,
+    out: str | None = None,
+    base=None,
+    tokenizer=None,
+) -> dict:
     """Perplexity change by offset for every kind of fixed latents and N_L, in-source and on unseen sources.
     Insertion points: ``points`` evenly spaced from T/4 to the last one with ``max(offsets)`` targets after it."""
     from tqdm.auto import tqdm
@@ -65,8 +90,16 @@ def insertion_cost(*, model_name: str = "gemma-3-270m", data: tuple[str, ...] = 
     sets = evaluation_sets(tokenizer, data, splits, seq_len, sequences)
     n_ahead = max(offsets)
     positions = torch.linspace(seq_len // 4, seq_len - 1 - n_ahead, points).long()
-    report = {"model": model_name, "data": list(data), **splits.key(), "seq_len": seq_len, "offsets": list(offsets),
-              "positions": positions.tolist(), "sequences": {k: len(v) for k, v in sets.items()}, "results": {}}
+    report = {
+        "model": model_name,
+        "data": list(data),
+        **splits.key(),
+        "seq_len": seq_len,
+        "offsets": list(offsets),
+        "positions": positions.tolist(),
+        "sequences": {k: len(v) for k, v in sets.items()},
+        "results": {},
+    }
     jobs = [(k, s, r, n) for k in kinds for s in schemes for r in reread for n in latents]
     for kind, scheme, rr, n_latents in tqdm(jobs, desc="insertion cost", unit="setting"):
         model = fixed_latents_model(base, kind, n_latents, n_ahead, scheme, rr)
@@ -75,11 +108,14 @@ def insertion_cost(*, model_name: str = "gemma-3-270m", data: tuple[str, ...] = 
             aug, frozen, n_points = offset_loss_sums(model, seqs, stride=1, positions=positions)
             stats = bootstrap_rel_change(aug, frozen, n_points, n_boot)
             report["results"].setdefault(split, {}).setdefault(name, {})[str(n_latents)] = {
-                k: [v[o - 1] for o in offsets] for k, v in stats.items()}
+                k: [v[o - 1] for o in offsets] for k, v in stats.items()
+            }
         del model
     for split, by_kind in report["results"].items():
-        print(f"\nInsertion cost, {split}: perplexity change vs the frozen decoder at offsets {list(offsets)} "
-              f"({len(sets[split])} x {len(positions)} points)")
+        print(
+            f"\nInsertion cost, {split}: perplexity change vs the frozen decoder at offsets {list(offsets)} "
+            f"({len(sets[split])} x {len(positions)} points)"
+        )
         width = max(12, *(len(k) for k in by_kind))
         print(f"{'latents':<{width}} | " + " | ".join(f"{'N_L=' + str(n):>24}" for n in latents))
         for kind, by_n in by_kind.items():

@@ -39,8 +39,14 @@ def relative_ppl_change(losses: dict) -> list[float]:
 
 # ------------------------------------------------------------------------------------ perplexity by offset
 @torch.no_grad()
-def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, batch: int = 4,
-                     positions: torch.Tensor | None = None, with_gate: bool = False):
+def offset_loss_sums(
+    model: CacheAugmentedLM,
+    seqs: torch.Tensor,
+    stride: int,
+    batch: int = 4,
+    positions: torch.Tensor | None = None,
+    with_gate: bool = False,
+):
     """Per-sequence sums of augmented and frozen losses per offset, augmenting densely.
 
     Every ``stride``-th token from T/8 on is an insertion point (the paper augments after every token;
@@ -57,8 +63,9 @@ def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, b
     from tqdm.auto import tqdm
 
     with autocast_for(model):
-        for i in tqdm(range(0, len(seqs), batch), desc="eval ppl", unit="batch", leave=False,
-                      disable=len(seqs) <= batch):
+        for i in tqdm(
+            range(0, len(seqs), batch), desc="eval ppl", unit="batch", leave=False, disable=len(seqs) <= batch
+        ):
             ids = seqs[i : i + batch].to(model.device)
             out = model(ids, positions=positions, return_base_losses=True)
             aug.append(out.token_losses.double().sum(1).cpu())  # [b, N_A]
@@ -74,8 +81,9 @@ def offset_loss_sums(model: CacheAugmentedLM, seqs: torch.Tensor, stride: int, b
     return torch.cat(aug), torch.cat(base), len(positions)
 
 
-def bootstrap_rel_change(aug: torch.Tensor, base: torch.Tensor, points: int, n_boot: int = 1000, seed: int = 0,
-                         level: float = 0.95) -> dict:
+def bootstrap_rel_change(
+    aug: torch.Tensor, base: torch.Tensor, points: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
     """Relative perplexity change per offset, exp(mean augmented loss - mean frozen loss) - 1, with a
     percentile bootstrap interval that resamples whole sequences (points within a sequence are correlated).
 
@@ -117,14 +125,20 @@ def empty_split_message(token_dir, split: str, seq_len: int) -> str:
     docs, tokens = meta.get(f"{split}_docs", 0), meta.get(f"{split}_tokens", 0)
     total = sum(meta.get(f"{s}_docs", 0) for s in ("train", "heldout", "adapt"))
     if split == "heldout" and docs == 0:
-        return (f"the held-out split is empty: {total} document(s) in all, and --heldout-pct {meta.get('heldout_pct')} "
-                f"holds out about {total * meta.get('heldout_pct', 1) / 100:.1f} of them: raise --heldout-pct (e.g. 10), "
-                "or give more, smaller documents (a long .txt is cut at blank lines into documents)")
+        return (
+            f"the held-out split is empty: {total} document(s) in all, and --heldout-pct {meta.get('heldout_pct')} "
+            f"holds out about {total * meta.get('heldout_pct', 1) / 100:.1f} of them: raise --heldout-pct (e.g. 10), "
+            "or give more, smaller documents (a long .txt is cut at blank lines into documents)"
+        )
     if split == "heldout":
-        return (f"the held-out split has {docs} document(s), {tokens} tokens, fewer than one sequence of --seq-len "
-                f"{seq_len}: raise --heldout-pct or lower --seq-len")
-    return (f"the {split} split has {docs} document(s), {tokens} tokens, fewer than one sequence of --seq-len {seq_len}: "
-            "name larger sources in --heldout-sources or lower --seq-len")
+        return (
+            f"the held-out split has {docs} document(s), {tokens} tokens, fewer than one sequence of --seq-len "
+            f"{seq_len}: raise --heldout-pct or lower --seq-len"
+        )
+    return (
+        f"the {split} split has {docs} document(s), {tokens} tokens, fewer than one sequence of --seq-len {seq_len}: "
+        "name larger sources in --heldout-sources or lower --seq-len"
+    )
 
 
 def evaluation_sets(tokenizer, data, splits, seq_len: int, n: int) -> dict[str, torch.Tensor]:
@@ -141,7 +155,9 @@ def _print_table(offsets, columns: dict[str, dict], frozen_ppl: list[float] | No
     print(head + " | ".join(f"{name:>24}" for name in columns))
     for j, o in enumerate(offsets):
         cells = [f"{r['change'][j]:+6.2f}% [{r['lo'][j]:+.1f}, {r['hi'][j]:+.1f}]" for r in columns.values()]
-        print(f"{o:>6} | " + (f"{frozen_ppl[j]:>10.2f} | " if frozen_ppl else "") + " | ".join(f"{c:>24}" for c in cells))
+        print(
+            f"{o:>6} | " + (f"{frozen_ppl[j]:>10.2f} | " if frozen_ppl else "") + " | ".join(f"{c:>24}" for c in cells)
+        )
 
 
 def _run_name(ckpt: str) -> str:
@@ -183,9 +199,17 @@ def evaluate_ppl(
     splits = Splits(heldout_pct, adapt_pct, tuple(heldout_sources))
     sets = evaluation_sets(tokenizer, data, splits, seq_len, sequences)
     n_ahead = max(offsets)
-    report = {"model": model_name, "data": list(data), **splits.key(), "seq_len": seq_len,
-              "sequences": {k: len(v) for k, v in sets.items()}, "stride": stride, "offsets": list(offsets),
-              "n_boot": n_boot, "runs": {}}
+    report = {
+        "model": model_name,
+        "data": list(data),
+        **splits.key(),
+        "seq_len": seq_len,
+        "sequences": {k: len(v) for k, v in sets.items()},
+        "stride": stride,
+        "offsets": list(offsets),
+        "n_boot": n_boot,
+        "runs": {},
+    }
     for ckpt in checkpoints:
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
         model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # N_A only sets which targets are scored
@@ -199,18 +223,27 @@ def evaluate_ppl(
             report.setdefault(split, {})[str(ckpt)] = run
             if gated:  # the same coprocessor, inserted only where its gate fires
                 stats = bootstrap_rel_change(sums[3], frozen, points, n_boot)
-                run = {**run, **{k: [v[o - 1] for o in offsets] for k, v in stats.items()}, "gate": True,
-                       "gate_fire_rate": 100 * sums[4].sum().item() / (points * len(seqs))}
+                run = {
+                    **run,
+                    **{k: [v[o - 1] for o in offsets] for k, v in stats.items()},
+                    "gate": True,
+                    "gate_fire_rate": 100 * sums[4].sum().item() / (points * len(seqs)),
+                }
                 report[split][f"{ckpt} + gate"] = run
         del model
     report["runs"] = report["heldout"]  # the in-source results under their old key
-    for split, title in (("heldout", "in-source held-out documents"), ("unseen", f"unseen sources {list(heldout_sources)}")):
+    for split, title in (
+        ("heldout", "in-source held-out documents"),
+        ("unseen", f"unseen sources {list(heldout_sources)}"),
+    ):
         if split not in report:
             continue
         runs = report[split]
         first = next(iter(runs.values()))
-        print(f"\nPerplexity change vs the frozen decoder on {title} ({len(sets[split])} sequences of {seq_len}, an "
-              f"insertion every {stride} tokens, 95% bootstrap interval over sequences):")
+        print(
+            f"\nPerplexity change vs the frozen decoder on {title} ({len(sets[split])} sequences of {seq_len}, an "
+            f"insertion every {stride} tokens, 95% bootstrap interval over sequences):"
+        )
         _print_table(offsets, {_run_name(c): r for c, r in runs.items()}, frozen_ppl=first["base_ppl"])
         for c, r in runs.items():
             if "gate_fire_rate" in r:
@@ -258,9 +291,23 @@ def staleness_sums(model: CacheAugmentedLM, seqs: torch.Tensor, delays: list[int
     return out, frozen, len(positions)
 
 
-def evaluate_staleness(checkpoint: str, *, delays=(0, 4, 16, 64), offsets=(1, 2, 4, 8, 16), sequences: int = 16,
-                       points: int = 16, seq_len: int = 1024, model_name: str = "gemma-3-270m", data=("default",),
-                       heldout_pct: float = 1.0, n_boot: int = 1000, device=None, out=None, base=None, tokenizer=None):
+def evaluate_staleness(
+    checkpoint: str,
+    *,
+    delays=(0, 4, 16, 64),
+    offsets=(1, 2, 4, 8, 16),
+    sequences: int = 16,
+    points: int = 16,
+    seq_len: int = 1024,
+    model_name: str = "gemma-3-270m",
+    data=("default",),
+    heldout_pct: float = 1.0,
+    n_boot: int = 1000,
+    device=None,
+    out=None,
+    base=None,
+    tokenizer=None,
+):
     """`cacheaug eval stale`: how much of the gain survives when latents computed at p are inserted d tokens later."""
     import json
     from pathlib import Path
@@ -272,8 +319,15 @@ def evaluate_staleness(checkpoint: str, *, delays=(0, 4, 16, 64), offsets=(1, 2,
     seqs = heldout_sequences(tokenizer, data, heldout_pct, seq_len, sequences)
     model = CacheAugmentedLM.from_pretrained(checkpoint, base=base)
     sums, frozen, n_points = staleness_sums(model, seqs, list(delays), points, max(offsets))
-    report = {"checkpoint": str(checkpoint), "delays": list(delays), "offsets": list(offsets), "sequences": len(seqs),
-              "points_per_sequence": n_points, "seq_len": seq_len, "by_delay": {}}
+    report = {
+        "checkpoint": str(checkpoint),
+        "delays": list(delays),
+        "offsets": list(offsets),
+        "sequences": len(seqs),
+        "points_per_sequence": n_points,
+        "seq_len": seq_len,
+        "by_delay": {},
+    }
     for d in delays:
         stats = bootstrap_rel_change(sums[d], frozen, n_points, n_boot)
         report["by_delay"][str(d)] = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}

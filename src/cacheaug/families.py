@@ -29,10 +29,18 @@ SLIDING = "sliding_attention"
 MASK_BACKENDS = ("sdpa", "eager", "flex_attention")
 TINY_WINDOW = 8  # the tiny test configs' sliding window: small, so that traces cross it in 40-token tests
 TINY_COMMON = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
     initializer_range=0.2,  # large enough that masks and positions visibly change the outputs
-    pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
 )
 _MIXED = ["sliding_attention", "full_attention", "sliding_attention"]
 
@@ -85,20 +93,52 @@ def _tiny(cls_name: str, **extra):
         import transformers
 
         return getattr(transformers, cls_name)(**TINY_COMMON, **extra)
+
     return make
 
 
-register_family(FamilySpec("gemma3", "gemma3_text", True, _tiny(
-    "Gemma3TextConfig", sliding_window=TINY_WINDOW, layer_types=_MIXED, query_pre_attn_scalar=16)))
-register_family(FamilySpec("gemma2", "gemma2", True, _tiny(
-    "Gemma2Config", sliding_window=TINY_WINDOW, layer_types=_MIXED, query_pre_attn_scalar=16,
-    attn_logit_softcapping=5.0, final_logit_softcapping=3.0), sdpa_exact=False))  # small caps: they bite here
+register_family(
+    FamilySpec(
+        "gemma3",
+        "gemma3_text",
+        True,
+        _tiny("Gemma3TextConfig", sliding_window=TINY_WINDOW, layer_types=_MIXED, query_pre_attn_scalar=16),
+    )
+)
+register_family(
+    FamilySpec(
+        "gemma2",
+        "gemma2",
+        True,
+        _tiny(
+            "Gemma2Config",
+            sliding_window=TINY_WINDOW,
+            layer_types=_MIXED,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+        sdpa_exact=False,
+    )
+)  # small caps: they bite here
 register_family(FamilySpec("llama", "llama", False, _tiny("LlamaConfig")))
 register_family(FamilySpec("mistral", "mistral", False, _tiny("MistralConfig", sliding_window=TINY_WINDOW)))
-register_family(FamilySpec("qwen2", "qwen2", True, _tiny(
-    "Qwen2Config", use_sliding_window=True, sliding_window=TINY_WINDOW, max_window_layers=1)))
-register_family(FamilySpec("qwen3", "qwen3", True, _tiny(
-    "Qwen3Config", use_sliding_window=True, sliding_window=TINY_WINDOW, max_window_layers=1)))
+register_family(
+    FamilySpec(
+        "qwen2",
+        "qwen2",
+        True,
+        _tiny("Qwen2Config", use_sliding_window=True, sliding_window=TINY_WINDOW, max_window_layers=1),
+    )
+)
+register_family(
+    FamilySpec(
+        "qwen3",
+        "qwen3",
+        True,
+        _tiny("Qwen3Config", use_sliding_window=True, sliding_window=TINY_WINDOW, max_window_layers=1),
+    )
+)
 SUPPORTED_MODEL_TYPES = supported_model_types()  # the built-in families
 
 
@@ -151,9 +191,11 @@ def resolve_family(model: nn.Module) -> Family:
     if unknown:
         raise ValueError(f"{type(model).__name__} has layer types {sorted(unknown)} that cacheaug cannot mask.")
     if not spec.dict_masks and len(set(layer_types)) > 1:
-        raise ValueError(f"{type(model).__name__} mixes layer types {sorted(set(layer_types))}, which cacheaug "
-                         "supports only for families whose backbone takes one mask per layer type (Gemma-2/3, "
-                         "Qwen-2/3).")
+        raise ValueError(
+            f"{type(model).__name__} mixes layer types {sorted(set(layer_types))}, which cacheaug "
+            "supports only for families whose backbone takes one mask per layer type (Gemma-2/3, "
+            "Qwen-2/3)."
+        )
     if SLIDING in layer_types and not window:
         raise ValueError(f"{type(model).__name__} has sliding-window layers but no `sliding_window` in its config.")
 

@@ -44,8 +44,10 @@ def check_checkpoints(paths: list[str]) -> None:
     for i, ckpt in enumerate(paths):
         found = resolve_checkpoint(ckpt)
         if not (found / "coprocessor_config.json").is_file():
-            raise SystemExit(f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json), nor a "
-                             "training run folder with a step_* checkpoint")
+            raise SystemExit(
+                f"cacheaug: {ckpt} is not a coprocessor checkpoint (no coprocessor_config.json), nor a "
+                "training run folder with a step_* checkpoint"
+            )
         read_config(found)  # a corrupt config fails here, before any model is loaded
         paths[i] = str(found)
 
@@ -66,15 +68,24 @@ def _warn_split_mismatch(cfg, checkpoints: list[str]) -> None:
         if not run.is_file():
             continue
         trained = json.loads(run.read_text()).get("train", {})
-        asked = {"data": list(cfg.data), "heldout_pct": cfg.heldout_pct, "adapt_pct": cfg.adapt_pct,
-                 "heldout_sources": list(cfg.heldout_sources)}
-        differ = [f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v} (trained with "
-                  f"{' '.join(map(str, trained[k])) if isinstance(trained[k], list) else trained[k]})"
-                  for k, v in asked.items() if k in trained and trained[k] != v]
+        asked = {
+            "data": list(cfg.data),
+            "heldout_pct": cfg.heldout_pct,
+            "adapt_pct": cfg.adapt_pct,
+            "heldout_sources": list(cfg.heldout_sources),
+        }
+        differ = [
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v} (trained with "
+            f"{' '.join(map(str, trained[k])) if isinstance(trained[k], list) else trained[k]})"
+            for k, v in asked.items()
+            if k in trained and trained[k] != v
+        ]
         if differ:
-            print(f"cacheaug: warning: {ckpt} was trained on another split than this evaluation's: "
-                  f"{'; '.join(differ)}; its held-out documents may include documents it trained on. Pass the "
-                  "training run's split options.")
+            print(
+                f"cacheaug: warning: {ckpt} was trained on another split than this evaluation's: "
+                f"{'; '.join(differ)}; its held-out documents may include documents it trained on. Pass the "
+                "training run's split options."
+            )
 
 
 def _base_of(model: str | None, checkpoints: list[str]) -> str:
@@ -88,8 +99,11 @@ def _base_of(model: str | None, checkpoints: list[str]) -> str:
 class _Split(_Checked):
     """The held-out split of the text sources (must match training's)."""
 
-    model: str | None = _f(None, "the frozen decoder (default: the base recorded in the first checkpoint; "
-                           "gemma-3-270m for commands without one)")
+    model: str | None = _f(
+        None,
+        "the frozen decoder (default: the base recorded in the first checkpoint; "
+        "gemma-3-270m for commands without one)",
+    )
     data: tuple[str, ...] = _f(("default",), "text sources (their held-out split is used)")
     heldout_pct: float = _f(1.0, "must match training's split")
     adapt_pct: float = _f(0.0, "must match training's split")
@@ -109,17 +123,26 @@ class PplConfig(_Split):
     offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32), "offsets after the insertion point to report", min=1)
     bootstrap: int = _f(1000, "bootstrap resamples", min=1)
 
-
     def run(self):
         from .evaluate import evaluate_ppl
 
         checkpoints = list(_checkpoints(self.checkpoint))
         _warn_split_mismatch(self, checkpoints)
-        return evaluate_ppl(checkpoints, model_name=_base_of(self.model, checkpoints), data=self.data,
-                            heldout_pct=self.heldout_pct, adapt_pct=self.adapt_pct,
-                            heldout_sources=self.heldout_sources, seq_len=self.seq_len, sequences=self.sequences,
-                            stride=self.stride, offsets=self.offsets, n_boot=self.bootstrap, device=self.device,
-                            out=self.out)
+        return evaluate_ppl(
+            checkpoints,
+            model_name=_base_of(self.model, checkpoints),
+            data=self.data,
+            heldout_pct=self.heldout_pct,
+            adapt_pct=self.adapt_pct,
+            heldout_sources=self.heldout_sources,
+            seq_len=self.seq_len,
+            sequences=self.sequences,
+            stride=self.stride,
+            offsets=self.offsets,
+            n_boot=self.bootstrap,
+            device=self.device,
+            out=self.out,
+        )
 
 
 KINDS = ("echo", "pause", "coprocessor")
@@ -130,19 +153,27 @@ class InsertionCostConfig(_Split):
     """``cacheaug eval insertion-cost``: perplexity change when fixed latents are inserted, no training: the floor a
     coprocessor must climb out of."""
 
-    kinds: tuple[str, ...] = _f(KINDS, "fixed latents: token p's embedding repeated, untrained pause tokens, the "
-                                "untrained copy-init coprocessor", choices=lambda: KINDS)
+    kinds: tuple[str, ...] = _f(
+        KINDS,
+        "fixed latents: token p's embedding repeated, untrained pause tokens, the untrained copy-init coprocessor",
+        choices=lambda: KINDS,
+    )
     latents: tuple[int, ...] = _f((1, 4, 16, 64), "N_L values", min=1)
-    position_schemes: tuple[str, ...] = _f(("shifted",), "rotary position schemes (train --position-scheme)",
-                                           choices=lambda: ("shifted", "shared", "overlap"))
-    reread: tuple[str, ...] = _f(("off",), "without / with token p read again after the latents (train "
-                                 "--reread-last)", choices=lambda: ("off", "on"))
+    position_schemes: tuple[str, ...] = _f(
+        ("shifted",),
+        "rotary position schemes (train --position-scheme)",
+        choices=lambda: ("shifted", "shared", "overlap"),
+    )
+    reread: tuple[str, ...] = _f(
+        ("off",),
+        "without / with token p read again after the latents (train --reread-last)",
+        choices=lambda: ("off", "on"),
+    )
     offsets: tuple[int, ...] = _f((1, 2, 4, 8), "offsets after the insertion point", min=1)
     seq_len: int = _f(400, "tokens per window")
     sequences: int = _f(24, "held-out windows", min=1)
     points: int = _f(10, "insertion points per sequence, from T/4 on", min=1)
     bootstrap: int = _f(1000, "bootstrap resamples", min=1)
-
 
     def _problems(self) -> list[str]:
         if self.offsets and self.seq_len // 4 >= self.seq_len - 1 - max(self.offsets):
@@ -152,12 +183,24 @@ class InsertionCostConfig(_Split):
     def run(self):
         from .diagnostics import insertion_cost
 
-        return insertion_cost(model_name=self.model or "gemma-3-270m", data=self.data, heldout_pct=self.heldout_pct,
-                              adapt_pct=self.adapt_pct, heldout_sources=self.heldout_sources, kinds=self.kinds,
-                              latents=self.latents, offsets=self.offsets, schemes=self.position_schemes,
-                              reread=tuple(r == "on" for r in self.reread), seq_len=self.seq_len,
-                              sequences=self.sequences, points=self.points, n_boot=self.bootstrap,
-                              device=self.device, out=self.out)
+        return insertion_cost(
+            model_name=self.model or "gemma-3-270m",
+            data=self.data,
+            heldout_pct=self.heldout_pct,
+            adapt_pct=self.adapt_pct,
+            heldout_sources=self.heldout_sources,
+            kinds=self.kinds,
+            latents=self.latents,
+            offsets=self.offsets,
+            schemes=self.position_schemes,
+            reread=tuple(r == "on" for r in self.reread),
+            seq_len=self.seq_len,
+            sequences=self.sequences,
+            points=self.points,
+            n_boot=self.bootstrap,
+            device=self.device,
+            out=self.out,
+        )
 
 
 @dataclass(frozen=True)
@@ -172,17 +215,25 @@ class StaleConfig(_Split):
     seq_len: int = _f(1024, "tokens per sequence")
     bootstrap: int = _f(1000, "bootstrap resamples", min=1)
 
-
     def run(self):
         from .evaluate import evaluate_staleness
 
         (checkpoint,) = _checkpoints((self.checkpoint,))
         _warn_split_mismatch(self, [checkpoint])
-        return evaluate_staleness(checkpoint, delays=self.delays, offsets=self.offsets, sequences=self.sequences,
-                                  points=self.points, seq_len=self.seq_len,
-                                  model_name=_base_of(self.model, [checkpoint]), data=self.data,
-                                  heldout_pct=self.heldout_pct, n_boot=self.bootstrap, device=self.device,
-                                  out=self.out)
+        return evaluate_staleness(
+            checkpoint,
+            delays=self.delays,
+            offsets=self.offsets,
+            sequences=self.sequences,
+            points=self.points,
+            seq_len=self.seq_len,
+            model_name=_base_of(self.model, [checkpoint]),
+            data=self.data,
+            heldout_pct=self.heldout_pct,
+            n_boot=self.bootstrap,
+            device=self.device,
+            out=self.out,
+        )
 
 
 @dataclass(frozen=True)
@@ -193,11 +244,13 @@ class EvalSynthConfig(_Checked):
     heldout: str = _f("", "heldout.jsonl written by `cacheaug data synth`", required=True)
     model: str | None = _f(None, "the frozen decoder they were trained on (default: the first checkpoint's base)")
     per_row: int = _f(8, "problems per evaluated sequence (earlier ones are context)", min=1)
-    check_generate: int = _f(0, "also decode this many answers with generate() (the augment path) and report "
-                             "agreement with the parallel pass", min=0)
+    check_generate: int = _f(
+        0,
+        "also decode this many answers with generate() (the augment path) and report agreement with the parallel pass",
+        min=0,
+    )
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     out: str | None = _f(None, "write the report as JSON here")
-
 
     def _problems(self) -> list[str]:
         if not Path(self.heldout).is_file():
@@ -207,9 +260,15 @@ class EvalSynthConfig(_Checked):
     def run(self):
         from .synth import evaluate_synth
 
-        return evaluate_synth(list(_checkpoints(self.checkpoint)), self.heldout, model_name=self.model,
-                              per_row=self.per_row, check_generate=self.check_generate, device=self.device,
-                              out=self.out)
+        return evaluate_synth(
+            list(_checkpoints(self.checkpoint)),
+            self.heldout,
+            model_name=self.model,
+            per_row=self.per_row,
+            check_generate=self.check_generate,
+            device=self.device,
+            out=self.out,
+        )
 
 
 @dataclass(frozen=True)
@@ -227,8 +286,12 @@ class TrainGateConfig(_Checked):
     sequences: int = _f(1024, "sequences scored (the first 80% fit the gate, the rest report it)", min=2)
     n_traces: int = _f(16, "positions per sequence: the ends of --marker, filled up with uniform points", min=1)
     marker: str = _f(" Answer:", "text after which positions are always scored (empty: uniform points only)")
-    margin: float = _f(0.0, "nats: a positive is a position where augmenting lowered the mean loss of the next N_A "
-                       "tokens by more than this", min=0)
+    margin: float = _f(
+        0.0,
+        "nats: a positive is a position where augmenting lowered the mean loss of the next N_A "
+        "tokens by more than this",
+        min=0,
+    )
     threshold: float = _f(0.5, "the gate fires at probability >= this (saved as its default)", min=0)
     batch_size: int = _f(8, "sequences per scoring pass", min=1)
     seed: int = _f(0, "seed for the uniform positions")
@@ -241,13 +304,24 @@ class TrainGateConfig(_Checked):
     def run(self):
         import json
 
-        from .gate import train_gate
+        from .gate_training import train_gate
 
         (path,) = _checkpoints((self.checkpoint,))
-        report = train_gate(path, self.data, model_name=_base_of(self.model, [path]), seq_len=self.seq_len,
-                            sequences=self.sequences, n_traces=self.n_traces, marker=self.marker, margin=self.margin,
-                            threshold=self.threshold, batch=self.batch_size, heldout_pct=self.heldout_pct,
-                            seed=self.seed, device=self.device)
+        report = train_gate(
+            path,
+            self.data,
+            model_name=_base_of(self.model, [path]),
+            seq_len=self.seq_len,
+            sequences=self.sequences,
+            n_traces=self.n_traces,
+            marker=self.marker,
+            margin=self.margin,
+            threshold=self.threshold,
+            batch=self.batch_size,
+            heldout_pct=self.heldout_pct,
+            seed=self.seed,
+            device=self.device,
+        )
         if self.out:
             from . import atomic
 
@@ -261,16 +335,15 @@ class TasksConfig(_Checked):
 
     out: str | None = _f(None, "folder (default: $CACHEAUG_HOME/lm_eval_tasks)")
     tasks: tuple[str, ...] = _f((), "subset of tasks (default: all)")
-    max_docs: int | None = _f(None, "a seeded sample of at most this many documents per task (quick CPU runs)",
-                              min=1)
+    max_docs: int | None = _f(None, "a seeded sample of at most this many documents per task (quick CPU runs)", min=1)
     seed: int = _f(0, "seed of that sample")
-
 
     def run(self):
         from .tasks import write_tasks
 
-        folder = write_tasks(Path(self.out) if self.out else None, list(self.tasks) or None, max_docs=self.max_docs,
-                             seed=self.seed)
+        folder = write_tasks(
+            Path(self.out) if self.out else None, list(self.tasks) or None, max_docs=self.max_docs, seed=self.seed
+        )
         print(folder)
         return folder
 
@@ -289,35 +362,52 @@ class ServeConfig(_Checked):
     coprocessor: str | None = _f(None, "coprocessor checkpoint or run folder (none: plain decoding)")
     host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server to the network)")
     port: int = _f(8000, "port")
-    policy: str = _f("sync", "default augmentation policy (cacheaug.serving.policies; more with CACHEAUG_PLUGINS)",
-                     choices=_policy_names)
+    policy: str = _f(
+        "sync",
+        "default augmentation policy (cacheaug.serving.policies; more with CACHEAUG_PLUGINS)",
+        choices=_policy_names,
+    )
     deadline_ms: int = _f(2000, "default wait for the latents", min=0)
     async_grace_ms: int = _f(0, "async: how long the first token may wait for the latents", min=0)
-    max_stale_tokens: int = _f(64, "async: take latents that arrive after decoding began up to this many tokens "
-                               "late; they go in at their true place and those tokens are replayed (0: only latents "
-                               "ready before the first token, within --async-grace-ms)", min=0)
+    max_stale_tokens: int = _f(
+        64,
+        "async: take latents that arrive after decoding began up to this many tokens "
+        "late; they go in at their true place and those tokens are replayed (0: only latents "
+        "ready before the first token, within --async-grace-ms)",
+        min=0,
+    )
     store_dir: str | None = _f(None, "persist augmented prefixes here (safetensors)")
     store_mib: int = _f(1024, "memory budget of the prefix store", min=0)
-    store_disk_mib: int = _f(10240, "disk budget of --store-dir (least recently used files are deleted past it)",
-                             min=0)
+    store_disk_mib: int = _f(10240, "disk budget of --store-dir (least recently used files are deleted past it)", min=0)
     hard_timeout_ms: int = _f(30000, "a coprocessor call running longer is abandoned and its worker replaced", min=1)
-    shutdown_grace_s: float = _f(10.0, "on SIGTERM / Ctrl-C, open requests get this long to finish, then the server "
-                                 "closes them and exits", min=0)
+    shutdown_grace_s: float = _f(
+        10.0, "on SIGTERM / Ctrl-C, open requests get this long to finish, then the server closes them and exits", min=0
+    )
     max_concurrent: int = _f(8, "requests decoding at once (their steps are batched)", min=1)
     max_queue: int = _f(16, "requests waiting before 429", min=0)
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
-    compile_decode: str | None = _f(None, "torch.compile the batched decoding step with this backend before its CUDA "
-                                    "graphs are recorded (inductor: 1.5 ms a token at batch 1 instead of 3.8 for Gemma "
-                                    "3 270M on an H200; the first batch shape compiles for about 25 s, the next with "
-                                    "symbolic sizes once for up to 3 minutes, then every shape reuses it)",
-                                    choices=lambda: ("inductor", "aot_eager"))
-    coprocessor_priority: str = _f("normal", "CUDA priority of the coprocessor's stream: high lets its kernels go "
-                                   "before the decoding steps' (measured: no help, the call's time is its kernel "
-                                   "launches; docs/performance.md)", choices=lambda: ("normal", "high"))
-    coprocessor_graphs: bool = _f(False, "run each prompt's coprocessor call as one CUDA graph replay (a graph per "
-                                  "256-token bucket, captured at its first use): beside the decoding loop the eager "
-                                  "call's kernel launches wait for the interpreter and async latents arrive late "
-                                  "(docs/performance.md); same latents")
+    compile_decode: str | None = _f(
+        None,
+        "torch.compile the batched decoding step with this backend before its CUDA "
+        "graphs are recorded (inductor: 1.5 ms a token at batch 1 instead of 3.8 for Gemma "
+        "3 270M on an H200; the first batch shape compiles for about 25 s, the next with "
+        "symbolic sizes once for up to 3 minutes, then every shape reuses it)",
+        choices=lambda: ("inductor", "aot_eager"),
+    )
+    coprocessor_priority: str = _f(
+        "normal",
+        "CUDA priority of the coprocessor's stream: high lets its kernels go "
+        "before the decoding steps' (measured: no help, the call's time is its kernel "
+        "launches; docs/performance.md)",
+        choices=lambda: ("normal", "high"),
+    )
+    coprocessor_graphs: bool = _f(
+        False,
+        "run each prompt's coprocessor call as one CUDA graph replay (a graph per "
+        "256-token bucket, captured at its first use): beside the decoding loop the eager "
+        "call's kernel launches wait for the interpreter and async latents arrive late "
+        "(docs/performance.md); same latents",
+    )
 
     def _problems(self) -> list[str]:
         from .serving.policies import get_policy
@@ -333,13 +423,27 @@ class ServeConfig(_Checked):
         from .serving.server import serve
 
         coprocessor = _checkpoints((self.coprocessor,))[0] if self.coprocessor else None
-        serve(self.model, coprocessor, host=self.host, port=self.port, policy=self.policy, store_dir=self.store_dir,
-              store_bytes=self.store_mib << 20, store_disk_bytes=self.store_disk_mib << 20,
-              max_concurrent=self.max_concurrent, max_queue=self.max_queue, deadline_ms=self.deadline_ms,
-              async_grace_ms=self.async_grace_ms, max_stale_tokens=self.max_stale_tokens,
-              hard_timeout_ms=self.hard_timeout_ms, device=self.device, compile_decode=self.compile_decode,
-              coprocessor_priority=self.coprocessor_priority, coprocessor_graphs=self.coprocessor_graphs,
-              shutdown_grace_s=self.shutdown_grace_s)
+        serve(
+            self.model,
+            coprocessor,
+            host=self.host,
+            port=self.port,
+            policy=self.policy,
+            store_dir=self.store_dir,
+            store_bytes=self.store_mib << 20,
+            store_disk_bytes=self.store_disk_mib << 20,
+            max_concurrent=self.max_concurrent,
+            max_queue=self.max_queue,
+            deadline_ms=self.deadline_ms,
+            async_grace_ms=self.async_grace_ms,
+            max_stale_tokens=self.max_stale_tokens,
+            hard_timeout_ms=self.hard_timeout_ms,
+            device=self.device,
+            compile_decode=self.compile_decode,
+            coprocessor_priority=self.coprocessor_priority,
+            coprocessor_graphs=self.coprocessor_graphs,
+            shutdown_grace_s=self.shutdown_grace_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -362,7 +466,6 @@ class QuickstartConfig(_Checked):
     out: str = _f("runs/quickstart", "output folder")
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
 
-
     def run(self):
         from .quickstart import run_quickstart
 
@@ -383,5 +486,7 @@ class ExportConfig(_Checked):
         (checkpoint,) = _checkpoints((self.checkpoint,))
         out = export_weights(checkpoint, self.out, self.dtype)
         size = sum(f.stat().st_size for f in out.iterdir())
-        print(f"cacheaug: wrote {out} ({size / 2**20:.1f} MiB): loads with --checkpoint {out}; it cannot resume training")
+        print(
+            f"cacheaug: wrote {out} ({size / 2**20:.1f} MiB): loads with --checkpoint {out}; it cannot resume training"
+        )
         return out

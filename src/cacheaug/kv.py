@@ -60,5 +60,7 @@ def left_pad(kvs: list[KV], lengths: list[int], extra: int) -> tuple[KV, torch.T
 def unpad_rows(cache: DynamicCache, lengths: list[int]) -> list[DynamicCache]:
     """The rows of a left-padded batch cache as one cache each, row i keeping its last ``lengths[i]`` positions."""
     total = length(cache)
-    return [from_layers([(k[i : i + 1, :, total - n :], v[i : i + 1, :, total - n :]) for k, v in layers(cache)])
-            for i, n in enumerate(lengths)]
+    return [
+        from_layers([(k[i : i + 1, :, total - n :], v[i : i + 1, :, total - n :]) for k, v in layers(cache)])
+        for i, n in enumerate(lengths)
+    ]

@@ -44,13 +44,26 @@ class CacheAugEvalLM(HFLM):
     replaced: requests are grouped by context, and each context runs its prefill and the coprocessor once.
     """
 
-    def __init__(self, pretrained: str = "gemma-3-270m", coprocessor: str | None = None, augment=True, gate=None,
-                 device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-                 batch_size: int | str = 1, base=None, tokenizer=None, **kwargs):
+    def __init__(
+        self,
+        pretrained: str = "gemma-3-270m",
+        coprocessor: str | None = None,
+        augment=True,
+        gate=None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        batch_size: int | str = 1,
+        base=None,
+        tokenizer=None,
+        **kwargs,
+    ):
         if base is None:
             if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-                raise ValueError(f"device={device!r} but this machine has no CUDA GPU: pass --device cpu "
-                                 "(cacheaug eval harness picks the device the machine has when --device is not given).")
+                raise ValueError(
+                    f"device={device!r} but this machine has no CUDA GPU: pass --device cpu "
+                    "(cacheaug eval harness picks the device the machine has when --device is not given)."
+                )
             torch_dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype), None)
             if dtype not in (None, "auto") and not isinstance(torch_dtype, torch.dtype):
                 raise ValueError(f"dtype={dtype!r} is not a torch dtype: use float32, bfloat16, float16 or auto.")
@@ -64,8 +77,9 @@ class CacheAugEvalLM(HFLM):
         if self.continuation_batch is not None and self.continuation_batch < 1:
             raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
         kwargs.pop("max_batch_size", None)  # only for HFLM's "auto" search, which contexts run one at a time skip
-        super().__init__(pretrained=base, tokenizer=tokenizer, max_length=max_length, batch_size=1,
-                         add_bos_token=True, **kwargs)
+        super().__init__(
+            pretrained=base, tokenizer=tokenizer, max_length=max_length, batch_size=1, add_bos_token=True, **kwargs
+        )
         self.augmented = CacheAugmentedLM.from_pretrained(coprocessor, base=base) if coprocessor else None
         self.augment = _flag(augment) and self.augmented is not None
         self.kind = self.augmented.config.init if self.augmented is not None else "frozen"
@@ -106,7 +120,8 @@ class CacheAugEvalLM(HFLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.tokenizer(string, add_special_tokens=True if add_special_tokens is None else add_special_tokens)[
-            "input_ids"]
+            "input_ids"
+        ]
 
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -152,14 +167,22 @@ class CacheAugEvalLM(HFLM):
                     n = len(chunk)
                     c = kv.expand(cache, n)
                     pos = torch.arange(position, position + rest, device=self.device)[None].expand(n, -1)
-                    out = scorer(input_ids=torch.tensor(pad, device=self.device), position_ids=pos, use_cache=True,
-                                 **{self.cache_kw: c})
+                    out = scorer(
+                        input_ids=torch.tensor(pad, device=self.device),
+                        position_ids=pos,
+                        use_cache=True,
+                        **{self.cache_kw: c},
+                    )
                     later = F.log_softmax(out.logits.float(), dim=-1)  # [n, rest, V]
                 for j, (i, cont) in enumerate(zip(chunk, conts)):
-                    logprobs = first_lp[None] if len(cont) == 1 else torch.cat([first_lp[None], later[j, : len(cont) - 1]])
+                    logprobs = (
+                        first_lp[None] if len(cont) == 1 else torch.cat([first_lp[None], later[j, : len(cont) - 1]])
+                    )
                     target = torch.tensor(cont, device=self.device)
-                    results[i] = (logprobs.gather(1, target[:, None]).sum().item(),
-                                  bool((logprobs.argmax(-1) == target).all()))
+                    results[i] = (
+                        logprobs.gather(1, target[:, None]).sum().item(),
+                        bool((logprobs.argmax(-1) == target).all()),
+                    )
         return results
 
     @torch.no_grad()
@@ -171,9 +194,15 @@ class CacheAugEvalLM(HFLM):
         scorer = self._scorer()
         for (string,) in tqdm([r.args for r in requests], desc="cacheaug rolling", disable=disable_tqdm):
             total = 0.0
-            windows = map(make_disjoint_window, get_rolling_token_windows(
-                token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1))
+            windows = map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            )
             for ctx, cont in windows:
                 ids = torch.tensor([ctx + cont], device=self.device)
                 logp = F.log_softmax(scorer(input_ids=ids).logits[0, -len(cont) - 1 : -1].float(), -1)
@@ -189,14 +218,15 @@ class CacheAugEvalLM(HFLM):
             until = kwargs.get("until") or [self.tokenizer.decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else until
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = torch.tensor([self.tok_encode(context)[-(self.max_length - max_new - self.n_latents):]],
-                               device=self.device)
+            ids = torch.tensor(
+                [self.tok_encode(context)[-(self.max_length - max_new - self.n_latents) :]], device=self.device
+            )
             if self.augmented is not None:
                 gate = {"use_gate": self.use_gate} if self.latents else {}
                 gen = self.augmented.generate(ids, max_new, augment=self.augment, **gate)
             else:
                 gen = self.base.generate(ids, max_new_tokens=max_new, do_sample=False)
-            text = self.tok_decode(gen[0, ids.shape[1]:].tolist())
+            text = self.tok_decode(gen[0, ids.shape[1] :].tolist())
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

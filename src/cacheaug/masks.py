@@ -95,8 +95,9 @@ def block_mask(layout: TraceLayout, window: int | None, compiled: bool = False):
     def mask_mod(b, h, q, kv):
         return allowed(L.q_pos[b, q], L.q_trace[b, q], L.q_limit[b, q], L.kv_pos[b, kv], L.kv_trace[b, kv], window)
 
-    return create_block_mask(mask_mod, B, None, Q, KV, device=L.q_pos.device,
-                             _compile=compiled and L.q_pos.device.type == "cuda")
+    return create_block_mask(
+        mask_mod, B, None, Q, KV, device=L.q_pos.device, _compile=compiled and L.q_pos.device.type == "cuda"
+    )
 
 
 def attention_masks(layout: TraceLayout, family: Family, dtype: torch.dtype, compile_block_masks: bool = False):
@@ -147,12 +148,15 @@ def check_trace_groups(groups: int, n_traces: int) -> None:
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"trace_groups must be a positive integer, got {groups!r}.")
     if n_traces % groups:
-        raise ValueError(f"trace_groups={groups} must divide the number of traces K={n_traces} (each group draws K/G "
-                         "insertion points in its own segment): pick a divisor of K, or 1 to turn grouping off.")
+        raise ValueError(
+            f"trace_groups={groups} must divide the number of traces K={n_traces} (each group draws K/G "
+            "insertion points in its own segment): pick a divisor of K, or 1 to turn grouping off."
+        )
 
 
-def stratified_positions(batch: int, n_valid: int, n_traces: int, groups: int,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def stratified_positions(
+    batch: int, n_valid: int, n_traces: int, groups: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``[B, K]`` sorted distinct insertion points, K/G drawn uniformly (without replacement) in each of the G
     equal segments of ``[0, n_valid)``; G=1 is plain uniform sampling. Drawn on the CPU."""
     check_trace_groups(groups, n_traces)

@@ -32,14 +32,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from . import kv, windows
 from .arms import Arm, get_arm
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
 from .families import SLIDING, resolve_family
-from .sampling import SamplingParams, next_token
-from . import kv
 from .masks import attention_masks, group_key_lengths, groups_fitting, stratified_positions, trace_layout
-from . import windows
+from .sampling import SamplingParams, next_token
 
 LOSS_CHUNK_ROWS = 2048  # rows of [*, vocab] logits alive at once in the loss
 
@@ -179,8 +178,10 @@ class CacheAugmentedLM(nn.Module):
     def _build_trainable(self, calibrate: bool) -> nn.Module:
         wants = self.arm.model_class()
         if not isinstance(self, wants):
-            raise ValueError(f"init={self.config.init!r} is built by {wants.__module__}.{wants.__name__}: use it (or "
-                             "cacheaug.build_model, which picks the class from the arm).")
+            raise ValueError(
+                f"init={self.config.init!r} is built by {wants.__module__}.{wants.__name__}: use it (or "
+                "cacheaug.build_model, which picks the class from the arm)."
+            )
         return Coprocessor(self.base, self.config, self.family, init_scale=calibrate)
 
     @property
@@ -225,7 +226,9 @@ class CacheAugmentedLM(nn.Module):
     # ------------------------------------------------------------------ input checks
     def _check_ids(self, input_ids: torch.Tensor, what: str) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"`{what}` must be a LongTensor of token ids [batch, length], got {type(input_ids).__name__}.")
+            raise TypeError(
+                f"`{what}` must be a LongTensor of token ids [batch, length], got {type(input_ids).__name__}."
+            )
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -255,7 +258,9 @@ class CacheAugmentedLM(nn.Module):
             return
         dec = self.base.get_input_embeddings().weight
         if cop.device != dec.device:
-            raise ValueError(f"The coprocessor is on {cop.device} but the decoder on {dec.device}; call model.to(device).")
+            raise ValueError(
+                f"The coprocessor is on {cop.device} but the decoder on {dec.device}; call model.to(device)."
+            )
         if cop.dtype != dec.dtype and not torch.is_autocast_enabled(dec.device.type):
             raise ValueError(
                 f"The coprocessor is {cop.dtype} but the decoder {dec.dtype}. Either run under "
@@ -322,8 +327,9 @@ class CacheAugmentedLM(nn.Module):
         self._check_context(T - 1 + self.config.n_inserted, f"A sequence of {T} tokens with {N_L} latents")
         return self._run_pass(ids, positions, return_base_losses, groups)
 
-    def _run_pass(self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool,
-                  groups: int = 1) -> CacheAugmentedOutput:
+    def _run_pass(
+        self, ids: torch.Tensor, positions: torch.Tensor, return_base_losses: bool, groups: int = 1
+    ) -> CacheAugmentedOutput:
         compiled = self._compiled_pass is not None and torch.is_grad_enabled()
         if compiled and self._compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous replay's outputs may be reused
@@ -420,11 +426,16 @@ class CacheAugmentedLM(nn.Module):
             h_first = decoder(input_ids=ids[:, :W], attention_mask=none, **self.cache_kwargs(cache)).last_hidden_state
             q = torch.arange(W, T, device=ids.device)[:, None]
             kv = torch.arange(T, device=ids.device)
-            masks = {layer_type: (kv <= q) & ((q - kv < W) if layer_type == SLIDING else True)
-                     for layer_type in self.family.mask_types}  # [T-W, T] each, True = attend
-            h_rest = decoder(input_ids=ids[:, W:], position_ids=q.T.expand(ids.shape[0], -1),
-                             attention_mask={k: m[None, None].expand(ids.shape[0], 1, -1, -1) for k, m in masks.items()},
-                             **self.cache_kwargs(cache)).last_hidden_state
+            masks = {
+                layer_type: (kv <= q) & ((q - kv < W) if layer_type == SLIDING else True)
+                for layer_type in self.family.mask_types
+            }  # [T-W, T] each, True = attend
+            h_rest = decoder(
+                input_ids=ids[:, W:],
+                position_ids=q.T.expand(ids.shape[0], -1),
+                attention_mask={k: m[None, None].expand(ids.shape[0], 1, -1, -1) for k, m in masks.items()},
+                **self.cache_kwargs(cache),
+            ).last_hidden_state
             h = torch.cat([h_first, h_rest], dim=1)
         return h, [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -483,12 +494,16 @@ class CacheAugmentedLM(nn.Module):
             groups = self.base.config.num_attention_heads // self.base.config.num_key_value_heads
             C, K = self.trace_chunk, positions.shape[1]
             full_chunk = C if 0 < C <= K and K % C == 0 else 1  # full-attention layers: C traces per row
-            return (windows.trace_keys(prefix_kv, positions, block_len, self.family, groups, full_chunk,
-                                       self.trace_kernel), {"use_cache": False})
+            return (
+                windows.trace_keys(prefix_kv, positions, block_len, self.family, groups, full_chunk, self.trace_kernel),
+                {"use_cache": False},
+            )
         layout = trace_layout(positions, prefix_kv[0][0].shape[2], block_len)
         dtype = self.base.get_input_embeddings().weight.dtype
-        return (attention_masks(layout, self.family, dtype, self.compile_block_masks),
-                self.cache_kwargs(kv.from_layers(prefix_kv)))
+        return (
+            attention_masks(layout, self.family, dtype, self.compile_block_masks),
+            self.cache_kwargs(kv.from_layers(prefix_kv)),
+        )
 
     def _block_positions(self, positions: torch.Tensor, block_len: int) -> torch.Tensor:
         """Rotary positions ``[B, K*L]`` of the decoder blocks under ``config.position_scheme``. The "shifted"
@@ -500,8 +515,11 @@ class CacheAugmentedLM(nn.Module):
         if scheme == "shifted":
             rel = torch.arange(1, block_len + 1, device=device)
         else:
-            lat = torch.zeros(N_L, dtype=torch.long, device=device) if scheme == "shared" \
-                else torch.arange(1, N_L + 1, device=device)  # overlap
+            lat = (
+                torch.zeros(N_L, dtype=torch.long, device=device)
+                if scheme == "shared"
+                else torch.arange(1, N_L + 1, device=device)
+            )  # overlap
             rel = torch.cat([lat, torch.arange(1 - R, N_A, device=device)])  # token p+j keeps position p+j
         return (positions[:, :, None] + rel).view(B, K * rel.numel())
 
@@ -512,11 +530,13 @@ class CacheAugmentedLM(nn.Module):
         N_L = self.config.n_latents
         rows = (B * K, 1) if windowed else (B, K)
         q_pos = (positions[:, :, None] + torch.arange(1, N_L + 1, device=positions.device)).view(*rows[:1], -1)
-        masks = None if self.coprocessor.backbone is None else \
-            self._pass_keys(prefix_kv, positions, N_L, windowed)[0]  # (the coprocessor builds its own cache)
+        masks = (
+            None if self.coprocessor.backbone is None else self._pass_keys(prefix_kv, positions, N_L, windowed)[0]
+        )  # (the coprocessor builds its own cache)
         echo = self.base.get_input_embeddings()(ids.gather(1, positions)) if self.config.echo_residual else None
-        latents = self.coprocessor(None if windowed else prefix_kv, *rows, q_pos, masks,
-                                   None if echo is None else echo.view(*rows, -1))  # [B, K*N_L, D] or [B*K, N_L, D]
+        latents = self.coprocessor(
+            None if windowed else prefix_kv, *rows, q_pos, masks, None if echo is None else echo.view(*rows, -1)
+        )  # [B, K*N_L, D] or [B*K, N_L, D]
         return latents.view(B, K, N_L, latents.shape[-1])
 
     def _token_scores(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,8 +583,10 @@ class CacheAugmentedLM(nn.Module):
     def gated(self, use_gate: bool | None = None) -> bool:
         """Whether the gate decides (``use_gate`` None: whenever a gate is loaded)."""
         if use_gate and self.gate is None:
-            raise ValueError("this coprocessor has no gate: fit one with `cacheaug train-gate --checkpoint CKPT --data "
-                             "...`, or augment without it")
+            raise ValueError(
+                "this coprocessor has no gate: fit one with `cacheaug train-gate --checkpoint CKPT --data "
+                "...`, or augment without it"
+            )
         return self.gate is not None and use_gate is not False
 
     @torch.no_grad()
@@ -622,8 +644,9 @@ class CacheAugmentedLM(nn.Module):
         return kv.fork(cache)
 
     @torch.no_grad()
-    def compute_latents(self, cache: DynamicCache, length: int | None = None,
-                        last_token: torch.Tensor | None = None) -> torch.Tensor:
+    def compute_latents(
+        self, cache: DynamicCache, length: int | None = None, last_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The coprocessor's latents ``[B, N_L, D]`` for the first ``length`` positions of a decoder ``cache``
         (all of them by default). The cache is only read; latents can be computed ahead or on another worker
         and inserted later with :meth:`insert_latents`. ``last_token`` ``[B]``: the id of the token at position
@@ -632,13 +655,19 @@ class CacheAugmentedLM(nn.Module):
         echo = None
         if self.config.echo_residual:
             if last_token is None:
-                raise ValueError("This coprocessor (echo_residual) needs `last_token`, the id of the prefix's last token.")
+                raise ValueError(
+                    "This coprocessor (echo_residual) needs `last_token`, the id of the prefix's last token."
+                )
             echo = self.base.get_input_embeddings()(torch.as_tensor(last_token, device=self.device).view(-1, 1))
         return self.coprocessor(prefix_kv, prefix_kv[0][0].shape[0], echo=echo)  # default positions: length..
 
     @torch.no_grad()
-    def compute_latents_batch(self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],
-                              last_tokens: list[int] | None = None) -> list[torch.Tensor]:
+    def compute_latents_batch(
+        self,
+        prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        lengths: list[int],
+        last_tokens: list[int] | None = None,
+    ) -> list[torch.Tensor]:
         """The latents of several prefixes (each a batch-1 cache's ``(keys, values)`` per layer, ``lengths``
         positions) in one coprocessor call, left-padded and masked: one ``[1, N_L, D]`` each, equal to
         :meth:`compute_latents` on each prefix alone. ``last_tokens``: each prefix's last token id (needed with
@@ -666,8 +695,13 @@ class CacheAugmentedLM(nn.Module):
         return self.base(input_ids=input_ids, position_ids=pos, **self.cache_kwargs(cache), **kwargs)
 
     @torch.no_grad()
-    def insert_latents(self, cache: DynamicCache, latents: torch.Tensor,
-                       last_token: torch.Tensor | None = None, then: torch.Tensor | None = None) -> torch.Tensor:
+    def insert_latents(
+        self,
+        cache: DynamicCache,
+        latents: torch.Tensor,
+        last_token: torch.Tensor | None = None,
+        then: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Append ``latents`` to ``cache`` (which holds exactly the prompt, P entries) through the frozen decoder;
         returns the next-token logits ``[B, V]``. ``last_token`` ``[B]``: the prompt's last token id, read again
         after the latents with ``reread_last``. ``then`` ``[B, n]``: tokens to decode after the latents in the same
@@ -683,9 +717,13 @@ class CacheAugmentedLM(nn.Module):
         return out.logits[:, -1]
 
     @torch.no_grad()
-    def insert_latents_rows(self, caches: list[DynamicCache], latents: torch.Tensor,
-                            last_tokens: torch.Tensor | None = None,
-                            then: torch.Tensor | None = None) -> tuple[list[DynamicCache], torch.Tensor]:
+    def insert_latents_rows(
+        self,
+        caches: list[DynamicCache],
+        latents: torch.Tensor,
+        last_tokens: torch.Tensor | None = None,
+        then: torch.Tensor | None = None,
+    ) -> tuple[list[DynamicCache], torch.Tensor]:
         """:meth:`insert_latents` for several prompts of different lengths in one decoder call (serving: the requests
         whose latents arrived together). ``caches``: one batch-1 cache per row, each holding exactly its prompt (left
         unchanged); ``latents`` ``[G, N_L, D]``; ``last_tokens`` ``[G]``; ``then`` ``[G, n]`` (the same number of
@@ -700,8 +738,9 @@ class CacheAugmentedLM(nn.Module):
         padded, mask = kv.left_pad([kv.layers(c) for c in caches], lengths, m)
         batch = kv.from_layers(padded)
         pos = torch.tensor([self._insertion_positions(P, latents.shape[1], n) for P in lengths], device=self.device)
-        out = self.base(inputs_embeds=x, position_ids=pos, attention_mask=mask, logits_to_keep=1,
-                        **self.cache_kwargs(batch))
+        out = self.base(
+            inputs_embeds=x, position_ids=pos, attention_mask=mask, logits_to_keep=1, **self.cache_kwargs(batch)
+        )
         return kv.unpad_rows(batch, [P + m for P in lengths]), out.logits[:, -1]
 
     def _insertion_inputs(self, latents: torch.Tensor, last_token, then) -> torch.Tensor:
@@ -711,7 +750,9 @@ class CacheAugmentedLM(nn.Module):
         x, B = latents.to(embed.weight.dtype), latents.shape[0]
         if self.config.reread_last:
             if last_token is None:
-                raise ValueError("This coprocessor (reread_last) needs `last_token`, the id of the prompt's last token.")
+                raise ValueError(
+                    "This coprocessor (reread_last) needs `last_token`, the id of the prompt's last token."
+                )
             token = torch.as_tensor(last_token, device=self.device).view(-1, 1).expand(B, 1)
             x = torch.cat([x, embed(token)], dim=1)
         if then is not None and then.shape[1]:
@@ -730,8 +771,9 @@ class CacheAugmentedLM(nn.Module):
         return lat + [P - 1] * int(cfg.reread_last) + list(range(start, start + n))
 
     @torch.no_grad()
-    def augment(self, prompt_ids: torch.Tensor, past_key_values=None, *, stale_by: int = 0,
-                use_gate: bool | None = None) -> AugmentOutput:
+    def augment(
+        self, prompt_ids: torch.Tensor, past_key_values=None, *, stale_by: int = 0, use_gate: bool | None = None
+    ) -> AugmentOutput:
         """Run the coprocessor once at the end of ``prompt_ids`` ``[B, P]`` and insert its latents.
 
         Args:
@@ -754,8 +796,12 @@ class CacheAugmentedLM(nn.Module):
         self._check_dtypes()
         B, P = ids.shape
         if not isinstance(stale_by, int) or not 0 <= stale_by < P:
-            raise ValueError(f"`stale_by` must be an integer in [0, {P - 1}] for a prompt of {P} tokens, got {stale_by!r}.")
-        self._check_context(P - 1 + self.config.n_inserted, f"A prompt of {P} tokens with {self.config.n_latents} latents")
+            raise ValueError(
+                f"`stale_by` must be an integer in [0, {P - 1}] for a prompt of {P} tokens, got {stale_by!r}."
+            )
+        self._check_context(
+            P - 1 + self.config.n_inserted, f"A prompt of {P} tokens with {self.config.n_latents} latents"
+        )
         if past_key_values is None:
             cache = DynamicCache()
             h = self.base.get_decoder()(input_ids=ids, **self.cache_kwargs(cache)).last_hidden_state[:, -1]
@@ -764,19 +810,35 @@ class CacheAugmentedLM(nn.Module):
             h = None
         if self.gated(use_gate):
             if h is None:  # the state at the prompt's last token, from the stored cache of the tokens before it
-                h = self.base.get_decoder()(input_ids=ids[:, -1:], position_ids=torch.full((B, 1), P - 1, device=self.device),
-                                            **self.cache_kwargs(kv.fork(cache, P - 1))).last_hidden_state[:, -1]
+                h = self.base.get_decoder()(
+                    input_ids=ids[:, -1:],
+                    position_ids=torch.full((B, 1), P - 1, device=self.device),
+                    **self.cache_kwargs(kv.fork(cache, P - 1)),
+                ).last_hidden_state[:, -1]
             fire = self.gate_fires(h)
             if not fire.any():
-                return AugmentOutput(cache=cache, logits=self._head_logits(h), latents=None, prompt_length=P,
-                                     next_position=P, inserted=False)
+                return AugmentOutput(
+                    cache=cache,
+                    logits=self._head_logits(h),
+                    latents=None,
+                    prompt_length=P,
+                    next_position=P,
+                    inserted=False,
+                )
             if not fire.all():
-                raise ValueError(f"the gate augments rows {fire.nonzero()[:, 0].tolist()} of this batch and not the "
-                                 "others: augment the rows apart, or use generate(), which splits them")
+                raise ValueError(
+                    f"the gate augments rows {fire.nonzero()[:, 0].tolist()} of this batch and not the "
+                    "others: augment the rows apart, or use generate(), which splits them"
+                )
         latents = self.compute_latents(cache, P - stale_by, ids[:, P - 1 - stale_by])  # [B, N_L, D]
         logits = self.insert_latents(cache, latents, ids[:, P - 1])
-        return AugmentOutput(cache=cache, logits=logits, latents=latents, prompt_length=P,
-                             next_position=self.next_position(cache.get_seq_length()))
+        return AugmentOutput(
+            cache=cache,
+            logits=logits,
+            latents=latents,
+            prompt_length=P,
+            next_position=self.next_position(cache.get_seq_length()),
+        )
 
     @torch.no_grad()
     def generate(
@@ -824,10 +886,20 @@ class CacheAugmentedLM(nn.Module):
             if not fire.any():
                 return self.base.generate(ids, **hf_kwargs)
             if not fire.all():
-                kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                          top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
-                parts = {True: self.generate(ids[fire], use_gate=False, **kw),
-                         False: self.base.generate(ids[~fire], **hf_kwargs)}
+                kw = dict(
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    generator=generator,
+                )
+                parts = {
+                    True: self.generate(ids[fire], use_gate=False, **kw),
+                    False: self.base.generate(ids[~fire], **hf_kwargs),
+                }
                 width = max(t.shape[1] for t in parts.values())
                 fill = pad if pad is not None else (eos if isinstance(eos, int) else (list(eos or [0]) or [0])[0])
                 out = torch.full((ids.shape[0], width), int(fill), dtype=ids.dtype, device=ids.device)
@@ -838,7 +910,9 @@ class CacheAugmentedLM(nn.Module):
         try:
             aug = self.augment(ids, use_gate=False)
         except Exception as err:  # the decoder must keep working when the coprocessor fails
-            warnings.warn(f"Coprocessor failed ({type(err).__name__}: {err}); decoding without augmentation.", stacklevel=2)
+            warnings.warn(
+                f"Coprocessor failed ({type(err).__name__}: {err}); decoding without augmentation.", stacklevel=2
+            )
             return self.base.generate(ids, **hf_kwargs)
 
         eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=ids.device)

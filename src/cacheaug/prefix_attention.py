@@ -54,8 +54,10 @@ except ImportError:  # the CPU install: the reference implementation runs instea
 try:
     from triton.runtime.errors import OutOfResources as _OutOfResources
 except ImportError:
+
     class _OutOfResources(Exception):
         """Stands in where Triton is absent or names the error elsewhere."""
+
 
 # Tile sizes and launch settings of the forward and the backward kernel, as measured on an H200 at head size 256
 # in bf16 (docs/performance.md, "Session 20" and "Session 21"; benchmarks/trace_attention.py sweeps them with
@@ -100,9 +102,11 @@ def parse_tiles(spec: str) -> tuple[dict | None, dict | None]:
                 raise ValueError
             cfgs.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
     except ValueError:
-        raise ValueError(f"trace kernel tiles {spec!r}: expected BLOCK_M,BLOCK_N,num_warps,num_stages (blocks powers "
-                         "of two >= 16, warps 1-16, stages >= 1), optionally FORWARD/BACKWARD, e.g. "
-                         "64,64,8,2/64,32,8,2 or default/64,16,4,2") from None
+        raise ValueError(
+            f"trace kernel tiles {spec!r}: expected BLOCK_M,BLOCK_N,num_warps,num_stages (blocks powers "
+            "of two >= 16, warps 1-16, stages >= 1), optionally FORWARD/BACKWARD, e.g. "
+            "64,64,8,2/64,32,8,2 or default/64,16,4,2"
+        ) from None
     return cfgs[0], cfgs[-1]
 
 
@@ -121,8 +125,10 @@ _CHOSEN: dict = {}  # (pass name, head size, dtype, device, requested settings) 
 def launch_configs() -> dict:
     """The settings each kind of launch ran with so far: ``{"forward/backward/block-gradient D=.. dtype (requested
     ..)": config}``."""
-    return {f"{k[0]} D={k[1]} {str(k[2]).removeprefix('torch.')} (requested "
-            f"{','.join(str(v) for _, v in k[4])})": v for k, v in _CHOSEN.items()}
+    return {
+        f"{k[0]} D={k[1]} {str(k[2]).removeprefix('torch.')} (requested {','.join(str(v) for _, v in k[4])})": v
+        for k, v in _CHOSEN.items()
+    }
 
 
 def _first_launching(name: str, wanted: dict, fallbacks: tuple, D: int, like: torch.Tensor, launch) -> None:
@@ -186,12 +192,62 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_kernel(
-        Q, KB, VB, TK, TV, SEQ, START, BIAS, LO, HI, FULL, DO, O, LSE, DELTA, OUT, OUT_LSE,
-        sq_r, sq_h, sq_g, sq_i, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n,
-        stk_b, stk_h, stk_s, stv_b, stv_h, stv_s, sb_r, sb_m, sb_n, sdo_r, sdo_h, sdo_g, sdo_i,
-        so_r, so_h, so_g, so_i, M, CL, N, S, scale,
-        D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BACKWARD: tl.constexpr, PREC: tl.constexpr, OFFS64: tl.constexpr,
+        Q,
+        KB,
+        VB,
+        TK,
+        TV,
+        SEQ,
+        START,
+        BIAS,
+        LO,
+        HI,
+        FULL,
+        DO,
+        O,
+        LSE,
+        DELTA,
+        OUT,
+        OUT_LSE,
+        sq_r,
+        sq_h,
+        sq_g,
+        sq_i,
+        skb_r,
+        skb_h,
+        skb_n,
+        svb_r,
+        svb_h,
+        svb_n,
+        stk_b,
+        stk_h,
+        stk_s,
+        stv_b,
+        stv_h,
+        stv_s,
+        sb_r,
+        sb_m,
+        sb_n,
+        sdo_r,
+        sdo_h,
+        sdo_g,
+        sdo_i,
+        so_r,
+        so_h,
+        so_g,
+        so_i,
+        M,
+        CL,
+        N,
+        S,
+        scale,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        PREC: tl.constexpr,
+        OFFS64: tl.constexpr,
     ):
         """Forward (OUT = o, OUT_LSE = lse) or, with BACKWARD, dQ (OUT = dq) and DELTA (rowsum(dO x O), which the
         block's dK/dV then reads: _block_grad_kernel) of one tile of queries of one row. Query m of a row is
@@ -221,10 +277,14 @@ if triton is not None:
         kb = KB + r * skb_r + h * skb_h
         vb = VB + r * svb_r + h * svb_h
         if BACKWARD:
-            do = tl.load(DO + r * sdo_r + h * sdo_h + (g_m * sdo_g + i_m * sdo_i)[:, None] + offs_d[None, :],
-                         mask=q_mask, other=0.0)
-            o = tl.load(O + r * so_r + h * so_h + (g_m * so_g + i_m * so_i)[:, None] + offs_d[None, :], mask=q_mask,
-                        other=0.0)
+            do = tl.load(
+                DO + r * sdo_r + h * sdo_h + (g_m * sdo_g + i_m * sdo_i)[:, None] + offs_d[None, :],
+                mask=q_mask,
+                other=0.0,
+            )
+            o = tl.load(
+                O + r * so_r + h * so_h + (g_m * so_g + i_m * so_i)[:, None] + offs_d[None, :], mask=q_mask, other=0.0
+            )
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             tl.store(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, delta, mask=m_ok)
             lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
@@ -276,10 +336,41 @@ if triton is not None:
 
     @triton.jit
     def _block_grad_kernel(
-        Q, KB, VB, BIAS, DO, LSE, DELTA, DKB, DVB,
-        sq_r, sq_h, sq_g, sq_i, skb_r, skb_h, skb_n, svb_r, svb_h, svb_n, sb_r, sb_m, sb_n,
-        sdo_r, sdo_h, sdo_g, sdo_i, M, CL, N, scale,
-        D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+        Q,
+        KB,
+        VB,
+        BIAS,
+        DO,
+        LSE,
+        DELTA,
+        DKB,
+        DVB,
+        sq_r,
+        sq_h,
+        sq_g,
+        sq_i,
+        skb_r,
+        skb_h,
+        skb_n,
+        svb_r,
+        svb_h,
+        svb_n,
+        sb_r,
+        sb_m,
+        sb_n,
+        sdo_r,
+        sdo_h,
+        sdo_g,
+        sdo_i,
+        M,
+        CL,
+        N,
+        scale,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         """dK/dV of one tile of a row's block keys (DKB/DVB contiguous [R, H, CL, D]), from every query of the row:
         the program owns its keys, so nothing is summed across programs (no atomics, no float32 buffers). DELTA is
@@ -300,10 +391,14 @@ if triton is not None:
             m_ok = offs_m < M
             q_mask = m_ok[:, None] & (offs_d < D)[None, :]
             g_m, i_m = offs_m // CL, offs_m % CL
-            q = tl.load(Q + r * sq_r + h * sq_h + (g_m * sq_g + i_m * sq_i)[:, None] + offs_d[None, :], mask=q_mask,
-                        other=0.0)
-            do = tl.load(DO + r * sdo_r + h * sdo_h + (g_m * sdo_g + i_m * sdo_i)[:, None] + offs_d[None, :],
-                         mask=q_mask, other=0.0)
+            q = tl.load(
+                Q + r * sq_r + h * sq_h + (g_m * sq_g + i_m * sq_i)[:, None] + offs_d[None, :], mask=q_mask, other=0.0
+            )
+            do = tl.load(
+                DO + r * sdo_r + h * sdo_h + (g_m * sdo_g + i_m * sdo_i)[:, None] + offs_d[None, :],
+                mask=q_mask,
+                other=0.0,
+            )
             lse = tl.load(LSE + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + (r * tl.num_programs(2) + h) * M + offs_m, mask=m_ok, other=0.0)
             valid = m_ok[:, None] & n_ok[None, :]
@@ -345,12 +440,25 @@ def _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do=None, lse=Non
         lse = lse.float().contiguous()
         delta = torch.empty(R, H, M, dtype=torch.float32, device=q.device)  # rowsum(dO x O): the dQ kernel's
     q5, out5, do5, o5 = (None if x is None else _heads(x, CL) for x in (q, out, do, o))
-    _first_launching("backward" if backward else "forward", BACKWARD_CONFIG if backward else forward_config(M),
-                     FALLBACK_CONFIGS, D, q, lambda cfg: _run(cfg, q5, kb, vb, tk, tv, seq, start, bias, lo, hi, full,
-                                                              scale, do5, o5, lse, delta, out5, out_lse))
+    _first_launching(
+        "backward" if backward else "forward",
+        BACKWARD_CONFIG if backward else forward_config(M),
+        FALLBACK_CONFIGS,
+        D,
+        q,
+        lambda cfg: _run(
+            cfg, q5, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do5, o5, lse, delta, out5, out_lse
+        ),
+    )
     if backward:  # the block's dK/dV, after the dQ kernel (which wrote delta)
-        _first_launching("block-gradient", BLOCK_GRAD_CONFIG, BLOCK_GRAD_FALLBACKS, D, q,
-                         lambda cfg: _run_block_grad(cfg, q5, kb, vb, bias, do5, lse, delta, dkb, dvb, scale))
+        _first_launching(
+            "block-gradient",
+            BLOCK_GRAD_CONFIG,
+            BLOCK_GRAD_FALLBACKS,
+            D,
+            q,
+            lambda cfg: _run_block_grad(cfg, q5, kb, vb, bias, do5, lse, delta, dkb, dvb, scale),
+        )
     return (out, dkb, dvb) if backward else (out, out_lse)
 
 
@@ -366,17 +474,45 @@ def _run(cfg, q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale, do, o, l
     M, S = G * CL, tk.shape[2]
     grid = (R, triton.cdiv(M, cfg["BLOCK_M"]), H)
     _prefix_attention_kernel[grid](
-        q, kb, vb, tk, tv, seq, start, bias, lo, hi, full,
-        do if backward else q, o if backward else q, lse if backward else out_lse,
-        delta if backward else out_lse, out,
+        q,
+        kb,
+        vb,
+        tk,
+        tv,
+        seq,
+        start,
+        bias,
+        lo,
+        hi,
+        full,
+        do if backward else q,
+        o if backward else q,
+        lse if backward else out_lse,
+        delta if backward else out_lse,
+        out,
         lse if backward else out_lse,  # (OUT_LSE: written by the forward only)
-        *q.stride()[:4], *kb.stride()[:3], *vb.stride()[:3], *tk.stride()[:3], *tv.stride()[:3], *bias.stride(),
-        *(do.stride()[:4] if backward else q.stride()[:4]), *(o.stride()[:4] if backward else q.stride()[:4]),
-        M, CL, bias.shape[-1] - CL, S, float(scale),
-        D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BACKWARD=backward, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        *q.stride()[:4],
+        *kb.stride()[:3],
+        *vb.stride()[:3],
+        *tk.stride()[:3],
+        *tv.stride()[:3],
+        *bias.stride(),
+        *(do.stride()[:4] if backward else q.stride()[:4]),
+        *(o.stride()[:4] if backward else q.stride()[:4]),
+        M,
+        CL,
+        bias.shape[-1] - CL,
+        S,
+        float(scale),
+        D=D,
+        DP=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BACKWARD=backward,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
         OFFS64=(S + bias.shape[-1]) * max(abs(tk.stride(2)), abs(tv.stride(2))) + D >= _OFFS64_FROM,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
 
 
@@ -384,12 +520,31 @@ def _run_block_grad(cfg, q, kb, vb, bias, do, lse, delta, dkb, dvb, scale):
     """The backward's block dK/dV at ``cfg``: one program per row, tile of block keys and key head."""
     R, H, G, CL, D = q.shape
     _block_grad_kernel[(R, triton.cdiv(CL, cfg["BLOCK_N"]), H)](
-        q, kb, vb, bias, do, lse, delta, dkb, dvb,
-        *q.stride()[:4], *kb.stride()[:3], *vb.stride()[:3], *bias.stride(), *do.stride()[:4],
-        G * CL, CL, bias.shape[-1] - CL, float(scale),
-        D=D, DP=max(16, triton.next_power_of_2(D)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        q,
+        kb,
+        vb,
+        bias,
+        do,
+        lse,
+        delta,
+        dkb,
+        dvb,
+        *q.stride()[:4],
+        *kb.stride()[:3],
+        *vb.stride()[:3],
+        *bias.stride(),
+        *do.stride()[:4],
+        G * CL,
+        CL,
+        bias.shape[-1] - CL,
+        float(scale),
+        D=D,
+        DP=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
 
 
@@ -464,8 +619,11 @@ def _use_kernel(q: torch.Tensor) -> bool:
 # with torch 2.13) reuse a compiled backward for an unchanged forward graph, even after the op's backward changed.
 # Their outputs are laid out as q (torch.empty_like), so a compiled graph must pass q with the strides it was traced
 # with: needs_exact_strides (the default of recent torch; said here for the older ones that have the tag).
-_EXACT = {"tags": (torch.Tag.needs_exact_strides,)} if hasattr(torch.Tag, "needs_exact_strides") and "tags" in \
-    inspect.signature(torch.library.custom_op).parameters else {}
+_EXACT = (
+    {"tags": (torch.Tag.needs_exact_strides,)}
+    if hasattr(torch.Tag, "needs_exact_strides") and "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
 
 
 def _like(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -475,9 +633,20 @@ def _like(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("cacheaug::prefix_attention_v3", mutates_args=(), **_EXACT)
-def _prefix_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
-                      seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                      full: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_attention(
+    q: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    seq: torch.Tensor,
+    start: torch.Tensor,
+    bias: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    full: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_kernel(q):
         return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, full=full)
     o, lse = reference_forward(q, kb, vb, tk, tv, seq, start, bias, scale)
@@ -490,10 +659,23 @@ def _(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, scale):
 
 
 @torch.library.custom_op("cacheaug::prefix_attention_backward_v3", mutates_args=(), **_EXACT)
-def _prefix_attention_backward(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tk: torch.Tensor,
-                               tv: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, bias: torch.Tensor,
-                               lo: torch.Tensor, hi: torch.Tensor, full: torch.Tensor, scale: float, do: torch.Tensor,
-                               lse: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prefix_attention_backward(
+    q: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    seq: torch.Tensor,
+    start: torch.Tensor,
+    bias: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    full: torch.Tensor,
+    scale: float,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    o: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_kernel(q):
         return _launch(q, kb, vb, tk, tv, seq, start, bias, lo, hi, scale, do, lse, o, full=full)
     dq, dkb, dvb = reference_backward(q, kb, vb, tk, tv, seq, start, bias, scale, do, lse, o)
@@ -515,11 +697,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-        raise RuntimeError("prefix_attention computes no gradient for the text keys; use the sdpa path when the "
-                           "prefix cache requires grad")
+        raise RuntimeError(
+            "prefix_attention computes no gradient for the text keys; use the sdpa path when the "
+            "prefix cache requires grad"
+        )
     q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, o, lse = ctx.saved_tensors
-    dq, dkb, dvb = _prefix_attention_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, ctx.scale, do, lse,
-                                              o)
+    dq, dkb, dvb = _prefix_attention_backward(q, kb, vb, tk, tv, seq, start, bias, lo, hi, full, ctx.scale, do, lse, o)
     return dq, dkb, dvb, None, None, None, None, None, None, None, None, None
 
 
@@ -529,7 +712,9 @@ _prefix_attention.register_autograd(_backward, setup_context=_setup_context)
 def prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, scale: float, full=None):
     """Attention of trace rows over their text columns (read in place) and their own block; see the module doc."""
     if torch.is_grad_enabled() and (text_k.requires_grad or text_v.requires_grad):
-        raise ValueError("prefix_attention computes no gradient for the text keys: detach them, or use the sdpa "
-                         "path (windows.trace_attention does so by itself)")
+        raise ValueError(
+            "prefix_attention computes no gradient for the text keys: detach them, or use the sdpa "
+            "path (windows.trace_attention does so by itself)"
+        )
     full = _no_full(hi) if full is None else full
     return _prefix_attention(q, k_blk, v_blk, text_k, text_v, seq, start, bias, lo, hi, full, float(scale))

@@ -18,7 +18,6 @@ import math
 import time
 from pathlib import Path
 
-
 from .base import load_base_model
 from .corpus import prepare_default
 from .evaluate import relative_ppl_change
@@ -60,44 +59,68 @@ def run_quickstart(steps: int = 30, out_dir: str | Path = "runs/quickstart", dev
     prepare_default()
     base, tok = load_base_model("gemma-3-270m", device=device)
     gpu = base.device.type == "cuda"
-    shape = dict(seq_len=1024, batch_size=8, n_latents=16, n_ahead=16, n_traces=16) if gpu else \
-        dict(seq_len=256, batch_size=2, n_latents=8, n_ahead=8, n_traces=8)
+    shape = (
+        dict(seq_len=1024, batch_size=8, n_latents=16, n_ahead=16, n_traces=16)
+        if gpu
+        else dict(seq_len=256, batch_size=2, n_latents=8, n_ahead=8, n_traces=8)
+    )
     report = {"model": "gemma-3-270m", "device": str(base.device), "steps": steps, **shape, "runs": {}}
     for kind in ("copy", "pause"):
         print(f"\n== {LABELS[kind]}: {steps} steps")
-        cfg = TrainConfig(init=kind, out_dir=str(out_dir / kind), max_steps=steps, warmup_steps=max(1, steps // 8),
-                          eval_every=0, save_every=0, eval_sequences=32, log_every=max(1, steps // 10), resume=False,
-                          **shape)
+        cfg = TrainConfig(
+            init=kind,
+            out_dir=str(out_dir / kind),
+            max_steps=steps,
+            warmup_steps=max(1, steps // 8),
+            eval_every=0,
+            save_every=0,
+            eval_sequences=32,
+            log_every=max(1, steps // 10),
+            resume=False,
+            **shape,
+        )
         ckpt = train(cfg, base=base, tokenizer=tok)
         ev = _last_eval(out_dir / kind)
         change = relative_ppl_change({"augmented": ev["eval_losses"], "base": ev["eval_base_losses"]})
-        report["runs"][kind] = {"checkpoint": str(ckpt), "heldout_losses": ev["eval_losses"],
-                                "heldout_base_losses": ev["eval_base_losses"], "rel_ppl_change_pct": change,
-                                "eval_points": ev["eval_points"]}
+        report["runs"][kind] = {
+            "checkpoint": str(ckpt),
+            "heldout_losses": ev["eval_losses"],
+            "heldout_base_losses": ev["eval_base_losses"],
+            "rel_ppl_change_pct": change,
+            "eval_points": ev["eval_points"],
+        }
 
     model = CacheAugmentedLM.from_pretrained(report["runs"]["copy"]["checkpoint"], base=base)
     heldout_text = "The Congress of the United States has the power to"
     prompt = tok(heldout_text, return_tensors="pt").input_ids.to(base.device)
     report["sample"] = {
         "prompt": heldout_text,
-        "base": tok.decode(model.generate(prompt, 24, augment=False)[0, prompt.shape[1]:]),
-        "augmented": tok.decode(model.generate(prompt, 24)[0, prompt.shape[1]:]),
+        "base": tok.decode(model.generate(prompt, 24, augment=False)[0, prompt.shape[1] :]),
+        "augmented": tok.decode(model.generate(prompt, 24)[0, prompt.shape[1] :]),
     }
 
     cop, pause = report["runs"]["copy"]["rel_ppl_change_pct"], report["runs"]["pause"]["rel_ppl_change_pct"]
     base_losses = report["runs"]["copy"]["heldout_base_losses"]
-    print(f"\nHeld-out perplexity change vs the frozen model by offset after the insertion point "
-          f"({report['runs']['copy']['eval_points']} insertion points, {steps} steps each, same data and batch):")
+    print(
+        f"\nHeld-out perplexity change vs the frozen model by offset after the insertion point "
+        f"({report['runs']['copy']['eval_points']} insertion points, {steps} steps each, same data and batch):"
+    )
     print(f"{'offset':>6} | {'frozen ppl':>10} | {'pause tokens':>12} | {'coprocessor':>11} | {'margin (pts)':>12}")
     for o in range(len(cop)):
-        print(f"{o + 1:>6} | {math.exp(base_losses[o]):>10.2f} | {pause[o]:>+11.2f}% | {cop[o]:>+10.2f}% | "
-              f"{cop[o] - pause[o]:>+12.2f}")
-    print("\nmargin = coprocessor - pause tokens, in percentage points (negative: the coprocessor is better). Only "
-          "this margin is the coprocessor's own; the rest is adaptation to a text mix the frozen model never saw.\n"
-          "This was a brief run on the CPU, not evidence: GPU-scale runs with every control (pause tokens, a LoRA-tuned "
-          "decoder, a decoder adapted to the corpus, unseen sources) are in docs/results.md.")
-    print(f"\nprompt:    {report['sample']['prompt']!r}\nfrozen:    {report['sample']['base']!r}\n"
-          f"augmented: {report['sample']['augmented']!r}")
+        print(
+            f"{o + 1:>6} | {math.exp(base_losses[o]):>10.2f} | {pause[o]:>+11.2f}% | {cop[o]:>+10.2f}% | "
+            f"{cop[o] - pause[o]:>+12.2f}"
+        )
+    print(
+        "\nmargin = coprocessor - pause tokens, in percentage points (negative: the coprocessor is better). Only "
+        "this margin is the coprocessor's own; the rest is adaptation to a text mix the frozen model never saw.\n"
+        "This was a brief run on the CPU, not evidence: GPU-scale runs with every control (pause tokens, a LoRA-tuned "
+        "decoder, a decoder adapted to the corpus, unseen sources) are in docs/results.md."
+    )
+    print(
+        f"\nprompt:    {report['sample']['prompt']!r}\nfrozen:    {report['sample']['base']!r}\n"
+        f"augmented: {report['sample']['augmented']!r}"
+    )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quickstart.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 MIN_TEMPERATURE = 1e-4  # below it, logits / T overflows float32 (1e-45 gives inf): such temperatures are greedy
 
 
@@ -32,8 +31,9 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams = SamplingParams(),
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor, params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Token ids ``[B]`` chosen from ``logits`` ``[B, V]``."""
     if params.greedy:
         return logits.argmax(dim=-1)

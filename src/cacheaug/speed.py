@@ -103,21 +103,45 @@ def parse_variant(name: str) -> dict:
     chunks = [f for f in flags if f[:1] == "c" and f[1:].isdigit() and int(f[1:]) >= 1]
     flags = [f for f in flags if f not in groups and f not in chunks]
     step = [f for f in flags if f in ("step", "graphs")]
-    if attn not in _ATTN or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits", "w", "k", "r"} or len(step) > 1 or (
-            step and "mlp" in flags) or len(groups) > 1 or len(chunks) > 1 or len(set(flags)) < len(flags):
-        raise ValueError(f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
-                         "+graphs; optionally +keeplogits, +gN (N trace groups), +cN (N traces per row), +w "
-                         "(trace windows; with +cN: N traces per row on full layers), +k (trace windows through "
-                         "cacheaug's kernel) and +r (rotary tables)")
-    return {"attn": _ATTN[attn], "compile_masks": "masks" in flags, "compile_mlp": "mlp" in flags,
-            "compile_step": step[0] if step else "off", "keep_logits": "keeplogits" in flags,
-            "trace_groups": int(groups[0][1:]) if groups else 1, "trace_chunk": int(chunks[0][1:]) if chunks else 0,
-            "trace_windows": "w" in flags or "k" in flags, "trace_kernel": "k" in flags, "rope_table": "r" in flags}
+    if (
+        attn not in _ATTN
+        or not set(flags) <= {"masks", "mlp", "step", "graphs", "keeplogits", "w", "k", "r"}
+        or len(step) > 1
+        or (step and "mlp" in flags)
+        or len(groups) > 1
+        or len(chunks) > 1
+        or len(set(flags)) < len(flags)
+    ):
+        raise ValueError(
+            f"bad variant {name!r}: use flex|sdpa|eager with optional +masks, and one of +mlp, +step, "
+            "+graphs; optionally +keeplogits, +gN (N trace groups), +cN (N traces per row), +w "
+            "(trace windows; with +cN: N traces per row on full layers), +k (trace windows through "
+            "cacheaug's kernel) and +r (rotary tables)"
+        )
+    return {
+        "attn": _ATTN[attn],
+        "compile_masks": "masks" in flags,
+        "compile_mlp": "mlp" in flags,
+        "compile_step": step[0] if step else "off",
+        "keep_logits": "keeplogits" in flags,
+        "trace_groups": int(groups[0][1:]) if groups else 1,
+        "trace_chunk": int(chunks[0][1:]) if chunks else 0,
+        "trace_windows": "w" in flags or "k" in flags,
+        "trace_kernel": "k" in flags,
+        "rope_table": "r" in flags,
+    }
 
 
 def apply_speed_options(
-    model: nn.Module, *, compile_mlp: bool = False, compile_masks: bool = False, compile_step: str = "off",
-    trace_groups: int = 1, trace_chunk: int = 0, trace_windows: bool = False, trace_kernel: bool = False,
+    model: nn.Module,
+    *,
+    compile_mlp: bool = False,
+    compile_masks: bool = False,
+    compile_step: str = "off",
+    trace_groups: int = 1,
+    trace_chunk: int = 0,
+    trace_windows: bool = False,
+    trace_kernel: bool = False,
     rope_table: bool = False,
 ) -> None:
     """Turn on the opt-in speed settings above (no-ops with the defaults)."""
@@ -168,8 +192,11 @@ def load_compile_cache(path: str | Path) -> int:
         if info is None:  # torch logs why (a checksum that does not match) and loads nothing
             raise ValueError("torch could not read it")
     except Exception as err:  # noqa: BLE001  a truncated copy, another format: compile as if it were absent
-        warnings.warn(f"cacheaug: {path} does not hold torch.compile artifacts ({type(err).__name__}: {err}); "
-                      "compiling afresh (it is overwritten after the first step)", stacklevel=2)
+        warnings.warn(
+            f"cacheaug: {path} does not hold torch.compile artifacts ({type(err).__name__}: {err}); "
+            "compiling afresh (it is overwritten after the first step)",
+            stacklevel=2,
+        )
         return 0
     return len(data)
 

@@ -90,8 +90,13 @@ class SynthConfig:
             raise ValueError("Invalid synth options:\n  " + "\n  ".join(problems))
 
     def levels(self, family: str) -> tuple[int, ...]:
-        return {"add": self.add_digits, "mul": self.mul_digits, "sort": self.sort_lengths,
-                "count": self.count_lengths, "word": self.word_steps}[family]
+        return {
+            "add": self.add_digits,
+            "mul": self.mul_digits,
+            "sort": self.sort_lengths,
+            "count": self.count_lengths,
+            "word": self.word_steps,
+        }[family]
 
 
 # ---------------------------------------------------------------------------------------------- instances
@@ -165,8 +170,10 @@ def sample(family: str, level: int, rng: random.Random, heldout: bool, share: in
         operands, q, a = make_instance(family, level, rng)
         if is_heldout_instance(family, operands, share) == heldout:
             return operands, q, a
-    raise ValueError(f"Could not draw a {'held-out' if heldout else 'training'} instance of {family} level {level}: "
-                     "the problem space is too small for --heldout-share.")
+    raise ValueError(
+        f"Could not draw a {'held-out' if heldout else 'training'} instance of {family} level {level}: "
+        "the problem space is too small for --heldout-share."
+    )
 
 
 def sample_heldout(family: str, level: int, n: int, rng: random.Random, share: int) -> list[tuple[str, str]]:
@@ -228,20 +235,32 @@ def generate_synth(cfg: SynthConfig) -> Path:
         for level in cfg.levels(family):
             drawn = sample_heldout(family, level, cfg.heldout_per_level, rng, cfg.heldout_share)
             if len(drawn) < cfg.heldout_per_level:
-                left_out[f"{family} {level}"] = (f"only {len(drawn)} distinct held-out problems (answer-equivalent "
-                                                 f"twins counted once) for --heldout-per-level {cfg.heldout_per_level}")
+                left_out[f"{family} {level}"] = (
+                    f"only {len(drawn)} distinct held-out problems (answer-equivalent "
+                    f"twins counted once) for --heldout-per-level {cfg.heldout_per_level}"
+                )
                 continue
             rows += [{"family": family, "level": level, "question": q, "answer": a} for q, a in drawn]
     if not rows:
-        raise ValueError("No level has enough distinct held-out problems: lower --heldout-per-level or raise the "
-                         "difficulty levels")
+        raise ValueError(
+            "No level has enough distinct held-out problems: lower --heldout-per-level or raise the difficulty levels"
+        )
     (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = {"config": _config_dict(cfg), "marker": MARKER, "split": "answer_key", "train_chars": n_chars,
-            "general_chars": mixed, "heldout_instances": len(rows), "heldout_left_out": left_out}
+    meta = {
+        "config": _config_dict(cfg),
+        "marker": MARKER,
+        "split": "answer_key",
+        "train_chars": n_chars,
+        "general_chars": mixed,
+        "heldout_instances": len(rows),
+        "heldout_left_out": left_out,
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"cacheaug: wrote {cfg.train_docs} training documents ({n_chars:,} characters"
-          f"{f', plus {mixed:,} of general text' if mixed else ''}) to {out / 'train'} and {len(rows)} held-out "
-          f"instances to {out / 'heldout.jsonl'}")
+    print(
+        f"cacheaug: wrote {cfg.train_docs} training documents ({n_chars:,} characters"
+        f"{f', plus {mixed:,} of general text' if mixed else ''}) to {out / 'train'} and {len(rows)} held-out "
+        f"instances to {out / 'heldout.jsonl'}"
+    )
     for level, why in left_out.items():
         print(f"cacheaug: level {level} left out of the held-out file: {why} (it stays in training)")
     return out
@@ -252,15 +271,16 @@ def _config_dict(cfg) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- insertion points
-def marker_positions(ids: torch.Tensor, marker_ids: list[int], n_valid: int, k: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def marker_positions(
+    ids: torch.Tensor, marker_ids: list[int], n_valid: int, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``[k]`` sorted distinct insertion points in ``[0, n_valid)`` for one sequence ``ids`` ``[T]``: the last token
     of each occurrence of ``marker_ids`` (a seeded choice of k if there are more), filled up with uniform points."""
     m = len(marker_ids)
     ids = ids.cpu()
     if m and len(ids) >= m:
         windows = ids.unfold(0, m, 1)  # [T-m+1, m]
-        ends = ((windows == torch.tensor(marker_ids)).all(1).nonzero()[:, 0] + m - 1)
+        ends = (windows == torch.tensor(marker_ids)).all(1).nonzero()[:, 0] + m - 1
         ends = ends[ends < n_valid]
     else:
         ends = torch.zeros(0, dtype=torch.long)
@@ -299,10 +319,18 @@ def build_rows(tokenizer, instances: list[dict], per_row: int = 8):
         for start in range(0, len(idx), per_row):
             ids, row_spans = list(bos), []
             for i in idx[start : start + per_row]:
-                toks = tokenizer(line(instances[i]["question"], instances[i]["answer"]), add_special_tokens=False)["input_ids"]
-                ends = [j + len(marker) - 1 for j in range(len(toks) - len(marker) + 1) if toks[j : j + len(marker)] == marker]
+                toks = tokenizer(line(instances[i]["question"], instances[i]["answer"]), add_special_tokens=False)[
+                    "input_ids"
+                ]
+                ends = [
+                    j + len(marker) - 1
+                    for j in range(len(toks) - len(marker) + 1)
+                    if toks[j : j + len(marker)] == marker
+                ]
                 if not ends or ends[-1] == len(toks) - 1:
-                    raise ValueError(f"The marker {MARKER!r} does not tokenise the same inside {instances[i]['question']!r}")
+                    raise ValueError(
+                        f"The marker {MARKER!r} does not tokenise the same inside {instances[i]['question']!r}"
+                    )
                 p = len(ids) + ends[-1]
                 row_spans.append((i, p, len(toks) - 1 - ends[-1]))
                 ids += toks
@@ -332,8 +360,9 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, p
     from tqdm.auto import tqdm
 
     with autocast_for(model):
-        for ids, row_spans in tqdm(list(zip(rows, spans)), desc="eval synth", unit="row", leave=False,
-                                   disable=not progress):
+        for ids, row_spans in tqdm(
+            list(zip(rows, spans)), desc="eval synth", unit="row", leave=False, disable=not progress
+        ):
             ids = torch.cat([ids, torch.full((n_ahead,), pad)])[None].to(model.device)  # room for the last answer
             res = model.score_targets(ids, positions=[p for _, p, _ in row_spans])
             fire = model.gate_fires(model.gate_states(ids, [p for _, p, _ in row_spans]))[0] if gated else None
@@ -353,8 +382,9 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, p
 
 
 @torch.no_grad()
-def generate_check(model, tokenizer, instances: list[dict], n: int, per_row: int = 8,
-                   use_gate: bool | None = None) -> dict[int, float]:
+def generate_check(
+    model, tokenizer, instances: list[dict], n: int, per_row: int = 8, use_gate: bool | None = None
+) -> dict[int, float]:
     """Exact match through ``model.generate`` (greedy; the coprocessor runs once, after the marker: the path serving
     uses; with a gate, only where it fires, unless ``use_gate=False``) for about ``n`` instances spread over the set,
     each in the same row context as :func:`score_instances`. Returns ``{instance index: 1.0 or 0.0}``."""
@@ -389,34 +419,58 @@ def mcnemar(a: list[float], b: list[float]) -> dict:
     b_only = sum(1 for x, y in zip(a, b) if y and not x)
     n = a_only + b_only
     tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n if n else 1.0
-    return {"a_only": a_only, "b_only": b_only, "diff_points": 100 * (sum(b) - sum(a)) / max(len(a), 1),
-            "p": min(1.0, 2 * tail)}
+    return {
+        "a_only": a_only,
+        "b_only": b_only,
+        "diff_points": 100 * (sum(b) - sum(a)) / max(len(a), 1),
+        "p": min(1.0, 2 * tail),
+    }
 
 
 def summarise(instances: list[dict], em: list[float], loss: list[float], n_boot: int = 1000, seed: int = 0) -> dict:
     """Exact match (percent, Wilson 95%) and mean answer-token loss (bootstrap 95%) overall, by family and level."""
+
     def stats(idx: list[int]) -> dict:
         e = [em[i] for i in idx]
         lo, hi = wilson(sum(e), len(e))
         x = torch.tensor([loss[i] for i in idx], dtype=torch.float64)
         boot = x[torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))].mean(1)
         q = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64))
-        return {"n": len(idx), "em": 100 * sum(e) / len(e), "em_lo": lo, "em_hi": hi, "loss": x.mean().item(),
-                "loss_lo": q[0].item(), "loss_hi": q[1].item()}
+        return {
+            "n": len(idx),
+            "em": 100 * sum(e) / len(e),
+            "em_lo": lo,
+            "em_hi": hi,
+            "loss": x.mean().item(),
+            "loss_lo": q[0].item(),
+            "loss_hi": q[1].item(),
+        }
 
     report = {"overall": stats(list(range(len(instances)))), "by_family": {}}
     for family in dict.fromkeys(r["family"] for r in instances):
         idx = [i for i, r in enumerate(instances) if r["family"] == family]
         fam = stats(idx)
-        fam["by_level"] = {str(lv): stats([i for i in idx if instances[i]["level"] == lv])
-                           for lv in sorted({instances[i]["level"] for i in idx})}
+        fam["by_level"] = {
+            str(lv): stats([i for i in idx if instances[i]["level"] == lv])
+            for lv in sorted({instances[i]["level"] for i in idx})
+        }
         report["by_family"][family] = fam
     return report
 
 
-def evaluate_synth(checkpoints: list[str], heldout: str, *, model_name: str | None = None, per_row: int = 8,
-                   check_generate: int = 0, device: str | None = None, out: str | None = None, base=None,
-                   tokenizer=None, progress: bool = True) -> dict:
+def evaluate_synth(
+    checkpoints: list[str],
+    heldout: str,
+    *,
+    model_name: str | None = None,
+    per_row: int = 8,
+    check_generate: int = 0,
+    device: str | None = None,
+    out: str | None = None,
+    base=None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
     """``cacheaug eval synth``: answer loss and exact match on held-out instances for the frozen decoder and each
     checkpoint (coprocessors and controls), by family and difficulty, each arm's per-instance hits and exact
     McNemar tests between arms on the same instances. ``model_name`` defaults to the first checkpoint's base."""
@@ -432,47 +486,67 @@ def evaluate_synth(checkpoints: list[str], heldout: str, *, model_name: str | No
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
         scores = score_instances(model, tokenizer, instances, per_row, progress=progress)
         if scores["answer_tokens"] > model.config.n_ahead:
-            print(f"cacheaug: warning: {ckpt} was trained with --n-ahead {model.config.n_ahead}, but answers here "
-                  f"take up to {scores['answer_tokens']} tokens: its latents never saw an answer's tail")
+            print(
+                f"cacheaug: warning: {ckpt} was trained with --n-ahead {model.config.n_ahead}, but answers here "
+                f"take up to {scores['answer_tokens']} tokens: its latents never saw an answer's tail"
+            )
         if "frozen" not in report["arms"]:
             report["arms"]["frozen"] = summarise(instances, scores["base_em"], scores["base_loss"])
             report["arms"]["frozen"]["offset_loss"] = _offset_means(scores["base_offset_loss"])
             report["arms"]["frozen"]["hits"] = hits["frozen"] = [int(x) for x in scores["base_em"]]
         arm = summarise(instances, scores["em"], scores["loss"])
         name = _arm_name(ckpt, model.config, report["arms"])
-        arm.update(checkpoint=str(ckpt), init=model.config.init, n_latents=model.config.n_latents,
-                   n_ahead=model.config.n_ahead, offset_loss=_offset_means(scores["offset_loss"]),
-                   hits=[int(x) for x in scores["em"]])
+        arm.update(
+            checkpoint=str(ckpt),
+            init=model.config.init,
+            n_latents=model.config.n_latents,
+            n_ahead=model.config.n_ahead,
+            offset_loss=_offset_means(scores["offset_loss"]),
+            hits=[int(x) for x in scores["em"]],
+        )
         hits[name] = arm["hits"]
         if check_generate:
-            gen = generate_check(model, tokenizer, instances, check_generate, per_row,
-                                 use_gate=False if model.gated() else None)
-            arm["generate_check"] = {"n": len(gen), "em_generate": 100 * sum(gen.values()) / len(gen),
-                                     "agree_with_parallel_pass": 100 * sum(v == scores["em"][i] for i, v in gen.items())
-                                     / len(gen)}
+            gen = generate_check(
+                model, tokenizer, instances, check_generate, per_row, use_gate=False if model.gated() else None
+            )
+            arm["generate_check"] = {
+                "n": len(gen),
+                "em_generate": 100 * sum(gen.values()) / len(gen),
+                "agree_with_parallel_pass": 100 * sum(v == scores["em"][i] for i, v in gen.items()) / len(gen),
+            }
         report["arms"][name] = arm
         if "gate_fire" in scores:  # the same coprocessor, inserted only where its gate fires
             fire = scores["gate_fire"]
             pick = [(a if f else b) for a, b, f in zip(scores["em"], scores["base_em"], fire)]
-            gated = summarise(instances, pick, [(a if f else b) for a, b, f in
-                                                zip(scores["loss"], scores["base_loss"], fire)])
-            gated.update(checkpoint=str(ckpt), init=model.config.init, n_latents=model.config.n_latents, gate=True,
-                         gate_threshold=model.gate_threshold if model.gate_threshold is not None
-                         else model.gate.config.threshold,
-                         gate_fire_rate=100 * sum(fire) / len(fire),
-                         gate_fire_by_family={f: 100 * sum(fire[i] for i in ix) / len(ix) for f, ix in
-                                              _by_family(instances).items()},
-                         hits=[int(x) for x in pick])
+            gated = summarise(
+                instances, pick, [(a if f else b) for a, b, f in zip(scores["loss"], scores["base_loss"], fire)]
+            )
+            gated.update(
+                checkpoint=str(ckpt),
+                init=model.config.init,
+                n_latents=model.config.n_latents,
+                gate=True,
+                gate_threshold=model.gate_threshold
+                if model.gate_threshold is not None
+                else model.gate.config.threshold,
+                gate_fire_rate=100 * sum(fire) / len(fire),
+                gate_fire_by_family={
+                    f: 100 * sum(fire[i] for i in ix) / len(ix) for f, ix in _by_family(instances).items()
+                },
+                hits=[int(x) for x in pick],
+            )
             if check_generate:
                 gen = generate_check(model, tokenizer, instances, check_generate, per_row)
-                gated["generate_check"] = {"n": len(gen), "em_generate": 100 * sum(gen.values()) / len(gen),
-                                           "agree_with_parallel_pass": 100 * sum(v == pick[i] for i, v in gen.items())
-                                           / len(gen)}
+                gated["generate_check"] = {
+                    "n": len(gen),
+                    "em_generate": 100 * sum(gen.values()) / len(gen),
+                    "agree_with_parallel_pass": 100 * sum(v == pick[i] for i, v in gen.items()) / len(gen),
+                }
             hits[f"{name} + gate"] = gated["hits"]
             report["arms"][f"{name} + gate"] = gated
         del model
     names = list(hits)
-    report["paired"] = {f"{b} vs {a}": mcnemar(hits[a], hits[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    report["paired"] = {f"{b} vs {a}": mcnemar(hits[a], hits[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
     _print_synth(report)
     if out:
         from . import atomic
@@ -494,8 +568,10 @@ def base_model_of(checkpoints: list[str]) -> str:
 
     name = read_config(checkpoints[0])["base_model"].get("name_or_path") if checkpoints else None
     if not name:
-        raise ValueError(f"{checkpoints[0] if checkpoints else 'no checkpoint'} does not record its base model's name: "
-                         "pass --model (the base model it was trained on)")
+        raise ValueError(
+            f"{checkpoints[0] if checkpoints else 'no checkpoint'} does not record its base model's name: "
+            "pass --model (the base model it was trained on)"
+        )
     return name
 
 
@@ -520,13 +596,17 @@ def _print_synth(report: dict) -> None:
         o = a["overall"]
         cells = " | ".join(f"{a['by_family'][f]['em']:>7.1f}%" for f in families)
         fires = f" (gate fires on {a['gate_fire_rate']:.1f}%)" if "gate_fire_rate" in a else ""
-        print(f"{name[:40]:<40} | {o['em']:>5.1f}% [{o['em_lo']:>4.1f},{o['em_hi']:>5.1f}] | {cells} | {o['loss']:.3f}"
-              f"{fires}")
+        print(
+            f"{name[:40]:<40} | {o['em']:>5.1f}% [{o['em_lo']:>4.1f},{o['em_hi']:>5.1f}] | {cells} | {o['loss']:.3f}"
+            f"{fires}"
+        )
     for name, a in arms.items():
         if "generate_check" in a:
             g = a["generate_check"]
-            print(f"generate() on {g['n']} answers of {name}: exact match {g['em_generate']:.1f}%, agreeing with the "
-                  f"parallel pass on {g['agree_with_parallel_pass']:.1f}%")
+            print(
+                f"generate() on {g['n']} answers of {name}: exact match {g['em_generate']:.1f}%, agreeing with the "
+                f"parallel pass on {g['agree_with_parallel_pass']:.1f}%"
+            )
     if report.get("paired"):
         print("Paired on the same instances (exact McNemar): difference in points, instances only B / only A got, p")
         for pair, t in report["paired"].items():

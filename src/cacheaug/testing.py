@@ -41,10 +41,20 @@ def random_gemma3_270m(device="cpu", attn: str = "sdpa", dtype=None, seed: int =
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
     device = torch.device(device)
-    config = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
-                              sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=True,
-                              layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
+    config = Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=32768,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        tie_word_embeddings=True,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    )
     torch.manual_seed(seed)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).to(device).eval()
@@ -156,8 +166,9 @@ def tiny_tokenizer(texts: list[str], vocab_size: int = 128, add_bos: bool = True
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if add_bos:  # as Gemma's: a text starts with <bos>
         backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
 
 
 def tiny_corpus(folder, n_docs: int = 60, seed: int = 0) -> list[str]:
@@ -220,8 +231,12 @@ class ServeCLI:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "cacheaug", "serve", *self.args, "--port", str(port)],
-                                     env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cacheaug", "serve", *self.args, "--port", str(port)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "w"),
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:

@@ -56,84 +56,137 @@ class TrainConfig:
     n_latents: int = _f(16, "N_L latent embeddings per insertion")
     n_ahead: int = _f(16, "N_A target tokens per insertion")
     n_traces: int = _f(16, "K insertion points per sequence")
-    init: str = _f("copy", "the arm (cacheaug.arms): copy, lora, scratch; controls: 'pause' (pause tokens), "
-                   "'lora-decoder' (LoRA-tuned decoder)", choices=arm_names)
+    init: str = _f(
+        "copy",
+        "the arm (cacheaug.arms): copy, lora, scratch; controls: 'pause' (pause tokens), "
+        "'lora-decoder' (LoRA-tuned decoder)",
+        choices=arm_names,
+    )
     lora_rank: int = _f(64, "LoRA rank for init=lora")
     # levers the paper leaves open (CoprocessorConfig; docs/results.md measures each)
     position_scheme: Literal["shifted", "shared", "overlap"] = _f(
-        "shifted", "rotary positions of an insertion after token p: 'shifted' (latents p+1..p+N_L, text continues "
+        "shifted",
+        "rotary positions of an insertion after token p: 'shifted' (latents p+1..p+N_L, text continues "
         "after them), 'shared' (every latent at p, the text keeps its positions), 'overlap' (latents p+1..p+N_L, "
-        "the text keeps its positions)")
+        "the text keeps its positions)",
+    )
     reread_last: bool = _f(False, "feed token p again after the latents, so that a real token predicts offset 1")
-    echo_residual: bool = _f(False, "latents = token p's embedding + scale * read-out, scale starting at 0 (neutral start)")
-    readout: Literal["final_norm", "pre_norm"] = _f("final_norm", "latents from the backbone's last hidden state after "
-                                                    "('final_norm') or before ('pre_norm') its final norm")
+    echo_residual: bool = _f(
+        False, "latents = token p's embedding + scale * read-out, scale starting at 0 (neutral start)"
+    )
+    readout: Literal["final_norm", "pre_norm"] = _f(
+        "final_norm",
+        "latents from the backbone's last hidden state after ('final_norm') or before ('pre_norm') its final norm",
+    )
     offset_decay: float = _f(1.0, "loss weight of offset o proportional to decay**(o-1) (1 = the paper's uniform mean)")
     # data and batch
     seq_len: int = _f(1024, "T, tokens per packed training sequence")
     batch_size: int = _f(8, "sequences per device per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     heldout_pct: float = _f(1.0, "percent of documents held out (by hash) for evaluation")
-    adapt_pct: float = _f(0.0, "percent of the other documents kept for `cacheaug adapt` (by hash): the coprocessor "
-                          "never trains on them; use the same value for adapt, train and eval")
-    heldout_sources: tuple[str, ...] = _f((), "whole sources kept out of training and evaluated as unseen (default "
-                                          "corpus parts: sotu pydoc gcide nlp moby jargon debref; or paths)")
+    adapt_pct: float = _f(
+        0.0,
+        "percent of the other documents kept for `cacheaug adapt` (by hash): the coprocessor "
+        "never trains on them; use the same value for adapt, train and eval",
+    )
+    heldout_sources: tuple[str, ...] = _f(
+        (),
+        "whole sources kept out of training and evaluated as unseen (default "
+        "corpus parts: sotu pydoc gcide nlp moby jargon debref; or paths)",
+    )
     insertion: Literal["random", "marker"] = _f(
-        "random", "where traces are inserted: 'random' (uniform, the paper) or 'marker' (right after each occurrence "
-        "of --marker, e.g. the answer marker of `cacheaug data synth` text; random points fill up to K)")
+        "random",
+        "where traces are inserted: 'random' (uniform, the paper) or 'marker' (right after each occurrence "
+        "of --marker, e.g. the answer marker of `cacheaug data synth` text; random points fill up to K)",
+    )
     marker: str = _f(" Answer:", "the text after which --insertion marker inserts")
     # optimisation
     max_steps: int = _f(1000, "optimizer steps")
-    max_minutes: float = _f(0.0, "stop (evaluate, save) after this much training time even before max_steps (0 = "
-                            "no limit); checked at log steps, so runs on shared machines end in time")
+    max_minutes: float = _f(
+        0.0,
+        "stop (evaluate, save) after this much training time even before max_steps (0 = "
+        "no limit); checked at log steps, so runs on shared machines end in time",
+    )
     lr: float = _f(1e-4, "peak AdamW learning rate of the coprocessor weights")
-    soft_token_lr: float = _f(1e-2, "peak learning rate of the soft tokens and the read-out scale (they live at the "
-                              "scale of the input embeddings, about 1 per element for Gemma)")
+    soft_token_lr: float = _f(
+        1e-2,
+        "peak learning rate of the soft tokens and the read-out scale (they live at the "
+        "scale of the input embeddings, about 1 per element for Gemma)",
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay (coprocessor weights only)")
     warmup_steps: int = _f(100, "linear warm-up steps, then cosine decay")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)")
-    parallel: Literal["ddp", "fsdp"] = _f("ddp", "under torchrun: replicate the coprocessor (ddp) or shard it per "
-                                          "layer with FSDP2 (fsdp: for coprocessors that do not fit one device)")
+    parallel: Literal["ddp", "fsdp"] = _f(
+        "ddp",
+        "under torchrun: replicate the coprocessor (ddp) or shard it per "
+        "layer with FSDP2 (fsdp: for coprocessors that do not fit one device)",
+    )
     # precision and device
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
-    dtype: Literal["auto", "bfloat16", "float32"] = _f("auto", "decoder weights; bf16 on GPU runs under autocast "
-                                                       "with fp32 coprocessor master weights")
+    dtype: Literal["auto", "bfloat16", "float32"] = _f(
+        "auto", "decoder weights; bf16 on GPU runs under autocast with fp32 coprocessor master weights"
+    )
     attn_implementation: str | None = _f(None, "sdpa (default), flex_attention or eager")
     compile_mlp: bool = _f(False, "torch.compile the MLP blocks of decoder and coprocessor (GPU speed; cacheaug.speed)")
     compile_masks: bool = _f(False, "build FlexAttention block masks with a compiled create_block_mask (GPU speed)")
     compile_step: Literal["off", "step", "graphs"] = _f(
-        "off", "torch.compile the whole training pass as one graph ('step'), plus CUDA graphs ('graphs'; GPU); the "
-        "first step compiles (minutes for a real model); see docs/performance.md")
-    keep_logits: bool = _f(False, "keep the loss's logits (targets x vocab) for backward instead of recomputing them: "
-                            "one LM-head product less per step, about 1 GiB more at batch 8 (GPU speed)")
-    trace_groups: int = _f(1, "G > 1 draws the K insertion points stratified (K/G in each of G equal segments of the "
-                           "sequence) so that each group's passes read only the text before its segment's end: less "
-                           "attention work, same losses for those points (GPU speed; docs/performance.md)")
-    trace_chunk: int = _f(0, "C > 0 runs the trace passes C traces per row against a copy of the text keys instead of "
-                          "all K traces in one row: less attention work at large K, same losses (GPU speed; "
-                          "docs/performance.md)")
-    trace_windows: bool = _f(False, "sliding-window layers of the trace passes read only the W-1 text keys before each "
-                             "trace (one trace per row; full layers: --trace-chunk traces per row): less attention "
-                             "work, same losses; sdpa with Gemma-3 or Qwen-2/3 (GPU speed; docs/performance.md)")
-    trace_kernel: bool = _f(False, "--trace-windows through cacheaug's own attention kernel (Triton on CUDA): text keys "
-                            "read in place instead of copied per trace, no gradient computed for them; same losses "
-                            "(implies --trace-windows; fastest without --trace-chunk; tile sizes from "
-                            "CACHEAUG_TRACE_KERNEL_TILES; docs/performance.md)")
-    rope_table: bool = _f(False, "rotary cos/sin looked up in a table of every position instead of computed per "
-                          "call (in the compiled step: per element in every layer); same values (GPU speed; "
-                          "docs/performance.md)")
+        "off",
+        "torch.compile the whole training pass as one graph ('step'), plus CUDA graphs ('graphs'; GPU); the "
+        "first step compiles (minutes for a real model); see docs/performance.md",
+    )
+    keep_logits: bool = _f(
+        False,
+        "keep the loss's logits (targets x vocab) for backward instead of recomputing them: "
+        "one LM-head product less per step, about 1 GiB more at batch 8 (GPU speed)",
+    )
+    trace_groups: int = _f(
+        1,
+        "G > 1 draws the K insertion points stratified (K/G in each of G equal segments of the "
+        "sequence) so that each group's passes read only the text before its segment's end: less "
+        "attention work, same losses for those points (GPU speed; docs/performance.md)",
+    )
+    trace_chunk: int = _f(
+        0,
+        "C > 0 runs the trace passes C traces per row against a copy of the text keys instead of "
+        "all K traces in one row: less attention work at large K, same losses (GPU speed; "
+        "docs/performance.md)",
+    )
+    trace_windows: bool = _f(
+        False,
+        "sliding-window layers of the trace passes read only the W-1 text keys before each "
+        "trace (one trace per row; full layers: --trace-chunk traces per row): less attention "
+        "work, same losses; sdpa with Gemma-3 or Qwen-2/3 (GPU speed; docs/performance.md)",
+    )
+    trace_kernel: bool = _f(
+        False,
+        "--trace-windows through cacheaug's own attention kernel (Triton on CUDA): text keys "
+        "read in place instead of copied per trace, no gradient computed for them; same losses "
+        "(implies --trace-windows; fastest without --trace-chunk; tile sizes from "
+        "CACHEAUG_TRACE_KERNEL_TILES; docs/performance.md)",
+    )
+    rope_table: bool = _f(
+        False,
+        "rotary cos/sin looked up in a table of every position instead of computed per "
+        "call (in the compiled step: per element in every layer); same values (GPU speed; "
+        "docs/performance.md)",
+    )
     compile_cache: str | None = _f(
-        None, "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
+        None,
+        "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
         "it to the next process or machine to skip most of the compile; a name ending in .xz is compressed (about 13x) "
-        "(docs/performance.md)")
+        "(docs/performance.md)",
+    )
     # bookkeeping
     eval_every: int = _f(200, "steps between held-out evaluations (0 = only at the end)")
     eval_sequences: int = _f(32, "held-out sequences per evaluation")
     log_every: int = _f(10, "steps between log lines (the only host syncs of the loop)")
     save_every: int = _f(500, "steps between checkpoints (0 = only at the end)")
-    keep_last: int = _f(3, "checkpoints kept (each holds the weights and twice as much optimizer state: `cacheaug "
-                   "export` writes a weights-only copy for sharing)")
+    keep_last: int = _f(
+        3,
+        "checkpoints kept (each holds the weights and twice as much optimizer state: `cacheaug "
+        "export` writes a weights-only copy for sharing)",
+    )
     resume: bool = _f(True, "continue from the newest complete checkpoint in out_dir")
     seed: int = _f(0, "seed for data order, insertion points and init")
 
@@ -141,13 +194,26 @@ class TrainConfig:
         problems = []
         if self.max_minutes < 0:
             problems.append(f"--max-minutes must be >= 0 (0 = no limit), got {self.max_minutes}")
-        for name in ("n_latents", "n_ahead", "n_traces", "seq_len", "batch_size", "grad_accum", "max_steps",
-                     "eval_sequences", "log_every", "keep_last", "lora_rank"):
+        for name in (
+            "n_latents",
+            "n_ahead",
+            "n_traces",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_sequences",
+            "log_every",
+            "keep_last",
+            "lora_rank",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < self.n_traces + self.n_ahead:
-            problems.append(f"--seq-len {self.seq_len} is too short for --n-traces {self.n_traces} insertion points with "
-                            f"--n-ahead {self.n_ahead} targets each: use --seq-len >= {self.n_traces + self.n_ahead}")
+            problems.append(
+                f"--seq-len {self.seq_len} is too short for --n-traces {self.n_traces} insertion points with "
+                f"--n-ahead {self.n_ahead} targets each: use --seq-len >= {self.n_traces + self.n_ahead}"
+            )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -164,13 +230,19 @@ class TrainConfig:
         if not self.data:
             problems.append("--data needs at least one source")
         if self.parallel == "fsdp" and self.init in ARMS and not ARMS[self.init].shards:
-            problems.append(f"--parallel fsdp shards a coprocessor's own weights; init={self.init} shares the "
-                            "decoder's and trains only small adapters: use --parallel ddp")
+            problems.append(
+                f"--parallel fsdp shards a coprocessor's own weights; init={self.init} shares the "
+                "decoder's and trains only small adapters: use --parallel ddp"
+            )
         if self.trace_groups < 1 or self.n_traces % self.trace_groups:
-            problems.append(f"--trace-groups {self.trace_groups} must be a positive divisor of --n-traces {self.n_traces}")
+            problems.append(
+                f"--trace-groups {self.trace_groups} must be a positive divisor of --n-traces {self.n_traces}"
+            )
         elif self.trace_chunk < 0 or (self.trace_chunk and (self.n_traces // self.trace_groups) % self.trace_chunk):
-            problems.append(f"--trace-chunk {self.trace_chunk} must divide the traces of each trace group "
-                            f"({self.n_traces // self.trace_groups}), or be 0 (off)")
+            problems.append(
+                f"--trace-chunk {self.trace_chunk} must divide the traces of each trace group "
+                f"({self.n_traces // self.trace_groups}), or be 0 (off)"
+            )
         if not problems:
             try:
                 self.coprocessor_config()
@@ -180,10 +252,19 @@ class TrainConfig:
             raise ValueError("Invalid training options:\n  " + "\n  ".join(problems))
 
     def coprocessor_config(self) -> CoprocessorConfig:
-        return CoprocessorConfig(self.n_latents, self.n_ahead, self.n_traces, init=self.init,
-                                 lora_rank=self.lora_rank, init_seed=self.seed, position_scheme=self.position_scheme,
-                                 reread_last=self.reread_last, echo_residual=self.echo_residual, readout=self.readout,
-                                 offset_decay=self.offset_decay)
+        return CoprocessorConfig(
+            self.n_latents,
+            self.n_ahead,
+            self.n_traces,
+            init=self.init,
+            lora_rank=self.lora_rank,
+            init_seed=self.seed,
+            position_scheme=self.position_scheme,
+            reread_last=self.reread_last,
+            echo_residual=self.echo_residual,
+            readout=self.readout,
+            offset_decay=self.offset_decay,
+        )
 
     def splits(self):
         from .data import Splits
@@ -205,8 +286,9 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def insertion_points(keys: list[int], cfg: TrainConfig, ids: torch.Tensor | None = None,
-                     marker_ids: list[int] | None = None) -> torch.Tensor:
+def insertion_points(
+    keys: list[int], cfg: TrainConfig, ids: torch.Tensor | None = None, marker_ids: list[int] | None = None
+) -> torch.Tensor:
     """``[B, K]`` sorted distinct insertion points per sequence, a function of (seed, sequence key) only: the
     same on any number of ranks and after a resume. With ``marker_ids`` (``--insertion marker``) the points are
     the ends of the marker's occurrences in ``ids`` (a seeded choice of K if there are more; uniform points fill
@@ -276,8 +358,19 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def save_checkpoint(out_dir: Path, step: int, model, opt, data, extra: dict, keep_last: int, *, rank: int = 0,
-                    world: int = 1, sharded: bool = False) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model,
+    opt,
+    data,
+    extra: dict,
+    keep_last: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    sharded: bool = False,
+) -> Path:
     """Write ``step_XXXXXX`` atomically. Every rank calls it: FSDP2 shards are gathered collectively, and with
     ``sharded`` optimizer states each rank writes its own ``trainer_state.rank<r>.safetensors``."""
     final = Path(out_dir) / f"step_{step:06d}"
@@ -289,16 +382,25 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, data, extra: dict, kee
     _barrier(world)
     opt_state = opt.state_dict()
     if sharded or rank == 0:
-        tensors = {f"opt.{i}.{k}": (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().contiguous()
-                   for i, st in opt_state["state"].items() for k, v in st.items()}
+        tensors = {
+            f"opt.{i}.{k}": (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().contiguous()
+            for i, st in opt_state["state"].items()
+            for k, v in st.items()
+        }
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         save_file(tensors, str(tmp / (f"trainer_state.rank{rank}.safetensors" if sharded else STATE_TENSORS)))
     _barrier(world)
     if rank == 0:
-        state = {"step": step, "param_groups": opt_state["param_groups"], "data": data.state_dict(),
-                 "world_size": world, "sharded_optimizer": sharded, **extra}
+        state = {
+            "step": step,
+            "param_groups": opt_state["param_groups"],
+            "data": data.state_dict(),
+            "world_size": world,
+            "sharded_optimizer": sharded,
+            **extra,
+        }
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
         atomic.replace_dir(tmp, final)
         for old in complete_checkpoints(out_dir)[:-keep_last]:
@@ -313,18 +415,26 @@ def load_trainer_state(path: Path, opt, data, *, rank: int = 0, world: int = 1) 
         state = json.loads((path / STATE_JSON).read_text())
         state["step"], state["data"], state["param_groups"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / STATE_JSON} is corrupt ({type(err).__name__}: {err}); delete {path} to resume "
-                         "from the checkpoint before it.") from err
-    for key, value in [("step", state["step"]), ("tokens_seen", state.get("tokens_seen", 0)),
-                       *((f"data.{k}", v) for k, v in (state["data"] if isinstance(state["data"], dict) else
-                                                       {"": None}).items())]:
+        raise ValueError(
+            f"{path / STATE_JSON} is corrupt ({type(err).__name__}: {err}); delete {path} to resume "
+            "from the checkpoint before it."
+        ) from err
+    for key, value in [
+        ("step", state["step"]),
+        ("tokens_seen", state.get("tokens_seen", 0)),
+        *((f"data.{k}", v) for k, v in (state["data"] if isinstance(state["data"], dict) else {"": None}).items()),
+    ]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{path / STATE_JSON}: key {key!r} must be a non-negative integer, got {value!r}; delete "
-                             f"{path} to resume from the checkpoint before it.")
+            raise ValueError(
+                f"{path / STATE_JSON}: key {key!r} must be a non-negative integer, got {value!r}; delete "
+                f"{path} to resume from the checkpoint before it."
+            )
     sharded = state.get("sharded_optimizer", False)
     if sharded and state.get("world_size") != world:
-        raise ValueError(f"{path} holds optimizer shards of {state.get('world_size')} ranks; resume it on as many "
-                         f"(this run has {world}).")
+        raise ValueError(
+            f"{path} holds optimizer shards of {state.get('world_size')} ranks; resume it on as many "
+            f"(this run has {world})."
+        )
     try:
         tensors = load_file(str(path / (f"trainer_state.rank{rank}.safetensors" if sharded else STATE_TENSORS)))
     except Exception as err:
@@ -338,8 +448,9 @@ def load_trainer_state(path: Path, opt, data, *, rank: int = 0, world: int = 1) 
             if hasattr(p, "device_mesh") and value.dim() > 0:  # an FSDP2 shard: back to a DTensor
                 from torch.distributed.tensor import DTensor
 
-                value = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
-                                           stride=p.stride())
+                value = DTensor.from_local(
+                    value.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )
             opt_state["state"].setdefault(int(idx), {})[name] = value
     opt.load_state_dict(opt_state)
     data.load_state_dict(state["data"])
@@ -452,8 +563,15 @@ class Trainer:
     >>> final = Trainer(TrainConfig(max_steps=10)).fit()  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True,
-                 parallel: ParallelContext | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        base=None,
+        tokenizer=None,
+        progress: bool = True,
+        parallel: ParallelContext | None = None,
+    ):
         self.cfg, self.progress = cfg, progress
         self.par = parallel or ParallelContext.from_env(cfg.device)
         self.out_dir = Path(cfg.out_dir)
@@ -471,15 +589,27 @@ class Trainer:
         cfg, par = self.cfg, self.par
         if base is None:
             dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-            base, tokenizer = load_base_model(cfg.model, device=par.device, dtype=dtype,
-                                              attn_implementation=cfg.attn_implementation, for_training=True)
+            base, tokenizer = load_base_model(
+                cfg.model,
+                device=par.device,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                for_training=True,
+            )
         self.base, self.tokenizer = base, tokenizer
         model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
         master_fp32(model)
-        apply_speed_options(model, compile_mlp=cfg.compile_mlp, compile_masks=cfg.compile_masks,
-                            compile_step=cfg.compile_step, trace_groups=cfg.trace_groups,
-                            trace_chunk=cfg.trace_chunk, trace_windows=cfg.trace_windows,
-                            trace_kernel=cfg.trace_kernel, rope_table=cfg.rope_table)
+        apply_speed_options(
+            model,
+            compile_mlp=cfg.compile_mlp,
+            compile_masks=cfg.compile_masks,
+            compile_step=cfg.compile_step,
+            trace_groups=cfg.trace_groups,
+            trace_chunk=cfg.trace_chunk,
+            trace_windows=cfg.trace_windows,
+            trace_kernel=cfg.trace_kernel,
+            rope_table=cfg.rope_table,
+        )
         model.recompute_loss = not cfg.keep_logits
         if cfg.compile_cache and par.main:
             loaded = load_compile_cache(cfg.compile_cache)
@@ -488,14 +618,21 @@ class Trainer:
         if base.config._attn_implementation == "flex_attention":
             allow_recompiles()
         if par.main and par.device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
-            print("cacheaug: tip: --compile-step graphs runs each step as one compiled graph, several times faster "
-                  "on a GPU after a compile of a few minutes (docs/performance.md)")
+            print(
+                "cacheaug: tip: --compile-step graphs runs each step as one compiled graph, several times faster "
+                "on a GPU after a compile of a few minutes (docs/performance.md)"
+            )
         self.model = model
         self.base_fingerprint = fingerprint(base)
         if par.main:
-            atomic.write_text(self.out_dir / RUN_CONFIG, json.dumps(
-                {"train": cfg.to_dict(), "base_fingerprint": self.base_fingerprint, "world_size": par.world},
-                indent=2) + "\n")
+            atomic.write_text(
+                self.out_dir / RUN_CONFIG,
+                json.dumps(
+                    {"train": cfg.to_dict(), "base_fingerprint": self.base_fingerprint, "world_size": par.world},
+                    indent=2,
+                )
+                + "\n",
+            )
 
     def _setup_data(self) -> None:
         from .data import PackedSequences, build_token_files, load_tokens, start_token
@@ -508,11 +645,13 @@ class Trainer:
             token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())  # cached: only reads the key
         if cfg.insertion == "marker" and cfg.trace_groups > 1:
             raise ValueError("--insertion marker places the points itself: use --trace-groups 1")
-        self.marker_ids = tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] \
-            if cfg.insertion == "marker" else None
+        self.marker_ids = (
+            tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] if cfg.insertion == "marker" else None
+        )
         bos = start_token(tokenizer)
-        self.data = PackedSequences(load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, par.rank, par.world,
-                                    bos_id=bos)
+        self.data = PackedSequences(
+            load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, par.rank, par.world, bos_id=bos
+        )
         heldout_tokens = load_tokens(token_dir, "heldout")
         n_eval = min(cfg.eval_sequences, max(0, len(heldout_tokens) - 1) // cfg.seq_len)
         heldout = PackedSequences(heldout_tokens, cfg.seq_len, seed=0, bos_id=bos) if n_eval else None
@@ -520,7 +659,9 @@ class Trainer:
         if n_eval == 0 and cfg.eval_every and par.main:
             from .evaluate import empty_split_message
 
-            print(f"cacheaug: warning: no held-out evaluation in this run: {empty_split_message(token_dir, 'heldout', cfg.seq_len)}")
+            print(
+                f"cacheaug: warning: no held-out evaluation in this run: {empty_split_message(token_dir, 'heldout', cfg.seq_len)}"
+            )
 
     def _setup_optimizer(self) -> None:
         """Resume weights (before any sharding: full tensors into full parameters), spread over ranks, optimizer,
@@ -533,16 +674,19 @@ class Trainer:
                 raise ValueError(
                     f"{checkpoints[-1]} was trained on base model {trained_on.get('name_or_path')!r} (fingerprint "
                     f"{trained_on['fingerprint']}), but this run's --model {cfg.model!r} has fingerprint "
-                    f"{self.base_fingerprint}: resume with the same --model, or train into a new --out-dir.")
+                    f"{self.base_fingerprint}: resume with the same --model, or train into a new --out-dir."
+                )
             saved = read_config(checkpoints[-1])["coprocessor"]
-            changed = {k: (saved[k], v) for k, v in cfg.coprocessor_config().to_dict().items()
-                       if k in saved and saved[k] != v}
+            changed = {
+                k: (saved[k], v) for k, v in cfg.coprocessor_config().to_dict().items() if k in saved and saved[k] != v
+            }
             if changed:
                 said = ", ".join(f"--{k.replace('_', '-')} {new} (it holds {old})" for k, (old, new) in changed.items())
                 raise ValueError(
                     f"--out-dir {cfg.out_dir} holds a run of another coprocessor, and the same command resumes it: "
                     f"this command says {said}. Train into another --out-dir to start afresh, or repeat the run's "
-                    "options to resume it.")
+                    "options to resume it."
+                )
             load_trainable(model, checkpoints[-1])
         self.sharded = par.world > 1 and cfg.parallel == "fsdp"
         self.ddp_model = model
@@ -551,8 +695,9 @@ class Trainer:
         elif par.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp_model = DistributedDataParallel(model, device_ids=[par.device] if par.device.type == "cuda"
-                                                     else None)
+            self.ddp_model = DistributedDataParallel(
+                model, device_ids=[par.device] if par.device.type == "cuda" else None
+            )
         self.opt = make_optimizer(model, cfg)
         self.peak_lr = [g["lr"] for g in self.opt.param_groups]
         self.step_count, self.tokens_seen = 0, 0
@@ -607,17 +752,33 @@ class Trainer:
         if not self.par.main:
             return None
         change = relative_ppl_change(losses)
-        self.log.write(self.step_count, tokens=self.tokens_seen, eval_loss=sum(losses["augmented"]) / cfg.n_ahead,
-                       eval_base_loss=sum(losses["base"]) / cfg.n_ahead, eval_losses=losses["augmented"],
-                       eval_base_losses=losses["base"], eval_points=losses["n_points"],
-                       **{f"eval_rel_ppl_offset_{o + 1}": c for o, c in enumerate(change)})
+        self.log.write(
+            self.step_count,
+            tokens=self.tokens_seen,
+            eval_loss=sum(losses["augmented"]) / cfg.n_ahead,
+            eval_base_loss=sum(losses["base"]) / cfg.n_ahead,
+            eval_losses=losses["augmented"],
+            eval_base_losses=losses["base"],
+            eval_points=losses["n_points"],
+            **{f"eval_rel_ppl_offset_{o + 1}": c for o, c in enumerate(change)},
+        )
         return change
 
     def save(self) -> Path:
         """A checkpoint of the current step (every rank calls it)."""
         extra = {"tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(), "stopped_early": self.stopped_early}
-        return save_checkpoint(self.out_dir, self.step_count, self.model, self.opt, self.data, extra,
-                               self.cfg.keep_last, rank=self.par.rank, world=self.par.world, sharded=self.sharded)
+        return save_checkpoint(
+            self.out_dir,
+            self.step_count,
+            self.model,
+            self.opt,
+            self.data,
+            extra,
+            self.cfg.keep_last,
+            rank=self.par.rank,
+            world=self.par.world,
+            sharded=self.sharded,
+        )
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> Path:
@@ -638,8 +799,13 @@ class Trainer:
         handlers = {}
         if par.world == 1 and threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=cfg.max_steps, initial=self.step_count, desc="train", unit="step",
-                   disable=not (self.progress and par.main))
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step_count,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and par.main),
+        )
         running = torch.zeros((), device=par.device)
         t_last, tokens_last = time.perf_counter(), self.tokens_seen
         t_start, first_step = t_last, None
@@ -656,29 +822,44 @@ class Trainer:
                     self.log.write(step, first_step_s=time.perf_counter() - t_start)
                     if cfg.compile_cache and par.main and cfg.compile_step != "off":
                         size = save_compile_cache(cfg.compile_cache)
-                        bar.write(f"cacheaug: first step after {time.perf_counter() - t_start:.1f} s; saved "
-                                  f"{size / 2**20:.1f} MiB of compile artifacts to {cfg.compile_cache}")
+                        bar.write(
+                            f"cacheaug: first step after {time.perf_counter() - t_start:.1f} s; saved "
+                            f"{size / 2**20:.1f} MiB of compile artifacts to {cfg.compile_cache}"
+                        )
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     par.mean(running)  # the logged loss is the global batch's, not rank 0's share
                     loss = (running / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)).item()
                     running.zero_()
                     if not math.isfinite(loss):
-                        raise FloatingPointError(f"Non-finite training loss at step {step}: lower --lr or "
-                                                 "--soft-token-lr.")
+                        raise FloatingPointError(
+                            f"Non-finite training loss at step {step}: lower --lr or --soft-token-lr."
+                        )
                     now = time.perf_counter()
                     tps = (self.tokens_seen - tokens_last) / (now - t_last)
                     # what the method learns from: insertion points (traces), K per sequence of T tokens
                     traces_s = tps * cfg.n_traces / cfg.seq_len
                     t_last, tokens_last = now, self.tokens_seen
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", traces_s=f"{traces_s:,.{0 if traces_s >= 10 else 2}f}")
-                    self.log.write(step, loss=loss, tokens=self.tokens_seen, tokens_per_s=tps,
-                                   traces_per_s=traces_s, lr=self.opt.param_groups[-1]["lr"])
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", traces_s=f"{traces_s:,.{0 if traces_s >= 10 else 2}f}"
+                    )
+                    self.log.write(
+                        step,
+                        loss=loss,
+                        tokens=self.tokens_seen,
+                        tokens_per_s=tps,
+                        traces_per_s=traces_s,
+                        lr=self.opt.param_groups[-1]["lr"],
+                    )
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     self._evaluate_and_print(bar)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     self.save()
-                if cfg.max_minutes and step % cfg.log_every == 0 and step < cfg.max_steps and par.decide(
-                        time.perf_counter() - t_start > 60 * cfg.max_minutes):
+                if (
+                    cfg.max_minutes
+                    and step % cfg.log_every == 0
+                    and step < cfg.max_steps
+                    and par.decide(time.perf_counter() - t_start > 60 * cfg.max_minutes)
+                ):
                     self.stopped_early = True
                     bar.write(f"cacheaug: --max-minutes {cfg.max_minutes} reached at step {step} of {cfg.max_steps}")
                     break
@@ -688,12 +869,16 @@ class Trainer:
             interrupted = True
             if self._phase == "update":  # stopped inside the optimizer update: weights and step count disagree
                 self.log.close()
-                raise SystemExit(f"cacheaug: stopped inside the update of step {self.step_count + 1}; nothing saved "
-                                 "since the last checkpoint (resume with the same command)") from None
+                raise SystemExit(
+                    f"cacheaug: stopped inside the update of step {self.step_count + 1}; nothing saved "
+                    "since the last checkpoint (resume with the same command)"
+                ) from None
             if self._phase == "batches":  # the step in flight never happened: its batches are read again
                 self.data.load_state_dict(self._data_at_step_start)
-            bar.write(f"cacheaug: interrupted after step {self.step_count}; saving a checkpoint (resume with the same "
-                      "command)")
+            bar.write(
+                f"cacheaug: interrupted after step {self.step_count}; saving a checkpoint (resume with the same "
+                "command)"
+            )
         finally:
             bar.close()
             for sig, handler in handlers.items():
@@ -708,8 +893,9 @@ class Trainer:
     def _evaluate_and_print(self, bar) -> None:
         change = self.evaluate()
         if change is not None:
-            bar.write(f"step {self.step_count}: held-out ppl change by offset "
-                      + " ".join(f"{c:+.1f}%" for c in change[:8]))
+            bar.write(
+                f"step {self.step_count}: held-out ppl change by offset " + " ".join(f"{c:+.1f}%" for c in change[:8])
+            )
 
 
 def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
@@ -718,7 +904,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, progress: bool = True)
     ``base``/``tokenizer`` may be passed in (tests, notebooks); else ``cfg.model`` is loaded.
     """
     if cfg.max_steps < cfg.warmup_steps:
-        print(f"cacheaug: warning: --max-steps {cfg.max_steps} ends inside the {cfg.warmup_steps}-step warm-up: the "
-              f"learning rate reaches only {100 * lr_multiplier(cfg.max_steps - 1, cfg):.0f}% of --lr; lower "
-              "--warmup-steps for a short run")
+        print(
+            f"cacheaug: warning: --max-steps {cfg.max_steps} ends inside the {cfg.warmup_steps}-step warm-up: the "
+            f"learning rate reaches only {100 * lr_multiplier(cfg.max_steps - 1, cfg):.0f}% of --lr; lower "
+            "--warmup-steps for a short run"
+        )
     return Trainer(cfg, base=base, tokenizer=tokenizer, progress=progress).fit()

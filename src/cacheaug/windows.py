@@ -67,11 +67,19 @@ def check_family(family: Family) -> None:
         raise ValueError(
             f"trace_windows needs sdpa attention and a backbone that takes one mask per layer type (Gemma-3, "
             f"Qwen-2/3); this model ({family.model_type}) uses {family.attn_implementation}"
-            f"{'' if family.dict_masks else ' with one mask for every layer'}. Use trace_chunk instead.")
+            f"{'' if family.dict_masks else ' with one mask for every layer'}. Use trace_chunk instead."
+        )
 
 
-def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family: Family, groups: int,
-               full_chunk: int = 1, kernel: bool = False) -> dict:
+def trace_keys(
+    prefix_kv: list,
+    positions: torch.Tensor,
+    block_len: int,
+    family: Family,
+    groups: int,
+    full_chunk: int = 1,
+    kernel: bool = False,
+) -> dict:
     """``{layer_type: TraceKeys}`` for the B*K traces (trace b*K + k: insertion point ``positions[b, k]``), blocks of
     ``block_len`` reading the S text keys of ``prefix_kv``. Sliding-window layers run one trace per row; full layers
     ``full_chunk`` consecutive traces of a sequence per row (C divides K). Each row's key count is rounded up to a
@@ -95,8 +103,14 @@ def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family:
             j = p - (n - 1) + torch.arange(n, device=device)
         kv_pos = torch.cat([j, q_pos], dim=1)  # [R, n + C*L]
         kv_trace = torch.cat([torch.full_like(j, -1), q_trace], dim=1)  # text -1, block c: c
-        ok = allowed(q_pos[:, :, None], q_trace[:, :, None], p.repeat_interleave(L, dim=1)[:, :, None],
-                     kv_pos[:, None, :], kv_trace[:, None, :], window)
+        ok = allowed(
+            q_pos[:, :, None],
+            q_trace[:, :, None],
+            p.repeat_interleave(L, dim=1)[:, :, None],
+            kv_pos[:, None, :],
+            kv_trace[:, None, :],
+            window,
+        )
         ok = ok & (kv_pos >= 0)[:, None, :]  # [R, C*L, n + C*L]: keys before the text's start do not exist
         bias = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, torch.finfo(dtype).min)
         seq = torch.arange(B, device=device).repeat_interleave(K // C)[:, None]  # [R, 1]
@@ -104,13 +118,18 @@ def trace_keys(prefix_kv: list, positions: torch.Tensor, block_len: int, family:
         if kernel:
             seen = ok[:, :, :n].any(1)  # [R, n]: text columns some query of the row sees
             some = seen.any(1)
-            extra = dict(kernel=True, bias=bias, seq=seq[:, 0], start=j[:, 0] if window is not None and n < S
-                         else torch.zeros(R, dtype=torch.long, device=device),
-                         lo=torch.where(some, seen.int().argmax(1), 0).int(),
-                         hi=torch.where(some, n - seen.flip(1).int().argmax(1), 0).int(),
-                         full=_seen_by_all(ok[:, :, :n]))
-        out[layer_type] = TraceKeys(prefix_kv, seq * S + j.clamp_min(0), None if kernel else _fold(bias, groups),
-                                    groups, C, **extra)
+            extra = dict(
+                kernel=True,
+                bias=bias,
+                seq=seq[:, 0],
+                start=j[:, 0] if window is not None and n < S else torch.zeros(R, dtype=torch.long, device=device),
+                lo=torch.where(some, seen.int().argmax(1), 0).int(),
+                hi=torch.where(some, n - seen.flip(1).int().argmax(1), 0).int(),
+                full=_seen_by_all(ok[:, :, :n]),
+            )
+        out[layer_type] = TraceKeys(
+            prefix_kv, seq * S + j.clamp_min(0), None if kernel else _fold(bias, groups), groups, C, **extra
+        )
     return out
 
 
@@ -149,15 +168,27 @@ def trace_attention(module, query, key, value, keys: TraceKeys, dropout: float =
     if keys.kernel and dropout == 0.0 and not text_grad:
         # [R, H_kv, G, C*L, D]: a view of the projections [N, L, H, D] (as transformers passes them); the output comes
         # laid out as the query, so the permutation back below is a view too (no copy either way)
-        out, _ = prefix_attention(q.reshape(R, H_kv, G, C * L, D), rows(key), rows(value), text_k, text_v, keys.seq,
-                                  keys.start, keys.bias, keys.lo, keys.hi, D ** -0.5 if scaling is None else scaling,
-                                  keys.full)
+        out, _ = prefix_attention(
+            q.reshape(R, H_kv, G, C * L, D),
+            rows(key),
+            rows(value),
+            text_k,
+            text_v,
+            keys.seq,
+            keys.start,
+            keys.bias,
+            keys.lo,
+            keys.hi,
+            D**-0.5 if scaling is None else scaling,
+            keys.full,
+        )
     else:
         k = torch.cat([gather_rows(text_k, keys.index), rows(key)], dim=2)  # [R, H_kv, S_w + C*L, D_h]
         v = torch.cat([gather_rows(text_v, keys.index), rows(value)], dim=2)
         mask = keys.mask if keys.mask is not None else _fold(keys.bias, G)
-        out = F.scaled_dot_product_attention(q.reshape(R, H_kv, G * C * L, D), k, v, attn_mask=mask,
-                                             dropout_p=dropout, scale=scaling)
+        out = F.scaled_dot_product_attention(
+            q.reshape(R, H_kv, G * C * L, D), k, v, attn_mask=mask, dropout_p=dropout, scale=scaling
+        )
     out = out.view(R, H_kv, G, C, L, D).permute(0, 3, 4, 1, 2, 5)  # [R, C, L, H_kv, G, D]
     return out.reshape(N, L, H, D), None
 

@@ -25,17 +25,23 @@ from .. import kv
 
 
 @torch.no_grad()
-def batched_step(base, cache_kwarg: str, caches: list[DynamicCache], tokens: list[int], positions: list[int] | None = None):
+def batched_step(
+    base, cache_kwarg: str, caches: list[DynamicCache], tokens: list[int], positions: list[int] | None = None
+):
     """One decoding step for every (cache, token) pair, each token at its rotary position (default: its cache's
     length); returns (new caches, logits [B, V])."""
     lengths = [kv.length(c) for c in caches]
     padded, mask = kv.left_pad([kv.layers(c) for c in caches], lengths, 1)
     batch = kv.from_layers(padded)
     device = mask.device
-    out = base(input_ids=torch.tensor(tokens, device=device)[:, None],
-               position_ids=torch.tensor(lengths if positions is None else positions, device=device)[:, None],
-               attention_mask=mask,
-               use_cache=True, logits_to_keep=1, **{cache_kwarg: batch})
+    out = base(
+        input_ids=torch.tensor(tokens, device=device)[:, None],
+        position_ids=torch.tensor(lengths if positions is None else positions, device=device)[:, None],
+        attention_mask=mask,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kwarg: batch},
+    )
     return kv.unpad_rows(batch, [n + 1 for n in lengths]), out.logits[:, -1]
 
 
@@ -64,8 +70,9 @@ class LatentsWorker:
     call's host side: Python and kernel launches), ``device_s`` (then until its stream finished) and ``rows``.
     """
 
-    def __init__(self, model, stream=None, max_batch: int = 16, hard_timeout_s: float | None = None,
-                 on_restart=None, graphs=None):
+    def __init__(
+        self, model, stream=None, max_batch: int = 16, hard_timeout_s: float | None = None, on_restart=None, graphs=None
+    ):
         self.model, self.stream, self.max_batch = model, stream, max_batch
         self.graphs = graphs  # a LatentGraphs: one prefix at a time as one CUDA graph replay (latent_graphs.py)
         self.hard_timeout_s, self.on_restart = hard_timeout_s, on_restart
@@ -92,8 +99,11 @@ class LatentsWorker:
                 self._running.pop(self.generation, None)
                 self.restarts += 1
                 self.replace()
-            warnings.warn(f"cacheaug: a coprocessor call overran the hard timeout of {self.hard_timeout_s} s; its "
-                          "worker was replaced.", stacklevel=2)
+            warnings.warn(
+                f"cacheaug: a coprocessor call overran the hard timeout of {self.hard_timeout_s} s; its "
+                "worker was replaced.",
+                stacklevel=2,
+            )
             if self.on_restart is not None:
                 self.on_restart()
             for future in running[1]:
@@ -139,8 +149,9 @@ class LatentsWorker:
             layers, length, last = items[0][:3]
             last = None if last is None else torch.tensor([last], device=self.model.device)
             return [self.model.compute_latents(kv.from_layers(layers), length, last)]
-        return self.model.compute_latents_batch([it[0] for it in items], [it[1] for it in items],
-                                                [it[2] for it in items])
+        return self.model.compute_latents_batch(
+            [it[0] for it in items], [it[1] for it in items], [it[2] for it in items]
+        )
 
     def _loop(self, generation: int) -> None:
         while generation == self.generation:
@@ -181,8 +192,12 @@ class LatentsWorker:
             except BaseException as err:  # noqa: BLE001  every request of the batch falls back
                 outcome = [(it, err) for it in items]
             if launched is not None:  # where the call's time went (benchmarks/serve_latency.py reports it)
-                timing = {"queued_s": queued_s, "launch_s": launched - started,
-                          "device_s": time.monotonic() - launched, "rows": len(items)}
+                timing = {
+                    "queued_s": queued_s,
+                    "launch_s": launched - started,
+                    "device_s": time.monotonic() - launched,
+                    "rows": len(items),
+                }
                 for it in items:
                     it[-1].timing = timing
             with self._state:

@@ -53,6 +53,7 @@ from .scheduler import END, Scheduler
 from .slab import Slab
 from .store import CacheStore
 
+
 @dataclass
 class Stats:
     """Counters exported by the server's /metrics, incremented under a lock (requests run on many threads)."""
@@ -113,17 +114,31 @@ class Engine:
             padded call runs eagerly.
     """
 
-    def __init__(self, model: CacheAugmentedLM, store: CacheStore | None = None, *, default_deadline_s: float = 2.0,
-                 hard_timeout_s: float = 30.0, async_grace_s: float = 0.0, max_stale_tokens: int = 64,
-                 max_batch: int = 16, static_batch: bool = True, static_max_len: int = 8192,
-                 compile_decode: str | None = None, coprocessor_priority: str = "normal",
-                 coprocessor_graphs: bool = False):
+    def __init__(
+        self,
+        model: CacheAugmentedLM,
+        store: CacheStore | None = None,
+        *,
+        default_deadline_s: float = 2.0,
+        hard_timeout_s: float = 30.0,
+        async_grace_s: float = 0.0,
+        max_stale_tokens: int = 64,
+        max_batch: int = 16,
+        static_batch: bool = True,
+        static_max_len: int = 8192,
+        compile_decode: str | None = None,
+        coprocessor_priority: str = "normal",
+        coprocessor_graphs: bool = False,
+    ):
         if coprocessor_priority not in STREAM_PRIORITIES:
-            raise ValueError(f"coprocessor_priority must be one of {', '.join(STREAM_PRIORITIES)}, got "
-                             f"{coprocessor_priority!r}")
+            raise ValueError(
+                f"coprocessor_priority must be one of {', '.join(STREAM_PRIORITIES)}, got {coprocessor_priority!r}"
+            )
         if not model.arm.has_latents:
-            raise ValueError(f"a {model.config.init!r} checkpoint inserts no latents, so there is nothing to augment "
-                             "with; serve the frozen model alone (no --coprocessor) or a coprocessor checkpoint")
+            raise ValueError(
+                f"a {model.config.init!r} checkpoint inserts no latents, so there is nothing to augment "
+                "with; serve the frozen model alone (no --coprocessor) or a coprocessor checkpoint"
+            )
         if not isinstance(max_stale_tokens, int) or max_stale_tokens < 0:
             raise ValueError(f"max_stale_tokens must be a non-negative integer, got {max_stale_tokens!r}")
         self.model = model
@@ -141,8 +156,14 @@ class Engine:
             stream = torch.cuda.Stream(device=model.device, priority=STREAM_PRIORITIES[coprocessor_priority])
         self.coprocessor_graphs = coprocessor_graphs
         graphs = LatentGraphs(model, max_length=static_max_len) if coprocessor_graphs else None
-        self.worker = LatentsWorker(model, stream, max_batch=max_batch, hard_timeout_s=hard_timeout_s,
-                                    on_restart=lambda: self.stats.add(worker_restarts=1), graphs=graphs)
+        self.worker = LatentsWorker(
+            model,
+            stream,
+            max_batch=max_batch,
+            hard_timeout_s=hard_timeout_s,
+            on_restart=lambda: self.stats.add(worker_restarts=1),
+            graphs=graphs,
+        )
         self.slab = None
         if static_batch and model.family.attn_implementation in Slab.ATTENTION:
             self.slab = Slab(model, max_batch, max_length=static_max_len, compile=compile_decode)
@@ -163,12 +184,17 @@ class Engine:
             out = self.model.decode(cache, ids, position, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _insert(self, cache: DynamicCache, latents: torch.Tensor, last_token: int,
-                then: list[int] | None = None) -> torch.Tensor:
+    def _insert(
+        self, cache: DynamicCache, latents: torch.Tensor, last_token: int, then: list[int] | None = None
+    ) -> torch.Tensor:
         device = self.model.device
         with self.lock:
-            return self.model.insert_latents(cache, latents, torch.tensor([last_token], device=device),
-                                             torch.tensor([then], device=device) if then else None)
+            return self.model.insert_latents(
+                cache,
+                latents,
+                torch.tensor([last_token], device=device),
+                torch.tensor([then], device=device) if then else None,
+            )
 
     @staticmethod
     def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
@@ -181,8 +207,12 @@ class Engine:
         hit = self.store.longest_prefix(prompt) if use_store else None
         if hit is not None:
             try:
-                cache, logits, n = self.store.load(hit, self.model.device, n_layers=self.base.config.num_hidden_layers,
-                                                   n_latents=self.model.config.n_inserted)
+                cache, logits, n = self.store.load(
+                    hit,
+                    self.model.device,
+                    n_layers=self.base.config.num_hidden_layers,
+                    n_latents=self.model.config.n_inserted,
+                )
             except KeyError:  # a bad entry was discarded (with a warning): compute the prompt afresh
                 hit = None
         if hit is not None:
@@ -194,10 +224,20 @@ class Engine:
         cache = DynamicCache()
         return cache, self._forward(cache, ids, augmented=False), False
 
-    def stream(self, prompt: list[int], max_new_tokens: int, *, policy: str = "sync", deadline_s: float | None = None,
-               temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
-               seed: int | None = None, cancel: threading.Event | None = None,
-               info: dict | None = None) -> Iterator[Step]:
+    def stream(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        *,
+        policy: str = "sync",
+        deadline_s: float | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_ids: tuple[int, ...] = (),
+        seed: int | None = None,
+        cancel: threading.Event | None = None,
+        info: dict | None = None,
+    ) -> Iterator[Step]:
         """Decode up to ``max_new_tokens`` after ``prompt`` (token ids), yielding :class:`Step` per token, with the
         augmentation ``policy`` (:mod:`~cacheaug.serving.policies`: off, sync, async or a registered one). The
         request is advanced by the engine loop, one token per token asked for. With ``cancel`` set the request stops
@@ -207,18 +247,28 @@ class Engine:
         ``insert_rows`` (:meth:`insert_pending`)."""
         strategy = get_policy(policy)
         if strategy.needs_gate and not self.has_gate:
-            raise ValueError(f"the {policy!r} policy needs a coprocessor with a gate: fit one with `cacheaug train-gate "
-                             "--checkpoint CKPT --data ...` and serve that checkpoint")
+            raise ValueError(
+                f"the {policy!r} policy needs a coprocessor with a gate: fit one with `cacheaug train-gate "
+                "--checkpoint CKPT --data ...` and serve that checkpoint"
+            )
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_new_tokens < 1:
             return
         info = {} if info is None else info
         info.update(outcome=None, cancelled=False)
-        req = Request(list(prompt), self.clock() + (self.default_deadline_s if deadline_s is None else deadline_s),
-                      cancel, info, strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, stop_ids=tuple(stop_ids),
-                      generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+        req = Request(
+            list(prompt),
+            self.clock() + (self.default_deadline_s if deadline_s is None else deadline_s),
+            cancel,
+            info,
+            strategy=strategy,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=tuple(stop_ids),
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+        )
         info["states"] = req.history
         req.enter("waiting")
         self.stats.add(requests=1)
@@ -255,7 +305,8 @@ class Engine:
             h = self.base.get_decoder()(
                 input_ids=torch.tensor([req.prompt[-1:]], device=device),
                 position_ids=torch.tensor([[P - 1]], device=device),
-                **self.model.cache_kwargs(kv.fork(req.cache, P - 1))).last_hidden_state[:, -1]
+                **self.model.cache_kwargs(kv.fork(req.cache, P - 1)),
+            ).last_hidden_state[:, -1]
             fire = bool(self.model.gate_fires(h)[0])
         req.info["gate"] = fire
         return fire
@@ -310,9 +361,12 @@ class Engine:
             caches = [kv.fork(r.cache, len(r.prompt)) for r in reqs]
             then = torch.tensor([r.generated for r in reqs], device=device) if n else None
             with self.lock:
-                new, logits = self.model.insert_latents_rows(caches, torch.cat([r.latents for r in reqs]),
-                                                             torch.tensor([r.prompt[-1] for r in reqs], device=device),
-                                                             then)
+                new, logits = self.model.insert_latents_rows(
+                    caches,
+                    torch.cat([r.latents for r in reqs]),
+                    torch.tensor([r.prompt[-1] for r in reqs], device=device),
+                    then,
+                )
             for i, (req, cache) in enumerate(zip(reqs, new)):
                 req.cache, req.logits = cache, logits[i : i + 1]
         share = (self.clock() - start) / len(reqs)
@@ -356,15 +410,18 @@ class Engine:
         except BaseException as err:  # failed, cancelled or killed (SystemExit in its thread): decode unaugmented
             info["outcome"] = "failed"
             self.stats.add(failed=1, fallbacks=1)
-            warnings.warn(f"cacheaug: coprocessor failed ({type(err).__name__}: {err}); decoding without it.",
-                          stacklevel=3)
+            warnings.warn(
+                f"cacheaug: coprocessor failed ({type(err).__name__}: {err}); decoding without it.", stacklevel=3
+            )
             return None
 
     def generate(self, prompt: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], dict]:
         """All tokens of :meth:`stream` at once, and a summary of the augmentation."""
         steps = list(self.stream(prompt, max_new_tokens, **kwargs))
-        info = {"augmented": bool(steps and steps[-1].augmented),
-                "inserted_after": steps[-1].inserted_after if steps else None}
+        info = {
+            "augmented": bool(steps and steps[-1].augmented),
+            "inserted_after": steps[-1].inserted_after if steps else None,
+        }
         return [s.token for s in steps], info
 
     # -------------------------------------------------------------------------------------------- offline

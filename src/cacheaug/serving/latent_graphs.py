@@ -41,19 +41,28 @@ class LatentGraphs:
 
     def __init__(self, model, bucket: int = 256, max_length: int = 8192, capture: bool | None = None):
         if model.family.attn_implementation not in ATTENTION:
-            raise ValueError(f"coprocessor graphs need sdpa or eager attention (masks built inside the graph), not "
-                             f"{model.family.attn_implementation}; serve without --coprocessor-graphs")
+            raise ValueError(
+                f"coprocessor graphs need sdpa or eager attention (masks built inside the graph), not "
+                f"{model.family.attn_implementation}; serve without --coprocessor-graphs"
+            )
         if bucket < 1 or max_length < bucket:
             raise ValueError(f"need 1 <= bucket <= max_length, got bucket={bucket}, max_length={max_length}")
         self.model, self.bucket = model, bucket
         self.max_length = -(-max_length // bucket) * bucket
         self.capture = model.device.type == "cuda" if capture is None else capture
         cfg, weight = model.base.config, model.base.get_input_embeddings().weight
-        heads, dim = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        heads, dim = (
+            cfg.num_key_value_heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        )
         shape = (1, heads, self.max_length, dim)
-        self.layers = [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-                        torch.zeros(shape, dtype=weight.dtype, device=weight.device))
-                       for _ in range(cfg.num_hidden_layers)]
+        self.layers = [
+            (
+                torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+            )
+            for _ in range(cfg.num_hidden_layers)
+        ]
         self.buckets: dict[int, _Bucket] = {}
         self.calls = 0  # calls served, and how many of them were graph replays
         self.replays = 0
@@ -105,8 +114,10 @@ class LatentGraphs:
         """The latents ``[1, N_L, D]`` of a prefix: ``layers`` holds one ``(keys, values)`` ``[1, H_kv, >= length,
         D_h]`` per layer, ``last_token`` the id at position ``length - 1`` (echo_residual)."""
         if not self.fits(length):
-            raise ValueError(f"a prefix of {length} positions does not fit coprocessor graphs of at most "
-                             f"{self.max_length}: raise max_length, or call compute_latents")
+            raise ValueError(
+                f"a prefix of {length} positions does not fit coprocessor graphs of at most "
+                f"{self.max_length}: raise max_length, or call compute_latents"
+            )
         if self.model.config.echo_residual and last_token is None:
             raise ValueError("This coprocessor (echo_residual) needs `last_token`, the id of the prefix's last token.")
         with self._lock:

@@ -153,8 +153,10 @@ class Off(Policy):
 
 
 class Sync(Policy):
-    name, summary = "sync", ("augment the prompt, then decode (the paper's setting); past the deadline or on failure, "
-                             "decode unaugmented")
+    name, summary = (
+        "sync",
+        ("augment the prompt, then decode (the paper's setting); past the deadline or on failure, decode unaugmented"),
+    )
 
     def after_prefill(self, engine, req):
         if req.wants:
@@ -166,8 +168,13 @@ class Sync(Policy):
 
 
 class Async(Policy):
-    name, summary = "async", ("the first token at once (or within the grace time); latents that arrive later go in "
-                              "at their true place and the tokens decoded meanwhile are replayed")
+    name, summary = (
+        "async",
+        (
+            "the first token at once (or within the grace time); latents that arrive later go in "
+            "at their true place and the tokens decoded meanwhile are replayed"
+        ),
+    )
 
     def after_prefill(self, engine, req):
         if req.wants and engine.async_grace_s > 0:
@@ -188,8 +195,14 @@ class Async(Policy):
 
 
 class Gated(Sync):
-    name, summary, needs_gate = "gate", ("augment the prompt as sync only where the coprocessor's gate fires at its "
-                                         "end; elsewhere the frozen model's decoding"), True
+    name, summary, needs_gate = (
+        "gate",
+        (
+            "augment the prompt as sync only where the coprocessor's gate fires at its "
+            "end; elsewhere the frozen model's decoding"
+        ),
+        True,
+    )
 
     def after_prefill(self, engine, req):
         if req.wants and engine.gate_fires(req):

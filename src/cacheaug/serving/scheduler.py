@@ -210,13 +210,19 @@ class Scheduler:
             self._greedy_choices(static, logits)
         if len(dynamic) == 1:
             req = dynamic[0]
-            req.logits = engine._forward(req.cache, torch.tensor([[req.generated[-1]]], device=model.device),
-                                         req.augmented)
+            req.logits = engine._forward(
+                req.cache, torch.tensor([[req.generated[-1]]], device=model.device), req.augmented
+            )
         elif dynamic:
             positions = [model.next_position(r.cache.get_seq_length(), r.augmented) for r in dynamic]
             with engine.lock:
-                caches, logits = batched_step(model.base, model.family.cache_kwarg, [r.cache for r in dynamic],
-                                              [r.generated[-1] for r in dynamic], positions)
+                caches, logits = batched_step(
+                    model.base,
+                    model.family.cache_kwarg,
+                    [r.cache for r in dynamic],
+                    [r.generated[-1] for r in dynamic],
+                    positions,
+                )
             for i, req in enumerate(dynamic):
                 req.cache, req.logits = caches[i], logits[i : i + 1]
             self._greedy_choices(dynamic, logits)

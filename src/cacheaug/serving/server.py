@@ -21,20 +21,19 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine
 from .policies import get_policy
-
 
 log = logging.getLogger("cacheaug.serve")
 
@@ -70,8 +69,11 @@ class _Sampling(BaseModel):
     top_p: float = Float(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: StreamOptions | None = None  # {"include_usage": true}: a last chunk with the usage
-    stop: Annotated[list[Annotated[Text, Field(max_length=256)]], Field(max_length=4)] | \
-        Annotated[Text, Field(max_length=256)] | None = None  # as OpenAI's API: at most 4
+    stop: (
+        Annotated[list[Annotated[Text, Field(max_length=256)]], Field(max_length=4)]
+        | Annotated[Text, Field(max_length=256)]
+        | None
+    ) = None  # as OpenAI's API: at most 4
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     augment: PolicyName | None = None  # a registered policy (cacheaug.serving.policies): off, sync, async, ...
     deadline_ms: int | None = Field(default=None, ge=0, le=600_000)
@@ -154,10 +156,18 @@ def _metrics():
     }
 
 
-def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", aliases: tuple[str, ...] = (),
-               default_policy: str = "sync",
-               max_concurrent: int = 8, max_queue: int = 16, queue_timeout_s: float = 60.0,
-               max_body_bytes: int = 4 << 20) -> FastAPI:
+def create_app(
+    engine: Engine,
+    tokenizer,
+    *,
+    model_name: str = "cacheaug",
+    aliases: tuple[str, ...] = (),
+    default_policy: str = "sync",
+    max_concurrent: int = 8,
+    max_queue: int = 16,
+    queue_timeout_s: float = 60.0,
+    max_body_bytes: int = 4 << 20,
+) -> FastAPI:
     app = FastAPI(title="cacheaug", version="1")
     started = int(time.time())
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
@@ -176,8 +186,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
         if not set(ids) - special:  # nothing but the <bos> the tokenizer adds
             raise HTTPException(422, "the prompt has no tokens after tokenisation: send some text")
         if max_context is not None and len(ids) + n_latents + max_tokens > max_context:
-            raise HTTPException(400, f"prompt of {len(ids)} tokens + {max_tokens} new tokens + {n_latents} latents "
-                                     f"exceeds the model's context of {max_context}")
+            raise HTTPException(
+                400,
+                f"prompt of {len(ids)} tokens + {max_tokens} new tokens + {n_latents} latents "
+                f"exceeds the model's context of {max_context}",
+            )
         return ids
 
     def chat_text(messages: list[ChatMessage]) -> tuple[str, bool]:
@@ -191,8 +204,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
     def check_model(name: str | None) -> None:
         """The served model's id (or the name it was started with); another is a 404, as the OpenAI API answers."""
         if name is not None and name not in (model_name, *aliases):
-            raise HTTPException(404, f"no model {name!r} here; this server serves {model_name!r}",
-                                headers={"x-error-code": "model_not_found"})
+            raise HTTPException(
+                404,
+                f"no model {name!r} here; this server serves {model_name!r}",
+                headers={"x-error-code": "model_not_found"},
+            )
 
     async def acquire() -> None:
         """A decoding slot, waiting on the event loop: 429 when ``max_concurrent + max_queue`` requests already hold
@@ -224,9 +240,18 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
         info: dict = {}
         t0 = time.monotonic()
         out, first = TextStream(tokenizer, stops), True
-        for step in engine.stream(prompt_ids, body.max_tokens, policy=policy, deadline_s=deadline,
-                                  temperature=body.temperature, top_p=body.top_p, stop_ids=(eos,) if eos is not None else (),
-                                  seed=body.seed, cancel=cancel, info=info):
+        for step in engine.stream(
+            prompt_ids,
+            body.max_tokens,
+            policy=policy,
+            deadline_s=deadline,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop_ids=(eos,) if eos is not None else (),
+            seed=body.seed,
+            cancel=cancel,
+            info=info,
+        ):
             if first:
                 m["ttft"].labels(policy).observe(time.monotonic() - t0)
                 first = False
@@ -245,8 +270,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
     async def complete(body, prompt_ids: list[int], endpoint: str, chat: bool, request: Request):
         check_model(body.model)
         if get_policy(body.augment or default_policy).needs_gate and not engine.has_gate:
-            raise HTTPException(400, f"augment {body.augment or default_policy!r} needs a coprocessor with a gate: fit "
-                                "one with `cacheaug train-gate --checkpoint CKPT --data ...` and serve that checkpoint")
+            raise HTTPException(
+                400,
+                f"augment {body.augment or default_policy!r} needs a coprocessor with a gate: fit "
+                "one with `cacheaug train-gate --checkpoint CKPT --data ...` and serve that checkpoint",
+            )
         loop = asyncio.get_running_loop()
         await acquire()
         if await request.is_disconnected():  # the client left while queued: no prefill, no decoding for it
@@ -261,17 +289,29 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
 
         def envelope(text: str, finish, extra: dict | None = None) -> dict:
             if chat:
-                choice = {"index": 0, "delta" if body.stream else "message": {"role": "assistant", "content": text},
-                          "finish_reason": finish}
+                choice = {
+                    "index": 0,
+                    "delta" if body.stream else "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                }
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             obj = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
-            return {"id": rid, "object": obj, "created": created, "model": model_name,
-                    "choices": [choice], **(extra or {})}
+            return {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model_name,
+                "choices": [choice],
+                **(extra or {}),
+            }
 
         def usage(n_tokens: int) -> dict:
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n_tokens,
-                    "total_tokens": len(prompt_ids) + n_tokens}
+            return {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": n_tokens,
+                "total_tokens": len(prompt_ids) + n_tokens,
+            }
 
         if body.stream:
             queue: asyncio.Queue = asyncio.Queue()
@@ -348,8 +388,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
         if cancel.is_set():
             raise HTTPException(499, "the client closed the request")  # nobody reads it; logged as such
         m["requests"].labels(endpoint, policy, "200").inc()
-        aug = {"policy": policy, "augmented": bool(last and last.augmented),
-               "inserted_after": last.inserted_after if last else None}
+        aug = {
+            "policy": policy,
+            "augmented": bool(last and last.augmented),
+            "inserted_after": last.inserted_after if last else None,
+        }
         return JSONResponse(envelope(text, finish, {"usage": usage(n_tokens), "augmentation": aug}))
 
     @app.post("/v1/completions")
@@ -370,8 +413,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
     @app.post("/v1/augment")
     async def augment(body: AugmentRequest):
         if not engine.model.enabled:
-            raise HTTPException(400, "this server has no coprocessor, so it cannot augment a prefix: start it with "
-                                "`cacheaug serve --coprocessor CHECKPOINT`")
+            raise HTTPException(
+                400,
+                "this server has no coprocessor, so it cannot augment a prefix: start it with "
+                "`cacheaug serve --coprocessor CHECKPOINT`",
+            )
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(None, encode, body.prompt, 0)
         deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
@@ -382,16 +428,21 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
             raise HTTPException(503, str(err)) from None
         except OSError as err:  # disk full, a read-only store: nothing stored, the server keeps serving
             log.warning("cacheaug serve: the prefix store could not be written: %s", err)
-            raise HTTPException(507, f"the prefix store could not be written ({err.strerror or err}); nothing was "
-                                "stored and the server keeps serving: free space in --store-dir or make it writable") from None
+            raise HTTPException(
+                507,
+                f"the prefix store could not be written ({err.strerror or err}); nothing was "
+                "stored and the server keeps serving: free space in --store-dir or make it writable",
+            ) from None
         finally:
             give_back()
         return {"cache_id": cache_id, "tokens": len(ids)}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "cacheaug"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "cacheaug"}],
+        }
 
     @app.get("/v1/models/{name:path}")
     async def model_info(name: str):
@@ -401,12 +452,21 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "cacheaug", alias
     @app.get("/health")
     async def health():
         slab = engine.slab
-        decoding = {"static_batch": slab is not None, "cuda_graphs": bool(slab and slab.cuda_graphs),
-                    "compiled": slab.compile if slab else None, "steps": slab.steps if slab else 0}
-        return {"status": "ok", "model": model_name, "coprocessor": engine.model.enabled,
-                "stored_prefixes": len(engine.store), "decoding": decoding,
-                "coprocessor_priority": engine.coprocessor_priority,
-                "coprocessor_graphs": engine.coprocessor_graphs}
+        decoding = {
+            "static_batch": slab is not None,
+            "cuda_graphs": bool(slab and slab.cuda_graphs),
+            "compiled": slab.compile if slab else None,
+            "steps": slab.steps if slab else 0,
+        }
+        return {
+            "status": "ok",
+            "model": model_name,
+            "coprocessor": engine.model.enabled,
+            "stored_prefixes": len(engine.store),
+            "decoding": decoding,
+            "coprocessor_priority": engine.coprocessor_priority,
+            "coprocessor_graphs": engine.coprocessor_graphs,
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -467,8 +527,13 @@ class _BodyLimit:
 
     async def _too_large(self, send):
         body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes", "code": 413}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -492,17 +557,17 @@ class TextStream:
         full = self._text()
         cut = _stop_at(full, self.stops)
         if cut is not None:
-            piece = cut[len(self.sent):] if cut.startswith(self.sent) else ""
+            piece = cut[len(self.sent) :] if cut.startswith(self.sent) else ""
             self.sent = cut
             return piece, True
         safe = full if end else full[: len(full) - self._held(full)]
-        piece = safe[len(self.sent):] if safe.startswith(self.sent) else ""
+        piece = safe[len(self.sent) :] if safe.startswith(self.sent) else ""
         self.sent = self.sent + piece
         return piece, False
 
     def flush(self) -> str:
         full = self._text()
-        rest = full[len(self.sent):] if full.startswith(self.sent) else ""
+        rest = full[len(self.sent) :] if full.startswith(self.sent) else ""
         self.sent += rest
         return rest
 
@@ -529,25 +594,46 @@ def served_id(model: str) -> str:
     return path.resolve().name if path.is_dir() else model
 
 
-def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          policy: str = "sync", store_dir: str | None = None, store_bytes: int = 1 << 30,
-          store_disk_bytes: int = 10 << 30, max_concurrent: int = 8, max_queue: int = 16, deadline_ms: int = 2000,
-          async_grace_ms: int = 0, max_stale_tokens: int = 64, hard_timeout_ms: int = 30_000,
-          device: str | None = None, compile_decode: str | None = None, coprocessor_priority: str = "normal",
-          coprocessor_graphs: bool = False, shutdown_grace_s: float = 10.0) -> None:
+def serve(
+    model: str = "gemma-3-270m",
+    coprocessor: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    policy: str = "sync",
+    store_dir: str | None = None,
+    store_bytes: int = 1 << 30,
+    store_disk_bytes: int = 10 << 30,
+    max_concurrent: int = 8,
+    max_queue: int = 16,
+    deadline_ms: int = 2000,
+    async_grace_ms: int = 0,
+    max_stale_tokens: int = 64,
+    hard_timeout_ms: int = 30_000,
+    device: str | None = None,
+    compile_decode: str | None = None,
+    coprocessor_priority: str = "normal",
+    coprocessor_graphs: bool = False,
+    shutdown_grace_s: float = 10.0,
+) -> None:
     """Load the model (and coprocessor) and serve until interrupted."""
     import uvicorn
 
-    problems = [f"{name} must be {rule}, got {value}" for name, value, rule, ok in (
-        ("--max-concurrent", max_concurrent, "at least 1", max_concurrent >= 1),
-        ("--max-queue", max_queue, "at least 0", max_queue >= 0),
-        ("--store-mib", store_bytes >> 20, "at least 0", store_bytes >= 0),
-        ("--store-disk-mib", store_disk_bytes >> 20, "at least 0", store_disk_bytes >= 0),
-        ("--hard-timeout-ms", hard_timeout_ms, "at least 1", hard_timeout_ms >= 1),
-        ("--deadline-ms", deadline_ms, "at least 0", deadline_ms >= 0),
-        ("--async-grace-ms", async_grace_ms, "at least 0", async_grace_ms >= 0),
-        ("--max-stale-tokens", max_stale_tokens, "at least 0", max_stale_tokens >= 0),
-        ("--port", port, "in 0..65535", 0 <= port <= 65535)) if not ok]
+    problems = [
+        f"{name} must be {rule}, got {value}"
+        for name, value, rule, ok in (
+            ("--max-concurrent", max_concurrent, "at least 1", max_concurrent >= 1),
+            ("--max-queue", max_queue, "at least 0", max_queue >= 0),
+            ("--store-mib", store_bytes >> 20, "at least 0", store_bytes >= 0),
+            ("--store-disk-mib", store_disk_bytes >> 20, "at least 0", store_disk_bytes >= 0),
+            ("--hard-timeout-ms", hard_timeout_ms, "at least 1", hard_timeout_ms >= 1),
+            ("--deadline-ms", deadline_ms, "at least 0", deadline_ms >= 0),
+            ("--async-grace-ms", async_grace_ms, "at least 0", async_grace_ms >= 0),
+            ("--max-stale-tokens", max_stale_tokens, "at least 0", max_stale_tokens >= 0),
+            ("--port", port, "in 0..65535", 0 <= port <= 65535),
+        )
+        if not ok
+    ]
     if problems:
         raise SystemExit("cacheaug serve: " + "; ".join(problems))
 
@@ -565,19 +651,39 @@ def serve(model: str = "gemma-3-270m", coprocessor: str | None = None, *, host: 
         wrapped = CacheAugmentedLM(base, CoprocessorConfig(init="pause"))
         wrapped.enabled = False  # no coprocessor: plain decoding whatever the policy
     if get_policy(policy).needs_gate and (not coprocessor or wrapped.gate is None):
-        raise SystemExit(f"cacheaug serve: --policy {policy} needs a coprocessor with a gate: fit one with `cacheaug "
-                         "train-gate --checkpoint CKPT --data ...` and pass --coprocessor CKPT")
-    store = CacheStore(store_bytes, store_dir, fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}",
-                       max_disk_bytes=store_disk_bytes)
+        raise SystemExit(
+            f"cacheaug serve: --policy {policy} needs a coprocessor with a gate: fit one with `cacheaug "
+            "train-gate --checkpoint CKPT --data ...` and pass --coprocessor CKPT"
+        )
+    store = CacheStore(
+        store_bytes,
+        store_dir,
+        fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}",
+        max_disk_bytes=store_disk_bytes,
+    )
     try:
-        engine = Engine(wrapped, store, default_deadline_s=deadline_ms / 1000, async_grace_s=async_grace_ms / 1000,
-                        max_stale_tokens=max_stale_tokens, hard_timeout_s=hard_timeout_ms / 1000,
-                        compile_decode=compile_decode, coprocessor_priority=coprocessor_priority,
-                        coprocessor_graphs=coprocessor_graphs)
+        engine = Engine(
+            wrapped,
+            store,
+            default_deadline_s=deadline_ms / 1000,
+            async_grace_s=async_grace_ms / 1000,
+            max_stale_tokens=max_stale_tokens,
+            hard_timeout_s=hard_timeout_ms / 1000,
+            compile_decode=compile_decode,
+            coprocessor_priority=coprocessor_priority,
+            coprocessor_graphs=coprocessor_graphs,
+        )
     except ValueError as err:
         raise SystemExit(f"cacheaug serve: {err}") from None
-    app = create_app(engine, tokenizer, model_name=served_id(model), aliases=(model,), default_policy=policy, max_concurrent=max_concurrent,
-                     max_queue=max_queue)
+    app = create_app(
+        engine,
+        tokenizer,
+        model_name=served_id(model),
+        aliases=(model,),
+        default_policy=policy,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+    )
     # SIGTERM / Ctrl-C: stop accepting, give open requests (streams too) shutdown_grace_s to finish, then close them
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace_s)
     engine.close()

@@ -69,12 +69,14 @@ class Slab:
     MIN_LENGTH = 64
     ATTENTION = ("sdpa", "eager")  # backends whose masks the step builds (not flex_attention's block masks)
 
-    def __init__(self, model, max_rows: int, max_length: int = 8192, cuda_graphs: bool | None = None,
-                 compile: str | None = None):
+    def __init__(
+        self, model, max_rows: int, max_length: int = 8192, cuda_graphs: bool | None = None, compile: str | None = None
+    ):
         family = model.family
         if family.attn_implementation not in self.ATTENTION:
-            raise ValueError(f"static batched decoding needs sdpa or eager attention, not "
-                             f"{family.attn_implementation!r}")
+            raise ValueError(
+                f"static batched decoding needs sdpa or eager attention, not {family.attn_implementation!r}"
+            )
         self.model, self.base, self.family = model, model.base, family
         self.max_rows, self.max_length = max(1, max_rows), max(self.MIN_LENGTH, max_length)
         self.device = model.device
@@ -167,14 +169,18 @@ class Slab:
     def view(self, row: int) -> DynamicCache:
         """The cache held by ``row``, as views (decoding into it with the dynamic path copies, as kv.fork does)."""
         n = self.length[row]
-        return kv.from_layers([(k[row : row + 1, :, :n], v[row : row + 1, :, :n])
-                               for k, v in zip(self.keys, self.values)])
+        return kv.from_layers(
+            [(k[row : row + 1, :, :n], v[row : row + 1, :, :n]) for k, v in zip(self.keys, self.values)]
+        )
 
     def holds(self, row: int, cache: DynamicCache) -> bool:
         """Whether ``cache`` is still ``row``'s own view (not replaced or appended to since it was taken)."""
         layers = kv.layers(cache)
-        return (kv.length(cache) == self.length[row] and len(layers) == len(self.keys)
-                and layers[0][0].data_ptr() == self.keys[0][row].data_ptr())
+        return (
+            kv.length(cache) == self.length[row]
+            and len(layers) == len(self.keys)
+            and layers[0][0].data_ptr() == self.keys[0][row].data_ptr()
+        )
 
     # ----------------------------------------------------------------------------------------- the step
     def _masks(self, write: torch.Tensor, S: int):
@@ -189,7 +195,8 @@ class Slab:
             if self.family.attn_implementation == "eager":
                 dtype = self.keys[0].dtype
                 mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                    ~mask, torch.finfo(dtype).min)
+                    ~mask, torch.finfo(dtype).min
+                )
             masks[layer_type] = mask
         if self.family.dict_masks:
             return masks
@@ -198,9 +205,14 @@ class Slab:
 
     def _run(self, B: int, S: int) -> torch.Tensor:
         tokens, positions, write = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
-        out = self.base(input_ids=tokens[:, None], position_ids=positions[:, None],
-                        attention_mask=self._masks(write, S), use_cache=True, logits_to_keep=1,
-                        **{self.family.cache_kwarg: _StepCache(self, B, S, write)})
+        out = self.base(
+            input_ids=tokens[:, None],
+            position_ids=positions[:, None],
+            attention_mask=self._masks(write, S),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.family.cache_kwarg: _StepCache(self, B, S, write)},
+        )
         return out.logits[:, -1]
 
     def _call(self, B: int, S: int) -> torch.Tensor:
@@ -256,8 +268,11 @@ class Slab:
             try:
                 graph, out = self._graph(B, S)
             except Exception as err:  # noqa: BLE001  a backbone that cannot be recorded still decodes, eagerly
-                warnings.warn(f"cacheaug: the decoding step could not be recorded as a CUDA graph "
-                              f"({type(err).__name__}: {err}); decoding without CUDA graphs.", stacklevel=2)
+                warnings.warn(
+                    f"cacheaug: the decoding step could not be recorded as a CUDA graph "
+                    f"({type(err).__name__}: {err}); decoding without CUDA graphs.",
+                    stacklevel=2,
+                )
                 self.cuda_graphs, self.graphs, self.pool = False, {}, None
             else:
                 graph.replay()

@@ -25,8 +25,13 @@ from ..kv import from_layers
 
 
 class CacheStore:
-    def __init__(self, max_bytes: int = 1 << 30, directory: str | Path | None = None, fingerprint: str = "",
-                 max_disk_bytes: int | None = None):
+    def __init__(
+        self,
+        max_bytes: int = 1 << 30,
+        directory: str | Path | None = None,
+        fingerprint: str = "",
+        max_disk_bytes: int | None = None,
+    ):
         if max_bytes < 0 or (max_disk_bytes is not None and max_disk_bytes < 0):
             raise ValueError(f"store budgets must be >= 0, got {max_bytes} (memory) and {max_disk_bytes} (disk)")
         self.max_bytes = max_bytes
@@ -48,8 +53,9 @@ class CacheStore:
                         meta = f.metadata() or {}
                     n_tokens = int(meta["n_tokens"]) if isinstance(meta.get("n_tokens"), str) else None
                 except Exception as err:  # noqa: BLE001 (truncated, empty, garbage, a folder: all skipped)
-                    warnings.warn(f"cacheaug store: skipping unreadable {path.name} ({type(err).__name__}: {err})",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"cacheaug store: skipping unreadable {path.name} ({type(err).__name__}: {err})", stacklevel=2
+                    )
                     continue
                 if meta.get("fingerprint") == fingerprint and n_tokens is not None and n_tokens > 0:
                     self._index[path.stem] = n_tokens
@@ -140,8 +146,9 @@ class CacheStore:
         if self.directory:
             (self.directory / f"{cache_id}.safetensors").unlink(missing_ok=True)
 
-    def load(self, cache_id: str, device, *, n_layers: int | None = None,
-             n_latents: int | None = None) -> tuple[DynamicCache, torch.Tensor, int]:
+    def load(
+        self, cache_id: str, device, *, n_layers: int | None = None, n_latents: int | None = None
+    ) -> tuple[DynamicCache, torch.Tensor, int]:
         """A fresh cache (prefix + latents), the logits after it, and the prefix length. An entry that cannot be read,
         has the wrong layers or lengths (``n_layers``, ``n_latents``) or holds non-finite values is discarded
         with a warning and KeyError is raised, so the caller computes the prefix afresh."""
@@ -164,7 +171,9 @@ class CacheStore:
                 if problem is None:
                     self._remember(cache_id, tensors, n, sum(t.numel() * t.element_size() for t in tensors.values()))
         if problem:
-            warnings.warn(f"cacheaug store: discarding entry {cache_id} ({problem}); it will be recomputed", stacklevel=2)
+            warnings.warn(
+                f"cacheaug store: discarding entry {cache_id} ({problem}); it will be recomputed", stacklevel=2
+            )
             self.discard(cache_id)
             raise KeyError(cache_id)
         layers = sum(1 for k in tensors if k.startswith("k."))
