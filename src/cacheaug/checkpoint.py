@@ -81,9 +81,21 @@ def save_coprocessor(model: "CacheAugmentedLM", path: str | Path, tensors: dict 
     return path
 
 
+SHIPPED = {"gemma-3-270m-skills": "skills-gemma-3-270m"}  # short name -> folder under cacheaug/assets/
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    """The folder of a coprocessor shipped with cacheaug (``SHIPPED``), or None when ``name`` names none."""
+    folder = SHIPPED.get(str(name))
+    return None if folder is None else Path(__file__).parent / "assets" / folder
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a training run's ``out_dir``: then its newest complete ``step_*`` checkpoint."""
+    """A checkpoint folder, a training run's ``out_dir`` (then its newest complete ``step_*`` checkpoint), or the
+    short name of a coprocessor shipped with cacheaug (``gemma-3-270m-skills``)."""
     path = Path(path)
+    if not path.exists() and shipped_checkpoint(str(path)) is not None:
+        return shipped_checkpoint(str(path))
     if (path / CONFIG_NAME).is_file() or not path.is_dir():
         return path
     steps = sorted(p for p in path.glob("step_*") if (p / CONFIG_NAME).is_file())
