@@ -41,7 +41,7 @@ finish() {  # resume, side by side, every named arm whose last checkpoint is sho
 evaluate() {  # the last checkpoint of each named arm, on the strict held-out file
   tag=$1; shift
   ckpts=$(for a in "$@"; do ls -d "$R/s_$a"/step_* | tail -1; done)
-  $C eval synth --checkpoint $ckpts --heldout "$R/synth/heldout.jsonl" --check-generate 40 \
+  $C eval synth --checkpoint $ckpts --heldout "$R/synth/heldout.jsonl" --check-generate ${CHECK:-40} \
     --out "$out/synth_eval_$tag.json" > "$R/eval_$tag.log" 2>&1
   tr '\r' '\n' < "$R/eval_$tag.log" | grep -v "^eval synth" | tail -n 40 > "$out/eval_$tag.log"
 }
@@ -119,5 +119,27 @@ r2c)
   $C export --checkpoint "$(last lora32)" --out "$R/ship" --dtype bfloat16 > /dev/null
   tar czf "$R/r2c.tgz" -C "$out" . && rm -rf "${out:?}"/* && mv "$R/r2c.tgz" "$out/"  # a call brings back 8 files
   tar cf - -C "$R" ship | split -b 15m -d - "$out/ship.tar." ;;
-*) echo "usage: $0 prep|a|b|c|r2a|r2b|r2c OUT" >&2; exit 2 ;;
+r2one)  # the second round in one call (when the device time left allows one): the LoRA-rank arm alone, its gate, evals
+  $C data synth --out "$R/synth" --train-docs "$DOCS" --heldout-per-level 100 > "$R/synth.log" 2>&1
+  $C data synth --out "$R/synthmix2" --train-docs "$DOCS" --heldout-per-level 100 --mix-ratio 0.5 --mix-sources \
+    default:pydoc default:gcide default:nlp default:moby default:jargon default:debref > "$R/synthmix2.log" 2>&1 &
+  python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cpu')"  # convert once
+  arm lora32 synth --init lora --lora-rank 32 --n-latents 16 --lr 1e-3
+  wait
+  summary lora32 > "$out/train.jsonl"; tr '\r' '\n' < "$R/s_lora32.log" | grep -v "^train" | tail -n 5 > "$out/train.log"
+  cp "$R/synth/meta.json" "$out/synth_meta.json"; cp "$R/synthmix2/meta.json" "$out/synthmix2_meta.json"
+  md5sum "$R/synth/heldout.jsonl" > "$out/heldout.md5"
+  last() { ls -d "$R/s_$1"/step_* | tail -1; }
+  $C train-gate --checkpoint "$(last lora32)" --data "$R/synthmix2/train" --seq-len 256 --sequences ${GATE_SEQS:-1024} \
+    --n-traces 16 --batch-size 32 --out "$out/gate_lora32.json" > "$R/gate_lora32.log" 2>&1
+  tr '\r' '\n' < "$R/gate_lora32.log" | grep -v "scoring positions" | tail -n 12 > "$out/gate_lora32.log"
+  evaluate r2 lora32 &
+  $C eval ppl --checkpoint "$(last lora32)" --data default --heldout-sources sotu --sequences ${SEQS:-16} --seq-len 1024 \
+    --offsets 1 2 4 8 16 32 --out "$out/general_ppl_r2.json" > "$R/ppl_r2.log" 2>&1
+  tr '\r' '\n' < "$R/ppl_r2.log" | grep -v "^eval ppl" | tail -n 40 > "$out/general_ppl_r2.log"
+  wait
+  $C export --checkpoint "$(last lora32)" --out "$R/ship" --dtype bfloat16 > /dev/null
+  tar czf "$R/r2.tgz" -C "$out" . && rm -rf "${out:?}"/* && mv "$R/r2.tgz" "$out/"
+  tar cf - -C "$R" ship | split -b 15m -d - "$out/ship.tar." ;;
+*) echo "usage: $0 prep|a|b|c|r2a|r2b|r2c|r2one OUT" >&2; exit 2 ;;
 esac
