@@ -1,4 +1,5 @@
-"""Properties of the codebase itself (docs/architecture.md): no import circle between the package's modules."""
+"""Properties of the codebase itself (docs/architecture.md): no import circle between the package's modules, lazy
+imports (inside functions, under TYPE_CHECKING) included; the arm registry knows no implementation."""
 
 import ast
 from pathlib import Path
@@ -13,7 +14,9 @@ def _module_graph() -> dict[str, set[str]]:
         mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
         deps = set()
-        for node in ast.parse(path.read_text()).body:  # imports at module level (those inside functions are lazy)
+        for node in ast.walk(
+            ast.parse(path.read_text())
+        ):  # every import: module level, inside functions, TYPE_CHECKING
             if isinstance(node, ast.ImportFrom) and node.level:
                 target = package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
                 deps |= {".".join(target + [a.name]) for a in node.names} if node.module is None else {".".join(target)}
@@ -43,3 +46,10 @@ def test_no_import_circle():
     assert "cacheaug.arms" in graph and graph["cacheaug.model"] >= {"cacheaug.arms", "cacheaug.config"}
     assert _cycles(graph) == []
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]  # the check itself works
+
+
+def test_the_arm_registry_imports_no_implementation():
+    graph = _module_graph()
+    assert graph["cacheaug.arms"] == set()
+    assert {"cacheaug.arms"} <= graph["cacheaug.coprocessor"] and {"cacheaug.arms"} <= graph["cacheaug.controls"]
+    assert "cacheaug.serving.engine" not in graph["cacheaug.serving.policies"]  # policies see an interface

@@ -11,28 +11,18 @@
 Everything that differs between arms is read from the :class:`Arm` entry: which model class wraps it, how its
 backbone is built (or none), whether it inserts latents (and so takes the levers, serving and latent-based
 evaluation), whether FSDP can shard it. Config validation, the CLI's choices, checkpoint loading,
-:func:`build_model`, lm-eval, serving and the benchmarks all read this table; adding an arm is one
+``cacheaug.build_model``, lm-eval, serving and the benchmarks all read this table; adding an arm is one
 :func:`register_arm` call (``tests/test_arms.py`` registers one from the test file, trains and evaluates it).
 
-This module imports nothing from the package at import time (config.py validates against it).
+The registry knows no implementation: this module imports nothing from the package, and each arm registers itself
+from its own module (the coprocessor arms and pause tokens in coprocessor.py, the LoRA-decoder control in
+controls.py), as PEFT's tuners register themselves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-
-def _augmented_lm():
-    from .model import CacheAugmentedLM
-
-    return CacheAugmentedLM
-
-
-def _lora_decoder_lm():
-    from .controls import LoraDecoderLM
-
-    return LoraDecoderLM
 
 
 @dataclass(frozen=True)
@@ -45,8 +35,8 @@ class Arm:
         backbone: ``backbone(decoder, config) -> nn.Module``: the coprocessor's backbone, built from the frozen
             decoder (without its embedding matrix), its trainable parameters marked; None: no backbone (the
             soft tokens themselves are inserted, as pause tokens).
-        model_class: a function returning the :class:`~cacheaug.model.CacheAugmentedLM` subclass that wraps it
-            (imported lazily).
+        model_class: the :class:`~cacheaug.model.CacheAugmentedLM` subclass that wraps it; None: CacheAugmentedLM
+            itself.
         has_latents: it inserts latents into the cache (False: the levers, ``augment`` and serving do not apply).
         shards: FSDP can shard its trainable weights (False: small adapters over the decoder's shared weights).
     """
@@ -54,7 +44,7 @@ class Arm:
     name: str
     summary: str
     backbone: Callable | None = None
-    model_class: Callable[[], type] = _augmented_lm
+    model_class: type | None = None
     has_latents: bool = True
     shards: bool = True
 
@@ -76,39 +66,3 @@ def get_arm(name: str) -> Arm:
     if name not in ARMS:
         raise ValueError(f"`init` must be one of {arm_names()}, got {name!r}")
     return ARMS[name]
-
-
-def build_model(base, config, **kwargs):
-    """The model for ``config.init``'s arm (a coprocessor, pause tokens, the LoRA-decoder control, ...)."""
-    return get_arm(config.init).model_class()(base, config, **kwargs)
-
-
-def _backbone(kind: str) -> Callable:
-    def build(decoder, config):
-        from . import coprocessor
-
-        return getattr(coprocessor, f"{kind}_backbone")(decoder, config)
-
-    return build
-
-
-register_arm(Arm("copy", "a trainable copy of the decoder (the paper's default)", backbone=_backbone("copy")))
-register_arm(
-    Arm(
-        "lora",
-        "rank-r LoRA adapters over the decoder's frozen weights (shared in memory)",
-        backbone=_backbone("lora"),
-        shards=False,
-    )
-)
-register_arm(Arm("scratch", "a random init of the decoder's architecture", backbone=_backbone("scratch")))
-register_arm(Arm("pause", "control: N_L trainable context-free embeddings (pause tokens), no backbone"))
-register_arm(
-    Arm(
-        "lora-decoder",
-        "control: LoRA adapters on the decoder itself, no latents",
-        model_class=_lora_decoder_lm,
-        has_latents=False,
-        shards=False,
-    )
-)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -23,9 +22,6 @@ from safetensors.torch import load_file, save_file
 from . import atomic
 from .arms import get_arm
 from .config import CoprocessorConfig
-
-if TYPE_CHECKING:
-    from .model import CacheAugmentedLM
 
 CONFIG_NAME = "coprocessor_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -62,7 +58,7 @@ def _base_identity(base: nn.Module) -> dict:
     }
 
 
-def save_coprocessor(model: "CacheAugmentedLM", path: str | Path, tensors: dict | None = None) -> Path:
+def save_coprocessor(model: nn.Module, path: str | Path, tensors: dict | None = None) -> Path:
     from . import __version__
 
     path = Path(path)
@@ -133,8 +129,8 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
                 f"Pass --model {want.get('name_or_path') or 'BASE'} (the base it was trained on); in Python, "
                 "CacheAugmentedLM.from_pretrained(..., check_base=False) skips this check."
             )
-    wants = get_arm(config.init).model_class()  # the arm's own class (e.g. the LoRA-decoder control)
-    if not issubclass(cls, wants):
+    wants = get_arm(config.init).model_class  # the arm's own class (e.g. the LoRA-decoder control)
+    if wants is not None and not issubclass(cls, wants):
         cls = wants
     model = cls(base, config, check_finite=check_finite, _calibrate=False)
     load_trainable(model, path)
@@ -145,7 +141,7 @@ def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool
     return model
 
 
-def load_trainable(model: "CacheAugmentedLM", path: str | Path) -> None:
+def load_trainable(model: nn.Module, path: str | Path) -> None:
     """Copy the tensors of ``path/model.safetensors`` into ``model``'s trainable parameters (strict)."""
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():

@@ -18,9 +18,9 @@ import itertools
 import torch
 import torch.nn as nn
 
-from .arms import build_model  # noqa: F401  (re-exported: cacheaug.controls.build_model)
+from .arms import Arm, register_arm
 from .coprocessor import inject_lora
-from .model import CacheAugmentedLM
+from .model import CacheAugmentedLM, build_model  # noqa: F401  (re-exported)
 
 
 class LoraDecoderLM(CacheAugmentedLM):
@@ -79,3 +79,14 @@ class LoraDecoderLM(CacheAugmentedLM):
         model = self.coprocessor if augment and self.enabled else self.base
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "generator"}
         return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=kwargs.pop("do_sample", False), **kwargs)
+
+
+register_arm(
+    Arm(
+        "lora-decoder",
+        "control: LoRA adapters on the decoder itself, no latents",
+        model_class=LoraDecoderLM,
+        has_latents=False,
+        shards=False,
+    )
+)

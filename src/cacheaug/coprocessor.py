@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from .arms import get_arm
+from .arms import Arm, get_arm, register_arm
 from .config import CoprocessorConfig
 from .families import Family
 
@@ -175,3 +175,17 @@ class Coprocessor(nn.Module):
             )
         n_latents = self.config.n_latents
         return latents + echo[:, :, None].expand(-1, -1, n_latents, -1).reshape(latents.shape).to(latents.dtype)
+
+
+# the built-in arms whose backbones live here (the registry in arms.py knows no implementation)
+register_arm(Arm("copy", "a trainable copy of the decoder (the paper's default)", backbone=copy_backbone))
+register_arm(
+    Arm(
+        "lora",
+        "rank-r LoRA adapters over the decoder's frozen weights (shared in memory)",
+        backbone=lora_backbone,
+        shards=False,
+    )
+)
+register_arm(Arm("scratch", "a random init of the decoder's architecture", backbone=scratch_backbone))
+register_arm(Arm("pause", "control: N_L trainable context-free embeddings (pause tokens), no backbone"))

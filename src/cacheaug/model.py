@@ -176,7 +176,7 @@ class CacheAugmentedLM(nn.Module):
         return self
 
     def _build_trainable(self, calibrate: bool) -> nn.Module:
-        wants = self.arm.model_class()
+        wants = self.arm.model_class or CacheAugmentedLM
         if not isinstance(self, wants):
             raise ValueError(
                 f"init={self.config.init!r} is built by {wants.__module__}.{wants.__name__}: use it (or "
@@ -954,3 +954,8 @@ class CacheAugmentedLM(nn.Module):
         from .checkpoint import load_coprocessor
 
         return load_coprocessor(cls, path, base, check_base=check_base, check_finite=check_finite)
+
+
+def build_model(base, config, **kwargs):
+    """The model for ``config.init``'s arm (a coprocessor, pause tokens, the LoRA-decoder control, ...)."""
+    return (get_arm(config.init).model_class or CacheAugmentedLM)(base, config, **kwargs)

@@ -46,13 +46,12 @@ import concurrent.futures as cf
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     import torch
     from transformers import DynamicCache
 
-    from .engine import Engine
     from .slab import Slab
 
 State = Literal["waiting", "prefilling", "waiting_for_latents", "decoding", "done", "cancelled"]
@@ -125,6 +124,21 @@ class Request:
     def enter(self, state: State) -> None:
         self.state = state
         self.history.append(state)
+
+
+class Engine(Protocol):
+    """What a policy may call: the engine's primitives (cacheaug.serving.Engine provides them; a policy never needs
+    the engine itself, so this module does not import it)."""
+
+    async_grace_s: float
+    max_stale_tokens: int
+
+    def clock(self) -> float: ...
+    def submit(self, req: Request) -> None: ...
+    def wait_and_insert(self, req: Request, seconds: float) -> None: ...
+    def insert_if_ready(self, req: Request) -> None: ...
+    def give_up(self, req: Request) -> None: ...
+    def gate_fires(self, req: Request) -> bool: ...
 
 
 class Policy:
