@@ -110,6 +110,13 @@ def test_marker_positions():
     assert set(two.tolist()) <= {2, 5, 9} and len(two) == 2
     filled = marker_positions(ids, [7, 8], n_valid=8, k=4, generator=g)  # 9 is too late: 2 markers + 2 others
     assert {2, 5} <= set(filled.tolist()) and len(set(filled.tolist())) == 4 and max(filled) < 8
+    # --insertion answer: the marker's end and every answer token up to the one before the line's end (id 4 here)
+    span = marker_positions(ids, [7, 8], n_valid=11, k=9, generator=g, span=5, stop_ids=frozenset({4}))
+    assert set(span.tolist()) >= {2, 3, 4, 5, 6, 7, 8, 9} and len(set(span.tolist())) == 9  # + one uniform point
+    only = marker_positions(ids, [7, 8], n_valid=11, k=3, generator=g, span=1, stop_ids=frozenset({4}))
+    assert set(only.tolist()) == {2, 5, 9}  # a span of 1: the marker ends alone
+    short = marker_positions(ids, [7, 8], n_valid=11, k=2, generator=g, span=5, stop_ids=frozenset({1, 2, 4}))
+    assert set(short.tolist()) <= {2, 5, 9}  # every answer ends at once: the stops come right after the markers
 
 
 def _tokenizer(folder):
@@ -247,3 +254,101 @@ def test_synth_train_and_eval_commands(tmp_path, monkeypatch, capsys):
     arm = next(a for k, a in report["arms"].items() if k != "frozen")
     assert arm["generate_check"]["agree_with_parallel_pass"] == 100.0
     assert set(arm["by_family"]["add"]["by_level"]) == {"2", "3"}
+
+
+def test_deliberating_before_every_answer_token_equals_generate(tmp_path):
+    """``deliberate="every"``: the parallel pass with a trace at every answer position (offset 1 each) gives the exact
+    match of generate() running the coprocessor before every token, with and without a gate deciding per step."""
+    from cacheaug.gate import Gate, GateConfig
+
+    out = generate_synth(
+        SynthConfig(
+            out=str(tmp_path / "s"),
+            families=("add", "sort"),
+            train_docs=20,
+            problems_per_doc=6,
+            heldout_per_level=2,
+            add_digits=(2, 3),
+            sort_lengths=(3,),
+        )
+    )
+    tok = _tokenizer(out)
+    held = read_heldout(out / "heldout.jsonl")
+    model = CacheAugmentedLM(tiny_model("gemma3"), CoprocessorConfig(n_latents=2, n_ahead=2, n_traces=2))
+    perturb_trainable(model, scale=0.3)
+    every = score_instances(model, tok, held, per_row=3, deliberate="every")
+    once = score_instances(model, tok, held, per_row=3)
+    assert every["base_em"] == once["base_em"]  # the frozen decoder's answers do not depend on the mode
+    assert every["em"] != once["em"] or every["loss"] != once["loss"]
+    gen = generate_check(model, tok, held, n=len(held), per_row=3, deliberate="every")
+    assert len(gen) == len(held) and all(every["em"][i] == v for i, v in gen.items())
+    _every_token_is_the_pass_argmax(model, tok, held)
+    h = model.base.get_decoder()(input_ids=torch.tensor([[2, 5, 9]])).last_hidden_state[0, -1]
+    model.gate = Gate(GateConfig(hidden_size=h.shape[-1]))
+    with torch.no_grad():
+        model.gate.linear.weight[0] = torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(3))
+    gated = score_instances(model, tok, held, per_row=3, deliberate="every")
+    assert 0 < sum(gated["gate_fire"]) < len(held)  # it fires at some answer tokens, not all
+    gen = generate_check(model, tok, held, n=len(held), per_row=3, deliberate="every")
+    assert all(gated["gated_em"][i] == v for i, v in gen.items())
+    _every_token_is_the_pass_argmax(model, tok, held, gated=True)
+
+
+def _every_token_is_the_pass_argmax(model, tok, held, gated=False):
+    """The tokens generate(deliberate="every") chose, scored by the parallel pass with a trace before each: every one
+    is that trace's top token (the gate's choice between augmented and frozen at each, with ``gated``)."""
+    import dataclasses
+
+    rows, spans = build_rows(tok, held, per_row=3)
+    trained = model.config
+    model.config = dataclasses.replace(trained, n_ahead=1)
+    try:
+        for ids, row in zip(rows, spans):
+            for _, p, s in row:
+                out = model.generate(ids[None, : p + 1], max_new_tokens=s, deliberate="every", eos_token_id=[])
+                points = list(range(p, p + s))
+                res = model.score_targets(torch.cat([out, out[:, -1:]], dim=1), positions=points)
+                hits = res["hits"][0, :, 0]
+                if gated:
+                    fire = model.gate_fires(model.gate_states(out, points))[0]
+                    hits = torch.where(fire, hits, res["base_hits"][0, :, 0])
+                assert hits.all(), (p, s, hits)
+    finally:
+        model.config = trained
+
+
+def test_train_with_answer_insertion_then_eval_deliberating_every_token(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    main(["data", "synth", "--out", str(tmp_path / "s"), "--families", "add", "--train-docs", "30",
+          "--problems-per-doc", "6", "--heldout-per-level", "2", "--add-digits", "2", "3"])  # fmt: skip
+    tok = _tokenizer(tmp_path / "s")
+    tiny_model("gemma3").save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    import dataclasses
+
+    from cacheaug.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(model=str(tmp_path / "base"), data=(str(tmp_path / "s" / "train"),), insertion="answer",
+                      seq_len=48, batch_size=2, n_latents=2, n_ahead=4, n_traces=8, max_steps=1, warmup_steps=1,
+                      eval_sequences=1, heldout_pct=10, device="cpu", out_dir=str(tmp_path / "copro"))  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    from cacheaug.train import insertion_points
+
+    ids, keys = trainer.data.next_batch(2)
+    points = insertion_points(keys, cfg, ids, trainer.marker_ids, trainer.stop_ids)
+    at_markers = insertion_points(keys, dataclasses.replace(cfg, insertion="marker"), ids, trainer.marker_ids)
+    marker = tok.convert_tokens_to_ids("Answer:")
+    for row, pos, base in zip(ids, points, at_markers):  # the marker's ends, then the answer tokens after them
+        ends = [i for i, t in enumerate(row.tolist()) if t == marker and i < cfg.seq_len - cfg.n_ahead]
+        assert ends and len(ends) < cfg.n_traces and set(ends) <= set(base.tolist())  # marker: every end + fill
+        # answer: the tiny tokenizer has no line break, so each answer runs on to the sequence's end: the points are
+        # K of those after the first marker, never before it
+        assert min(pos) >= ends[0] and max(pos) < cfg.seq_len - cfg.n_ahead and len(set(pos.tolist())) == cfg.n_traces
+        assert not torch.equal(pos, base)
+    trainer.fit()
+    capsys.readouterr()
+    main(["eval", "synth", "--checkpoint", str(tmp_path / "copro"), "--heldout", str(tmp_path / "s" / "heldout.jsonl"),
+          "--deliberate", "every", "--check-generate", "4", "--device", "cpu", "--out", str(tmp_path / "r.json")])  # fmt: skip
+    report = json.loads((tmp_path / "r.json").read_text())
+    arm = next(a for k, a in report["arms"].items() if k != "frozen")
+    assert report["deliberate"] == "every" and arm["generate_check"]["agree_with_parallel_pass"] == 100.0

@@ -249,6 +249,12 @@ class EvalSynthConfig(_Checked):
         "also decode this many answers with generate() (the augment path) and report agreement with the parallel pass",
         min=0,
     )
+    deliberate: str = _f(
+        "once",
+        "once: the coprocessor runs once, after the marker; every: before every answer token (generate's "
+        "deliberate='every'; what --insertion answer trains)",
+        choices=lambda: ("once", "every"),
+    )
     device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
     out: str | None = _f(None, "write the report as JSON here")
 
@@ -268,6 +274,7 @@ class EvalSynthConfig(_Checked):
             check_generate=self.check_generate,
             device=self.device,
             out=self.out,
+            deliberate=self.deliberate,
         )
 
 

@@ -311,6 +311,7 @@ class Inference:
         *,
         augment: bool = True,
         use_gate: bool | None = None,
+        deliberate: str = "once",
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -327,7 +328,14 @@ class Inference:
         there is one) each row is augmented only where the gate fires at its prompt's end; the other rows are
         exactly ``base.generate`` (rows of a batch the gate decides differently are decoded apart and padded, as
         ``base.generate`` pads rows that ended early).
+
+        ``deliberate="every"`` runs the coprocessor before every new token instead of once: the latents of the text
+        so far go in after it, the next token is chosen from them, and the token joins the text alone (the cache
+        keeps only text, so each step is one trace of the training pass: what ``--insertion answer`` trains). With a
+        gate, it decides at each step and row (frozen logits where it says no).
         """
+        if deliberate not in ("once", "every"):
+            raise ValueError(f"`deliberate` must be 'once' or 'every', got {deliberate!r}.")
         ids = self._check_ids(prompt_ids, "prompt_ids")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
@@ -343,6 +351,9 @@ class Inference:
             hf_kwargs["pad_token_id"] = pad_token_id
         if not augment or not self.enabled:
             return self.base.generate(ids, **hf_kwargs)
+        if deliberate == "every":
+            params = SamplingParams(max(temperature, 1e-5), top_k, top_p) if do_sample else SamplingParams()
+            return self._generate_deliberating(ids, max_new_tokens, params, eos, pad, generator, self.gated(use_gate))
         if self.gated(use_gate):
             with torch.no_grad():
                 fire = self.gate_fires(self.base.get_decoder()(input_ids=ids).last_hidden_state[:, -1])
@@ -393,4 +404,38 @@ class Inference:
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             logits = self.decode(cache, token[:, None], position + step, logits_to_keep=1).logits[:, -1]
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+
+    @torch.no_grad()
+    def _generate_deliberating(self, ids, max_new_tokens: int, params, eos, pad, generator, gated: bool):
+        """``generate(..., deliberate="every")``: before each token the coprocessor reads the text-only cache and its
+        latents go into a fork of it; the chosen token then extends the text-only cache."""
+        B = ids.shape[0]
+        self._check_context(ids.shape[1] + max_new_tokens - 1 + self.config.n_inserted, "Generation")
+        eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=ids.device)
+        if pad is None:
+            pad = int(eos_ids[0]) if len(eos_ids) else 0
+        decoder = self.base.get_decoder()
+        cache = DynamicCache()
+        h = decoder(input_ids=ids, **self.cache_kwargs(cache)).last_hidden_state[:, -1]
+        last = ids[:, -1]
+        finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        new = []
+        for step in range(max_new_tokens):
+            P = ids.shape[1] + step
+            fire = self.gate_fires(h) if gated else torch.ones(B, dtype=torch.bool, device=ids.device)
+            logits = self._head_logits(h)
+            if fire.any():
+                latents = self.compute_latents(cache, P, last)
+                augmented = self.insert_latents(kv.fork(cache), latents, last)
+                logits = torch.where(fire[:, None], augmented.to(logits.dtype), logits)
+            token = next_token(logits, params, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new.append(token)
+            finished |= torch.isin(token, eos_ids)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            position = torch.full((B, 1), P, device=ids.device)
+            h = decoder(input_ids=token[:, None], position_ids=position, **self.cache_kwargs(cache)).last_hidden_state
+            h, last = h[:, -1], token
         return torch.cat([ids, torch.stack(new, dim=1)], dim=1)

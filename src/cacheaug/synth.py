@@ -272,10 +272,19 @@ def _config_dict(cfg) -> dict:
 
 # ---------------------------------------------------------------------------------------------- insertion points
 def marker_positions(
-    ids: torch.Tensor, marker_ids: list[int], n_valid: int, k: int, generator: torch.Generator | None = None
+    ids: torch.Tensor,
+    marker_ids: list[int],
+    n_valid: int,
+    k: int,
+    generator: torch.Generator | None = None,
+    span: int = 0,
+    stop_ids: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
     """``[k]`` sorted distinct insertion points in ``[0, n_valid)`` for one sequence ``ids`` ``[T]``: the last token
-    of each occurrence of ``marker_ids`` (a seeded choice of k if there are more), filled up with uniform points."""
+    of each occurrence of ``marker_ids`` (a seeded choice of k if there are more), filled up with uniform points.
+    With ``span`` > 0 (``--insertion answer``) every point of the answer after each marker is a candidate too: the
+    marker's last token and each answer token after it, up to the one before a token of ``stop_ids`` (the line's
+    end) and at most ``span`` points per answer."""
     m = len(marker_ids)
     ids = ids.cpu()
     if m and len(ids) >= m:
@@ -284,6 +293,16 @@ def marker_positions(
         ends = ends[ends < n_valid]
     else:
         ends = torch.zeros(0, dtype=torch.long)
+    if span > 0 and len(ends):
+        points = []
+        for end in ends.tolist():
+            p = end
+            while p < n_valid and p - end < span:
+                points.append(p)
+                if int(ids[p + 1]) in stop_ids:
+                    break
+                p += 1
+        ends = torch.tensor(sorted(set(points)), dtype=torch.long)
     if len(ends) >= k:
         pick = ends[torch.randperm(len(ends), generator=generator)[:k]]
     else:
@@ -292,6 +311,13 @@ def marker_positions(
         others = free.nonzero()[:, 0]
         pick = torch.cat([ends, others[torch.randperm(len(others), generator=generator)[: k - len(ends)]]])
     return pick.sort().values.long()
+
+
+def line_end_ids(tokenizer) -> frozenset[int]:
+    """The ids of every token whose text holds a line break (where an answer of ``data synth`` text ends)."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    return frozenset(i for i, t in enumerate(texts) if "\n" in t)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -340,21 +366,33 @@ def build_rows(tokenizer, instances: list[dict], per_row: int = 8):
 
 
 @torch.no_grad()
-def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, progress: bool = False) -> dict:
+def score_instances(
+    model, tokenizer, instances: list[dict], per_row: int = 8, progress: bool = False, deliberate: str = "once"
+) -> dict:
     """Per instance (lists in ``instances`` order): mean answer-token loss and exact match, for ``model`` and for the
-    frozen decoder, plus per-offset losses ``[n, N]`` (NaN beyond an answer's length); with a gate
-    (``model.gate``), whether it fires at each marker (``gate_fire``)."""
+    frozen decoder, plus per-offset losses ``[n, N]`` (NaN beyond an answer's length). With a gate (``model.gate``)
+    also the gated ones (``gated_em``, ``gated_loss``: the augmented scores where it fires, the frozen ones elsewhere)
+    and how often it fired (``gate_fire``: 0-1 per instance).
+
+    ``deliberate="every"``: the coprocessor runs before every answer token (``generate(..., deliberate="every")``),
+    scored in one pass with a trace at each answer position, offset 1 each (per-offset losses then hold the
+    offset-1 loss of each answer token)."""
     from .evaluate import autocast_for
 
+    if deliberate not in ("once", "every"):
+        raise ValueError(f"deliberate must be 'once' or 'every', got {deliberate!r}")
+    every = deliberate == "every"
     rows, spans = build_rows(tokenizer, instances, per_row)
-    n_ahead = max(s for row in spans for _, _, s in row)
+    longest = max(s for row in spans for _, _, s in row)
+    n_ahead = 1 if every else longest
     trained_ahead = model.config.n_ahead
     model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # only sets which targets are scored
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     n = len(instances)
     gated = model.gated()
-    out = {k: [math.nan] * n for k in ("loss", "em", "base_loss", "base_em") + (("gate_fire",) if gated else ())}
-    offsets = {k: torch.full((n, n_ahead), math.nan, dtype=torch.float64) for k in ("loss", "base_loss")}
+    keys = ("loss", "em", "base_loss", "base_em") + (("gate_fire", "gated_em", "gated_loss") if gated else ())
+    out = {k: [math.nan] * n for k in keys}
+    offsets = {k: torch.full((n, longest), math.nan, dtype=torch.float64) for k in ("loss", "base_loss")}
     was_training = model.training
     model.eval()
     from tqdm.auto import tqdm
@@ -363,27 +401,49 @@ def score_instances(model, tokenizer, instances: list[dict], per_row: int = 8, p
         for ids, row_spans in tqdm(
             list(zip(rows, spans)), desc="eval synth", unit="row", leave=False, disable=not progress
         ):
-            ids = torch.cat([ids, torch.full((n_ahead,), pad)])[None].to(model.device)  # room for the last answer
-            res = model.score_targets(ids, positions=[p for _, p, _ in row_spans])
-            fire = model.gate_fires(model.gate_states(ids, [p for _, p, _ in row_spans]))[0] if gated else None
-            for k, (i, _, s) in enumerate(row_spans):
-                if gated:
-                    out["gate_fire"][i] = float(fire[k])
+            ids = torch.cat([ids, torch.full((longest,), pad)])[None].to(model.device)  # room for the last answer
+            # (instance, first trace, traces, answer tokens): one trace per answer, or one per answer token
+            points, where = [], []
+            for i, p, s in row_spans:
+                where.append((i, len(points), s if every else 1, s))
+                points += list(range(p, p + s)) if every else [p]
+            res = model.score_targets(ids, positions=points)
+            fire = model.gate_fires(model.gate_states(ids, points))[0] if gated else None
+            for i, k, m, s in where:
+                scores = {}
                 for name in ("", "base_"):
-                    losses = res[f"{name}losses"][0, k, :s].double().cpu()
-                    out[f"{name}loss"][i] = losses.mean().item()
-                    out[f"{name}em"][i] = float(res[f"{name}hits"][0, k, :s].all())
-                    offsets[f"{name}loss"][i, :s] = losses
+                    if every:  # the offset-1 score of each answer token's own trace
+                        losses = res[f"{name}losses"][0, k : k + m, 0]
+                        hits = res[f"{name}hits"][0, k : k + m, 0]
+                    else:
+                        losses, hits = res[f"{name}losses"][0, k, :s], res[f"{name}hits"][0, k, :s]
+                    scores[name] = (losses.double().cpu(), hits.cpu())
+                    out[f"{name}loss"][i] = scores[name][0].mean().item()
+                    out[f"{name}em"][i] = float(scores[name][1].all())
+                    offsets[f"{name}loss"][i, :s] = scores[name][0]
+                if gated:
+                    f = fire[k : k + m].cpu()
+                    if not every:
+                        f = f.expand(s)
+                    out["gate_fire"][i] = f.double().mean().item()
+                    out["gated_loss"][i] = torch.where(f, scores[""][0], scores["base_"][0]).mean().item()
+                    out["gated_em"][i] = float(torch.where(f, scores[""][1], scores["base_"][1]).all())
     model.train(was_training)
     model.config = dataclasses.replace(model.config, n_ahead=trained_ahead)
     out["offset_loss"], out["base_offset_loss"] = offsets["loss"], offsets["base_loss"]
-    out["answer_tokens"] = n_ahead
+    out["answer_tokens"] = longest
     return out
 
 
 @torch.no_grad()
 def generate_check(
-    model, tokenizer, instances: list[dict], n: int, per_row: int = 8, use_gate: bool | None = None
+    model,
+    tokenizer,
+    instances: list[dict],
+    n: int,
+    per_row: int = 8,
+    use_gate: bool | None = None,
+    deliberate: str = "once",
 ) -> dict[int, float]:
     """Exact match through ``model.generate`` (greedy; the coprocessor runs once, after the marker: the path serving
     uses; with a gate, only where it fires, unless ``use_gate=False``) for about ``n`` instances spread over the set,
@@ -398,6 +458,8 @@ def generate_check(
         for ids, (i, p, s) in picked:
             prompt = ids[None, : p + 1].to(model.device)
             gate = {} if use_gate is None else {"use_gate": use_gate}  # (the controls' generate has no gate)
+            if deliberate != "once":
+                gate["deliberate"] = deliberate
             got = model.generate(prompt, max_new_tokens=s, **gate)[0, p + 1 :].cpu()
             em[i] = float(torch.equal(got, ids[p + 1 : p + 1 + s]))
     return em
@@ -470,22 +532,31 @@ def evaluate_synth(
     base=None,
     tokenizer=None,
     progress: bool = True,
+    deliberate: str = "once",
 ) -> dict:
     """``cacheaug eval synth``: answer loss and exact match on held-out instances for the frozen decoder and each
     checkpoint (coprocessors and controls), by family and difficulty, each arm's per-instance hits and exact
-    McNemar tests between arms on the same instances. ``model_name`` defaults to the first checkpoint's base."""
+    McNemar tests between arms on the same instances. ``model_name`` defaults to the first checkpoint's base.
+    ``deliberate="every"``: coprocessors run before every answer token (:func:`score_instances`)."""
     from .base import load_base_model
     from .model import CacheAugmentedLM
 
     instances = read_heldout(heldout)
     if base is None:
         base, tokenizer = load_base_model(model_name or base_model_of(checkpoints), device=device)
-    report = {"heldout": str(heldout), "instances": len(instances), "per_row": per_row, "arms": {}}
+    report = {
+        "heldout": str(heldout),
+        "instances": len(instances),
+        "per_row": per_row,
+        "deliberate": deliberate,
+        "arms": {},
+    }
     hits = {}
     for ckpt in checkpoints:
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
-        scores = score_instances(model, tokenizer, instances, per_row, progress=progress)
-        if scores["answer_tokens"] > model.config.n_ahead:
+        how = deliberate if model.arm.has_latents else "once"  # (a control without latents deliberates nowhere)
+        scores = score_instances(model, tokenizer, instances, per_row, progress=progress, deliberate=how)
+        if how == "once" and scores["answer_tokens"] > model.config.n_ahead:
             print(
                 f"cacheaug: warning: {ckpt} was trained with --n-ahead {model.config.n_ahead}, but answers here "
                 f"take up to {scores['answer_tokens']} tokens: its latents never saw an answer's tail"
@@ -507,7 +578,13 @@ def evaluate_synth(
         hits[name] = arm["hits"]
         if check_generate:
             gen = generate_check(
-                model, tokenizer, instances, check_generate, per_row, use_gate=False if model.gated() else None
+                model,
+                tokenizer,
+                instances,
+                check_generate,
+                per_row,
+                use_gate=False if model.gated() else None,
+                deliberate=how,
             )
             arm["generate_check"] = {
                 "n": len(gen),
@@ -516,11 +593,8 @@ def evaluate_synth(
             }
         report["arms"][name] = arm
         if "gate_fire" in scores:  # the same coprocessor, inserted only where its gate fires
-            fire = scores["gate_fire"]
-            pick = [(a if f else b) for a, b, f in zip(scores["em"], scores["base_em"], fire)]
-            gated = summarise(
-                instances, pick, [(a if f else b) for a, b, f in zip(scores["loss"], scores["base_loss"], fire)]
-            )
+            fire, pick = scores["gate_fire"], scores["gated_em"]
+            gated = summarise(instances, pick, scores["gated_loss"])
             gated.update(
                 checkpoint=str(ckpt),
                 init=model.config.init,
@@ -536,7 +610,7 @@ def evaluate_synth(
                 hits=[int(x) for x in pick],
             )
             if check_generate:
-                gen = generate_check(model, tokenizer, instances, check_generate, per_row)
+                gen = generate_check(model, tokenizer, instances, check_generate, per_row, deliberate=how)
                 gated["generate_check"] = {
                     "n": len(gen),
                     "em_generate": 100 * sum(gen.values()) / len(gen),

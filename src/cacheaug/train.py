@@ -94,12 +94,14 @@ class TrainConfig:
         "whole sources kept out of training and evaluated as unseen (default "
         "corpus parts: sotu pydoc gcide nlp moby jargon debref; or paths)",
     )
-    insertion: Literal["random", "marker"] = _f(
+    insertion: Literal["random", "marker", "answer"] = _f(
         "random",
-        "where traces are inserted: 'random' (uniform, the paper) or 'marker' (right after each occurrence "
-        "of --marker, e.g. the answer marker of `cacheaug data synth` text; random points fill up to K)",
+        "where traces are inserted: 'random' (uniform, the paper), 'marker' (right after each occurrence "
+        "of --marker, e.g. the answer marker of `cacheaug data synth` text; random points fill up to K) or 'answer' "
+        "(the marker and after every answer token up to the line's end: deliberating before each answer token; "
+        "K of them per sequence)",
     )
-    marker: str = _f(" Answer:", "the text after which --insertion marker inserts")
+    marker: str = _f(" Answer:", "the text after which --insertion marker / answer inserts")
     # optimisation
     max_steps: int = _f(1000, "optimizer steps")
     max_minutes: float = _f(
@@ -225,8 +227,8 @@ class TrainConfig:
             problems.append(f"--heldout-pct must be in (0, 100), got {self.heldout_pct}")
         if not 0 <= self.adapt_pct < 100:
             problems.append(f"--adapt-pct must be in [0, 100), got {self.adapt_pct}")
-        if self.insertion == "marker" and not self.marker:
-            problems.append("--insertion marker needs a non-empty --marker")
+        if self.insertion in ("marker", "answer") and not self.marker:
+            problems.append(f"--insertion {self.insertion} needs a non-empty --marker")
         if not self.data:
             problems.append("--data needs at least one source")
         if self.parallel == "fsdp" and self.init in ARMS and not ARMS[self.init].shards:
@@ -287,12 +289,17 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 
 def insertion_points(
-    keys: list[int], cfg: TrainConfig, ids: torch.Tensor | None = None, marker_ids: list[int] | None = None
+    keys: list[int],
+    cfg: TrainConfig,
+    ids: torch.Tensor | None = None,
+    marker_ids: list[int] | None = None,
+    stop_ids: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
     """``[B, K]`` sorted distinct insertion points per sequence, a function of (seed, sequence key) only: the
     same on any number of ranks and after a resume. With ``marker_ids`` (``--insertion marker``) the points are
     the ends of the marker's occurrences in ``ids`` (a seeded choice of K if there are more; uniform points fill
-    up when there are fewer)."""
+    up when there are fewer); with ``--insertion answer`` every answer token's point after the marker is a candidate
+    too, up to the line's end (``stop_ids``)."""
     from .synth import marker_positions
 
     rows = []
@@ -300,7 +307,8 @@ def insertion_points(
     for b, key in enumerate(keys):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + key)
         if marker_ids:
-            rows.append(marker_positions(ids[b], marker_ids, n_valid, cfg.n_traces, g))
+            span = cfg.seq_len if cfg.insertion == "answer" else 0
+            rows.append(marker_positions(ids[b], marker_ids, n_valid, cfg.n_traces, g, span, stop_ids))
         else:
             rows.append(stratified_positions(1, n_valid, cfg.n_traces, cfg.trace_groups, g)[0])  # G=1: plain uniform
     return torch.stack(rows)
@@ -643,11 +651,14 @@ class Trainer:
         if par.world > 1:
             par.barrier()
             token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())  # cached: only reads the key
-        if cfg.insertion == "marker" and cfg.trace_groups > 1:
-            raise ValueError("--insertion marker places the points itself: use --trace-groups 1")
+        if cfg.insertion != "random" and cfg.trace_groups > 1:
+            raise ValueError(f"--insertion {cfg.insertion} places the points itself: use --trace-groups 1")
         self.marker_ids = (
-            tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] if cfg.insertion == "marker" else None
+            tokenizer(cfg.marker, add_special_tokens=False)["input_ids"] if cfg.insertion != "random" else None
         )
+        from .synth import line_end_ids
+
+        self.stop_ids = line_end_ids(tokenizer) if cfg.insertion == "answer" else frozenset()
         bos = start_token(tokenizer)
         self.data = PackedSequences(
             load_tokens(token_dir, "train"), cfg.seq_len, cfg.seed, par.rank, par.world, bos_id=bos
@@ -723,7 +734,7 @@ class Trainer:
         self._phase = "batches"
         for micro in range(cfg.grad_accum):
             ids, keys = self.data.next_batch(cfg.batch_size)
-            positions = insertion_points(keys, cfg, ids, self.marker_ids)  # on the CPU: no device sync
+            positions = insertion_points(keys, cfg, ids, self.marker_ids, self.stop_ids)  # on the CPU: no sync
             ids = ids.to(par.device, non_blocking=True)
             no_sync = par.world > 1 and micro < cfg.grad_accum - 1
             if self.sharded:
