@@ -16,6 +16,8 @@
 #   source scripts/gpu_env.sh && MINUTES=6 bash experiments/skills.sh r2a $OUT/a  # corpora; copy N_L=32 at lr 3e-4
 #                                             # and a LoRA-rank coprocessor (r=32, lr 1e-3, the size that can ship)
 #   MINUTES=2.5 bash experiments/skills.sh r2b $OUT/b   # both resumed to 1,500 steps (round 1's budget), then
+#   (ANSWER=1 on all three adds a third arm: copy N_L=16 lr 3e-4 trained with --insertion answer, K=32, evaluated
+#   with --deliberate every: the coprocessor before every answer token)
 #   bash experiments/skills.sh r2c $OUT/c   # gates fitted on problems + general text (State of the Union left out
 #                                           # of everything: the unseen source), eval synth always-on and gated,
 #                                           # general-text perplexity in-source and unseen, the LoRA arm exported
@@ -97,11 +99,12 @@ r2a)
 b(t(), ['$R/synth/train'], 1.0)" > /dev/null 2>&1
   arm copy-nl32-lr3 synth --n-latents 32 --lr 3e-4 &
   arm lora32 synth --init lora --lora-rank 32 --n-latents 16 --lr 1e-3 &
+  [ -n "${ANSWER:-}" ] && arm copy-answer synth --n-latents 16 --lr 3e-4 --insertion answer --n-traces 32 &
   wait
   summary copy-nl32-lr3 lora32 > "$out/train_r2a.jsonl"
   for a in copy-nl32-lr3 lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2a.log" ;;
 r2b)
-  finish copy-nl32-lr3 lora32
+  finish copy-nl32-lr3 lora32 ${ANSWER:+copy-answer}
   summary copy-nl32-lr3 lora32 > "$out/train_r2b.jsonl"
   for a in copy-nl32-lr3 lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2b.log" ;;
 r2c)
@@ -112,6 +115,10 @@ r2c)
     tr '\r' '\n' < "$R/gate_$a.log" | grep -v "scoring positions" | tail -n 12 > "$out/gate_$a.log"
   done
   evaluate r2 copy-nl32-lr3 lora32 &
+  if [ -n "${ANSWER:-}" ]; then  # deliberating before every answer token: scored that way
+    $C eval synth --checkpoint "$(last copy-answer)" --heldout "$R/synth/heldout.jsonl" --deliberate every \
+      --check-generate 10 --out "$out/synth_eval_every.json" > "$R/eval_every.log" 2>&1 &
+  fi
   $C eval ppl --checkpoint "$(last copy-nl32-lr3)" "$(last lora32)" --data default --heldout-sources sotu \
     --sequences ${SEQS:-32} --seq-len 1024 --offsets 1 2 4 8 16 32 --out "$out/general_ppl_r2.json" > "$R/ppl_r2.log" 2>&1
   tr '\r' '\n' < "$R/ppl_r2.log" | grep -v "^eval ppl" | tail -n 40 > "$out/general_ppl_r2.log"
