@@ -13,7 +13,7 @@ Policies per request (strategy objects in :mod:`~cacheaug.serving.policies`, whe
              the staleness study of docs/results.md.) With ``async_grace_s`` > 0 the first token waits that
              long for the latents. After the deadline, on failure, or beyond ``max_stale_tokens`` tokens:
              decode unaugmented.
-Each request is a :class:`~cacheaug.serving.policies.Request` (waiting, prefilling, waiting for latents, decoding,
+Each request is a :class:`~cacheaug.serving.request.Request` (waiting, prefilling, waiting for latents, decoding,
 done or cancelled); the engine decodes, and calls the policy's hooks after the prefill and around each token.
 
 Offline augmentation: :meth:`Engine.augment_prefix` stores the augmented cache of a shared prefix (a document,
@@ -48,7 +48,8 @@ from ..model import CacheAugmentedLM
 from ..sampling import SamplingParams, next_token
 from .batching import CoprocessorTimeout, LatentsWorker
 from .latent_graphs import LatentGraphs
-from .policies import Request, Step, get_policy, policy_names
+from .policies import get_policy, policy_names
+from .request import Request, Step
 from .scheduler import END, Scheduler
 from .slab import Slab
 from .store import CacheStore

@@ -1,6 +1,6 @@
 """The engine loop: one thread owns every active request and runs their decoding steps as one batch.
 
-A request (:class:`~cacheaug.serving.policies.Request`) is added by :meth:`Engine.stream` and then advanced only by
+A request (:class:`~cacheaug.serving.request.Request`) is added by :meth:`Engine.stream` and then advanced only by
 this loop, phase by phase: prefill (and the policy's ``after_prefill``), ``before_token``, choosing the token (one per
 token the consumer asked for: a slow reader holds its request, never the others), ``after_token``, then the decoding
 step, batched with every other request that needs one (:func:`~cacheaug.serving.batching.batched_step`, up to
@@ -20,7 +20,7 @@ import torch
 
 from ..sampling import SamplingParams, next_token
 from .batching import batched_step
-from .policies import Step
+from .request import Step
 
 END = object()  # put after a request's last token
 
