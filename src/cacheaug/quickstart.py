@@ -277,9 +277,12 @@ def run_quickstart(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quickstart.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out_dir / "quickstart.png")
-    plot_problems(report, out_dir / "problems.png")
+    written = [out_dir / "quickstart.json"]
+    if "problems" in report:  # (the shipped coprocessor's part ran)
+        plot_problems(report, out_dir / "problems.png")
+        written.append(out_dir / "problems.png")
     print(
-        f"\nwrote {out_dir / 'quickstart.json'}, {out_dir / 'problems.png'} (exact match by family) and "
-        f"{out_dir / 'quickstart.png'} (the demonstration) ({report['seconds']} s)"
+        f"\nwrote {', '.join(map(str, written))} and {out_dir / 'quickstart.png'} (the demonstration) "
+        f"({report['seconds']} s)"
     )
     return report
