@@ -1,5 +1,5 @@
 """Every command the README and the guide (docs/guide.md) show runs as written on a CPU machine, in their order (the
-README's first), in a fresh folder (slow tier: the real Gemma 3 270M; about 31 minutes on 2 cores, 6 of them the main
+README's first), in a fresh folder (slow tier: the real Gemma 3 270M; about 15 minutes on 2 cores, 4 of them the main
 job).
 
 How each line is checked:
