@@ -209,3 +209,21 @@ def test_eval_on_another_split_than_training_warns(tmp_path, capsys):
     other = SimpleNamespace(data=("corpus",), heldout_pct=1.0, adapt_pct=0.0, heldout_sources=())
     _warn_split_mismatch(other, [str(tmp_path / "run" / "step_000002")])
     assert "--heldout-pct 1.0 (trained with 10.0)" in capsys.readouterr().out
+
+
+def test_every_subcommand_has_a_help_page():
+    """`cacheaug X --help` renders for every subcommand (argparse formats help strings with %: a bare % in one broke
+    `train-gate --help`)."""
+    import argparse
+
+    from cacheaug.cli import build_parser
+
+    def walk(parser, path):
+        text = parser.format_help()
+        assert "usage:" in text, path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+
+    walk(build_parser(), ["cacheaug"])

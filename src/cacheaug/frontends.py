@@ -290,7 +290,7 @@ class TrainGateConfig(_Checked):
     model: str | None = _f(None, "the frozen decoder it was trained on (default: the checkpoint's base)")
     heldout_pct: float = _f(1.0, "the training run's --heldout-pct (positions come from its training split)", min=0)
     seq_len: int = _f(256, "tokens per scored sequence", min=4)
-    sequences: int = _f(1024, "sequences scored (the first 80% fit the gate, the rest report it)", min=2)
+    sequences: int = _f(1024, "sequences scored (the first 80 percent fit the gate, the rest report it)", min=2)
     n_traces: int = _f(16, "positions per sequence: the ends of --marker, filled up with uniform points", min=1)
     marker: str = _f(" Answer:", "text after which positions are always scored (empty: uniform points only)")
     margin: float = _f(
