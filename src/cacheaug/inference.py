@@ -69,6 +69,19 @@ class Inference:
         self.gated(True)
         return self.gate(self.gate_states(input_ids, positions))
 
+    @torch.no_grad()
+    def last_state(self, cache: DynamicCache, last_token: torch.Tensor) -> torch.Tensor:
+        """The frozen decoder's last hidden state ``[B, D]`` at the last of the P positions of a prompt's ``cache`` (the
+        gate's input), from one decoder call on that token (``last_token`` ``[B]``) over the first P - 1; ``cache`` is
+        left as it is."""
+        P = kv.length(cache)
+        position = torch.full((last_token.shape[0], 1), P - 1, device=self.device)
+        return self.base.get_decoder()(
+            input_ids=last_token.view(-1, 1).to(self.device),
+            position_ids=position,
+            **self.cache_kwargs(kv.fork(cache, P - 1)),
+        ).last_hidden_state[:, -1]
+
     def gate_fires(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[...]`` bool: the gate's decision for the decoder's last hidden states ``hidden`` ``[..., D]``."""
         return self.gate.fires(hidden, self.gate_threshold)
@@ -272,12 +285,8 @@ class Inference:
             cache = self._check_cache(past_key_values, P, B)
             h = None
         if self.gated(use_gate):
-            if h is None:  # the state at the prompt's last token, from the stored cache of the tokens before it
-                h = self.base.get_decoder()(
-                    input_ids=ids[:, -1:],
-                    position_ids=torch.full((B, 1), P - 1, device=self.device),
-                    **self.cache_kwargs(kv.fork(cache, P - 1)),
-                ).last_hidden_state[:, -1]
+            if h is None:  # the state at the prompt's last token, from the stored cache
+                h = self.last_state(cache, ids[:, -1])
             fire = self.gate_fires(h)
             if not fire.any():
                 return AugmentOutput(

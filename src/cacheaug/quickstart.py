@@ -51,14 +51,14 @@ def skills(model, tok, per_level: int, report: dict) -> None:
     """Steps 2-4 of the main job with the shipped coprocessor ``model`` (it has a gate)."""
     from .data import Splits
     from .evaluate import bootstrap_rel_change, heldout_sequences, offset_loss_sums
-    from .synth import build_rows, mcnemar, summarise
+    from .synth import build_rows, mcnemar, score_instances, summarise
 
     instances = heldout_problems(per_level)
     print(
         f"\n== problems that need computation: {len(instances)} held-out problems (their twins never occur in the "
         "coprocessor's training data), frozen vs augmented where the gate fires"
     )
-    scores = score_problems(model, tok, instances)
+    scores = score_instances(model, tok, instances, per_row=8, progress=True)
     fire = scores["gate_fire"]
     gated_em = [a if f else b for a, b, f in zip(scores["em"], scores["base_em"], fire)]
     frozen = summarise(instances, scores["base_em"], scores["base_loss"])
@@ -130,12 +130,6 @@ def skills(model, tok, per_level: int, report: dict) -> None:
         "always": {k: [v[o - 1] for o in offsets] for k, v in always.items()},
         "gate_fire_rate": rate,
     }
-
-
-def score_problems(model, tok, instances):
-    from .synth import score_instances
-
-    return score_instances(model, tok, instances, per_row=8, progress=True)
 
 
 def plot_problems(report: dict, path: Path) -> None:

@@ -294,12 +294,12 @@ def marker_positions(
     else:
         ends = torch.zeros(0, dtype=torch.long)
     if span > 0 and len(ends):
-        points = []
+        points, toks = [], ids.tolist()
         for end in ends.tolist():
             p = end
             while p < n_valid and p - end < span:
                 points.append(p)
-                if int(ids[p + 1]) in stop_ids:
+                if toks[p + 1] in stop_ids:
                     break
                 p += 1
         ends = torch.tensor(sorted(set(points)), dtype=torch.long)

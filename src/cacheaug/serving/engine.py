@@ -300,14 +300,8 @@ class Engine:
     def gate_fires(self, req: Request) -> bool:
         """The gate's decision at the end of ``req``'s prompt (just prefilled): the frozen decoder's last hidden state
         there, from one decoder call on the prompt's last token over the cache of the tokens before it."""
-        P = len(req.prompt)
-        device = self.model.device
-        with self.lock, torch.no_grad():
-            h = self.base.get_decoder()(
-                input_ids=torch.tensor([req.prompt[-1:]], device=device),
-                position_ids=torch.tensor([[P - 1]], device=device),
-                **self.model.cache_kwargs(kv.fork(req.cache, P - 1)),
-            ).last_hidden_state[:, -1]
+        with self.lock:
+            h = self.model.last_state(req.cache, torch.tensor(req.prompt[-1:]))
             fire = bool(self.model.gate_fires(h)[0])
         req.info["gate"] = fire
         return fire
