@@ -16,8 +16,8 @@
 #   source scripts/gpu_env.sh && MINUTES=6 bash experiments/skills.sh r2a $OUT/a  # corpora; copy N_L=32 at lr 3e-4
 #                                             # and a LoRA-rank coprocessor (r=32, lr 1e-3, the size that can ship)
 #   MINUTES=2.5 bash experiments/skills.sh r2b $OUT/b   # both resumed to 1,500 steps (round 1's budget), then
-#   (ANSWER=1 on all three adds a third arm: copy N_L=16 lr 3e-4 trained with --insertion answer, K=32, evaluated
-#   with --deliberate every: the coprocessor before every answer token)
+#   (R2="lora32 copy-answer" on all three picks the arms, see r2arm: copy-answer is copy N_L=16 lr 3e-4 trained with
+#   --insertion answer, K=32, evaluated also with --deliberate every: the coprocessor before every answer token)
 #   bash experiments/skills.sh r2c $OUT/c   # gates fitted on problems + general text (State of the Union left out
 #                                           # of everything: the unseen source), eval synth always-on and gated,
 #                                           # general-text perplexity in-source and unseen, the LoRA arm exported
@@ -26,6 +26,7 @@ set -uo pipefail
 stage=$1; out=${2:-out}; R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
 STEPS=${STEPS:-1500}; MINUTES=${MINUTES:-8}; DOCS=${DOCS:-48000}; BATCH=${BATCH:-32}; AHEAD=${AHEAD:-32}
 C="python3 -m cacheaug"
+R2=${R2:-copy-nl32-lr3 lora32}  # the second round's arms (r2arm below names them)
 TR="--model gemma-3-270m --seq-len 256 --n-ahead $AHEAD --n-traces 16 --batch-size $BATCH --insertion marker \
 --max-steps $STEPS --max-minutes $MINUTES --warmup-steps 100 --eval-every 0 --save-every 500 --keep-last 4 \
 --log-every 10 ${COMPILE---compile-step graphs --keep-logits}"
@@ -46,6 +47,15 @@ evaluate() {  # the last checkpoint of each named arm, on the strict held-out fi
   $C eval synth --checkpoint $ckpts --heldout "$R/synth/heldout.jsonl" --check-generate ${CHECK:-40} \
     --out "$out/synth_eval_$tag.json" > "$R/eval_$tag.log" 2>&1
   tr '\r' '\n' < "$R/eval_$tag.log" | grep -v "^eval synth" | tail -n 40 > "$out/eval_$tag.log"
+}
+r2arm() {  # one arm of the second round, by name
+  case $1 in
+  copy-nl32-lr3) arm $1 synth --n-latents 32 --lr 3e-4 ;;
+  lora32) arm $1 synth --init lora --lora-rank 32 --n-latents 16 --lr 1e-3 ;;
+  copy-answer) arm $1 synth --n-latents 16 --lr 3e-4 --insertion answer --n-traces 32 ;;
+  lora32-answer) arm $1 synth --init lora --lora-rank 32 --n-latents 16 --lr 1e-3 --insertion answer --n-traces 32 ;;
+  *) echo "skills: no second-round arm named $1" >&2; return 2 ;;
+  esac
 }
 summary() {  # per arm: steps run, last logged loss, traces/s (the metrics files stay on the machine)
   for a in "$@"; do
@@ -97,29 +107,27 @@ r2a)
   python3 -c "from cacheaug import load_base_model; load_base_model('gemma-3-270m', device='cpu')"  # convert once
   python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import build_token_files as b; \
 b(t(), ['$R/synth/train'], 1.0)" > /dev/null 2>&1
-  arm copy-nl32-lr3 synth --n-latents 32 --lr 3e-4 &
-  arm lora32 synth --init lora --lora-rank 32 --n-latents 16 --lr 1e-3 &
-  [ -n "${ANSWER:-}" ] && arm copy-answer synth --n-latents 16 --lr 3e-4 --insertion answer --n-traces 32 &
+  for a in $R2; do r2arm $a & done
   wait
-  summary copy-nl32-lr3 lora32 > "$out/train_r2a.jsonl"
-  for a in copy-nl32-lr3 lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2a.log" ;;
+  summary $R2 > "$out/train_r2a.jsonl"
+  for a in $R2; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2a.log" ;;
 r2b)
-  finish copy-nl32-lr3 lora32 ${ANSWER:+copy-answer}
-  summary copy-nl32-lr3 lora32 > "$out/train_r2b.jsonl"
-  for a in copy-nl32-lr3 lora32; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2b.log" ;;
+  finish $R2
+  summary $R2 > "$out/train_r2b.jsonl"
+  for a in $R2; do tr '\r' '\n' < "$R/s_$a.log" | grep -v "^train" | tail -n 5; done > "$out/train_r2b.log" ;;
 r2c)
   last() { ls -d "$R/s_$1"/step_* | tail -1; }
-  for a in copy-nl32-lr3 lora32; do
+  for a in $R2; do
     $C train-gate --checkpoint "$(last $a)" --data "$R/synthmix2/train" --seq-len 256 --sequences ${GATE_SEQS:-2048} \
       --n-traces 16 --batch-size 32 --out "$out/gate_$a.json" > "$R/gate_$a.log" 2>&1
     tr '\r' '\n' < "$R/gate_$a.log" | grep -v "scoring positions" | tail -n 12 > "$out/gate_$a.log"
   done
-  evaluate r2 copy-nl32-lr3 lora32 &
-  if [ -n "${ANSWER:-}" ]; then  # deliberating before every answer token: scored that way
+  evaluate r2 $R2 &
+  if [[ " $R2 " == *" copy-answer "* ]]; then  # deliberating before every answer token: scored that way
     $C eval synth --checkpoint "$(last copy-answer)" --heldout "$R/synth/heldout.jsonl" --deliberate every \
       --check-generate 10 --out "$out/synth_eval_every.json" > "$R/eval_every.log" 2>&1 &
   fi
-  $C eval ppl --checkpoint "$(last copy-nl32-lr3)" "$(last lora32)" --data default --heldout-sources sotu \
+  $C eval ppl --checkpoint $(for a in $R2; do last $a; done) --data default --heldout-sources sotu \
     --sequences ${SEQS:-32} --seq-len 1024 --offsets 1 2 4 8 16 32 --out "$out/general_ppl_r2.json" > "$R/ppl_r2.log" 2>&1
   tr '\r' '\n' < "$R/ppl_r2.log" | grep -v "^eval ppl" | tail -n 40 > "$out/general_ppl_r2.log"
   wait
