@@ -396,9 +396,9 @@ class ServeConfig(_Checked):
     compile_decode: str | None = _f(
         None,
         "torch.compile the batched decoding step with this backend before its CUDA "
-        "graphs are recorded (inductor: 1.5 ms a token at batch 1 instead of 3.8 for Gemma "
-        "3 270M on an H200; the first batch shape compiles for about 25 s, the next with "
-        "symbolic sizes once for up to 3 minutes, then every shape reuses it)",
+        "graphs are recorded (inductor: faster decoding steps, figures in docs/performance.md; "
+        "the first batch shape compiles for tens of seconds, the next with symbolic sizes "
+        "once for minutes, then every shape reuses it)",
         choices=lambda: ("inductor", "aot_eager"),
     )
     coprocessor_priority: str = _f(
