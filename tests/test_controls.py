@@ -1,5 +1,6 @@
 """The controls: pause tokens share the coprocessor's path; the LoRA-tuned decoder has its own."""
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,6 +108,49 @@ def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
     assert [r["init"] for r in runs] == ["copy", "pause"] and all(len(r["change"]) == 3 for r in runs)
     assert runs[0]["base_ppl"] == runs[1]["base_ppl"]  # same frozen reference tokens
     assert (tmp_path / "r.json").is_file()
+    # the two arms compared directly, paired on the same sequences: copy's perplexity relative to pause's
+    (pair,) = rep["paired"]["heldout"].values()
+    for j in range(3):
+        direct = 100 * ((1 + runs[0]["change"][j] / 100) / (1 + runs[1]["change"][j] / 100) - 1)
+        assert pair["change"][j] == pytest.approx(direct, rel=1e-6, abs=1e-6)
+        assert pair["lo"][j] <= pair["change"][j] <= pair["hi"][j]
+    assert list(rep["paired"]["heldout"]) == [f"{tmp_path / 'copy'} vs {tmp_path / 'pause'}"]
+
+
+def test_balanced_evaluation_takes_equal_shares_from_each_source(tmp_path, monkeypatch):
+    """`eval ppl --balanced`: in-source sequences in equal shares per source (a small source gives what it has,
+    the others make up the rest), each share from that source's held-out documents only."""
+    from cacheaug.data import Splits
+    from cacheaug.evaluate import balanced_sequences, heldout_sequences
+    from cacheaug.testing import tiny_tokenizer
+
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    big, small = ["alpha", "beta", "gamma"], ["delta", "omega"]
+    texts = {"big": [], "small": []}
+    for name, words, n_docs in (("big", big, 60), ("small", small, 12)):
+        (tmp_path / name).mkdir()
+        for i in range(n_docs):
+            text = " ".join(words[(i + k) % len(words)] for k in range(40))
+            texts[name].append(text)
+            (tmp_path / name / f"{i}.txt").write_text(text)
+    tok = tiny_tokenizer(texts["big"] + texts["small"])
+    data, splits = (str(tmp_path / "big"), str(tmp_path / "small")), Splits(heldout_pct=50.0)
+    ids = {name: {tok.convert_tokens_to_ids(w) for w in words} for name, words in (("big", big), ("small", small))}
+
+    def source_of(seq):
+        inside = [name for name, vocab in ids.items() if vocab & set(seq.tolist())]
+        assert len(inside) == 1, inside  # a window of one source only
+        return inside[0]
+
+    seqs, counts = balanced_sequences(tok, data, splits, seq_len=16, n=6)
+    assert counts == {str(tmp_path / "big"): 3, str(tmp_path / "small"): 3}
+    assert [source_of(s) for s in seqs] == ["big"] * 3 + ["small"] * 3
+    plain = heldout_sequences(tok, data, splits, seq_len=16, n=6)
+    assert sorted(map(source_of, plain)).count("small") < 3  # spread over the mix: the small source's share is small
+    n_small = len(heldout_sequences(tok, (data[1],), splits, seq_len=16, n=1000))
+    seqs, counts = balanced_sequences(tok, data, splits, seq_len=16, n=2 * n_small + 4)
+    assert counts[data[1]] == n_small and counts[data[0]] == n_small + 4  # the big source makes up the rest
+    assert len(seqs) == 2 * n_small + 4
 
 
 def test_staleness_study_zero_delay_matches_the_training_pass(tmp_path, monkeypatch):

@@ -87,7 +87,7 @@ def insertion_cost(
     if base is None:
         base, tokenizer = load_base_model(model_name, device=device)
     splits = Splits(heldout_pct, adapt_pct, tuple(heldout_sources))
-    sets = evaluation_sets(tokenizer, data, splits, seq_len, sequences)
+    sets, _ = evaluation_sets(tokenizer, data, splits, seq_len, sequences)
     n_ahead = max(offsets)
     positions = torch.linspace(seq_len // 4, seq_len - 1 - n_ahead, points).long()
     report = {

@@ -141,12 +141,72 @@ def empty_split_message(token_dir, split: str, seq_len: int) -> str:
     )
 
 
-def evaluation_sets(tokenizer, data, splits, seq_len: int, n: int) -> dict[str, torch.Tensor]:
-    """``{"heldout": [n, T]}`` and, when ``splits`` names held-out sources, ``"unseen": [n, T]`` as well."""
-    sets = {"heldout": heldout_sequences(tokenizer, data, splits, seq_len, n)}
+def evaluation_sets(
+    tokenizer, data, splits, seq_len: int, n: int, balanced: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
+    """``{"heldout": [n, T]}`` and, when ``splits`` names held-out sources, ``"unseen": [n, T]`` as well; with
+    ``balanced`` the in-source sequences come in equal shares from each source (:func:`balanced_sequences`), whose
+    counts are returned beside (else ``None``)."""
+    if balanced:
+        held, counts = balanced_sequences(tokenizer, data, splits, seq_len, n)
+        sets = {"heldout": held}
+    else:
+        sets, counts = {"heldout": heldout_sequences(tokenizer, data, splits, seq_len, n)}, None
     if splits.heldout_sources:
         sets["unseen"] = heldout_sequences(tokenizer, data, splits, seq_len, n, split="unseen")
-    return sets
+    return sets, counts
+
+
+def source_specs(data, splits) -> list[str]:
+    """The data specs one by one source: a corpus (``default``, ``broad``) as its named parts, the held-out
+    (unseen) sources left out; any other spec as itself."""
+    from .corpus import CORPORA
+
+    unseen = set(splits.heldout_sources)
+    specs = []
+    for spec in data:
+        if spec in CORPORA:
+            specs += [f"{spec}:{name}" for name in CORPORA[spec] if name not in unseen]
+        elif spec.split(":", 1)[-1] not in unseen:
+            specs.append(spec)
+    return specs
+
+
+def balanced_sequences(tokenizer, data, splits, seq_len: int, n: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """``n`` held-out sequences ``[n, T]`` in equal shares from each source (:func:`source_specs`), each share spread
+    over its source's held-out stream; a source with fewer held-out windows than its share gives all it has and the
+    rest is shared among the others. The held-out documents are the same as those of the whole mix (the split goes
+    by document). Returns the sequences (source after source) and how many came from each source."""
+    from .data import PackedSequences, build_token_files, load_tokens, start_token
+
+    specs = source_specs(data, splits)
+    if not specs:
+        raise ValueError("no in-source data to evaluate: every source of --data is in --heldout-sources")
+    pools = {}
+    for spec in specs:
+        tokens = load_tokens(build_token_files(tokenizer, [spec], splits), "heldout")
+        if len(tokens) > seq_len:
+            pools[spec] = PackedSequences(tokens, seq_len, seed=0, bos_id=start_token(tokenizer))
+    if not pools:
+        raise ValueError(
+            f"no source of {list(data)} holds a held-out sequence of --seq-len {seq_len}: raise --heldout-pct or "
+            "lower --seq-len"
+        )
+    quota = dict.fromkeys(pools, 0)
+    left = n
+    while left > 0:
+        open_ = [s for s in pools if quota[s] < len(pools[s])]
+        if not open_:
+            break
+        share = max(1, left // len(open_))
+        for s in open_:
+            take = min(share, len(pools[s]) - quota[s], left)
+            quota[s] += take
+            left -= take
+            if left == 0:
+                break
+    seqs = torch.cat([pools[s].spread(k) for s, k in quota.items() if k])
+    return seqs, {s.split(":", 1)[-1]: k for s, k in quota.items()}
 
 
 def _print_table(offsets, columns: dict[str, dict], frozen_ppl: list[float] | None = None) -> None:
@@ -183,10 +243,15 @@ def evaluate_ppl(
     out: str | None = None,
     base=None,
     tokenizer=None,
+    balanced: bool = False,
+    dtype: str | None = None,
 ) -> dict:
     """`cacheaug eval ppl`: held-out perplexity change by offset for each checkpoint (coprocessors and controls
     alike), against the frozen decoder on the same tokens, with 95% bootstrap intervals over sequences. With
-    ``heldout_sources`` the same is reported on those unseen sources, side by side (``report["unseen"]``)."""
+    ``heldout_sources`` the same is reported on those unseen sources, side by side (``report["unseen"]``). With
+    several checkpoints, each pair is also compared directly, paired on the same sequences (``report["paired"]``:
+    the perplexity of the first relative to the second). ``balanced``: in-source sequences in equal shares per
+    source; ``dtype``: the decoder's precision (``float32`` re-scores a bf16 result in full precision)."""
     import dataclasses
     import json
     from pathlib import Path
@@ -195,21 +260,25 @@ def evaluate_ppl(
     from .data import Splits
 
     if base is None:
-        base, tokenizer = load_base_model(model_name, device=device)
+        torch_dtype = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        base, tokenizer = load_base_model(model_name, device=device, dtype=torch_dtype)
     splits = Splits(heldout_pct, adapt_pct, tuple(heldout_sources))
-    sets = evaluation_sets(tokenizer, data, splits, seq_len, sequences)
+    sets, per_source = evaluation_sets(tokenizer, data, splits, seq_len, sequences, balanced=balanced)
     n_ahead = max(offsets)
     report = {
         "model": model_name,
         "data": list(data),
         **splits.key(),
+        "dtype": str(base.dtype).replace("torch.", ""),
         "seq_len": seq_len,
         "sequences": {k: len(v) for k, v in sets.items()},
+        **({"sequences_per_source": per_source} if per_source else {}),
         "stride": stride,
         "offsets": list(offsets),
         "n_boot": n_boot,
         "runs": {},
     }
+    kept: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}  # per split and run: loss sums, for the pairs
     for ckpt in checkpoints:
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
         model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # N_A only sets which targets are scored
@@ -217,6 +286,9 @@ def evaluate_ppl(
         for split, seqs in sets.items():
             sums = offset_loss_sums(model, seqs, stride, with_gate=gated)
             aug, frozen, points = sums[:3]
+            kept.setdefault(split, {})[str(ckpt)] = (aug, points)
+            if gated:
+                kept[split][f"{ckpt} + gate"] = (sums[3], points)
             stats = bootstrap_rel_change(aug, frozen, points, n_boot)
             pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items()}
             run = {"init": model.config.init, "n_latents": model.config.n_latents, "points": points * len(seqs), **pick}
@@ -232,6 +304,13 @@ def evaluate_ppl(
                 report[split][f"{ckpt} + gate"] = run
         del model
     report["runs"] = report["heldout"]  # the in-source results under their old key
+    for split, runs in kept.items():  # every pair of runs, paired on the same sequences
+        names = list(runs)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                stats = bootstrap_rel_change(runs[a][0], runs[b][0], runs[a][1], n_boot)
+                pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items() if k in ("change", "lo", "hi")}
+                report.setdefault("paired", {}).setdefault(split, {})[f"{a} vs {b}"] = pick
     for split, title in (
         ("heldout", "in-source held-out documents"),
         ("unseen", f"unseen sources {list(heldout_sources)}"),
@@ -248,6 +327,12 @@ def evaluate_ppl(
         for c, r in runs.items():
             if "gate_fire_rate" in r:
                 print(f"  the gate of {_run_name(c)} fired at {r['gate_fire_rate']:.2f}% of the insertion points")
+        pairs = report.get("paired", {}).get(split, {})
+        if pairs:
+            print("Paired on the same sequences (perplexity of the first relative to the second):")
+            _print_table(offsets, {" vs ".join(map(_run_name, k.split(" vs "))): r for k, r in pairs.items()})
+    if per_source:
+        print(f"In-source sequences per source: {per_source}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -122,6 +122,12 @@ class PplConfig(_Split):
     stride: int = _f(16, "an insertion point every STRIDE tokens (1 = every token)", min=1)
     offsets: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32), "offsets after the insertion point to report", min=1)
     bootstrap: int = _f(1000, "bootstrap resamples", min=1)
+    balanced: bool = _f(False, "in-source sequences in equal shares from each source (default: spread over the mix)")
+    dtype: str = _f(
+        "auto",
+        "the decoder's precision (auto: bf16 on a GPU, fp32 on the CPU; float32 re-scores in full precision)",
+        choices=lambda: ("auto", "float32", "bfloat16"),
+    )
 
     def run(self):
         from .evaluate import evaluate_ppl
@@ -142,6 +148,8 @@ class PplConfig(_Split):
             n_boot=self.bootstrap,
             device=self.device,
             out=self.out,
+            balanced=self.balanced,
+            dtype=self.dtype,
         )
 
 
