@@ -50,6 +50,7 @@ from .batching import CoprocessorTimeout, LatentsWorker
 from .latent_graphs import LatentGraphs
 from .policies import get_policy, policy_names
 from .request import Request, Step
+from .runner import Runner
 from .scheduler import END, Scheduler
 from .slab import Slab
 from .store import CacheStore
@@ -168,7 +169,7 @@ class Engine:
         self.slab = None
         if static_batch and model.family.attn_implementation in Slab.ATTENTION:
             self.slab = Slab(model, max_batch, max_length=static_max_len, compile=compile_decode)
-        self.scheduler = Scheduler(self, max_batch=max_batch)  # the engine loop: every request's decoding
+        self.scheduler = Scheduler(self, Runner(self), max_batch=max_batch)  # the loop: every request's decoding
 
     # -------------------------------------------------------------------------------------------- worker
     def submit_latents(self, cache: DynamicCache, length: int, last_token: int) -> cf.Future:
@@ -198,8 +199,14 @@ class Engine:
             )
 
     @staticmethod
-    def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    def choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+        """The next token from ``logits`` ``[1, V]`` (greedy at temperature 0, else sampled with ``generator``)."""
         return int(next_token(logits, SamplingParams(temperature, None, top_p), generator)[0])
+
+    @property
+    def can_augment(self) -> bool:
+        """A coprocessor is loaded and on (``serve`` without one decodes the frozen model alone)."""
+        return self.model.enabled
 
     def prefill(self, prompt: list[int], use_store: bool = True) -> tuple[DynamicCache, torch.Tensor, bool]:
         """Cache and next-token logits for ``prompt``, starting from the longest stored augmented prefix (unless
@@ -295,7 +302,7 @@ class Engine:
 
     @property
     def has_gate(self) -> bool:
-        return self.model.enabled and self.model.gate is not None
+        return self.can_augment and self.model.gate is not None
 
     def gate_fires(self, req: Request) -> bool:
         """The gate's decision at the end of ``req``'s prompt (just prefilled): the frozen decoder's last hidden state

@@ -18,18 +18,21 @@ from collections import deque
 
 import torch
 
-from ..sampling import SamplingParams, next_token
-from .batching import batched_step
 from .request import Step
 
 END = object()  # put after a request's last token
 
 
 class Scheduler:
-    """The loop of an :class:`~cacheaug.serving.engine.Engine` (started at construction, stopped by ``close``)."""
+    """The loop of an :class:`~cacheaug.serving.engine.Engine` (started at construction, stopped by ``close``).
 
-    def __init__(self, engine, max_batch: int = 16, idle_s: float = 0.05):
-        self.engine, self.max_batch, self.idle_s = engine, max(1, max_batch), idle_s
+    It decides; the ``runner`` (:class:`~cacheaug.serving.runner.Runner`) runs the decoding steps. What it asks of
+    ``engine``: ``clock``, ``prefill``, ``can_augment``, ``choose``, ``insert_if_ready``, ``insert_pending``,
+    ``give_up`` and ``stats``; the requests' policies get the engine too. Tests drive it with a fake engine and
+    runner, no model (tests/test_scheduler_model_free.py)."""
+
+    def __init__(self, engine, runner, max_batch: int = 16, idle_s: float = 0.05):
+        self.engine, self.runner, self.max_batch, self.idle_s = engine, runner, max(1, max_batch), idle_s
         self.inbox: deque = deque()
         self.active: list = []
         self.cv = threading.Condition()
@@ -161,7 +164,7 @@ class Scheduler:
                 req.cache, req.logits, from_store = engine.prefill(req.prompt, strategy.augments)
                 if from_store:
                     req.augmented, req.inserted_after = True, 0
-                req.wants = engine.model.enabled and not from_store
+                req.wants = engine.can_augment and not from_store
                 req.phase = "before"
                 strategy.after_prefill(engine, req)
                 if req.state != "waiting_for_latents":
@@ -177,7 +180,7 @@ class Scheduler:
                 if req.choice is not None and req.choice[1] is req.logits:  # computed with the batch's step
                     token = req.choice[0]
                 else:
-                    token = engine._choose(req.logits, req.temperature, req.top_p, req.generator)
+                    token = engine.choose(req.logits, req.temperature, req.top_p, req.generator)
                 req.choice = None
                 req.generated.append(token)
                 req.out.put(Step(token, req.augmented, req.inserted_after))
@@ -196,69 +199,16 @@ class Scheduler:
         return moved, False
 
     def _step(self, rows) -> None:
-        """One decoding step of ``rows`` (their last tokens), batched: in the engine's slab for the requests that hold
-        (or can take) a row of it, else by the dynamic path (caches left-padded and split again)."""
-        engine, model, slab = self.engine, self.engine.model, self.engine.slab
-        static = [r for r in rows if slab is not None and self._take_row(slab, r)]
-        dynamic = [r for r in rows if r.slot is None]
-        if static:
-            positions = [model.next_position(slab.length[r.slot], r.augmented) for r in static]
-            with engine.lock:
-                logits = slab.step([r.slot for r in static], [r.generated[-1] for r in static], positions)
-            for i, req in enumerate(static):
-                req.cache, req.logits = None, logits[i : i + 1]  # the row holds the cache; a view when asked
-            self._greedy_choices(static, logits)
-        if len(dynamic) == 1:
-            req = dynamic[0]
-            req.logits = engine._forward(
-                req.cache, torch.tensor([[req.generated[-1]]], device=model.device), req.augmented
-            )
-        elif dynamic:
-            positions = [model.next_position(r.cache.get_seq_length(), r.augmented) for r in dynamic]
-            with engine.lock:
-                caches, logits = batched_step(
-                    model.base,
-                    model.family.cache_kwarg,
-                    [r.cache for r in dynamic],
-                    [r.generated[-1] for r in dynamic],
-                    positions,
-                )
-            for i, req in enumerate(dynamic):
-                req.cache, req.logits = caches[i], logits[i : i + 1]
-            self._greedy_choices(dynamic, logits)
+        """One decoding step of ``rows``, batched, by the runner (the model side)."""
+        self.runner.step(rows)
         self.batches += 1
         self.rows += len(rows)
-
-    def _take_row(self, slab, req) -> bool:
-        """Give ``req`` a row of ``slab`` (copying its cache in), or copy a replaced cache into its row; False when
-        it cannot have one (too long for the slab, or every row in use)."""
-        if req.slot is None:
-            longest = len(req.prompt) + self.engine.model.config.n_inserted + req.max_new_tokens
-            if not slab.fits(longest) or not slab.has_room():
-                return False
-            req.slot, req.slab = slab.adopt(req.cache, reserve=longest - len(req.prompt)), slab
-            req.cache = None
-        elif req._cache is not None and not slab.holds(req.slot, req._cache):
-            slab.adopt(req._cache, req.slot)
-            req.cache = None
-        return True
-
-    @staticmethod
-    def _greedy_choices(rows, logits) -> None:
-        """The greedy rows' next tokens, read to the host together (one transfer instead of one per request)."""
-        greedy = [i for i, r in enumerate(rows) if SamplingParams(r.temperature).greedy]
-        if greedy:
-            tokens = next_token(logits if len(greedy) == len(rows) else logits[greedy], SamplingParams()).tolist()
-            for i, token in zip(greedy, tokens):
-                rows[i].choice = (token, rows[i].logits)
 
     def _finish(self, req, error: BaseException | None = None, cancelled: bool = False) -> None:
         if req.finished:
             return
         req.finished = True
-        if req.slot is not None:  # its row is free for the next request
-            req.slab.release(req.slot)
-            req.slot, req.cache = None, None
+        self.runner.release(req)  # its row (if it held one) is free for the next request
         if req in self.active:
             self.active.remove(req)
         if cancelled and not req.abandoned:  # the client went away (a consumer that stopped reading is not counted)
