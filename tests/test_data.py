@@ -296,9 +296,17 @@ def test_the_broad_corpus_reads_manuals_glossaries_and_mail(tmp_path, monkeypatc
 
     monkeypatch.setattr(corpus, "_fetch", fake_fetch)
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    from types import SimpleNamespace
+
+    from cacheaug.cli import check_sources_and_model
+
     with pytest.raises(FileNotFoundError, match="data prepare --corpus broad"):
         list(corpus.iter_documents("broad"))
+    for spec in ("broad", "broad:mail"):  # the commands' early check knows the corpus by name too
+        with pytest.raises(SystemExit, match="data prepare --corpus broad"):
+            check_sources_and_model(SimpleNamespace(model="gemma-3-270m", data=(spec,)))
     main(["data", "prepare", "--corpus", "broad"])
+    check_sources_and_model(SimpleNamespace(model="gemma-3-270m", data=("broad", "broad:mail", "default")))
     names = [n for n, _ in corpus.iter_named_documents("broad")]
     assert set(names) == set(packages) and len(packages) == len(corpus.DEFAULT_PACKAGES) + 12
     assert list(corpus.iter_documents("broad:wordnet")) == ["entity, thing: that which is perceived; an entity"]

@@ -59,6 +59,14 @@ def test_adapt_then_augment_then_evaluate_with_unseen_sources(setup, capsys):
     assert (tmp / "adapted" / "tokenizer.json").is_file() and set(adapted) == set(base)
     changed = [k for k in base if not torch.equal(adapted[k], base[k])]
     assert changed and all("proj" in k for k in changed)  # LoRA merged into the linear layers only
+    # the adapters alone (PEFT's format) rebuild the same decoder: what travels where the merged model is too big
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tmp / "base")
+    rebuilt = PeftModel.from_pretrained(fresh, tmp / "adapted" / "adapter").merge_and_unload().state_dict()
+    assert all(torch.equal(rebuilt[k], adapted[k]) for k in adapted if k in rebuilt)
+    assert not any(torch.equal(rebuilt[k], base[k]) for k in changed)
     main(adapt)  # a rerun resumes from the last checkpoint: nothing left to do, the same weights
     assert "resumed adaptation" in capsys.readouterr().out
     again = load_file(str(tmp / "adapted" / "model.safetensors"))

@@ -146,7 +146,7 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 def check_sources_and_model(cfg) -> None:
     """Fail before loading anything when the model or data obviously cannot be found."""
     from .base import GEMMA_3_270M
-    from .corpus import DEFAULT_PACKAGES, default_dir
+    from .corpus import CORPORA, default_dir
 
     looks_local = cfg.model.startswith((".", "/", "~")) or Path(cfg.model).exists()
     if cfg.model != GEMMA_3_270M and looks_local and not Path(cfg.model).expanduser().is_dir():
@@ -154,10 +154,14 @@ def check_sources_and_model(cfg) -> None:
             f"cacheaug: --model {cfg.model} is not a folder; use 'gemma-3-270m', an HF id or a model folder"
         )
     for source in cfg.data:
-        if source == "default" or source.startswith("default:"):
-            missing = [n for n in DEFAULT_PACKAGES if not (default_dir() / f"{n}.jsonl.gz").is_file()]
+        corpus = source.split(":", 1)[0]
+        if corpus in CORPORA:
+            missing = [n for n in CORPORA[corpus] if not (default_dir() / f"{n}.jsonl.gz").is_file()]
             if missing:
-                raise SystemExit("cacheaug: the default corpus is not built yet: run `cacheaug data prepare` first")
+                how = "" if corpus == "default" else f" --corpus {corpus}"
+                raise SystemExit(
+                    f"cacheaug: the {corpus} corpus is not built yet: run `cacheaug data prepare{how}` first"
+                )
         elif not source.startswith("hf:") and not Path(source).expanduser().exists():
             raise SystemExit(f"cacheaug: --data {source}: no such file or folder")
 
