@@ -45,7 +45,7 @@ def test_an_arm_registered_from_outside_is_exact_trains_and_evaluates(two_layer_
     assert "two-layer" in build_parser().parse_args(["train", "--init", "two-layer"]).init  # the CLI's choices
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
-    tc = TrainConfig(
+    tc = TrainConfig.from_flat(
         data=(str(tmp_path / "corpus"),),
         out_dir=str(tmp_path / "run"),
         init="two-layer",

@@ -124,7 +124,7 @@ def test_training_with_the_compiled_step_follows_the_eager_run(tmp_path, monkeyp
         out = tmp_path / mode
         cache = str(tmp_path / "compile_cache.bin") if mode == "step" else None
         train(
-            TrainConfig(**small, out_dir=str(out), compile_step=mode, compile_cache=cache),
+            TrainConfig.from_flat(**small, out_dir=str(out), compile_step=mode, compile_cache=cache),
             base=tiny_model("gemma3"),
             tokenizer=tok,
             progress=False,

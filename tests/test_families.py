@@ -40,7 +40,7 @@ def test_a_family_registered_from_outside_is_exact_trains_and_evaluates(phi3, tm
 
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=60))
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         data=(str(tmp_path / "corpus"),),
         out_dir=str(tmp_path / "run"),
         seq_len=32,

@@ -231,7 +231,7 @@ def test_options_and_variants():
         "trace_kernel": True,
     }
     assert parse_variant("sdpa+w")["trace_kernel"] is False
-    assert TrainConfig(n_traces=8, trace_chunk=4, trace_kernel=True).trace_kernel
+    assert TrainConfig.from_flat(n_traces=8, trace_chunk=4, trace_kernel=True).trace_kernel
     model = _model()
     model.trace_windows = False  # turning windows off turns the kernel off with them
     assert not model.trace_kernel

@@ -112,7 +112,7 @@ def test_variant_and_config():
         "rope_table": True,
     }
     assert parse_variant("sdpa")["rope_table"] is False
-    assert TrainConfig(rope_table=True).rope_table
+    assert TrainConfig.from_flat(rope_table=True).rope_table
 
 
 def test_equal_tables_are_kept_once():

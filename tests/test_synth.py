@@ -324,11 +324,10 @@ def test_train_with_answer_insertion_then_eval_deliberating_every_token(tmp_path
     tok = _tokenizer(tmp_path / "s")
     tiny_model("gemma3").save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    import dataclasses
 
     from cacheaug.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(model=str(tmp_path / "base"), data=(str(tmp_path / "s" / "train"),), insertion="answer",
+    cfg = TrainConfig.from_flat(model=str(tmp_path / "base"), data=(str(tmp_path / "s" / "train"),), insertion="answer",
                       seq_len=48, batch_size=2, n_latents=2, n_ahead=4, n_traces=8, max_steps=1, warmup_steps=1,
                       eval_sequences=1, heldout_pct=10, device="cpu", out_dir=str(tmp_path / "copro"))  # fmt: skip
     trainer = Trainer(cfg, progress=False)
@@ -336,7 +335,7 @@ def test_train_with_answer_insertion_then_eval_deliberating_every_token(tmp_path
 
     ids, keys = trainer.data.next_batch(2)
     points = insertion_points(keys, cfg, ids, trainer.marker_ids, trainer.stop_ids)
-    at_markers = insertion_points(keys, dataclasses.replace(cfg, insertion="marker"), ids, trainer.marker_ids)
+    at_markers = insertion_points(keys, cfg.replace(insertion="marker"), ids, trainer.marker_ids)
     marker = tok.convert_tokens_to_ids("Answer:")
     for row, pos, base in zip(ids, points, at_markers):  # the marker's ends, then the answer tokens after them
         ends = [i for i, t in enumerate(row.tolist()) if t == marker and i < cfg.seq_len - cfg.n_ahead]

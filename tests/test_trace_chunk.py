@@ -107,4 +107,4 @@ def test_bad_chunks_are_refused():
     with pytest.raises(ValueError, match="bad variant"):
         parse_variant("sdpa+c2+c4")
     with pytest.raises(ValueError, match="--trace-chunk 3"):
-        TrainConfig(n_traces=8, trace_chunk=3)
+        TrainConfig.from_flat(n_traces=8, trace_chunk=3)

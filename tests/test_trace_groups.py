@@ -147,13 +147,13 @@ def test_bad_group_counts_are_refused():
     from cacheaug.train import TrainConfig
 
     with pytest.raises(ValueError, match="--trace-groups 3 must be a positive divisor"):
-        TrainConfig(trace_groups=3)
+        TrainConfig.from_flat(trace_groups=3)
 
 
 def test_trainer_insertion_points_are_stratified():
     from cacheaug.train import TrainConfig, insertion_points
 
-    cfg = TrainConfig(trace_groups=4, n_traces=8, seq_len=64, n_ahead=8)
+    cfg = TrainConfig.from_flat(trace_groups=4, n_traces=8, seq_len=64, n_ahead=8)
     pos = insertion_points(list(range(50)), cfg)
     assert pos.shape == (50, 8) and (pos.diff(dim=1) > 0).all()
     assert groups_fitting(pos, 64, 8, 4) == 4
@@ -214,7 +214,12 @@ def test_trainer_with_trace_groups_and_kept_logits(tmp_path, monkeypatch):
 
         monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces", spy)
         monkeypatch.setattr("cacheaug.model.CacheAugmentedLM._traces_packed", spy_rows)
-        train(TrainConfig(**small, **opts, out_dir=str(out)), base=tiny_model("gemma3"), tokenizer=tok, progress=False)
+        train(
+            TrainConfig.from_flat(**small, **opts, out_dir=str(out)),
+            base=tiny_model("gemma3"),
+            tokenizer=tok,
+            progress=False,
+        )
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         runs[name] = (
             [r["loss"] for r in rows if "loss" in r],

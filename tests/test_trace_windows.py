@@ -145,6 +145,6 @@ def test_bad_combinations_are_refused():
     assert parse_variant("sdpa+c8")["trace_windows"] is False
     with pytest.raises(ValueError, match="bad variant"):
         parse_variant("sdpa+w+w")
-    assert TrainConfig(n_traces=8, trace_chunk=4, trace_windows=True).trace_windows
+    assert TrainConfig.from_flat(n_traces=8, trace_chunk=4, trace_windows=True).trace_windows
     with pytest.raises(ValueError, match="--trace-chunk 3"):
-        TrainConfig(n_traces=8, trace_chunk=3, trace_windows=True)
+        TrainConfig.from_flat(n_traces=8, trace_chunk=3, trace_windows=True)

@@ -40,7 +40,7 @@ def corpus(tmp_path, monkeypatch):
 
 def _run(tmp_path, corpus, name, **overrides):
     data, tok = corpus
-    cfg = TrainConfig(data=(data,), out_dir=str(tmp_path / name), **{**SMALL, **overrides})
+    cfg = TrainConfig.from_flat(data=(data,), out_dir=str(tmp_path / name), **{**SMALL, **overrides})
     return train(cfg, base=tiny_model("gemma3"), tokenizer=tok, progress=False), cfg
 
 
@@ -153,7 +153,7 @@ def test_resume_refuses_another_base_model_and_names_a_corrupt_state(tmp_path, c
     other = tiny_model("gemma3")
     with torch.no_grad():
         other.get_input_embeddings().weight.mul_(1.5)
-    cfg = TrainConfig(data=(data,), out_dir=str(tmp_path / "r"), **SMALL)
+    cfg = TrainConfig.from_flat(data=(data,), out_dir=str(tmp_path / "r"), **SMALL)
     with pytest.raises(ValueError, match="trained on base model .* resume with the same --model"):
         train(cfg, base=other, tokenizer=tok, progress=False)
     state = tmp_path / "r" / "step_000003" / "trainer_state.json"
@@ -163,7 +163,7 @@ def test_resume_refuses_another_base_model_and_names_a_corrupt_state(tmp_path, c
 
 
 def test_schedule_and_insertion_points():
-    cfg = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, seq_len=64, n_traces=8, n_ahead=4)
+    cfg = TrainConfig.from_flat(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, seq_len=64, n_traces=8, n_ahead=4)
     assert lr_multiplier(0, cfg) == pytest.approx(0.1) and lr_multiplier(9, cfg) == pytest.approx(1.0)
     assert lr_multiplier(100, cfg) == pytest.approx(0.1) and 0.1 < lr_multiplier(55, cfg) < 1.0
     p = insertion_points([5, 5, 6], cfg)
@@ -229,7 +229,7 @@ def _ddp_worker(rank, world, port, data, out_dir, home, parallel="ddp", max_step
         CACHEAUG_HOME=home,
     )
     texts = tiny_corpus(os.path.dirname(data) + f"/scratch{rank}", n_docs=80)  # same texts: same seed
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         data=(data,),
         out_dir=out_dir,
         parallel=parallel,

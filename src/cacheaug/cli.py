@@ -33,12 +33,23 @@ from .synth import SynthConfig
 from .train import TrainConfig
 
 
+def _options(cls) -> list[tuple[dataclasses.Field, object]]:
+    """``(field, type hint)`` of every option of a config class: its fields, or with sections (TrainConfig) the
+    fields of each section, flat."""
+    if hasattr(cls, "flat_fields"):
+        from .train_config import SECTIONS
+
+        owners = {None: cls, **SECTIONS}
+        return [(f, typing.get_type_hints(owners[section])[f.name]) for section, f in cls.flat_fields()]
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
 def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
     """One option per dataclass field, typed from its annotation, help from its metadata."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f, hint in _options(cls):
         flag = "--" + f.name.replace("_", "-")
-        hint, default = hints[f.name], f.default
+        default = f.default
         kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": argparse.SUPPRESS}
         if f.metadata.get("required"):
             kwargs["required"] = True
@@ -83,28 +94,29 @@ def resolve_config(cls, args: argparse.Namespace, prog: str = "cacheaug"):
             raise SystemExit(
                 f"cacheaug: --config {path} must be a mapping of option: value, got {type(loaded).__name__}"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(loaded) - known)
+        hints = {f.name: hint for f, hint in _options(cls)}
+        sections = getattr(cls, "flat_fields", None) and {s for s, _ in cls.flat_fields() if s}
+        for name in [k for k, v in loaded.items() if sections and k in sections and isinstance(v, dict)]:
+            loaded.update(loaded.pop(name))  # keys grouped by section (optim: {lr: ...}) are the same options
+        unknown = sorted(set(loaded) - set(hints))
         if unknown:
             raise SystemExit(f"cacheaug: unknown keys in {path}: {unknown}; valid keys are the options of this command")
-        values.update({k: _typed(cls, k, v, path) for k, v in loaded.items()})
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+        values.update({k: _typed(hints[k], k, v, path) for k, v in loaded.items()})
+    for f, hint in _options(cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-        if typing.get_origin(hints[f.name]) is tuple and f.name in values:  # a YAML string or list -> tuple
+        if typing.get_origin(hint) is tuple and f.name in values:  # a YAML string or list -> tuple
             v = values[f.name]
             values[f.name] = tuple([v] if isinstance(v, str) else v)
     try:
-        return cls(**values)
+        return cls.from_flat(**values) if hasattr(cls, "from_flat") else cls(**values)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"{prog}: {err}") from err
 
 
-def _typed(cls, key: str, value, where) -> object:
-    """A YAML value as its option's type (YAML reads ``1e-4`` as a string); a value that does not fit names the key and
-    the file."""
-    hint = typing.get_type_hints(cls)[key]
+def _typed(hint, key: str, value, where) -> object:
+    """A YAML value as its option's type (``hint``; YAML reads ``1e-4`` as a string); a value that does not fit names
+    the key and the file."""
     origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
     if origin is typing.Literal or (value is None and type(None) in typing.get_args(hint)):
         return value  # a choice (argparse and the dataclass check it), or an explicit null

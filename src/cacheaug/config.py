@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .arms import get_arm
+from .arms import arm_names, get_arm
 
 POSITION_SCHEMES = ("shifted", "shared", "overlap")
+
+
+def _f(default, help: str, **kw):
+    """A config field with the help text (and options) of its command-line flag in its metadata."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
 READOUTS = ("final_norm", "pre_norm")
 
 
@@ -59,18 +66,35 @@ class CoprocessorConfig:
     'copy'
     """
 
-    n_latents: int = 16
-    n_ahead: int = 16
-    n_traces: int = 16
-    init: str = "copy"
-    lora_rank: int = 64
-    lora_alpha: float | None = None
-    init_seed: int = 0
-    position_scheme: Literal["shifted", "shared", "overlap"] = "shifted"
-    reread_last: bool = False
-    echo_residual: bool = False
-    readout: Literal["final_norm", "pre_norm"] = "final_norm"
-    offset_decay: float = 1.0
+    # (each field's metadata: the help of its `cacheaug train` option; flag=False: not an option of its own)
+    n_latents: int = _f(16, "N_L latent embeddings per insertion")
+    n_ahead: int = _f(16, "N_A target tokens per insertion")
+    n_traces: int = _f(16, "K insertion points per sequence")
+    init: str = _f(
+        "copy",
+        "the arm (cacheaug.arms): copy, lora, scratch; controls: 'pause' (pause tokens), "
+        "'lora-decoder' (LoRA-tuned decoder)",
+        choices=arm_names,
+    )
+    lora_rank: int = _f(64, "LoRA rank for init=lora")
+    lora_alpha: float | None = _f(None, "", flag=False)
+    init_seed: int = _f(0, "", flag=False)  # `cacheaug train` sets it from --seed
+    # levers the paper leaves open (docs/results.md measures each)
+    position_scheme: Literal["shifted", "shared", "overlap"] = _f(
+        "shifted",
+        "rotary positions of an insertion after token p: 'shifted' (latents p+1..p+N_L, text continues "
+        "after them), 'shared' (every latent at p, the text keeps its positions), 'overlap' (latents p+1..p+N_L, "
+        "the text keeps its positions)",
+    )
+    reread_last: bool = _f(False, "feed token p again after the latents, so that a real token predicts offset 1")
+    echo_residual: bool = _f(
+        False, "latents = token p's embedding + scale * read-out, scale starting at 0 (neutral start)"
+    )
+    readout: Literal["final_norm", "pre_norm"] = _f(
+        "final_norm",
+        "latents from the backbone's last hidden state after ('final_norm') or before ('pre_norm') its final norm",
+    )
+    offset_decay: float = _f(1.0, "loss weight of offset o proportional to decay**(o-1) (1 = the paper's uniform mean)")
 
     @property
     def n_inserted(self) -> int:

@@ -213,7 +213,7 @@ def run_quickstart(
     )
     for kind in ("copy", "pause"):
         print(f"\n== {LABELS[kind]}: {steps} steps")
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_flat(
             init=kind,
             out_dir=str(out_dir / kind),
             max_steps=steps,

@@ -134,6 +134,7 @@ def parse_variant(name: str) -> dict:
 
 def apply_speed_options(
     model: nn.Module,
+    speed=None,
     *,
     compile_mlp: bool = False,
     compile_masks: bool = False,
@@ -144,7 +145,13 @@ def apply_speed_options(
     trace_kernel: bool = False,
     rope_table: bool = False,
 ) -> None:
-    """Turn on the opt-in speed settings above (no-ops with the defaults)."""
+    """Turn on the opt-in speed settings above (no-ops with the defaults): from ``speed`` (a training run's
+    :class:`~cacheaug.train_config.SpeedConfig`, ``keep_logits`` included) or from the keyword arguments."""
+    if speed is not None:
+        model.recompute_loss = not speed.keep_logits
+        compile_mlp, compile_masks, compile_step = speed.compile_mlp, speed.compile_masks, speed.compile_step
+        trace_groups, trace_chunk, rope_table = speed.trace_groups, speed.trace_chunk, speed.rope_table
+        trace_windows, trace_kernel = speed.trace_windows, speed.trace_kernel
     if compile_step not in COMPILE_STEP_MODES:
         raise ValueError(f"compile_step must be one of {sorted(COMPILE_STEP_MODES)}, got {compile_step!r}")
     if hasattr(model, "trace_groups"):

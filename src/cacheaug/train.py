@@ -1,6 +1,6 @@
 """Training recipe: a frozen decoder, a coprocessor, text -> a trained coprocessor checkpoint.
 
-``train(TrainConfig(...)) -> Path`` runs :class:`Trainer`: setup (parallel context, model, data, optimizer,
+``train(TrainConfig.from_flat(...)) -> Path`` runs :class:`Trainer`: setup (parallel context, model, data, optimizer,
 resume), then the loop of :meth:`Trainer.step`, :meth:`Trainer.evaluate` and :meth:`Trainer.save`.
 Single device by default; under ``torchrun`` it runs DDP over the coprocessor (the frozen decoder is
 replicated and carries no gradient state). Checkpoints are folders ``out_dir/step_000500/`` holding the
@@ -12,7 +12,6 @@ from the newest complete one exactly: same batches, same insertion points, same 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -21,271 +20,30 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import atomic
-from .arms import ARMS, arm_names
 from .checkpoint import fingerprint, load_trainable, read_config
-from .config import CoprocessorConfig
+from .config import _f  # noqa: F401  (adapt's options use it)
 from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
 from .masks import stratified_positions
 from .model import CacheAugmentedLM
 from .speed import allow_recompiles, apply_speed_options, load_compile_cache, save_compile_cache
+from .train_config import CheckpointConfig, DataConfig, OptimConfig, SpeedConfig, TrainConfig  # noqa: F401
 
 STATE_JSON, STATE_TENSORS, RUN_CONFIG = "trainer_state.json", "trainer_state.safetensors", "run_config.json"
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; every field is a ``cacheaug train`` option of the same name."""
-
-    model: str = _f("gemma-3-270m", "frozen decoder: 'gemma-3-270m' (offline default) or an HF id / folder")
-    data: tuple[str, ...] = _f(("default",), "text sources: 'default', files/folders (.txt .jsonl .parquet), hf:NAME")
-    out_dir: str = _f("runs/cacheaug", "where checkpoints, logs and the resolved config go")
-    # coprocessor
-    n_latents: int = _f(16, "N_L latent embeddings per insertion")
-    n_ahead: int = _f(16, "N_A target tokens per insertion")
-    n_traces: int = _f(16, "K insertion points per sequence")
-    init: str = _f(
-        "copy",
-        "the arm (cacheaug.arms): copy, lora, scratch; controls: 'pause' (pause tokens), "
-        "'lora-decoder' (LoRA-tuned decoder)",
-        choices=arm_names,
-    )
-    lora_rank: int = _f(64, "LoRA rank for init=lora")
-    # levers the paper leaves open (CoprocessorConfig; docs/results.md measures each)
-    position_scheme: Literal["shifted", "shared", "overlap"] = _f(
-        "shifted",
-        "rotary positions of an insertion after token p: 'shifted' (latents p+1..p+N_L, text continues "
-        "after them), 'shared' (every latent at p, the text keeps its positions), 'overlap' (latents p+1..p+N_L, "
-        "the text keeps its positions)",
-    )
-    reread_last: bool = _f(False, "feed token p again after the latents, so that a real token predicts offset 1")
-    echo_residual: bool = _f(
-        False, "latents = token p's embedding + scale * read-out, scale starting at 0 (neutral start)"
-    )
-    readout: Literal["final_norm", "pre_norm"] = _f(
-        "final_norm",
-        "latents from the backbone's last hidden state after ('final_norm') or before ('pre_norm') its final norm",
-    )
-    offset_decay: float = _f(1.0, "loss weight of offset o proportional to decay**(o-1) (1 = the paper's uniform mean)")
-    # data and batch
-    seq_len: int = _f(1024, "T, tokens per packed training sequence")
-    batch_size: int = _f(8, "sequences per device per micro-step")
-    grad_accum: int = _f(1, "micro-steps per optimizer step")
-    heldout_pct: float = _f(1.0, "percent of documents held out (by hash) for evaluation")
-    adapt_pct: float = _f(
-        0.0,
-        "percent of the other documents kept for `cacheaug adapt` (by hash): the coprocessor "
-        "never trains on them; use the same value for adapt, train and eval",
-    )
-    heldout_sources: tuple[str, ...] = _f(
-        (),
-        "whole sources kept out of training and evaluated as unseen (default "
-        "corpus parts: sotu pydoc gcide nlp moby jargon debref; or paths)",
-    )
-    insertion: Literal["random", "marker", "answer"] = _f(
-        "random",
-        "where traces are inserted: 'random' (uniform, the paper), 'marker' (right after each occurrence "
-        "of --marker, e.g. the answer marker of `cacheaug data synth` text; random points fill up to K) or 'answer' "
-        "(the marker and after every answer token up to the line's end: deliberating before each answer token; "
-        "K of them per sequence)",
-    )
-    marker: str = _f(" Answer:", "the text after which --insertion marker / answer inserts")
-    # optimisation
-    max_steps: int = _f(1000, "optimizer steps")
-    max_minutes: float = _f(
-        0.0,
-        "stop (evaluate, save) after this much training time even before max_steps (0 = "
-        "no limit); checked at log steps, so runs on shared machines end in time",
-    )
-    lr: float = _f(1e-4, "peak AdamW learning rate of the coprocessor weights")
-    soft_token_lr: float = _f(
-        1e-2,
-        "peak learning rate of the soft tokens and the read-out scale (they live at the "
-        "scale of the input embeddings, about 1 per element for Gemma)",
-    )
-    weight_decay: float = _f(0.0, "AdamW weight decay (coprocessor weights only)")
-    warmup_steps: int = _f(100, "linear warm-up steps, then cosine decay")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
-    grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)")
-    parallel: Literal["ddp", "fsdp"] = _f(
-        "ddp",
-        "under torchrun: replicate the coprocessor (ddp) or shard it per "
-        "layer with FSDP2 (fsdp: for coprocessors that do not fit one device)",
-    )
-    # precision and device
-    device: str | None = _f(None, "cuda / cpu (default: cuda if available)")
-    dtype: Literal["auto", "bfloat16", "float32"] = _f(
-        "auto", "decoder weights; bf16 on GPU runs under autocast with fp32 coprocessor master weights"
-    )
-    attn_implementation: str | None = _f(None, "sdpa (default), flex_attention or eager")
-    compile_mlp: bool = _f(False, "torch.compile the MLP blocks of decoder and coprocessor (GPU speed; cacheaug.speed)")
-    compile_masks: bool = _f(False, "build FlexAttention block masks with a compiled create_block_mask (GPU speed)")
-    compile_step: Literal["off", "step", "graphs"] = _f(
-        "off",
-        "torch.compile the whole training pass as one graph ('step'), plus CUDA graphs ('graphs'; GPU); the "
-        "first step compiles (minutes for a real model); see docs/performance.md",
-    )
-    keep_logits: bool = _f(
-        False,
-        "keep the loss's logits (targets x vocab) for backward instead of recomputing them: "
-        "one LM-head product less per step, about 1 GiB more at batch 8 (GPU speed)",
-    )
-    trace_groups: int = _f(
-        1,
-        "G > 1 draws the K insertion points stratified (K/G in each of G equal segments of the "
-        "sequence) so that each group's passes read only the text before its segment's end: less "
-        "attention work, same losses for those points (GPU speed; docs/performance.md)",
-    )
-    trace_chunk: int = _f(
-        0,
-        "C > 0 runs the trace passes C traces per row against a copy of the text keys instead of "
-        "all K traces in one row: less attention work at large K, same losses (GPU speed; "
-        "docs/performance.md)",
-    )
-    trace_windows: bool = _f(
-        False,
-        "sliding-window layers of the trace passes read only the W-1 text keys before each "
-        "trace (one trace per row; full layers: --trace-chunk traces per row): less attention "
-        "work, same losses; sdpa with Gemma-3 or Qwen-2/3 (GPU speed; docs/performance.md)",
-    )
-    trace_kernel: bool = _f(
-        False,
-        "--trace-windows through cacheaug's own attention kernel (Triton on CUDA): text keys "
-        "read in place instead of copied per trace, no gradient computed for them; same losses "
-        "(implies --trace-windows; fastest without --trace-chunk; tile sizes from "
-        "CACHEAUG_TRACE_KERNEL_TILES; docs/performance.md)",
-    )
-    rope_table: bool = _f(
-        False,
-        "rotary cos/sin looked up in a table of every position instead of computed per "
-        "call (in the compiled step: per element in every layer); same values (GPU speed; "
-        "docs/performance.md)",
-    )
-    compile_cache: str | None = _f(
-        None,
-        "a file of torch.compile artifacts: loaded before the first step if it exists, written after it; carry "
-        "it to the next process or machine to skip most of the compile; a name ending in .xz is compressed (about 13x) "
-        "(docs/performance.md)",
-    )
-    # bookkeeping
-    eval_every: int = _f(200, "steps between held-out evaluations (0 = only at the end)")
-    eval_sequences: int = _f(32, "held-out sequences per evaluation")
-    log_every: int = _f(10, "steps between log lines (the only host syncs of the loop)")
-    save_every: int = _f(500, "steps between checkpoints (0 = only at the end)")
-    keep_last: int = _f(
-        3,
-        "checkpoints kept (each holds the weights and twice as much optimizer state: `cacheaug "
-        "export` writes a weights-only copy for sharing)",
-    )
-    resume: bool = _f(True, "continue from the newest complete checkpoint in out_dir")
-    seed: int = _f(0, "seed for data order, insertion points and init")
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_minutes < 0:
-            problems.append(f"--max-minutes must be >= 0 (0 = no limit), got {self.max_minutes}")
-        for name in (
-            "n_latents",
-            "n_ahead",
-            "n_traces",
-            "seq_len",
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "eval_sequences",
-            "log_every",
-            "keep_last",
-            "lora_rank",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.seq_len < self.n_traces + self.n_ahead:
-            problems.append(
-                f"--seq-len {self.seq_len} is too short for --n-traces {self.n_traces} insertion points with "
-                f"--n-ahead {self.n_ahead} targets each: use --seq-len >= {self.n_traces + self.n_ahead}"
-            )
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-        for name in ("lr", "soft_token_lr"):
-            if not getattr(self, name) > 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive")
-        if not 0 < self.heldout_pct < 100:
-            problems.append(f"--heldout-pct must be in (0, 100), got {self.heldout_pct}")
-        if not 0 <= self.adapt_pct < 100:
-            problems.append(f"--adapt-pct must be in [0, 100), got {self.adapt_pct}")
-        if self.insertion in ("marker", "answer") and not self.marker:
-            problems.append(f"--insertion {self.insertion} needs a non-empty --marker")
-        if not self.data:
-            problems.append("--data needs at least one source")
-        if self.parallel == "fsdp" and self.init in ARMS and not ARMS[self.init].shards:
-            problems.append(
-                f"--parallel fsdp shards a coprocessor's own weights; init={self.init} shares the "
-                "decoder's and trains only small adapters: use --parallel ddp"
-            )
-        if self.trace_groups < 1 or self.n_traces % self.trace_groups:
-            problems.append(
-                f"--trace-groups {self.trace_groups} must be a positive divisor of --n-traces {self.n_traces}"
-            )
-        elif self.trace_chunk < 0 or (self.trace_chunk and (self.n_traces // self.trace_groups) % self.trace_chunk):
-            problems.append(
-                f"--trace-chunk {self.trace_chunk} must divide the traces of each trace group "
-                f"({self.n_traces // self.trace_groups}), or be 0 (off)"
-            )
-        if not problems:
-            try:
-                self.coprocessor_config()
-            except ValueError as err:
-                problems += [line.strip().replace("`", "--").replace("_", "-") for line in str(err).splitlines()[1:]]
-        if problems:
-            raise ValueError("Invalid training options:\n  " + "\n  ".join(problems))
-
-    def coprocessor_config(self) -> CoprocessorConfig:
-        return CoprocessorConfig(
-            self.n_latents,
-            self.n_ahead,
-            self.n_traces,
-            init=self.init,
-            lora_rank=self.lora_rank,
-            init_seed=self.seed,
-            position_scheme=self.position_scheme,
-            reread_last=self.reread_last,
-            echo_residual=self.echo_residual,
-            readout=self.readout,
-            offset_decay=self.offset_decay,
-        )
-
-    def splits(self):
-        from .data import Splits
-
-        return Splits(self.heldout_pct, self.adapt_pct, tuple(self.heldout_sources))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["data"], d["heldout_sources"] = list(self.data), list(self.heldout_sources)
-        return d
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_multiplier(step: int, cfg) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps`` (``cfg``: a TrainConfig, an
+    OptimConfig, or any object with those four options, e.g. adapt's config)."""
+    return OptimConfig.lr_multiplier(cfg, step)
 
 
 def insertion_points(
@@ -330,7 +88,10 @@ def shard_coprocessor(model: CacheAugmentedLM, device: torch.device) -> None:
     fully_shard(model.coprocessor, mesh=mesh, mp_policy=policy)
 
 
-def make_optimizer(model: CacheAugmentedLM, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: CacheAugmentedLM, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the coprocessor's trainable tensors: the soft tokens and read-out scale at ``soft_token_lr``, the
+    weights at ``lr`` with ``weight_decay``."""
+    cfg = getattr(optim, "optim", optim)  # (a whole TrainConfig is accepted too)
     soft, weights = [], []
     for name, p in model.coprocessor.named_parameters():
         if p.requires_grad:
@@ -568,7 +329,7 @@ class Trainer:
     :meth:`save` a checkpoint; :meth:`fit` is the loop (logging, evaluation and checkpoints on schedule, the time
     budget, Ctrl-C/SIGTERM). ``base``/``tokenizer`` may be passed in (tests, notebooks); else ``cfg.model`` loads.
 
-    >>> final = Trainer(TrainConfig(max_steps=10)).fit()  # doctest: +SKIP
+    >>> final = Trainer(TrainConfig.from_flat(max_steps=10)).fit()  # doctest: +SKIP
     """
 
     def __init__(
@@ -594,35 +355,24 @@ class Trainer:
     def _setup_model(self, base, tokenizer) -> None:
         from .base import load_base_model
 
-        cfg, par = self.cfg, self.par
+        cfg, par, speed = self.cfg, self.par, self.cfg.speed
         if base is None:
-            dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+            dtype = None if speed.dtype == "auto" else getattr(torch, speed.dtype)
             base, tokenizer = load_base_model(
                 cfg.model,
                 device=par.device,
                 dtype=dtype,
-                attn_implementation=cfg.attn_implementation,
+                attn_implementation=speed.attn_implementation,
                 for_training=True,
             )
         self.base, self.tokenizer = base, tokenizer
-        model = build_model(base, cfg.coprocessor_config(), check_finite=False)  # finiteness checked at log time
+        model = build_model(base, cfg.coprocessor, check_finite=False)  # finiteness checked at log time
         master_fp32(model)
-        apply_speed_options(
-            model,
-            compile_mlp=cfg.compile_mlp,
-            compile_masks=cfg.compile_masks,
-            compile_step=cfg.compile_step,
-            trace_groups=cfg.trace_groups,
-            trace_chunk=cfg.trace_chunk,
-            trace_windows=cfg.trace_windows,
-            trace_kernel=cfg.trace_kernel,
-            rope_table=cfg.rope_table,
-        )
-        model.recompute_loss = not cfg.keep_logits
-        if cfg.compile_cache and par.main:
-            loaded = load_compile_cache(cfg.compile_cache)
+        apply_speed_options(model, speed)
+        if speed.compile_cache and par.main:
+            loaded = load_compile_cache(speed.compile_cache)
             if loaded:
-                print(f"cacheaug: loaded {loaded / 2**20:.1f} MiB of compile artifacts from {cfg.compile_cache}")
+                print(f"cacheaug: loaded {loaded / 2**20:.1f} MiB of compile artifacts from {speed.compile_cache}")
         if base.config._attn_implementation == "flex_attention":
             allow_recompiles()
         if par.main and par.device.type == "cuda" and cfg.compile_step == "off" and cfg.max_steps >= 1000:
@@ -709,7 +459,7 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(
                 model, device_ids=[par.device] if par.device.type == "cuda" else None
             )
-        self.opt = make_optimizer(model, cfg)
+        self.opt = make_optimizer(model, cfg.optim)
         self.peak_lr = [g["lr"] for g in self.opt.param_groups]
         self.step_count, self.tokens_seen = 0, 0
         self._phase = "between"  # of a step: "batches" (read, forward, backward), "update", "between"
@@ -726,7 +476,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean loss as a device tensor
         (no host sync)."""
         cfg, par, model = self.cfg, self.par, self.model
-        mult = lr_multiplier(self.step_count, cfg)
+        mult = cfg.optim.lr_multiplier(self.step_count)
         for g, p in zip(self.opt.param_groups, self.peak_lr):
             g["lr"] = p * mult
         total = torch.zeros((), device=par.device)
