@@ -113,3 +113,19 @@ def test_weights_only_export_loads_and_is_smaller(tmp_path):
     back = CacheAugmentedLM.from_pretrained(tmp_path / "bf16", base=base)
     for (name, a), b in zip(model.trainable_state_dict().items(), back.trainable_state_dict().values()):
         assert torch.equal(a.to(torch.bfloat16).float(), b), name
+
+
+def test_the_shipped_coprocessor_is_a_small_checkpoint_that_refuses_another_base():
+    """The coprocessor shipped with cacheaug (`gemma-3-270m-skills`) is an ordinary checkpoint folder under 50 MB with
+    its gate and its README, found by its short name, and refused (by fingerprint) on any other decoder."""
+    from cacheaug.checkpoint import SHIPPED, resolve_checkpoint, shipped_checkpoint
+
+    (name,) = SHIPPED
+    folder = resolve_checkpoint(name)
+    assert folder == shipped_checkpoint(name) and (folder / "README.md").is_file()
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 50e6
+    assert {"model.safetensors", "coprocessor_config.json", "gate.safetensors", "gate_config.json"} <= {
+        f.name for f in folder.iterdir()
+    }
+    with pytest.raises(ValueError, match="fingerprint"):
+        CacheAugmentedLM.from_pretrained(folder, base=tiny_model("gemma3"))

@@ -107,7 +107,7 @@ def skills(model, tok, per_level: int, report: dict) -> None:
             f"(answer {tok.decode(ids[p + 1 : p + 1 + n]).strip()!r})"
         )
 
-    seqs = heldout_sequences(tok, ("default",), Splits(), GENERAL_LEN, 8)
+    seqs = heldout_sequences(tok, ("default",), Splits(), GENERAL_LEN, 6)
     offsets = [o for o in (1, 2, 4, 8, 16, 32) if o <= model.config.n_ahead]
     aug_sums, base_sums, points, gated_sums, fires = offset_loss_sums(model, seqs, stride=16, with_gate=True)
     gated = bootstrap_rel_change(gated_sums, base_sums, points)
@@ -220,7 +220,7 @@ def run_quickstart(
             warmup_steps=max(1, steps // 8),
             eval_every=0,
             save_every=0,
-            eval_sequences=32,
+            eval_sequences=16,  # (a demonstration: half the held-out windows of a GPU run's check)
             log_every=max(1, steps // 10),
             resume=False,
             **shape,

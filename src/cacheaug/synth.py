@@ -471,7 +471,8 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
         return (math.nan, math.nan)
     p = k / n
     mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (100 * (mid - half) / (1 + z * z / n), 100 * (mid + half) / (1 + z * z / n))
+    lo, hi = 100 * (mid - half) / (1 + z * z / n), 100 * (mid + half) / (1 + z * z / n)
+    return (max(0.0, lo), min(100.0, hi))  # (k = 0 or n gives the bound itself, up to rounding: never -0.0)
 
 
 def mcnemar(a: list[float], b: list[float]) -> dict:
