@@ -657,7 +657,10 @@ def _offset_means(offset_loss: torch.Tensor) -> list[float]:
 def _arm_name(ckpt: str, config, taken: dict) -> str:
     arm = get_arm(config.init)
     name = f"{config.init}-nl{config.n_latents}" if arm.backbone is not None else config.init
-    run = Path(ckpt).parent.name
+    from .checkpoint import SHIPPED, shipped_checkpoint
+
+    shipped = [short for short in SHIPPED if Path(ckpt).resolve() == shipped_checkpoint(short).resolve()]
+    run = shipped[0] if shipped else Path(ckpt).parent.name  # a shipped coprocessor by its short name
     name = f"{name} ({run})" if run else name
     return name if name not in taken else f"{name} [{len(taken)}]"
 
