@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -156,6 +157,368 @@ def _metrics():
     }
 
 
+@dataclass
+class _Call:
+    """One completion request on its way through the server: what it asked for, its cancel event, how its slot goes
+    back (once, from the decoding thread), and the OpenAI envelope of its answers."""
+
+    body: object
+    prompt_ids: list[int]
+    endpoint: str
+    chat: bool
+    policy: str
+    model_name: str
+    loop: asyncio.AbstractEventLoop
+    release: object
+    cancel: threading.Event = field(default_factory=threading.Event)
+    rid: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def envelope(self, text: str, finish, extra: dict | None = None) -> dict:
+        stream = self.body.stream
+        if self.chat:
+            key = "delta" if stream else "message"
+            choice = {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        return {
+            "id": self.rid,
+            "object": obj,
+            "created": self.created,
+            "model": self.model_name,
+            "choices": [choice],
+            **(extra or {}),
+        }
+
+    def usage(self, n_tokens: int) -> dict:
+        n = len(self.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": n_tokens, "total_tokens": n + n_tokens}
+
+
+class _Service:
+    """The HTTP app's state (the engine, the tokenizer, the decoding slots, the metrics) and its handlers, each a small
+    method; :func:`create_app` routes the endpoints to them."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        *,
+        model_name: str,
+        aliases: tuple[str, ...],
+        default_policy: str,
+        max_concurrent: int,
+        max_queue: int,
+        queue_timeout_s: float,
+    ):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.model_name, self.aliases, self.default_policy = model_name, aliases, default_policy
+        self.max_concurrent, self.max_queue, self.queue_timeout_s = max_concurrent, max_queue, queue_timeout_s
+        self.started = int(time.time())
+        self.registry, self.m = _metrics()
+        self.slots = asyncio.Semaphore(max_concurrent)  # taken and given back on the event loop only
+        self.admitted = 0  # requests holding or waiting for a slot
+        self.decoders = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="cacheaug-request")
+        self.max_context = getattr(engine.base.config, "max_position_embeddings", None)
+        self.n_latents = engine.model.config.n_latents
+        self.eos = tokenizer.eos_token_id
+        self.special = set(tokenizer.all_special_ids)
+
+    def encode(self, text: str, max_tokens: int, templated: bool = False) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        if not set(ids) - self.special:  # nothing but the <bos> the tokenizer adds
+            raise HTTPException(422, "the prompt has no tokens after tokenisation: send some text")
+        if self.max_context is not None and len(ids) + self.n_latents + max_tokens > self.max_context:
+            raise HTTPException(
+                400,
+                f"prompt of {len(ids)} tokens + {max_tokens} new tokens + {self.n_latents} latents "
+                f"exceeds the model's context of {self.max_context}",
+            )
+        return ids
+
+    def chat_text(self, messages: list[ChatMessage]) -> tuple[str, bool]:
+        """The prompt of a chat: the tokenizer's chat template when it has one (its text carries its own special
+        tokens), else plain ``role: content`` lines ending in ``assistant:``."""
+        msgs = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text} for msg in messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
+        return "".join(f"{msg['role']}: {msg['content']}\n" for msg in msgs) + "assistant:", False
+
+    def check_model(self, name: str | None) -> None:
+        """The served model's id (or the name it was started with); another is a 404, as the OpenAI API answers."""
+        if name is not None and name not in (self.model_name, *self.aliases):
+            raise HTTPException(
+                404,
+                f"no model {name!r} here; this server serves {self.model_name!r}",
+                headers={"x-error-code": "model_not_found"},
+            )
+
+    async def acquire(self) -> None:
+        """A decoding slot, waiting on the event loop: 429 when ``max_concurrent + max_queue`` requests already hold
+        or wait for one (counted from admission to :meth:`give_back`, so a waiter handed a freed slot is never
+        counted twice), 503 when none frees within ``queue_timeout_s``."""
+        if self.admitted >= self.max_concurrent + self.max_queue:
+            raise HTTPException(429, f"server busy: {self.max_queue} requests already waiting; retry later")
+        self.admitted += 1
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.queue_timeout_s)
+        except TimeoutError:
+            self.admitted -= 1
+            raise HTTPException(503, f"no decoding slot within {self.queue_timeout_s} s") from None
+        except BaseException:
+            self.admitted -= 1
+            raise
+
+    def give_back(self) -> None:
+        """A slot back (on the event loop)."""
+        self.admitted -= 1
+        self.slots.release()
+
+    def run(self, body, prompt_ids: list[int], cancel: threading.Event):
+        """``(piece, finish, step)`` for one request (the caller holds a slot); ``step`` is None for the text held
+        back until the end (an incomplete character, a possible stop string's head), which is no token of its own."""
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        policy = body.augment or self.default_policy
+        deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
+        info: dict = {}
+        t0 = time.monotonic()
+        out, first = TextStream(self.tokenizer, stops), True
+        for step in self.engine.stream(
+            prompt_ids,
+            body.max_tokens,
+            policy=policy,
+            deadline_s=deadline,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop_ids=(self.eos,) if self.eos is not None else (),
+            seed=body.seed,
+            cancel=cancel,
+            info=info,
+        ):
+            if first:
+                self.m["ttft"].labels(policy).observe(time.monotonic() - t0)
+                first = False
+            piece, stopped = out.push(step.token, end=step.token == self.eos)
+            if stopped:
+                yield piece, "stop", step
+                break
+            yield piece, ("stop" if step.token == self.eos else None), step
+        else:
+            rest = out.flush()
+            if rest:
+                yield rest, None, None
+        if info.get("outcome"):  # this request's own outcome (not a diff of counters other requests move too)
+            self.m["augment"].labels(info["outcome"]).inc()
+
+    async def complete(self, body, prompt_ids: list[int], endpoint: str, chat: bool, request: Request):
+        """A completion (chat or not): checked, admitted to a decoding slot, then streamed or answered whole."""
+        self.check_model(body.model)
+        policy = body.augment or self.default_policy
+        if get_policy(policy).needs_gate and not self.engine.has_gate:
+            raise HTTPException(
+                400,
+                f"augment {policy!r} needs a coprocessor with a gate: fit "
+                "one with `cacheaug train-gate --checkpoint CKPT --data ...` and serve that checkpoint",
+            )
+        loop = asyncio.get_running_loop()
+        await self.acquire()
+        if await request.is_disconnected():  # the client left while queued: no prefill, no decoding for it
+            self.give_back()
+            self.m["requests"].labels(endpoint, policy, "cancelled").inc()
+            raise HTTPException(499, "the client closed the request")
+        call = _Call(
+            body,
+            prompt_ids,
+            endpoint,
+            chat,
+            policy,
+            self.model_name,
+            loop,
+            release=partial(loop.call_soon_threadsafe, self.give_back),  # from the decoding thread, once
+        )
+        return self._stream(call) if body.stream else await self._whole(call, request)
+
+    def _stream(self, call: _Call) -> StreamingResponse:
+        """Server-sent events, one per piece of text, as the decoding thread yields them."""
+        queue: asyncio.Queue = asyncio.Queue()
+        put = partial(call.loop.call_soon_threadsafe, queue.put_nowait)
+
+        def produce():
+            try:
+                for piece, finish, step in self.run(call.body, call.prompt_ids, call.cancel):
+                    put(("piece" if step else "rest", piece, finish))
+                put(("end", None, None))
+            except Exception as err:  # surfaced to the client as an SSE error event
+                put(("error", str(err), None))
+            finally:
+                call.release()
+
+        try:
+            self.decoders.submit(produce)
+        except BaseException:
+            self.give_back()
+            raise
+
+        async def events():
+            finish, n_tokens, done = None, 0, False
+            try:
+                while True:
+                    kind, piece, fin = await queue.get()
+                    if kind in ("piece", "rest"):
+                        finish = fin or finish
+                        n_tokens += kind == "piece"
+                        yield f"data: {json.dumps(call.envelope(piece, None))}\n\n"  # the reason: in the last chunk
+                    elif kind == "error":
+                        yield f"data: {json.dumps({'error': {'message': piece}})}\n\n"
+                        break
+                    else:
+                        yield f"data: {json.dumps(call.envelope('', finish or 'length'))}\n\n"
+                        options = call.body.stream_options
+                        if options is not None and options.include_usage:
+                            last = {**call.envelope("", None), "choices": [], "usage": call.usage(n_tokens)}
+                            yield f"data: {json.dumps(last)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+                done = True
+                self.m["requests"].labels(call.endpoint, call.policy, "200").inc()
+            finally:  # the client went away (the response task is cancelled): stop decoding for it
+                if not done:
+                    call.cancel.set()
+                    self.m["requests"].labels(call.endpoint, call.policy, "cancelled").inc()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _whole(self, call: _Call, request: Request) -> JSONResponse:
+        """One JSON answer once decoding ends; a client that disconnects (or times out) meanwhile cancels it."""
+
+        def whole():
+            try:
+                pieces, finish, last, n = [], "length", None, 0
+                for piece, fin, step in self.run(call.body, call.prompt_ids, call.cancel):
+                    pieces.append(piece)
+                    if step is not None:
+                        last, n = step, n + 1
+                    if fin:
+                        finish = fin
+                return "".join(pieces), finish, last, n
+            finally:
+                call.release()
+
+        try:
+            job = asyncio.wrap_future(self.decoders.submit(whole))
+        except BaseException:
+            self.give_back()
+            raise
+        while True:
+            done, _ = await asyncio.wait({job}, timeout=0.05)
+            if done:
+                break
+            if not call.cancel.is_set() and await request.is_disconnected():
+                call.cancel.set()
+                self.m["requests"].labels(call.endpoint, call.policy, "cancelled").inc()
+        text, finish, last, n_tokens = job.result()
+        if call.cancel.is_set():
+            raise HTTPException(499, "the client closed the request")  # nobody reads it; logged as such
+        self.m["requests"].labels(call.endpoint, call.policy, "200").inc()
+        aug = {
+            "policy": call.policy,
+            "augmented": bool(last and last.augmented),
+            "inserted_after": last.inserted_after if last else None,
+        }
+        return JSONResponse(call.envelope(text, finish, {"usage": call.usage(n_tokens), "augmentation": aug}))
+
+    # ------------------------------------------------------------------------------------------------ endpoints
+    async def completions(self, body: CompletionRequest, request: Request):
+        with self.m["latency"].labels("completions").time():
+            ids = await asyncio.get_running_loop().run_in_executor(None, self.encode, body.prompt, body.max_tokens)
+            return await self.complete(body, ids, "completions", chat=False, request=request)
+
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        with self.m["latency"].labels("chat").time():
+            if body.max_completion_tokens is not None:  # the newer OpenAI name of max_tokens
+                body.max_tokens = body.max_completion_tokens
+            text, templated = self.chat_text(body.messages)
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(None, self.encode, text, body.max_tokens, templated)
+            return await self.complete(body, ids, "chat", chat=True, request=request)
+
+    async def augment(self, body: AugmentRequest):
+        engine = self.engine
+        if not engine.can_augment:
+            raise HTTPException(
+                400,
+                "this server has no coprocessor, so it cannot augment a prefix: start it with "
+                "`cacheaug serve --coprocessor CHECKPOINT`",
+            )
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(None, self.encode, body.prompt, 0)
+        deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
+        await self.acquire()
+        try:
+            cache_id = await loop.run_in_executor(
+                self.decoders, partial(engine.augment_prefix, ids, deadline_s=deadline)
+            )
+        except (FloatingPointError, TimeoutError) as err:
+            raise HTTPException(503, str(err)) from None
+        except OSError as err:  # disk full, a read-only store: nothing stored, the server keeps serving
+            log.warning("cacheaug serve: the prefix store could not be written: %s", err)
+            raise HTTPException(
+                507,
+                f"the prefix store could not be written ({err.strerror or err}); nothing was "
+                "stored and the server keeps serving: free space in --store-dir or make it writable",
+            ) from None
+        finally:
+            self.give_back()
+        return {"cache_id": cache_id, "tokens": len(ids)}
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "cacheaug"}
+
+    async def models(self):
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model_info(self, name: str):
+        self.check_model(name)
+        return self._model_card()
+
+    async def health(self):
+        engine, slab = self.engine, self.engine.slab
+        decoding = {
+            "static_batch": slab is not None,
+            "cuda_graphs": bool(slab and slab.cuda_graphs),
+            "compiled": slab.compile if slab else None,
+            "steps": slab.steps if slab else 0,
+        }
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "coprocessor": engine.can_augment,
+            "stored_prefixes": len(engine.store),
+            "decoding": decoding,
+            "coprocessor_priority": engine.coprocessor_priority,
+            "coprocessor_graphs": engine.coprocessor_graphs,
+        }
+
+    async def metrics(self):
+        from prometheus_client import generate_latest
+
+        m, engine = self.m, self.engine
+        m["store_bytes"].set(engine.store.bytes)
+        m["store_entries"].set(len(engine.store))
+        m["store_hits"].set(engine.stats.store_hits)
+        return PlainTextResponse(generate_latest(self.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    async def invalid(self, request: Request, exc: RequestValidationError):
+        self.m["requests"].labels(request.url.path, "-", "422").inc()
+        return JSONResponse({"error": {"message": _validation_message(exc), "code": 422}}, status_code=422)
+
+    async def http_error(self, request: Request, exc: StarletteHTTPException):  # FastAPI's, and the router's 404/405
+        self.m["requests"].labels(request.url.path, "-", str(exc.status_code)).inc()
+        code = (exc.headers or {}).get("x-error-code", exc.status_code)
+        return JSONResponse({"error": {"message": exc.detail, "code": code}}, status_code=exc.status_code)
+
+
 def create_app(
     engine: Engine,
     tokenizer,
@@ -168,326 +531,28 @@ def create_app(
     queue_timeout_s: float = 60.0,
     max_body_bytes: int = 4 << 20,
 ) -> FastAPI:
+    """The OpenAI-compatible HTTP app over ``engine``: each endpoint is a method of one :class:`_Service`."""
     app = FastAPI(title="cacheaug", version="1")
-    started = int(time.time())
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
-    registry, m = _metrics()
-    slots = asyncio.Semaphore(max_concurrent)  # taken and given back on the event loop only
-    admitted = {"n": 0}  # requests holding or waiting for a slot
-    decoders = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="cacheaug-request")
-    max_context = getattr(engine.base.config, "max_position_embeddings", None)
-    n_latents = engine.model.config.n_latents
-    eos = tokenizer.eos_token_id
-
-    special = set(tokenizer.all_special_ids)
-
-    def encode(text: str, max_tokens: int, templated: bool = False) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-        if not set(ids) - special:  # nothing but the <bos> the tokenizer adds
-            raise HTTPException(422, "the prompt has no tokens after tokenisation: send some text")
-        if max_context is not None and len(ids) + n_latents + max_tokens > max_context:
-            raise HTTPException(
-                400,
-                f"prompt of {len(ids)} tokens + {max_tokens} new tokens + {n_latents} latents "
-                f"exceeds the model's context of {max_context}",
-            )
-        return ids
-
-    def chat_text(messages: list[ChatMessage]) -> tuple[str, bool]:
-        """The prompt of a chat: the tokenizer's chat template when it has one (its text carries its own special
-        tokens), else plain ``role: content`` lines ending in ``assistant:``."""
-        msgs = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text} for msg in messages]
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
-        return "".join(f"{msg['role']}: {msg['content']}\n" for msg in msgs) + "assistant:", False
-
-    def check_model(name: str | None) -> None:
-        """The served model's id (or the name it was started with); another is a 404, as the OpenAI API answers."""
-        if name is not None and name not in (model_name, *aliases):
-            raise HTTPException(
-                404,
-                f"no model {name!r} here; this server serves {model_name!r}",
-                headers={"x-error-code": "model_not_found"},
-            )
-
-    async def acquire() -> None:
-        """A decoding slot, waiting on the event loop: 429 when ``max_concurrent + max_queue`` requests already hold
-        or wait for one (counted from admission to :func:`give_back`, so a waiter handed a freed slot is never
-        counted twice), 503 when none frees within ``queue_timeout_s``."""
-        if admitted["n"] >= max_concurrent + max_queue:
-            raise HTTPException(429, f"server busy: {max_queue} requests already waiting; retry later")
-        admitted["n"] += 1
-        try:
-            await asyncio.wait_for(slots.acquire(), queue_timeout_s)
-        except TimeoutError:
-            admitted["n"] -= 1
-            raise HTTPException(503, f"no decoding slot within {queue_timeout_s} s") from None
-        except BaseException:
-            admitted["n"] -= 1
-            raise
-
-    def give_back() -> None:
-        """A slot back (on the event loop)."""
-        admitted["n"] -= 1
-        slots.release()
-
-    def run(body, prompt_ids: list[int], cancel: threading.Event):
-        """``(piece, finish, step)`` for one request (the caller holds a slot); ``step`` is None for the text held
-        back until the end (an incomplete character, a possible stop string's head), which is no token of its own."""
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        policy = body.augment or default_policy
-        deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
-        info: dict = {}
-        t0 = time.monotonic()
-        out, first = TextStream(tokenizer, stops), True
-        for step in engine.stream(
-            prompt_ids,
-            body.max_tokens,
-            policy=policy,
-            deadline_s=deadline,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop_ids=(eos,) if eos is not None else (),
-            seed=body.seed,
-            cancel=cancel,
-            info=info,
-        ):
-            if first:
-                m["ttft"].labels(policy).observe(time.monotonic() - t0)
-                first = False
-            piece, stopped = out.push(step.token, end=step.token == eos)
-            if stopped:
-                yield piece, "stop", step
-                break
-            yield piece, ("stop" if step.token == eos else None), step
-        else:
-            rest = out.flush()
-            if rest:
-                yield rest, None, None
-        if info.get("outcome"):  # this request's own outcome (not a diff of counters other requests move too)
-            m["augment"].labels(info["outcome"]).inc()
-
-    async def complete(body, prompt_ids: list[int], endpoint: str, chat: bool, request: Request):
-        check_model(body.model)
-        if get_policy(body.augment or default_policy).needs_gate and not engine.has_gate:
-            raise HTTPException(
-                400,
-                f"augment {body.augment or default_policy!r} needs a coprocessor with a gate: fit "
-                "one with `cacheaug train-gate --checkpoint CKPT --data ...` and serve that checkpoint",
-            )
-        loop = asyncio.get_running_loop()
-        await acquire()
-        if await request.is_disconnected():  # the client left while queued: no prefill, no decoding for it
-            give_back()
-            m["requests"].labels(endpoint, body.augment or default_policy, "cancelled").inc()
-            raise HTTPException(499, "the client closed the request")
-        release = partial(loop.call_soon_threadsafe, give_back)  # from the decoding thread, once
-        cancel = threading.Event()
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        policy = body.augment or default_policy
-
-        def envelope(text: str, finish, extra: dict | None = None) -> dict:
-            if chat:
-                choice = {
-                    "index": 0,
-                    "delta" if body.stream else "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish,
-                }
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            obj = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
-            return {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model_name,
-                "choices": [choice],
-                **(extra or {}),
-            }
-
-        def usage(n_tokens: int) -> dict:
-            return {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": n_tokens,
-                "total_tokens": len(prompt_ids) + n_tokens,
-            }
-
-        if body.stream:
-            queue: asyncio.Queue = asyncio.Queue()
-
-            def produce():
-                try:
-                    for piece, finish, step in run(body, prompt_ids, cancel):
-                        loop.call_soon_threadsafe(queue.put_nowait, ("piece" if step else "rest", piece, finish))
-                    loop.call_soon_threadsafe(queue.put_nowait, ("end", None, None))
-                except Exception as err:  # surfaced to the client as an SSE error event
-                    loop.call_soon_threadsafe(queue.put_nowait, ("error", str(err), None))
-                finally:
-                    release()
-
-            try:
-                decoders.submit(produce)
-            except BaseException:
-                give_back()
-                raise
-
-            async def events():
-                finish, n_tokens, done = None, 0, False
-                try:
-                    while True:
-                        kind, piece, fin = await queue.get()
-                        if kind in ("piece", "rest"):
-                            finish = fin or finish
-                            n_tokens += kind == "piece"
-                            yield f"data: {json.dumps(envelope(piece, None))}\n\n"  # the reason: in the last chunk
-                        elif kind == "error":
-                            yield f"data: {json.dumps({'error': {'message': piece}})}\n\n"
-                            break
-                        else:
-                            yield f"data: {json.dumps(envelope('', finish or 'length'))}\n\n"
-                            if body.stream_options is not None and body.stream_options.include_usage:
-                                yield f"data: {json.dumps({**envelope('', None), 'choices': [], 'usage': usage(n_tokens)})}\n\n"
-                            break
-                    yield "data: [DONE]\n\n"
-                    done = True
-                    m["requests"].labels(endpoint, policy, "200").inc()
-                finally:  # the client went away (the response task is cancelled): stop decoding for it
-                    if not done:
-                        cancel.set()
-                        m["requests"].labels(endpoint, policy, "cancelled").inc()
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        def whole():
-            try:
-                pieces, finish, last, n = [], "length", None, 0
-                for piece, fin, step in run(body, prompt_ids, cancel):
-                    pieces.append(piece)
-                    if step is not None:
-                        last, n = step, n + 1
-                    if fin:
-                        finish = fin
-                return "".join(pieces), finish, last, n
-            finally:
-                release()
-
-        try:
-            job = asyncio.wrap_future(decoders.submit(whole))
-        except BaseException:
-            give_back()
-            raise
-        while True:  # a client that disconnects (or times out) cancels its request
-            done, _ = await asyncio.wait({job}, timeout=0.05)
-            if done:
-                break
-            if not cancel.is_set() and await request.is_disconnected():
-                cancel.set()
-                m["requests"].labels(endpoint, policy, "cancelled").inc()
-        text, finish, last, n_tokens = job.result()
-        if cancel.is_set():
-            raise HTTPException(499, "the client closed the request")  # nobody reads it; logged as such
-        m["requests"].labels(endpoint, policy, "200").inc()
-        aug = {
-            "policy": policy,
-            "augmented": bool(last and last.augmented),
-            "inserted_after": last.inserted_after if last else None,
-        }
-        return JSONResponse(envelope(text, finish, {"usage": usage(n_tokens), "augmentation": aug}))
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        with m["latency"].labels("completions").time():
-            ids = await asyncio.get_running_loop().run_in_executor(None, encode, body.prompt, body.max_tokens)
-            return await complete(body, ids, "completions", chat=False, request=request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        with m["latency"].labels("chat").time():
-            if body.max_completion_tokens is not None:  # the newer OpenAI name of max_tokens
-                body.max_tokens = body.max_completion_tokens
-            text, templated = chat_text(body.messages)
-            ids = await asyncio.get_running_loop().run_in_executor(None, encode, text, body.max_tokens, templated)
-            return await complete(body, ids, "chat", chat=True, request=request)
-
-    @app.post("/v1/augment")
-    async def augment(body: AugmentRequest):
-        if not engine.model.enabled:
-            raise HTTPException(
-                400,
-                "this server has no coprocessor, so it cannot augment a prefix: start it with "
-                "`cacheaug serve --coprocessor CHECKPOINT`",
-            )
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(None, encode, body.prompt, 0)
-        deadline = None if body.deadline_ms is None else body.deadline_ms / 1000
-        await acquire()
-        try:
-            cache_id = await loop.run_in_executor(decoders, partial(engine.augment_prefix, ids, deadline_s=deadline))
-        except (FloatingPointError, TimeoutError) as err:
-            raise HTTPException(503, str(err)) from None
-        except OSError as err:  # disk full, a read-only store: nothing stored, the server keeps serving
-            log.warning("cacheaug serve: the prefix store could not be written: %s", err)
-            raise HTTPException(
-                507,
-                f"the prefix store could not be written ({err.strerror or err}); nothing was "
-                "stored and the server keeps serving: free space in --store-dir or make it writable",
-            ) from None
-        finally:
-            give_back()
-        return {"cache_id": cache_id, "tokens": len(ids)}
-
-    @app.get("/v1/models")
-    async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "cacheaug"}],
-        }
-
-    @app.get("/v1/models/{name:path}")
-    async def model_info(name: str):
-        check_model(name)
-        return {"id": model_name, "object": "model", "created": started, "owned_by": "cacheaug"}
-
-    @app.get("/health")
-    async def health():
-        slab = engine.slab
-        decoding = {
-            "static_batch": slab is not None,
-            "cuda_graphs": bool(slab and slab.cuda_graphs),
-            "compiled": slab.compile if slab else None,
-            "steps": slab.steps if slab else 0,
-        }
-        return {
-            "status": "ok",
-            "model": model_name,
-            "coprocessor": engine.model.enabled,
-            "stored_prefixes": len(engine.store),
-            "decoding": decoding,
-            "coprocessor_priority": engine.coprocessor_priority,
-            "coprocessor_graphs": engine.coprocessor_graphs,
-        }
-
-    @app.get("/metrics")
-    async def metrics():
-        from prometheus_client import generate_latest
-
-        m["store_bytes"].set(engine.store.bytes)
-        m["store_entries"].set(len(engine.store))
-        m["store_hits"].set(engine.stats.store_hits)
-        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        m["requests"].labels(request.url.path, "-", "422").inc()
-        return JSONResponse({"error": {"message": _validation_message(exc), "code": 422}}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)  # FastAPI's own, and the router's 404 / 405
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        m["requests"].labels(request.url.path, "-", str(exc.status_code)).inc()
-        code = (exc.headers or {}).get("x-error-code", exc.status_code)
-        return JSONResponse({"error": {"message": exc.detail, "code": code}}, status_code=exc.status_code)
-
+    svc = _Service(
+        engine,
+        tokenizer,
+        model_name=model_name,
+        aliases=aliases,
+        default_policy=default_policy,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+        queue_timeout_s=queue_timeout_s,
+    )
+    app.post("/v1/completions")(svc.completions)
+    app.post("/v1/chat/completions")(svc.chat_completions)
+    app.post("/v1/augment")(svc.augment)
+    app.get("/v1/models")(svc.models)
+    app.get("/v1/models/{name:path}")(svc.model_info)
+    app.get("/health")(svc.health)
+    app.get("/metrics")(svc.metrics)
+    app.exception_handler(RequestValidationError)(svc.invalid)
+    app.exception_handler(StarletteHTTPException)(svc.http_error)
     return app
 
 
