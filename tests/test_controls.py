@@ -145,6 +145,7 @@ def test_balanced_evaluation_takes_equal_shares_from_each_source(tmp_path, monke
     seqs, counts = balanced_sequences(tok, data, splits, seq_len=16, n=6)
     assert counts == {str(tmp_path / "big"): 3, str(tmp_path / "small"): 3}
     assert [source_of(s) for s in seqs] == ["big"] * 3 + ["small"] * 3
+    assert len([d for d in (tmp_path / "home" / "tokens").iterdir() if not d.name.startswith(".")]) == 1  # one pass
     plain = heldout_sequences(tok, data, splits, seq_len=16, n=6)
     assert sorted(map(source_of, plain)).count("small") < 3  # spread over the mix: the small source's share is small
     n_small = len(heldout_sequences(tok, (data[1],), splits, seq_len=16, n=1000))

@@ -29,7 +29,7 @@ import torch
 from .base import cache_home
 from .corpus import CORPORA, DEFAULT_PACKAGES, iter_named_documents
 
-_FORMAT_VERSION = 3  # 3: a long plain-text file is cut into documents (corpus.split_plain_text)
+_FORMAT_VERSION = 4  # 3: a long plain-text file is cut into documents (corpus.split_plain_text); 4: heldout_ranges
 SPLITS = ("train", "heldout", "adapt", "unseen")
 
 
@@ -148,11 +148,20 @@ def build_token_files(
     pending = {s: [] for s in SPLITS}
     bar = tqdm(desc="tokenising", unit=" docs")
     streams = [(spec, False) for spec in sources] + [(spec, True) for spec in unseen]
+    ranges: dict[str, list[int]] = {}  # per source, the [start, end) of its documents in heldout.bin
     for spec, is_unseen in streams:
         for name, doc in iter_named_documents(spec):
             if not doc.strip() or (not is_unseen and name in excluded):
                 continue
             split = "unseen" if is_unseen else splits.split_of(doc)
+            if split == "heldout" and name not in ranges:  # a new source: what came before is written first
+                if pending["heldout"]:
+                    flush(pending["heldout"], "heldout")
+                    bar.update(len(pending["heldout"]))
+                    pending["heldout"] = []
+                for r in ranges.values():  # (sources come one after another: only the last one is open)
+                    r[1] = counts["heldout"][0] if r[1] < 0 else r[1]
+                ranges[name] = [counts["heldout"][0], -1]
             pending[split].append(doc)
             if len(pending[split]) >= batch_docs:
                 flush(pending[split], split)
@@ -163,6 +172,8 @@ def build_token_files(
             flush(docs, split)
             bar.update(len(docs))
     bar.close()
+    for r in ranges.values():
+        r[1] = counts["heldout"][0] if r[1] < 0 else r[1]
     for f in files.values():
         f.close()
     if counts["train"][0] == 0 and counts["adapt"][0] == 0:
@@ -183,6 +194,7 @@ def build_token_files(
     }
     for s in SPLITS:
         meta[f"{s}_tokens"], meta[f"{s}_docs"] = counts[s]
+    meta["heldout_ranges"] = ranges  # (evaluate.balanced_sequences reads each source's share from them)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     try:
         os.replace(tmp, folder)

@@ -157,36 +157,21 @@ def evaluation_sets(
     return sets, counts
 
 
-def source_specs(data, splits) -> list[str]:
-    """The data specs one by one source: a corpus (``default``, ``broad``) as its named parts, the held-out
-    (unseen) sources left out; any other spec as itself."""
-    from .corpus import CORPORA
-
-    unseen = set(splits.heldout_sources)
-    specs = []
-    for spec in data:
-        if spec in CORPORA:
-            specs += [f"{spec}:{name}" for name in CORPORA[spec] if name not in unseen]
-        elif spec.split(":", 1)[-1] not in unseen:
-            specs.append(spec)
-    return specs
-
-
 def balanced_sequences(tokenizer, data, splits, seq_len: int, n: int) -> tuple[torch.Tensor, dict[str, int]]:
-    """``n`` held-out sequences ``[n, T]`` in equal shares from each source (:func:`source_specs`), each share spread
-    over its source's held-out stream; a source with fewer held-out windows than its share gives all it has and the
-    rest is shared among the others. The held-out documents are the same as those of the whole mix (the split goes
-    by document). Returns the sequences (source after source) and how many came from each source."""
+    """``n`` held-out sequences ``[n, T]`` in equal shares from each source of ``data`` (the unseen ones left out),
+    each share spread over its source's part of the held-out stream (the token files record where each source's
+    documents lie: one tokenisation serves training and this); a source with fewer held-out windows than its share
+    gives all it has and the rest is shared among the others. Returns the sequences (source after source) and how
+    many came from each source."""
     from .data import PackedSequences, build_token_files, load_tokens, start_token
 
-    specs = source_specs(data, splits)
-    if not specs:
-        raise ValueError("no in-source data to evaluate: every source of --data is in --heldout-sources")
+    token_dir = build_token_files(tokenizer, list(data), splits)
+    tokens = load_tokens(token_dir, "heldout")
+    ranges = json.loads((Path(token_dir) / "meta.json").read_text())["heldout_ranges"]
     pools = {}
-    for spec in specs:
-        tokens = load_tokens(build_token_files(tokenizer, [spec], splits), "heldout")
-        if len(tokens) > seq_len:
-            pools[spec] = PackedSequences(tokens, seq_len, seed=0, bos_id=start_token(tokenizer))
+    for name, (start, end) in ranges.items():
+        if end - start > seq_len:
+            pools[name] = PackedSequences(tokens[start:end], seq_len, seed=0, bos_id=start_token(tokenizer))
     if not pools:
         raise ValueError(
             f"no source of {list(data)} holds a held-out sequence of --seq-len {seq_len}: raise --heldout-pct or "
@@ -206,7 +191,7 @@ def balanced_sequences(tokenizer, data, splits, seq_len: int, n: int) -> tuple[t
             if left == 0:
                 break
     seqs = torch.cat([pools[s].spread(k) for s, k in quota.items() if k])
-    return seqs, {s.split(":", 1)[-1]: k for s, k in quota.items()}
+    return seqs, quota
 
 
 def _print_table(offsets, columns: dict[str, dict], frozen_ppl: list[float] | None = None) -> None:
