@@ -527,3 +527,24 @@ def test_a_coprocessor_call_says_where_its_time_went(model, monkeypatch):
     assert info["outcome"] == "augmented" and info["rows"] == 1
     assert 0 <= info["queued_s"] and 0 < info["launch_s"] and 0 <= info["device_s"]
     assert info["queued_s"] + info["launch_s"] + info["device_s"] <= info["latents_s"] + 1e-3
+
+
+def test_engine_options_are_one_checked_config(model):
+    """Issue 40: the engine takes one EngineConfig (keyword fields override it); bad values and unknown names are
+    refused before anything is built, and `cacheaug serve` names its flags in the same check."""
+    from cacheaug.serving import EngineConfig
+    from cacheaug.serving.server import serve
+
+    base = EngineConfig(max_stale_tokens=3, default_deadline_s=0.5)
+    engine = Engine(model, config=base, max_batch=2)
+    try:
+        assert engine.config == EngineConfig(max_stale_tokens=3, default_deadline_s=0.5, max_batch=2)
+        assert base.max_batch == 16  # the caller's config is not changed
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="max_batch must be an integer of at least 1.*coprocessor_priority"):
+        EngineConfig(max_batch=0, coprocessor_priority="urgent")
+    with pytest.raises(TypeError, match="unknown options \\['max_stale'\\]"):
+        Engine(model, max_stale=3)
+    with pytest.raises(SystemExit, match="--hard-timeout-ms \\(hard_timeout_s\\) must be above 0"):
+        serve(hard_timeout_ms=0)  # refused before any model is loaded

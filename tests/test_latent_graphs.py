@@ -85,7 +85,7 @@ def test_engine_with_coprocessor_graphs_answers_as_without(policy):
             engine.close()
         answers.append(tokens)
         infos.append(info)
-        assert engine.coprocessor_graphs is graphs
+        assert engine.config.coprocessor_graphs is graphs
         assert (engine.worker.graphs is not None) is graphs
         if graphs:  # the call went through the bucketed path (a 20-token prompt: the 256-position bucket)
             assert sorted(engine.worker.graphs.buckets) == [256]

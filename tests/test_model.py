@@ -101,6 +101,24 @@ def test_generate_without_augmentation_is_base_generate(family, attn):
     assert torch.equal(model.generate(prompt, 12), expected)
 
 
+def test_the_frozen_decoder_alone_is_a_real_state():
+    """CacheAugmentedLM.frozen: no coprocessor object at all (not a disabled placeholder); decoding is the base
+    model's, and whatever needs a coprocessor says so in one line."""
+    base = tiny_model("gemma3")
+    model = CacheAugmentedLM.frozen(base)
+    assert model.coprocessor is None and not model.enabled and list(model.parameters()) == list(base.parameters())
+    prompt = _ids(b=2, t=9)
+    assert torch.equal(model.generate(prompt, 6), base.generate(prompt, max_new_tokens=6, do_sample=False))
+    for call in (
+        lambda: model.augment(prompt),
+        lambda: model(prompt),
+        lambda: model.trainable_parameters(),
+        lambda: model.save_pretrained("unused"),
+    ):
+        with pytest.raises(ValueError, match="frozen decoder alone"):
+            call()
+
+
 def test_failing_coprocessor_falls_back_to_base_generate():
     base = tiny_model("gemma3")
     model = CacheAugmentedLM(base, CFG)

@@ -241,8 +241,10 @@ def test_a_stream_sends_its_finish_reason_once(stack):
 
 def test_augment_endpoint_without_a_coprocessor_is_refused(tmp_path):
     """Issue 38.2: a server without a coprocessor ran a placeholder for /v1/augment and stored its latents."""
-    model = CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(init="pause", n_latents=3))
-    model.enabled = False  # what `cacheaug serve` without --coprocessor builds
+    model = CacheAugmentedLM.frozen(tiny_model("llama"))  # what `cacheaug serve` without --coprocessor builds
+    assert model.coprocessor is None and not model.enabled
+    model.enabled = True  # cannot turn on what is not there
+    assert not model.enabled
     tok = tiny_tokenizer([WORDS])
     engine = Engine(model, CacheStore(directory=tmp_path / "store", fingerprint="t"))
     server = Server(create_app(engine, tok))

@@ -127,6 +127,7 @@ class Inference:
         (all of them by default). The cache is only read; latents can be computed ahead or on another worker
         and inserted later with :meth:`insert_latents`. ``last_token`` ``[B]``: the id of the token at position
         ``length - 1`` (needed with ``echo_residual``)."""
+        self._require_coprocessor("compute_latents")
         prefix_kv = kv.layers(kv.fork(cache, length))
         echo = None
         if self.config.echo_residual:
@@ -148,6 +149,7 @@ class Inference:
         positions) in one coprocessor call, left-padded and masked: one ``[1, N_L, D]`` each, equal to
         :meth:`compute_latents` on each prefix alone. ``last_tokens``: each prefix's last token id (needed with
         ``echo_residual``)."""
+        self._require_coprocessor("compute_latents_batch")
         n_latents = self.config.n_latents
         padded, mask = kv.left_pad(prefixes, lengths, n_latents)
         positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(n_latents, device=self.device)

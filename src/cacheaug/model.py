@@ -65,6 +65,7 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
         *,
         check_finite: bool = True,
         _calibrate: bool = True,
+        _with_coprocessor: bool = True,
     ):
         super().__init__()
         if not isinstance(base, nn.Module) or not hasattr(base, "get_decoder"):
@@ -74,7 +75,7 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
         base.requires_grad_(False)
         base.eval()
         self.base = base
-        self.coprocessor = self._build_trainable(_calibrate)
+        self.coprocessor = self._build_trainable(_calibrate) if _with_coprocessor else None
         self.enabled = True
         self.check_finite = check_finite
         self.recompute_loss = True  # recompute each loss chunk's logits in backward (memory); False keeps them (speed)
@@ -87,6 +88,31 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
         self._compile_mode = None
         self.gate = None  # a fitted cacheaug.gate.Gate (loaded with its checkpoint): augment only where it fires
         self.gate_threshold: float | None = None  # None: the gate's own threshold
+
+    @classmethod
+    def frozen(cls, base: nn.Module) -> "CacheAugmentedLM":
+        """The frozen decoder alone: no coprocessor (``coprocessor is None``, ``enabled`` always False).
+
+        Decoding and :meth:`generate` are exactly the base model's; ``augment``, computing latents, the training
+        pass and saving refuse with a clear error. ``cacheaug serve`` without ``--coprocessor`` runs this."""
+        return cls(base, CoprocessorConfig(), _calibrate=False, _with_coprocessor=False)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether augmentation runs (set False to decode the frozen model alone; always False without a
+        coprocessor)."""
+        return self._enabled and self.coprocessor is not None
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._enabled = bool(on)
+
+    def _require_coprocessor(self, what: str) -> None:
+        if self.coprocessor is None:
+            raise ValueError(
+                f"{what} needs a coprocessor, and this model is the frozen decoder alone (CacheAugmentedLM.frozen); "
+                "load one with CacheAugmentedLM.from_pretrained(CHECKPOINT, base) or build one with build_model"
+            )
 
     @property
     def trace_windows(self) -> bool:
@@ -156,10 +182,12 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The coprocessor's trainable parameters (including the soft tokens and the read-out scale)."""
+        self._require_coprocessor("training")
         return [p for p in self.coprocessor.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full tensors of the trainable parameters. Under FSDP2 this gathers shards: call it on every rank."""
+        self._require_coprocessor("saving")
         out = {}
         for name, p in self.coprocessor.named_parameters():
             if p.requires_grad:
@@ -206,6 +234,7 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
             )
 
     def _check_dtypes(self) -> None:
+        self._require_coprocessor("augmenting or the training pass")
         cop = getattr(self.coprocessor, "soft_tokens", None)
         if cop is None:  # the LoRA-decoder control: no latents to check
             return
@@ -262,6 +291,7 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
         and writes on one)."""
         from .checkpoint import save_coprocessor
 
+        self._require_coprocessor("save_pretrained")
         return save_coprocessor(self, path, tensors)
 
     @classmethod

@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from transformers import DynamicCache
@@ -47,6 +47,7 @@ from .. import kv
 from ..model import CacheAugmentedLM
 from ..sampling import SamplingParams, next_token
 from .batching import CoprocessorTimeout, LatentsWorker
+from .engine_config import STREAM_PRIORITIES, EngineConfig
 from .latent_graphs import LatentGraphs
 from .policies import get_policy, policy_names
 from .request import Request, Step
@@ -82,15 +83,13 @@ class Stats:
             self.by_policy[name] = self.by_policy.get(name, 0) + 1
 
 
-STREAM_PRIORITIES = {"normal": 0, "high": -1}  # the coprocessor stream's CUDA priority (engine option)
-
-
 class Engine:
     """Decoding with optional, never-blocking cache augmentation.
 
     Args:
         model: a :class:`CacheAugmentedLM` (its ``base`` decodes; its coprocessor augments).
         store: where offline-augmented prefixes live (default: in memory only, 1 GiB).
+        config: an :class:`EngineConfig` (its fields below; keyword arguments of the same names override it).
         default_deadline_s: how long a request waits for its latents at most (sync) / accepts them (async).
         hard_timeout_s: a coprocessor call running longer is abandoned and the worker replaced.
         async_grace_s: how long an async request's first token may wait for the latents (0: never waits).
@@ -120,56 +119,40 @@ class Engine:
         self,
         model: CacheAugmentedLM,
         store: CacheStore | None = None,
-        *,
-        default_deadline_s: float = 2.0,
-        hard_timeout_s: float = 30.0,
-        async_grace_s: float = 0.0,
-        max_stale_tokens: int = 64,
-        max_batch: int = 16,
-        static_batch: bool = True,
-        static_max_len: int = 8192,
-        compile_decode: str | None = None,
-        coprocessor_priority: str = "normal",
-        coprocessor_graphs: bool = False,
+        config: EngineConfig | None = None,
+        **options,
     ):
-        if coprocessor_priority not in STREAM_PRIORITIES:
-            raise ValueError(
-                f"coprocessor_priority must be one of {', '.join(STREAM_PRIORITIES)}, got {coprocessor_priority!r}"
-            )
+        unknown = sorted(set(options) - {f.name for f in fields(EngineConfig)})
+        if unknown:
+            raise TypeError(f"Engine got unknown options {unknown}; the options are EngineConfig's fields")
+        config = replace(config or EngineConfig(), **options)  # keyword options (each an EngineConfig field) win
         if not model.arm.has_latents:
             raise ValueError(
                 f"a {model.config.init!r} checkpoint inserts no latents, so there is nothing to augment "
                 "with; serve the frozen model alone (no --coprocessor) or a coprocessor checkpoint"
             )
-        if not isinstance(max_stale_tokens, int) or max_stale_tokens < 0:
-            raise ValueError(f"max_stale_tokens must be a non-negative integer, got {max_stale_tokens!r}")
+        self.config = config
         self.model = model
         self.base = model.base
         self.store = store if store is not None else CacheStore(max_bytes=1 << 30)  # an empty store is falsy
-        self.default_deadline_s = default_deadline_s
-        self.hard_timeout_s = hard_timeout_s
-        self.async_grace_s = async_grace_s
-        self.max_stale_tokens = max_stale_tokens
         self.stats = Stats()
         self.lock = threading.Lock()  # one decoder step at a time on the device
-        self.coprocessor_priority = coprocessor_priority
         stream = None
         if model.device.type == "cuda":  # CUDA: lower numbers run first; -1 is the highest priority torch offers
-            stream = torch.cuda.Stream(device=model.device, priority=STREAM_PRIORITIES[coprocessor_priority])
-        self.coprocessor_graphs = coprocessor_graphs
-        graphs = LatentGraphs(model, max_length=static_max_len) if coprocessor_graphs else None
+            stream = torch.cuda.Stream(device=model.device, priority=STREAM_PRIORITIES[config.coprocessor_priority])
+        graphs = LatentGraphs(model, max_length=config.static_max_len) if config.coprocessor_graphs else None
         self.worker = LatentsWorker(
             model,
             stream,
-            max_batch=max_batch,
-            hard_timeout_s=hard_timeout_s,
+            max_batch=config.max_batch,
+            hard_timeout_s=config.hard_timeout_s,
             on_restart=lambda: self.stats.add(worker_restarts=1),
             graphs=graphs,
         )
         self.slab = None
-        if static_batch and model.family.attn_implementation in Slab.ATTENTION:
-            self.slab = Slab(model, max_batch, max_length=static_max_len, compile=compile_decode)
-        self.scheduler = Scheduler(self, Runner(self), max_batch=max_batch)  # the loop: every request's decoding
+        if config.static_batch and model.family.attn_implementation in Slab.ATTENTION:
+            self.slab = Slab(model, config.max_batch, max_length=config.static_max_len, compile=config.compile_decode)
+        self.scheduler = Scheduler(self, Runner(self), max_batch=config.max_batch)  # the loop: every request's decoding
 
     # -------------------------------------------------------------------------------------------- worker
     def submit_latents(self, cache: DynamicCache, length: int, last_token: int) -> cf.Future:
@@ -267,7 +250,7 @@ class Engine:
         info.update(outcome=None, cancelled=False)
         req = Request(
             list(prompt),
-            self.clock() + (self.default_deadline_s if deadline_s is None else deadline_s),
+            self.clock() + (self.config.default_deadline_s if deadline_s is None else deadline_s),
             cancel,
             info,
             strategy=strategy,
@@ -438,7 +421,7 @@ class Engine:
         self._forward(cache, torch.tensor([prefix], device=self.model.device), augmented=False)
         future = self.submit_latents(cache, len(prefix), prefix[-1])
         try:
-            latents = future.result(timeout=self.hard_timeout_s if deadline_s is None else deadline_s)
+            latents = future.result(timeout=self.config.hard_timeout_s if deadline_s is None else deadline_s)
         except (cf.TimeoutError, CoprocessorTimeout):
             future.cancel()
             raise TimeoutError("the coprocessor did not answer within the deadline; nothing was stored") from None

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .engine_config import EngineConfig
 from .request import Request, State, Step  # noqa: F401  (a request's state; re-exported for policy authors)
 
 
@@ -51,8 +52,7 @@ class Engine(Protocol):
     """What a policy may call: the engine's primitives (cacheaug.serving.Engine provides them; a policy never needs
     the engine itself, so this module does not import it)."""
 
-    async_grace_s: float
-    max_stale_tokens: int
+    config: EngineConfig  # async_grace_s, max_stale_tokens, ...
 
     def clock(self) -> float: ...
     def submit(self, req: Request) -> None: ...
@@ -112,14 +112,14 @@ class Async(Policy):
     )
 
     def after_prefill(self, engine, req):
-        if req.wants and engine.async_grace_s > 0:
+        if req.wants and engine.config.async_grace_s > 0:
             engine.submit(req)
-            engine.wait_and_insert(req, min(engine.async_grace_s, req.deadline - engine.clock()))
+            engine.wait_and_insert(req, min(engine.config.async_grace_s, req.deadline - engine.clock()))
 
     def before_token(self, engine, req):
         if req.future is None or req.n == 0:
             return
-        if engine.clock() > req.deadline or req.n > engine.max_stale_tokens:
+        if engine.clock() > req.deadline or req.n > engine.config.max_stale_tokens:
             engine.give_up(req)
         else:
             engine.insert_if_ready(req)

@@ -34,6 +34,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine
+from .engine_config import EngineConfig
 from .policies import get_policy
 
 log = logging.getLogger("cacheaug.serve")
@@ -496,8 +497,8 @@ class _Service:
             "coprocessor": engine.can_augment,
             "stored_prefixes": len(engine.store),
             "decoding": decoding,
-            "coprocessor_priority": engine.coprocessor_priority,
-            "coprocessor_graphs": engine.coprocessor_graphs,
+            "coprocessor_priority": engine.config.coprocessor_priority,
+            "coprocessor_graphs": engine.config.coprocessor_graphs,
         }
 
     async def metrics(self):
@@ -659,6 +660,15 @@ def served_id(model: str) -> str:
     return path.resolve().name if path.is_dir() else model
 
 
+_ENGINE_FLAGS = {  # serve's flags for EngineConfig's fields
+    "--deadline-ms": "default_deadline_s",
+    "--async-grace-ms": "async_grace_s",
+    "--max-stale-tokens": "max_stale_tokens",
+    "--hard-timeout-ms": "hard_timeout_s",
+    "--coprocessor-priority": "coprocessor_priority",
+}
+
+
 def serve(
     model: str = "gemma-3-270m",
     coprocessor: str | None = None,
@@ -691,14 +701,25 @@ def serve(
             ("--max-queue", max_queue, "at least 0", max_queue >= 0),
             ("--store-mib", store_bytes >> 20, "at least 0", store_bytes >= 0),
             ("--store-disk-mib", store_disk_bytes >> 20, "at least 0", store_disk_bytes >= 0),
-            ("--hard-timeout-ms", hard_timeout_ms, "at least 1", hard_timeout_ms >= 1),
-            ("--deadline-ms", deadline_ms, "at least 0", deadline_ms >= 0),
-            ("--async-grace-ms", async_grace_ms, "at least 0", async_grace_ms >= 0),
-            ("--max-stale-tokens", max_stale_tokens, "at least 0", max_stale_tokens >= 0),
             ("--port", port, "in 0..65535", 0 <= port <= 65535),
         )
         if not ok
     ]
+    try:  # the engine's options, checked once by EngineConfig (flags in ms, fields in s)
+        config = EngineConfig(
+            default_deadline_s=deadline_ms / 1000,
+            async_grace_s=async_grace_ms / 1000,
+            max_stale_tokens=max_stale_tokens,
+            hard_timeout_s=hard_timeout_ms / 1000,
+            compile_decode=compile_decode,
+            coprocessor_priority=coprocessor_priority,
+            coprocessor_graphs=coprocessor_graphs,
+        )
+    except ValueError as err:
+        message = str(err)
+        for flag, name in _ENGINE_FLAGS.items():
+            message = message.replace(f"{name} must", f"{flag} ({name}) must")
+        problems.append(message)
     if problems:
         raise SystemExit("cacheaug serve: " + "; ".join(problems))
 
@@ -711,10 +732,7 @@ def serve(
     if coprocessor:
         wrapped = CacheAugmentedLM.from_pretrained(coprocessor, base=base)
     else:
-        from ..config import CoprocessorConfig
-
-        wrapped = CacheAugmentedLM(base, CoprocessorConfig(init="pause"))
-        wrapped.enabled = False  # no coprocessor: plain decoding whatever the policy
+        wrapped = CacheAugmentedLM.frozen(base)  # no coprocessor: plain decoding whatever the policy
     if get_policy(policy).needs_gate and (not coprocessor or wrapped.gate is None):
         raise SystemExit(
             f"cacheaug serve: --policy {policy} needs a coprocessor with a gate: fit one with `cacheaug "
@@ -723,21 +741,11 @@ def serve(
     store = CacheStore(
         store_bytes,
         store_dir,
-        fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor)}",
+        fingerprint=f"{fingerprint(base)}:{fingerprint(wrapped.coprocessor) if coprocessor else 'none'}",
         max_disk_bytes=store_disk_bytes,
     )
     try:
-        engine = Engine(
-            wrapped,
-            store,
-            default_deadline_s=deadline_ms / 1000,
-            async_grace_s=async_grace_ms / 1000,
-            max_stale_tokens=max_stale_tokens,
-            hard_timeout_s=hard_timeout_ms / 1000,
-            compile_decode=compile_decode,
-            coprocessor_priority=coprocessor_priority,
-            coprocessor_graphs=coprocessor_graphs,
-        )
+        engine = Engine(wrapped, store, config)
     except ValueError as err:
         raise SystemExit(f"cacheaug serve: {err}") from None
     app = create_app(
