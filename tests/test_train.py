@@ -131,6 +131,24 @@ def test_signal_then_resume_is_the_uninterrupted_run(tmp_path, corpus, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path, corpus, monkeypatch):
+    """Session 29 on an H100: the final held-out evaluation ran out of GPU memory before the save, and 390 steps
+    were lost. The final checkpoint is written first; the error says where it is."""
+    import cacheaug.train as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore lines")
+
+    monkeypatch.setattr(train_module, "heldout_losses", out_of_memory)
+    with pytest.raises(RuntimeError, match="final held-out evaluation failed .OutOfMemoryError.*step_000004"):
+        _run(tmp_path, corpus, "oom", max_steps=4, eval_every=0, save_every=0)
+    final = tmp_path / "oom" / "step_000004"
+    assert [p.name for p in complete_checkpoints(tmp_path / "oom")] == [final.name]
+    monkeypatch.undo()
+    _run(tmp_path, corpus, "oom", max_steps=6, eval_every=0, save_every=0)  # and training resumes from it
+    assert json.loads((tmp_path / "oom" / "step_000006" / "trainer_state.json").read_text())["step"] == 6
+
+
 def test_max_minutes_stops_early_evaluates_and_saves(tmp_path, corpus):
     final, cfg = _run(tmp_path, corpus, "timed", max_steps=50, max_minutes=1e-9, save_every=0, eval_every=0)
     assert final.name == "step_000001"  # the first log step is past the (tiny) limit

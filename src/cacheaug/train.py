@@ -644,11 +644,19 @@ class Trainer:
             bar.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        if not interrupted:
-            self._evaluate_and_print(bar)
-        final = self.save()
-        self.log.close()
-        self.par.close()
+        final = self.save()  # before the final evaluation: an evaluation that fails (out of memory) loses no step
+        try:
+            if not interrupted:
+                self._evaluate_and_print(bar)
+        except Exception as err:
+            raise RuntimeError(
+                f"the final held-out evaluation failed ({type(err).__name__}: {str(err).splitlines()[0]}); the "
+                f"checkpoint of step {self.step_count} is saved in {final}: score it apart with `cacheaug eval ppl "
+                f"--checkpoint {final}`, or resume training from it"
+            ) from err
+        finally:
+            self.log.close()
+            self.par.close()
         return final
 
     def _evaluate_and_print(self, bar) -> None:
