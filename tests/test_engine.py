@@ -533,7 +533,7 @@ def test_engine_options_are_one_checked_config(model):
     """Issue 40: the engine takes one EngineConfig (keyword fields override it); bad values and unknown names are
     refused before anything is built, and `cacheaug serve` names its flags in the same check."""
     from cacheaug.serving import EngineConfig
-    from cacheaug.serving.server import serve
+    from cacheaug.serving.launch import serve
 
     base = EngineConfig(max_stale_tokens=3, default_deadline_s=0.5)
     engine = Engine(model, config=base, max_batch=2)

@@ -270,7 +270,7 @@ class _Bytes:
 
 
 def _stream(tokens, stops=(), eos_at=None):
-    from cacheaug.serving.server import TextStream
+    from cacheaug.serving.protocol import TextStream
 
     out, pieces = TextStream(_Bytes(), list(stops)), []
     for i, t in enumerate(tokens):

@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,6 +33,7 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from . import atomic
+from .loop import MetricsLog, ParallelContext, Schedule, StepLoop
 from .train import _f, lr_multiplier
 
 STATE = "adapt_state.json"
@@ -131,37 +128,46 @@ def _lm_loss(base: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> torch.Ten
     return total / t.numel()
 
 
-def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
-    """Fine-tune ``cfg.model`` on the adapt split of ``cfg.data``; returns the adapted model's folder."""
-    from tqdm.auto import tqdm
+class Adaptation(StepLoop):
+    """``cacheaug adapt`` as parts of the shared loop (:class:`cacheaug.loop.StepLoop`): construction sets up (the
+    decoder with its adapters, the adapt split, the optimizer, resume from ``out_dir/checkpoints``); :meth:`step`
+    one optimizer step; :meth:`save` a checkpoint; :meth:`export` the adapted decoder as a Hugging Face folder."""
 
-    from .base import load_base_model
-    from .data import PackedSequences, build_token_files, load_tokens, start_token
-    from .evaluate import autocast_for
+    desc = "adapt"
 
-    out = Path(cfg.out_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    from .base import resolve_device
+    def __init__(self, cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True):
+        from .base import load_base_model, resolve_device
+        from .data import PackedSequences, build_token_files, load_tokens, start_token
 
-    device = resolve_device(cfg.device)
-    if base is None:
-        base, tokenizer = load_base_model(cfg.model, device=device, for_training=True)
-    model = _trainable(base, cfg)
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # fp32 master weights under bf16 autocast
-        p.data = p.data.float()
-    token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())
-    split = "adapt" if cfg.adapt_pct > 0 else "train"
-    data = PackedSequences(load_tokens(token_dir, split), cfg.seq_len, cfg.seed, bos_id=start_token(tokenizer))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.par = ParallelContext(0, 1, resolve_device(cfg.device))
+        if base is None:
+            base, tokenizer = load_base_model(cfg.model, device=self.par.device, for_training=True)
+        self.base, self.tokenizer = base, tokenizer
+        self.model = _trainable(base, cfg)
+        if cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self.params:  # fp32 master weights under bf16 autocast
+            p.data = p.data.float()
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        token_dir = build_token_files(tokenizer, list(cfg.data), cfg.splits())
+        split = "adapt" if cfg.adapt_pct > 0 else "train"
+        self.data = PackedSequences(load_tokens(token_dir, split), cfg.seq_len, cfg.seed, bos_id=start_token(tokenizer))
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.step_count, self.tokens_seen = 0, 0
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        self._resume()
+        self.log = MetricsLog(self.out, True, name="adapt_metrics.jsonl", tensorboard=False)
 
-    step = 0
-    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / STATE).is_file())
-    if done:
+    def _resume(self) -> None:
+        cfg = self.cfg
+        done = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / STATE).is_file())
+        if not done:
+            return
         try:
             state = json.loads((done[-1] / STATE).read_text())
             tensors = load_file(str(done[-1] / "adapt_state.safetensors"))
@@ -175,115 +181,99 @@ def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True)
                 f"{cfg.model!r} with {cfg.method}: use another --out-dir."
             )
         with torch.no_grad():
-            for n, p in zip(names, params):
+            for n, p in zip(self.names, self.params):
                 p.copy_(tensors[f"w.{n}"])
-        opt.load_state_dict(
+        self.opt.load_state_dict(
             {
                 "state": {
                     i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-                    for i in range(len(params))
+                    for i in range(len(self.params))
                 },
                 "param_groups": state["param_groups"],
             }
         )
-        data.load_state_dict(state["data"])
-        step = state["step"]
-        print(f"cacheaug: resumed adaptation from {done[-1]} at step {step}")
+        self.data.load_state_dict(state["data"])
+        self.step_count = state["step"]
+        self.tokens_seen = state.get("tokens_seen", self.step_count * self.tokens_per_step)
+        print(f"cacheaug: resumed adaptation from {done[-1]} at step {self.step_count}")
 
-    def save() -> None:
-        tensors = {f"w.{n}": p.detach().cpu().contiguous() for n, p in zip(names, params)}
-        sd = opt.state_dict()
+    def schedule(self) -> Schedule:
+        return Schedule(self.cfg.max_steps, self.cfg.log_every, save_every=self.cfg.save_every)
+
+    def step(self) -> torch.Tensor:
+        from .evaluate import autocast_for
+
+        cfg = self.cfg
+        self.opt.param_groups[0]["lr"] = cfg.lr * lr_multiplier(self.step_count, cfg)
+        self._data_at_step_start = self.data.state_dict()  # an interrupt inside the step rolls back to it
+        self._phase = "batches"
+        ids, _ = self.data.next_batch(cfg.batch_size)
+        with autocast_for(self.base):
+            loss = _lm_loss(self.base, ids.to(self.par.device))  # PEFT injected its layers into base
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self._phase = "update"
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.tokens_seen += ids.numel()
+        self._phase = "between"
+        return loss.detach()
+
+    def save(self) -> Path:
+        tensors = {f"w.{n}": p.detach().cpu().contiguous() for n, p in zip(self.names, self.params)}
+        sd = self.opt.state_dict()
         tensors.update(
             {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
         )
         state = {
-            "step": step,
-            "data": data.state_dict(),
+            "step": self.step_count,
+            "tokens_seen": self.tokens_seen,
+            "data": self.data.state_dict(),
             "param_groups": sd["param_groups"],
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.cfg).items()},
         }
 
         def write(tmp: Path) -> None:
             save_file(tensors, str(tmp / "adapt_state.safetensors"))
             (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
 
-        atomic.write_dir(ckpt_dir / f"step_{step:06d}", write)
-        for old in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-2]:
+        final = atomic.write_dir(self.ckpt_dir / f"step_{self.step_count:06d}", write)
+        for old in sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())[:-2]:
             shutil.rmtree(old, ignore_errors=True)
+        return final
 
-    peak = cfg.lr
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="adapt", unit="step", disable=not progress)
-    model.train()
-    running, t_last, tokens = 0.0, time.perf_counter(), 0
+    def export(self) -> Path:
+        """The adapted decoder as a plain Hugging Face folder in ``out_dir`` (and, for LoRA, its adapters in
+        ``out_dir/adapter``)."""
+        cfg, out, model = self.cfg, self.out, self.model
+        if cfg.gradient_checkpointing:
+            self.base.gradient_checkpointing_disable()
+        if cfg.method == "lora":  # the adapters alone too (PEFT's format: 60 MB for Gemma 3 270M at rank 64, where the
+            # merged model is 540): PeftModel.from_pretrained(base, out / "adapter").merge_and_unload() rebuilds it
+            atomic.write_dir(out / "adapter", model.save_pretrained)
+        merged = model.merge_and_unload() if cfg.method == "lora" else model
+        dtype = merged.get_input_embeddings().weight.dtype
+        for p in merged.parameters():
+            p.data = p.data.to(dtype)
+        merged.requires_grad_(False)
+        staged = out / ".model.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        merged.save_pretrained(staged)
+        self.tokenizer.save_pretrained(staged)
+        atomic.move_into(staged, out)  # config.json last: marks it complete
+        staged.rmdir()
+        return out
 
-    def on_signal(signum, frame):  # Ctrl-C, or a cluster's shutdown: stop, save
-        raise KeyboardInterrupt
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    # SIGINT too: a process started in the background inherits it ignored, and Ctrl-C must still stop it
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-    interrupted = False
-    try:
-        with open(out / "adapt_metrics.jsonl", "a") as log:
-            while step < cfg.max_steps:
-                opt.param_groups[0]["lr"] = peak * lr_multiplier(step, cfg)
-                ids, _ = data.next_batch(cfg.batch_size)
-                with autocast_for(base):
-                    loss = _lm_loss(base, ids.to(device))  # PEFT injected its layers into base
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                tokens += ids.numel()
-                running += loss.detach()
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                    value = float(running) / n
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"Non-finite adaptation loss at step {step}: lower --lr.")
-                    now = time.perf_counter()
-                    bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens / (now - t_last):,.0f}")
-                    log.write(json.dumps({"step": step, "loss": value, "tokens_per_s": tokens / (now - t_last)}) + "\n")
-                    log.flush()
-                    running, t_last, tokens = 0.0, now, 0
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                    save()
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.write(f"cacheaug: adaptation interrupted at step {step}; saving (rerun the same command to continue)")
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    bar.close()
-    save()
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_disable()
-
-    # --- the adapted decoder as a plain Hugging Face folder ------------------------------------------------
-    if cfg.method == "lora":  # the adapters alone too (PEFT's format: 60 MB for Gemma 3 270M at rank 64, where the
-        # merged model is 540): PeftModel.from_pretrained(base, out / "adapter").merge_and_unload() rebuilds it
-        atomic.write_dir(out / "adapter", model.save_pretrained)
-    merged = model.merge_and_unload() if cfg.method == "lora" else model
-    dtype = merged.get_input_embeddings().weight.dtype
-    for p in merged.parameters():
-        p.data = p.data.to(dtype)
-    merged.requires_grad_(False)
-
-    def write_model(tmp: Path) -> None:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    staged = out / ".model.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
-    write_model(staged)
-    atomic.move_into(staged, out)  # config.json last: marks it complete
-    staged.rmdir()
-    print(
-        f"cacheaug: adapted decoder{f' (step {step} of {cfg.max_steps})' if interrupted else ''} written to {out} "
-        f"(use it as --model {out})"
-    )
+def adapt(cfg: AdaptConfig, *, base=None, tokenizer=None, progress: bool = True) -> Path:
+    """Fine-tune ``cfg.model`` on the adapt split of ``cfg.data``; returns the adapted model's folder."""
+    run = Adaptation(cfg, base=base, tokenizer=tokenizer, progress=progress)
+    run.model.train()
+    run.fit()
+    out = run.export()
+    stopped = f" (step {run.step_count} of {cfg.max_steps})" if run.interrupted else ""
+    print(f"cacheaug: adapted decoder{stopped} written to {out} (use it as --model {out})")
     return out

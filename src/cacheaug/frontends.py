@@ -435,7 +435,7 @@ class ServeConfig(_Checked):
         return problems
 
     def run(self) -> None:
-        from .serving.server import serve
+        from .serving.launch import serve
 
         coprocessor = _checkpoints((self.coprocessor,))[0] if self.coprocessor else None
         serve(

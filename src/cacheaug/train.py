@@ -13,14 +13,8 @@ from the newest complete one exactly: same batches, same insertion points, same 
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
-import signal
-import threading
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +25,7 @@ from .checkpoint import fingerprint, load_trainable, read_config
 from .config import _f  # noqa: F401  (adapt's options use it)
 from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
+from .loop import MetricsLog, ParallelContext, Schedule, StepLoop, _barrier, distributed_env  # noqa: F401
 from .masks import stratified_positions
 from .model import CacheAugmentedLM
 from .speed import allow_recompiles, apply_speed_options, load_compile_cache, save_compile_cache
@@ -109,22 +104,8 @@ def master_fp32(model: CacheAugmentedLM) -> None:
         p.data = p.data.float()
 
 
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
-
-
 def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("step_*") if p.is_dir() and (p / STATE_JSON).is_file())
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def save_checkpoint(
@@ -229,101 +210,8 @@ def load_trainer_state(path: Path, opt, data, *, rank: int = 0, world: int = 1) 
     return state
 
 
-class MetricsLog:
-    """JSONL metrics (always) and TensorBoard scalars (when tensorboard is installed), rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, step: int, **values) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
 # ------------------------------------------------------------------------------------------------ the recipe
-@dataclass
-class ParallelContext:
-    """Where this process runs: its rank among ``world`` processes (torchrun), its device, and the collectives the
-    trainer needs. One process: rank 0 of 1, and every collective is a no-op."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: str | None = None) -> "ParallelContext":
-        """From torchrun's environment (initialising the process group: NCCL on GPUs, else gloo); else one process
-        on ``device`` (default: CUDA when available)."""
-        rank, world, local_rank = distributed_env()
-        if world == 1:
-            from .base import resolve_device
-
-            return cls(0, 1, resolve_device(device))
-        import torch.distributed as dist
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        dev = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        return cls(rank, world, dev)
-
-    def barrier(self) -> None:
-        _barrier(self.world)
-
-    def decide(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every rank (e.g. out of time)."""
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-
-        t = torch.tensor(float(flag), device=self.device)
-        dist.broadcast(t, 0)
-        return bool(t.item())
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` averaged over the ranks (in place)."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-class Trainer:
+class Trainer(StepLoop):
     """The training recipe in parts: construction sets up (parallel context, model with its speed options, data,
     optimizer, resume); :meth:`step` runs one optimizer step, :meth:`evaluate` the held-out evaluation,
     :meth:`save` a checkpoint; :meth:`fit` is the loop (logging, evaluation and checkpoints on schedule, the time
@@ -462,7 +350,6 @@ class Trainer:
         self.opt = make_optimizer(model, cfg.optim)
         self.peak_lr = [g["lr"] for g in self.opt.param_groups]
         self.step_count, self.tokens_seen = 0, 0
-        self._phase = "between"  # of a step: "batches" (read, forward, backward), "update", "between"
         if checkpoints:
             state = load_trainer_state(checkpoints[-1], self.opt, self.data, rank=par.rank, world=par.world)
             self.step_count, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -544,122 +431,28 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> Path:
         """Train to ``max_steps`` (or the time budget, or Ctrl-C/SIGTERM), evaluating and saving on schedule;
-        returns the final checkpoint."""
-        from tqdm.auto import tqdm
+        returns the final checkpoint (:class:`cacheaug.loop.StepLoop`)."""
+        self.model.train()
+        return super().fit()
 
-        cfg, par = self.cfg, self.par
-        interrupted, requested = False, []
+    def schedule(self) -> Schedule:
+        cfg = self.cfg
+        return Schedule(cfg.max_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.max_minutes)
 
-        def on_signal(signum, frame):
-            """Ctrl-C / SIGTERM: stop at once (the step in flight is dropped: its batches are read again on resume),
-            except inside the optimizer update, which finishes first; then save."""
-            requested.append(signal.Signals(signum).name)
-            if self._phase != "update" or len(requested) > 1:
-                raise KeyboardInterrupt
-
-        handlers = {}
-        if par.world == 1 and threading.current_thread() is threading.main_thread():
-            handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=self.step_count,
-            desc="train",
-            unit="step",
-            disable=not (self.progress and par.main),
-        )
-        running = torch.zeros((), device=par.device)
-        t_last, tokens_last = time.perf_counter(), self.tokens_seen
-        t_start, first_step = t_last, None
-        try:
-            self.model.train()
-            while self.step_count < cfg.max_steps:
-                running += self.step()
-                step = self.step_count
-                bar.update(1)
-                if first_step is None:  # the compile (if any) happened here: time it, keep its artifacts
-                    first_step = step
-                    if par.device.type == "cuda":
-                        torch.cuda.synchronize(par.device)
-                    self.log.write(step, first_step_s=time.perf_counter() - t_start)
-                    if cfg.compile_cache and par.main and cfg.compile_step != "off":
-                        size = save_compile_cache(cfg.compile_cache)
-                        bar.write(
-                            f"cacheaug: first step after {time.perf_counter() - t_start:.1f} s; saved "
-                            f"{size / 2**20:.1f} MiB of compile artifacts to {cfg.compile_cache}"
-                        )
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    par.mean(running)  # the logged loss is the global batch's, not rank 0's share
-                    loss = (running / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)).item()
-                    running.zero_()
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(
-                            f"Non-finite training loss at step {step}: lower --lr or --soft-token-lr."
-                        )
-                    now = time.perf_counter()
-                    tps = (self.tokens_seen - tokens_last) / (now - t_last)
-                    # what the method learns from: insertion points (traces), K per sequence of T tokens
-                    traces_s = tps * cfg.n_traces / cfg.seq_len
-                    t_last, tokens_last = now, self.tokens_seen
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", traces_s=f"{traces_s:,.{0 if traces_s >= 10 else 2}f}"
-                    )
-                    self.log.write(
-                        step,
-                        loss=loss,
-                        tokens=self.tokens_seen,
-                        tokens_per_s=tps,
-                        traces_per_s=traces_s,
-                        lr=self.opt.param_groups[-1]["lr"],
-                    )
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                    self._evaluate_and_print(bar)
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                    self.save()
-                if (
-                    cfg.max_minutes
-                    and step % cfg.log_every == 0
-                    and step < cfg.max_steps
-                    and par.decide(time.perf_counter() - t_start > 60 * cfg.max_minutes)
-                ):
-                    self.stopped_early = True
-                    bar.write(f"cacheaug: --max-minutes {cfg.max_minutes} reached at step {step} of {cfg.max_steps}")
-                    break
-                if requested and step < cfg.max_steps:
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            interrupted = True
-            if self._phase == "update":  # stopped inside the optimizer update: weights and step count disagree
-                self.log.close()
-                raise SystemExit(
-                    f"cacheaug: stopped inside the update of step {self.step_count + 1}; nothing saved "
-                    "since the last checkpoint (resume with the same command)"
-                ) from None
-            if self._phase == "batches":  # the step in flight never happened: its batches are read again
-                self.data.load_state_dict(self._data_at_step_start)
+    def first_step(self, seconds: float, bar) -> None:  # the compile (if any) happened here: time it, keep artifacts
+        cfg = self.cfg
+        self.log.write(self.step_count, first_step_s=seconds)
+        if cfg.compile_cache and self.par.main and cfg.compile_step != "off":
+            size = save_compile_cache(cfg.compile_cache)
             bar.write(
-                f"cacheaug: interrupted after step {self.step_count}; saving a checkpoint (resume with the same "
-                "command)"
+                f"cacheaug: first step after {seconds:.1f} s; saved {size / 2**20:.1f} MiB of compile artifacts "
+                f"to {cfg.compile_cache}"
             )
-        finally:
-            bar.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        final = self.save()  # before the final evaluation: an evaluation that fails (out of memory) loses no step
-        try:
-            if not interrupted:
-                self._evaluate_and_print(bar)
-        except Exception as err:
-            raise RuntimeError(
-                f"the final held-out evaluation failed ({type(err).__name__}: {str(err).splitlines()[0]}); the "
-                f"checkpoint of step {self.step_count} is saved in {final}: score it apart with `cacheaug eval ppl "
-                f"--checkpoint {final}`, or resume training from it"
-            ) from err
-        finally:
-            self.log.close()
-            self.par.close()
-        return final
 
-    def _evaluate_and_print(self, bar) -> None:
+    def rates(self, tokens_per_s: float) -> dict:  # what the method learns from: traces, K per sequence of T tokens
+        return {"traces_per_s": tokens_per_s * self.cfg.n_traces / self.cfg.seq_len}
+
+    def evaluate_and_print(self, bar) -> None:
         change = self.evaluate()
         if change is not None:
             bar.write(
