@@ -46,7 +46,7 @@ def test_the_shipped_coprocessor_loads_scores_problems_and_leaves_general_text_a
     marker but not in general text."""
     from cacheaug.checkpoint import resolve_checkpoint
     from cacheaug.quickstart import heldout_problems
-    from cacheaug.synth import generate_check, score_instances
+    from cacheaug.synth_eval import generate_check, score_instances
 
     base, tok = gemma
     model = CacheAugmentedLM.from_pretrained(resolve_checkpoint("gemma-3-270m-skills"), base=base)

@@ -115,7 +115,7 @@ def test_the_gate_is_saved_loaded_and_exported(tmp_path):
 def test_train_gate_then_every_evaluation_reports_the_gated_arm(tmp_path, monkeypatch, capsys):
     from test_synth import _tokenizer
 
-    from cacheaug.synth import read_heldout
+    from cacheaug.synth_eval import read_heldout
 
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
     main(
@@ -199,7 +199,7 @@ def test_train_gate_then_every_evaluation_reports_the_gated_arm(tmp_path, monkey
     frozen = synth["arms"]["frozen"]
     n = len(read_heldout(tmp_path / "s" / "heldout.jsonl"))
     loaded = CacheAugmentedLM.from_pretrained(tmp_path / "ckpt", base=base)
-    from cacheaug.synth import build_rows
+    from cacheaug.synth_eval import build_rows
 
     rows, spans = build_rows(tok, read_heldout(tmp_path / "s" / "heldout.jsonl"))
     fires = {}

@@ -8,19 +8,8 @@ import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
 from cacheaug.cli import main
-from cacheaug.synth import (
-    FAMILIES,
-    SynthConfig,
-    build_rows,
-    generate_check,
-    generate_synth,
-    is_heldout_instance,
-    make_instance,
-    marker_positions,
-    mcnemar,
-    read_heldout,
-    score_instances,
-)
+from cacheaug.synth import FAMILIES, SynthConfig, generate_synth, is_heldout_instance, make_instance, marker_positions
+from cacheaug.synth_eval import build_rows, generate_check, mcnemar, read_heldout, score_instances
 from cacheaug.testing import perturb_trainable, tiny_model, tiny_tokenizer
 
 

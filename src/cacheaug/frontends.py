@@ -90,7 +90,7 @@ def _warn_split_mismatch(cfg, checkpoints: list[str]) -> None:
 
 def _base_of(model: str | None, checkpoints: list[str]) -> str:
     """``--model`` if given, else the base model recorded in the first checkpoint."""
-    from .synth import base_model_of
+    from .synth_eval import base_model_of
 
     return model or base_model_of(checkpoints)
 
@@ -272,7 +272,7 @@ class EvalSynthConfig(_Checked):
         return []
 
     def run(self):
-        from .synth import evaluate_synth
+        from .synth_eval import evaluate_synth
 
         return evaluate_synth(
             list(_checkpoints(self.checkpoint)),

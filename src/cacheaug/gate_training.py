@@ -66,7 +66,8 @@ def train_gate(
     from .data import Splits
     from .evaluate import heldout_sequences
     from .model import CacheAugmentedLM
-    from .synth import base_model_of, marker_positions
+    from .synth import marker_positions
+    from .synth_eval import base_model_of
 
     path = resolve_checkpoint(checkpoint)
     if base is None:

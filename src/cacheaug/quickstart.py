@@ -51,7 +51,7 @@ def skills(model, tok, per_level: int, report: dict) -> None:
     """Steps 2-4 of the main job with the shipped coprocessor ``model`` (it has a gate)."""
     from .data import Splits
     from .evaluate import bootstrap_rel_change, heldout_sequences, offset_loss_sums
-    from .synth import build_rows, mcnemar, score_instances, summarise
+    from .synth_eval import build_rows, mcnemar, score_instances, summarise
 
     instances = heldout_problems(per_level)
     print(
