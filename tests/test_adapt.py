@@ -3,20 +3,12 @@ interrupted step read again, the final checkpoint, the metrics log."""
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 import cacheaug.adapt as adapt_module
 from cacheaug.adapt import AdaptConfig, adapt
-from cacheaug.testing import tiny_corpus, tiny_model, tiny_tokenizer
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
-    texts = tiny_corpus(tmp_path / "corpus", n_docs=60)
-    return str(tmp_path / "corpus"), tiny_tokenizer(texts)
+from cacheaug.testing import tiny_model
 
 
 def _adapt(tmp_path, corpus, name, **overrides):

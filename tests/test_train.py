@@ -31,13 +31,6 @@ SMALL = dict(
 )
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
-    texts = tiny_corpus(tmp_path / "corpus", n_docs=80)
-    return str(tmp_path / "corpus"), tiny_tokenizer(texts)
-
-
 def _run(tmp_path, corpus, name, **overrides):
     data, tok = corpus
     cfg = TrainConfig.from_flat(data=(data,), out_dir=str(tmp_path / name), **{**SMALL, **overrides})

@@ -143,8 +143,8 @@ class Schedule:
 
 class StepLoop:
     """A training run in parts, driven by :meth:`fit`. A subclass sets ``par`` (:class:`ParallelContext`), ``log``
-    (:class:`MetricsLog`), ``data`` (with ``state_dict`` / ``load_state_dict``), ``step_count``, ``tokens_seen``,
-    ``tokens_per_step``, ``progress``, and implements :meth:`step` (one optimizer step; it marks ``_phase``
+    (:class:`MetricsLog`), ``data`` (with ``state_dict`` / ``load_state_dict``), ``opt``, ``step_count``,
+    ``tokens_seen``, ``progress``, and implements :meth:`step` (one optimizer step; it marks ``_phase``
     ``"batches"`` after keeping ``_data_at_step_start``, then ``"update"`` around the optimizer update, then
     ``"between"``) and :meth:`save`; :meth:`evaluate_and_print`, :meth:`first_step` and :meth:`rates` are
     optional."""
@@ -155,7 +155,7 @@ class StepLoop:
     log: MetricsLog
     step_count: int
     tokens_seen: int
-    tokens_per_step: int
+    opt: torch.optim.Optimizer
     progress: bool
     stopped_early: bool = False
     interrupted: bool = False

@@ -25,7 +25,7 @@ from .checkpoint import fingerprint, load_trainable, read_config
 from .config import _f  # noqa: F401  (adapt's options use it)
 from .controls import build_model
 from .evaluate import autocast_for, heldout_losses, relative_ppl_change
-from .loop import MetricsLog, ParallelContext, Schedule, StepLoop, _barrier, distributed_env  # noqa: F401
+from .loop import MetricsLog, ParallelContext, Schedule, StepLoop, _barrier
 from .masks import stratified_positions
 from .model import CacheAugmentedLM
 from .speed import allow_recompiles, apply_speed_options, load_compile_cache, save_compile_cache
