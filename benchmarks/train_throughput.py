@@ -260,21 +260,19 @@ def measure(model, B, T, K, steps, warmup, loop=False, profile: str | None = Non
     return row
 
 
-def ddp_worker(rank: int, world: int, port: int, args, variant: str, K: int, out: str, parallel: str = "ddp") -> None:
+def ddp_worker(rank: int, world: int, store: str, args, variant: str, K: int, out: str, parallel: str = "ddp") -> None:
     """One rank of the multi-device measurement: the canonical config at the same per-device batch, the coprocessor
     replicated with its gradients all-reduced (``ddp``) or sharded per layer with FSDP2 (``fsdp``, as ``cacheaug train
-    --parallel fsdp`` does: ``cacheaug.train.shard_coprocessor``)."""
-    import os
-
+    --parallel fsdp`` does: ``cacheaug.train.shard_coprocessor``). The ranks meet through a file (``store``), not a
+    TCP port: no port picked by one process can be taken by another before rank 0 binds it."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = args.device.startswith("cuda")
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         v = parse_variant(variant)
         allow_recompiles()
@@ -297,17 +295,13 @@ def ddp_worker(rank: int, world: int, port: int, args, variant: str, K: int, out
 def measure_ddp(args, variant: str, K: int, single: dict, parallel: str = "ddp") -> dict:
     """DDP or FSDP2 (``parallel``) over ``args.world`` devices (processes) at the per-device batch of ``single``;
     traces/s summed."""
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "ddp.json")
-        mp.spawn(ddp_worker, args=(args.world, port, args, variant, K, out, parallel), nprocs=args.world, join=True)
+        out, store = str(Path(tmp) / "ddp.json"), str(Path(tmp) / "store")
+        mp.spawn(ddp_worker, args=(args.world, store, args, variant, K, out, parallel), nprocs=args.world, join=True)
         ranks = json.loads(Path(out).read_text())
     dt = max(r["seconds_per_step"] for r in ranks)  # the step ends when the slowest rank's all-reduce does
     traces = round(args.world * args.batch * K / dt, 1)
