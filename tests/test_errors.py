@@ -181,6 +181,10 @@ def test_user_errors_are_one_line_naming_the_fix(tmp_path, capsys, monkeypatch):
     )
     assert "--lr must be a finite number" in _cli_error(["train", *data, "--lr", "inf"], capsys)
     assert "is not a folder" in _cli_error(["serve", "--model", "./nope", "--device", "cpu"], capsys)
+    # evaluations check their text sources before loading a model (eval ppl loaded Gemma first, then failed)
+    missing = str(tmp_path / "no-such-corpus")
+    for argv in (["eval", "ppl", "--checkpoint", "gemma-3-270m-skills"], ["eval", "insertion-cost"]):
+        assert f"--data {missing}: no such file or folder" in _cli_error([*argv, "--data", missing], capsys)
 
 
 def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):

@@ -4,6 +4,7 @@ import json
 import random
 import re
 
+import pytest
 import torch
 
 from cacheaug import CacheAugmentedLM, CoprocessorConfig
@@ -340,3 +341,26 @@ def test_train_with_answer_insertion_then_eval_deliberating_every_token(tmp_path
     report = json.loads((tmp_path / "r.json").read_text())
     arm = next(a for k, a in report["arms"].items() if k != "frozen")
     assert report["deliberate"] == "every" and arm["generate_check"]["agree_with_parallel_pass"] == 100.0
+
+
+def test_a_file_that_is_not_a_heldout_file_is_refused_in_one_line(tmp_path):
+    """`eval synth --heldout` on a file of anything else: one line naming what is wrong, before any model loads
+    (the shipped coprocessor names the real default model: loading it would take seconds)."""
+    cases = {
+        "text.txt": ("not JSON\n", "line 1 is not JSON"),
+        "binary.dat": (b"\x00\xff\xfe\x80", "it is not text"),
+        "partial.jsonl": (
+            '{"family": "add", "level": 2, "question": "1+1?", "answer": "2"}\n{"family": "add"}\n',
+            "line 2 lacks level, question, answer",
+        ),
+        "list.jsonl": ("[1, 2]\n", "line 1 lacks family, level, question, answer"),
+        "empty.jsonl": ("\n\n", "it holds no problem"),
+    }
+    for name, (content, why) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        with pytest.raises(SystemExit) as exit_:  # the message is the exit's: Python prints it, exit status 1
+            main(["eval", "synth", "--checkpoint", "gemma-3-270m-skills", "--heldout", str(path)])
+        err = str(exit_.value.code)
+        assert err.count("\n") == 0 and "Traceback" not in err, err
+        assert f"{path} is not a held-out file of `cacheaug data synth`" in err and why in err, err

@@ -158,14 +158,21 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 def check_sources_and_model(cfg) -> None:
     """Fail before loading anything when the model or data obviously cannot be found."""
     from .base import GEMMA_3_270M
-    from .corpus import CORPORA, default_dir
 
     looks_local = cfg.model.startswith((".", "/", "~")) or Path(cfg.model).exists()
     if cfg.model != GEMMA_3_270M and looks_local and not Path(cfg.model).expanduser().is_dir():
         raise SystemExit(
             f"cacheaug: --model {cfg.model} is not a folder; use 'gemma-3-270m', an HF id or a model folder"
         )
-    for source in cfg.data:
+    check_sources(cfg.data)
+
+
+def check_sources(data: tuple[str, ...]) -> None:
+    """Fail before loading anything when a text source obviously cannot be found (a missing file or folder, a
+    registry corpus not built yet)."""
+    from .corpus import CORPORA, default_dir
+
+    for source in data:
         corpus = source.split(":", 1)[0]
         if corpus in CORPORA:
             missing = [n for n in CORPORA[corpus] if not (default_dir() / f"{n}.jsonl.gz").is_file()]
@@ -176,6 +183,13 @@ def check_sources_and_model(cfg) -> None:
                 )
         elif not source.startswith("hf:") and not Path(source).expanduser().exists():
             raise SystemExit(f"cacheaug: --data {source}: no such file or folder")
+
+
+def _run_checked(cfg):
+    """A command's config run, its text sources checked first (when it reads any)."""
+    if isinstance(getattr(cfg, "data", None), tuple):
+        check_sources(cfg.data)
+    return cfg.run()
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -254,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, help=help, description=cls.__doc__)
         p.add_argument("--config", help=f"YAML file of `{name}` options (command-line options override it)")
         _add_config_options(p, cls)
-        p.set_defaults(func=lambda args: resolve_config(cls, args, prog).run())
+        p.set_defaults(func=lambda args: _run_checked(resolve_config(cls, args, prog)))
         return p
 
     command(

@@ -23,9 +23,31 @@ from .synth import MARKER, line
 
 
 def read_heldout(path: str | Path) -> list[dict]:
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-    if not rows or not all({"family", "level", "question", "answer"} <= set(r) for r in rows):
-        raise ValueError(f"{path} is not a held-out file of `cacheaug data synth` (family, level, question, answer).")
+    """The problems of a held-out file (JSON lines of ``cacheaug data synth``); a file of anything else is refused in
+    one line naming the first line that is not a problem."""
+    what = f"{path} is not a held-out file of `cacheaug data synth` (JSON lines with family, level, question, answer)"
+    try:
+        lines = Path(path).read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: it is not text") from None
+    rows = []
+    for n, x in enumerate(lines, 1):
+        if not x.strip():
+            continue
+        try:
+            r = json.loads(x)
+        except json.JSONDecodeError:
+            raise ValueError(f"{what}: line {n} is not JSON") from None
+        if not isinstance(r, dict) or not {"family", "level", "question", "answer"} <= set(r):
+            raise ValueError(
+                f"{what}: line {n} lacks "
+                + ", ".join(
+                    k for k in ("family", "level", "question", "answer") if not isinstance(r, dict) or k not in r
+                )
+            )
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"{what}: it holds no problem")
     return rows
 
 
