@@ -185,6 +185,10 @@ def test_user_errors_are_one_line_naming_the_fix(tmp_path, capsys, monkeypatch):
     missing = str(tmp_path / "no-such-corpus")
     for argv in (["eval", "ppl", "--checkpoint", "gemma-3-270m-skills"], ["eval", "insertion-cost"]):
         assert f"--data {missing}: no such file or folder" in _cli_error([*argv, "--data", missing], capsys)
+    (tmp_path / "notes.log").write_text("text")
+    assert "notes.log: not a data file; use .txt" in _cli_error(
+        ["train", "--data", str(tmp_path / "notes.log")], capsys
+    )
 
 
 def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):

@@ -169,8 +169,8 @@ def check_sources_and_model(cfg) -> None:
 
 def check_sources(data: tuple[str, ...]) -> None:
     """Fail before loading anything when a text source obviously cannot be found (a missing file or folder, a
-    registry corpus not built yet)."""
-    from .corpus import CORPORA, default_dir
+    registry corpus not built yet, a file of an unreadable type)."""
+    from .corpus import CORPORA, DATA_SUFFIXES, default_dir
 
     for source in data:
         corpus = source.split(":", 1)[0]
@@ -183,6 +183,10 @@ def check_sources(data: tuple[str, ...]) -> None:
                 )
         elif not source.startswith("hf:") and not Path(source).expanduser().exists():
             raise SystemExit(f"cacheaug: --data {source}: no such file or folder")
+        elif Path(source).expanduser().is_file() and not source.lower().endswith(DATA_SUFFIXES):
+            raise SystemExit(
+                f"cacheaug: --data {source}: not a data file; use {', '.join(DATA_SUFFIXES)} (or a folder of them)"
+            )
 
 
 def _run_checked(cfg):
