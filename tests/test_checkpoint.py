@@ -129,3 +129,29 @@ def test_the_shipped_coprocessor_is_a_small_checkpoint_that_refuses_another_base
     }
     with pytest.raises(ValueError, match="fingerprint"):
         CacheAugmentedLM.from_pretrained(folder, base=tiny_model("gemma3"))
+
+
+def test_from_pretrained_without_a_base_loads_the_recorded_one(tmp_path):
+    """`CacheAugmentedLM.from_pretrained(path)`, as PEFT's AutoPeftModel does: the base model the checkpoint records
+    is loaded (with its tokenizer, at `model.tokenizer`), and the result equals loading onto that base by hand."""
+    from cacheaug import load_base_model
+    from cacheaug.testing import tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer(["one two three four five six"]).save_pretrained(tmp_path / "base")
+    base, tok = load_base_model(str(tmp_path / "base"), device="cpu")
+    model = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3))
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert model.tokenizer is None  # built by hand: no tokenizer attached
+
+    loaded = CacheAugmentedLM.from_pretrained(tmp_path / "ckpt", device="cpu")
+    prompt = tok(["one two three four five"], return_tensors="pt").input_ids
+    assert loaded.tokenizer is not None and loaded.tokenizer("one two").input_ids == tok("one two").input_ids
+    assert torch.equal(loaded.augment(prompt).logits, model.augment(prompt).logits)
+    with pytest.raises(ValueError, match="move a given base yourself"):
+        CacheAugmentedLM.from_pretrained(tmp_path / "ckpt", base=base, device="cpu")
+    # a checkpoint whose base has no name (a model built in memory) says what to pass
+    CacheAugmentedLM(tiny_model("llama"), CoprocessorConfig(n_latents=2)).save_pretrained(tmp_path / "anon")
+    with pytest.raises(ValueError, match="does not record its base model's name"):
+        CacheAugmentedLM.from_pretrained(tmp_path / "anon")

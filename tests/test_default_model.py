@@ -61,3 +61,8 @@ def test_the_shipped_coprocessor_loads_scores_problems_and_leaves_general_text_a
     points = list(range(100, 580, 40))
     fires = model.gate_fires(model.gate_states(ids, points))[0]
     assert not fires.any(), fires  # general text: the frozen model's cache, untouched
+    # the README's line: by its short name alone, with the base model it records (and that base's tokenizer)
+    alone = CacheAugmentedLM.from_pretrained("gemma-3-270m-skills", device=base.device)
+    text = builtin_text()[:300]
+    assert alone.tokenizer(text)["input_ids"] == tok(text)["input_ids"]
+    assert torch.equal(alone.augment(ids[:, :40]).logits, model.augment(ids[:, :40]).logits)

@@ -114,6 +114,17 @@ def read_config(path: str | Path) -> dict:
     return meta
 
 
+def recorded_base(path: str | Path) -> str:
+    """The base model a checkpoint was trained on, as recorded in it (its name or folder)."""
+    name = read_config(resolve_checkpoint(path))["base_model"].get("name_or_path")
+    if not name:
+        raise ValueError(
+            f"{path} does not record its base model's name: pass the base model it was trained on "
+            "(--model; in Python, from_pretrained(path, base))"
+        )
+    return name
+
+
 def load_coprocessor(cls, path: str | Path, base: nn.Module, *, check_base: bool, check_finite: bool):
     path = resolve_checkpoint(path)
     meta = read_config(path)

@@ -58,6 +58,8 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
     >>> ids = model.generate(prompt_ids, max_new_tokens=64)                  # doctest: +SKIP
     """
 
+    tokenizer = None  # the base's tokenizer when from_pretrained loaded the base itself
+
     def __init__(
         self,
         base: nn.Module,
@@ -296,16 +298,35 @@ class CacheAugmentedLM(TrainingPass, Inference, nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, base: nn.Module, *, check_base: bool = True, check_finite: bool = True
+        cls,
+        path: str | Path,
+        base: nn.Module | None = None,
+        *,
+        check_base: bool = True,
+        check_finite: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "CacheAugmentedLM":
-        """Load a coprocessor saved by :meth:`save_pretrained` onto ``base``.
+        """Load a coprocessor saved by :meth:`save_pretrained` (a folder, a training run's folder or a shipped
+        coprocessor's short name such as ``"gemma-3-270m-skills"``) onto ``base``.
 
         The base model must be the one it was trained with (compared by a fingerprint of its weights);
-        ``check_base=False`` skips that check.
+        ``check_base=False`` skips that check. Without ``base``, the base model the checkpoint records is loaded
+        (:func:`cacheaug.load_base_model` with ``device`` and ``dtype``) and its tokenizer is kept at
+        ``model.tokenizer``.
         """
-        from .checkpoint import load_coprocessor
+        from .checkpoint import load_coprocessor, recorded_base
 
-        return load_coprocessor(cls, path, base, check_base=check_base, check_finite=check_finite)
+        tokenizer = None
+        if base is None:
+            from .base import load_base_model
+
+            base, tokenizer = load_base_model(recorded_base(path), device=device, dtype=dtype)
+        elif device is not None or dtype is not None:
+            raise ValueError("device and dtype choose how the recorded base model loads: move a given base yourself")
+        model = load_coprocessor(cls, path, base, check_base=check_base, check_finite=check_finite)
+        model.tokenizer = tokenizer
+        return model
 
 
 def build_model(base, config, **kwargs):

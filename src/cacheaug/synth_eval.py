@@ -362,15 +362,11 @@ def _by_family(instances: list[dict]) -> dict[str, list[int]]:
 
 def base_model_of(checkpoints: list[str]) -> str:
     """The base model the first checkpoint was trained on (its recorded name or folder), for ``--model``'s default."""
-    from .checkpoint import read_config
+    from .checkpoint import recorded_base
 
-    name = read_config(checkpoints[0])["base_model"].get("name_or_path") if checkpoints else None
-    if not name:
-        raise ValueError(
-            f"{checkpoints[0] if checkpoints else 'no checkpoint'} does not record its base model's name: "
-            "pass --model (the base model it was trained on)"
-        )
-    return name
+    if not checkpoints:
+        raise ValueError("no checkpoint: pass --model (the base model to evaluate)")
+    return recorded_base(checkpoints[0])
 
 
 def _offset_means(offset_loss: torch.Tensor) -> list[float]:
