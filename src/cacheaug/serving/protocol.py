@@ -107,12 +107,17 @@ class AugmentRequest(BaseModel):
 
 
 def _validation_message(err: RequestValidationError) -> str:
-    """One line naming each bad field, without echoing the input (it may be NaN or not valid Unicode)."""
-    parts = []
+    """One line naming each bad field, without echoing the input (it may be NaN or not valid Unicode). pydantic
+    names the member of a union type in the location (``stop.list[function-after[...]]``): such names are dropped and
+    the members' complaints about one field joined with "or"."""
+    parts: dict[str, list[str]] = {}
     for e in err.errors():
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and (isinstance(x, int) or str(x).isidentifier())]
+        msg = e.get("msg", "invalid")
+        found = parts.setdefault(".".join(loc) or "body", [])
+        if msg not in found:
+            found.append(msg)
+    return "invalid request: " + "; ".join(f"{where}: {' or '.join(msgs)}" for where, msgs in parts.items())
 
 
 class TextStream:
