@@ -9,8 +9,9 @@ benchmarks/trace_attention.py's, on the GPU).
 
     python benchmarks/kernel_registers.py --out kernel_registers.json      # forward and backward at the defaults
     python benchmarks/kernel_registers.py --tiles 64,64,4,2 128,64,8,2 --backward-tiles 64,32,4,2 64,32,8,2
-    git show REV:src/cacheaug/prefix_attention.py > /tmp/pa_rev.py      # another version of the kernel, compared
+    git show REV:src/cacheaug/prefix_attention_kernels.py > /tmp/pa_rev.py   # another version of the kernels, compared
     python benchmarks/kernel_registers.py --module /tmp/pa_rev.py
+    (revisions before the kernels had a file of their own, dc0d615 and older: src/cacheaug/prefix_attention.py)
 
 The kernel is compiled as a launch specializes it (``--queries-per-trace``): Triton marks an integer argument that is
 a multiple of 16 (and a pointer aligned to 16 bytes) divisible by 16 and turns one equal to 1 into a constant, and
@@ -268,8 +269,8 @@ def main() -> None:
     ap.add_argument(
         "--module",
         default=None,
-        help="a file holding another version of cacheaug/prefix_attention.py (specialized by argument "
-        "name, as the library's own call is)",
+        help="a file holding another version of cacheaug/prefix_attention_kernels.py (prefix_attention.py up to "
+        "dc0d615), specialized by argument name, as the library's own call is",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
