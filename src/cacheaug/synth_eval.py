@@ -38,13 +38,9 @@ def read_heldout(path: str | Path) -> list[dict]:
             r = json.loads(x)
         except json.JSONDecodeError:
             raise ValueError(f"{what}: line {n} is not JSON") from None
-        if not isinstance(r, dict) or not {"family", "level", "question", "answer"} <= set(r):
-            raise ValueError(
-                f"{what}: line {n} lacks "
-                + ", ".join(
-                    k for k in ("family", "level", "question", "answer") if not isinstance(r, dict) or k not in r
-                )
-            )
+        missing = [k for k in ("family", "level", "question", "answer") if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"{what}: line {n} lacks {', '.join(missing)}")
         rows.append(r)
     if not rows:
         raise ValueError(f"{what}: it holds no problem")
