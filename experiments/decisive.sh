@@ -4,9 +4,10 @@
 # Setup, as the rule fixes it: the broad corpus (19 registry sources, 50.6M Gemma tokens; `sotu` kept out of every
 # split: the unseen source), the decoder adapted with LoRA for one full pass of its split (30% of the training
 # documents), then the best configuration so far (full copy, 16 latents, shared positions, echo start, reread) on
-# that frozen decoder, K=128 insertion points at batch 24 (the fastest measured setup: trace kernel, rotary tables,
-# compiled step), a constant learning rate after warm-up (--min-lr-ratio 1), 3,256 steps = 1.0e7 traces (80M text
-# tokens read over a 33M-token split: each token about 2.4 times); pause tokens trained identically. Evaluation:
+# that frozen decoder, K=128 insertion points at batch 16 (the fastest measured setup: trace kernel, rotary tables,
+# compiled step; batch 24's 84 GiB does not fit an H100, batch 16 runs at 98% of its speed on an H200), a constant
+# learning rate after warm-up (--min-lr-ratio 1), towards 4,883 steps = 1.0e7 traces (80M text tokens read over a
+# 33M-token split: each token about 2.4 times); pause tokens trained identically. Evaluation:
 # 128 in-source sequences (equal shares per source) and 128 unseen, offsets 1..32, paired bootstraps against the
 # frozen decoder and between the arms, then the coprocessor re-scored in fp32.
 #
@@ -14,11 +15,11 @@
 # needs comes back in $OUT (the LoRA adapters, 61 MB in 15 MiB pieces; the pause checkpoint, 40 kB):
 #   session A, after the staging calls (docs/gpu_runbook.md, the broad corpus included):
 #     source scripts/gpu_env.sh && bash experiments/decisive.sh adapt $OUT/a      # token files, the adapted decoder
-#     bash experiments/decisive.sh arm pause $OUT/p     # again until it reports 3,256 steps (--max-minutes per call)
+#     bash experiments/decisive.sh arm pause $OUT/p     # again until the device time is spent (CALL_S per call)
 #   session B, session A's $OUT/a/adapter.tar.* and $OUT/p/pause.tgz staged into ~/stage/decisive (two pieces per
 #   call: run(carry=[".stage/dN"], command="mkdir -p ~/stage/decisive && cp .stage/dN/* ~/stage/decisive/")):
 #     source scripts/gpu_env.sh && bash experiments/decisive.sh restore $OUT/r    # the same adapted decoder
-#     bash experiments/decisive.sh arm copro $OUT/c     # again until 3,256 steps
+#     bash experiments/decisive.sh arm copro $OUT/c     # again, to the pause arm's step count or further
 #     bash experiments/decisive.sh eval $OUT/e          # the rule's evaluation, then the fp32 re-score
 # A second seed (rule (d)) only if (a)-(c) hold: SEED=1 ... arm copro, then eval.
 # CPU dry run (tiny budget, no compile): DRY=1 bash experiments/decisive.sh adapt /tmp/d/a; ... arm pause ...; etc.
@@ -29,12 +30,14 @@ C="python3 -m cacheaug"; SEED=${SEED:-0}; DSTAGE=${DSTAGE:-$HOME/stage/decisive}
 SPLIT="--data broad --heldout-pct 1 --adapt-pct 30 --heldout-sources sotu"
 T0=$(date +%s); CALL_S=${CALL_S:-560}
 if [ -n "${DRY:-}" ]; then  # the same commands at a size a CPU runs in minutes
-  STEPS=3; ABATCH=1; ALEN=64; K=4; B=2; T=128; SEQS=2; OFFS="1 2"; SPEED=""; MAXASTEPS=2
+  EVALE=2; STEPS=3; ABATCH=1; ALEN=64; K=4; B=2; T=128; SEQS=2; OFFS="1 2"; SPEED=""; MAXASTEPS=2
 else
-  STEPS=${STEPS:-3256}; ABATCH=16; ALEN=1024; K=128; B=24; T=1024; SEQS=128; OFFS=$(seq 1 32)
+  STEPS=${STEPS:-4883}; ABATCH=16; ALEN=1024; K=128; B=${B:-16}; T=1024; SEQS=128; OFFS=$(seq 1 32)
   SPEED="--compile-step graphs --keep-logits --trace-kernel --rope-table"; MAXASTEPS=100000
 fi
 A="$R/adapted"
+LOGE=${LOGE:-50}  # --log-every: also how often --max-minutes is checked
+EVALE=${EVALE:-1000}  # --eval-every (32 in-source sequences): the offset-1 change against traces
 minutes_left() { python3 -c "print(max(0.5, ($CALL_S - ($(date +%s) - $T0) - $1) / 60))"; }
 last() { ls -d "$R/d_$1"/step_* 2>/dev/null | tail -1; }
 case $stage in
@@ -74,11 +77,12 @@ EOF
   if [ -f "$DSTAGE/pause.tgz" ]; then tar xzf "$DSTAGE/pause.tgz" -C "$R"; fi
   python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import Splits, build_token_files as b; \
 b(t(), ['broad'], Splits(1.0, 30.0, ('sotu',)))" > /dev/null 2>&1 ;;
-arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (schedule and data order follow the step)
+arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (schedule and data order follow the step).
+  # SIGTERM before the call's end, should the budget not be reached: the trainer saves a checkpoint on it
   init=$([ "$name" = pause ] && echo pause || echo copy); dir="d_$name$([ "$SEED" = 0 ] || echo "-s$SEED")"
-  $C train $SPLIT --model "$A" --init $init --n-latents 16 --position-scheme shared --echo-residual --reread-last \
+  timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $SPLIT --model "$A" --init $init --n-latents 16 --position-scheme shared --echo-residual --reread-last \
     --n-ahead 16 --n-traces $K --batch-size $B --seq-len $T --lr 1e-4 --warmup-steps 100 --min-lr-ratio 1 \
-    --max-steps $STEPS --max-minutes "$(minutes_left 60)" --save-every 500 --keep-last 2 --eval-every 0 --log-every 50 \
+    --max-steps $STEPS --max-minutes "$(minutes_left 60)" --save-every 500 --keep-last 2 --eval-every $EVALE --log-every $LOGE \
     --seed "$SEED" $SPEED --compile-cache "$R/cc_$name.bin" --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
   tr '\r' '\n' < "$R/$dir.log" | grep -v "^train" | tail -n 8 > "$out/train_$dir.log"
   cp "$R/$dir/metrics.jsonl" "$out/metrics_$dir.jsonl" 2>/dev/null
