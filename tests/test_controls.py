@@ -117,6 +117,60 @@ def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
     assert list(rep["paired"]["heldout"]) == [f"{tmp_path / 'copy'} vs {tmp_path / 'pause'}"]
 
 
+def test_reports_scored_apart_pair_as_one_report_pairs_them(tmp_path, monkeypatch, capsys):
+    """`cacheaug eval pair`: two `eval ppl` reports of one checkpoint each (scored on different days or machines)
+    give the pair a report with both gives; reports of other tokens or decoders are refused in one line."""
+    import json
+
+    from cacheaug.cli import main
+    from cacheaug.evaluate import evaluate_ppl
+    from cacheaug.testing import tiny_corpus, tiny_tokenizer
+
+    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
+    tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=80))
+    base = tiny_model("gemma3")
+    for init in ("copy", "pause"):
+        m = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3, init=init))
+        perturb_trainable(m)
+        m.save_pretrained(tmp_path / init)
+    common = dict(data=(str(tmp_path / "corpus"),), heldout_pct=30.0, seq_len=32, stride=4, offsets=(1, 2, 4))
+    common.update(n_boot=50, base=base, tokenizer=tok)
+    both = evaluate_ppl([str(tmp_path / "copy"), str(tmp_path / "pause")], sequences=4, **common)
+    for init in ("copy", "pause"):
+        evaluate_ppl([str(tmp_path / init)], sequences=4, out=str(tmp_path / f"{init}.json"), **common)
+    main(
+        [
+            "eval",
+            "pair",
+            "--reports",
+            str(tmp_path / "copy.json"),
+            str(tmp_path / "pause.json"),
+            "--out",
+            str(tmp_path / "pair.json"),
+        ]
+    )
+    pair = json.loads((tmp_path / "pair.json").read_text())
+    assert pair["paired"]["heldout"] == both["paired"]["heldout"]  # the same pair, the same bootstrap
+    assert "Paired on the same heldout sequences" in capsys.readouterr().out
+
+    evaluate_ppl([str(tmp_path / "pause")], sequences=3, out=str(tmp_path / "other.json"), **common)
+    with pytest.raises(SystemExit, match="scored other heldout tokens than") as err:
+        main(["eval", "pair", "--reports", str(tmp_path / "copy.json"), str(tmp_path / "other.json")])
+    assert "\n" not in str(err.value)
+    changed = json.loads((tmp_path / "pause.json").read_text())  # the same tokens through another decoder
+    changed["loss_sums"]["heldout"]["frozen"] = [
+        [v + 0.5 for v in row] for row in changed["loss_sums"]["heldout"]["frozen"]
+    ]
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="different decoders"):
+        main(["eval", "pair", "--reports", str(tmp_path / "copy.json"), str(tmp_path / "changed.json")])
+    with pytest.raises(SystemExit, match="at least two"):
+        main(["eval", "pair", "--reports", str(tmp_path / "copy.json")])
+    (tmp_path / "notes.json").write_text("not json")
+    with pytest.raises(SystemExit, match="not an `eval ppl` report"):
+        main(["eval", "pair", "--reports", str(tmp_path / "copy.json"), str(tmp_path / "notes.json")])
+
+
 def test_balanced_evaluation_takes_equal_shares_from_each_source(tmp_path, monkeypatch):
     """`eval ppl --balanced`: in-source sequences in equal shares per source (a small source gives what it has,
     the others make up the rest), each share from that source's held-out documents only."""

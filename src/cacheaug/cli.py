@@ -20,15 +20,16 @@ from .frontends import (
     EvalSynthConfig,
     ExportConfig,
     InsertionCostConfig,
+    PairConfig,
     PplConfig,
     PrepareConfig,
     QuickstartConfig,
-    ServeConfig,
     StaleConfig,
     TasksConfig,
     TrainGateConfig,
 )
 from .frontends import check_checkpoints as _check_checkpoints  # noqa: F401  (the name tests and scripts use)
+from .serving.options import ServeConfig
 from .synth import SynthConfig
 from .train import TrainConfig
 
@@ -309,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         PplConfig,
         "held-out perplexity change by offset vs the frozen model, with bootstrap CIs",
         "cacheaug eval ppl",
+    )
+    command(
+        ev_sub,
+        "pair",
+        PairConfig,
+        "the runs of separate `eval ppl` reports compared directly, paired on the same sequences",
+        "cacheaug eval pair",
     )
     command(
         ev_sub,

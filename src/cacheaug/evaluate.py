@@ -264,6 +264,7 @@ def evaluate_ppl(
         "runs": {},
     }
     kept: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}  # per split and run: loss sums, for the pairs
+    frozen_sums: dict[str, torch.Tensor] = {}
     for ckpt in checkpoints:
         model = CacheAugmentedLM.from_pretrained(ckpt, base=base)
         model.config = dataclasses.replace(model.config, n_ahead=n_ahead)  # N_A only sets which targets are scored
@@ -272,6 +273,7 @@ def evaluate_ppl(
             sums = offset_loss_sums(model, seqs, stride, with_gate=gated)
             aug, frozen, points = sums[:3]
             kept.setdefault(split, {})[str(ckpt)] = (aug, points)
+            frozen_sums[split] = frozen
             if gated:
                 kept[split][f"{ckpt} + gate"] = (sums[3], points)
             stats = bootstrap_rel_change(aug, frozen, points, n_boot)
@@ -296,6 +298,15 @@ def evaluate_ppl(
                 stats = bootstrap_rel_change(runs[a][0], runs[b][0], runs[a][1], n_boot)
                 pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items() if k in ("change", "lo", "hi")}
                 report.setdefault("paired", {}).setdefault(split, {})[f"{a} vs {b}"] = pick
+    report["loss_sums"] = {  # per sequence: what `cacheaug eval pair` pairs across separate reports
+        split: {
+            "sequences_sha256": sequences_digest(sets[split]),
+            "points": next(iter(runs.values()))[1],
+            "frozen": frozen_sums[split].tolist(),
+            "runs": {name: sums.tolist() for name, (sums, _) in runs.items()},
+        }
+        for split, runs in kept.items()
+    }
     for split, title in (
         ("heldout", "in-source held-out documents"),
         ("unseen", f"unseen sources {list(heldout_sources)}"),
@@ -321,6 +332,69 @@ def evaluate_ppl(
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def sequences_digest(seqs: torch.Tensor) -> str:
+    """SHA-256 of evaluation sequences' token ids: two reports scored the same tokens iff their digests agree."""
+    import hashlib
+
+    return hashlib.sha256(seqs.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def pair_reports(paths: list[str], n_boot: int = 0, out: str | None = None, tolerance: float = 0.005) -> dict:
+    """`cacheaug eval pair`: the runs of separate ``eval ppl`` reports compared directly, paired on the same
+    sequences, as one report with every checkpoint would pair them (``report["paired"]``: the perplexity of the
+    first relative to the second, 95% bootstrap interval over sequences). The reports must have scored the same
+    tokens (same split options, ``--sequences``, ``--seq-len``, ``--stride``, ``--balanced``) with the same frozen
+    decoder (its mean loss may differ by ``tolerance`` nats: kernels of another GPU); runs scored on different
+    machines or days pair as if scored together. ``n_boot`` 0: the first report's."""
+    import json
+    from pathlib import Path
+
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not an `eval ppl` report ({str(err).splitlines()[0]})") from None
+        if "loss_sums" not in reports[-1]:
+            raise ValueError(f"{path} holds no per-sequence loss sums: score it again with `cacheaug eval ppl --out`")
+    first, n_boot = reports[0], n_boot or reports[0]["n_boot"]
+    offsets = first["offsets"]
+    result = {"reports": [str(p) for p in paths], "offsets": offsets, "n_boot": n_boot, "paired": {}}
+    for split, ref in first["loss_sums"].items():
+        entries: dict[str, tuple[torch.Tensor, int]] = {}
+        for path, rep in zip(paths, reports):
+            sums = rep["loss_sums"].get(split)
+            same = sums is not None and sums["sequences_sha256"] == ref["sequences_sha256"]
+            if not same or (rep["offsets"], rep["stride"]) != (offsets, first["stride"]):
+                raise ValueError(
+                    f"{path} scored other {split} tokens than {paths[0]}: score both with the same --data, split "
+                    "options, --sequences, --seq-len, --stride, --offsets and --balanced"
+                )
+            frozen, ref_frozen = (torch.tensor(x["frozen"], dtype=torch.float64) for x in (sums, ref))
+            gap = ((frozen.sum(0) - ref_frozen.sum(0)).abs().max() / (len(frozen) * sums["points"])).item()
+            if gap > tolerance:
+                raise ValueError(
+                    f"{path}: the frozen decoder's mean loss on the same {split} tokens differs from {paths[0]}'s by "
+                    f"{gap:.4f} nats (more than {tolerance}): the reports scored different decoders (--model)"
+                )
+            for name, run in sums["runs"].items():
+                entries[name if name not in entries else f"{name} ({path})"] = (
+                    torch.tensor(run, dtype=torch.float64),
+                    sums["points"],
+                )
+        names, pairs = list(entries), {}
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                stats = bootstrap_rel_change(entries[a][0], entries[b][0], entries[a][1], n_boot)
+                pairs[f"{a} vs {b}"] = {k: [stats[k][o - 1] for o in offsets] for k in ("change", "lo", "hi")}
+        result["paired"][split] = pairs
+        print(f"\nPaired on the same {split} sequences (perplexity of the first relative to the second):")
+        _print_table(offsets, {" vs ".join(map(_run_name, k.split(" vs "))): r for k, r in pairs.items()})
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ staleness
