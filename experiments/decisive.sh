@@ -78,17 +78,33 @@ EOF
   python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import Splits, build_token_files as b; \
 b(t(), ['broad'], Splits(1.0, 30.0, ('sotu',)))" > /dev/null 2>&1 ;;
 arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (schedule and data order follow the step).
-  # SIGTERM before the call's end, should the budget not be reached: the trainer saves a checkpoint on it
+  # SIGTERM before the call's end, should the budget not be reached: the trainer saves a checkpoint on it.
+  # MATCH=N: first to step N exactly (the other arm's final step), that checkpoint kept apart as d_<arm>_at_N for the
+  # comparison at equal traces, then on towards STEPS
   init=$([ "$name" = pause ] && echo pause || echo copy); dir="d_$name$([ "$SEED" = 0 ] || echo "-s$SEED")"
-  timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $SPLIT --model "$A" --init $init --n-latents 16 --position-scheme shared --echo-residual --reread-last \
-    --n-ahead 16 --n-traces $K --batch-size $B --seq-len $T --lr 1e-4 --warmup-steps 100 --min-lr-ratio 1 \
-    --max-steps $STEPS --max-minutes "$(minutes_left 60)" --save-every 500 --keep-last 2 --eval-every $EVALE --log-every $LOGE \
-    --seed "$SEED" $SPEED --compile-cache "$R/cc_$name.bin" --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
+  run_to() {
+    timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $SPLIT --model "$A" --init $init --n-latents 16 \
+      --position-scheme shared --echo-residual --reread-last --n-ahead 16 --n-traces $K --batch-size $B --seq-len $T \
+      --lr 1e-4 --warmup-steps 100 --min-lr-ratio 1 --max-steps "$1" --max-minutes "$(minutes_left 60)" --save-every 500 \
+      --keep-last 2 --eval-every $EVALE --log-every $LOGE --seed "$SEED" $SPEED --compile-cache "$R/cc_$name.bin" \
+      --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
+  }
+  match=${MATCH:-0}; kept="$R/${dir}_at_$match/step_$(printf %06d "$match")"
+  if [ "$match" -gt 0 ] && [ ! -d "$kept" ]; then
+    run_to "$match"
+    if [ -d "$R/$dir/step_$(printf %06d "$match")" ]; then
+      mkdir -p "$(dirname "$kept")" && cp -r "$R/$dir/step_$(printf %06d "$match")" "$kept"
+      echo "decisive: step $match kept apart as $kept" >> "$R/$dir.log"
+    fi
+  fi
+  if [ "$match" -eq 0 ] || [ -d "$kept" ]; then
+    [ "$(python3 -c "print(int($(minutes_left 60) > 1.5))")" = 1 ] && run_to "$STEPS"
+  fi
   tr '\r' '\n' < "$R/$dir.log" | grep -v "^train" | tail -n 8 > "$out/train_$dir.log"
   cp "$R/$dir/metrics.jsonl" "$out/metrics_$dir.jsonl" 2>/dev/null
   if [ "$name" = pause ]; then tar czf "$out/pause.tgz" -C "$R" "$dir"; fi ;;
 eval)  # the rule's evaluation at the final checkpoints, then the coprocessor re-scored in fp32
-  ckpts="$(last copro) $(last pause)"
+  ckpts="$(last copro) $(ls -d "$R"/d_copro_at_*/step_* 2>/dev/null | tail -1) $(last pause)"  # + equal traces
   $C eval ppl --model "$A" $SPLIT --checkpoint $ckpts --balanced --sequences $SEQS --offsets $OFFS --bootstrap 2000 \
     --out "$out/ppl.json" > "$R/ppl.log" 2>&1
   tr '\r' '\n' < "$R/ppl.log" | grep -v "^eval" | tail -n 90 > "$out/ppl.log"
