@@ -80,8 +80,9 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
     assert a["change"][0] < -8 and a["change"][3] > 0  # exp(-0.1)-1 = -9.5%, exp(0.02)-1 = +2%
 
 
-def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
-    from cacheaug.evaluate import evaluate_ppl
+def _copy_and_pause_checkpoints(tmp_path, monkeypatch):
+    """A tiny corpus (its tokenizer), a tiny Gemma 3 base and two perturbed arms on it saved as tmp_path/copy and
+    tmp_path/pause: what the perplexity-report tests score."""
     from cacheaug.testing import tiny_corpus, tiny_tokenizer
 
     monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
@@ -91,6 +92,13 @@ def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
         m = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3, init=init))
         perturb_trainable(m)
         m.save_pretrained(tmp_path / init)
+    return base, tok
+
+
+def test_eval_ppl_reports_each_checkpoint(tmp_path, monkeypatch):
+    from cacheaug.evaluate import evaluate_ppl
+
+    base, tok = _copy_and_pause_checkpoints(tmp_path, monkeypatch)
     rep = evaluate_ppl(
         [str(tmp_path / "copy"), str(tmp_path / "pause")],
         data=(str(tmp_path / "corpus"),),
@@ -124,15 +132,8 @@ def test_reports_scored_apart_pair_as_one_report_pairs_them(tmp_path, monkeypatc
 
     from cacheaug.cli import main
     from cacheaug.evaluate import evaluate_ppl
-    from cacheaug.testing import tiny_corpus, tiny_tokenizer
 
-    monkeypatch.setenv("CACHEAUG_HOME", str(tmp_path / "home"))
-    tok = tiny_tokenizer(tiny_corpus(tmp_path / "corpus", n_docs=80))
-    base = tiny_model("gemma3")
-    for init in ("copy", "pause"):
-        m = CacheAugmentedLM(base, CoprocessorConfig(n_latents=2, n_ahead=3, init=init))
-        perturb_trainable(m)
-        m.save_pretrained(tmp_path / init)
+    base, tok = _copy_and_pause_checkpoints(tmp_path, monkeypatch)
     common = dict(data=(str(tmp_path / "corpus"),), heldout_pct=30.0, seq_len=32, stride=4, offsets=(1, 2, 4))
     common.update(n_boot=50, base=base, tokenizer=tok)
     both = evaluate_ppl([str(tmp_path / "copy"), str(tmp_path / "pause")], sequences=4, **common)

@@ -292,12 +292,9 @@ def evaluate_ppl(
         del model
     report["runs"] = report["heldout"]  # the in-source results under their old key
     for split, runs in kept.items():  # every pair of runs, paired on the same sequences
-        names = list(runs)
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                stats = bootstrap_rel_change(runs[a][0], runs[b][0], runs[a][1], n_boot)
-                pick = {k: [v[o - 1] for o in offsets] for k, v in stats.items() if k in ("change", "lo", "hi")}
-                report.setdefault("paired", {}).setdefault(split, {})[f"{a} vs {b}"] = pick
+        pairs = paired_changes(runs, offsets, n_boot)
+        if pairs:
+            report.setdefault("paired", {})[split] = pairs
     report["loss_sums"] = {  # per sequence: what `cacheaug eval pair` pairs across separate reports
         split: {
             "sequences_sha256": sequences_digest(sets[split]),
@@ -332,6 +329,17 @@ def evaluate_ppl(
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def paired_changes(runs: dict[str, tuple[torch.Tensor, int]], offsets, n_boot: int) -> dict:
+    """Every pair of runs (``{name: (loss sums [N, N_A], points per sequence)}``, scored on the same sequences):
+    the first's perplexity relative to the second's at each offset, with its 95% bootstrap interval."""
+    names, pairs = list(runs), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            stats = bootstrap_rel_change(runs[a][0], runs[b][0], runs[a][1], n_boot)
+            pairs[f"{a} vs {b}"] = {k: [stats[k][o - 1] for o in offsets] for k in ("change", "lo", "hi")}
+    return pairs
 
 
 def sequences_digest(seqs: torch.Tensor) -> str:
@@ -384,12 +392,7 @@ def pair_reports(paths: list[str], n_boot: int = 0, out: str | None = None, tole
                     torch.tensor(run, dtype=torch.float64),
                     sums["points"],
                 )
-        names, pairs = list(entries), {}
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                stats = bootstrap_rel_change(entries[a][0], entries[b][0], entries[a][1], n_boot)
-                pairs[f"{a} vs {b}"] = {k: [stats[k][o - 1] for o in offsets] for k in ("change", "lo", "hi")}
-        result["paired"][split] = pairs
+        pairs = result["paired"][split] = paired_changes(entries, offsets, n_boot)
         print(f"\nPaired on the same {split} sequences (perplexity of the first relative to the second):")
         _print_table(offsets, {" vs ".join(map(_run_name, k.split(" vs "))): r for k, r in pairs.items()})
     if out:
