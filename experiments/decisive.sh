@@ -104,10 +104,14 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   cp "$R/$dir/metrics.jsonl" "$out/metrics_$dir.jsonl" 2>/dev/null
   if [ "$name" = pause ]; then tar czf "$out/pause.tgz" -C "$R" "$dir"; fi ;;
 eval)  # the rule's evaluation at the final checkpoints, then the coprocessor re-scored in fp32
-  ckpts="$(last copro) $(ls -d "$R"/d_copro_at_*/step_* 2>/dev/null | tail -1) $(last pause)"  # + equal traces
+  # EVAL_ARMS=pause (or copro): that arm alone, paired later with the other's report by `cacheaug eval pair`
+  ckpts=""; arms=" ${EVAL_ARMS:-copro pause} "
+  [[ $arms == *" copro "* ]] && ckpts="$(last copro) $(ls -d "$R"/d_copro_at_*/step_* 2>/dev/null | tail -1)"  # + equal traces
+  [[ $arms == *" pause "* ]] && ckpts="$ckpts $(last pause)"
   $C eval ppl --model "$A" $SPLIT --checkpoint $ckpts --balanced --sequences $SEQS --offsets $OFFS --bootstrap 2000 \
     --out "$out/ppl.json" > "$R/ppl.log" 2>&1
   tr '\r' '\n' < "$R/ppl.log" | grep -v "^eval" | tail -n 90 > "$out/ppl.log"
+  [ -n "$(last copro)" ] && [[ $arms == *" copro "* ]] || exit 0
   $C eval ppl --model "$A" $SPLIT --checkpoint "$(last copro)" --balanced --sequences $SEQS --offsets 1 2 4 8 16 32 \
     --bootstrap 2000 --dtype float32 --out "$out/ppl_fp32.json" > "$R/ppl_fp32.log" 2>&1
   tr '\r' '\n' < "$R/ppl_fp32.log" | grep -v "^eval" | tail -n 30 > "$out/ppl_fp32.log" ;;
