@@ -102,6 +102,8 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   fi
   tr '\r' '\n' < "$R/$dir.log" | grep -v "^train" | tail -n 8 > "$out/train_$dir.log"
   cp "$R/$dir/metrics.jsonl" "$out/metrics_$dir.jsonl" 2>/dev/null
+  cc="$R/cc_$name.bin"  # the compile artifacts (a later session stages them there: seconds to the first step)
+  if [ -f "$cc" ] && [ "$(stat -c %s "$cc")" -lt 15728640 ]; then cp "$cc" "$out/"; fi
   if [ "$name" = pause ]; then tar czf "$out/pause.tgz" -C "$R" "$dir"; fi ;;
 eval)  # the rule's evaluation at the final checkpoints, then the coprocessor re-scored in fp32
   # EVAL_ARMS=pause (or copro): that arm alone, paired later with the other's report by `cacheaug eval pair`

@@ -44,7 +44,7 @@ def curve(path: str, per_token: float) -> tuple[list[float], list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--metrics", nargs="+", required=True, help="metrics.jsonl of the arms (several per arm: merged)")
-    ap.add_argument("--ppl", help="the rule's evaluation (eval ppl --out JSON)")
+    ap.add_argument("--ppl", nargs="*", default=[], help="the rule's evaluation (eval ppl --out JSON; one per session)")
     ap.add_argument("--steps", nargs="*", default=[], help="CHECKPOINT=STEP for --ppl runs (default: from the name)")
     ap.add_argument("--traces", type=int, default=128, help="K, insertion points per sequence")
     ap.add_argument("--seq-len", type=int, default=1024, help="T, tokens per sequence")
@@ -69,9 +69,8 @@ def main() -> None:
             color=colors.get(arm),
             label=f"{LABELS.get(arm, arm)}: in-training check",
         )
-    if args.ppl:
-        report = json.loads(Path(args.ppl).read_text())
-        given = dict(s.split("=", 1) for s in args.steps)
+    given = dict(s.split("=", 1) for s in args.steps)
+    for report in (json.loads(Path(path).read_text()) for path in args.ppl):
         for split, marker in (("heldout", "s"), ("unseen", "^")):
             for ckpt, run in report.get(split, {}).items():
                 step = int(given.get(ckpt, Path(ckpt).name.removeprefix("step_") or 0))
