@@ -20,11 +20,14 @@
 #   call: run(carry=[".stage/dN"], command="mkdir -p ~/stage/decisive && cp .stage/dN/* ~/stage/decisive/")):
 #     source scripts/gpu_env.sh && bash experiments/decisive.sh restore $OUT/r    # the same adapted decoder
 #     bash experiments/decisive.sh arm copro $OUT/c     # again, to the pause arm's step count or further
+#   or the arm as one process across calls (a detached process outlives its call; the machine stays while the next
+#   call follows within 30 s): ARM_S=<seconds> bash experiments/decisive.sh bg copro; then in every call
+#     bash experiments/decisive.sh wait $OUT/w          # until CALL_S or the arm's end; the last call: WAIT=end
 #     bash experiments/decisive.sh eval $OUT/e          # the rule's evaluation, then the fp32 re-score
 # A second seed (rule (d)) only if (a)-(c) hold: SEED=1 ... arm copro, then eval.
 # CPU dry run (tiny budget, no compile): DRY=1 bash experiments/decisive.sh adapt /tmp/d/a; ... arm pause ...; etc.
 set -uo pipefail
-stage=$1; shift; [ "$stage" = arm ] && { name=$1; shift; }; out=${1:-out}
+stage=$1; shift; case $stage in arm|bg) name=$1; shift ;; esac; out=${1:-out}
 R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
 C="python3 -m cacheaug"; SEED=${SEED:-0}; DSTAGE=${DSTAGE:-$HOME/stage/decisive}
 SPLIT="--data broad --heldout-pct 1 --adapt-pct 30 --heldout-sources sotu"
@@ -105,6 +108,20 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   cc="$R/cc_$name.bin"  # the compile artifacts (a later session stages them there: seconds to the first step)
   if [ -f "$cc" ] && [ "$(stat -c %s "$cc")" -lt 15728640 ]; then cp "$cc" "$out/"; fi
   if [ "$name" = pause ]; then tar czf "$out/pause.tgz" -C "$R" "$dir"; fi ;;
+bg)  # the arm (MATCH=2300 towards STEPS) as one detached process for ARM_S seconds; its outputs land in $R/bg
+  rm -rf "$R/bg"; mkdir -p "$R/bg"
+  echo "d_$name$([ "$SEED" = 0 ] || echo "-s$SEED")" > "$R/bg/dir"
+  MATCH=${MATCH:-2300} CALL_S=$ARM_S setsid nohup bash -c 'bash "$0" arm "$1" "$2"; touch "$2/ended"' "$0" "$name" \
+    "$R/bg" > "$R/bg/arm.out" 2>&1 < /dev/null &
+  echo "decisive: the $name arm started in the background for $ARM_S s" ;;
+wait)  # report the background arm until CALL_S has passed or it has ended (WAIT=end: until it ends); its outputs then
+  dir=$R/$(cat "$R/bg/dir")
+  while [ ! -f "$R/bg/ended" ]; do
+    [ "${WAIT:-}" != end ] && [ $(( $(date +%s) - T0 )) -ge $((CALL_S - 15)) ] && break
+    sleep 5
+  done
+  tr '\r' '\n' < "$dir.log" | grep -v "^train" | tail -n 4
+  if [ -f "$R/bg/ended" ]; then echo "decisive: the arm has ended"; cp "$R"/bg/* "$out/"; fi ;;
 eval)  # the rule's evaluation at the final checkpoints, then the coprocessor re-scored in fp32
   # EVAL_ARMS=pause (or copro): that arm alone, paired later with the other's report by `cacheaug eval pair`
   ckpts=""; arms=" ${EVAL_ARMS:-copro pause} "
