@@ -42,7 +42,8 @@ A="$R/adapted"
 LOGE=${LOGE:-50}  # --log-every: also how often --max-minutes is checked
 EVALE=${EVALE:-1000}  # --eval-every (32 in-source sequences): the offset-1 change against traces
 minutes_left() { python3 -c "print(max(0.5, ($CALL_S - ($(date +%s) - $T0) - $1) / 60))"; }
-last() { ls -d "$R/d_$1"/step_* 2>/dev/null | tail -1; }
+last() { ls -d "$R/$(arm_dir "$1")"/step_* 2>/dev/null | tail -1; }  # an arm's (this SEED's) last checkpoint
+arm_dir() { echo "d_$1$([ "$SEED" = 0 ] || echo "-s$SEED")"; }  # an arm's run directory under $R
 case $stage in
 adapt)  # token files of the split, then LoRA r=64 for one full pass over the adapt split (batch 16 x 1024)
   steps=$(python3 -c "
@@ -84,7 +85,7 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   # SIGTERM before the call's end, should the budget not be reached: the trainer saves a checkpoint on it.
   # MATCH=N: first to step N exactly (the other arm's final step), that checkpoint kept apart as d_<arm>_at_N for the
   # comparison at equal traces, then on towards STEPS
-  init=$([ "$name" = pause ] && echo pause || echo copy); dir="d_$name$([ "$SEED" = 0 ] || echo "-s$SEED")"
+  init=$([ "$name" = pause ] && echo pause || echo copy); dir=$(arm_dir "$name")
   run_to() {
     timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $SPLIT --model "$A" --init $init --n-latents 16 \
       --position-scheme shared --echo-residual --reread-last --n-ahead 16 --n-traces $K --batch-size $B --seq-len $T \
@@ -109,23 +110,22 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   if [ -f "$cc" ] && [ "$(stat -c %s "$cc")" -lt 15728640 ]; then cp "$cc" "$out/"; fi
   if [ "$name" = pause ]; then tar czf "$out/pause.tgz" -C "$R" "$dir"; fi ;;
 bg)  # the arm (MATCH=2300 towards STEPS) as one detached process for ARM_S seconds; its outputs land in $R/bg
-  rm -rf "$R/bg"; mkdir -p "$R/bg"
-  echo "d_$name$([ "$SEED" = 0 ] || echo "-s$SEED")" > "$R/bg/dir"
+  rm -rf "$R/bg"; mkdir -p "$R/bg"; echo "$name" > "$R/bg/name"
   MATCH=${MATCH:-2300} CALL_S=$ARM_S setsid nohup bash -c 'bash "$0" arm "$1" "$2"; touch "$2/ended"' "$0" "$name" \
     "$R/bg" > "$R/bg/arm.out" 2>&1 < /dev/null &
   echo "decisive: the $name arm started in the background for $ARM_S s" ;;
 wait)  # report the background arm until CALL_S has passed or it has ended (WAIT=end: until it ends); its outputs then
-  dir=$R/$(cat "$R/bg/dir")
+  dir=$R/$(arm_dir "$(cat "$R/bg/name")")
   while [ ! -f "$R/bg/ended" ]; do
     [ "${WAIT:-}" != end ] && [ $(( $(date +%s) - T0 )) -ge $((CALL_S - 15)) ] && break
     sleep 5
   done
-  tr '\r' '\n' < "$dir.log" | grep -v "^train" | tail -n 4
+  tr '\r' '\n' < "$dir.log" 2>/dev/null | grep -v "^train" | tail -n 4  # (no log yet while the arm loads)
   if [ -f "$R/bg/ended" ]; then echo "decisive: the arm has ended"; cp "$R"/bg/* "$out/"; fi ;;
 eval)  # the rule's evaluation at the final checkpoints, then the coprocessor re-scored in fp32
   # EVAL_ARMS=pause (or copro): that arm alone, paired later with the other's report by `cacheaug eval pair`
   ckpts=""; arms=" ${EVAL_ARMS:-copro pause} "
-  [[ $arms == *" copro "* ]] && ckpts="$(last copro) $(ls -d "$R"/d_copro_at_*/step_* 2>/dev/null | tail -1)"  # + equal traces
+  [[ $arms == *" copro "* ]] && ckpts="$(last copro) $(ls -d "$R/$(arm_dir copro)"_at_*/step_* 2>/dev/null | tail -1)"  # + equal traces
   [[ $arms == *" pause "* ]] && ckpts="$ckpts $(last pause)"
   $C eval ppl --model "$A" $SPLIT --checkpoint $ckpts --balanced --sequences $SEQS --offsets $OFFS --bootstrap 2000 \
     --out "$out/ppl.json" > "$R/ppl.log" 2>&1

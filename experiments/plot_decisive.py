@@ -1,11 +1,13 @@
 """The decisive run's figure: the offset-1 perplexity change against traces for both arms.
 
     python experiments/plot_decisive.py --metrics results/decisive/metrics_d_pause_session31.jsonl \
-        results/decisive/metrics_d_copro_*.jsonl --ppl results/decisive/ppl.json --out docs/decisive_offset1.png
+        results/decisive/metrics_d_copro_*.jsonl --ppl results/decisive/ppl_pause_session32.json \
+        results/decisive/ppl_copro.json --out docs/decisive_offset1.png
 
 The curves are the in-training checks (``--eval-every``: 32 in-source sequences, offset 1, no interval); the points
-with bars, when ``--ppl`` gives the rule's evaluation (``cacheaug eval ppl --out``), are its in-source and unseen
-changes at offset 1 with their 95% intervals, placed at each checkpoint's traces (read from its trainer state).
+with bars, when ``--ppl`` gives the rule's evaluation (``cacheaug eval ppl --out``, one report per session), are its
+in-source and unseen changes at offset 1 with their 95% intervals, placed at each checkpoint's traces (its step from
+the ``step_NNNNNN`` name or ``--steps``, times batch size times K).
 Traces = text tokens x K / T (``--traces`` K, ``--seq-len`` T: the run's).
 """
 
