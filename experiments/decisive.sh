@@ -89,7 +89,7 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   run_to() {
     timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $SPLIT --model "$A" --init $init --n-latents 16 \
       --position-scheme shared --echo-residual --reread-last --n-ahead 16 --n-traces $K --batch-size $B --seq-len $T \
-      --lr 1e-4 --warmup-steps 100 --min-lr-ratio 1 --max-steps "$1" --max-minutes "$(minutes_left 60)" --save-every 500 \
+      --lr 1e-4 --warmup-steps 100 --min-lr-ratio 1 --max-steps "$1" --max-minutes "$(minutes_left 60)" --save-every "${SAVE_EVERY:-500}" \
       --keep-last 2 --eval-every $EVALE --log-every $LOGE --seed "$SEED" $SPEED --compile-cache "$R/cc_$name.bin" \
       --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
   }
@@ -104,14 +104,20 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   if [ "$match" -eq 0 ] || [ -d "$kept" ]; then
     [ "$(python3 -c "print(int($(minutes_left 60) > 1.5))")" = 1 ] && run_to "$STEPS"
   fi
+  keep=${KEEP:-0}; step="$R/$dir/step_$(printf %06d "$keep")"  # KEEP=N with SAVE_EVERY=N: step N kept apart after
+  if [ "$keep" -gt 0 ] && [ -d "$step" ]; then  # the run, as MATCH does (one process: no restart, no second compile)
+    mkdir -p "$R/${dir}_at_$keep" && cp -r "$step" "$R/${dir}_at_$keep/"
+    echo "decisive: step $keep kept apart as $R/${dir}_at_$keep" >> "$R/$dir.log"
+  fi
   tr '\r' '\n' < "$R/$dir.log" | grep -v "^train" | tail -n 8 > "$out/train_$dir.log"
   cp "$R/$dir/metrics.jsonl" "$out/metrics_$dir.jsonl" 2>/dev/null
   cc="$R/cc_$name.bin"  # the compile artifacts (a later session stages them there: seconds to the first step)
   if [ -f "$cc" ] && [ "$(stat -c %s "$cc")" -lt 15728640 ]; then cp "$cc" "$out/"; fi
   if [ "$name" = pause ]; then tar czf "$out/pause.tgz" -C "$R" "$dir"; fi ;;
-bg)  # the arm (MATCH=2300 towards STEPS) as one detached process for ARM_S seconds; its outputs land in $R/bg
+bg)  # the arm towards STEPS as one detached process for ARM_S seconds (step 2,300, the pause arm's last, saved and
+  # kept apart: KEEP, SAVE_EVERY); its outputs land in $R/bg
   rm -rf "$R/bg"; mkdir -p "$R/bg"; echo "$name" > "$R/bg/name"
-  MATCH=${MATCH:-2300} CALL_S=$ARM_S setsid nohup bash -c 'bash "$0" arm "$1" "$2"; touch "$2/ended"' "$0" "$name" \
+  MATCH=${MATCH:-0} KEEP=${KEEP:-2300} SAVE_EVERY=${SAVE_EVERY:-2300} CALL_S=$ARM_S setsid nohup bash -c 'bash "$0" arm "$1" "$2"; touch "$2/ended"' "$0" "$name" \
     "$R/bg" > "$R/bg/arm.out" 2>&1 < /dev/null &
   echo "decisive: the $name arm started in the background for $ARM_S s" ;;
 wait)  # report the background arm until CALL_S has passed or it has ended (WAIT=end: until it ends); its outputs then

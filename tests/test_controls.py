@@ -165,6 +165,18 @@ def test_reports_scored_apart_pair_as_one_report_pairs_them(tmp_path, monkeypatc
     (tmp_path / "changed.json").write_text(json.dumps(changed))
     with pytest.raises(SystemExit, match="different decoders"):
         main(["eval", "pair", "--reports", str(tmp_path / "copy.json"), str(tmp_path / "changed.json")])
+    # a sibling decoder, worse by 0.5 nats on every sequence for its frozen and its run alike: --rebase pairs the
+    # changes against each report's own frozen decoder, as if scored on one
+    changed["loss_sums"]["heldout"]["runs"] = {
+        k: [[v + 0.5 for v in row] for row in r] for k, r in changed["loss_sums"]["heldout"]["runs"].items()
+    }
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    pair_files = [str(tmp_path / "copy.json"), str(tmp_path / "changed.json")]
+    main(["eval", "pair", "--reports", *pair_files, "--rebase", "--out", str(tmp_path / "rebased.json")])
+    rebased = json.loads((tmp_path / "rebased.json").read_text())["paired"]["heldout"]
+    for key, r in both["paired"]["heldout"].items():
+        for k in ("change", "lo", "hi"):
+            assert rebased[key][k] == pytest.approx(r[k], abs=1e-6)
     with pytest.raises(SystemExit, match="at least two"):
         main(["eval", "pair", "--reports", str(tmp_path / "copy.json")])
     (tmp_path / "notes.json").write_text("not json")

@@ -349,13 +349,17 @@ def sequences_digest(seqs: torch.Tensor) -> str:
     return hashlib.sha256(seqs.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
 
 
-def pair_reports(paths: list[str], n_boot: int = 0, out: str | None = None, tolerance: float = 0.005) -> dict:
+def pair_reports(
+    paths: list[str], n_boot: int = 0, out: str | None = None, tolerance: float = 0.005, rebase: bool = False
+) -> dict:
     """`cacheaug eval pair`: the runs of separate ``eval ppl`` reports compared directly, paired on the same
     sequences, as one report with every checkpoint would pair them (``report["paired"]``: the perplexity of the
     first relative to the second, 95% bootstrap interval over sequences). The reports must have scored the same
     tokens (same split options, ``--sequences``, ``--seq-len``, ``--stride``, ``--balanced``) with the same frozen
     decoder (its mean loss may differ by ``tolerance`` nats: kernels of another GPU); runs scored on different
-    machines or days pair as if scored together. ``n_boot`` 0: the first report's."""
+    machines or days pair as if scored together. ``n_boot`` 0: the first report's. ``rebase``: reports of sibling
+    decoders (the same recipe run again: another frozen loss) pair each run's change against its own report's frozen
+    decoder, each run's loss sums moved by its frozen decoder's gap to the first report's, sequence by sequence."""
     import json
     from pathlib import Path
 
@@ -369,7 +373,7 @@ def pair_reports(paths: list[str], n_boot: int = 0, out: str | None = None, tole
             raise ValueError(f"{path} holds no per-sequence loss sums: score it again with `cacheaug eval ppl --out`")
     first, n_boot = reports[0], n_boot or reports[0]["n_boot"]
     offsets = first["offsets"]
-    result = {"reports": [str(p) for p in paths], "offsets": offsets, "n_boot": n_boot, "paired": {}}
+    result = {"reports": [str(p) for p in paths], "offsets": offsets, "n_boot": n_boot, "rebase": rebase, "paired": {}}
     for split, ref in first["loss_sums"].items():
         entries: dict[str, tuple[torch.Tensor, int]] = {}
         for path, rep in zip(paths, reports):
@@ -382,17 +386,23 @@ def pair_reports(paths: list[str], n_boot: int = 0, out: str | None = None, tole
                 )
             frozen, ref_frozen = (torch.tensor(x["frozen"], dtype=torch.float64) for x in (sums, ref))
             gap = ((frozen.sum(0) - ref_frozen.sum(0)).abs().max() / (len(frozen) * sums["points"])).item()
-            if gap > tolerance:
+            if gap > tolerance and not rebase:
                 raise ValueError(
                     f"{path}: the frozen decoder's mean loss on the same {split} tokens differs from {paths[0]}'s by "
-                    f"{gap:.4f} nats (more than {tolerance}): the reports scored different decoders (--model)"
+                    f"{gap:.4f} nats (more than {tolerance}): the reports scored different decoders (--model; "
+                    "--rebase pairs each run's change against its own report's frozen decoder)"
                 )
+            result.setdefault("frozen_gap", {}).setdefault(split, {})[str(path)] = gap
             for name, run in sums["runs"].items():
+                run = torch.tensor(run, dtype=torch.float64)
                 entries[name if name not in entries else f"{name} ({path})"] = (
-                    torch.tensor(run, dtype=torch.float64),
+                    run - frozen + ref_frozen if rebase else run,
                     sums["points"],
                 )
         pairs = result["paired"][split] = paired_changes(entries, offsets, n_boot)
+        if rebase:
+            gaps = ", ".join(f"{g:.4f}" for g in result["frozen_gap"][split].values())
+            print(f"\n{split}: each run against its own report's frozen decoder (mean loss gaps to the first: {gaps})")
         print(f"\nPaired on the same {split} sequences (perplexity of the first relative to the second):")
         _print_table(offsets, {" vs ".join(map(_run_name, k.split(" vs "))): r for k, r in pairs.items()})
     if out:

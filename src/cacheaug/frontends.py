@@ -161,6 +161,9 @@ class PairConfig(_Checked):
     reports: tuple[str, ...] = _f((), "eval ppl reports (their --out JSON files), at least two", required=True)
     bootstrap: int = _f(0, "bootstrap resamples (0: the first report's)", min=0)
     out: str | None = _f(None, "write the pairs as JSON here")
+    rebase: bool = _f(
+        False, "reports of sibling decoders (the same recipe run again): each run against its own report's frozen one"
+    )
 
     def _problems(self) -> list[str]:
         missing = [p for p in self.reports if not Path(p).is_file()]
@@ -171,7 +174,7 @@ class PairConfig(_Checked):
     def run(self) -> dict:
         from .evaluate import pair_reports
 
-        return pair_reports(list(self.reports), self.bootstrap, self.out)
+        return pair_reports(list(self.reports), self.bootstrap, self.out, rebase=self.rebase)
 
 
 KINDS = ("echo", "pause", "coprocessor")
