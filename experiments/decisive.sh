@@ -24,10 +24,15 @@
 #   call follows within 30 s): ARM_S=<seconds> bash experiments/decisive.sh bg copro; then in every call
 #     bash experiments/decisive.sh wait $OUT/w          # until CALL_S or the arm's end; the last call: WAIT=end
 #     bash experiments/decisive.sh eval $OUT/e          # the rule's evaluation, then the fp32 re-score
+# When session A's adapters are not at hand (`.stage/` does not outlive a checkout), one session adapts again and runs
+# the coprocessor, its compile started beside the adaptation (docs/gpu_runbook.md, "session C"):
+#     source scripts/gpu_env.sh && bash experiments/decisive.sh warm copro $OUT/w0; bash experiments/decisive.sh adapt
+#     /tmp/a; ARM_S=<seconds> bash experiments/decisive.sh bg copro; ... wait ...; EVAL_ARMS=copro ... eval $OUT/e
+#   and the reports pair here with `cacheaug eval pair --rebase` (each arm against its own decoder's frozen loss).
 # A second seed (rule (d)) only if (a)-(c) hold: SEED=1 ... arm copro, then eval.
 # CPU dry run (tiny budget, no compile): DRY=1 bash experiments/decisive.sh adapt /tmp/d/a; ... arm pause ...; etc.
 set -uo pipefail
-stage=$1; shift; case $stage in arm|bg) name=$1; shift ;; esac; out=${1:-out}
+stage=$1; shift; case $stage in arm|bg|warm|warmrun) name=$1; shift ;; esac; out=${1:-out}
 R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
 C="python3 -m cacheaug"; SEED=${SEED:-0}; DSTAGE=${DSTAGE:-$HOME/stage/decisive}
 SPLIT="--data broad --heldout-pct 1 --adapt-pct 30 --heldout-sources sotu"
@@ -44,6 +49,11 @@ EVALE=${EVALE:-1000}  # --eval-every (32 in-source sequences): the offset-1 chan
 minutes_left() { python3 -c "print(max(0.5, ($CALL_S - ($(date +%s) - $T0) - $1) / 60))"; }
 last() { ls -d "$R/$(arm_dir "$1")"/step_* 2>/dev/null | tail -1; }  # an arm's (this SEED's) last checkpoint
 arm_dir() { echo "d_$1$([ "$SEED" = 0 ] || echo "-s$SEED")"; }  # an arm's run directory under $R
+arm_opts() {  # an arm's training options (copro | pause), but its decoder, length, schedule of saves and outputs
+  echo "$SPLIT --init $([ "$1" = pause ] && echo pause || echo copy) --n-latents 16 --position-scheme shared" \
+    "--echo-residual --reread-last --n-ahead 16 --n-traces $K --batch-size $B --seq-len $T --lr 1e-4" \
+    "--warmup-steps 100 --min-lr-ratio 1 --seed $SEED $SPEED"
+}
 case $stage in
 adapt)  # token files of the split, then LoRA r=64 for one full pass over the adapt split (batch 16 x 1024)
   steps=$(python3 -c "
@@ -60,6 +70,23 @@ print(min($MAXASTEPS, math.ceil(meta['adapt_tokens'] / ($ABATCH * $ALEN))))")
   tr '\r' '\n' < "$R/adapt.log" | grep -v "^adapt" | tail -n 15 >> "$out/adapt.log"
   { cat "$R/token_meta.json"; md5sum "$A/model.safetensors"; } >> "$out/adapt.log"  # (a call returns 8 files)
   tar cf - -C "$A" adapter | split -b 15m -d - "$out/adapter.tar." ;;
+warm)  # the arm's compile (about 4 minutes for the coprocessor) beside the adaptation: the token files and the GGUF
+  # conversion first (both processes need them), then one step of the arm on the base decoder (the same shapes) in
+  # the background, stopped once its compile artifacts are saved to $R/cc_<arm>.bin; `arm` waits for it and hot-loads
+  # them (a cache miss, or a warm-up out of GPU memory, only means the arm compiles as before)
+  python3 -c "from cacheaug.base import load_base_model, load_gemma3_tokenizer as t; from cacheaug.data import \
+Splits, build_token_files as b; b(t(), ['broad'], Splits(1.0, 30.0, ('sotu',))); load_base_model('gemma-3-270m')" \
+    > "$R/warm_prep.log" 2>&1
+  rm -f "$R/cc_$name.bin"; touch "$R/warm.running"
+  setsid nohup bash "$0" warmrun "$name" "$out" > "$R/warm.out" 2>&1 < /dev/null &
+  echo "decisive: the $name arm's compile started beside" ;;
+warmrun)  # (`warm`'s background part)
+  $C train $(arm_opts "$name") --model gemma-3-270m --max-steps 10 --log-every 1 --eval-every 0 \
+    --compile-cache "$R/cc_$name.bin" --out-dir "$R/warm" > "$R/warm.log" 2>&1 &
+  p=$!
+  while kill -0 $p 2>/dev/null && [ ! -f "$R/cc_$name.bin" ]; do sleep 1; done
+  kill -KILL $p 2>/dev/null; wait $p 2>/dev/null; rm -rf "$R/warm" "$R/warm.running"  # (no checkpoint: not needed)
+  tr '\r' '\n' < "$R/warm.log" | grep "first step" | tee "$out/warm.log" ;;
 restore)  # the adapted decoder of session A from its adapters (staged into $DSTAGE, two pieces per call)
   cat "$DSTAGE"/adapter.tar.* | tar xf - -C "$R"
   python3 - "$R/adapter" "$A" <<'EOF'
@@ -85,13 +112,12 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   # SIGTERM before the call's end, should the budget not be reached: the trainer saves a checkpoint on it.
   # MATCH=N: first to step N exactly (the other arm's final step), that checkpoint kept apart as d_<arm>_at_N for the
   # comparison at equal traces, then on towards STEPS
-  init=$([ "$name" = pause ] && echo pause || echo copy); dir=$(arm_dir "$name")
+  dir=$(arm_dir "$name")
+  for _ in $(seq 150); do [ -f "$R/warm.running" ] || break; sleep 2; done  # `warm`'s compile artifacts first
   run_to() {
-    timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $SPLIT --model "$A" --init $init --n-latents 16 \
-      --position-scheme shared --echo-residual --reread-last --n-ahead 16 --n-traces $K --batch-size $B --seq-len $T \
-      --lr 1e-4 --warmup-steps 100 --min-lr-ratio 1 --max-steps "$1" --max-minutes "$(minutes_left 60)" --save-every "${SAVE_EVERY:-500}" \
-      --keep-last 2 --eval-every $EVALE --log-every $LOGE --seed "$SEED" $SPEED --compile-cache "$R/cc_$name.bin" \
-      --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
+    timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $(arm_opts "$name") --model "$A" \
+      --max-steps "$1" --max-minutes "$(minutes_left 60)" --save-every "${SAVE_EVERY:-500}" --keep-last 2 \
+      --eval-every $EVALE --log-every $LOGE --compile-cache "$R/cc_$name.bin" --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
   }
   match=${MATCH:-0}; kept="$R/${dir}_at_$match/step_$(printf %06d "$match")"
   if [ "$match" -gt 0 ] && [ ! -d "$kept" ]; then
@@ -140,5 +166,5 @@ eval)  # the rule's evaluation at the final checkpoints, then the coprocessor re
   $C eval ppl --model "$A" $SPLIT --checkpoint "$(last copro)" --balanced --sequences $SEQS --offsets 1 2 4 8 16 32 \
     --bootstrap 2000 --dtype float32 --out "$out/ppl_fp32.json" > "$R/ppl_fp32.log" 2>&1
   tr '\r' '\n' < "$R/ppl_fp32.log" | grep -v "^eval" | tail -n 30 > "$out/ppl_fp32.log" ;;
-*) echo "usage: $0 adapt|restore|arm copro|arm pause|eval OUT" >&2; exit 2 ;;
+*) echo "usage: $0 adapt|warm copro|restore|arm copro|arm pause|bg copro|wait|eval OUT" >&2; exit 2 ;;
 esac
