@@ -83,7 +83,7 @@ Splits, build_token_files as b; b(t(), ['broad'], Splits(1.0, 30.0, ('sotu',)));
 warmrun)  # (`warm`'s background part)
   $C train $(arm_opts "$name") --model gemma-3-270m --max-steps 10 --log-every 1 --eval-every 0 \
     --compile-cache "$R/cc_$name.bin" --out-dir "$R/warm" > "$R/warm.log" 2>&1 &
-  p=$!
+  p=$!; echo $p > "$R/warm.pid"
   while kill -0 $p 2>/dev/null && [ ! -f "$R/cc_$name.bin" ]; do sleep 1; done
   kill -KILL $p 2>/dev/null; wait $p 2>/dev/null; rm -rf "$R/warm" "$R/warm.running"  # (no checkpoint: not needed)
   tr '\r' '\n' < "$R/warm.log" | grep "first step" | tee "$out/warm.log" ;;
@@ -114,6 +114,7 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   # comparison at equal traces, then on towards STEPS
   dir=$(arm_dir "$name")
   for _ in $(seq 150); do [ -f "$R/warm.running" ] || break; sleep 2; done  # `warm`'s compile artifacts first
+  if [ -f "$R/warm.running" ]; then kill -KILL "$(cat "$R/warm.pid")" 2>/dev/null; sleep 5; fi  # not two on one GPU
   run_to() {
     timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $(arm_opts "$name") --model "$A" \
       --max-steps "$1" --max-minutes "$(minutes_left 60)" --save-every "${SAVE_EVERY:-500}" --keep-last 2 \
