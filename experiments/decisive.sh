@@ -32,7 +32,11 @@
 # A second seed (rule (d)) only if (a)-(c) hold: SEED=1 ... arm copro, then eval.
 # CPU dry run (tiny budget, no compile): DRY=1 bash experiments/decisive.sh adapt /tmp/d/a; ... arm pause ...; etc.
 set -uo pipefail
-stage=$1; shift; case $stage in arm|bg|warm|warmrun) name=$1; shift ;; esac; out=${1:-out}
+stage=$1; shift; token_files() {  # the split's token files (built once, then read from the cache)
+  python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import Splits, build_token_files \
+as b; b(t(), ['broad'], Splits(1.0, 30.0, ('sotu',)))"
+}
+case $stage in arm|bg|warm|warmrun) name=$1; shift ;; esac; out=${1:-out}
 R=${RUNS:-/tmp/cacheaug_runs}; mkdir -p "$R" "$out"
 C="python3 -m cacheaug"; SEED=${SEED:-0}; DSTAGE=${DSTAGE:-$HOME/stage/decisive}
 SPLIT="--data broad --heldout-pct 1 --adapt-pct 30 --heldout-sources sotu"
@@ -74,9 +78,7 @@ warm)  # the arm's compile (about 4 minutes for the coprocessor) beside the adap
   # conversion first (both processes need them), then one step of the arm on the base decoder (the same shapes) in
   # the background, stopped once its compile artifacts are saved to $R/cc_<arm>.bin; `arm` waits for it and hot-loads
   # them (a cache miss, or a warm-up out of GPU memory, only means the arm compiles as before)
-  python3 -c "from cacheaug.base import load_base_model, load_gemma3_tokenizer as t; from cacheaug.data import \
-Splits, build_token_files as b; b(t(), ['broad'], Splits(1.0, 30.0, ('sotu',))); load_base_model('gemma-3-270m')" \
-    > "$R/warm_prep.log" 2>&1
+  { token_files; python3 -c "from cacheaug.base import load_base_model as m; m('gemma-3-270m')"; } > "$R/warm_prep.log" 2>&1
   rm -f "$R/cc_$name.bin"; touch "$R/warm.running"
   setsid nohup bash "$0" warmrun "$name" "$out" > "$R/warm.out" 2>&1 < /dev/null &
   echo "decisive: the $name arm's compile started beside" ;;
@@ -106,33 +108,19 @@ tokenizer.save_pretrained(sys.argv[2])
 EOF
   md5sum "$A/model.safetensors" > "$out/adapted.md5"
   if [ -f "$DSTAGE/pause.tgz" ]; then tar xzf "$DSTAGE/pause.tgz" -C "$R"; fi
-  python3 -c "from cacheaug.base import load_gemma3_tokenizer as t; from cacheaug.data import Splits, build_token_files as b; \
-b(t(), ['broad'], Splits(1.0, 30.0, ('sotu',)))" > /dev/null 2>&1 ;;
+  token_files > /dev/null 2>&1 ;;
 arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (schedule and data order follow the step).
   # SIGTERM before the call's end, should the budget not be reached: the trainer saves a checkpoint on it.
-  # MATCH=N: first to step N exactly (the other arm's final step), that checkpoint kept apart as d_<arm>_at_N for the
-  # comparison at equal traces, then on towards STEPS
-  dir=$(arm_dir "$name")
+  # KEEP=N (the other arm's final step): checkpoints every N steps instead of 500, and step N kept apart afterwards as
+  # d_<arm>_at_N for the comparison at equal traces (one process: no restart, no second compile)
+  dir=$(arm_dir "$name"); keep=${KEEP:-0}
   for _ in $(seq 150); do [ -f "$R/warm.running" ] || break; sleep 2; done  # `warm`'s compile artifacts first
   if [ -f "$R/warm.running" ]; then kill -KILL "$(cat "$R/warm.pid")" 2>/dev/null; sleep 5; fi  # not two on one GPU
-  run_to() {
-    timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $(arm_opts "$name") --model "$A" \
-      --max-steps "$1" --max-minutes "$(minutes_left 60)" --save-every "${SAVE_EVERY:-500}" --keep-last 2 \
-      --eval-every $EVALE --log-every $LOGE --compile-cache "$R/cc_$name.bin" --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
-  }
-  match=${MATCH:-0}; kept="$R/${dir}_at_$match/step_$(printf %06d "$match")"
-  if [ "$match" -gt 0 ] && [ ! -d "$kept" ]; then
-    run_to "$match"
-    if [ -d "$R/$dir/step_$(printf %06d "$match")" ]; then
-      mkdir -p "$(dirname "$kept")" && cp -r "$R/$dir/step_$(printf %06d "$match")" "$kept"
-      echo "decisive: step $match kept apart as $kept" >> "$R/$dir.log"
-    fi
-  fi
-  if [ "$match" -eq 0 ] || [ -d "$kept" ]; then
-    [ "$(python3 -c "print(int($(minutes_left 60) > 1.5))")" = 1 ] && run_to "$STEPS"
-  fi
-  keep=${KEEP:-0}; step="$R/$dir/step_$(printf %06d "$keep")"  # KEEP=N with SAVE_EVERY=N: step N kept apart after
-  if [ "$keep" -gt 0 ] && [ -d "$step" ]; then  # the run, as MATCH does (one process: no restart, no second compile)
+  timeout -s TERM $((CALL_S - ($(date +%s) - T0) - 20)) $C train $(arm_opts "$name") --model "$A" --max-steps "$STEPS" \
+    --max-minutes "$(minutes_left 60)" --save-every "$([ "$keep" -gt 0 ] && echo "$keep" || echo 500)" --keep-last 3 \
+    --eval-every $EVALE --log-every $LOGE --compile-cache "$R/cc_$name.bin" --out-dir "$R/$dir" >> "$R/$dir.log" 2>&1
+  step="$R/$dir/step_$(printf %06d "$keep")"
+  if [ "$keep" -gt 0 ] && [ -d "$step" ]; then
     mkdir -p "$R/${dir}_at_$keep" && cp -r "$step" "$R/${dir}_at_$keep/"
     echo "decisive: step $keep kept apart as $R/${dir}_at_$keep" >> "$R/$dir.log"
   fi
@@ -142,9 +130,9 @@ arm)  # one arm (copro | pause) towards STEPS; the same command resumes it (sche
   if [ -f "$cc" ] && [ "$(stat -c %s "$cc")" -lt 15728640 ]; then cp "$cc" "$out/"; fi
   if [ "$name" = pause ]; then tar czf "$out/pause.tgz" -C "$R" "$dir"; fi ;;
 bg)  # the arm towards STEPS as one detached process for ARM_S seconds (step 2,300, the pause arm's last, saved and
-  # kept apart: KEEP, SAVE_EVERY); its outputs land in $R/bg
+  # kept apart: KEEP); its outputs land in $R/bg
   rm -rf "$R/bg"; mkdir -p "$R/bg"; echo "$name" > "$R/bg/name"
-  MATCH=${MATCH:-0} KEEP=${KEEP:-2300} SAVE_EVERY=${SAVE_EVERY:-2300} CALL_S=$ARM_S setsid nohup bash -c 'bash "$0" arm "$1" "$2"; touch "$2/ended"' "$0" "$name" \
+  KEEP=${KEEP:-2300} CALL_S=$ARM_S setsid nohup bash -c 'bash "$0" arm "$1" "$2"; touch "$2/ended"' "$0" "$name" \
     "$R/bg" > "$R/bg/arm.out" 2>&1 < /dev/null &
   echo "decisive: the $name arm started in the background for $ARM_S s" ;;
 wait)  # report the background arm until CALL_S has passed or it has ended (WAIT=end: until it ends); its outputs then

@@ -159,16 +159,20 @@ def test_reports_scored_apart_pair_as_one_report_pairs_them(tmp_path, monkeypatc
         main(["eval", "pair", "--reports", str(tmp_path / "copy.json"), str(tmp_path / "other.json")])
     assert "\n" not in str(err.value)
     changed = json.loads((tmp_path / "pause.json").read_text())  # the same tokens through another decoder
+    pause_sums = json.loads((tmp_path / "pause.json").read_text())["loss_sums"]["heldout"]
     changed["loss_sums"]["heldout"]["frozen"] = [
         [v + 0.5 for v in row] for row in changed["loss_sums"]["heldout"]["frozen"]
     ]
     (tmp_path / "changed.json").write_text(json.dumps(changed))
     with pytest.raises(SystemExit, match="different decoders"):
         main(["eval", "pair", "--reports", str(tmp_path / "copy.json"), str(tmp_path / "changed.json")])
-    # a sibling decoder, worse by 0.5 nats on every sequence for its frozen and its run alike: --rebase pairs the
-    # changes against each report's own frozen decoder, as if scored on one
-    changed["loss_sums"]["heldout"]["runs"] = {
-        k: [[v + 0.5 for v in row] for row in r] for k, r in changed["loss_sums"]["heldout"]["runs"].items()
+    # a sibling decoder, worse by another amount on each sequence (0.5, 1.0, ... nats) for its frozen and its run
+    # alike: --rebase pairs the changes against each report's own frozen decoder, sequence by sequence, as if scored
+    # on one (a single mean gap would leave the per-sequence spread in the intervals)
+    sums = changed["loss_sums"]["heldout"]
+    sums["frozen"] = [[v + 0.5 * (i + 1) for v in row] for i, row in enumerate(pause_sums["frozen"])]
+    sums["runs"] = {
+        k: [[v + 0.5 * (i + 1) for v in row] for i, row in enumerate(r)] for k, r in pause_sums["runs"].items()
     }
     (tmp_path / "changed.json").write_text(json.dumps(changed))
     pair_files = [str(tmp_path / "copy.json"), str(tmp_path / "changed.json")]
