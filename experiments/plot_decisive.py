@@ -74,7 +74,8 @@ def main() -> None:
         )
     given = dict(s.split("=", 1) for s in args.steps)
     # Points at the same traces (both arms at step 2,300) are dodged sideways by a few points: arm, then split.
-    top = max(y for points in merged.values() for _, y in points)
+    ys = [y for points in merged.values() for _, y in points]
+    bottom, top = min(ys, default=0.0), max(ys, default=0.0)
     dodge = {("d_pause", "heldout"): -9, ("d_pause", "unseen"): -3, ("d_copro", "heldout"): 3, ("d_copro", "unseen"): 9}
     for report in (json.loads(Path(path).read_text()) for path in args.ppl):
         for split, marker in (("heldout", "s"), ("unseen", "^")):
@@ -82,7 +83,7 @@ def main() -> None:
                 step = int(given.get(ckpt, Path(ckpt).name.removeprefix("step_") or 0))
                 x = step * args.batch_size * args.traces
                 c, lo, hi = run["change"][0], run["lo"][0], run["hi"][0]
-                top = max(top, hi)
+                bottom, top = min(bottom, lo), max(top, hi)
                 shift = offset_copy(ax.transData, fig=fig, x=dodge.get((arm_of(ckpt), split), 0), units="points")
                 ax.errorbar(
                     [x],
@@ -99,7 +100,7 @@ def main() -> None:
             ax.errorbar(
                 [], [], yerr=[], fmt=marker, color="black", capsize=3, label=f"rule's evaluation, {split} (95%)"
             )
-    ax.set_ylim(min(0.0, ax.get_ylim()[0]) - 0.2, top + 0.3)  # dodged points do not widen the axes themselves
+    ax.set_ylim(min(0.0, bottom) - 0.2, max(0.0, top) + 0.3)  # dodged points do not widen the axes themselves
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("traces")
     ax.set_ylabel("perplexity change at offset 1 (%)")
